@@ -1,0 +1,118 @@
+"""Behaviour shared by the fused optimizers: backend attribute, pickling,
+checked state loading, and the kernel dispatch of one update."""
+
+from __future__ import annotations
+
+import functools
+from itertools import chain
+
+import torch
+from torch.optim import Optimizer
+
+from . import _backend, _tables
+
+
+def _grad_mode_for_differentiable(step):
+    """Run ``step`` with autograd on only when the optimizer is differentiable."""
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        prev = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(self.defaults["differentiable"])
+            return step(self, *args, **kwargs)
+        finally:
+            torch.set_grad_enabled(prev)
+
+    return wrapper
+
+
+class FusedOptimizer(Optimizer):
+    """Base of fused_optim's optimizers. Not for direct use.
+
+    Adds to :class:`torch.optim.Optimizer`:
+
+    * ``backend``: the requested backend name, an attribute of the optimizer
+      (never a param_group or state_dict key, so checkpoints stay torch's);
+    * a ``load_state_dict`` that refuses state tensors whose shape does not
+      match their param before anything is loaded.
+    """
+
+    def __init__(self, params, defaults, backend):
+        self.backend = _backend.requested(backend)
+        super().__init__(params, defaults)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "backend" not in self.__dict__:
+            self.backend = _backend.requested(None)
+
+    def load_state_dict(self, state_dict):
+        self._check_loaded_state(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_loaded_state(self, state_dict):
+        groups = self.param_groups
+        saved_groups = state_dict.get("param_groups", [])
+        if len(groups) != len(saved_groups) or any(
+            len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)
+        ):
+            return  # torch's own load_state_dict reports this mismatch
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in groups)))
+        for k, pstate in state_dict.get("state", {}).items():
+            param = id_map.get(k)
+            if param is None or not isinstance(pstate, dict):
+                continue
+            for key, value in pstate.items():
+                if not torch.is_tensor(value):
+                    continue
+                if key == "step":
+                    if value.numel() != 1:
+                        raise ValueError(
+                            f"loaded state 'step' for parameter {k} has shape "
+                            f"{tuple(value.shape)}; expected one element"
+                        )
+                elif value.shape != param.shape:
+                    raise ValueError(
+                        f"loaded state {key!r} for parameter {k} has shape "
+                        f"{tuple(value.shape)} but the parameter has shape "
+                        f"{tuple(param.shape)}; the checkpoint does not belong "
+                        "to this model"
+                    )
+
+
+def run(kind, backend, params, grads, states, roles, hyper, steps=None, fresh=None):
+    """Validate, pack and launch one update of ``kind`` ("sgd" or "adam")."""
+    for packed in _tables.pack(params, grads, states, roles, steps=steps, fresh=fresh):
+        mod = _backend.select(backend, packed.device, packed.batch.dtype)
+        getattr(mod, kind)(packed.batch, **hyper)
+        packed.finish()
+
+
+def scalar(x) -> float:
+    """A hyperparameter as a Python float (Tensor lr and betas included)."""
+    return float(x.item()) if torch.is_tensor(x) else float(x)
+
+
+def backend_name(backend) -> str:
+    return backend if backend in _backend.BACKENDS else _backend.requested(backend)
+
+
+def check_fused_device_dtype(p) -> None:
+    """torch's ``fused=True`` rule: floating-point params on a fused device."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # older torch
+        devices = ["mps", "cuda", "xpu", "hpu", "cpu"]
+    if not (p.device.type in devices and torch.is_floating_point(p)):
+        raise RuntimeError(
+            "`fused=True` requires all the params to be floating point Tensors of "
+            f"supported devices: {devices} but {p.dtype} and {p.device.type}"
+        )

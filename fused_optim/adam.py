@@ -1,0 +1,375 @@
+r"""Fused Adam and AdamW."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _base
+
+__all__ = ["Adam", "AdamW", "adam", "adamw"]
+
+
+def _scalar_dtype(is_fused=None):
+    if is_fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _to_scalar(x):
+    if isinstance(x, Tensor) and x.dim() != 0:
+        return x.squeeze()
+    return x
+
+
+class Adam(_base.FusedOptimizer):
+    r"""Adam, fused; with ``decoupled_weight_decay=True`` it is AdamW.
+
+    A drop-in replacement for :class:`torch.optim.Adam`: same arguments,
+    defaults, errors, ``state_dict`` and results. Each :meth:`step` updates all
+    tensors of one (device, dtype) bucket of a param group in one kernel call,
+    each with its own step count.
+
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)},\ \beta_1, \beta_2 \text{ (betas)},\
+                \theta_0,\ \lambda \text{ (weight decay)},\ \epsilon,\
+                \textit{amsgrad},\ \textit{maximize} \\
+            &\textbf{initialize}: m_0 \leftarrow 0,\ v_0 \leftarrow 0,\ v_0^{max} \leftarrow 0 \\
+            &\textbf{for}\ t = 1, 2, \ldots\ \textbf{do} \\
+            &\quad g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1})
+                \quad (- \text{ if maximize}) \\
+            &\quad \textbf{if}\ \lambda \neq 0:\ \textbf{if decoupled}\
+                \theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)\
+                \textbf{else}\ g_t \leftarrow g_t + \lambda\theta_{t-1} \\
+            &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+            &\quad v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+            &\quad \textbf{if amsgrad}:\ v_t^{max} \leftarrow \max(v_{t-1}^{max}, v_t),\
+                \hat v_t \leftarrow v_t^{max} \ \textbf{else}\ \hat v_t \leftarrow v_t \\
+            &\quad \theta_t \leftarrow \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
+                m_t \Big/ \Big(\sqrt{\hat v_t}\big/\sqrt{1-\beta_2^t} + \epsilon\Big)
+       \end{aligned}
+
+    Args:
+        params (iterable): iterable of parameters or named_parameters to
+            optimize, or of dicts defining parameter groups.
+        lr (float, Tensor, optional): learning rate (default: 1e-3)
+        betas (tuple[float | Tensor, float | Tensor], optional): coefficients
+            of the running averages of the gradient and its square
+            (default: (0.9, 0.999))
+        eps (float, optional): term added to the denominator for numerical
+            stability (default: 1e-8)
+        weight_decay (float, optional): weight decay (L2 penalty, or decoupled
+            decay with ``decoupled_weight_decay``) (default: 0)
+        amsgrad (bool, optional): use the AMSGrad variant (default: False)
+        foreach (bool, optional): accepted for compatibility (default: None)
+        maximize (bool, optional): maximize the objective (default: False)
+        capturable (bool, optional): CUDA-graph-safe step; on CPU, torch's own
+            step runs and raises as torch does (default: False)
+        differentiable (bool, optional): autograd through the step; runs
+            torch's own for-loop step, not the kernels (default: False)
+        fused (bool, optional): accepted for compatibility; the kernels are
+            always fused (default: None)
+        decoupled_weight_decay (bool, optional): decay the weights directly
+            instead of through the gradient, i.e. AdamW (default: False)
+        backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
+            ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
+            (default: None, i.e. auto)
+
+    .. note::
+        Bias corrections are computed in float64 from each parameter's own
+        ``step``, as torch's for-loop does in Python; element math runs in
+        float32 (float64 for float64 tensors) with one rounding per stored
+        value, so bf16/fp16 training is more accurate than torch's for-loop.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor):
+            if foreach and not capturable:
+                raise ValueError(
+                    "lr as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not (
+            (isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i in (0, 1):
+            if isinstance(betas[i], Tensor):
+                if not capturable and foreach:
+                    raise ValueError(
+                        f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True"
+                    )
+                if betas[i].numel() != 1:
+                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        betas = tuple(map(_to_scalar, betas))
+
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults, backend)
+
+        if fused:
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            self._step_supports_amp_scaling = True
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            fused = group.setdefault("fused", None)
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    step_val = float(p_state["step"])
+                    p_state["step"] = (
+                        torch.tensor(step_val, dtype=_scalar_dtype(is_fused=fused), device=p.device)
+                        if group["capturable"] or group["fused"]
+                        else torch.tensor(step_val, dtype=_scalar_dtype())
+                    )
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs,
+                    max_exp_avg_sqs, state_steps):
+        has_complex = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            has_complex |= torch.is_complex(p)
+            params.append(p)
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "Adam does not support sparse gradients, please consider SparseAdam instead"
+                )
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:  # lazy state initialization
+                if group["fused"]:
+                    _base.check_fused_device_dtype(p)
+                # step lives on the CPU unless capturable or fused, as in torch
+                state["step"] = (
+                    torch.zeros((), dtype=_scalar_dtype(is_fused=group["fused"]), device=p.device)
+                    if group["capturable"] or group["fused"]
+                    else torch.tensor(0.0, dtype=_scalar_dtype())
+                )
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            if group["differentiable"] and state["step"].requires_grad:
+                raise RuntimeError(
+                    "`requires_grad` is not supported for `step` in differentiable mode"
+                )
+            if group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
+                raise RuntimeError(
+                    "lr as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            state_steps.append(state["step"])
+        return has_complex
+
+    @_base._grad_mode_for_differentiable
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
+            self, "_cuda_graph_capture_health_check", None)
+        if check is not None:
+            check()
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            max_exp_avg_sqs: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            beta1, beta2 = group["betas"]
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs,
+                                           max_exp_avg_sqs, state_steps)
+            adam(
+                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                amsgrad=group["amsgrad"],
+                has_complex=has_complex,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                capturable=group["capturable"],
+                differentiable=group["differentiable"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                backend=self.backend,
+            )
+        return loss
+
+
+class AdamW(Adam):
+    r"""AdamW, fused: Adam with weight decay applied to the weights directly.
+
+    A drop-in replacement for :class:`torch.optim.AdamW` (same arguments,
+    defaults, errors and results). The update is :class:`Adam`'s with
+    ``decoupled_weight_decay=True``:
+    :math:`\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)` before the
+    Adam step, so the decay never enters the moment estimates.
+
+    Args:
+        params (iterable): iterable of parameters or named_parameters to
+            optimize, or of dicts defining parameter groups.
+        lr (float, Tensor, optional): learning rate (default: 1e-3)
+        betas (tuple[float | Tensor, float | Tensor], optional): coefficients
+            of the running averages (default: (0.9, 0.999))
+        eps (float, optional): denominator term (default: 1e-8)
+        weight_decay (float, optional): weight decay coefficient (default: 1e-2)
+        amsgrad (bool, optional): use the AMSGrad variant (default: False)
+        maximize (bool, optional): maximize the objective (default: False)
+        foreach (bool, optional): accepted for compatibility (default: None)
+        capturable (bool, optional): see :class:`Adam` (default: False)
+        differentiable (bool, optional): see :class:`Adam` (default: False)
+        fused (bool, optional): accepted for compatibility (default: None)
+        backend (str, optional): keyword-only; see :class:`Adam` (default: None)
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
+                         foreach=foreach, maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+def adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    has_complex: bool = False,
+    decoupled_weight_decay: bool = False,
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    backend: str | None = None,
+) -> None:
+    r"""Functional Adam: update params and state in place, as :class:`Adam` does.
+
+    See :class:`Adam` for the arguments. ``state_steps`` are advanced by one.
+    """
+    if differentiable or (capturable and any(p.device.type == "cpu" for p in params)):
+        # not covered by the kernels: torch's own for-loop (which also raises
+        # torch's error for capturable CPU params)
+        from torch.optim.adam import adam as torch_adam
+
+        torch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                   foreach=False, capturable=capturable, differentiable=differentiable,
+                   fused=False, grad_scale=grad_scale, found_inf=found_inf,
+                   has_complex=has_complex, decoupled_weight_decay=decoupled_weight_decay,
+                   amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
+                   weight_decay=weight_decay, eps=eps, maximize=maximize)
+        return
+    if not params:
+        return
+    states = [exp_avgs, exp_avg_sqs,
+              max_exp_avg_sqs if amsgrad else [None] * len(params)]
+    hyper = dict(lr=_base.scalar(lr), beta1=_base.scalar(beta1), beta2=_base.scalar(beta2),
+                 eps=float(eps), weight_decay=_base.scalar(weight_decay),
+                 decoupled_weight_decay=bool(decoupled_weight_decay),
+                 amsgrad=bool(amsgrad), maximize=bool(maximize))
+    _base.run("adam", _base.backend_name(backend), params, grads, states,
+              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, steps=state_steps)
+
+
+def adamw(*args, **kwargs) -> None:
+    r"""Functional AdamW: :func:`adam` with ``decoupled_weight_decay=True``."""
+    kwargs["decoupled_weight_decay"] = True
+    adam(*args, **kwargs)

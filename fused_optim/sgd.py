@@ -1,0 +1,234 @@
+r"""Fused stochastic gradient descent."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _base
+
+__all__ = ["SGD", "sgd"]
+
+
+class SGD(_base.FusedOptimizer):
+    r"""Stochastic gradient descent (optionally with momentum), fused.
+
+    A drop-in replacement for :class:`torch.optim.SGD`: same arguments,
+    defaults, errors, ``state_dict`` and results. Each :meth:`step` updates all
+    tensors of one (device, dtype) bucket of a param group in one kernel call.
+
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)},\ \theta_0 \text{ (params)},\
+                \lambda \text{ (weight decay)},\ \mu \text{ (momentum)},\
+                \tau \text{ (dampening)},\ \textit{nesterov},\ \textit{maximize} \\
+            &\textbf{for}\ t = 1, 2, \ldots\ \textbf{do} \\
+            &\quad g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1})
+                \quad (- \text{ if maximize}) \\
+            &\quad \textbf{if}\ \lambda \neq 0:\ g_t \leftarrow g_t + \lambda\theta_{t-1} \\
+            &\quad \textbf{if}\ \mu \neq 0: \\
+            &\qquad b_t \leftarrow g_t \ \textbf{if}\ t = 1
+                \ \textbf{else}\ \mu b_{t-1} + (1-\tau) g_t \\
+            &\qquad g_t \leftarrow g_t + \mu b_t \ \textbf{if nesterov else}\ b_t \\
+            &\quad \theta_t \leftarrow \theta_{t-1} - \gamma g_t
+       \end{aligned}
+
+    Args:
+        params (iterable): iterable of parameters or named_parameters to
+            optimize, or of dicts defining parameter groups.
+        lr (float, Tensor, optional): learning rate (default: 1e-3)
+        momentum (float, optional): momentum factor (default: 0)
+        dampening (float, optional): dampening for momentum (default: 0)
+        weight_decay (float, optional): weight decay (L2 penalty) (default: 0)
+        nesterov (bool, optional): enables Nesterov momentum; needs a positive
+            momentum and zero dampening (default: False)
+        maximize (bool, optional): maximize the objective instead of
+            minimizing it (default: False)
+        foreach (bool, optional): accepted for compatibility with
+            torch.optim; the fused kernels always run (default: None)
+        differentiable (bool, optional): autograd through the step; runs
+            torch's own for-loop step, not the kernels (default: False)
+        fused (bool, optional): accepted for compatibility; the kernels are
+            always fused (default: None)
+        backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
+            ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
+            (default: None, i.e. auto)
+
+    Example:
+        >>> optimizer = fused_optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> optimizer.zero_grad()
+        >>> loss_fn(model(input), target).backward()
+        >>> optimizer.step()
+
+    .. note::
+        As in torch.optim (and unlike Sutskever et al.), the learning rate
+        multiplies the whole momentum-adjusted step, and the momentum buffer
+        starts as the first gradient itself, so dampening applies from the
+        second step on.
+
+    .. note::
+        Sparse gradients and ``differentiable=True`` are not covered by the
+        kernels; those steps run torch's own for-loop implementation.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, defaults, backend)
+
+        if fused:
+            self._step_supports_amp_scaling = True
+            self._need_device_dtype_check_for_fused = True
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def _init_group(self, group, params, grads, momentum_buffer_list):
+        has_sparse_grad = False
+        for p in group["params"]:
+            if p.grad is not None:
+                if group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True):
+                    _base.check_fused_device_dtype(p)
+                    self._need_device_dtype_check_for_fused = False
+                params.append(p)
+                grads.append(p.grad)
+                if p.grad.is_sparse:
+                    has_sparse_grad = True
+                if group["momentum"] != 0:
+                    momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
+        return has_sparse_grad
+
+    @_base._grad_mode_for_differentiable
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            momentum_buffer_list: list[Tensor | None] = []
+            has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
+
+            sgd(
+                params,
+                grads,
+                momentum_buffer_list,
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                has_sparse_grad=has_sparse_grad,
+                differentiable=group["differentiable"],
+                backend=self.backend,
+            )
+
+            if group["momentum"] != 0:
+                for p, buf in zip(params, momentum_buffer_list):
+                    self.state[p]["momentum_buffer"] = buf
+
+        return loss
+
+
+def sgd(
+    params: list[Tensor],
+    d_p_list: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    has_sparse_grad: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    *,
+    weight_decay: float,
+    momentum: float,
+    lr: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    differentiable: bool = False,
+    backend: str | None = None,
+) -> None:
+    r"""Functional SGD: update ``params`` in place, as :class:`SGD` does.
+
+    ``momentum_buffer_list`` entries that are None are filled with new
+    buffers. See :class:`SGD` for the arguments; ``foreach`` and ``fused`` are
+    accepted for signature compatibility with ``torch.optim.sgd``.
+    """
+    if has_sparse_grad or differentiable or any(g.is_sparse for g in d_p_list):
+        from torch.optim.sgd import sgd as torch_sgd  # not covered by the kernels
+
+        torch_sgd(params, d_p_list, momentum_buffer_list, has_sparse_grad=has_sparse_grad,
+                  foreach=False, fused=False, grad_scale=grad_scale, found_inf=found_inf,
+                  weight_decay=weight_decay, momentum=momentum, lr=lr,
+                  dampening=dampening, nesterov=nesterov, maximize=maximize)
+        return
+    if not params:
+        return
+    fresh = None
+    states = [[None] * len(params)]
+    if momentum != 0:
+        fresh = [b is None for b in momentum_buffer_list]
+        for i, b in enumerate(momentum_buffer_list):
+            if b is None:
+                momentum_buffer_list[i] = torch.empty_like(
+                    params[i], memory_format=torch.preserve_format)
+        states = [momentum_buffer_list]
+    hyper = dict(lr=_base.scalar(lr), weight_decay=_base.scalar(weight_decay),
+                 momentum=float(momentum), dampening=float(dampening),
+                 nesterov=bool(nesterov), maximize=bool(maximize))
+    _base.run("sgd", _base.backend_name(backend), params, d_p_list, states,
+              ("momentum_buffer",), hyper, fresh=fresh)

@@ -1,0 +1,72 @@
+"""Numba CPU backend: one jitted call per batch updates every tensor in it.
+
+The launchers here own the work split (``bounds``) and cast hyperparameters to
+the compute type; the jitted bodies live in ``_kernels``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+
+from .. import layout as L
+from . import _kernels
+from ._memory import VIEW_DTYPES
+
+__all__ = ["sgd", "adam", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = tuple(VIEW_DTYPES)
+
+#: Batches smaller than this run on one thread: below it the parallel region's
+#: start-up costs more than the work. Provisional; measured in benchmarks/.
+SERIAL_BELOW = 1 << 15
+#: Chunk edges fall on multiples of this many elements (a 64-byte line for
+#: float32 and wider) so that two threads rarely write the same cache line.
+ALIGN = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _bounds(numel: int, chunks: int) -> np.ndarray:
+    edges = (np.arange(chunks + 1, dtype=np.int64) * numel) // chunks
+    edges = (edges // ALIGN) * ALIGN
+    edges[-1] = numel
+    edges = np.unique(edges)
+    edges.setflags(write=False)
+    return edges
+
+
+def _plan(batch):
+    """(bounds, parallel?, numpy view dtype, itemsize, compute type) of a batch."""
+    name = str(batch.dtype).removeprefix("torch.")
+    view = VIEW_DTYPES[name]
+    compute = np.float64 if view is np.float64 else np.float32
+    if batch.numel < SERIAL_BELOW:
+        return _bounds(batch.numel, 1), False, view, np.dtype(view).itemsize, compute
+    chunks = numba.get_num_threads()
+    return _bounds(batch.numel, chunks), True, view, np.dtype(view).itemsize, compute
+
+
+def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize):
+    """SGD (torch semantics) over every row of ``batch.table``, in place."""
+    if batch.table is None or batch.table.shape[0] == 0:
+        return
+    bounds, parallel, view, itemsize, c = _plan(batch)
+    fn = _kernels.sgd_parallel if parallel else _kernels.sgd_serial
+    fn(batch.table, bounds, itemsize, view, c(lr), c(weight_decay), c(momentum),
+       c(1.0 - dampening), bool(nesterov), bool(maximize), momentum != 0)
+
+
+def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+         amsgrad, maximize):
+    """Adam / AdamW (torch semantics) over every row, in place; advances steps."""
+    if batch.table is None or batch.table.shape[0] == 0:
+        return
+    bounds, parallel, view, itemsize, c = _plan(batch)
+    fn = _kernels.adam_parallel if parallel else _kernels.adam_serial
+    scalars = np.empty((batch.table.shape[0], 2), dtype=c)
+    fn(batch.table, bounds, itemsize, view, float(lr), float(beta1),
+       float(beta2), scalars, c(beta1), c(beta2), c(1.0 - beta1), c(1.0 - beta2),
+       c(eps), c(weight_decay), c(1.0 - lr * weight_decay),
+       bool(decoupled_weight_decay), bool(amsgrad), bool(maximize))

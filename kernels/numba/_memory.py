@@ -1,0 +1,147 @@
+"""Raw-address views and element load/store for the Numba kernels.
+
+Storage dtypes are carried by the numpy dtype of the view:
+
+========  =============  ===========================================
+torch     numpy view     load -> compute / compute -> store
+========  =============  ===========================================
+float64   float64        native, compute in float64
+float32   float32        native
+bfloat16  uint16         bits << 16; round-to-nearest-even on store
+float16   int16          IEEE half decode; round-to-nearest-even on store
+========  =============  ===========================================
+
+Numba has no float16 on the CPU, so half precision is converted by integer bit
+manipulation. Both conversions are checked against torch for every half value
+and for float32 rounding edge cases in ``tests/test_kernels_numba.py``.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+#: numpy view dtype per torch dtype name.
+VIEW_DTYPES = {
+    "float64": np.float64,
+    "float32": np.float32,
+    "bfloat16": np.uint16,
+    "float16": np.int16,
+}
+
+
+@intrinsic
+def address(typingctx, addr):
+    """int64 byte address -> void* (for ``numba.carray``)."""
+    sig = types.voidptr(types.int64)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return sig, codegen
+
+
+@intrinsic
+def _u32_to_f32(typingctx, x):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_u32(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def bf16_to_f32(h):
+    return _u32_to_f32(np.uint32(np.uint16(h)) << np.uint32(16))
+
+
+@njit(inline="always")
+def f32_to_bf16(x):
+    u = _f32_to_u32(x)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16(0x7FC0)  # a quiet NaN; rounding must not carry it into inf
+    u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    return np.uint16(u >> np.uint32(16))
+
+
+@njit(inline="always")
+def f16_to_f32(h):
+    u = np.uint32(np.uint16(h))
+    sign = (u & np.uint32(0x8000)) << np.uint32(16)
+    exp = (u >> np.uint32(10)) & np.uint32(0x1F)
+    mant = u & np.uint32(0x3FF)
+    if exp == np.uint32(0):
+        # zero or subnormal: mant * 2**-24 is exact in float32
+        mag = np.float32(mant) * np.float32(5.9604644775390625e-08)
+        return -mag if sign else mag
+    if exp == np.uint32(31):
+        return _u32_to_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13)))
+    return _u32_to_f32(sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13)))
+
+
+@njit(inline="always")
+def f32_to_f16(x):
+    f = _f32_to_u32(x)
+    sign = (f >> np.uint32(16)) & np.uint32(0x8000)
+    f = f & np.uint32(0x7FFFFFFF)
+    if f >= np.uint32(0x47800000):  # >= 2**16: inf, or NaN above 0x7F800000
+        o = np.uint32(0x7E00) if f > np.uint32(0x7F800000) else np.uint32(0x7C00)
+    elif f < np.uint32(0x38800000):  # below the smallest normal half, 2**-14
+        # adding 0.5 lets the FPU do the round-to-nearest-even of the subnormal
+        magic = np.uint32(126 << 23)
+        o = _f32_to_u32(_u32_to_f32(f) + _u32_to_f32(magic)) - magic
+    else:
+        odd = (f >> np.uint32(13)) & np.uint32(1)
+        f = f + np.uint32(0xC8000FFF) + odd  # rebias exponent 127 -> 15, round
+        o = f >> np.uint32(13)
+    return np.int16(np.uint16(o | sign))
+
+
+def load(a, i):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+def store(a, i, v):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(load, inline="always")
+def _load_impl(a, i):
+    dt = a.dtype
+    if dt == types.float32 or dt == types.float64:
+        return lambda a, i: a[i]
+    if dt == types.uint16:
+        return lambda a, i: bf16_to_f32(a[i])
+    if dt == types.int16:
+        return lambda a, i: f16_to_f32(a[i])
+    return None
+
+
+@overload(store, inline="always")
+def _store_impl(a, i, v):
+    dt = a.dtype
+    if dt == types.float32 or dt == types.float64:
+        def impl(a, i, v):
+            a[i] = v
+        return impl
+    if dt == types.uint16:
+        def impl(a, i, v):
+            a[i] = f32_to_bf16(np.float32(v))
+        return impl
+    if dt == types.int16:
+        def impl(a, i, v):
+            a[i] = f32_to_f16(np.float32(v))
+        return impl
+    return None

@@ -1,0 +1,77 @@
+"""Pure-torch reference backend: the update rules written out per tensor.
+
+It is the ``torch`` backend (any device, no compiler) and the reference the
+tests import. It uses plain tensor arithmetic only: no ``torch.optim`` code, no
+``_foreach_*`` or ``_fused_*`` ops. Math runs in float32 (float64 for float64
+tensors) and each stored value is rounded once, like the compiled backends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["sgd", "adam"]
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize):
+    """SGD (torch semantics) over every tensor of ``batch``, in place."""
+    for i, p in enumerate(batch.params):
+        if p.numel() == 0:
+            continue
+        ct = _compute_dtype(p)
+        g = batch.grads[i].to(ct)
+        if maximize:
+            g = -g
+        p32 = p.to(ct)
+        if weight_decay != 0:
+            g = g + weight_decay * p32
+        if momentum != 0:
+            buf = batch.states[0][i]
+            if batch.fresh[i]:
+                b = g
+            else:
+                b = buf.to(ct) * momentum + (1.0 - dampening) * g
+            buf.copy_(b)
+            g = g + momentum * b if nesterov else b
+        p.copy_(p32 - lr * g)
+
+
+def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+         amsgrad, maximize):
+    """Adam / AdamW (torch semantics) over every tensor, in place; advances steps."""
+    for i, p in enumerate(batch.params):
+        step_t = batch.steps[i]
+        step_t += 1
+        step = float(step_t)
+        if p.numel() == 0:
+            continue
+        ct = _compute_dtype(p)
+        step_size = lr / (1.0 - beta1 ** step)
+        bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+        g = batch.grads[i].to(ct)
+        if maximize:
+            g = -g
+        p32 = p.to(ct)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p32 = p32 * (1.0 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p32
+        m_t, v_t = batch.states[0][i], batch.states[1][i]
+        m = m_t.to(ct)
+        m = m + (1.0 - beta1) * (g - m)
+        v = v_t.to(ct) * beta2 + (1.0 - beta2) * g * g
+        m_t.copy_(m)
+        v_t.copy_(v)
+        if amsgrad:
+            vmax_t = batch.states[2][i]
+            v = torch.maximum(vmax_t.to(ct), v)
+            vmax_t.copy_(v)
+        denom = v.sqrt() / bc2_sqrt + eps
+        p.copy_(p32 - step_size * (m / denom))

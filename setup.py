@@ -1,0 +1,28 @@
+"""fused_optim: drop-in fused SGD/Adam/AdamW for torch.optim (Numba CPU, Triton GPU)."""
+
+from setuptools import setup
+
+setup(
+    name="fused_optim",
+    version="0.1.0",
+    description="Drop-in fused multi-tensor SGD, Adam and AdamW for torch.optim "
+    "(Numba kernels on CPU, Triton kernels on GPU)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ lives at the top of the repository but installs as
+    # fused_optim.kernels, so nothing called "kernels" lands in site-packages.
+    packages=[
+        "fused_optim",
+        "fused_optim.kernels",
+        "fused_optim.kernels.numba",
+        "fused_optim.kernels.triton",
+    ],
+    package_dir={"fused_optim": "fused_optim", "fused_optim.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numba>=0.59", "numpy"],
+    extras_require={
+        "gpu": ["triton>=3.0"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["fused-optim=fused_optim.__main__:main"]},
+)
