@@ -64,8 +64,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
             else:
                 g = g + weight_decay * p32
         m_t, v_t = batch.states[0][i], batch.states[1][i]
-        m = m_t.to(ct)
-        m = m + (1.0 - beta1) * (g - m)
+        m = torch.lerp(m_t.to(ct), g, 1.0 - beta1)  # two-sided formula, as torch's
         v = v_t.to(ct) * beta2 + (1.0 - beta2) * g * g
         m_t.copy_(m)
         v_t.copy_(v)

@@ -71,9 +71,10 @@ def bf16_to_f32(h):
 def f32_to_bf16(x):
     u = _f32_to_u32(x)
     if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        return np.uint16(0x7FC0)  # a quiet NaN; rounding must not carry it into inf
-    u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-    return np.uint16(u >> np.uint32(16))
+        r = np.uint32(0x7FC0)  # a quiet NaN; rounding must not carry it into inf
+    else:
+        r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.uint16(r)
 
 
 @njit(inline="always")
@@ -82,13 +83,15 @@ def f16_to_f32(h):
     sign = (u & np.uint32(0x8000)) << np.uint32(16)
     exp = (u >> np.uint32(10)) & np.uint32(0x1F)
     mant = u & np.uint32(0x3FF)
+    # one return: numba's inliner warns about early returns in overloads
     if exp == np.uint32(0):
         # zero or subnormal: mant * 2**-24 is exact in float32
-        mag = np.float32(mant) * np.float32(5.9604644775390625e-08)
-        return -mag if sign else mag
-    if exp == np.uint32(31):
-        return _u32_to_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13)))
-    return _u32_to_f32(sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13)))
+        bits = _f32_to_u32(np.float32(mant) * np.float32(5.9604644775390625e-08)) | sign
+    elif exp == np.uint32(31):
+        bits = sign | np.uint32(0x7F800000) | (mant << np.uint32(13))
+    else:
+        bits = sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))
+    return _u32_to_f32(bits)
 
 
 @njit(inline="always")

@@ -1,0 +1,68 @@
+"""Proof that the backends compute the step themselves.
+
+The backend is forced through FUSED_OPTIM_BACKEND, torch's optimizer
+functions and every ``torch._foreach_*`` / ``torch._fused_*`` op are made to
+raise, and ``step()`` must still match torch's for-loop run beforehand.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+import fused_optim
+from matrix import (BACKENDS, CONFIG_PARAMS, TOLERANCE, assert_state_close,
+                    build_kwargs, clone_params, make, skip_unless_runnable)
+
+
+def _forbid(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("torch's optimizer code was called")
+
+    # torch.optim deletes its submodule attributes; reach them by name
+    for mod, names in [
+        ("torch.optim.sgd", ["sgd", "_single_tensor_sgd", "_multi_tensor_sgd", "_fused_sgd"]),
+        ("torch.optim.adam", ["adam", "_single_tensor_adam", "_multi_tensor_adam", "_fused_adam"]),
+        ("torch.optim.adamw", ["adamw"]),
+    ]:
+        mod = importlib.import_module(mod)
+        for n in names:
+            assert hasattr(mod, n), (mod, n)
+            monkeypatch.setattr(mod, n, boom)
+    forbidden = [n for n in dir(torch) if n.startswith(("_foreach_", "_fused_"))]
+    assert len(forbidden) > 20
+    for n in forbidden:
+        monkeypatch.setattr(torch, n, boom)
+    for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        monkeypatch.setattr(cls, "step", boom)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kwargs", CONFIG_PARAMS)
+def test_step_matches_with_torch_optimizer_code_disabled(name, kwargs, backend, monkeypatch):
+    skip_unless_runnable(backend)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    ref_params = [torch.randn(37, 5).requires_grad_(), torch.randn(70_000).requires_grad_(),
+                  torch.randn(3, dtype=torch.bfloat16).requires_grad_()]
+    params = clone_params(ref_params)
+    grads = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in ref_params]
+             for _ in range(3)]
+    ref = make(name, ref_params, kwargs)
+    for gs in grads:
+        for p, g in zip(ref_params, gs):
+            p.grad = g.clone()
+        ref.step()
+
+    monkeypatch.setenv("FUSED_OPTIM_BACKEND", backend)
+    opt = getattr(fused_optim, name)(params, **build_kwargs(kwargs))
+    assert opt.backend == backend
+    _forbid(monkeypatch)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    # bf16 param included: one rounding per stored value can differ from
+    # torch's several by an ulp, hence bf16's own tolerance for that one.
+    assert_state_close(ref, opt, ref_params[:2], params[:2], **TOLERANCE[torch.float32])
+    torch.testing.assert_close(params[2], ref_params[2], atol=2e-2, rtol=2e-2)

@@ -1,0 +1,140 @@
+"""Kernels never touch memory outside a tensor's own elements, and the
+bf16/fp16 conversions of the Numba backend are exact."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fused_optim
+from matrix import (BACKENDS, TOLERANCE, assert_state_close, clone_params,
+                    skip_unless_runnable)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_views_with_gaps_leave_the_gaps_alone(name, dtype, backend):
+    skip_unless_runnable(backend)
+    storage = torch.randn(4000, dtype=dtype)
+    sentinel = storage.clone()
+    views = [storage[10:110],                          # guard bands either side
+             storage[200:600].view(20, 20)[:, ::3],      # every third column
+             storage[700:1300].view(20, 30).t(),         # dense, transposed
+             storage[1500:1501].view(()),                # 0-dim in the middle
+             storage[2000:2400:2]]                       # stride 2
+    params = [v.detach().requires_grad_() for v in views]
+    gstore = torch.randn(4000, dtype=dtype)
+    grads = [gstore[3000:3100], gstore[:400].view(20, 20)[:, ::3].clone(),
+             gstore[1000:1600].view(30, 20), gstore[5:6].view(()), gstore[2000:2400:2]]
+    kw = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1, amsgrad=True)
+    opt = getattr(fused_optim, name)(params, backend=backend, **kw)
+    touched = torch.zeros(4000, dtype=torch.bool)
+    for v in views:
+        idx = torch.arange(4000).as_strided(v.shape, v.stride(), v.storage_offset())
+        touched[idx.reshape(-1)] = True
+    gsent = gstore.clone()
+    for _ in range(2):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    assert torch.equal(storage[~touched], sentinel[~touched])
+    assert not torch.equal(storage[touched], sentinel[touched])
+    assert torch.equal(gstore, gsent), "a gradient was written"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_storage_view_params_match_torch(backend):
+    skip_unless_runnable(backend)
+    base_ref = torch.randn(30)
+    base = base_ref.clone()
+    ref_params = [base_ref[:10].detach().requires_grad_(), base_ref[15:30].detach().requires_grad_()]
+    params = [base[:10].detach().requires_grad_(), base[15:30].detach().requires_grad_()]
+    ref = torch.optim.Adam(ref_params, lr=0.1, foreach=False)
+    opt = fused_optim.Adam(params, lr=0.1, backend=backend)
+    for s in range(3):
+        for a, b in zip(ref_params, params):
+            g = torch.randn(a.shape)
+            a.grad, b.grad = g, g.clone()
+        ref.step()
+        opt.step()
+    torch.testing.assert_close(base, base_ref)
+
+
+def test_half_and_bfloat16_conversions_are_exact():
+    numba = pytest.importorskip("numba")
+    from fused_optim.kernels.numba import _memory as mem
+
+    @numba.njit
+    def decode(a, out, bf):
+        for i in range(a.size):
+            out[i] = mem.bf16_to_f32(a[i]) if bf else mem.f16_to_f32(a[i])
+
+    @numba.njit
+    def encode16(x, out):
+        for i in range(x.size):
+            out[i] = mem.f32_to_f16(x[i])
+
+    @numba.njit
+    def encodebf(x, out):
+        for i in range(x.size):
+            out[i] = mem.f32_to_bf16(x[i])
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    for bf, tdt in ((True, torch.bfloat16), (False, torch.float16)):
+        out = np.empty(every.size, np.float32)
+        decode(every.view(np.int16) if not bf else every, out, bf)
+        ref = torch.from_numpy(every.view(np.int16).copy()).view(tdt).float().numpy()
+        finite = ~np.isnan(ref)
+        assert np.array_equal(out.view(np.uint32)[finite], ref.view(np.uint32)[finite])
+        assert np.isnan(out[~finite]).all()
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.integers(0, 2 ** 32, 400_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        (rng.standard_normal(100_000) * 1e-5).astype(np.float32),   # half subnormals
+        (rng.standard_normal(100_000) * 7e4).astype(np.float32),    # half overflow
+        np.array([65504, 65519.99, 65520, 2 ** -24, 2 ** -25, 3 * 2 ** -26, 0.0, -0.0,
+                  np.inf, -np.inf], np.float32)])
+    nan = np.isnan(x)
+    o16 = np.empty(x.size, np.int16)
+    encode16(x, o16)
+    r16 = torch.from_numpy(x).half().view(torch.int16).numpy()
+    assert np.array_equal(o16[~nan], r16[~nan])
+    assert np.isnan(torch.from_numpy(o16[nan]).view(torch.float16).float().numpy()).all()
+    obf = np.empty(x.size, np.uint16)
+    encodebf(x, obf)
+    rbf = torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(obf[~nan], rbf[~nan])
+    assert np.isnan(torch.from_numpy(obf[nan].view(np.int16)).view(torch.bfloat16).float().numpy()).all()
+
+
+_shapes = st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3), min_size=1, max_size=12)
+_sgd = st.fixed_dictionaries({"lr": st.floats(1e-4, 1.0), "momentum": st.sampled_from([0.0, 0.5, 0.9]),
+                              "weight_decay": st.sampled_from([0.0, 1e-2]),
+                              "maximize": st.booleans()})
+_adam = st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1), "amsgrad": st.booleans(),
+                               "betas": st.tuples(st.floats(0.0, 0.99), st.floats(0.0, 0.999)),
+                               "weight_decay": st.sampled_from([0.0, 0.1]),
+                               "maximize": st.booleans()})
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes=_shapes, name_kwargs=st.one_of(st.tuples(st.just("SGD"), _sgd),
+                                            st.tuples(st.sampled_from(["Adam", "AdamW"]), _adam)),
+       seed=st.integers(0, 2 ** 16))
+def test_generated_configurations_match_torch(shapes, name_kwargs, seed):
+    name, kwargs = name_kwargs
+    torch.manual_seed(seed)
+    ref_params = [torch.randn(s).requires_grad_() for s in shapes]
+    params = clone_params(ref_params)
+    ref = getattr(torch.optim, name)(ref_params, foreach=False, **kwargs)
+    opt = getattr(fused_optim, name)(params, backend="numba", **kwargs)
+    for _ in range(3):
+        for a, b in zip(ref_params, params):
+            g = torch.randn(a.shape)
+            a.grad, b.grad = g, g.clone()
+        ref.step()
+        opt.step()
+    assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])

@@ -1,0 +1,97 @@
+"""Checkpoints move both ways between torch.optim and fused_optim."""
+
+import io
+
+import pytest
+import torch
+
+import fused_optim
+from matrix import (BACKENDS, CONFIG_PARAMS, TOLERANCE, assert_state_close,
+                    build_kwargs, clone_params, make, skip_unless_runnable)
+
+
+def _params():
+    torch.manual_seed(0)
+    return [torch.randn(6, 4).requires_grad_(), torch.randn(5).requires_grad_(),
+            torch.randn(3, dtype=torch.float64).requires_grad_()]
+
+
+def _train(opt, params, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+
+
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _state_eq(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert set(a["state"]) == set(b["state"])
+    for k in a["state"]:
+        sa, sb = a["state"][k], b["state"][k]
+        assert set(sa) == set(sb)
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype and sa[key].device == sb[key].device
+            assert sa[key].shape == sb[key].shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kwargs", CONFIG_PARAMS)
+def test_state_dict_has_torchs_structure(name, kwargs, backend):
+    skip_unless_runnable(backend)
+    ref_params = _params()
+    params = clone_params(ref_params)
+    ref = make(name, ref_params, kwargs)
+    opt = make(name, params, kwargs, fused_backend=backend)
+    _train(ref, ref_params, 2, 0)
+    _train(opt, params, 2, 0)
+    ref_sd, sd = ref.state_dict(), opt.state_dict()
+    if "fused" in kwargs:  # the reference ran without it
+        for g in ref_sd["param_groups"]:
+            g["fused"] = kwargs["fused"]
+    for g in ref_sd["param_groups"]:
+        g["foreach"] = None
+    _state_eq(ref_sd, sd)
+    assert "backend" not in sd["param_groups"][0]
+    if name != "SGD":
+        assert sd["state"][0]["step"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("direction", ["torch->fused", "fused->torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kwargs", CONFIG_PARAMS)
+def test_checkpoint_moves_both_ways_and_training_continues(name, kwargs, backend, direction):
+    skip_unless_runnable(backend)
+    src_fused = direction == "fused->torch"
+    # A: trains 3 steps in the source implementation, is saved, and the
+    # destination implementation loads it and trains 3 more.
+    a_params = _params()
+    src = make(name, a_params, kwargs, fused_backend=backend if src_fused else None)
+    _train(src, a_params, 3, 1)
+    sd = _roundtrip(src.state_dict())
+    b_params = clone_params(a_params)
+    dst = make(name, b_params, kwargs, fused_backend=None if src_fused else backend)
+    dst.load_state_dict(sd)
+    # C: the reference, torch's for-loop all six steps.
+    c_params = _params()
+    ref = make(name, c_params, kwargs)
+    _train(ref, c_params, 3, 1)
+    _train(dst, b_params, 3, 2)
+    _train(ref, c_params, 3, 2)
+    assert_state_close(ref, dst, c_params, b_params, **TOLERANCE[torch.float32])
+
+
+def test_state_dict_before_any_step_round_trips():
+    p = [torch.randn(3).requires_grad_()]
+    opt = fused_optim.AdamW(p, lr=0.02)
+    sd = _roundtrip(opt.state_dict())
+    ref = torch.optim.AdamW([torch.randn(3).requires_grad_()], lr=0.02)
+    ref.load_state_dict(sd)
+    assert ref.param_groups[0]["lr"] == 0.02
