@@ -40,6 +40,7 @@ class FusedOptimizer(Optimizer):
 
     def __init__(self, params, defaults, backend):
         self.backend = _backend.requested(backend)
+        self._plans = {}  # group index -> validated _tables.Plan
         super().__init__(params, defaults)
 
     def __getstate__(self):
@@ -51,6 +52,8 @@ class FusedOptimizer(Optimizer):
         super().__setstate__(state)
         if "backend" not in self.__dict__:
             self.backend = _backend.requested(None)
+        # plans hold addresses of the tensors they were built for: never copied
+        self._plans = {}
 
     def load_state_dict(self, state_dict):
         self._check_loaded_state(state_dict)
@@ -87,9 +90,11 @@ class FusedOptimizer(Optimizer):
                     )
 
 
-def run(kind, backend, params, grads, states, roles, hyper, steps=None, fresh=None):
+def run(kind, backend, params, grads, states, roles, hyper, steps=None, fresh=None,
+        cache=None, key=None):
     """Validate, pack and launch one update of ``kind`` ("sgd" or "adam")."""
-    for packed in _tables.pack(params, grads, states, roles, steps=steps, fresh=fresh):
+    for packed in _tables.prepare(params, grads, states, roles, steps=steps,
+                                  fresh=fresh, cache=cache, key=key):
         mod = _backend.select(backend, packed.device, packed.batch.dtype)
         getattr(mod, kind)(packed.batch, **hyper)
         packed.finish()

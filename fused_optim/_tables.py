@@ -5,8 +5,15 @@ checked here against its param: same device, dtype and shape, identical memory
 layout, dense (every element once, no gaps), and wholly inside its storage.
 Anything that fails the layout test is staged through a dense scratch copy and
 copied back after the kernel; anything that fails the other tests is refused.
-Addresses are read afresh at every step, so a swapped ``p.data``, a new grad or
-reloaded state can never leave a stale address in a table.
+
+Speed: full validation costs ~15 us per tensor in Python, so its result is
+cached as a :class:`Plan`. Every step still reads each tensor's address,
+shape, strides, dtype and device (the *signature*). A plan is reused only when
+the layouts are the ones it was validated for and every param, state and step
+tensor is at the address it was validated at; the grad column is rewritten
+from the addresses just read (grads are new tensors every step). A ``p.data``
+swap, reloaded or replaced state, or a grad of another layout forces a full
+re-validation: no stale address, no unchecked layout.
 """
 
 from __future__ import annotations
@@ -64,23 +71,96 @@ def _check(t, p, what, index):
         )
 
 
+def _check_step(st, index):
+    if not (torch.is_tensor(st) and st.numel() == 1
+            and st.dtype in (torch.float32, torch.float64)
+            and st.is_contiguous() and _in_storage(st)):
+        raise StateMismatchError(
+            f"state 'step' of parameter {index} must be a 1-element "
+            f"float32 or float64 tensor, got {st!r}"
+        )
+
+
 class Packed:
     """One bucket: its batch plus the scratch copies to write back."""
 
-    __slots__ = ("device", "batch", "writeback")
+    __slots__ = ("device", "batch", "writeback", "rows")
 
-    def __init__(self, device, batch, writeback):
+    def __init__(self, device, batch, writeback, rows=None):
         self.device = device
         self.batch = batch
         self.writeback = writeback
+        self.rows = rows
 
     def finish(self):
         for original, staged in self.writeback:
             original.copy_(staged)
 
 
-def pack(params, grads, states, roles, steps=None, fresh=None, labels=None):
-    """Validate and bucket tensors by (device, dtype) into kernel batches.
+def _signature(params, grads, states, steps, fresh):
+    """Addresses (an int64 array, one row per param) and layout of every tensor."""
+    nstate = len(states)
+    ptrs = []
+    lay = []
+    for i, p in enumerate(params):
+        g = grads[i]
+        row = [p.data_ptr(), g.data_ptr(), 0, 0, 0, 0]
+        meta = [p.shape, p.stride(), p.dtype, p.device,
+                g.shape, g.stride(), g.dtype, g.device]
+        for k in range(nstate):
+            s = states[k][i]
+            if s is not None:
+                row[2 + k] = s.data_ptr()
+                meta += (s.shape, s.stride(), s.dtype, s.device)
+            else:
+                meta.append(None)
+        if steps is not None:
+            st = steps[i]
+            row[5] = st.data_ptr()
+            meta += (st.shape, st.dtype, st.device)
+        if fresh is not None:
+            meta.append(fresh[i])
+        ptrs.append(row)
+        lay.append(meta)
+    return np.array(ptrs, dtype=np.int64).reshape(len(params), 6), lay
+
+
+class Plan:
+    """A validated bucketing of one param group, reusable while its layout holds.
+
+    Attributes:
+        layout: the per-row layout signature it was validated for.
+        buckets: (device, dtype, row indices, table) per bucket.
+    """
+
+    __slots__ = ("layout", "buckets", "needed", "ptrs")
+
+    def __init__(self, layout, buckets, needed, ptrs):
+        self.layout = layout
+        self.buckets = buckets
+        self.needed = needed
+        self.ptrs = ptrs
+
+    def addresses_hold(self, ptrs) -> bool:
+        """Params, state and steps sit where they were validated, grads are live.
+
+        A param or state tensor at a new address (``p.data = ...``, loaded
+        state, a resized storage) sends the whole group back through full
+        validation, storage bounds included. Gradients are new tensors every
+        step, so for them the layout signature plus a non-null address is
+        checked here; their storage bounds are checked on full validation.
+        """
+        if not np.array_equal(ptrs[:, _STABLE], self.ptrs[:, _STABLE]):
+            return False
+        return not (self.needed[:, 1] & (ptrs[:, 1] == 0)).any()
+
+
+_PTR_COLS = [L.PARAM, L.GRAD, L.STATE0, L.STATE1, L.STATE2, L.STEP]
+_STABLE = [0, 2, 3, 4, 5]  # every address column of _signature but the grad's
+
+
+def prepare(params, grads, states, roles, steps=None, fresh=None, cache=None, key=None):
+    """Validated kernel batches for one update, from a cached plan when possible.
 
     Args:
         params: params with a gradient, in group order.
@@ -90,18 +170,63 @@ def pack(params, grads, states, roles, steps=None, fresh=None, labels=None):
         roles: names of the state roles, for error messages.
         steps: Adam step counters (0-dim tensors), or None.
         fresh: SGD per-param "buffer created this step" flags, or None.
-        labels: per-param indices used in error messages.
+        cache: a dict owned by the optimizer, or None for no caching.
+        key: this group's key in ``cache``.
 
     Returns:
-        list of :class:`Packed`, one per (device, dtype).
+        list of :class:`Packed`, one per (device, dtype) bucket.
+    """
+    ptrs, lay = _signature(params, grads, states, steps, fresh)
+    plan = cache.get(key) if cache is not None else None
+    if plan is not None and plan.layout == lay and plan.addresses_hold(ptrs):
+        out = []
+        for device, dtype, rows, table, numel in plan.buckets:
+            table = table.copy()
+            table[:, _PTR_COLS] = ptrs[rows]
+            pick = [params[i] for i in rows]
+            batch = Batch(
+                dtype=dtype,
+                params=_real(pick),
+                grads=_real([grads[i] for i in rows]),
+                states=[_real([s[i] for i in rows]) for s in states],
+                steps=[steps[i] for i in rows] if steps is not None else [],
+                fresh=[fresh[i] for i in rows] if fresh is not None else [],
+                table=table, numel=numel)
+            out.append(Packed(device, batch, ()))
+        return out
+    packed = pack(params, grads, states, roles, steps=steps, fresh=fresh)
+    if cache is not None:
+        if all(not p.writeback for p in packed):
+            buckets = [(p.device, p.batch.dtype, p.rows, p.batch.table, p.batch.numel)
+                       for p in packed]
+            needed = np.zeros(ptrs.shape, dtype=bool)
+            for p in packed:
+                needed[p.rows] = p.batch.table[:, _PTR_COLS] != 0
+            cache[key] = Plan(lay, buckets, needed, ptrs)
+        else:
+            cache.pop(key, None)  # staged rows are re-staged every step
+    return packed
+
+
+def _real(ts):
+    return [t if t is None or not t.is_complex() else torch.view_as_real(t) for t in ts]
+
+
+def pack(params, grads, states, roles, steps=None, fresh=None, labels=None):
+    """Fully validate and bucket tensors by (device, dtype) into kernel batches.
+
+    Same arguments as :func:`prepare`, without caching; ``labels`` are
+    per-param indices for error messages.
     """
     buckets = defaultdict(list)
     for i, p in enumerate(params):
         buckets[(p.device, p.dtype)].append(i)
     out = []
     for (device, _), rows in buckets.items():
-        out.append(_pack_bucket(device, rows, params, grads, states, roles,
-                                steps, fresh, labels))
+        packed = _pack_bucket(device, rows, params, grads, states, roles,
+                              steps, fresh, labels)
+        packed.rows = np.array(rows, dtype=np.int64)
+        out.append(packed)
     return out
 
 
@@ -123,18 +248,28 @@ def _pack_bucket(device, rows, params, grads, states, roles, steps, fresh, label
         for t, role in zip(row_states, roles):
             if t is not None:
                 _check(t, p, f"state {role!r}", label)
+        if steps is not None:
+            _check_step(steps[i], label)
         if p.is_complex():
             p = torch.view_as_real(p)
             g = torch.view_as_real(g)
             row_states = [None if t is None else torch.view_as_real(t) for t in row_states]
         dtype = p.dtype
         numel = p.numel()
+        whats = ("", "gradient of ", *(f"state {r!r} of " for r in roles))
+        for t, what in zip((p, g, *row_states), whats):
+            if t is not None and not _in_storage(t):
+                # torch's own step would read freed memory here (it crashes)
+                raise StateMismatchError(
+                    f"{what}parameter {label} lies outside its storage "
+                    f"({t.untyped_storage().nbytes()} bytes); was its storage freed "
+                    "or resized?")
         shape, strides = p.shape, p.stride()
-        direct = _dense(shape, strides) and _in_storage(p)
+        direct = _dense(shape, strides)
         key = _layout(shape, strides) if direct else None
 
         def place(t, mutable):
-            if direct and _layout(t.shape, t.stride()) == key and _in_storage(t):
+            if direct and _layout(t.shape, t.stride()) == key:
                 return t
             if direct:
                 s = torch.empty_strided(shape, strides, dtype=dtype, device=device)
@@ -149,9 +284,10 @@ def _pack_bucket(device, rows, params, grads, states, roles, steps, fresh, label
             kp = p
         else:
             kp = place(p, True)
-            key = _layout(kp.shape, kp.stride())
-            direct = True  # companions now follow the contiguous scratch layout
+            # companions now follow the dense scratch copy's layout
+            direct = True
             shape, strides = kp.shape, kp.stride()
+            key = _layout(shape, strides)
         kg = place(g, False)
         ks = [None if t is None else place(t, True) for t in row_states]
         b_params.append(kp)
@@ -170,13 +306,6 @@ def _pack_bucket(device, rows, params, grads, states, roles, steps, fresh, label
         flags = 0
         if steps is not None:
             st = steps[i]
-            if not (torch.is_tensor(st) and st.numel() == 1
-                    and st.dtype in (torch.float32, torch.float64)
-                    and st.is_contiguous() and _in_storage(st)):
-                raise StateMismatchError(
-                    f"state 'step' of parameter {label} must be a 1-element "
-                    f"float32 or float64 tensor, got {st!r}"
-                )
             table[r, L.STEP] = st.data_ptr()
             if st.dtype == torch.float64:
                 flags |= L.FLAG_STEP_F64

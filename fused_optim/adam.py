@@ -235,7 +235,7 @@ class Adam(_base.FusedOptimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             exp_avgs: list[Tensor] = []
@@ -259,6 +259,8 @@ class Adam(_base.FusedOptimizer):
                 differentiable=group["differentiable"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
                 backend=self.backend,
+                _cache=self._plans,
+                _key=index,
             )
         return loss
 
@@ -340,6 +342,8 @@ def adam(
     eps: float,
     maximize: bool,
     backend: str | None = None,
+    _cache: dict | None = None,
+    _key=None,
 ) -> None:
     r"""Functional Adam: update params and state in place, as :class:`Adam` does.
 
@@ -366,7 +370,8 @@ def adam(
                  decoupled_weight_decay=bool(decoupled_weight_decay),
                  amsgrad=bool(amsgrad), maximize=bool(maximize))
     _base.run("adam", _base.backend_name(backend), params, grads, states,
-              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, steps=state_steps)
+              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, steps=state_steps,
+              cache=_cache, key=_key)
 
 
 def adamw(*args, **kwargs) -> None:

@@ -155,7 +155,7 @@ class SGD(_base.FusedOptimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             momentum_buffer_list: list[Tensor | None] = []
@@ -174,6 +174,8 @@ class SGD(_base.FusedOptimizer):
                 has_sparse_grad=has_sparse_grad,
                 differentiable=group["differentiable"],
                 backend=self.backend,
+                _cache=self._plans,
+                _key=index,
             )
 
             if group["momentum"] != 0:
@@ -201,6 +203,8 @@ def sgd(
     maximize: bool,
     differentiable: bool = False,
     backend: str | None = None,
+    _cache: dict | None = None,
+    _key=None,
 ) -> None:
     r"""Functional SGD: update ``params`` in place, as :class:`SGD` does.
 
@@ -231,4 +235,4 @@ def sgd(
                  momentum=float(momentum), dampening=float(dampening),
                  nesterov=bool(nesterov), maximize=bool(maximize))
     _base.run("sgd", _base.backend_name(backend), params, d_p_list, states,
-              ("momentum_buffer",), hyper, fresh=fresh)
+              ("momentum_buffer",), hyper, fresh=fresh, cache=_cache, key=_key)

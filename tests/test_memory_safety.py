@@ -138,3 +138,28 @@ def test_generated_configurations_match_torch(shapes, name_kwargs, seed):
         ref.step()
         opt.step()
     assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("victim", ["param freed", "state shrunk", "grad freed"])
+def test_freed_or_shrunk_storage_is_refused_not_dereferenced(victim, backend):
+    # torch's own for-loop step segfaults on a param whose storage was freed
+    skip_unless_runnable(backend)
+    params = [torch.randn(1000).requires_grad_(), torch.randn(10).requires_grad_()]
+    opt = fused_optim.SGD(params, lr=0.1, momentum=0.9, backend=backend)
+    for _ in range(2):  # the second step runs from a cached plan
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    if victim == "param freed":
+        params[0].untyped_storage().resize_(0)
+    elif victim == "state shrunk":
+        opt.state[params[0]]["momentum_buffer"].untyped_storage().resize_(8)
+    else:
+        params[0].grad.untyped_storage().resize_(0)
+    other = params[1].detach().clone()
+    with pytest.raises(RuntimeError, match="outside its storage"):
+        opt.step()
+    assert torch.equal(params[1].detach(), other)
