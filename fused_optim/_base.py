@@ -35,8 +35,20 @@ class FusedOptimizer(Optimizer):
     * ``backend``: the requested backend name, an attribute of the optimizer
       (never a param_group or state_dict key, so checkpoints stay torch's);
     * a ``load_state_dict`` that refuses state tensors whose shape does not
-      match their param before anything is loaded.
+      match their param before anything is loaded;
+    * AMP in the kernel: ``_step_supports_amp_scaling`` is set, so
+      ``GradScaler`` hands over ``grad_scale`` and ``found_inf`` and the same
+      kernel pass unscales the grads, or skips the whole update (params, state
+      and step counts) when an inf/NaN was found, with no host
+      synchronisation; :attr:`last_step_skipped` tells which.
+
+    .. note::
+        As with torch's ``fused=True`` optimizers, ``GradScaler.step`` then
+        leaves ``p.grad`` scaled: call ``scaler.unscale_(optimizer)`` first
+        where unscaled grads are needed (clipping, logging).
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults, backend):
         self.backend = _backend.requested(backend)
@@ -54,6 +66,24 @@ class FusedOptimizer(Optimizer):
             self.backend = _backend.requested(None)
         # plans hold addresses of the tensors they were built for: never copied
         self._plans = {}
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """True if the last ``step()`` was skipped because GradScaler found inf/NaN.
+
+        Reading it synchronises with the device (the step itself does not).
+        Torch's fused optimizers hide this, and schedulers advance anyway;
+        ``if not opt.last_step_skipped: scheduler.step()`` avoids that.
+        """
+        found_inf = getattr(self, "_last_found_inf", None)
+        return found_inf is not None and bool(found_inf != 0)
+
+    def _amp_args(self):
+        """GradScaler's tensors for this step (attributes it sets and deletes)."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        self._last_found_inf = found_inf
+        return grad_scale, found_inf
 
     def load_state_dict(self, state_dict):
         self._check_loaded_state(state_dict)
@@ -98,6 +128,21 @@ def run(kind, backend, params, grads, states, roles, hyper, steps=None, fresh=No
         mod = _backend.select(backend, packed.device, packed.batch.dtype)
         getattr(mod, kind)(packed.batch, **hyper)
         packed.finish()
+
+
+def unscale_for_fallback(grads, grad_scale, found_inf) -> bool:
+    """AMP for the paths that run torch's own step: True means skip the step.
+
+    torch's for-loop refuses grad_scale/found_inf, so the grads are unscaled
+    here (as GradScaler.unscale_ would) and the step is skipped on inf/NaN.
+    """
+    if found_inf is not None and bool(found_inf != 0):
+        return True
+    if grad_scale is not None:
+        inv = grad_scale.double().reciprocal().float()
+        for g in grads:
+            g.mul_(inv.to(g.device))
+    return False
 
 
 def scalar(x) -> float:

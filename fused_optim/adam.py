@@ -234,6 +234,7 @@ class Adam(_base.FusedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, found_inf = self._amp_args()
 
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
@@ -258,6 +259,8 @@ class Adam(_base.FusedOptimizer):
                 capturable=group["capturable"],
                 differentiable=group["differentiable"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
                 backend=self.backend,
                 _cache=self._plans,
                 _key=index,
@@ -354,9 +357,11 @@ def adam(
         # torch's error for capturable CPU params)
         from torch.optim.adam import adam as torch_adam
 
+        if _base.unscale_for_fallback(grads, grad_scale, found_inf):
+            return
         torch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                    foreach=False, capturable=capturable, differentiable=differentiable,
-                   fused=False, grad_scale=grad_scale, found_inf=found_inf,
+                   fused=False,
                    has_complex=has_complex, decoupled_weight_decay=decoupled_weight_decay,
                    amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
                    weight_decay=weight_decay, eps=eps, maximize=maximize)
@@ -368,7 +373,8 @@ def adam(
     hyper = dict(lr=_base.scalar(lr), beta1=_base.scalar(beta1), beta2=_base.scalar(beta2),
                  eps=float(eps), weight_decay=_base.scalar(weight_decay),
                  decoupled_weight_decay=bool(decoupled_weight_decay),
-                 amsgrad=bool(amsgrad), maximize=bool(maximize))
+                 amsgrad=bool(amsgrad), maximize=bool(maximize),
+                 grad_scale=grad_scale, found_inf=found_inf)
     _base.run("adam", _base.backend_name(backend), params, grads, states,
               ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, steps=state_steps,
               cache=_cache, key=_key)

@@ -154,6 +154,7 @@ class SGD(_base.FusedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, found_inf = self._amp_args()
 
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
@@ -172,6 +173,8 @@ class SGD(_base.FusedOptimizer):
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
                 has_sparse_grad=has_sparse_grad,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
                 differentiable=group["differentiable"],
                 backend=self.backend,
                 _cache=self._plans,
@@ -180,7 +183,8 @@ class SGD(_base.FusedOptimizer):
 
             if group["momentum"] != 0:
                 for p, buf in zip(params, momentum_buffer_list):
-                    self.state[p]["momentum_buffer"] = buf
+                    if buf is not None:  # None: a skipped (AMP inf) first step
+                        self.state[p]["momentum_buffer"] = buf
 
         return loss
 
@@ -215,8 +219,10 @@ def sgd(
     if has_sparse_grad or differentiable or any(g.is_sparse for g in d_p_list):
         from torch.optim.sgd import sgd as torch_sgd  # not covered by the kernels
 
+        if _base.unscale_for_fallback(d_p_list, grad_scale, found_inf):
+            return
         torch_sgd(params, d_p_list, momentum_buffer_list, has_sparse_grad=has_sparse_grad,
-                  foreach=False, fused=False, grad_scale=grad_scale, found_inf=found_inf,
+                  foreach=False, fused=False,
                   weight_decay=weight_decay, momentum=momentum, lr=lr,
                   dampening=dampening, nesterov=nesterov, maximize=maximize)
         return
@@ -226,6 +232,11 @@ def sgd(
     states = [[None] * len(params)]
     if momentum != 0:
         fresh = [b is None for b in momentum_buffer_list]
+        if found_inf is not None and any(fresh) and bool(found_inf != 0):
+            # A skipped first step must not leave unwritten buffers behind: the
+            # next real step is the first. This reads found_inf on the host,
+            # once, only while some buffer has yet to be created.
+            return
         for i, b in enumerate(momentum_buffer_list):
             if b is None:
                 momentum_buffer_list[i] = torch.empty_like(
@@ -233,6 +244,7 @@ def sgd(
         states = [momentum_buffer_list]
     hyper = dict(lr=_base.scalar(lr), weight_decay=_base.scalar(weight_decay),
                  momentum=float(momentum), dampening=float(dampening),
-                 nesterov=bool(nesterov), maximize=bool(maximize))
+                 nesterov=bool(nesterov), maximize=bool(maximize),
+                 grad_scale=grad_scale, found_inf=found_inf)
     _base.run("sgd", _base.backend_name(backend), params, d_p_list, states,
               ("momentum_buffer",), hyper, fresh=fresh, cache=_cache, key=_key)

@@ -19,13 +19,28 @@ def _compute_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize):
+def _unscale(g, grad_scale):
+    if grad_scale is None:
+        return g
+    # GradScaler.unscale_ multiplies by a float32 reciprocal; so do we
+    inv = grad_scale.double().reciprocal().float().to(g.device)
+    return g * inv.to(g.dtype)
+
+
+def _skip(found_inf) -> bool:
+    return found_inf is not None and bool(found_inf != 0)
+
+
+def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
+        grad_scale=None, found_inf=None):
     """SGD (torch semantics) over every tensor of ``batch``, in place."""
+    if _skip(found_inf):
+        return
     for i, p in enumerate(batch.params):
         if p.numel() == 0:
             continue
         ct = _compute_dtype(p)
-        g = batch.grads[i].to(ct)
+        g = _unscale(batch.grads[i].to(ct), grad_scale)
         if maximize:
             g = -g
         p32 = p.to(ct)
@@ -43,8 +58,10 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize):
 
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-         amsgrad, maximize):
+         amsgrad, maximize, grad_scale=None, found_inf=None):
     """Adam / AdamW (torch semantics) over every tensor, in place; advances steps."""
+    if _skip(found_inf):
+        return
     for i, p in enumerate(batch.params):
         step_t = batch.steps[i]
         step_t += 1
@@ -54,7 +71,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
         ct = _compute_dtype(p)
         step_size = lr / (1.0 - beta1 ** step)
         bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-        g = batch.grads[i].to(ct)
+        g = _unscale(batch.grads[i].to(ct), grad_scale)
         if maximize:
             g = -g
         p32 = p.to(ct)

@@ -48,25 +48,48 @@ def _plan(batch):
     return _bounds(batch.numel, chunks), True, view, np.dtype(view).itemsize, compute
 
 
-def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize):
-    """SGD (torch semantics) over every row of ``batch.table``, in place."""
-    if batch.table is None or batch.table.shape[0] == 0:
+def _amp(grad_scale, found_inf):
+    """(skip?, inverse scale) from GradScaler's CPU tensors; no device sync here.
+
+    The inverse is taken in float32 as GradScaler's own unscale_ does, so the
+    result equals unscale_ followed by a plain step.
+    """
+    if found_inf is not None and float(found_inf) != 0.0:
+        return True, 1.0
+    if grad_scale is None:
+        return False, 1.0
+    return False, np.float32(1.0) / np.float32(float(grad_scale))
+
+
+def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
+        grad_scale=None, found_inf=None):
+    """SGD (torch semantics) over every row of ``batch.table``, in place.
+
+    With ``found_inf`` nonzero nothing is written; grads are multiplied by
+    ``1/grad_scale`` inside the same pass.
+    """
+    skip, inv_scale = _amp(grad_scale, found_inf)
+    if skip or batch.table is None or batch.table.shape[0] == 0:
         return
     bounds, parallel, view, itemsize, c = _plan(batch)
     fn = _kernels.sgd_parallel if parallel else _kernels.sgd_serial
-    fn(batch.table, bounds, itemsize, view, c(lr), c(weight_decay), c(momentum),
-       c(1.0 - dampening), bool(nesterov), bool(maximize), momentum != 0)
+    fn(batch.table, bounds, itemsize, view, c(inv_scale), c(lr), c(weight_decay),
+       c(momentum), c(1.0 - dampening), bool(nesterov), bool(maximize), momentum != 0)
 
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-         amsgrad, maximize):
-    """Adam / AdamW (torch semantics) over every row, in place; advances steps."""
-    if batch.table is None or batch.table.shape[0] == 0:
+         amsgrad, maximize, grad_scale=None, found_inf=None):
+    """Adam / AdamW (torch semantics) over every row, in place; advances steps.
+
+    With ``found_inf`` nonzero nothing is written, steps included.
+    """
+    skip, inv_scale = _amp(grad_scale, found_inf)
+    if skip or batch.table is None or batch.table.shape[0] == 0:
         return
     bounds, parallel, view, itemsize, c = _plan(batch)
     fn = _kernels.adam_parallel if parallel else _kernels.adam_serial
     scalars = np.empty((batch.table.shape[0], 2), dtype=c)
     fn(batch.table, bounds, itemsize, view, float(lr), float(beta1),
-       float(beta2), scalars, c(beta1), c(beta2), c(1.0 - beta1), c(1.0 - beta2),
-       c(eps), c(weight_decay), c(1.0 - lr * weight_decay),
+       float(beta2), scalars, c(inv_scale), c(beta1), c(beta2), c(1.0 - beta1),
+       c(1.0 - beta2), c(eps), c(weight_decay), c(1.0 - lr * weight_decay),
        bool(decoupled_weight_decay), bool(amsgrad), bool(maximize))

@@ -33,8 +33,8 @@ def _nanmax(a, b):
 
 
 @njit(inline="always")
-def _sgd_chunk(table, lo, hi, itemsize, view_dtype, lr, weight_decay, momentum,
-               one_minus_dampening, nesterov, maximize, use_momentum):
+def _sgd_chunk(table, lo, hi, itemsize, view_dtype, inv_scale, lr, weight_decay,
+               momentum, one_minus_dampening, nesterov, maximize, use_momentum):
     starts = table[:, L.START]
     row = np.searchsorted(starts, lo, side="right") - 1
     while lo < hi:
@@ -54,7 +54,7 @@ def _sgd_chunk(table, lo, hi, itemsize, view_dtype, lr, weight_decay, momentum,
             b = p  # never touched
             fresh = False
         for j in range(n):
-            gj = load(g, j)
+            gj = load(g, j) * inv_scale  # AMP unscale; exact when inv_scale == 1
             if maximize:
                 gj = -gj
             pj = load(p, j)
@@ -76,18 +76,18 @@ def _sgd_chunk(table, lo, hi, itemsize, view_dtype, lr, weight_decay, momentum,
 
 
 @njit(parallel=True, cache=True)
-def sgd_parallel(table, bounds, itemsize, view_dtype, lr, weight_decay, momentum,
-                 one_minus_dampening, nesterov, maximize, use_momentum):
+def sgd_parallel(table, bounds, itemsize, view_dtype, inv_scale, lr, weight_decay,
+                 momentum, one_minus_dampening, nesterov, maximize, use_momentum):
     for c in prange(len(bounds) - 1):
-        _sgd_chunk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, lr,
-                   weight_decay, momentum, one_minus_dampening, nesterov,
+        _sgd_chunk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, inv_scale,
+                   lr, weight_decay, momentum, one_minus_dampening, nesterov,
                    maximize, use_momentum)
 
 
 @njit(cache=True)
-def sgd_serial(table, bounds, itemsize, view_dtype, lr, weight_decay, momentum,
-               one_minus_dampening, nesterov, maximize, use_momentum):
-    _sgd_chunk(table, bounds[0], bounds[-1], itemsize, view_dtype, lr,
+def sgd_serial(table, bounds, itemsize, view_dtype, inv_scale, lr, weight_decay,
+               momentum, one_minus_dampening, nesterov, maximize, use_momentum):
+    _sgd_chunk(table, bounds[0], bounds[-1], itemsize, view_dtype, inv_scale, lr,
                weight_decay, momentum, one_minus_dampening, nesterov, maximize,
                use_momentum)
 
@@ -114,8 +114,8 @@ def _adam_scalars(table, lr, beta1, beta2, out):
 
 
 @njit(inline="always")
-def _adam_chunk(table, scalars, lo, hi, itemsize, view_dtype, beta1, beta2,
-                one_minus_beta1, one_minus_beta2, eps, weight_decay, decay,
+def _adam_chunk(table, scalars, lo, hi, itemsize, view_dtype, inv_scale, beta1,
+                beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay,
                 decoupled, amsgrad, maximize):
     starts = table[:, L.START]
     row = np.searchsorted(starts, lo, side="right") - 1
@@ -138,7 +138,7 @@ def _adam_chunk(table, scalars, lo, hi, itemsize, view_dtype, beta1, beta2,
         else:
             vmax = v  # never touched
         for j in range(n):
-            gj = load(g, j)
+            gj = load(g, j) * inv_scale  # AMP unscale; exact when inv_scale == 1
             if maximize:
                 gj = -gj
             pj = load(p, j)
@@ -167,20 +167,20 @@ def _adam_chunk(table, scalars, lo, hi, itemsize, view_dtype, beta1, beta2,
 
 @njit(parallel=True, cache=True)
 def adam_parallel(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
-                  scalars, c_beta1, c_beta2, c_omb1, c_omb2, c_eps, c_wd, c_decay,
-                  decoupled, amsgrad, maximize):
+                  scalars, inv_scale, c_beta1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
+                  c_decay, decoupled, amsgrad, maximize):
     _adam_scalars(table, lr, beta1, beta2, scalars)
     for c in prange(len(bounds) - 1):
         _adam_chunk(table, scalars, bounds[c], bounds[c + 1], itemsize,
-                    view_dtype, c_beta1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
-                    c_decay, decoupled, amsgrad, maximize)
+                    view_dtype, inv_scale, c_beta1, c_beta2, c_omb1, c_omb2, c_eps,
+                    c_wd, c_decay, decoupled, amsgrad, maximize)
 
 
 @njit(cache=True)
 def adam_serial(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
-                scalars, c_beta1, c_beta2, c_omb1, c_omb2, c_eps, c_wd, c_decay,
-                decoupled, amsgrad, maximize):
+                scalars, inv_scale, c_beta1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
+                c_decay, decoupled, amsgrad, maximize):
     _adam_scalars(table, lr, beta1, beta2, scalars)
     _adam_chunk(table, scalars, bounds[0], bounds[-1], itemsize, view_dtype,
-                c_beta1, c_beta2, c_omb1, c_omb2, c_eps, c_wd, c_decay,
+                inv_scale, c_beta1, c_beta2, c_omb1, c_omb2, c_eps, c_wd, c_decay,
                 decoupled, amsgrad, maximize)

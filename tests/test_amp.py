@@ -1,0 +1,97 @@
+"""GradScaler hands grad_scale/found_inf to the optimizer; the kernels unscale
+in the same pass, or skip the update entirely on inf/NaN."""
+
+import pytest
+import torch
+
+import fused_optim
+from matrix import BACKENDS, TOLERANCE, assert_state_close, skip_unless_runnable
+
+CASES = {
+    "SGD": dict(lr=0.1, momentum=0.9, dampening=0.1),
+    "SGD-nesterov": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "Adam": dict(lr=0.01, amsgrad=True),
+    "AdamW": dict(lr=0.01, weight_decay=0.1),
+}
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_grad_scaler_matches_torch_and_skips_on_inf(case, backend):
+    skip_unless_runnable(backend)
+    name = case.split("-")[0]
+    ref_model, model = _model(0), _model(0)
+    ref = getattr(torch.optim, name)(ref_model.parameters(), foreach=False, **CASES[case])
+    opt = getattr(fused_optim, name)(model.parameters(), backend=backend, **CASES[case])
+    assert opt._step_supports_amp_scaling
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+               for _ in range(2)]
+    gen = torch.Generator().manual_seed(1)
+    # step 0 is an overflow: the first step of all, so no state exists yet
+    for it in range(6):
+        x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 2, generator=gen)
+        for m, o, sc in ((ref_model, ref, scalers[0]), (model, opt, scalers[1])):
+            o.zero_grad()
+            sc.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            if it in (0, 3):
+                next(m.parameters()).grad[0, 0] = float("inf")
+            sc.step(o)
+            sc.update()
+        assert opt.last_step_skipped == (it in (0, 3))
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        ref_params, params = list(ref_model.parameters()), list(model.parameters())
+        if it == 0:
+            # torch skipped its step; ours ran and left only fresh state behind
+            assert len(ref.state) == 0
+            for p, rp in zip(params, ref_params):
+                s = opt.state.get(p, {})
+                assert "momentum_buffer" not in s
+                assert float(s.get("step", 0)) == 0
+                assert all(not v.any() for k, v in s.items() if k != "step")
+                assert torch.equal(p, rp)
+        else:
+            assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_found_inf_leaves_params_state_and_steps_untouched(name, backend):
+    skip_unless_runnable(backend)
+    params = [torch.randn(50).requires_grad_(), torch.randn(3, 3).requires_grad_()]
+    kw = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
+    opt = getattr(fused_optim, name)(params, backend=backend, **kw)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    assert opt.last_step_skipped
+    for p, b, s in zip(params, before, state):
+        assert torch.equal(p.detach(), b)
+        for k, v in s.items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scale_divides_in_the_kernel(backend):
+    skip_unless_runnable(backend)
+    ref_p = [torch.randn(40).requires_grad_()]
+    p = [ref_p[0].detach().clone().requires_grad_()]
+    ref = torch.optim.Adam(ref_p, lr=0.1, foreach=False)
+    opt = fused_optim.Adam(p, lr=0.1, backend=backend)
+    g = torch.randn(40)
+    ref_p[0].grad = g.clone()
+    p[0].grad = g * 1024.0
+    ref.step()
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+    opt.step()
+    assert not opt.last_step_skipped
+    assert_state_close(ref, opt, ref_p, p, **TOLERANCE[torch.float32])
