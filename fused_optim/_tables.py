@@ -105,19 +105,21 @@ def _signature(params, grads, states, steps, fresh):
     for i, p in enumerate(params):
         g = grads[i]
         row = [p.data_ptr(), g.data_ptr(), 0, 0, 0, 0]
-        meta = [p.shape, p.stride(), p.dtype, p.device,
-                g.shape, g.stride(), g.dtype, g.device]
+        # Devices of grads and state are not re-read: the grad setter pins a
+        # grad to its param's device, and a state tensor moved to another
+        # device has a new address, which forces full validation anyway.
+        meta = [p.shape, p.stride(), p.dtype, p.device, g.shape, g.stride(), g.dtype]
         for k in range(nstate):
             s = states[k][i]
             if s is not None:
                 row[2 + k] = s.data_ptr()
-                meta += (s.shape, s.stride(), s.dtype, s.device)
+                meta += (s.shape, s.stride(), s.dtype)
             else:
                 meta.append(None)
         if steps is not None:
             st = steps[i]
             row[5] = st.data_ptr()
-            meta += (st.shape, st.dtype, st.device)
+            meta += (st.shape, st.dtype)
         if fresh is not None:
             meta.append(fresh[i])
         ptrs.append(row)
@@ -182,17 +184,9 @@ def prepare(params, grads, states, roles, steps=None, fresh=None, cache=None, ke
         out = []
         for device, dtype, rows, table, numel in plan.buckets:
             table = table.copy()
-            table[:, _PTR_COLS] = ptrs[rows]
-            pick = [params[i] for i in rows]
-            batch = Batch(
-                dtype=dtype,
-                params=_real(pick),
-                grads=_real([grads[i] for i in rows]),
-                states=[_real([s[i] for i in rows]) for s in states],
-                steps=[steps[i] for i in rows] if steps is not None else [],
-                fresh=[fresh[i] for i in rows] if fresh is not None else [],
-                table=table, numel=numel)
-            out.append(Packed(device, batch, ()))
+            table[:, _PTR_COLS] = np.where(plan.needed[rows], ptrs[rows], 0)
+            source = _lists_of(rows, params, grads, states, steps, fresh)
+            out.append(Packed(device, Batch(dtype, table, numel, source=source), ()))
         return out
     packed = pack(params, grads, states, roles, steps=steps, fresh=fresh)
     if cache is not None:
@@ -210,6 +204,18 @@ def prepare(params, grads, states, roles, steps=None, fresh=None, cache=None, ke
 
 def _real(ts):
     return [t if t is None or not t.is_complex() else torch.view_as_real(t) for t in ts]
+
+
+def _lists_of(rows, params, grads, states, steps, fresh):
+    """The tensor lists of a planned bucket, built only if a backend asks."""
+    def build():
+        return dict(
+            params=_real([params[i] for i in rows]),
+            grads=_real([grads[i] for i in rows]),
+            states=[_real([s[i] for i in rows]) for s in states],
+            steps=[steps[i] for i in rows] if steps is not None else [],
+            fresh=[fresh[i] for i in rows] if fresh is not None else [])
+    return build
 
 
 def pack(params, grads, states, roles, steps=None, fresh=None, labels=None):
@@ -315,6 +321,6 @@ def _pack_bucket(device, rows, params, grads, states, roles, steps, fresh, label
                 flags |= L.FLAG_FRESH
             b_fresh.append(fresh[i])
         table[r, L.FLAGS] = flags
-    batch = Batch(dtype=dtype, params=b_params, grads=b_grads, states=b_states,
-                  steps=b_steps, fresh=b_fresh, table=table, numel=start)
+    batch = Batch(dtype, table, start, params=b_params, grads=b_grads,
+                  states=b_states, steps=b_steps, fresh=b_fresh)
     return Packed(device, batch, writeback)

@@ -216,7 +216,7 @@ def sgd(
     buffers. See :class:`SGD` for the arguments; ``foreach`` and ``fused`` are
     accepted for signature compatibility with ``torch.optim.sgd``.
     """
-    if has_sparse_grad or differentiable or any(g.is_sparse for g in d_p_list):
+    if has_sparse_grad or differentiable:
         from torch.optim.sgd import sgd as torch_sgd  # not covered by the kernels
 
         if _base.unscale_for_fallback(d_p_list, grad_scale, found_inf):
