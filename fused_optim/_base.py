@@ -145,9 +145,15 @@ def unscale_for_fallback(grads, grad_scale, found_inf) -> bool:
     return False
 
 
-def scalar(x) -> float:
-    """A hyperparameter as a Python float (Tensor lr and betas included)."""
-    return float(x.item()) if torch.is_tensor(x) else float(x)
+def scalar(x, keep_tensor=False):
+    """A hyperparameter as a Python float (Tensor lr and betas included).
+
+    With ``keep_tensor`` (capturable) a Tensor stays a Tensor: reading it on
+    the host would synchronise with the device, so the kernel reads it.
+    """
+    if torch.is_tensor(x):
+        return x if keep_tensor else float(x.item())
+    return float(x)
 
 
 def backend_name(backend) -> str:

@@ -370,7 +370,9 @@ def adam(
         return
     states = [exp_avgs, exp_avg_sqs,
               max_exp_avg_sqs if amsgrad else [None] * len(params)]
-    hyper = dict(lr=_base.scalar(lr), beta1=_base.scalar(beta1), beta2=_base.scalar(beta2),
+    hyper = dict(lr=_base.scalar(lr, keep_tensor=capturable),
+                 beta1=_base.scalar(beta1, keep_tensor=capturable),
+                 beta2=_base.scalar(beta2, keep_tensor=capturable),
                  eps=float(eps), weight_decay=_base.scalar(weight_decay),
                  decoupled_weight_decay=bool(decoupled_weight_decay),
                  amsgrad=bool(amsgrad), maximize=bool(maximize),

@@ -50,6 +50,11 @@ class SGD(_base.FusedOptimizer):
             torch's own for-loop step, not the kernels (default: False)
         fused (bool, optional): accepted for compatibility; the kernels are
             always fused (default: None)
+        capturable (bool, optional): keyword-only, not in torch's SGD. On
+            CUDA, ``step()`` then makes no host synchronisation and reads a
+            Tensor ``lr`` on the device, so a whole step can be captured in a
+            CUDA graph. The key appears in ``param_groups`` only when True, so
+            default checkpoints stay torch's (default: False)
         backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
             ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
             (default: None, i.e. auto)
@@ -84,6 +89,7 @@ class SGD(_base.FusedOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        capturable: bool = False,
         backend: str | None = None,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -106,6 +112,8 @@ class SGD(_base.FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        if capturable:
+            defaults["capturable"] = True
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, defaults, backend)
@@ -172,6 +180,7 @@ class SGD(_base.FusedOptimizer):
                 dampening=group["dampening"],
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
+                capturable=group.get("capturable", False),
                 has_sparse_grad=has_sparse_grad,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
@@ -205,6 +214,7 @@ def sgd(
     dampening: float,
     nesterov: bool,
     maximize: bool,
+    capturable: bool = False,
     differentiable: bool = False,
     backend: str | None = None,
     _cache: dict | None = None,
@@ -242,7 +252,8 @@ def sgd(
                 momentum_buffer_list[i] = torch.empty_like(
                     params[i], memory_format=torch.preserve_format)
         states = [momentum_buffer_list]
-    hyper = dict(lr=_base.scalar(lr), weight_decay=_base.scalar(weight_decay),
+    hyper = dict(lr=_base.scalar(lr, keep_tensor=capturable),
+                 weight_decay=_base.scalar(weight_decay),
                  momentum=float(momentum), dampening=float(dampening),
                  nesterov=bool(nesterov), maximize=bool(maximize),
                  grad_scale=grad_scale, found_inf=found_inf)
