@@ -64,6 +64,11 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def stands_in_for_gpu(name: str) -> bool:
+    """True when CPU tensors play CUDA's part: interpreted Triton (tests)."""
+    return name == "triton" and _triton_interpreted()
+
+
 def _importable(name: str) -> bool:
     try:
         module(name)

@@ -119,7 +119,7 @@ def _signature(params, grads, states, steps, fresh):
         if steps is not None:
             st = steps[i]
             row[5] = st.data_ptr()
-            meta += (st.shape, st.dtype)
+            meta += (st.shape, st.dtype, st.device)
         if fresh is not None:
             meta.append(fresh[i])
         ptrs.append(row)
@@ -186,7 +186,7 @@ def prepare(params, grads, states, roles, steps=None, fresh=None, cache=None, ke
             table = table.copy()
             table[:, _PTR_COLS] = np.where(plan.needed[rows], ptrs[rows], 0)
             source = _lists_of(rows, params, grads, states, steps, fresh)
-            out.append(Packed(device, Batch(dtype, table, numel, source=source), ()))
+            out.append(Packed(device, Batch(device, dtype, table, numel, source=source), ()))
         return out
     packed = pack(params, grads, states, roles, steps=steps, fresh=fresh)
     if cache is not None:
@@ -315,12 +315,14 @@ def _pack_bucket(device, rows, params, grads, states, roles, steps, fresh, label
             table[r, L.STEP] = st.data_ptr()
             if st.dtype == torch.float64:
                 flags |= L.FLAG_STEP_F64
+            if st.device != device:
+                flags |= L.FLAG_STEP_HOST
             b_steps.append(st)
         if fresh is not None:
             if fresh[i]:
                 flags |= L.FLAG_FRESH
             b_fresh.append(fresh[i])
         table[r, L.FLAGS] = flags
-    batch = Batch(dtype, table, start, params=b_params, grads=b_grads,
+    batch = Batch(device, dtype, table, start, params=b_params, grads=b_grads,
                   states=b_states, steps=b_steps, fresh=b_fresh)
     return Packed(device, batch, writeback)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _base
+from . import _backend, _base
 
 __all__ = ["Adam", "AdamW", "adam", "adamw"]
 
@@ -64,8 +64,11 @@ class Adam(_base.FusedOptimizer):
         amsgrad (bool, optional): use the AMSGrad variant (default: False)
         foreach (bool, optional): accepted for compatibility (default: None)
         maximize (bool, optional): maximize the objective (default: False)
-        capturable (bool, optional): CUDA-graph-safe step; on CPU, torch's own
-            step runs and raises as torch does (default: False)
+        capturable (bool, optional): on CUDA, a step with no host
+            synchronisation that a CUDA graph can capture: step counters live
+            on the device and a Tensor ``lr`` is read by the kernel (Tensor
+            betas are still read on the host). On CPU, torch's own step runs
+            and raises as torch does (default: False)
         differentiable (bool, optional): autograd through the step; runs
             torch's own for-loop step, not the kernels (default: False)
         fused (bool, optional): accepted for compatibility; the kernels are
@@ -352,7 +355,9 @@ def adam(
 
     See :class:`Adam` for the arguments. ``state_steps`` are advanced by one.
     """
-    if differentiable or (capturable and any(p.device.type == "cpu" for p in params)):
+    name = _base.backend_name(backend)
+    cpu_capturable = capturable and any(p.device.type == "cpu" for p in params)
+    if differentiable or (cpu_capturable and not _backend.stands_in_for_gpu(name)):
         # not covered by the kernels: torch's own for-loop (which also raises
         # torch's error for capturable CPU params)
         from torch.optim.adam import adam as torch_adam
@@ -370,14 +375,15 @@ def adam(
         return
     states = [exp_avgs, exp_avg_sqs,
               max_exp_avg_sqs if amsgrad else [None] * len(params)]
+    # capturable keeps a Tensor lr on the device; Tensor betas are read on
+    # the host (the kernels' lerp branch and log2(beta) are chosen there)
     hyper = dict(lr=_base.scalar(lr, keep_tensor=capturable),
-                 beta1=_base.scalar(beta1, keep_tensor=capturable),
-                 beta2=_base.scalar(beta2, keep_tensor=capturable),
+                 beta1=_base.scalar(beta1), beta2=_base.scalar(beta2),
                  eps=float(eps), weight_decay=_base.scalar(weight_decay),
                  decoupled_weight_decay=bool(decoupled_weight_decay),
                  amsgrad=bool(amsgrad), maximize=bool(maximize),
                  grad_scale=grad_scale, found_inf=found_inf)
-    _base.run("adam", _base.backend_name(backend), params, grads, states,
+    _base.run("adam", name, params, grads, states,
               ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, steps=state_steps,
               cache=_cache, key=_key)
 

@@ -15,6 +15,7 @@ class Batch:
     cached plan (``source``), since that costs ~2 us per tensor per step.
 
     Attributes:
+        device: the device of every tensor in the batch.
         dtype: storage dtype of every tensor in the batch (complex params are
             already viewed as real).
         table: int64 array ``[rows, layout.NCOLS]`` of addresses and sizes.
@@ -29,9 +30,10 @@ class Batch:
 
     _LISTS = ("params", "grads", "states", "steps", "fresh")
 
-    def __init__(self, dtype: torch.dtype, table: np.ndarray, numel: int,
-                 params=None, grads=None, states=None, steps=None, fresh=None,
-                 source=None):
+    def __init__(self, device: torch.device, dtype: torch.dtype, table: np.ndarray,
+                 numel: int, params=None, grads=None, states=None, steps=None,
+                 fresh=None, source=None):
+        self.device = device
         self.dtype = dtype
         self.table = table
         self.numel = numel

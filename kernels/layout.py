@@ -16,7 +16,7 @@ STATE2     (0)                         max_exp_avg_sq (0 unless amsgrad)
 STEP       (0)                         step scalar (float32 or float64)
 NUMEL      elements in the row         elements in the row
 START      first global element index  first global element index
-FLAGS      FLAG_FRESH                  FLAG_STEP_F64
+FLAGS      FLAG_FRESH                  FLAG_STEP_F64, FLAG_STEP_HOST
 =========  ==========================  ==================================
 
 ``START`` is the prefix sum of ``NUMEL``; the compiled kernels split the global
@@ -38,6 +38,9 @@ NCOLS = 9
 FLAG_FRESH = 1
 #: Adam: the step counter is a float64 scalar (default dtype float64), else float32.
 FLAG_STEP_F64 = 2
+#: Adam: the step counter lives in host memory while the row's tensors do not
+#: (torch's default for CUDA params): a GPU kernel cannot read it.
+FLAG_STEP_HOST = 4
 
 #: State roles in column order, per optimizer.
 STATE_ROLES = {

@@ -62,7 +62,7 @@ def test_low_precision_no_worse_than_torch(name, kwargs, dtype, backend):
     skip_unless_runnable(backend)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(2)
-    n = 300 if backend == "triton" else 3000
+    n = 3000  # fewer elements make the error ratio a coin toss for SGD
     init = [torch.randn(n, dtype=dtype), torch.randn(17, 9, dtype=dtype)]
     shadow_p = [p.double().requires_grad_() for p in init]
     torch_p = [p.clone().requires_grad_() for p in init]

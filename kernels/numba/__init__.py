@@ -15,7 +15,7 @@ from .. import layout as L
 from . import _kernels
 from ._memory import VIEW_DTYPES
 
-__all__ = ["sgd", "adam", "SUPPORTED_DTYPES"]
+__all__ = ["sgd", "adam", "advance_host_steps", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = tuple(VIEW_DTYPES)
 
@@ -93,3 +93,18 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
        float(beta2), scalars, c(inv_scale), c(beta1), c(beta2), c(1.0 - beta1),
        c(1.0 - beta2), c(eps), c(weight_decay), c(1.0 - lr * weight_decay),
        bool(decoupled_weight_decay), bool(amsgrad), bool(maximize))
+
+
+def advance_host_steps(table, *, lr, beta1, beta2):
+    """Advance every row's step counter (host memory) by one, in place.
+
+    For GPU backends whose Adam steps live on the host (torch's default for
+    CUDA params): the same float64 bias-correction arithmetic as the Numba
+    Adam kernel, without a Python loop over tensors.
+
+    Returns:
+        float64 ``[rows, 2]``: step size and sqrt of the second bias correction.
+    """
+    out = np.empty((table.shape[0], 2), dtype=np.float64)
+    _kernels.host_step_scalars(table, float(lr), float(beta1), float(beta2), out)
+    return out

@@ -184,3 +184,9 @@ def adam_serial(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
     _adam_chunk(table, scalars, bounds[0], bounds[-1], itemsize, view_dtype,
                 inv_scale, c_beta1, c_beta2, c_omb1, c_omb2, c_eps, c_wd, c_decay,
                 decoupled, amsgrad, maximize)
+
+
+@njit(cache=True)
+def host_step_scalars(table, lr, beta1, beta2, out):
+    """Advance host-memory step counters; per-row scalars for a GPU kernel."""
+    _adam_scalars(table, lr, beta1, beta2, out)
