@@ -120,9 +120,25 @@ class FusedOptimizer(Optimizer):
                     )
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _local(ts):
+    """Local shards of DTensors (FSDP2 params, grads and state), else as given.
+
+    The kernels update a DTensor's local shard in place, with no gather; its
+    state stays DTensor-shaped, exactly as torch.optim's under FSDP2.
+    """
+    return [t if t is None or type(t) in _PLAIN else getattr(t, "_local_tensor", t)
+            for t in ts]
+
+
 def run(kind, backend, params, grads, states, roles, hyper, steps=None, fresh=None,
         cache=None, key=None):
     """Validate, pack and launch one update of ``kind`` ("sgd" or "adam")."""
+    if any(type(p) not in _PLAIN for p in params):
+        params, grads = _local(params), _local(grads)
+        states = [_local(s) for s in states]
     for packed in _tables.prepare(params, grads, states, roles, steps=steps,
                                   fresh=fresh, cache=cache, key=key):
         mod = _backend.select(backend, packed.device, packed.batch.dtype)
