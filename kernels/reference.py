@@ -4,6 +4,8 @@ It is the ``torch`` backend (any device, no compiler) and the reference the
 tests import. It uses plain tensor arithmetic only: no ``torch.optim`` code, no
 ``_foreach_*`` or ``_fused_*`` ops. Math runs in float32 (float64 for float64
 tensors) and each stored value is rounded once, like the compiled backends.
+The ops are the ones whose CPU kernels round as the compiled backends do
+(``add(alpha=)``, ``lerp`` and ``addcmul`` are fused multiply-adds).
 """
 
 from __future__ import annotations
@@ -45,16 +47,16 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
             g = -g
         p32 = p.to(ct)
         if weight_decay != 0:
-            g = g + weight_decay * p32
+            g = g.add(p32, alpha=weight_decay)
         if momentum != 0:
             buf = batch.states[0][i]
             if batch.fresh[i]:
                 b = g
             else:
-                b = buf.to(ct) * momentum + (1.0 - dampening) * g
+                b = buf.to(ct).mul(momentum).add(g, alpha=1.0 - dampening)
             buf.copy_(b)
-            g = g + momentum * b if nesterov else b
-        p.copy_(p32 - lr * g)
+            g = g.add(b, alpha=momentum) if nesterov else b
+        p.copy_(p32.add(g, alpha=-lr))
 
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
@@ -79,10 +81,10 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
             if decoupled_weight_decay:
                 p32 = p32 * (1.0 - lr * weight_decay)
             else:
-                g = g + weight_decay * p32
+                g = g.add(p32, alpha=weight_decay)
         m_t, v_t = batch.states[0][i], batch.states[1][i]
         m = torch.lerp(m_t.to(ct), g, 1.0 - beta1)  # two-sided formula, as torch's
-        v = v_t.to(ct) * beta2 + (1.0 - beta2) * g * g
+        v = v_t.to(ct).mul(beta2).addcmul(g, g, value=1.0 - beta2)
         m_t.copy_(m)
         v_t.copy_(v)
         if amsgrad:
@@ -90,4 +92,4 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
             v = torch.maximum(vmax_t.to(ct), v)
             vmax_t.copy_(v)
         denom = v.sqrt() / bc2_sqrt + eps
-        p.copy_(p32 - step_size * (m / denom))
+        p.copy_(p32.addcdiv(m, denom, value=-step_size))

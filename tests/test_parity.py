@@ -170,3 +170,30 @@ def test_complex_params_as_real_views(name, kwargs, backend):
         ref.step()
         opt.step()
         assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
+
+
+SGD_PARAMS = [p for p in CONFIG_PARAMS if p.values[0] == "SGD"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FULL_PRECISION, ids=str)
+@pytest.mark.parametrize("name,kwargs", SGD_PARAMS)
+def test_sgd_is_bit_exact_with_torch(name, kwargs, dtype, backend):
+    """SGD rounds exactly where torch's for-loop rounds (FMAs included)."""
+    skip_unless_runnable(backend)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    ref_params = LAYOUTS["odd"](dtype) + LAYOUTS["strided"](dtype)
+    params = clone_params(ref_params)
+    ref = make(name, ref_params, kwargs)
+    opt = make(name, params, kwargs, fused_backend=backend)
+    for step in range(5):
+        grads = _grads_for_step(ref_params, step, gen)
+        _assign(ref_params, grads)
+        _assign(params, grads)
+        ref.step()
+        opt.step()
+        for a, b in zip(ref_params, params):
+            assert torch.equal(a, b)
+            if "momentum_buffer" in ref.state.get(a, {}):
+                assert torch.equal(ref.state[a]["momentum_buffer"], opt.state[b]["momentum_buffer"])

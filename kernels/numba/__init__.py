@@ -73,7 +73,7 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         return
     bounds, parallel, view, itemsize, c = _plan(batch)
     fn = _kernels.sgd_parallel if parallel else _kernels.sgd_serial
-    fn(batch.table, bounds, itemsize, view, c(inv_scale), c(lr), c(weight_decay),
+    fn(batch.table, bounds, itemsize, view, c(inv_scale), c(-lr), c(weight_decay),
        c(momentum), c(1.0 - dampening), bool(nesterov), bool(maximize), momentum != 0)
 
 
@@ -90,8 +90,8 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
     fn = _kernels.adam_parallel if parallel else _kernels.adam_serial
     scalars = np.empty((batch.table.shape[0], 2), dtype=c)
     fn(batch.table, bounds, itemsize, view, float(lr), float(beta1),
-       float(beta2), scalars, c(inv_scale), c(beta1), c(beta2), c(1.0 - beta1),
-       c(1.0 - beta2), c(eps), c(weight_decay), c(1.0 - lr * weight_decay),
+       float(beta2), scalars, c(inv_scale), c(c(1.0 - beta1) - c(1.0)), c(beta2),
+       c(1.0 - beta1), c(1.0 - beta2), c(eps), c(weight_decay), c(1.0 - lr * weight_decay),
        bool(decoupled_weight_decay), bool(amsgrad), bool(maximize))
 
 

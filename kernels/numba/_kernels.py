@@ -8,14 +8,18 @@ ran about 3x slower in the prototype than ``range(n)`` over a slice.)
 
 Scalars arrive already cast to the compute type (float32, or float64 for
 float64 tensors); element math never mixes in a float64 literal, so float32
-data stays in float32 arithmetic.
+data stays in float32 arithmetic. Each operation rounds where torch's
+for-loop rounds, with a fused multiply-add wherever torch's CPU kernel uses
+one (``add(alpha=)``, ``lerp``, ``addcmul``): SGD is then bit-exact with
+torch in float32/float64, and Adam differs only where torch's own CPU
+``sqrt`` is not correctly rounded (about 0.6% of elements, by 1 ulp).
 """
 
 import numpy as np
 from numba import carray, njit, prange
 
 from .. import layout as L
-from ._memory import address, load, store
+from ._memory import address, fma, load, store
 
 
 @njit(inline="always")
@@ -33,7 +37,7 @@ def _nanmax(a, b):
 
 
 @njit(inline="always")
-def _sgd_chunk(table, lo, hi, itemsize, view_dtype, inv_scale, lr, weight_decay,
+def _sgd_chunk(table, lo, hi, itemsize, view_dtype, inv_scale, neg_lr, weight_decay,
                momentum, one_minus_dampening, nesterov, maximize, use_momentum):
     starts = table[:, L.START]
     row = np.searchsorted(starts, lo, side="right") - 1
@@ -59,35 +63,35 @@ def _sgd_chunk(table, lo, hi, itemsize, view_dtype, inv_scale, lr, weight_decay,
                 gj = -gj
             pj = load(p, j)
             if weight_decay != 0:
-                gj = gj + weight_decay * pj
+                gj = fma(pj, weight_decay, gj)
             if use_momentum:
                 if fresh:
                     bj = gj  # torch: the first buffer is the gradient, undampened
                 else:
-                    bj = load(b, j) * momentum + one_minus_dampening * gj
+                    bj = fma(gj, one_minus_dampening, load(b, j) * momentum)
                 store(b, j, bj)
                 if nesterov:
-                    gj = gj + momentum * bj
+                    gj = fma(bj, momentum, gj)
                 else:
                     gj = bj
-            store(p, j, pj - lr * gj)
+            store(p, j, fma(gj, neg_lr, pj))
         lo += n
         row += 1
 
 
 @njit(parallel=True, cache=True)
-def sgd_parallel(table, bounds, itemsize, view_dtype, inv_scale, lr, weight_decay,
+def sgd_parallel(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, weight_decay,
                  momentum, one_minus_dampening, nesterov, maximize, use_momentum):
     for c in prange(len(bounds) - 1):
         _sgd_chunk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, inv_scale,
-                   lr, weight_decay, momentum, one_minus_dampening, nesterov,
+                   neg_lr, weight_decay, momentum, one_minus_dampening, nesterov,
                    maximize, use_momentum)
 
 
 @njit(cache=True)
-def sgd_serial(table, bounds, itemsize, view_dtype, inv_scale, lr, weight_decay,
+def sgd_serial(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, weight_decay,
                momentum, one_minus_dampening, nesterov, maximize, use_momentum):
-    _sgd_chunk(table, bounds[0], bounds[-1], itemsize, view_dtype, inv_scale, lr,
+    _sgd_chunk(table, bounds[0], bounds[-1], itemsize, view_dtype, inv_scale, neg_lr,
                weight_decay, momentum, one_minus_dampening, nesterov, maximize,
                use_momentum)
 
@@ -114,9 +118,9 @@ def _adam_scalars(table, lr, beta1, beta2, out):
 
 
 @njit(inline="always")
-def _adam_chunk(table, scalars, lo, hi, itemsize, view_dtype, inv_scale, beta1,
-                beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay,
-                decoupled, amsgrad, maximize):
+def _adam_chunk(table, scalars, lo, hi, itemsize, view_dtype, inv_scale,
+                beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                weight_decay, decay, decoupled, amsgrad, maximize):
     starts = table[:, L.START]
     row = np.searchsorted(starts, lo, side="right") - 1
     while lo < hi:
@@ -127,7 +131,7 @@ def _adam_chunk(table, scalars, lo, hi, itemsize, view_dtype, inv_scale, beta1,
             continue
         off = lo - start
         n = min(hi, end) - lo
-        step_size = scalars[row, 0]
+        neg_step_size = -scalars[row, 0]
         bc2_sqrt = scalars[row, 1]
         p = _view(table, row, L.PARAM, off, n, itemsize, view_dtype)
         g = _view(table, row, L.GRAD, off, n, itemsize, view_dtype)
@@ -146,43 +150,43 @@ def _adam_chunk(table, scalars, lo, hi, itemsize, view_dtype, inv_scale, beta1,
                 if decoupled:
                     pj = pj * decay
                 else:
-                    gj = gj + weight_decay * pj
+                    gj = fma(pj, weight_decay, gj)
             mj = load(m, j)
-            # torch.lerp's two-sided formula, for the same rounding as torch
+            # torch.lerp's two-sided formula, as its CPU kernel evaluates it
             if one_minus_beta1 < 0.5:
-                mj = mj + one_minus_beta1 * (gj - mj)
+                mj = fma(one_minus_beta1, gj - mj, mj)
             else:
-                mj = gj - (gj - mj) * beta1
-            vj = load(v, j) * beta2 + one_minus_beta2 * gj * gj
+                mj = fma(beta1_minus_1, gj - mj, gj)
+            vj = fma(one_minus_beta2 * gj, gj, load(v, j) * beta2)
             store(m, j, mj)
             store(v, j, vj)
             if amsgrad:
                 vj = _nanmax(load(vmax, j), vj)
                 store(vmax, j, vj)
             denom = np.sqrt(vj) / bc2_sqrt + eps
-            store(p, j, pj - step_size * (mj / denom))
+            store(p, j, pj + (neg_step_size * mj) / denom)
         lo += n
         row += 1
 
 
 @njit(parallel=True, cache=True)
 def adam_parallel(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
-                  scalars, inv_scale, c_beta1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
+                  scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
                   c_decay, decoupled, amsgrad, maximize):
     _adam_scalars(table, lr, beta1, beta2, scalars)
     for c in prange(len(bounds) - 1):
         _adam_chunk(table, scalars, bounds[c], bounds[c + 1], itemsize,
-                    view_dtype, inv_scale, c_beta1, c_beta2, c_omb1, c_omb2, c_eps,
+                    view_dtype, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps,
                     c_wd, c_decay, decoupled, amsgrad, maximize)
 
 
 @njit(cache=True)
 def adam_serial(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
-                scalars, inv_scale, c_beta1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
+                scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
                 c_decay, decoupled, amsgrad, maximize):
     _adam_scalars(table, lr, beta1, beta2, scalars)
     _adam_chunk(table, scalars, bounds[0], bounds[-1], itemsize, view_dtype,
-                inv_scale, c_beta1, c_beta2, c_omb1, c_omb2, c_eps, c_wd, c_decay,
+                inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps, c_wd, c_decay,
                 decoupled, amsgrad, maximize)
 
 

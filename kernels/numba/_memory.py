@@ -112,6 +112,27 @@ def f32_to_f16(x):
     return np.int16(np.uint16(o | sign))
 
 
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c with one rounding (LLVM's llvm.fma), in the operands' type.
+
+    torch's CPU kernels for ``add(alpha=)``, ``lerp`` and ``addcmul`` are
+    fused multiply-adds; using one at the same places makes SGD bit-exact
+    with torch's float32/float64 for-loop (tests/test_parity.py).
+    """
+    if not (a == b == c and a in (types.float32, types.float64)):
+        return None
+    sig = a(a, b, c)
+
+    def codegen(context, builder, sig, args):
+        lty = context.get_value_type(sig.return_type)
+        fnty = ir.FunctionType(lty, [lty, lty, lty])
+        fn = builder.module.declare_intrinsic("llvm.fma", [lty], fnty)
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
 def load(a, i):  # pragma: no cover - replaced by the overload below
     raise NotImplementedError
 

@@ -12,7 +12,8 @@ promise 16-byte aligned addresses); its last block is masked by ``NUMEL``.
 
 Element math matches ``kernels/numba/_kernels.py`` operation for operation:
 float32 math (float64 for float64 tensors), one rounding per stored value,
-and the launcher turns off FMA contraction. Float32 division and square root
+explicit ``tl.fma`` exactly where torch's CPU kernels fuse (``add(alpha=)``,
+``lerp``, ``addcmul``), and the launcher turns off any other contraction. Float32 division and square root
 are the IEEE ``div_rn`` / ``sqrt_rn``: Triton's ``/`` compiles to
 ``div.full.f32`` (2 ulp) and ``tl.sqrt`` is approximate for float32 on NVIDIA.
 (``tl.fdiv(..., ieee_rounding=True)`` would cover both widths but fails to
@@ -113,20 +114,20 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, weight_decay, momentum, omd,
         g = -g
     p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
     if HAS_WD:
-        g = g + weight_decay * p
+        g = tl.fma(p, weight_decay, g)
     if USE_MOMENTUM:
         if not_fresh:
-            b = _load(b_ptr, offs, mask, IS_BF16, COMPUTE) * momentum + omd * g
+            b = tl.fma(g, omd, _load(b_ptr, offs, mask, IS_BF16, COMPUTE) * momentum)
         else:
             # torch: the first buffer is the gradient itself, undampened; the
             # fresh buffer is uninitialised memory and is not even read
             b = g
         _store(b_ptr, offs, b, mask, IS_BF16, ELEM)
         if NESTEROV:
-            g = g + momentum * b
+            g = tl.fma(b, momentum, g)
         else:
             g = b
-    _store(p_ptr, offs, p - lr * g, mask, IS_BF16, ELEM)
+    _store(p_ptr, offs, tl.fma(g, -lr, p), mask, IS_BF16, ELEM)
 
 
 @triton.jit
@@ -224,27 +225,28 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, step_size,
         if DECOUPLED:
             p = p * decay
         else:
-            g = g + weight_decay * p
+            g = tl.fma(p, weight_decay, g)
     m = _load(m_ptr, offs, mask, IS_BF16, COMPUTE)
-    # torch.lerp's two-sided formula, for the same rounding as torch
+    # torch.lerp's two-sided formula, as its CPU kernel evaluates it
     if LERP_FROM_START:
-        m = m + omb1 * (g - m)
+        m = tl.fma(omb1, g - m, m)
     else:
-        m = g - (g - m) * beta1
-    v = _load(v_ptr, offs, mask, IS_BF16, COMPUTE) * beta2 + omb2 * g * g
+        m = tl.fma(omb1 - 1.0, g - m, g)
+    v = tl.fma(omb2 * g, g, _load(v_ptr, offs, mask, IS_BF16, COMPUTE) * beta2)
     _store(m_ptr, offs, m, mask, IS_BF16, ELEM)
     _store(v_ptr, offs, v, mask, IS_BF16, ELEM)
     if AMSGRAD:
         vmax = _load(vmax_ptr, offs, mask, IS_BF16, COMPUTE)
         v = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
         _store(vmax_ptr, offs, v, mask, IS_BF16, ELEM)
+    # torch's addcdiv: param + (value * exp_avg) / denom
     if IS_F64:
         denom = tl.sqrt(v) / bc2_sqrt + eps  # sqrt.rn.f64, div.rn.f64 already
-        update = step_size * (m / denom)
+        update = (-step_size * m) / denom
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        update = step_size * tl.div_rn(m, denom)
-    _store(p_ptr, offs, p - update, mask, IS_BF16, ELEM)
+        update = tl.div_rn(-step_size * m, denom)
+    _store(p_ptr, offs, p + update, mask, IS_BF16, ELEM)
 
 
 @triton.jit
