@@ -125,7 +125,8 @@ LAYOUTS = {
         memory_format=torch.channels_last)), _leaf(torch.randn(3, dtype=dt))],
     "strided": _strided,
     "many_tiny": lambda dt: [_leaf(torch.randn(1 + i % 5, dtype=dt)) for i in range(300)],
-    "large": lambda dt: [_leaf(torch.randn(40_000, dtype=dt)), _leaf(torch.randn(129, 257, dtype=dt))],
+    # over the Numba backend's serial threshold (2**15): the parallel path
+    "large": lambda dt: [_leaf(torch.randn(40_000, dtype=dt)), _leaf(torch.randn(31, 7, dtype=dt))],
 }
 
 
