@@ -84,7 +84,7 @@ def test_low_precision_no_worse_than_torch(name, kwargs, dtype, backend):
         for p, sp in zip(params, shadow_p):
             a = p if key is None else opt.state[p][key]
             b = sp if key is None else shadow.state[sp][key]
-            total += float((a.double() - b).pow(2).sum())
+            total += float((a.detach().double() - b.detach()).pow(2).sum())
         return total ** 0.5 if total == total else float("inf")  # NaN: no accuracy
 
     keys = [None] + [k for k in shadow.state[shadow_p[0]] if k != "step"]
