@@ -19,11 +19,11 @@ from ._memory import VIEW_DTYPES
 
 __all__ = ["sgd", "adam", "advance_host_steps", "SUPPORTED_DTYPES"]
 
-# numba's SSA pass flags the branch in our inlined bf16/fp16 store overloads
+# numba's SSA pass flags branches in our inlined helpers and bf16/fp16 overloads
 # ("variable ... is not in scope"); the code is right (the conversions are
 # tested bit for bit against torch), so only that message is hidden.
 warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning,
-                        message=r"variable '_(load|store)_impl")
+                        message=r"variable '_")
 
 SUPPORTED_DTYPES = tuple(VIEW_DTYPES)
 
@@ -56,6 +56,16 @@ def _plan(batch):
     return _bounds(batch.numel, chunks), True, view, np.dtype(view).itemsize, compute
 
 
+def _on(flag):
+    """A compile-time switch for the kernels: True, or None for off."""
+    return True if flag else None
+
+
+def _opt(c, value, used):
+    """A scalar in the compute type ``c``, or None where the kernel omits it."""
+    return c(value) if used else None
+
+
 def _amp(grad_scale, found_inf):
     """(skip?, inverse scale) from GradScaler's CPU tensors; no device sync here.
 
@@ -81,8 +91,11 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         return
     bounds, parallel, view, itemsize, c = _plan(batch)
     fn = _kernels.sgd_parallel if parallel else _kernels.sgd_serial
-    fn(batch.table, bounds, itemsize, view, c(inv_scale), c(-lr), c(weight_decay),
-       c(momentum), c(1.0 - dampening), bool(nesterov), bool(maximize), momentum != 0)
+    # None switches a part of the kernel off at compile time (see _sgd_span)
+    fn(batch.table, bounds, itemsize, view, _opt(c, inv_scale, inv_scale != 1.0),
+       c(-lr), _opt(c, weight_decay, weight_decay != 0), c(momentum),
+       c(1.0 - dampening), _on(nesterov and momentum != 0), _on(maximize),
+       _on(momentum != 0))
 
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
@@ -97,10 +110,14 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
     bounds, parallel, view, itemsize, c = _plan(batch)
     fn = _kernels.adam_parallel if parallel else _kernels.adam_serial
     scalars = np.empty((batch.table.shape[0], 2), dtype=c)
+    decoupled = decoupled_weight_decay and weight_decay != 0
+    omb1 = c(1.0 - beta1)
+    # None switches a part of the kernel off at compile time (see _adam_span)
     fn(batch.table, bounds, itemsize, view, float(lr), float(beta1),
-       float(beta2), scalars, c(inv_scale), c(c(1.0 - beta1) - c(1.0)), c(beta2),
-       c(1.0 - beta1), c(1.0 - beta2), c(eps), c(weight_decay), c(1.0 - lr * weight_decay),
-       bool(decoupled_weight_decay), bool(amsgrad), bool(maximize))
+       float(beta2), scalars, _opt(c, inv_scale, inv_scale != 1.0),
+       _opt(c, omb1 - c(1.0), not omb1 < 0.5), c(beta2), omb1, c(1.0 - beta2),
+       c(eps), _opt(c, weight_decay, weight_decay != 0 and not decoupled),
+       _opt(c, 1.0 - lr * weight_decay, decoupled), _on(amsgrad), _on(maximize))
 
 
 def advance_host_steps(table, *, lr, beta1, beta2):
