@@ -53,7 +53,7 @@ def test_all_workflows_have_an_example():
     assert set(EXAMPLES) == {
         "mobilenetv2_sgd_steplr", "grad_accumulation_warmup", "two_networks_param_groups",
         "checkpoint_resume", "early_stopping", "dropout_mlp"}
-    readme = (EXAMPLES_DIR / "README.md").read_text()
+    readme = (EXAMPLES_DIR.parent / "README.md").read_text()
     for name in EXAMPLES:
         assert f"{name}.py" in readme
 
