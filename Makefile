@@ -12,6 +12,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,gpu
 BENCH_ARGS ?=
+# numba's pedantic SSA check flags branches inside our inlined kernel helpers
+PYTEST_ARGS ?= -W "ignore::numba.core.errors.NumbaIRAssumptionWarning"
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -25,7 +27,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 	FUSED_OPTIM_BENCH_SIZE=tiny $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 
 bench: $(STAMP)
