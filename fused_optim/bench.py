@@ -137,6 +137,12 @@ def _many_small(count: int = 1000, lo: int = 1024, hi: int = 4096, seed: int = 0
     return [(rng.randint(lo, hi),) for _ in range(count)]
 
 
+def _fixed_cost() -> list:
+    """161 tensors of 64 elements: resnet50's tensor count with almost no
+    data, so the step time is the fixed cost per step (Python, launches)."""
+    return [(64,)] * 161
+
+
 def _tiny() -> list:
     """A few odd-sized tensors (4,457 params) for tests and CI smoke runs."""
     return [(64, 32), (64,), (8, 3, 3, 3), (1000,), (17,), (3, 5, 7), (2048,), (1,)]
@@ -147,6 +153,7 @@ LISTS: dict[str, tuple[Callable[[], list], bool]] = {
     "resnet50": (_resnet50, True),
     "gpt2-small": (_gpt2_small, True),
     "many-small": (_many_small, True),
+    "fixed-cost": (_fixed_cost, True),
     "tiny": (_tiny, False),
 }
 
@@ -321,7 +328,8 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    "full": Size(("resnet50", "gpt2-small", "many-small"), tuple(OPTIMIZERS), 3, 10, 100, 15.0),
+    "full": Size(("resnet50", "gpt2-small", "many-small", "fixed-cost"), tuple(OPTIMIZERS),
+                 3, 10, 100, 15.0),
     # On the 2-core dev VM with warm Numba caches: 24 s wall when idle; 1-5
     # minutes while other tenants kept the load at 3-6 (torch's thread pool
     # stalls, see _warn_load), hence the budget.
