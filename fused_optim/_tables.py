@@ -100,8 +100,8 @@ class Packed:
 def _signature(params, grads, states, steps, fresh):
     """Addresses (an int64 array, one row per param) and layout of every tensor.
 
-    The hot loop of every step: one pass, tuples, no inner loops (SGD with
-    momentum and Adam get unrolled bodies).
+    The hot loop of every step: one pass building tuples, one unrolled body
+    per optimizer shape (Adam; SGD with and without momentum).
     """
     # Devices of grads and state are not re-read: the grad setter pins a
     # grad to its param's device, and a state tensor moved to another device
@@ -109,17 +109,7 @@ def _signature(params, grads, states, steps, fresh):
     ptrs = []
     lay = []
     n = len(params)
-    if steps is None and fresh is not None and len(states) == 1:  # SGD, momentum
-        for p, g, b, f in zip(params, grads, states[0], fresh):
-            ptrs.append((p.data_ptr(), g.data_ptr(), b.data_ptr(), 0, 0, 0))
-            lay.append((p.shape, p.stride(), p.dtype, p.device, g.shape, g.stride(),
-                        g.dtype, b.shape, b.stride(), b.dtype, f))
-    elif steps is None and fresh is None and len(states) == 1:  # SGD, no momentum
-        for p, g in zip(params, grads):
-            ptrs.append((p.data_ptr(), g.data_ptr(), 0, 0, 0, 0))
-            lay.append((p.shape, p.stride(), p.dtype, p.device, g.shape, g.stride(),
-                        g.dtype))
-    elif steps is not None and len(states) == 3 and fresh is None:  # Adam
+    if steps is not None:  # Adam: exp_avg, exp_avg_sq, max_exp_avg_sq (or None)
         for p, g, m, v, x, st in zip(params, grads, states[0], states[1], states[2], steps):
             ptrs.append((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
                          0 if x is None else x.data_ptr(), st.data_ptr()))
@@ -127,26 +117,16 @@ def _signature(params, grads, states, steps, fresh):
                         g.dtype, m.shape, m.stride(), m.dtype, v.shape, v.stride(),
                         v.dtype, None if x is None else (x.shape, x.stride(), x.dtype),
                         st.shape, st.dtype, st.device))
-    else:
-        for i, p in enumerate(params):
-            g = grads[i]
-            row = [p.data_ptr(), g.data_ptr(), 0, 0, 0, 0]
-            meta = [p.shape, p.stride(), p.dtype, p.device, g.shape, g.stride(), g.dtype]
-            for k, sl in enumerate(states):
-                s = sl[i]
-                if s is not None:
-                    row[2 + k] = s.data_ptr()
-                    meta.append((s.shape, s.stride(), s.dtype))
-                else:
-                    meta.append(None)
-            if steps is not None:
-                st = steps[i]
-                row[5] = st.data_ptr()
-                meta.append((st.shape, st.dtype, st.device))
-            if fresh is not None:
-                meta.append(fresh[i])
-            ptrs.append(row)
-            lay.append(tuple(meta))
+    elif fresh is not None:  # SGD with momentum: the buffers all exist by now
+        for p, g, b, f in zip(params, grads, states[0], fresh):
+            ptrs.append((p.data_ptr(), g.data_ptr(), b.data_ptr(), 0, 0, 0))
+            lay.append((p.shape, p.stride(), p.dtype, p.device, g.shape, g.stride(),
+                        g.dtype, b.shape, b.stride(), b.dtype, f))
+    else:  # SGD without momentum: no state
+        for p, g in zip(params, grads):
+            ptrs.append((p.data_ptr(), g.data_ptr(), 0, 0, 0, 0))
+            lay.append((p.shape, p.stride(), p.dtype, p.device, g.shape, g.stride(),
+                        g.dtype))
     return np.array(ptrs, dtype=np.int64).reshape(n, 6), lay
 
 

@@ -22,7 +22,8 @@ class Batch:
         numel: total elements over all rows.
         params: params, in table row order.
         grads: gradients, same order; same shape, dtype and strides as params.
-        states: one list per state role (see ``layout.STATE_ROLES``); an entry
+        states: one list per state role, in the order of the STATE0..2 columns
+            of ``layout``; an entry
             is None where the role is absent (e.g. no amsgrad).
         steps: per-row step counters (Adam), 0-dim tensors; empty for SGD.
         fresh: per-row flag (SGD): momentum buffer created this step.

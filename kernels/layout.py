@@ -42,8 +42,3 @@ FLAG_STEP_F64 = 2
 #: (torch's default for CUDA params): a GPU kernel cannot read it.
 FLAG_STEP_HOST = 4
 
-#: State roles in column order, per optimizer.
-STATE_ROLES = {
-    "sgd": ("momentum_buffer",),
-    "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-}

@@ -80,12 +80,6 @@ _map_cache = _LRU(64)
 _hyper_cache = _LRU(16)
 
 
-def clear_caches():
-    """Drop every cached device table, block map and hyperparameter buffer."""
-    for cache in (_table_cache, _map_cache, _hyper_cache):
-        cache.clear()
-
-
 def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A private device copy of ``array``, queued without a host sync on CUDA."""
     host = torch.from_numpy(np.array(array, copy=True, order="C"))
