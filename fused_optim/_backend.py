@@ -9,6 +9,7 @@ pure-torch reference kernels.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -79,6 +80,13 @@ def _importable(name: str) -> bool:
 
 def select(name: str, device: torch.device, dtype: torch.dtype):
     """The kernel module that updates tensors of ``device`` and ``dtype``."""
+    return _select(name, device, dtype, _triton_interpreted())
+
+
+@functools.lru_cache(maxsize=64)
+def _select(name, device, dtype, interpreted):
+    # cached: asked for every bucket at every step, and the answer only
+    # depends on these and on which packages import (fixed per process)
     dname = str(dtype).removeprefix("torch.")
     if name == "auto":
         if device.type == "cuda" and _importable("triton"):
@@ -97,7 +105,7 @@ def select(name: str, device: torch.device, dtype: torch.dtype):
             f"{device}. Use backend='triton' or backend='auto' for {device.type} tensors."
         )
     if name == "triton" and device.type != "cuda" and not (
-        device.type == "cpu" and _triton_interpreted()
+        device.type == "cpu" and interpreted
     ):
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, but got a parameter on {device}. "

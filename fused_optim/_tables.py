@@ -8,17 +8,20 @@ copied back after the kernel; anything that fails the other tests is refused.
 
 Speed: full validation costs ~15 us per tensor in Python, so its result is
 cached as a :class:`Plan`. Every step still reads each tensor's address,
-shape, strides, dtype and device (the *signature*). A plan is reused only when
-the layouts are the ones it was validated for and every param, state and step
-tensor is at the address it was validated at; the grad column is rewritten
-from the addresses just read (grads are new tensors every step). A ``p.data``
-swap, reloaded or replaced state, or a grad of another layout forces a full
-re-validation: no stale address, no unchecked layout.
+shape, contiguity (strides, for rows dense in another layout) and dtype, and
+each grad's device: the *signature*, read one fact per C-level ``map`` over a
+column. A plan is reused only when the signature is the one it was validated
+for and every param, state and step tensor is at the address it was
+validated at; the grad column is rewritten from the addresses just read
+(grads are new tensors every step). A ``p.data`` swap, reloaded or replaced
+state, or a grad of another layout forces a full re-validation: no stale
+address, no unchecked layout.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -97,71 +100,127 @@ class Packed:
             original.copy_(staged)
 
 
-def _signature(params, grads, states, steps, fresh):
-    """Addresses (an int64 array, one row per param) and layout of every tensor.
+_PTR = torch.Tensor.data_ptr
+_CONTIGUOUS = torch.Tensor.is_contiguous
+_NUMEL = torch.Tensor.numel
+_DTYPE = attrgetter("dtype")
+_DEVICE = torch.Tensor.get_device
+_VERSION = attrgetter("_version")
 
-    The hot loop of every step: one pass building tuples, one unrolled body
-    per optimizer shape (Adam; SGD with and without momentum).
+
+def _columns(params, grads, states, steps):
+    """The tensor lists of one update, in table-column order, and those columns."""
+    cols = [params, grads]
+    where = [L.PARAM, L.GRAD]
+    for lst, col in zip(states, (L.STATE0, L.STATE1, L.STATE2)):
+        if lst and lst[0] is not None:  # a role is either present for every row or absent
+            cols.append(lst)
+            where.append(col)
+    if steps is not None:
+        cols.append(steps)
+        where.append(L.STEP)
+    return cols, where
+
+
+def _signature(cols, fresh):
+    """What one step must find unchanged before a plan's addresses are reused.
+
+    The hot path of every step: one C-level ``map`` per fact and column,
+    compared as whole arrays. Right after a step has streamed the tensors'
+    data through the caches each map costs ~25-35 us per 161 tensors here,
+    so which facts are read is a budget:
+
+    * params: address, element count, contiguity and dtype. With contiguity,
+      the element count pins the layout (a shape is only a view of it) at
+      about half the price of reading the shape, which allocates a
+      ``torch.Size``. Rows that are not contiguous (channels_last) also get
+      shapes and strides compared (:func:`_strides`).
+    * grads, new tensors every step: the same, and their device. The grad
+      setter pins a grad to its param's device, but a ``p.data`` swap there
+      and back could leave it elsewhere.
+    * state and step tensors: address and version counter. They were
+      checked in full when the plan was made; every in-place operation on a
+      tensor (``resize_``, ``set_``, ``as_strided_``, ``t_``, ``zero_``...)
+      counts a version, which the kernels' own writes do not, and assigning
+      ``.data`` anywhere else moves the address. The plan also keeps their
+      storages alive (:attr:`Plan.keep`), so a matching address can only
+      point into memory validated for the whole row. (A version costs about
+      as much as one fact and replaces three.)
+
+    Returns:
+        (stable, grad_ptrs, objs): int64 ``[rows of facts, params]`` that
+        must equal the plan's; the grads' addresses; the dtype lists of
+        params and grads and the SGD ``fresh`` flags.
     """
-    # Devices of grads and state are not re-read: the grad setter pins a
-    # grad to its param's device, and a state tensor moved to another device
-    # has a new address, which forces full validation anyway.
-    ptrs = []
-    lay = []
-    n = len(params)
-    if steps is not None:  # Adam: exp_avg, exp_avg_sq, max_exp_avg_sq (or None)
-        for p, g, m, v, x, st in zip(params, grads, states[0], states[1], states[2], steps):
-            ptrs.append((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
-                         0 if x is None else x.data_ptr(), st.data_ptr()))
-            lay.append((p.shape, p.stride(), p.dtype, p.device, g.shape, g.stride(),
-                        g.dtype, m.shape, m.stride(), m.dtype, v.shape, v.stride(),
-                        v.dtype, None if x is None else (x.shape, x.stride(), x.dtype),
-                        st.shape, st.dtype, st.device))
-    elif fresh is not None:  # SGD with momentum: the buffers all exist by now
-        for p, g, b, f in zip(params, grads, states[0], fresh):
-            ptrs.append((p.data_ptr(), g.data_ptr(), b.data_ptr(), 0, 0, 0))
-            lay.append((p.shape, p.stride(), p.dtype, p.device, g.shape, g.stride(),
-                        g.dtype, b.shape, b.stride(), b.dtype, f))
-    else:  # SGD without momentum: no state
-        for p, g in zip(params, grads):
-            ptrs.append((p.data_ptr(), g.data_ptr(), 0, 0, 0, 0))
-            lay.append((p.shape, p.stride(), p.dtype, p.device, g.shape, g.stride(),
-                        g.dtype))
-    return np.array(ptrs, dtype=np.int64).reshape(n, 6), lay
+    params, grads = cols[0], cols[1]
+    stable = [list(map(_PTR, params)), list(map(_NUMEL, params)),
+              list(map(_CONTIGUOUS, params)), list(map(_NUMEL, grads)),
+              list(map(_CONTIGUOUS, grads)), list(map(_DEVICE, grads))]
+    stable += [list(map(_PTR, c)) for c in cols[2:]]
+    stable += [list(map(_VERSION, c)) for c in cols[2:]]
+    objs = (list(map(_DTYPE, params)), list(map(_DTYPE, grads)), fresh)
+    return (np.array(stable, dtype=np.int64), np.array(list(map(_PTR, grads)), dtype=np.int64),
+            objs)
+
+
+#: rows of the ``stable`` array holding the params' contiguity and the grads'
+_CONTIGUITY_ROWS = (2, 4)
+
+
+def _strides(cols, rows):
+    """Shapes and strides of params and grads in rows not both contiguous."""
+    params, grads = cols[0], cols[1]
+    return [(params[i].shape, params[i].stride(), grads[i].shape, grads[i].stride())
+            for i in rows]
 
 
 class Plan:
-    """A validated bucketing of one param group, reusable while its layout holds.
+    """A validated bucketing of one param group, reusable while its signature holds.
 
     Attributes:
-        layout: the per-row layout signature it was validated for.
-        buckets: (device, dtype, row indices, table) per bucket.
+        where: the table column of each tensor column.
+        stable, objs: the signature it was validated for (see
+            :func:`_signature`); ``stable`` as bytes.
+        grad_needed: bool per row, False where a zero-size grad may have a
+            null address; None when every row needs a real one.
+        strided: rows with a param or grad that is not contiguous, and their
+            shapes and strides.
+        buckets: (device, dtype, row indices, table, numel) per bucket; the
+            tables hold the validated addresses.
+        keep: the storages of the state and step tensors, kept alive so that
+            their addresses cannot be reused by other memory.
     """
 
-    __slots__ = ("layout", "buckets", "needed", "ptrs")
+    __slots__ = ("where", "shape", "stable", "objs", "grad_needed", "strided",
+                 "buckets", "keep")
 
-    def __init__(self, layout, buckets, needed, ptrs):
-        self.layout = layout
+    def __init__(self, where, stable, objs, grad_needed, strided, buckets, keep):
+        self.where = where
+        self.shape = stable.shape
+        self.stable = stable.tobytes()
+        self.objs = objs
+        self.grad_needed = grad_needed
+        self.strided = strided
         self.buckets = buckets
-        self.needed = needed
-        self.ptrs = ptrs
+        self.keep = keep
 
-    def addresses_hold(self, ptrs) -> bool:
-        """Params, state and steps sit where they were validated, grads are live.
+    def holds(self, cols, where, stable, grad_ptrs, objs) -> bool:
+        """Same signature, and a non-null address for every grad that needs one.
 
-        A param or state tensor at a new address (``p.data = ...``, loaded
-        state, a resized storage) sends the whole group back through full
-        validation, storage bounds included. Gradients are new tensors every
-        step, so for them the layout signature plus a non-null address is
-        checked here; their storage bounds are checked on full validation.
+        A param, state or step tensor at a new address (``p.data = ...``,
+        loaded or replaced state, a freed storage) sends the whole group back
+        through full validation, storage bounds included.
         """
-        if not np.array_equal(ptrs[:, _STABLE], self.ptrs[:, _STABLE]):
+        if (where != self.where or stable.shape != self.shape
+                or stable.tobytes() != self.stable or objs != self.objs):
             return False
-        return not (self.needed[:, 1] & (ptrs[:, 1] == 0)).any()
-
-
-_PTR_COLS = [L.PARAM, L.GRAD, L.STATE0, L.STATE1, L.STATE2, L.STEP]
-_STABLE = [0, 2, 3, 4, 5]  # every address column of _signature but the grad's
+        if self.grad_needed is None:
+            if not grad_ptrs.all():
+                return False
+        elif (self.grad_needed & (grad_ptrs == 0)).any():
+            return False
+        rows, strides = self.strided
+        return not rows or _strides(cols, rows) == strides
 
 
 def prepare(params, grads, states, roles, steps=None, fresh=None, cache=None, key=None):
@@ -170,8 +229,8 @@ def prepare(params, grads, states, roles, steps=None, fresh=None, cache=None, ke
     Args:
         params: params with a gradient, in group order.
         grads: their gradients (dense).
-        states: one list per state role, aligned with params; None entries
-            mark an absent role.
+        states: one list per state role, aligned with params; a role is either
+            None for every row (absent) or a tensor for every row.
         roles: names of the state roles, for error messages.
         steps: Adam step counters (0-dim tensors), or None.
         fresh: SGD per-param "buffer created this step" flags, or None.
@@ -181,28 +240,49 @@ def prepare(params, grads, states, roles, steps=None, fresh=None, cache=None, ke
     Returns:
         list of :class:`Packed`, one per (device, dtype) bucket.
     """
-    ptrs, lay = _signature(params, grads, states, steps, fresh)
     plan = cache.get(key) if cache is not None else None
-    if plan is not None and plan.layout == lay and plan.addresses_hold(ptrs):
-        out = []
-        for device, dtype, rows, table, numel in plan.buckets:
-            table = table.copy()
-            table[:, _PTR_COLS] = np.where(plan.needed[rows], ptrs[rows], 0)
-            source = _lists_of(rows, params, grads, states, steps, fresh)
-            out.append(Packed(device, Batch(device, dtype, table, numel, source=source), ()))
-        return out
+    if plan is not None:
+        cols, where = _columns(params, grads, states, steps)
+        try:
+            sig = _signature(cols, fresh)
+        except (RuntimeError, AttributeError, TypeError):
+            # a tensor without storage (sparse, freed) or a non-tensor state
+            # value: full validation reports it
+            sig = None
+        if sig is not None and plan.holds(cols, where, *sig):
+            grad_ptrs = sig[1] if plan.grad_needed is None else np.where(
+                plan.grad_needed, sig[1], 0)
+            out = []
+            for device, dtype, rows, table, numel in plan.buckets:
+                table = table.copy()
+                table[:, L.GRAD] = grad_ptrs[rows]
+                source = _lists_of(rows, params, grads, states, steps, fresh)
+                out.append(Packed(device, Batch(device, dtype, table, numel, source=source), ()))
+            return out
     packed = pack(params, grads, states, roles, steps=steps, fresh=fresh)
     if cache is not None:
         if all(not p.writeback for p in packed):
-            buckets = [(p.device, p.batch.dtype, p.rows, p.batch.table, p.batch.numel)
-                       for p in packed]
-            needed = np.zeros(ptrs.shape, dtype=bool)
-            for p in packed:
-                needed[p.rows] = p.batch.table[:, _PTR_COLS] != 0
-            cache[key] = Plan(lay, buckets, needed, ptrs)
+            cache[key] = _plan_of(packed, params, grads, states, steps, fresh)
         else:
             cache.pop(key, None)  # staged rows are re-staged every step
     return packed
+
+
+def _plan_of(packed, params, grads, states, steps, fresh):
+    """The Plan of a fully validated, unstaged packing."""
+    cols, where = _columns(params, grads, states, steps)
+    stable, _, objs = _signature(cols, fresh)
+    grad_needed = np.zeros(len(params), dtype=bool)
+    buckets = []
+    for p in packed:
+        b = p.batch
+        grad_needed[p.rows] = b.table[:, L.GRAD] != 0
+        buckets.append((p.device, b.dtype, p.rows, b.table, b.numel))
+    contiguous = stable[list(_CONTIGUITY_ROWS)].all(axis=0)
+    rows = [int(i) for i in np.flatnonzero(~contiguous)]
+    keep = [t.untyped_storage() for c in cols[2:] for t in c]
+    return Plan(where, stable, objs, None if grad_needed.all() else grad_needed,
+                (rows, _strides(cols, rows)), buckets, keep)
 
 
 def _real(ts):

@@ -2,6 +2,9 @@ r"""Fused stochastic gradient descent."""
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import is_
+
 import torch
 from torch import Tensor
 
@@ -136,26 +139,19 @@ class SGD(_base.FusedOptimizer):
             group.setdefault("fused", False)
 
     def _init_group(self, group, params, grads, momentum_buffer_list):
-        # torch's loop, with the per-group lookups hoisted (this runs per
-        # param per step; see benchmarks/ for the fixed cost per step)
-        has_sparse_grad = False
-        check_fused = group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True)
-        use_momentum = group["momentum"] != 0
-        state = self.state
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            if check_fused:
-                _base.check_fused_device_dtype(p)
-                self._need_device_dtype_check_for_fused = check_fused = False
-            params.append(p)
-            grads.append(g)
-            if g.is_sparse:
-                has_sparse_grad = True
-            if use_momentum:
-                momentum_buffer_list.append(state[p].get("momentum_buffer"))
-        return has_sparse_grad
+        # torch's loop, one C-level map per fact (this runs for every param
+        # at every step; see benchmarks/, fixed-cost list)
+        with_grad, their_grads = _base.params_with_grads(group["params"])
+        if (with_grad and group["fused"]
+                and getattr(self, "_need_device_dtype_check_for_fused", True)):
+            _base.check_fused_device_dtype(with_grad[0])
+            self._need_device_dtype_check_for_fused = False
+        params.extend(with_grad)
+        grads.extend(their_grads)
+        if group["momentum"] != 0:
+            momentum_buffer_list.extend(map(
+                dict.get, map(self.state.__getitem__, with_grad), repeat("momentum_buffer")))
+        return any(map(_base.IS_SPARSE, their_grads))
 
     @_base._grad_mode_for_differentiable
     def step(self, closure=None):
@@ -176,6 +172,8 @@ class SGD(_base.FusedOptimizer):
             grads: list[Tensor] = []
             momentum_buffer_list: list[Tensor | None] = []
             has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
+            missing = ([i for i, b in enumerate(momentum_buffer_list) if b is None]
+                       if any(map(is_, momentum_buffer_list, repeat(None))) else ())
 
             sgd(
                 params,
@@ -197,10 +195,10 @@ class SGD(_base.FusedOptimizer):
                 _key=index,
             )
 
-            if group["momentum"] != 0:
-                for p, buf in zip(params, momentum_buffer_list):
-                    if buf is not None:  # None: a skipped (AMP inf) first step
-                        self.state[p]["momentum_buffer"] = buf
+            if missing:  # buffers sgd() created; None: a skipped (AMP inf) first step
+                for i in missing:
+                    if momentum_buffer_list[i] is not None:
+                        self.state[params[i]]["momentum_buffer"] = momentum_buffer_list[i]
 
         return loss
 
@@ -248,16 +246,17 @@ def sgd(
     fresh = None
     states = [[None] * len(params)]
     if momentum != 0:
-        fresh = [b is None for b in momentum_buffer_list]
-        if found_inf is not None and any(fresh) and bool(found_inf != 0):
-            # A skipped first step must not leave unwritten buffers behind: the
-            # next real step is the first. This reads found_inf on the host,
-            # once, only while some buffer has yet to be created.
-            return
-        for i, b in enumerate(momentum_buffer_list):
-            if b is None:
-                momentum_buffer_list[i] = torch.empty_like(
-                    params[i], memory_format=torch.preserve_format)
+        fresh = list(map(is_, momentum_buffer_list, repeat(None)))
+        if any(fresh):
+            if found_inf is not None and bool(found_inf != 0):
+                # A skipped first step must not leave unwritten buffers behind:
+                # the next real step is the first. This reads found_inf on the
+                # host, once, only while some buffer has yet to be created.
+                return
+            for i, b in enumerate(momentum_buffer_list):
+                if b is None:
+                    momentum_buffer_list[i] = torch.empty_like(
+                        params[i], memory_format=torch.preserve_format)
         states = [momentum_buffer_list]
     hyper = dict(lr=_base.scalar(lr, keep_tensor=capturable),
                  weight_decay=_base.scalar(weight_decay),

@@ -78,6 +78,79 @@ def test_closure_hooks_and_zero_grad(name):
     assert all(p.grad is None for p in params)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_step_hooks_run_as_torchs(name):
+    """Global and per-optimizer hooks, in torch's order, arguments replaceable."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    def run(opt, params):
+        calls = []
+        handles = [
+            register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+            register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post")),
+            opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", a[1:], sorted(k)))),
+            opt.register_step_post_hook(lambda o, a, k: calls.append(("post", a[1:], sorted(k)))),
+        ]
+
+        def closure():
+            calls.append("closure")
+            return torch.tensor(1.0)
+
+        swap = opt.register_step_pre_hook(lambda o, a, k: ((o,), {"closure": closure}))
+        try:
+            _grads(params, params, 0)
+            loss = opt.step()
+        finally:
+            for h in handles + [swap]:
+                h.remove()
+        return calls, loss
+
+    ref, opt, ref_params, params = _pair(name)
+    expected, ref_loss = run(ref, ref_params)
+    got, loss = run(opt, params)
+    assert got == expected and loss == ref_loss
+    bad = opt.register_step_pre_hook(lambda o, a, k: "not a tuple")
+    ref_bad = ref.register_step_pre_hook(lambda o, a, k: "not a tuple")
+    with pytest.raises(RuntimeError) as ours:
+        opt.step()
+    with pytest.raises(RuntimeError) as theirs:
+        ref.step()
+    bad.remove()
+    ref_bad.remove()
+    # the message names the wrapped step function, whose address differs
+    assert str(ours.value).split(" must ")[1] == str(theirs.value).split(" must ")[1]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_profiler_sees_the_step(name):
+    _, opt, _, params = _pair(name)
+    _grads(params, params, 0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert f"Optimizer.step#{name}.step" in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_backward_through_a_stepped_param_raises_as_torch(name, backend):
+    """The kernels' raw writes count as in-place updates for autograd, as
+    torch's for-loop's do: a graph that saved a param before step() cannot
+    be backpropagated through silently with the new values."""
+    skip_unless_runnable(backend)
+    ref, opt, ref_params, params = _pair(name, backend=backend)
+    errors = []
+    for o, ps in ((ref, ref_params), (opt, params)):
+        loss = (ps[0] * ps[0]).sum()  # saves ps[0] for backward
+        _grads(ps, ps, 0)
+        o.step()
+        with pytest.raises(RuntimeError) as err:
+            loss.backward()
+        errors.append(str(err.value).split(";")[0].split(" is at version")[0])
+    assert errors[0] == errors[1]
+    assert "modified by an inplace operation" in errors[1]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_add_param_group_gets_its_own_step_count(name, backend):
@@ -138,6 +211,66 @@ def test_p_data_swapped_between_steps(name, backend):
         ref.step()
         opt.step()
     assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+def _first_state(name):
+    return "momentum_buffer" if name == "SGD" else "exp_avg"
+
+
+#: Changes made in place to a tensor the cached plan validated, after two
+#: steps: the next step must see them exactly as torch's does.
+TAMPERING = {
+    "state transposed": lambda opt, ps, name: opt.state[ps[0]][_first_state(name)].t_(),
+    "state resized": lambda opt, ps, name: opt.state[ps[0]][_first_state(name)].resize_(2, 2),
+    "state zeroed": lambda opt, ps, name: opt.state[ps[0]][_first_state(name)].zero_(),
+    "state replaced": lambda opt, ps, name: opt.state[ps[0]].__setitem__(
+        _first_state(name), torch.ones(4, 4)),
+    "state view swapped in": lambda opt, ps, name: setattr(
+        opt.state[ps[0]][_first_state(name)], "data",
+        opt.state[ps[0]][_first_state(name)].data[1:]),
+    "param transposed view": lambda opt, ps, name: setattr(ps[0], "data", ps[0].data.t()),
+    "param as_strided_": lambda opt, ps, name: _no_grad(ps[0].as_strided_, (4, 4), (1, 4)),
+    "step counter reset": lambda opt, ps, name: opt.state[ps[0]]["step"].fill_(0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("change", list(TAMPERING))
+def test_in_place_changes_after_caching_are_seen(change, name, backend):
+    """Changes that keep a tensor's address send the step back to full
+    validation: the same result as torch's, or an error where torch errs,
+    and then nothing is written."""
+    skip_unless_runnable(backend)
+    if change == "step counter reset" and name == "SGD":
+        pytest.skip("SGD keeps no step counter")
+    torch.manual_seed(0)
+    ref_params = [torch.randn(4, 4).requires_grad_() for _ in range(3)]
+    params = clone_params(ref_params)
+    ref = getattr(torch.optim, name)(ref_params, foreach=False, **KW[name])
+    opt = getattr(fused_optim, name)(params, backend=backend, **KW[name])
+    for s in range(2):
+        _grads(ref_params, params, s)
+        ref.step()
+        opt.step()
+    TAMPERING[change](ref, ref_params, name)
+    TAMPERING[change](opt, params, name)
+    _grads(ref_params, params, 2)
+    before = [p.detach().clone() for p in params]
+    expected = _outcome(ref.step)
+    got = _outcome(opt.step)
+    if expected is None:
+        assert got is None
+        assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
+    else:
+        assert got is not None and issubclass(got[0], RuntimeError), got
+        for p, b in zip(params, before):
+            assert torch.equal(p.detach(), b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
