@@ -110,6 +110,35 @@ def test_half_and_bfloat16_conversions_are_exact():
     assert np.isnan(torch.from_numpy(obf[nan].view(np.int16)).view(torch.bfloat16).float().numpy()).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_constant_division_is_a_division(dtype):
+    """Adam's ``sqrt(v) / bias_correction2_sqrt`` without a divider (Markstein
+    step) must equal the IEEE quotient bit for bit, inf and NaN included."""
+    numba = pytest.importorskip("numba")
+    from fused_optim.kernels.numba import _kernels as k
+
+    @numba.njit
+    def mismatches(xs, ds):
+        bad = 0
+        for d in ds:
+            inv = k._one_over(d)
+            for x in xs:
+                q = k._div_by_row_constant(x, d, inv)
+                ref = x / d
+                if q != ref and not (q != q and ref != ref):
+                    bad += 1
+        return bad
+
+    rng = np.random.default_rng(0)
+    lo = -23 if dtype is np.float32 else -160  # smallest sqrt of a positive float
+    xs = (rng.uniform(1, 2, 200_000) * 2.0 ** rng.uniform(lo, 20, 200_000)).astype(dtype)
+    xs = np.concatenate([xs, np.array([0.0, -0.0, np.inf, np.nan], dtype)])
+    steps = np.arange(1, 5001)
+    ds = np.concatenate([np.sqrt(1 - 0.999 ** steps[::25]), np.sqrt(1 - 0.9 ** steps[:50]),
+                         rng.uniform(0.01, 1.0, 50), [1.0]]).astype(dtype)
+    assert mismatches(xs, ds) == 0
+
+
 _shapes = st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3), min_size=1, max_size=12)
 _sgd = st.fixed_dictionaries({"lr": st.floats(1e-4, 1.0), "momentum": st.sampled_from([0.0, 0.5, 0.9]),
                               "weight_decay": st.sampled_from([0.0, 1e-2]),

