@@ -91,7 +91,7 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         return
     bounds, parallel, view, itemsize, c = _plan(batch)
     fn = _kernels.sgd_parallel if parallel else _kernels.sgd_serial
-    # None switches a part of the kernel off at compile time (see _sgd_span)
+    # None switches a part of the kernel off at compile time (see _sgd_plain)
     fn(batch.table, bounds, itemsize, view, _opt(c, inv_scale, inv_scale != 1.0),
        c(-lr), _opt(c, weight_decay, weight_decay != 0), c(momentum),
        c(1.0 - dampening), _on(nesterov and momentum != 0), _on(maximize),
@@ -112,7 +112,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
     scalars = np.empty((batch.table.shape[0], 2), dtype=c)
     decoupled = decoupled_weight_decay and weight_decay != 0
     omb1 = c(1.0 - beta1)
-    # None switches a part of the kernel off at compile time (see _adam_span)
+    # None switches a part of the kernel off at compile time (see _adam_plain)
     fn(batch.table, bounds, itemsize, view, float(lr), float(beta1),
        float(beta2), scalars, _opt(c, inv_scale, inv_scale != 1.0),
        _opt(c, omb1 - c(1.0), not omb1 < 0.5), c(beta2), omb1, c(1.0 - beta2),

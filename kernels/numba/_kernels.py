@@ -4,7 +4,9 @@ Work split: the rows' elements are laid end to end in one global range
 ``[0, numel)`` which ``bounds`` cuts into one chunk per thread. Each chunk walks
 the rows it overlaps and processes each overlap as a slice view starting at
 element 0. (A ``range(lo, hi)`` loop with a computed ``lo`` inside ``prange``
-ran about 3x slower in the prototype than ``range(n)`` over a slice.)
+ran about 3x slower in the prototype than ``range(n)`` over a slice.) The
+parallel kernels walk each slice in prefetching blocks (:func:`_sgd_blocked`),
+the serial ones, for batches that fit in cache, in one plain loop.
 
 Scalars arrive already cast to the compute type (float32, or float64 for
 float64 tensors); element math never mixes in a float64 literal, so float32
@@ -69,20 +71,35 @@ def _sgd_element(p, g, b, j, fresh, inv_scale, neg_lr, weight_decay, momentum,
 
 
 @njit(inline="always")
-def _sgd_span(p, g, b, n, fresh, inv_scale, neg_lr, weight_decay, momentum,
-              one_minus_dampening, nesterov, maximize):
-    """SGD over ``n`` elements.
+def _sgd_plain(p, g, b, n, fresh, inv_scale, neg_lr, weight_decay, momentum,
+               one_minus_dampening, nesterov, maximize):
+    """SGD over ``n`` elements, one plain loop (the serial kernels' span).
 
     Every optional argument (``b``: no momentum; ``fresh``, ``inv_scale``,
-    ``weight_decay``, ``nesterov``, ``maximize``) is None when off. numba
-    prunes ``is None`` branches at compile time, so each combination is a
-    straight-line loop that LLVM vectorises. Measured on 25.6M fp32
-    elements: runtime flags ran at 0.89 of the read/write-pattern ceiling,
-    compile-time ones at 0.98; a stand-in view aliasing another array made
-    LLVM fall back to the scalar loop (bf16 Adam 17x slower).
+    ``weight_decay``, ``nesterov``, ``maximize``) is None when off, so each
+    combination compiles to a straight-line loop that LLVM vectorises.
+    Measured on 25.6M fp32 elements: runtime flags ran at 0.89 of the
+    read/write-pattern ceiling, compile-time ones at 0.98; a stand-in view
+    aliasing another array made LLVM fall back to the scalar loop (bf16 Adam
+    17x slower).
+    """
+    for j in range(n):
+        _sgd_element(p, g, b, j, fresh, inv_scale, neg_lr, weight_decay, momentum,
+                     one_minus_dampening, nesterov, maximize)
 
-    The loop runs in blocks of ``BLOCK`` elements, each prefetching its
-    successor ``PREFETCH_BYTES`` ahead in every array (see ``_memory``).
+
+@njit(inline="always")
+def _sgd_blocked(p, g, b, n, fresh, inv_scale, neg_lr, weight_decay, momentum,
+                 one_minus_dampening, nesterov, maximize):
+    """:func:`_sgd_plain` in blocks of ``BLOCK`` elements (the parallel kernels' span).
+
+    Each block first prefetches the block ``PREFETCH_BYTES`` ahead in every
+    array (see ``_memory``); the block loop's fixed trip count is what keeps
+    it vectorised (a ``range(o, min(o + BLOCK, n))`` inner loop ran 3.5x
+    slower). The serial kernels only see batches small enough to sit in
+    cache and keep the plain loop, which compiles several times faster: the
+    chunk functions take the span as an argument, since numba did not prune
+    an ``is None`` switch around the blocked loop and compiled it anyway.
     """
     ahead = PREFETCH_BYTES // p.itemsize
     full = n - n % BLOCK
@@ -92,8 +109,8 @@ def _sgd_span(p, g, b, n, fresh, inv_scale, neg_lr, weight_decay, momentum,
         if b is not None:
             prefetch_block(b, o + ahead, n)
         for j in range(o, o + BLOCK):
-            _sgd_element(p, g, b, j, fresh, inv_scale, neg_lr, weight_decay, momentum,
-                         one_minus_dampening, nesterov, maximize)
+            _sgd_element(p, g, b, j, fresh, inv_scale, neg_lr, weight_decay,
+                         momentum, one_minus_dampening, nesterov, maximize)
     for j in range(full, n):
         _sgd_element(p, g, b, j, fresh, inv_scale, neg_lr, weight_decay, momentum,
                      one_minus_dampening, nesterov, maximize)
@@ -101,7 +118,7 @@ def _sgd_span(p, g, b, n, fresh, inv_scale, neg_lr, weight_decay, momentum,
 
 @njit(inline="always")
 def _sgd_chunk(table, lo, hi, itemsize, view_dtype, inv_scale, neg_lr, weight_decay,
-               momentum, one_minus_dampening, nesterov, maximize, use_momentum):
+               momentum, one_minus_dampening, nesterov, maximize, use_momentum, span):
     starts = table[:, L.START]
     row = np.searchsorted(starts, lo, side="right") - 1
     while lo < hi:
@@ -115,16 +132,16 @@ def _sgd_chunk(table, lo, hi, itemsize, view_dtype, inv_scale, neg_lr, weight_de
         p = _view(table, row, L.PARAM, off, n, itemsize, view_dtype)
         g = _view(table, row, L.GRAD, off, n, itemsize, view_dtype)
         if use_momentum is None:
-            _sgd_span(p, g, None, n, None, inv_scale, neg_lr, weight_decay,
-                      momentum, one_minus_dampening, nesterov, maximize)
+            span(p, g, None, n, None, inv_scale, neg_lr, weight_decay,
+                 momentum, one_minus_dampening, nesterov, maximize)
         else:
             b = _view(table, row, L.STATE0, off, n, itemsize, view_dtype)
             if table[row, L.FLAGS] & L.FLAG_FRESH:
-                _sgd_span(p, g, b, n, True, inv_scale, neg_lr, weight_decay,
-                          momentum, one_minus_dampening, nesterov, maximize)
+                span(p, g, b, n, True, inv_scale, neg_lr, weight_decay,
+                     momentum, one_minus_dampening, nesterov, maximize)
             else:
-                _sgd_span(p, g, b, n, None, inv_scale, neg_lr, weight_decay,
-                          momentum, one_minus_dampening, nesterov, maximize)
+                span(p, g, b, n, None, inv_scale, neg_lr, weight_decay,
+                     momentum, one_minus_dampening, nesterov, maximize)
         lo += n
         row += 1
 
@@ -135,7 +152,7 @@ def sgd_parallel(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, weight_
     for c in prange(len(bounds) - 1):
         _sgd_chunk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, inv_scale,
                    neg_lr, weight_decay, momentum, one_minus_dampening, nesterov,
-                   maximize, use_momentum)
+                   maximize, use_momentum, _sgd_blocked)
 
 
 @njit(cache=True)
@@ -143,7 +160,7 @@ def sgd_serial(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, weight_de
                momentum, one_minus_dampening, nesterov, maximize, use_momentum):
     _sgd_chunk(table, bounds[0], bounds[-1], itemsize, view_dtype, inv_scale, neg_lr,
                weight_decay, momentum, one_minus_dampening, nesterov, maximize,
-               use_momentum)
+               use_momentum, _sgd_plain)
 
 
 @njit(inline="always")
@@ -226,16 +243,27 @@ def _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
 
 
 @njit(inline="always")
-def _adam_span(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
-               beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
-               weight_decay, decay, maximize):
+def _adam_plain(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
+                beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                weight_decay, decay, maximize):
     """Adam over ``n`` elements; None turns a part off at compile time.
 
     ``vmax`` None: no amsgrad. ``weight_decay`` (L2) and ``decay``
     (decoupled) are None when unused. ``beta1_minus_1`` is None when
-    torch.lerp takes its small-weight side. Blocks and prefetches as
-    ``_sgd_span``.
+    torch.lerp takes its small-weight side. See :func:`_sgd_plain`.
     """
+    inv_bc2_sqrt = _one_over(bc2_sqrt)
+    for j in range(n):
+        _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
+                      inv_scale, beta1_minus_1, beta2, one_minus_beta1,
+                      one_minus_beta2, eps, weight_decay, decay, maximize)
+
+
+@njit(inline="always")
+def _adam_blocked(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
+                  beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                  weight_decay, decay, maximize):
+    """:func:`_adam_plain` in prefetching blocks, as :func:`_sgd_blocked`."""
     inv_bc2_sqrt = _one_over(bc2_sqrt)
     ahead = PREFETCH_BYTES // p.itemsize
     full = n - n % BLOCK
@@ -248,18 +276,18 @@ def _adam_span(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
             prefetch_block(vmax, o + ahead, n)
         for j in range(o, o + BLOCK):
             _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
-                          inv_scale, beta1_minus_1, beta2, one_minus_beta1,
-                          one_minus_beta2, eps, weight_decay, decay, maximize)
+                      inv_scale, beta1_minus_1, beta2, one_minus_beta1,
+                      one_minus_beta2, eps, weight_decay, decay, maximize)
     for j in range(full, n):
-        _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_bc2_sqrt, inv_scale,
-                      beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
-                      weight_decay, decay, maximize)
+        _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
+                      inv_scale, beta1_minus_1, beta2, one_minus_beta1,
+                      one_minus_beta2, eps, weight_decay, decay, maximize)
 
 
 @njit(inline="always")
 def _adam_chunk(table, scalars, lo, hi, itemsize, view_dtype, inv_scale,
                 beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
-                weight_decay, decay, amsgrad, maximize):
+                weight_decay, decay, amsgrad, maximize, span):
     starts = table[:, L.START]
     row = np.searchsorted(starts, lo, side="right") - 1
     while lo < hi:
@@ -277,14 +305,14 @@ def _adam_chunk(table, scalars, lo, hi, itemsize, view_dtype, inv_scale,
         m = _view(table, row, L.STATE0, off, n, itemsize, view_dtype)
         v = _view(table, row, L.STATE1, off, n, itemsize, view_dtype)
         if amsgrad is None:
-            _adam_span(p, g, m, v, None, n, neg_step_size, bc2_sqrt, inv_scale,
-                       beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
-                       weight_decay, decay, maximize)
+            span(p, g, m, v, None, n, neg_step_size, bc2_sqrt, inv_scale,
+                 beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                 weight_decay, decay, maximize)
         else:
             vmax = _view(table, row, L.STATE2, off, n, itemsize, view_dtype)
-            _adam_span(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
-                       beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
-                       weight_decay, decay, maximize)
+            span(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
+                 beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                 weight_decay, decay, maximize)
         lo += n
         row += 1
 
@@ -297,7 +325,7 @@ def adam_parallel(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
     for c in prange(len(bounds) - 1):
         _adam_chunk(table, scalars, bounds[c], bounds[c + 1], itemsize,
                     view_dtype, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps,
-                    c_wd, c_decay, amsgrad, maximize)
+                    c_wd, c_decay, amsgrad, maximize, _adam_blocked)
 
 
 @njit(cache=True)
@@ -307,7 +335,7 @@ def adam_serial(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
     _adam_scalars(table, lr, beta1, beta2, scalars)
     _adam_chunk(table, scalars, bounds[0], bounds[-1], itemsize, view_dtype,
                 inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps, c_wd, c_decay,
-                amsgrad, maximize)
+                amsgrad, maximize, _adam_plain)
 
 
 @njit(cache=True)

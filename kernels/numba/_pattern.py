@@ -100,7 +100,7 @@ def _view(table, row, col, off, n, itemsize, word):
     return carray(address(table[row, col] + off * itemsize), (n,), word)
 
 
-# The optimizer kernels' loop structure (see _kernels._sgd_span): blocks of
+# The optimizer kernels' loop structure (see _kernels._sgd_blocked): blocks of
 # BLOCK elements, each prefetching its successor PREFETCH_BYTES ahead in
 # every array, then a tail. Without it this "ceiling" ran 5-7% slower than the
 # prefetching SGD kernel on resnet50-shaped lists.
