@@ -13,6 +13,7 @@ import math
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -357,3 +358,18 @@ def test_run_without_module_exits_2(monkeypatch, capsys):
     monkeypatch.delattr(fused_optim, "_run", raising=False)
     assert main(["run", "script.py"]) == 2
     assert "fused_optim._run" in capsys.readouterr().err
+
+
+def test_step_overhead_script_counts_what_a_step_reads(capsys):
+    """benchmarks/step_overhead.py runs, and every read it counts is timed."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
+    spec = importlib.util.spec_from_file_location("step_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tensors", "4", "--numel", "8", "--rounds", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "x torch fused's step" in out
+    timed = mod.run(tensors=2, numel=4, rounds=1)
+    for kind, names in mod.READS.items():
+        assert set(names) <= set(timed)
+        assert timed[f"{kind} reads"] == pytest.approx(sum(timed[n] for n in names))
