@@ -130,7 +130,9 @@ class FusedOptimizer(Optimizer):
         super().__setstate__(state)
         if "backend" not in self.__dict__:
             self.backend = _backend.requested(None)
-        # plans hold addresses of the tensors they were built for: never copied
+        # plans hold addresses of the tensors they were built for, and keep
+        # their state storages alive: never copied, and dropped when
+        # load_state_dict (which comes through here) replaces the state
         self._plans = {}
 
     @property

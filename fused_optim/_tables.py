@@ -188,7 +188,9 @@ class Plan:
         buckets: (device, dtype, row indices, table, numel) per bucket; the
             tables hold the validated addresses.
         keep: the storages of the state and step tensors, kept alive so that
-            their addresses cannot be reused by other memory.
+            their addresses cannot be reused by other memory. State replaced
+            by hand is freed at the next step, which re-validates; loading a
+            state_dict drops the plans at once.
     """
 
     __slots__ = ("where", "shape", "stable", "objs", "grad_needed", "strided",

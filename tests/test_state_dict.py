@@ -1,6 +1,9 @@
 """Checkpoints move both ways between torch.optim and fused_optim."""
 
+import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -95,3 +98,24 @@ def test_state_dict_before_any_step_round_trips():
     ref = torch.optim.AdamW([torch.randn(3).requires_grad_()], lr=0.02)
     ref.load_state_dict(sd)
     assert ref.param_groups[0]["lr"] == 0.02
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_loading_state_releases_the_replaced_state(name, backend):
+    """The cached plan keeps its state storages alive between steps; loading a
+    checkpoint must drop it, or resuming into a live optimizer would hold
+    two copies of the state."""
+    skip_unless_runnable(backend)
+    p = torch.randn(1000).requires_grad_()
+    opt = getattr(fused_optim, name)([p], lr=0.1, backend=backend,
+                                      **({"momentum": 0.9} if name == "SGD" else {}))
+    for _ in range(2):
+        p.grad = torch.randn(1000)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    key = "momentum_buffer" if name == "SGD" else "exp_avg"
+    old = weakref.ref(opt.state[p][key].untyped_storage())
+    opt.load_state_dict(saved)
+    gc.collect()
+    assert old() is None
