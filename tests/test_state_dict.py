@@ -10,7 +10,7 @@ import torch
 
 import fused_optim
 from matrix import (BACKENDS, CONFIG_PARAMS, TOLERANCE, assert_state_close,
-                    build_kwargs, clone_params, make, skip_unless_runnable)
+                    clone_params, make, skip_unless_runnable)
 
 
 def _params():

@@ -13,7 +13,6 @@ import numba
 import numpy as np
 from numba.core.errors import NumbaIRAssumptionWarning
 
-from .. import layout as L
 from . import _kernels
 from ._memory import VIEW_DTYPES
 
