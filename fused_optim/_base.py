@@ -3,6 +3,7 @@ checked state loading, and the kernel dispatch of one update."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not
@@ -11,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import optimizer as _optimizer_module
 
-from . import _backend, _tables
+from . import _backend, _facts, _tables
 
 
 def _grad_mode_for_differentiable(step):
@@ -97,8 +98,6 @@ class FusedOptimizer(Optimizer):
 
     * ``backend``: the requested backend name, an attribute of the optimizer
       (never a param_group or state_dict key, so checkpoints stay torch's);
-    * a ``load_state_dict`` that refuses state tensors whose shape does not
-      match their param before anything is loaded;
     * AMP in the kernel: ``_step_supports_amp_scaling`` is set, so
       ``GradScaler`` hands over ``grad_scale`` and ``found_inf`` and the same
       kernel pass unscales the grads, or skips the whole update (params, state
@@ -153,40 +152,6 @@ class FusedOptimizer(Optimizer):
         self._last_found_inf = found_inf
         return grad_scale, found_inf
 
-    def load_state_dict(self, state_dict):
-        self._check_loaded_state(state_dict)
-        super().load_state_dict(state_dict)
-
-    def _check_loaded_state(self, state_dict):
-        groups = self.param_groups
-        saved_groups = state_dict.get("param_groups", [])
-        if len(groups) != len(saved_groups) or any(
-            len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)
-        ):
-            return  # torch's own load_state_dict reports this mismatch
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                          chain.from_iterable(g["params"] for g in groups)))
-        for k, pstate in state_dict.get("state", {}).items():
-            param = id_map.get(k)
-            if param is None or not isinstance(pstate, dict):
-                continue
-            for key, value in pstate.items():
-                if not torch.is_tensor(value):
-                    continue
-                if key == "step":
-                    if value.numel() != 1:
-                        raise ValueError(
-                            f"loaded state 'step' for parameter {k} has shape "
-                            f"{tuple(value.shape)}; expected one element"
-                        )
-                elif value.shape != param.shape:
-                    raise ValueError(
-                        f"loaded state {key!r} for parameter {k} has shape "
-                        f"{tuple(value.shape)} but the parameter has shape "
-                        f"{tuple(param.shape)}; the checkpoint does not belong "
-                        "to this model"
-                    )
-
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _GRAD = attrgetter("grad")
@@ -224,23 +189,104 @@ def _local(ts):
             for t in ts]
 
 
-def run(kind, backend, params, grads, states, roles, hyper, steps=None, fresh=None,
-        cache=None, key=None):
-    """Validate, pack and launch one update of ``kind`` ("sgd" or "adam")."""
+def run(kind, backend, params, grads, states, roles, hyper, reference, steps=None,
+        fresh=None, cache=None, key=None):
+    """Validate, plan and carry out one group's update of ``kind`` ("sgd" or "adam").
+
+    Args:
+        reference: ``reference(params, grads, states, steps, fresh)`` runs
+            torch's own for-loop step on those rows (lists as here, a subset
+            of rows; states one list per role, None where absent) and
+            returns the momentum buffers it created, or None. It runs rows
+            the kernels do not take, and first, on stand-ins, every row
+            where torch may raise, so that its exception comes before
+            anything is written.
+    """
     if not _PLAIN.issuperset(map(type, params)):
         params, grads = _local(params), _local(grads)
         states = [_local(s) for s in states]
-    for packed in _tables.prepare(params, grads, states, roles, steps=steps,
-                                  fresh=fresh, cache=cache, key=key):
-        mod = _backend.select(backend, packed.device, packed.batch.dtype)
-        getattr(mod, kind)(packed.batch, **hyper)
-        packed.finish()
+        steps = _local(steps) if steps is not None else None
+    plan, cols, grad_ptrs = _tables.prepare(params, grads, states, roles, steps=steps,
+                                            fresh=fresh, backend=backend, cache=cache,
+                                            key=key)
+    if plan.dry_rows:
+        _dry_run(plan.dry_rows, params, grads, states, steps, fresh, reference)
+    grad_scale, found_inf = hyper.get("grad_scale"), hyper.get("found_inf")
+    torch_grads = grads
+    if plan.has_torch_rows:
+        if found_inf is not None and bool(found_inf != 0):
+            torch_grads = None  # a skipped step; the kernels skip on their own
+        elif grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_
+            torch_grads = {i: grads[i] * inv.to(grads[i].device)
+                           for u in plan.units if isinstance(u, _tables.TorchUnit)
+                           for i in u.rows}
+    for unit in plan.units:
+        if isinstance(unit, _tables.TorchUnit):
+            if torch_grads is not None:
+                _torch_rows(unit.rows, params, torch_grads, states, steps, fresh, reference)
+            continue
+        staged = _tables.staged_unit(unit, cols, plan.where, steps, plan.fresh, grad_ptrs)
+        staged.start()
+        getattr(staged.module, kind)(staged.batch, **hyper)
+        staged.finish()
     # The kernels write through raw addresses, which autograd cannot see. As
     # torch's for-loop does, count the in-place update of every param, so a
     # backward through a graph that saved a param before step() raises
     # instead of silently using the new values. (State tensors are never in a
-    # graph; they are left alone.)
+    # graph; they are left alone. Inference tensors keep no count.)
+    if torch.is_inference_mode_enabled():
+        params = [p for p in params if not p.is_inference()]
     torch._C._increment_version(params)
+
+
+def _subset(rows, params, grads, states, steps, fresh):
+    return ([params[i] for i in rows], [grads[i] for i in rows],
+            [None if s is None or not s or s[0] is None else [s[i] for i in rows]
+             for s in states],
+            None if steps is None else [steps[i] for i in rows],
+            None if fresh is None else [fresh[i] for i in rows])
+
+
+def _torch_rows(rows, params, grads, states, steps, fresh, reference):
+    """Run torch's for-loop on ``rows``; keep the momentum buffers it creates."""
+    made = reference(*_subset(rows, params, grads, states, steps, fresh))
+    if made is not None:
+        for i, buf in zip(rows, made):
+            states[0][i] = buf
+
+
+def _stand_in(t):
+    """A tensor torch's step treats as ``t`` for its checks, on its own memory.
+
+    Same type of memory, dtype, device, sizes and strides (internal overlap
+    included), conj and neg bits, and inference-ness; zeros as values,
+    except a 1-element tensor (a step count), whose value is copied.
+    """
+    if t is None:
+        return None
+    if type(t) not in _PLAIN or t.layout != torch.strided or t.is_quantized:
+        return t.clone()
+    inference = t.is_inference() and not torch.is_inference_mode_enabled()
+    with torch.inference_mode() if inference else contextlib.nullcontext():
+        span = _facts.extent(t) // t.element_size()
+        base = torch.zeros(max(span, 1), dtype=t.dtype, device=t.device)
+        s = base.as_strided(t.shape, t.stride())
+        if t.numel() == 1:
+            s.copy_(t.resolve_conj().resolve_neg())
+        if t.is_conj():
+            s = s.conj()
+        if t.is_neg():
+            s = torch._neg_view(s)
+    return s
+
+
+def _dry_run(rows, params, grads, states, steps, fresh, reference):
+    """torch's step on stand-ins of ``rows``: raises where torch's would."""
+    ps, gs, ss, st, fr = _subset(rows, params, grads, states, steps, fresh)
+    reference(list(map(_stand_in, ps)), list(map(_stand_in, gs)),
+              [None if s is None else list(map(_stand_in, s)) for s in ss],
+              None if st is None else list(map(_stand_in, st)), fr)
 
 
 def unscale_for_fallback(grads, grad_scale, found_inf) -> bool:

@@ -1,33 +1,46 @@
-"""Turn a param group's tensors into validated, bucketed kernel batches.
+"""Turn a param group's tensors into a validated plan of kernel launches.
 
-Safety contract: a pointer reaches a kernel only after its tensor has been
-checked here against its param: same device, dtype and shape, identical memory
-layout, dense (every element once, no gaps), and wholly inside its storage.
-Anything that fails the layout test is staged through a dense scratch copy and
-copied back after the kernel; anything that fails the other tests is refused.
+Safety contract: a pointer reaches a kernel only if its tensor was checked
+here against its param (same device, dtype and shape), is a plain strided
+tensor whose every element lies inside a live allocation, and is laid out
+exactly like the kernel's view of the param (dense: every element once, no
+gaps; no conj or neg bit). A tensor that fails only the layout test is staged
+through a dense scratch copy (params and state are copied back after the
+kernel). A row that fails anything else, or whose param or state overlaps
+another of its own tensors, runs torch's own for-loop instead (after a dry
+run on stand-ins, so that torch's exception comes before anything is
+written). Rows whose memory overlaps run in torch's order: in generations,
+each a kernel launch of rows that share no byte, one after the other.
 
-Speed: full validation costs ~15 us per tensor in Python, so its result is
-cached as a :class:`Plan`. Every step still reads each tensor's address,
-shape, contiguity (strides, for rows dense in another layout) and dtype, and
-each grad's device: the *signature*, read one fact per C-level ``map`` over a
-column. A plan is reused only when the signature is the one it was validated
-for and every param, state and step tensor is at the address it was
-validated at; the grad column is rewritten from the addresses just read
-(grads are new tensors every step). A ``p.data`` swap, reloaded or replaced
-state, or a grad of another layout forces a full re-validation: no stale
-address, no unchecked layout.
+Full validation (:func:`build`) costs ~15 us per tensor in Python, so its
+result is kept as a :class:`Plan` and reused while the facts it rests on
+hold; :mod:`fused_optim._facts` lists those facts and why each is re-read
+or provably unchanged.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
-from operator import attrgetter
+from itertools import chain
 
 import numpy as np
 import torch
 
+from . import _backend, _facts
 from .kernels import Batch
 from .kernels import layout as L
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_STEP_DTYPES = (torch.float32, torch.float64)
+_STATE_COLS = (L.STATE0, L.STATE1, L.STATE2)
+
+
+class StateMismatchError(RuntimeError):
+    """A tensor lies outside its storage, where torch's own step is undefined."""
+
+
+# ---------------------------------------------------------------- layouts
 
 _dense_cache: dict = {}
 
@@ -50,364 +63,479 @@ def _dense(shape, strides) -> bool:
     return hit
 
 
+def _non_overlapping(t) -> bool:
+    """No two elements of ``t`` share memory (sufficient test on sorted strides)."""
+    reach = 0  # elements spanned by the smaller-stride dims so far, minus one
+    for st, sz in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if st <= reach:
+            return False
+        reach += (sz - 1) * st
+    return True
+
+
 def _layout(shape, strides):
     # strides of size-1 dims never matter
     return tuple(st for sz, st in zip(shape, strides) if sz != 1)
 
 
+def _plain_strided(t) -> bool:
+    """A dense-storage tensor a kernel can address (not sparse, quantized, meta...)."""
+    return (type(t) in _PLAIN and t.layout == torch.strided and not t.is_quantized
+            and not t.is_meta and not t.is_nested and not t._is_zerotensor())
+
+
 def _in_storage(t) -> bool:
-    end = (t.storage_offset() + t.numel()) * t.element_size()
-    return end <= t.untyped_storage().nbytes()
-
-
-class StateMismatchError(RuntimeError):
-    """A state or gradient tensor does not fit its parameter."""
-
-
-def _check(t, p, what, index):
-    if t.device != p.device or t.dtype != p.dtype or t.shape != p.shape:
-        raise StateMismatchError(
-            f"{what} of parameter {index} does not match the parameter: got "
-            f"{tuple(t.shape)} {t.dtype} on {t.device}, expected "
-            f"{tuple(p.shape)} {p.dtype} on {p.device}. Was the optimizer state "
-            "loaded from a checkpoint of a different model?"
-        )
-
-
-def _check_step(st, index):
-    if not (torch.is_tensor(st) and st.numel() == 1
-            and st.dtype in (torch.float32, torch.float64)
-            and st.is_contiguous() and _in_storage(st)):
-        raise StateMismatchError(
-            f"state 'step' of parameter {index} must be a 1-element "
-            f"float32 or float64 tensor, got {st!r}"
-        )
-
-
-class Packed:
-    """One bucket: its batch plus the scratch copies to write back."""
-
-    __slots__ = ("device", "batch", "writeback", "rows")
-
-    def __init__(self, device, batch, writeback, rows=None):
-        self.device = device
-        self.batch = batch
-        self.writeback = writeback
-        self.rows = rows
-
-    def finish(self):
-        for original, staged in self.writeback:
-            original.copy_(staged)
-
-
-_PTR = torch.Tensor.data_ptr
-_CONTIGUOUS = torch.Tensor.is_contiguous
-_NUMEL = torch.Tensor.numel
-_DTYPE = attrgetter("dtype")
-_DEVICE = torch.Tensor.get_device
-_VERSION = attrgetter("_version")
+    ext = _facts.extent(t)
+    if ext == 0:
+        return True
+    return t.storage_offset() * t.element_size() + ext <= t.untyped_storage().nbytes()
 
 
 def _columns(params, grads, states, steps):
-    """The tensor lists of one update, in table-column order, and those columns."""
+    """The tensor lists of one update in table-column order, and their columns."""
     cols = [params, grads]
     where = [L.PARAM, L.GRAD]
-    for lst, col in zip(states, (L.STATE0, L.STATE1, L.STATE2)):
+    for lst, col in zip(states, _STATE_COLS):
         if lst and lst[0] is not None:  # a role is either present for every row or absent
             cols.append(lst)
             where.append(col)
     if steps is not None:
         cols.append(steps)
         where.append(L.STEP)
-    return cols, where
+    return cols, tuple(where)
 
 
-def _signature(cols, fresh):
-    """What one step must find unchanged before a plan's addresses are reused.
+# ---------------------------------------------------------------- units
 
-    The hot path of every step: one C-level ``map`` per fact and column,
-    compared as whole arrays. Right after a step has streamed the tensors'
-    data through the caches each map costs ~25-35 us per 161 tensors here,
-    so which facts are read is a budget:
-
-    * params: address, element count, contiguity and dtype. With contiguity,
-      the element count pins the layout (a shape is only a view of it) at
-      about half the price of reading the shape, which allocates a
-      ``torch.Size``. Rows that are not contiguous (channels_last) also get
-      shapes and strides compared (:func:`_strides`).
-    * grads, new tensors every step: the same, and their device. The grad
-      setter pins a grad to its param's device, but a ``p.data`` swap there
-      and back could leave it elsewhere.
-    * state and step tensors: address and version counter. They were
-      checked in full when the plan was made; every in-place operation on a
-      tensor (``resize_``, ``set_``, ``as_strided_``, ``t_``, ``zero_``...)
-      counts a version, which the kernels' own writes do not, and assigning
-      ``.data`` anywhere else moves the address. The plan also keeps their
-      storages alive (:attr:`Plan.keep`), so a matching address can only
-      point into memory validated for the whole row. (Reading a version
-      costs one to two facts' worth, 32-55 us cold, and replaces three.)
-
-    Returns:
-        (stable, grad_ptrs, objs): int64 ``[rows of facts, params]`` that
-        must equal the plan's; the grads' addresses; the dtype lists of
-        params and grads and the SGD ``fresh`` flags.
-    """
-    params, grads = cols[0], cols[1]
-    stable = [list(map(_PTR, params)), list(map(_NUMEL, params)),
-              list(map(_CONTIGUOUS, params)), list(map(_NUMEL, grads)),
-              list(map(_CONTIGUOUS, grads)), list(map(_DEVICE, grads))]
-    stable += [list(map(_PTR, c)) for c in cols[2:]]
-    stable += [list(map(_VERSION, c)) for c in cols[2:]]
-    objs = (list(map(_DTYPE, params)), list(map(_DTYPE, grads)), fresh)
-    return (np.array(stable, dtype=np.int64), np.array(list(map(_PTR, grads)), dtype=np.int64),
-            objs)
-
-
-#: rows of the ``stable`` array holding the params' contiguity and the grads'
-_CONTIGUITY_ROWS = (2, 4)
-
-
-def _strides(cols, rows):
-    """Shapes and strides of params and grads in rows not both contiguous."""
-    params, grads = cols[0], cols[1]
-    return [(params[i].shape, params[i].stride(), grads[i].shape, grads[i].stride())
-            for i in rows]
-
-
-class Plan:
-    """A validated bucketing of one param group, reusable while its signature holds.
+class KernelUnit:
+    """Rows of one (device, dtype) that share no byte: one backend call.
 
     Attributes:
-        where: the table column of each tensor column.
-        stable, objs: the signature it was validated for (see
-            :func:`_signature`); ``stable`` as bytes.
-        grad_needed: bool per row, False where a zero-size grad may have a
-            null address; None when every row needs a real one.
-        strided: rows with a param or grad that is not contiguous, and their
-            shapes and strides.
-        buckets: (device, dtype, row indices, table, numel) per bucket; the
-            tables hold the validated addresses.
-        keep: the storages of the state and step tensors, kept alive so that
-            their addresses cannot be reused by other memory. State replaced
-            by hand is freed at the next step, which re-validates; loading a
-            state_dict drops the plans at once.
+        module: the backend kernel module.
+        rows: int64 group row indices, in group order.
+        table: the address table with every direct param/state/step address
+            (the grads' and scratch copies' are filled in at each step).
+        numel: elements over all rows.
+        direct_grad: bool per unit row, or None when every grad is direct.
+        staged: ``(unit row, column, group row, column index, write back?,
+            shape, strides)`` per tensor staged through a scratch copy.
     """
 
-    __slots__ = ("where", "shape", "stable", "objs", "grad_needed", "strided",
-                 "buckets", "keep")
+    __slots__ = ("device", "dtype", "module", "rows", "table", "numel",
+                 "direct_grad", "staged", "grad_rows")
 
-    def __init__(self, where, stable, objs, grad_needed, strided, buckets, keep):
-        self.where = where
-        self.shape = stable.shape
-        self.stable = stable.tobytes()
-        self.objs = objs
-        self.grad_needed = grad_needed
-        self.strided = strided
-        self.buckets = buckets
-        self.keep = keep
-
-    def holds(self, cols, where, stable, grad_ptrs, objs) -> bool:
-        """Same signature, and a non-null address for every grad that needs one.
-
-        A param, state or step tensor at a new address (``p.data = ...``,
-        loaded or replaced state, a freed storage) sends the whole group back
-        through full validation, storage bounds included.
-        """
-        if (where != self.where or stable.shape != self.shape
-                or stable.tobytes() != self.stable or objs != self.objs):
-            return False
-        if self.grad_needed is None:
-            if not grad_ptrs.all():
-                return False
-        elif (self.grad_needed & (grad_ptrs == 0)).any():
-            return False
-        rows, strides = self.strided
-        return not rows or _strides(cols, rows) == strides
+    def __init__(self, device, dtype, module, rows, table, numel, direct_grad, staged):
+        self.device = device
+        self.dtype = dtype
+        self.module = module
+        self.rows = rows
+        self.table = table
+        self.numel = numel
+        self.direct_grad = None if direct_grad.all() else direct_grad
+        self.grad_rows = rows if self.direct_grad is None else rows[direct_grad]
+        self.staged = staged
 
 
-def prepare(params, grads, states, roles, steps=None, fresh=None, cache=None, key=None):
-    """Validated kernel batches for one update, from a cached plan when possible.
+class TorchUnit:
+    """Rows that run torch's own for-loop step, in group order."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows):
+        self.rows = rows
+
+
+class Staged:
+    """One kernel unit of one step: its batch, and the copies around the kernel."""
+
+    __slots__ = ("module", "batch", "stage_in", "writeback")
+
+    def __init__(self, module, batch, stage_in, writeback):
+        self.module = module
+        self.batch = batch
+        self.stage_in = stage_in
+        self.writeback = writeback
+
+    def start(self):
+        for scratch, src in self.stage_in:
+            scratch.copy_(src)
+
+    def finish(self):
+        for dst, scratch in self.writeback:
+            dst.copy_(scratch)
+
+
+def _real(t):
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def staged_unit(unit, cols, where, steps, fresh, grad_ptrs) -> Staged:
+    """The batch of ``unit`` for this step's tensors (see :class:`Staged`)."""
+    table = unit.table.copy()
+    if grad_ptrs is not None and len(unit.grad_rows):
+        if unit.direct_grad is None:
+            table[:, L.GRAD] = grad_ptrs[unit.rows]
+        else:
+            table[unit.direct_grad, L.GRAD] = grad_ptrs[unit.grad_rows]
+    stage_in, writeback, scratch = [], [], {}
+    for r, col, i, c, back, shape, strides in unit.staged:
+        src = cols[c][i]
+        s = torch.empty_strided(shape, strides, dtype=src.dtype, device=src.device)
+        stage_in.append((s, src))
+        if back:
+            writeback.append((src, s))
+        table[r, col] = s.data_ptr()
+        scratch[(r, c)] = s
+    rows = unit.rows
+
+    def lists():
+        # only the reference backend walks tensors; built on first access
+        out = [[_real(scratch.get((r, c), cols[c][i])) for r, i in enumerate(rows)]
+               for c in range(len(cols))]
+        states = [None, None, None]
+        for c, col in enumerate(where):
+            if col in _STATE_COLS:
+                states[_STATE_COLS.index(col)] = out[c]
+        n = len(rows)
+        return dict(params=out[0], grads=out[1],
+                    states=[s if s is not None else [None] * n for s in states],
+                    steps=[steps[i] for i in rows] if steps is not None else [],
+                    fresh=[fresh[i] for i in rows] if fresh is not None else [])
+
+    batch = Batch(unit.device, unit.dtype, table, unit.numel, source=lists)
+    return Staged(unit.module, batch, stage_in, writeback)
+
+
+# ---------------------------------------------------------------- the plan
+
+class Plan:
+    """A validated plan of one group's step, reusable while its facts hold.
+
+    Attributes (see :mod:`fused_optim._facts` for F1-F6):
+        where: the table column of each tensor column.
+        n: rows.
+        guard: F1 over every tensor, columns in ``where`` order.
+        ptrs: F2, the addresses of params, state and steps, as bytes.
+        held, storages: F3, the storages those lie in, and their facts.
+        grad_ext, grad_isz, grad_nonempty: F4's fixed parts for the grads.
+        written, grad_ptrs, grad_hits: F5: the ranges a step writes, the grads'
+            addresses when validated, and whether any grad overlapped them.
+        fresh: F6.
+        units: :class:`KernelUnit` and :class:`TorchUnit`, in execution order.
+        dry_rows: rows torch's for-loop is first run on stand-ins for,
+            every step, because torch may raise there.
+    """
+
+    __slots__ = ("where", "n", "guard", "ptrs", "held", "storages", "grad_ext",
+                 "grad_isz", "grad_nonempty", "written", "grad_ptrs", "grad_hits",
+                 "fresh", "units", "dry_rows", "has_torch_rows")
+
+    def holds(self, cols, where, flat, fresh):
+        """This step's grad addresses if every fact holds, else None."""
+        if where != self.where or len(cols[0]) != self.n or fresh != self.fresh:
+            return None
+        try:
+            if not self.guard.check(flat):
+                return None
+            n = self.n
+            rest = list(chain.from_iterable(cols[2:]))
+            if (np.fromiter(map(_PTR, chain(cols[0], rest)), np.int64, n + len(rest))
+                    .tobytes() != self.ptrs):
+                return None
+            if _facts.storage_facts(self.held) != self.storages:
+                return None
+            grads = cols[1]
+            grad_ptrs = np.fromiter(map(_PTR, grads), np.int64, n)
+            if not _facts.grad_bounds_ok(grads, self.grad_ext, self.grad_isz,
+                                         self.grad_nonempty):
+                return None
+        except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+            # a tensor without storage, a non-tensor, a wrong count: revalidate
+            return None
+        if not np.array_equal(grad_ptrs, self.grad_ptrs):
+            if self.grad_hits:
+                return None  # the order was decided for those exact addresses
+            hit = self.written.hit(grad_ptrs, grad_ptrs + self.grad_ext)
+            if self.grad_nonempty is not None:
+                hit &= self.grad_nonempty
+            if hit.any():
+                return None
+        return grad_ptrs
+
+
+_PTR = torch.Tensor.data_ptr
+
+
+def _overlap_edges(intervals):
+    """Pairs of rows whose byte ranges overlap where at least one is written.
+
+    ``intervals``: (start, end, row, written) with start < end. Returns
+    (edges between different rows, rows that overlap themselves).
+    """
+    intervals.sort()
+    active = []  # heap of (end, row, written)
+    edges, selves = set(), set()
+    for start, end, row, written in intervals:
+        while active and active[0][0] <= start:
+            heapq.heappop(active)
+        for _, other, other_written in active:
+            if written or other_written:
+                if other == row:
+                    selves.add(row)
+                else:
+                    edges.add((min(row, other), max(row, other)))
+        heapq.heappush(active, (end, row, written))
+    return edges, selves
+
+
+def _generations(n, edges):
+    """Row -> generation: one more than any earlier row it overlaps."""
+    earlier = defaultdict(list)
+    for a, b in edges:
+        earlier[b].append(a)
+    gen = [0] * n
+    for j in range(n):
+        if j in earlier:
+            gen[j] = 1 + max(gen[i] for i in earlier[j])
+    return gen
+
+
+def build(params, grads, states, roles, steps, fresh, backend, labels=None):
+    """Fully validate one group's tensors into a :class:`Plan`.
 
     Args:
         params: params with a gradient, in group order.
-        grads: their gradients (dense).
-        states: one list per state role, aligned with params; a role is either
-            None for every row (absent) or a tensor for every row.
+        grads: their gradients (dense layout).
+        states: one list per state role, aligned with params; a role is
+            either None for every row (absent) or a tensor for every row.
         roles: names of the state roles, for error messages.
-        steps: Adam step counters (0-dim tensors), or None.
+        steps: Adam step counters, or None.
         fresh: SGD per-param "buffer created this step" flags, or None.
-        cache: a dict owned by the optimizer, or None for no caching.
-        key: this group's key in ``cache``.
+        backend: the requested backend name (see :mod:`fused_optim._backend`).
+        labels: per-param indices for error messages (default: row index).
 
-    Returns:
-        list of :class:`Packed`, one per (device, dtype) bucket.
+    Raises:
+        StateMismatchError: a tensor lies outside its storage.
+        RuntimeError: the backend cannot run these tensors (with a fix).
     """
-    plan = cache.get(key) if cache is not None else None
-    if plan is not None:
-        cols, where = _columns(params, grads, states, steps)
-        try:
-            sig = _signature(cols, fresh)
-        except (RuntimeError, AttributeError, TypeError):
-            # a tensor without storage (sparse, freed) or a non-tensor state
-            # value: full validation reports it
-            sig = None
-        if sig is not None and plan.holds(cols, where, *sig):
-            grad_ptrs = sig[1] if plan.grad_needed is None else np.where(
-                plan.grad_needed, sig[1], 0)
-            out = []
-            for device, dtype, rows, table, numel in plan.buckets:
-                table = table.copy()
-                table[:, L.GRAD] = grad_ptrs[rows]
-                source = _lists_of(rows, params, grads, states, steps, fresh)
-                out.append(Packed(device, Batch(device, dtype, table, numel, source=source), ()))
-            return out
-    packed = pack(params, grads, states, roles, steps=steps, fresh=fresh)
-    if cache is not None:
-        if all(not p.writeback for p in packed):
-            cache[key] = _plan_of(packed, params, grads, states, steps, fresh)
-        else:
-            cache.pop(key, None)  # staged rows are re-staged every step
-    return packed
-
-
-def _plan_of(packed, params, grads, states, steps, fresh):
-    """The Plan of a fully validated, unstaged packing."""
+    n = len(params)
     cols, where = _columns(params, grads, states, steps)
-    stable, _, objs = _signature(cols, fresh)
-    grad_needed = np.zeros(len(params), dtype=bool)
-    buckets = []
-    for p in packed:
-        b = p.batch
-        grad_needed[p.rows] = b.table[:, L.GRAD] != 0
-        buckets.append((p.device, b.dtype, p.rows, b.table, b.numel))
-    contiguous = stable[list(_CONTIGUITY_ROWS)].all(axis=0)
-    rows = [int(i) for i in np.flatnonzero(~contiguous)]
-    keep = [t.untyped_storage() for c in cols[2:] for t in c]
-    return Plan(where, stable, objs, None if grad_needed.all() else grad_needed,
-                (rows, _strides(cols, rows)), buckets, keep)
+    nstate = sum(1 for c in where if c in _STATE_COLS)
+    written_cols = [0] + list(range(2, len(cols)))  # params, states, steps
+    in_inference = torch.is_inference_mode_enabled()
+    whats = ["", "gradient of ", *(f"state {r!r} of " for r, lst in zip(roles, states)
+                                   if lst and lst[0] is not None)]
+    if steps is not None:
+        whats.append("state 'step' of ")
+
+    kind = [None] * n        # "kernel" or "torch"
+    dry = [False] * n
+    modules = {}
+    intervals = []
+    grad_ext = np.zeros(n, dtype=np.int64)
+    grad_isz = np.ones(n, dtype=np.int64)
+    for i in range(n):
+        label = labels[i] if labels is not None else i
+        row = [c[i] for c in cols]
+        p = row[0]
+        if type(p) in _PLAIN:
+            key = (p.device, p.dtype)
+            if key not in modules:
+                real = p.dtype.to_real() if p.is_complex() else p.dtype
+                modules[key] = _backend.select(backend, p.device, real)
+        plain = all(map(_plain_strided, row))
+        if plain:
+            for c, t in enumerate(row):
+                if not _in_storage(t):
+                    # torch's own step would read (and write) past the allocation
+                    raise StateMismatchError(
+                        f"{whats[c]}parameter {label} lies outside its storage "
+                        f"({t.untyped_storage().nbytes()} bytes); was its storage "
+                        "freed or resized?")
+        torch_row = not plain
+        unusual = not plain
+        if plain:
+            for t in row[1:1 + 1 + nstate]:
+                if t.dtype != p.dtype or t.shape != p.shape or t.device != p.device:
+                    torch_row = unusual = True
+            if steps is not None:
+                st = row[-1]
+                if not (st.numel() == 1 and st.dtype in _STEP_DTYPES and (
+                        st.device == p.device
+                        or (st.device.type == "cpu" and p.device.type != "cpu"))):
+                    torch_row = unusual = True
+            if any(t.is_conj() or t.is_neg() for t in row):
+                unusual = True  # torch's view_as_real refuses a conj grad, for one
+            for c in written_cols:
+                t = row[c]
+                if not _non_overlapping(t):
+                    torch_row = unusual = True
+                if t.is_inference() and not in_inference:
+                    torch_row = unusual = True  # torch: no in-place update outside
+            if p.dtype not in (torch.float64, torch.float32, torch.bfloat16,
+                               torch.float16, torch.complex64, torch.complex128):
+                torch_row = unusual = True
+            for c, t in enumerate(row):
+                ext = _facts.extent(t)
+                if ext:
+                    ptr = t.data_ptr()
+                    intervals.append((ptr, ptr + ext, i, c != 1))
+            g = row[1]
+            grad_ext[i] = _facts.extent(g)
+            grad_isz[i] = g.element_size()
+        kind[i] = "torch" if torch_row else "kernel"
+        dry[i] = unusual
+
+    edges, selves = _overlap_edges(intervals)
+    for i in selves:
+        kind[i] = "torch"  # e.g. AdamW with p.grad = p: torch decays p before reading it
+    gen = _generations(n, edges)
+
+    units = []
+    for g in sorted(set(gen)):
+        buckets = defaultdict(list)
+        torch_rows = []
+        for i in range(n):
+            if gen[i] != g:
+                continue
+            if kind[i] == "torch":
+                torch_rows.append(i)
+            else:
+                buckets[(params[i].device, params[i].dtype)].append(i)
+        for (device, dtype), rows in buckets.items():
+            units.append(_kernel_unit(cols, where, steps, fresh, rows, device,
+                                      modules[(device, dtype)]))
+        if torch_rows:
+            units.append(TorchUnit(torch_rows))
+
+    plan = Plan()
+    plan.where = where
+    plan.n = n
+    flat = list(chain.from_iterable(cols))
+    plan.guard = _facts.MetaGuard(flat)
+    rest = list(chain.from_iterable(cols[2:]))
+    plan.ptrs = np.fromiter(map(_PTR, chain(params, rest)), np.int64,
+                            n + len(rest)).tobytes()
+    plain_written = [t for t in chain(params, rest) if _plain_strided(t)]
+    plan.held = _facts.held_storages(plain_written)
+    plan.storages = _facts.storage_facts(plan.held)
+    plan.grad_ext = grad_ext
+    plan.grad_isz = grad_isz
+    plan.grad_nonempty = None if grad_ext.all() else grad_ext > 0
+    ws = [(a, b) for a, b, _, w in intervals if w]
+    plan.written = _facts.WrittenRanges([a for a, _ in ws], [b for _, b in ws])
+    plan.grad_ptrs = np.fromiter(map(_PTR, grads), np.int64, n)
+    hit = plan.written.hit(plan.grad_ptrs, plan.grad_ptrs + grad_ext)
+    plan.grad_hits = bool((hit & (grad_ext > 0)).any())
+    plan.fresh = fresh
+    plan.units = units
+    plan.dry_rows = [i for i in range(n) if dry[i]]
+    plan.has_torch_rows = any(isinstance(u, TorchUnit) for u in units)
+    return plan
 
 
-def _real(ts):
-    return [t if t is None or not t.is_complex() else torch.view_as_real(t) for t in ts]
-
-
-def _lists_of(rows, params, grads, states, steps, fresh):
-    """The tensor lists of a planned bucket, built only if a backend asks."""
-    def build():
-        return dict(
-            params=_real([params[i] for i in rows]),
-            grads=_real([grads[i] for i in rows]),
-            states=[_real([s[i] for i in rows]) for s in states],
-            steps=[steps[i] for i in rows] if steps is not None else [],
-            fresh=[fresh[i] for i in rows] if fresh is not None else [])
-    return build
-
-
-def pack(params, grads, states, roles, steps=None, fresh=None, labels=None):
-    """Fully validate and bucket tensors by (device, dtype) into kernel batches.
-
-    Same arguments as :func:`prepare`, without caching; ``labels`` are
-    per-param indices for error messages.
-    """
-    buckets = defaultdict(list)
-    for i, p in enumerate(params):
-        buckets[(p.device, p.dtype)].append(i)
-    out = []
-    for (device, _), rows in buckets.items():
-        packed = _pack_bucket(device, rows, params, grads, states, roles,
-                              steps, fresh, labels)
-        packed.rows = np.array(rows, dtype=np.int64)
-        out.append(packed)
-    return out
-
-
-def _pack_bucket(device, rows, params, grads, states, roles, steps, fresh, labels):
-    n = len(rows)
-    table = np.zeros((n, L.NCOLS), dtype=np.int64)
-    b_params, b_grads = [], []
-    b_states = [[] for _ in states]
-    b_steps, b_fresh = [], []
-    writeback = []
+def _kernel_unit(cols, where, steps, fresh, rows, device, module):
+    """A :class:`KernelUnit` for ``rows`` (validated kernel rows of one bucket)."""
+    m = len(rows)
+    table = np.zeros((m, L.NCOLS), dtype=np.int64)
+    direct_grad = np.ones(m, dtype=bool)
+    staged = []
     start = 0
     dtype = None
     for r, i in enumerate(rows):
-        label = labels[i] if labels is not None else i
-        p = params[i]
-        g = grads[i]
-        _check(g, p, "gradient", label)
-        row_states = [s[i] for s in states]
-        for t, role in zip(row_states, roles):
-            if t is not None:
-                _check(t, p, f"state {role!r}", label)
-        if steps is not None:
-            _check_step(steps[i], label)
-        if p.is_complex():
-            p = torch.view_as_real(p)
-            g = torch.view_as_real(g)
-            row_states = [None if t is None else torch.view_as_real(t) for t in row_states]
-        dtype = p.dtype
-        numel = p.numel()
-        whats = ("", "gradient of ", *(f"state {r!r} of " for r in roles))
-        for t, what in zip((p, g, *row_states), whats):
-            if t is not None and not _in_storage(t):
-                # torch's own step would read freed memory here (it crashes)
-                raise StateMismatchError(
-                    f"{what}parameter {label} lies outside its storage "
-                    f"({t.untyped_storage().nbytes()} bytes); was its storage freed "
-                    "or resized?")
-        shape, strides = p.shape, p.stride()
-        direct = _dense(shape, strides)
-        key = _layout(shape, strides) if direct else None
-
-        def place(t, mutable):
-            if direct and _layout(t.shape, t.stride()) == key:
-                return t
-            if direct:
-                s = torch.empty_strided(shape, strides, dtype=dtype, device=device)
-            else:
-                s = torch.empty(shape, dtype=dtype, device=device)
-            s.copy_(t)
-            if mutable:
-                writeback.append((t, s))
-            return s
-
-        if direct:
-            kp = p
-        else:
-            kp = place(p, True)
-            # companions now follow the dense scratch copy's layout
-            direct = True
-            shape, strides = kp.shape, kp.stride()
-            key = _layout(shape, strides)
-        kg = place(g, False)
-        ks = [None if t is None else place(t, True) for t in row_states]
-        b_params.append(kp)
-        b_grads.append(kg)
-        for lst, t in zip(b_states, ks):
-            lst.append(t)
-        if numel:
-            table[r, L.PARAM] = kp.data_ptr()
-            table[r, L.GRAD] = kg.data_ptr()
-            for col, t in zip((L.STATE0, L.STATE1, L.STATE2), ks):
-                if t is not None:
-                    table[r, col] = t.data_ptr()
-        table[r, L.NUMEL] = numel
+        p = cols[0][i]
+        elems = p.numel() * (2 if p.is_complex() else 1)
+        dtype = p.dtype.to_real() if p.is_complex() else p.dtype
+        table[r, L.NUMEL] = elems
         table[r, L.START] = start
-        start += numel
+        start += elems
         flags = 0
         if steps is not None:
             st = steps[i]
             table[r, L.STEP] = st.data_ptr()
             if st.dtype == torch.float64:
                 flags |= L.FLAG_STEP_F64
-            if st.device != device:
+            if st.device != p.device:
                 flags |= L.FLAG_STEP_HOST
-            b_steps.append(st)
-        if fresh is not None:
-            if fresh[i]:
-                flags |= L.FLAG_FRESH
-            b_fresh.append(fresh[i])
+        if fresh is not None and fresh[i]:
+            flags |= L.FLAG_FRESH
         table[r, L.FLAGS] = flags
-    batch = Batch(device, dtype, table, start, params=b_params, grads=b_grads,
-                  states=b_states, steps=b_steps, fresh=b_fresh)
-    return Packed(device, batch, writeback)
+        if elems == 0:
+            direct_grad[r] = False  # no address is ever read
+            continue
+        shape, strides = p.shape, p.stride()
+        if _dense(shape, strides) and not (p.is_conj() or p.is_neg()):
+            table[r, L.PARAM] = p.data_ptr()
+        else:
+            if not _dense(shape, strides):
+                strides = torch.empty(shape, device="meta").stride()  # contiguous
+            staged.append((r, L.PARAM, i, 0, True, shape, strides))
+        key = _layout(shape, strides)
+        for c in range(1, len(cols)):
+            col = where[c]
+            if col == L.STEP:
+                continue
+            t = cols[c][i]
+            if _layout(t.shape, t.stride()) == key and not (t.is_conj() or t.is_neg()):
+                if c != 1:
+                    table[r, col] = t.data_ptr()
+            else:
+                staged.append((r, col, i, c, c != 1, shape, strides))
+                if c == 1:
+                    direct_grad[r] = False
+    return KernelUnit(device, dtype, module, np.array(rows, dtype=np.int64), table,
+                      start, direct_grad, staged)
+
+
+def prepare(params, grads, states, roles, steps=None, fresh=None, backend="auto",
+            cache=None, key=None):
+    """The plan for this step and the grads' addresses, reusing a cached plan.
+
+    Returns:
+        (plan, grad_ptrs): ``grad_ptrs`` (int64 per row) feed the tables.
+    """
+    cols, where = _columns(params, grads, states, steps)
+    fresh_t = tuple(fresh) if fresh is not None else None
+    plan = cache.get(key) if cache is not None else None
+    if plan is not None:
+        flat = list(chain.from_iterable(cols))
+        grad_ptrs = plan.holds(cols, where, flat, fresh_t)
+        if grad_ptrs is not None:
+            return plan, cols, grad_ptrs
+    plan = build(params, grads, states, roles, steps, fresh_t, backend)
+    if cache is not None:
+        cache[key] = plan
+    return plan, cols, plan.grad_ptrs
+
+
+class Packed:
+    """One kernel unit's batch, for kernel-level tests (see :func:`pack`)."""
+
+    __slots__ = ("device", "batch", "_staged")
+
+    def __init__(self, staged):
+        self._staged = staged
+        self.batch = staged.batch
+        self.device = staged.batch.device
+
+    def finish(self):
+        self._staged.finish()
+
+
+def pack(params, grads, states, roles, steps=None, fresh=None, backend="auto"):
+    """Validate and stage tensors into kernel batches (no cache, no torch rows).
+
+    For driving a backend directly: every row must be one the kernels take.
+    Each returned :class:`Packed` has had its scratch copies filled; call
+    ``finish()`` after the kernel to write staged params and state back.
+    """
+    plan, cols, grad_ptrs = prepare(params, grads, states, roles, steps=steps,
+                                    fresh=fresh, backend=backend)
+    out = []
+    for unit in plan.units:
+        if isinstance(unit, TorchUnit):
+            raise ValueError(f"rows {unit.rows} need torch's own step")
+        s = staged_unit(unit, cols, plan.where, steps, plan.fresh, grad_ptrs)
+        s.start()
+        out.append(Packed(s))
+    return out

@@ -395,6 +395,9 @@ def adam(
         return
     states = [exp_avgs, exp_avg_sqs,
               max_exp_avg_sqs if amsgrad else [None] * len(params)]
+    if (not torch.is_tensor(lr) and not torch.is_tensor(beta1)
+            and abs(float(beta1)) == 1.0):
+        _check_bias_correction(beta1, state_steps)
     # capturable keeps a Tensor lr on the device; Tensor betas are read on
     # the host (the kernels' lerp branch and log2(beta) are chosen there)
     hyper = dict(lr=_base.scalar(lr, keep_tensor=capturable),
@@ -403,9 +406,33 @@ def adam(
                  decoupled_weight_decay=bool(decoupled_weight_decay),
                  amsgrad=bool(amsgrad), maximize=bool(maximize),
                  grad_scale=grad_scale, found_inf=found_inf)
+
+    def reference(ps, gs, states, steps, fresh_rows):
+        # torch's for-loop, for rows the kernels do not take
+        from torch.optim.adam import adam as torch_adam
+
+        torch_adam(ps, gs, states[0], states[1], states[2] if amsgrad else [], steps,
+                   foreach=False, capturable=capturable, differentiable=False,
+                   fused=False, has_complex=any(map(torch.is_complex, ps)),
+                   decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
+                   beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+                   maximize=maximize)
+
     _base.run("adam", name, params, grads, states,
-              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, steps=state_steps,
-              cache=_cache, key=_key)
+              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, reference,
+              steps=state_steps, cache=_cache, key=_key)
+
+
+def _check_bias_correction(beta1, state_steps):
+    """torch's ``lr / (1 - beta1 ** step)`` raises for a float lr and beta1 = +-1.
+
+    torch raises ZeroDivisionError only after it has advanced the first
+    step and written the first moments; here it comes before anything is
+    written. Each step is advanced in its own dtype, as ``step_t += 1``.
+    """
+    for st in state_steps:
+        if 1 - float(beta1) ** (st + 1).item() == 0:
+            raise ZeroDivisionError("float division by zero")
 
 
 def adamw(*args, **kwargs) -> None:

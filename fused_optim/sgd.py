@@ -263,5 +263,18 @@ def sgd(
                  momentum=float(momentum), dampening=float(dampening),
                  nesterov=bool(nesterov), maximize=bool(maximize),
                  grad_scale=grad_scale, found_inf=found_inf)
+
+    def reference(ps, gs, states, steps, fresh_rows):
+        # torch's for-loop, for rows the kernels do not take; a buffer to be
+        # created this step goes in as None, and torch creates it
+        from torch.optim.sgd import sgd as torch_sgd
+
+        bufs = ([None if f else b for b, f in zip(states[0], fresh_rows)]
+                if momentum != 0 else [None] * len(ps))
+        torch_sgd(ps, gs, bufs, has_sparse_grad=False, foreach=False, fused=False,
+                  weight_decay=weight_decay, momentum=momentum, lr=lr,
+                  dampening=dampening, nesterov=nesterov, maximize=maximize)
+        return bufs if momentum != 0 else None
+
     _base.run("sgd", _base.backend_name(backend), params, d_p_list, states,
-              ("momentum_buffer",), hyper, fresh=fresh, cache=_cache, key=_key)
+              ("momentum_buffer",), hyper, reference, fresh=fresh, cache=_cache, key=_key)

@@ -146,9 +146,25 @@ def test_triton_backend_without_interpreter_says_how_to_fix(monkeypatch):
     assert torch.equal(p.grad, torch.ones(3))
 
 
+def _snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
+
+
+def _assert_unchanged(opt, params, snap):
+    values, states = snap
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+    for p, st in zip(params, states):
+        assert set(opt.state[p]) == set(st)
+        for k, v in st.items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
-def test_wrong_shaped_loaded_state_is_refused_at_load(name, backend):
+def test_wrong_shaped_loaded_state_loads_and_the_step_raises_like_torch(name, backend):
+    """torch.optim loads any shapes; its step then raises. So do we, writing nothing."""
     skip_unless_runnable(backend)
     kw = dict(momentum=0.9) if name == "SGD" else {}
     src = [_p(4), _p(2, 3)]
@@ -158,13 +174,19 @@ def test_wrong_shaped_loaded_state_is_refused_at_load(name, backend):
     donor.step()
     sd = donor.state_dict()
     # a checkpoint whose second param is (3, 2): same numel, wrong shape
-    params = [_p(4), _p(3, 2)]
-    opt = getattr(fused_optim, name)(params, backend=backend, **kw)
-    before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match="does not belong to this model"):
+    outcomes = []
+    for mod, extra in ((torch.optim, dict(foreach=False)), (fused_optim, dict(backend=backend))):
+        params = [_p(4), _p(3, 2)]
+        opt = getattr(mod, name)(params, **kw, **extra)
         opt.load_state_dict(sd)
-    after = opt.state_dict()
-    assert after["state"] == before["state"] == {}
+        for p in params:
+            p.grad = torch.ones_like(p)
+        snap = _snapshot(opt, params)
+        outcomes.append(_outcome(opt.step))
+        if mod is fused_optim:
+            _assert_unchanged(opt, params, snap)
+    assert outcomes[0][0] is not None
+    assert outcomes[1] == outcomes[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,18 +195,18 @@ def test_wrong_shaped_loaded_state_is_refused_at_load(name, backend):
 def test_wrong_shaped_state_never_reaches_a_kernel(name, key, backend):
     skip_unless_runnable(backend)
     kw = dict(momentum=0.9) if name == "SGD" else {}
-    params = [_p(5), _p(4)]
-    opt = getattr(fused_optim, name)(params, backend=backend, **kw)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
-    opt.state[params[1]][key] = torch.zeros(2)  # smaller than the param
-    snapshot = [p.detach().clone() for p in params]
-    states = [(p, {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
-    with pytest.raises(RuntimeError, match=f"state '{key}' of parameter 1 does not match"):
-        opt.step()
-    for p, s in zip(params, snapshot):
-        assert torch.equal(p.detach(), s)
-    for p, st in states:
-        for k, v in st.items():
-            assert torch.equal(opt.state[p][k], v)
+    outcomes = []
+    for mod, extra in ((torch.optim, dict(foreach=False)), (fused_optim, dict(backend=backend))):
+        params = [_p(5), _p(4)]
+        opt = getattr(mod, name)(params, **kw, **extra)
+        for _ in range(2):  # the second step runs from a cached plan
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        opt.state[params[1]][key] = torch.zeros(2)  # smaller than the param
+        snap = _snapshot(opt, params)
+        outcomes.append(_outcome(opt.step))
+        if mod is fused_optim:
+            _assert_unchanged(opt, params, snap)
+    assert outcomes[0][0] is not None
+    assert outcomes[1] == outcomes[0]

@@ -6,7 +6,9 @@ the compute type; the jitted bodies live in ``_kernels``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import warnings
 
 import numba
@@ -29,6 +31,11 @@ SUPPORTED_DTYPES = tuple(VIEW_DTYPES)
 #: Batches smaller than this run on one thread: below it the parallel region's
 #: start-up costs more than the work. Provisional; measured in benchmarks/.
 SERIAL_BELOW = 1 << 15
+#: Held around every parallel kernel: numba's default "workqueue" threading
+#: layer aborts the process when two Python threads start parallel regions
+#: at once (optimizers stepped from several threads).
+_PARALLEL = threading.Lock()
+_NO_LOCK = contextlib.nullcontext()
 #: Chunk edges fall on multiples of this many elements (a 64-byte line for
 #: float32 and wider) so that two threads rarely write the same cache line.
 ALIGN = 64
@@ -91,10 +98,11 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
     bounds, parallel, view, itemsize, c = _plan(batch)
     fn = _kernels.sgd_parallel if parallel else _kernels.sgd_serial
     # None switches a part of the kernel off at compile time (see _sgd_plain)
-    fn(batch.table, bounds, itemsize, view, _opt(c, inv_scale, inv_scale != 1.0),
-       c(-lr), _opt(c, weight_decay, weight_decay != 0), c(momentum),
-       c(1.0 - dampening), _on(nesterov and momentum != 0), _on(maximize),
-       _on(momentum != 0))
+    with _PARALLEL if parallel else _NO_LOCK:
+        fn(batch.table, bounds, itemsize, view, _opt(c, inv_scale, inv_scale != 1.0),
+           c(-lr), _opt(c, weight_decay, weight_decay != 0), c(momentum),
+           c(1.0 - dampening), _on(nesterov and momentum != 0), _on(maximize),
+           _on(momentum != 0))
 
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
@@ -108,15 +116,16 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
         return
     bounds, parallel, view, itemsize, c = _plan(batch)
     fn = _kernels.adam_parallel if parallel else _kernels.adam_serial
-    scalars = np.empty((batch.table.shape[0], 2), dtype=c)
+    scalars = np.empty((batch.table.shape[0], 3), dtype=c)
     decoupled = decoupled_weight_decay and weight_decay != 0
     omb1 = c(1.0 - beta1)
     # None switches a part of the kernel off at compile time (see _adam_plain)
-    fn(batch.table, bounds, itemsize, view, float(lr), float(beta1),
-       float(beta2), scalars, _opt(c, inv_scale, inv_scale != 1.0),
-       _opt(c, omb1 - c(1.0), not omb1 < 0.5), c(beta2), omb1, c(1.0 - beta2),
-       c(eps), _opt(c, weight_decay, weight_decay != 0 and not decoupled),
-       _opt(c, 1.0 - lr * weight_decay, decoupled), _on(amsgrad), _on(maximize))
+    with _PARALLEL if parallel else _NO_LOCK:
+        fn(batch.table, bounds, itemsize, view, float(lr), float(beta1),
+           float(beta2), scalars, _opt(c, inv_scale, inv_scale != 1.0),
+           _opt(c, omb1 - c(1.0), not omb1 < 0.5), c(beta2), omb1, c(1.0 - beta2),
+           c(eps), _opt(c, weight_decay, weight_decay != 0 and not decoupled),
+           _opt(c, 1.0 - lr * weight_decay, decoupled), _on(amsgrad), _on(maximize))
 
 
 def advance_host_steps(table, *, lr, beta1, beta2):

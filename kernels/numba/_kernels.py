@@ -146,7 +146,7 @@ def _sgd_chunk(table, lo, hi, itemsize, view_dtype, inv_scale, neg_lr, weight_de
         row += 1
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def sgd_parallel(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, weight_decay,
                  momentum, one_minus_dampening, nesterov, maximize, use_momentum):
     for c in prange(len(bounds) - 1):
@@ -155,7 +155,7 @@ def sgd_parallel(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, weight_
                    maximize, use_momentum, _sgd_blocked)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sgd_serial(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, weight_decay,
                momentum, one_minus_dampening, nesterov, maximize, use_momentum):
     _sgd_chunk(table, bounds[0], bounds[-1], itemsize, view_dtype, inv_scale, neg_lr,
@@ -169,8 +169,11 @@ def _adam_scalars(table, lr, beta1, beta2, out):
 
     Done in float64 from the stored step, as torch's for-loop does in Python,
     then stored in ``out``'s dtype (the compute type). Rows with no elements
-    still count their step.
+    still count their step. A third column, where ``out`` has one, gets
+    RN(1 / the stored second), for :func:`_div_by_row_constant`: an IEEE
+    division in the compute type, so 0, inf and NaN give what ``x / d`` does.
     """
+    one = np.ones_like(out[0:1, 0])[0]
     for row in range(table.shape[0]):
         if table[row, L.FLAGS] & L.FLAG_STEP_F64:
             s64 = carray(address(table[row, L.STEP]), (1,), np.float64)
@@ -182,16 +185,8 @@ def _adam_scalars(table, lr, beta1, beta2, out):
             step = np.float64(s32[0])
         out[row, 0] = lr / (1.0 - beta1 ** step)  # step size
         out[row, 1] = (1.0 - beta2 ** step) ** 0.5  # sqrt of 2nd bias correction
-
-
-@njit(inline="always")
-def _one_over(d):
-    """RN(1/d) in ``d``'s own type, for a finite nonzero ``d``.
-
-    ``d / d`` is exactly 1; a literal 1 would promote float32 to float64 and
-    round twice.
-    """
-    return (d / d) / d
+        if out.shape[1] > 2:
+            out[row, 2] = one / out[row, 1]
 
 
 @njit(inline="always")
@@ -208,8 +203,10 @@ def _div_by_row_constant(x, d, inv_d):
     Checked equal to ``x / d`` bit for bit on 2.2e10 float32 pairs (the bias
     corrections of beta2 0.999 up to step 20000, of 0.99 and 0.95, and 2000
     random divisors in (0.01, 1), against x over the whole range of
-    sqrt(float32)) and 5e9 float64 pairs. For infinite or NaN ``x`` the
-    residual is NaN and the uncorrected quotient is already right.
+    sqrt(float32)) and 5e9 float64 pairs. Where the residual is NaN the
+    uncorrected quotient is already ``x / d``: infinite or NaN ``x``, and the
+    divisors torch reaches with ``beta2`` edited to 1 or more (0, inf, NaN;
+    ``inv_d`` is then inf, 0 or NaN).
     """
     q = x * inv_d
     r = fma(-q, d, x)
@@ -243,7 +240,7 @@ def _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
 
 
 @njit(inline="always")
-def _adam_plain(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
+def _adam_plain(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_bc2_sqrt, inv_scale,
                 beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
                 weight_decay, decay, maximize):
     """Adam over ``n`` elements; None turns a part off at compile time.
@@ -252,7 +249,6 @@ def _adam_plain(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
     (decoupled) are None when unused. ``beta1_minus_1`` is None when
     torch.lerp takes its small-weight side. See :func:`_sgd_plain`.
     """
-    inv_bc2_sqrt = _one_over(bc2_sqrt)
     for j in range(n):
         _adam_element(p, g, m, v, vmax, j, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
                       inv_scale, beta1_minus_1, beta2, one_minus_beta1,
@@ -260,11 +256,10 @@ def _adam_plain(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
 
 
 @njit(inline="always")
-def _adam_blocked(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
-                  beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
-                  weight_decay, decay, maximize):
+def _adam_blocked(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
+                  inv_scale, beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2,
+                  eps, weight_decay, decay, maximize):
     """:func:`_adam_plain` in prefetching blocks, as :func:`_sgd_blocked`."""
-    inv_bc2_sqrt = _one_over(bc2_sqrt)
     ahead = PREFETCH_BYTES // p.itemsize
     full = n - n % BLOCK
     for o in range(0, full, BLOCK):
@@ -300,24 +295,25 @@ def _adam_chunk(table, scalars, lo, hi, itemsize, view_dtype, inv_scale,
         n = min(hi, end) - lo
         neg_step_size = -scalars[row, 0]
         bc2_sqrt = scalars[row, 1]
+        inv_bc2_sqrt = scalars[row, 2]
         p = _view(table, row, L.PARAM, off, n, itemsize, view_dtype)
         g = _view(table, row, L.GRAD, off, n, itemsize, view_dtype)
         m = _view(table, row, L.STATE0, off, n, itemsize, view_dtype)
         v = _view(table, row, L.STATE1, off, n, itemsize, view_dtype)
         if amsgrad is None:
-            span(p, g, m, v, None, n, neg_step_size, bc2_sqrt, inv_scale,
+            span(p, g, m, v, None, n, neg_step_size, bc2_sqrt, inv_bc2_sqrt, inv_scale,
                  beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
                  weight_decay, decay, maximize)
         else:
             vmax = _view(table, row, L.STATE2, off, n, itemsize, view_dtype)
-            span(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_scale,
+            span(p, g, m, v, vmax, n, neg_step_size, bc2_sqrt, inv_bc2_sqrt, inv_scale,
                  beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
                  weight_decay, decay, maximize)
         lo += n
         row += 1
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def adam_parallel(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
                   scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
                   c_decay, amsgrad, maximize):
@@ -328,7 +324,7 @@ def adam_parallel(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
                     c_wd, c_decay, amsgrad, maximize, _adam_blocked)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def adam_serial(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
                 scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
                 c_decay, amsgrad, maximize):
@@ -338,7 +334,7 @@ def adam_serial(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
                 amsgrad, maximize, _adam_plain)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def host_step_scalars(table, lr, beta1, beta2, out):
     """Advance host-memory step counters; per-row scalars for a GPU kernel."""
     _adam_scalars(table, lr, beta1, beta2, out)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import os
+import threading
 
 import numpy as np
 import torch
@@ -59,20 +61,23 @@ class _LRU:
     def __init__(self, size):
         self._size = size
         self._items = collections.OrderedDict()
+        self._lock = threading.Lock()  # optimizers may step from several threads
 
     def get(self, key, make):
-        value = self._items.get(key)
-        if value is None:
-            value = make()
-            self._items[key] = value
-            if len(self._items) > self._size:
-                self._items.popitem(last=False)
-        else:
-            self._items.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                value = make()
+                self._items[key] = value
+                if len(self._items) > self._size:
+                    self._items.popitem(last=False)
+            else:
+                self._items.move_to_end(key)
+            return value
 
     def clear(self):
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
 
 
 _table_cache = _LRU(64)
@@ -166,6 +171,19 @@ def _amp_tensor(t, device):
     return t.detach().reshape(-1)
 
 
+#: Triton's interpreter patches ``triton.language`` for the length of a
+#: launch, so two threads interpreting kernels at once break each other
+#: (seen: InterpreterError, and step counts left wrong). Compiled launches
+#: need no lock.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launch_lock():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return _INTERPRETER_LOCK
+    return contextlib.nullcontext()
+
+
 def _device_context(device):
     if device.type == "cuda":
         return torch.cuda.device(device)
@@ -219,20 +237,25 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         hyper = _device_hyper([lr, weight_decay, momentum, 1.0 - dampening], device)
         grad_scale = _amp_tensor(grad_scale, device)
         found_inf = _amp_tensor(found_inf, device)
-        _kernels._sgd_kernel[(programs,)](
-            dev_table, bmap, hyper, grad_scale, found_inf,
-            **_common_args(batch),
-            USE_MOMENTUM=use_momentum, NESTEROV=bool(nesterov) and use_momentum,
-            MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
-            HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            num_warps=NUM_WARPS,
-            # no FMA contraction: the same roundings as the Numba backend
-            enable_fp_fusion=False,
-        )
+        with _launch_lock():
+            _kernels._sgd_kernel[(programs,)](
+                dev_table, bmap, hyper, grad_scale, found_inf,
+                **_common_args(batch),
+                USE_MOMENTUM=use_momentum, NESTEROV=bool(nesterov) and use_momentum,
+                MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
+                HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                num_warps=NUM_WARPS,
+                # no FMA contraction: the same roundings as the Numba backend
+                enable_fp_fusion=False,
+            )
 
 
 def _log2(x: float) -> float:
+    """log2 |x| (the kernel restores a negative x's sign from its own slot)."""
+    x = abs(x)
+    if x != x:
+        return math.nan
     return math.log2(x) if x > 0 else -math.inf
 
 
@@ -279,7 +302,8 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
     table = batch.table
     c = _compute_np(batch.dtype)
     hyper = [lr, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
-             1.0 - lr * weight_decay, _log2(beta1), _log2(beta2)]
+             1.0 - lr * weight_decay, _log2(beta1), _log2(beta2),
+             float(beta1 < 0), float(beta2 < 0)]
     assert len(hyper) == _kernels.ADAM_NHYPER
     device_steps = _steps_on_device(batch)
     with _device_context(device):
@@ -298,16 +322,17 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                  else _upload(hyper, device))
         grad_scale = _amp_tensor(grad_scale, device)
         found_inf = _amp_tensor(found_inf, device)
-        _kernels._adam_kernel[(programs,)](
-            dev_table, bmap, hyper, counters, grad_scale, found_inf,
-            **_common_args(batch),
-            AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
-            HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
-            # torch.lerp's side test on the weight as the kernel sees it
-            LERP_FROM_START=bool(c(1.0 - beta1) < 0.5),
-            DEVICE_STEPS=device_steps,
-            HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+        with _launch_lock():
+            _kernels._adam_kernel[(programs,)](
+                dev_table, bmap, hyper, counters, grad_scale, found_inf,
+                **_common_args(batch),
+                AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
+                HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
+                # torch.lerp's side test on the weight as the kernel sees it
+                LERP_FROM_START=bool(c(1.0 - beta1) < 0.5),
+                DEVICE_STEPS=device_steps,
+                HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )

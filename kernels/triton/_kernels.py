@@ -56,7 +56,8 @@ _FLAG_STEP_F64 = tl.constexpr(L.FLAG_STEP_F64)
 # correction), when the steps live on the host, follow at ADAM_NHYPER + 2*row.
 SGD_LR, SGD_WD, SGD_MOMENTUM, SGD_OMD, SGD_NHYPER = range(5)
 (ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_OMB1, ADAM_OMB2, ADAM_EPS, ADAM_WD,
- ADAM_DECAY, ADAM_LOG2_BETA1, ADAM_LOG2_BETA2, ADAM_NHYPER) = range(11)
+ ADAM_DECAY, ADAM_LOG2_BETA1, ADAM_LOG2_BETA2, ADAM_BETA1_NEG, ADAM_BETA2_NEG,
+ ADAM_NHYPER) = range(13)
 
 _SGD_LR = tl.constexpr(SGD_LR)
 _SGD_WD = tl.constexpr(SGD_WD)
@@ -72,6 +73,8 @@ _ADAM_WD = tl.constexpr(ADAM_WD)
 _ADAM_DECAY = tl.constexpr(ADAM_DECAY)
 _ADAM_LOG2_BETA1 = tl.constexpr(ADAM_LOG2_BETA1)
 _ADAM_LOG2_BETA2 = tl.constexpr(ADAM_LOG2_BETA2)
+_ADAM_BETA1_NEG = tl.constexpr(ADAM_BETA1_NEG)
+_ADAM_BETA2_NEG = tl.constexpr(ADAM_BETA2_NEG)
 _ADAM_NHYPER = tl.constexpr(ADAM_NHYPER)
 
 
@@ -314,8 +317,13 @@ def _adam_kernel(
         # the relative error, about |step * log2(beta)| * 2**-53, is far
         # below float32 resolution (and below float64 assert_close's).
         lr64 = tl.load(hyper_ptr + _ADAM_LR)
+        # log2 is of |beta|; a negative beta (param_groups edits reach it)
+        # flips the sign of its odd powers, as Python's float ** does
+        odd = (step - 2.0 * tl.floor(step * 0.5)) != 0.0
         b1_pow = tl.exp2(step * tl.load(hyper_ptr + _ADAM_LOG2_BETA1))
+        b1_pow = tl.where(odd & (tl.load(hyper_ptr + _ADAM_BETA1_NEG) != 0.0), -b1_pow, b1_pow)
         b2_pow = tl.exp2(step * tl.load(hyper_ptr + _ADAM_LOG2_BETA2))
+        b2_pow = tl.where(odd & (tl.load(hyper_ptr + _ADAM_BETA2_NEG) != 0.0), -b2_pow, b2_pow)
         step_size = (lr64 / (1.0 - b1_pow)).to(COMPUTE)
         bc2_sqrt = tl.sqrt(1.0 - b2_pow).to(COMPUTE)
     else:
