@@ -29,6 +29,19 @@ def _unscale(g, grad_scale):
     return g * inv.to(g.dtype)
 
 
+def _ieee_div(a: float, b: float) -> float:
+    """``a / b`` as the compiled kernels divide: inf or NaN where Python raises.
+
+    (A ``beta1`` edited to 1 makes the bias correction 0; the API layer has
+    already raised torch's ZeroDivisionError where torch's for-loop would.)
+    """
+    if b != 0:
+        return a / b
+    if a != a or a == 0:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
 def _skip(found_inf) -> bool:
     return found_inf is not None and bool(found_inf != 0)
 
@@ -71,7 +84,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
         if p.numel() == 0:
             continue
         ct = _compute_dtype(p)
-        step_size = lr / (1.0 - beta1 ** step)
+        step_size = _ieee_div(lr, 1.0 - beta1 ** step)
         bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
         g = _unscale(batch.grads[i].to(ct), grad_scale)
         if maximize:

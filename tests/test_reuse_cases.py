@@ -1,0 +1,419 @@
+"""Every input of issue 11 that once fooled the plan cache, against torch.
+
+Each scenario runs on torch.optim's for-loop and on fused_optim (see
+``sides.py``) with at least two steps after the input appears, so that the
+second one comes from a cached plan. fused_optim must give torch's values
+after every step, or torch's exception with nothing written; where torch's
+own step would read or write outside a tensor's memory, a clear error.
+"""
+
+import threading
+
+import pytest
+import torch
+
+import fused_optim
+from matrix import BACKENDS, skip_unless_runnable
+from sides import assert_same
+
+OPTS = {"SGD": dict(lr=0.1, momentum=0.9, weight_decay=0.01),
+        "Adam": dict(lr=0.01, weight_decay=0.01),
+        "AdamW": dict(lr=0.01, weight_decay=0.1, amsgrad=True)}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    skip_unless_runnable(request.param)
+    return request.param
+
+
+def _leaf(side, *shape, dtype=torch.float32):
+    return side.randn(*shape, dtype=dtype).requires_grad_()
+
+
+# ---------------------------------------------------------------- odd grads
+
+@pytest.mark.parametrize("name", OPTS)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last param", "sliced from a bucket"])
+def test_a_stable_odd_grad_layout(name, layout, backend):
+    """The same odd layout at every step: the cached path must stage it too."""
+    def scenario(side):
+        if layout == "channels_last param":
+            p = side.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
+        else:
+            p = _leaf(side, 6, 4)
+        q = _leaf(side, 9)
+        opt = side.make(name, [p, q], **OPTS[name])
+        for _ in range(4):
+            if layout == "transposed":
+                p.grad = side.randn(4, 6).t()
+                q.grad = side.randn(9)
+            elif layout == "channels_last param":
+                p.grad = side.randn(2, 3, 4, 5)  # contiguous
+                q.grad = side.randn(9)
+            else:
+                bucket = side.randn(100)
+                p.grad = bucket[10:34].view(6, 4)
+                q.grad = bucket[50:59]
+            side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_broadcast_grads_over_storages_of_other_sizes(name, backend):
+    """Stride-0 grads: one element of storage, read as n; the next step's storage differs."""
+    def scenario(side):
+        p = _leaf(side, 50)
+        opt = side.make(name, [p], **OPTS[name])
+        for k in range(4):
+            p.grad = side.randn(1 + 7 * k)[:1].expand(50)
+            side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_grad_from_autograd_grad_is_accepted(name, backend):
+    def scenario(side):
+        p = _leaf(side, 3, 4)
+        opt = side.make(name, [p], **OPTS[name])
+        for _ in range(3):
+            (g,) = torch.autograd.grad(p.sum(), p)
+            assert g.stride() == (0, 0)  # ones, expanded from one element
+            p.grad = g
+            side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+@pytest.mark.parametrize("bit", ["conj", "neg"])
+@pytest.mark.parametrize("name", OPTS)
+def test_grads_with_lazy_conj_or_neg_bits(name, bit, backend):
+    """Read as their values, not as raw memory; torch's error where it has one."""
+    def scenario(side):
+        if bit == "conj":
+            p = side.randn(5, dtype=torch.complex64).requires_grad_()
+        else:
+            p = _leaf(side, 5)
+        opt = side.make(name, [p], **OPTS[name])
+        for _ in range(3):
+            if bit == "conj":
+                p.grad = side.randn(5, dtype=torch.complex64).conj()
+            else:
+                p.grad = side.randn(5, dtype=torch.complex64).conj().imag
+            assert p.grad.is_conj() or p.grad.is_neg()
+            side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+# ---------------------------------------------------------------- state edits
+
+_STATE_KEY = {"SGD": "momentum_buffer", "Adam": "exp_avg", "AdamW": "exp_avg_sq"}
+
+
+@pytest.mark.parametrize("edit", ["smaller view", "as int32", "other shape", "transposed",
+                                  "promoted", "extra entry", "deleted"])
+@pytest.mark.parametrize("name", OPTS)
+def test_state_entries_edited_after_caching(name, edit, backend):
+    def scenario(side):
+        p = _leaf(side, 4, 4)
+        q = _leaf(side, 10)
+        opt = side.make(name, [q, p], **OPTS[name])
+        for k in range(5):
+            q.grad, p.grad = side.randn(10), side.randn(4, 4)
+            if k == 2:
+                st = opt.state[p]
+                t = st[_STATE_KEY[name]]
+                if edit == "smaller view":
+                    st[_STATE_KEY[name]] = t.view(-1)[:2]  # same address, same version
+                elif edit == "as int32":
+                    st[_STATE_KEY[name]] = t.view(torch.int32)
+                elif edit == "other shape":
+                    st[_STATE_KEY[name]] = t.view(2, 8)
+                elif edit == "transposed":
+                    st[_STATE_KEY[name]] = t.t()
+                elif edit == "promoted":
+                    st[_STATE_KEY[name]] = t.double()
+                elif edit == "extra entry":
+                    st["unused"] = torch.zeros(3)
+                else:
+                    del st[_STATE_KEY[name]]
+            side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+def regrow_at_same_address(storage, attempts=(0.5, 0.75, 0.25, 0.9)):
+    """Resize ``storage`` to 0 and back to a smaller size, until it gets its old address.
+
+    True once that happened (glibc often hands the freed block straight
+    back); otherwise it is left at the last, smaller, size at another address.
+    """
+    old, full = storage.data_ptr(), storage.nbytes()
+    for frac in attempts:
+        storage.resize_(0)
+        storage.resize_(int(full * frac) // 64 * 64)
+        if storage.data_ptr() == old:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_state_storage_shrunk_and_regrown_smaller(name, backend):
+    """Resized to 0 and back, smaller. glibc often hands the old address back
+    (then address, shape and version are all as validated; see
+    test_reuse_rule.py for that case made certain). torch's own step would
+    write past the allocation; fused_optim refuses, writing nothing."""
+    for attempt in range(3):
+        p = torch.randn(40_000 + 4096 * attempt).requires_grad_()
+        opt = getattr(fused_optim, name)([p], backend=backend, **OPTS[name])
+        for _ in range(2):
+            p.grad = torch.randn(p.shape)
+            opt.step()
+        p.grad = torch.randn(p.shape)
+        regrow_at_same_address(opt.state[p][_STATE_KEY[name]].untyped_storage())
+        before = p.detach().clone()
+        steps = [float(v) for k, v in opt.state[p].items() if k == "step"]
+        with pytest.raises(RuntimeError, match="outside its storage"):
+            opt.step()
+        assert torch.equal(p.detach(), before)
+        assert steps == [float(v) for k, v in opt.state[p].items() if k == "step"]
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_gappy_param_whose_storage_shrank_is_refused(name, backend):
+    base = torch.randn(40)
+    p = base[::2].detach().requires_grad_()  # a view with gaps over the whole storage
+    opt = getattr(fused_optim, name)([p], backend=backend, **OPTS[name])
+    for k in range(3):
+        p.grad = torch.randn(20)
+        if k == 2:
+            # offset + numel = 20 elements still fit; the view's extent (39) does not
+            p.untyped_storage().resize_(25 * 4)
+            before = p.detach().clone()
+            with pytest.raises(RuntimeError, match="outside its storage"):
+                opt.step()
+            assert torch.equal(p.detach(), before)
+        else:
+            opt.step()
+
+
+# ---------------------------------------------------------------- params
+
+@pytest.mark.parametrize("name", OPTS)
+def test_p_data_viewed_as_another_shape(name, backend):
+    def scenario(side):
+        p = _leaf(side, 4, 4)
+        opt = side.make(name, [p], **OPTS[name])
+        for k in range(3):
+            p.grad = side.randn(4, 4)
+            if k == 2:
+                p.data = p.data.view(2, 8)  # same address, same element count
+            side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+@pytest.mark.parametrize("how", ["two views of one storage", "the same param twice"])
+@pytest.mark.parametrize("name", OPTS)
+def test_aliased_params_step_in_torchs_order(name, how, backend):
+    # numba: over its serial threshold, so that both rows run in one parallel launch
+    n = 60_000 if backend == "numba" else 3000
+
+    def scenario(side):
+        base = side.randn(n)
+        if how == "two views of one storage":
+            a = base[:2 * n // 3].detach().requires_grad_()
+            b = base[n // 3:].detach().requires_grad_()
+            other = _leaf(side, 5)
+            params = [a, other, b]
+        else:
+            a = base.detach().requires_grad_()
+            other = _leaf(side, 5)
+            params = [a, other, a]
+        opt = side.make(name, params, **OPTS[name])
+        for _ in range(3):
+            for t in params:
+                t.grad = side.randn(*t.shape)
+            side.step(opt)
+
+    with pytest.warns(UserWarning, match="duplicate") if how == "the same param twice" \
+            else _nothing():
+        assert_same(scenario, backend)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_grad_sharing_its_params_memory(name, backend):
+    """AdamW decays the param before it reads the grad: the same memory."""
+    def scenario(side):
+        p = _leaf(side, 30)
+        q = _leaf(side, 7)
+        opt = side.make(name, [p, q], **OPTS[name])
+        for _ in range(3):
+            p.grad = p.data
+            q.grad = side.randn(7)
+            side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+# ---------------------------------------------------------------- hyperparameters
+
+@pytest.mark.parametrize("edit", ["beta1 = 1", "beta2 = 1", "beta1 < 0", "eps = 0",
+                                  "beta1 = 1, Tensor lr"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_hyperparameters_no_kernel_takes(name, edit, backend):
+    """torch's NaN/inf, or torch's exception before anything is written."""
+    def scenario(side):
+        p = _leaf(side, 40)
+        kw = dict(OPTS[name])
+        if edit == "beta1 = 1, Tensor lr":
+            kw["lr"] = torch.tensor(0.01)
+        opt = side.make(name, [p], **kw)
+        group = opt.param_groups[0]
+        for k in range(4):
+            p.grad = side.randn(40) if edit != "eps = 0" else torch.zeros(40)
+            if k == 1:
+                if edit.startswith("beta1 = 1"):
+                    group["betas"] = (1.0, 0.999)
+                elif edit == "beta2 = 1":
+                    group["betas"] = (0.9, 1.0)
+                elif edit == "beta1 < 0":
+                    group["betas"] = (-0.5, 0.999)
+                else:
+                    group["eps"] = 0.0
+            side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+# ---------------------------------------------------------------- valid input
+
+def test_load_state_dict_pre_hook_that_reshapes_state(backend):
+    def scenario(side):
+        src = _leaf(side, 6)
+        donor = torch.optim.Adam([src])
+        src.grad = side.randn(6)
+        donor.step()
+        sd = donor.state_dict()
+        for v in sd["state"].values():  # saved flat, as some frameworks do
+            for k in ("exp_avg", "exp_avg_sq"):
+                v[k] = v[k].view(1, 6)
+        p = _leaf(side, 6)
+        opt = side.make("Adam", [p])
+
+        def unflatten(optimizer, state_dict):
+            for v in state_dict["state"].values():
+                for k in ("exp_avg", "exp_avg_sq"):
+                    v[k] = v[k].reshape(6)
+            return state_dict
+
+        opt.register_load_state_dict_pre_hook(unflatten)
+        opt.load_state_dict(sd)
+        for _ in range(2):
+            p.grad = side.randn(6)
+            side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.bfloat16, torch.int32])
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_checkpoint_steps_of_other_dtypes(name, dtype, backend):
+    def scenario(side):
+        p = _leaf(side, 20)
+        opt = side.make(name, [p], **OPTS[name])
+        p.grad = side.randn(20)
+        side.step(opt)
+        opt.state[p]["step"] = torch.tensor(300, dtype=dtype)  # bf16 stops counting at 256
+        for _ in range(3):
+            p.grad = side.randn(20)
+            side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+@pytest.mark.parametrize("case", ["fp32 buffer for a bf16 param", "wider grad via .data",
+                                  "narrower grad via .data"])
+@pytest.mark.parametrize("name", OPTS)
+def test_promotion_gives_torchs_result(name, case, backend):
+    def scenario(side):
+        dt = torch.bfloat16 if case == "fp32 buffer for a bf16 param" else (
+            torch.float32 if case == "wider grad via .data" else torch.float64)
+        p = _leaf(side, 12, dtype=dt)
+        opt = side.make(name, [p], **OPTS[name])
+        for k in range(4):
+            p.grad = side.randn(12, dtype=dt)
+            if k == 1 and case == "fp32 buffer for a bf16 param":
+                st = opt.state[p]
+                key = _STATE_KEY[name]
+                st[key] = st[key].float()
+            if k >= 1 and case == "wider grad via .data":
+                p.grad.data = side.randn(12, dtype=torch.float64)
+            if k >= 1 and case == "narrower grad via .data":
+                p.grad.data = side.randn(12, dtype=torch.float32)
+            side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_step_under_inference_mode(name, backend):
+    """Allowed, as torch's; the state it creates is then inference tensors, and a
+    later step outside inference mode raises torch's error."""
+    def scenario(side):
+        p = _leaf(side, 8)
+        opt = side.make(name, [p], **OPTS[name])
+        for k in range(3):
+            p.grad = side.randn(8)
+            if k < 2:
+                with torch.inference_mode():
+                    side.step(opt)
+            else:
+                side.step(opt)
+
+    assert_same(scenario, backend)
+
+
+# ---------------------------------------------------------------- threads
+
+@pytest.mark.parametrize("name", OPTS)
+def test_optimizers_stepped_from_three_threads(name, backend):
+    torch.manual_seed(0)
+    n = 40_000 if backend == "numba" else 600  # the numba one goes parallel
+    inits = [torch.randn(n) for _ in range(3)]
+    grads = [[torch.randn(n) for _ in range(4)] for _ in range(3)]
+
+    def train(mod, k, out, **extra):
+        p = inits[k].clone().requires_grad_()
+        opt = getattr(mod, name)([p], **OPTS[name], **extra)
+        for g in grads[k]:
+            p.grad = g.clone()
+            opt.step()
+        out[k] = (p.detach(), opt.state[p])
+
+    expected = {}
+    for k in range(3):
+        train(torch.optim, k, expected, foreach=False)
+    got = {}
+    threads = [threading.Thread(target=train, args=(fused_optim, k, got),
+                                kwargs=dict(backend=backend)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(got) == {0, 1, 2}, "a thread raised"
+    for k in range(3):
+        torch.testing.assert_close(got[k][0], expected[k][0])
+        for key, v in expected[k][1].items():
+            torch.testing.assert_close(got[k][1][key], v)
