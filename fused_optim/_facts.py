@@ -66,13 +66,13 @@ identical facts or is caught by them.
 from __future__ import annotations
 
 import functools
-from operator import attrgetter
+from itertools import chain
 
 import numpy as np
 import torch
 
-__all__ = ["MetaGuard", "extent", "held_storages", "storage_facts", "grad_bounds_ok",
-           "WrittenRanges"]
+__all__ = ["holds", "MetaGuard", "extent", "held_storages", "storage_facts",
+           "grad_bounds_ok", "WrittenRanges"]
 
 T = torch.Tensor
 US = torch.UntypedStorage
@@ -230,6 +230,60 @@ class WrittenRanges:
             np.zeros(len(starts), dtype=bool)
 
 
-#: read per tensor in :func:`fused_optim._tables.prepare`
-data_ptrs = functools.partial(map, _PTR)
-dtype_of = attrgetter("dtype")
+# ---------------------------------------------------------------- the rule
+
+def f1_metadata(plan, flat) -> bool:
+    return plan.guard.check(flat)
+
+
+def f2_addresses(plan, cols) -> bool:
+    """Params, state and steps at the addresses validated (grads: see holds)."""
+    rest = list(chain.from_iterable(cols[2:]))
+    n = len(cols[0]) + len(rest)
+    return np.fromiter(map(_PTR, chain(cols[0], rest)), np.int64, n).tobytes() == plan.ptrs
+
+
+def f3_held_storages(plan) -> bool:
+    return storage_facts(plan.held) == plan.storages
+
+
+def f4_grad_bounds(plan, grads) -> bool:
+    return grad_bounds_ok(grads, plan.grad_ext, plan.grad_isz, plan.grad_nonempty)
+
+
+def f5_grad_overlaps(plan, grad_ptrs) -> bool:
+    """The grads overlap no written range, or sit where they were validated."""
+    if np.array_equal(grad_ptrs, plan.grad_ptrs):
+        return True
+    if plan.grad_hits:
+        return False  # the order was decided for those exact addresses
+    hit = plan.written.hit(grad_ptrs, grad_ptrs + plan.grad_ext)
+    if plan.grad_nonempty is not None:
+        hit &= plan.grad_nonempty
+    return not hit.any()
+
+
+def f6_flags(plan, fresh) -> bool:
+    return fresh == plan.fresh
+
+
+def holds(plan, cols, where, flat, fresh):
+    """The reuse rule: this step's grad addresses if F1-F6 all hold, else None.
+
+    ``cols`` are the tensor columns (params, grads, state roles, steps),
+    ``where`` their table columns and ``flat`` all of them in one list.
+    Each ``f*`` above reads one fact of the table in the module docstring;
+    tests/test_reuse_rule.py switches each off in turn and shows a scenario
+    that then goes wrong.
+    """
+    if where != plan.where or len(cols[0]) != plan.n or not f6_flags(plan, fresh):
+        return None
+    try:
+        if not (f1_metadata(plan, flat) and f2_addresses(plan, cols)
+                and f3_held_storages(plan) and f4_grad_bounds(plan, cols[1])):
+            return None
+        grad_ptrs = np.fromiter(map(_PTR, cols[1]), np.int64, plan.n)
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+        # a tensor without storage, a non-tensor, a wrong count: revalidate
+        return None
+    return grad_ptrs if f5_grad_overlaps(plan, grad_ptrs) else None

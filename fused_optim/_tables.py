@@ -231,36 +231,8 @@ class Plan:
                  "fresh", "units", "dry_rows", "has_torch_rows")
 
     def holds(self, cols, where, flat, fresh):
-        """This step's grad addresses if every fact holds, else None."""
-        if where != self.where or len(cols[0]) != self.n or fresh != self.fresh:
-            return None
-        try:
-            if not self.guard.check(flat):
-                return None
-            n = self.n
-            rest = list(chain.from_iterable(cols[2:]))
-            if (np.fromiter(map(_PTR, chain(cols[0], rest)), np.int64, n + len(rest))
-                    .tobytes() != self.ptrs):
-                return None
-            if _facts.storage_facts(self.held) != self.storages:
-                return None
-            grads = cols[1]
-            grad_ptrs = np.fromiter(map(_PTR, grads), np.int64, n)
-            if not _facts.grad_bounds_ok(grads, self.grad_ext, self.grad_isz,
-                                         self.grad_nonempty):
-                return None
-        except (RuntimeError, TypeError, AttributeError, NotImplementedError):
-            # a tensor without storage, a non-tensor, a wrong count: revalidate
-            return None
-        if not np.array_equal(grad_ptrs, self.grad_ptrs):
-            if self.grad_hits:
-                return None  # the order was decided for those exact addresses
-            hit = self.written.hit(grad_ptrs, grad_ptrs + self.grad_ext)
-            if self.grad_nonempty is not None:
-                hit &= self.grad_nonempty
-            if hit.any():
-                return None
-        return grad_ptrs
+        """This step's grad addresses if every fact holds, else None (see _facts.holds)."""
+        return _facts.holds(self, cols, where, flat, fresh)
 
 
 _PTR = torch.Tensor.data_ptr
