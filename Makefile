@@ -17,7 +17,7 @@ PYTEST_ARGS ?= -W "ignore::numba.core.errors.NumbaIRAssumptionWarning"
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench clean
+.PHONY: test bench fuzz clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The model-based test (tests/machine.py) at a larger budget, on new random
+# examples each run: FUZZ_EXAMPLES machines of FUZZ_STEPS rules per backend.
+FUZZ_EXAMPLES ?= 400
+FUZZ_STEPS ?= 60
+fuzz: $(STAMP)
+	FUSED_OPTIM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUSED_OPTIM_FUZZ_STEPS=$(FUZZ_STEPS) \
+	FUSED_OPTIM_FUZZ_RANDOM=1 $(PY) -m pytest tests/test_stateful.py -q -s -p no:cacheprovider

@@ -189,9 +189,13 @@ def _local(ts):
             for t in ts]
 
 
-def run(kind, backend, params, grads, states, roles, hyper, reference, steps=None,
-        fresh=None, cache=None, key=None):
-    """Validate, plan and carry out one group's update of ``kind`` ("sgd" or "adam").
+def prepare_update(kind, backend, params, grads, states, roles, hyper, reference,
+                   steps=None, fresh=None, cache=None, key=None, dry_all=False):
+    """Validate one group's update of ``kind`` ("sgd" or "adam"); return what writes it.
+
+    Everything that can raise is done here, before any tensor is written:
+    full validation or the reuse rule, the backends' choice, and torch's
+    own step on stand-ins of the rows where torch may raise.
 
     Args:
         reference: ``reference(params, grads, states, steps, fresh)`` runs
@@ -201,6 +205,11 @@ def run(kind, backend, params, grads, states, roles, hyper, reference, steps=Non
             the kernels do not take, and first, on stand-ins, every row
             where torch may raise, so that its exception comes before
             anything is written.
+        dry_all: run that dry run on every row (hyperparameters with which
+            torch's step raises).
+
+    Returns:
+        A callable with no arguments that carries out the update.
     """
     if not _PLAIN.issuperset(map(type, params)):
         params, grads = _local(params), _local(grads)
@@ -209,8 +218,19 @@ def run(kind, backend, params, grads, states, roles, hyper, reference, steps=Non
     plan, cols, grad_ptrs = _tables.prepare(params, grads, states, roles, steps=steps,
                                             fresh=fresh, backend=backend, cache=cache,
                                             key=key)
-    if plan.dry_rows:
-        _dry_run(plan.dry_rows, params, grads, states, steps, fresh, reference)
+    dry = range(len(params)) if dry_all else plan.dry_rows
+    if dry:
+        _dry_run(dry, params, grads, states, steps, fresh, reference)
+
+    def update():
+        _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, fresh, hyper,
+                 reference)
+
+    return update
+
+
+def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, fresh, hyper,
+             reference):
     grad_scale, found_inf = hyper.get("grad_scale"), hyper.get("found_inf")
     torch_grads = grads
     if plan.has_torch_rows:

@@ -259,6 +259,8 @@ class Adam(_base.FusedOptimizer):
                 loss = closure()
         grad_scale, found_inf = self._amp_args()
 
+        # Every group is validated before any is written (see SGD.step).
+        pending = []
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -269,7 +271,7 @@ class Adam(_base.FusedOptimizer):
             beta1, beta2 = group["betas"]
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs,
                                            max_exp_avg_sqs, state_steps)
-            adam(
+            pending.append(_adam_update(
                 params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                 amsgrad=group["amsgrad"],
                 has_complex=has_complex,
@@ -285,9 +287,12 @@ class Adam(_base.FusedOptimizer):
                 grad_scale=grad_scale,
                 found_inf=found_inf,
                 backend=self.backend,
-                _cache=self._plans,
-                _key=index,
-            )
+                cache=self._plans,
+                key=index,
+            ))
+        for update in pending:
+            if update is not None:
+                update()
         return loss
 
 
@@ -368,36 +373,58 @@ def adam(
     eps: float,
     maximize: bool,
     backend: str | None = None,
-    _cache: dict | None = None,
-    _key=None,
 ) -> None:
     r"""Functional Adam: update params and state in place, as :class:`Adam` does.
 
     See :class:`Adam` for the arguments. ``state_steps`` are advanced by one.
+    """
+    update = _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                          capturable=capturable, differentiable=differentiable,
+                          grad_scale=grad_scale, found_inf=found_inf,
+                          has_complex=has_complex,
+                          decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
+                          beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+                          eps=eps, maximize=maximize, backend=backend)
+    if update is not None:
+        update()
+
+
+def _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
+                 capturable, differentiable, grad_scale, found_inf, has_complex,
+                 decoupled_weight_decay, amsgrad, beta1, beta2, lr, weight_decay, eps,
+                 maximize, backend, cache=None, key=None):
+    """Validate one group's Adam update; return what writes it (None: nothing to do).
+
+    Everything that can raise happens here, before any tensor is written.
     """
     name = _base.backend_name(backend)
     cpu_capturable = capturable and any(p.device.type == "cpu" for p in params)
     if differentiable or (cpu_capturable and not _backend.stands_in_for_gpu(name)):
         # not covered by the kernels: torch's own for-loop (which also raises
         # torch's error for capturable CPU params)
-        from torch.optim.adam import adam as torch_adam
+        def fallback():
+            from torch.optim.adam import adam as torch_adam
 
-        if _base.unscale_for_fallback(grads, grad_scale, found_inf):
-            return
-        torch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                   foreach=False, capturable=capturable, differentiable=differentiable,
-                   fused=False,
-                   has_complex=has_complex, decoupled_weight_decay=decoupled_weight_decay,
-                   amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
-                   weight_decay=weight_decay, eps=eps, maximize=maximize)
-        return
+            if _base.unscale_for_fallback(grads, grad_scale, found_inf):
+                return
+            torch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                       foreach=False, capturable=capturable, differentiable=differentiable,
+                       fused=False,
+                       has_complex=has_complex, decoupled_weight_decay=decoupled_weight_decay,
+                       amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
+                       weight_decay=weight_decay, eps=eps, maximize=maximize)
+        return fallback
     if not params:
-        return
+        return None
     states = [exp_avgs, exp_avg_sqs,
               max_exp_avg_sqs if amsgrad else [None] * len(params)]
-    if (not torch.is_tensor(lr) and not torch.is_tensor(beta1)
-            and abs(float(beta1)) == 1.0):
-        _check_bias_correction(beta1, state_steps)
+    # torch's lr / (1 - beta1 ** step) raises ZeroDivisionError for a float lr
+    # and beta1 = +-1 (param_groups edits reach it), after it has advanced the
+    # first step and written the first moments. Running torch's step on
+    # stand-ins of every row first raises it, or any error torch meets
+    # before it, in torch's order, before anything is written.
+    dry_all = (not torch.is_tensor(lr) and not torch.is_tensor(beta1)
+               and abs(float(beta1)) == 1.0)
     # capturable keeps a Tensor lr on the device; Tensor betas are read on
     # the host (the kernels' lerp branch and log2(beta) are chosen there)
     hyper = dict(lr=_base.scalar(lr, keep_tensor=capturable),
@@ -418,21 +445,9 @@ def adam(
                    beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
                    maximize=maximize)
 
-    _base.run("adam", name, params, grads, states,
-              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, reference,
-              steps=state_steps, cache=_cache, key=_key)
-
-
-def _check_bias_correction(beta1, state_steps):
-    """torch's ``lr / (1 - beta1 ** step)`` raises for a float lr and beta1 = +-1.
-
-    torch raises ZeroDivisionError only after it has advanced the first
-    step and written the first moments; here it comes before anything is
-    written. Each step is advanced in its own dtype, as ``step_t += 1``.
-    """
-    for st in state_steps:
-        if 1 - float(beta1) ** (st + 1).item() == 0:
-            raise ZeroDivisionError("float division by zero")
+    return _base.prepare_update("adam", name, params, grads, states,
+                                ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, reference,
+                                steps=state_steps, cache=cache, key=key, dry_all=dry_all)
 
 
 def adamw(*args, **kwargs) -> None:

@@ -167,6 +167,10 @@ class SGD(_base.FusedOptimizer):
                 loss = closure()
         grad_scale, found_inf = self._amp_args()
 
+        # Every group is validated before any is written: a bad tensor in the
+        # last group raises with the first untouched (torch's loop has
+        # updated the groups before it by then).
+        pending = []
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -174,8 +178,7 @@ class SGD(_base.FusedOptimizer):
             has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
             missing = ([i for i, b in enumerate(momentum_buffer_list) if b is None]
                        if any(map(is_, momentum_buffer_list, repeat(None))) else ())
-
-            sgd(
+            update = _sgd_update(
                 params,
                 grads,
                 momentum_buffer_list,
@@ -191,11 +194,15 @@ class SGD(_base.FusedOptimizer):
                 found_inf=found_inf,
                 differentiable=group["differentiable"],
                 backend=self.backend,
-                _cache=self._plans,
-                _key=index,
+                cache=self._plans,
+                key=index,
             )
+            pending.append((update, params, momentum_buffer_list, missing))
 
-            if missing:  # buffers sgd() created; None: a skipped (AMP inf) first step
+        for update, params, momentum_buffer_list, missing in pending:
+            if update is not None:
+                update()
+            if missing:  # buffers the update created; None: a skipped (AMP inf) first step
                 for i in missing:
                     if momentum_buffer_list[i] is not None:
                         self.state[params[i]]["momentum_buffer"] = momentum_buffer_list[i]
@@ -222,8 +229,6 @@ def sgd(
     capturable: bool = False,
     differentiable: bool = False,
     backend: str | None = None,
-    _cache: dict | None = None,
-    _key=None,
 ) -> None:
     r"""Functional SGD: update ``params`` in place, as :class:`SGD` does.
 
@@ -231,18 +236,35 @@ def sgd(
     buffers. See :class:`SGD` for the arguments; ``foreach`` and ``fused`` are
     accepted for signature compatibility with ``torch.optim.sgd``.
     """
-    if has_sparse_grad or differentiable:
-        from torch.optim.sgd import sgd as torch_sgd  # not covered by the kernels
+    update = _sgd_update(params, d_p_list, momentum_buffer_list, has_sparse_grad=has_sparse_grad,
+                         grad_scale=grad_scale, found_inf=found_inf, weight_decay=weight_decay,
+                         momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, backend=backend)
+    if update is not None:
+        update()
 
-        if _base.unscale_for_fallback(d_p_list, grad_scale, found_inf):
-            return
-        torch_sgd(params, d_p_list, momentum_buffer_list, has_sparse_grad=has_sparse_grad,
-                  foreach=False, fused=False,
-                  weight_decay=weight_decay, momentum=momentum, lr=lr,
-                  dampening=dampening, nesterov=nesterov, maximize=maximize)
-        return
+
+def _sgd_update(params, d_p_list, momentum_buffer_list, *, has_sparse_grad, grad_scale,
+                found_inf, weight_decay, momentum, lr, dampening, nesterov, maximize,
+                capturable, differentiable, backend, cache=None, key=None):
+    """Validate one group's SGD update; return what writes it (None: nothing to do).
+
+    Everything that can raise happens here, before any tensor is written.
+    """
+    if has_sparse_grad or differentiable:
+        def fallback():
+            from torch.optim.sgd import sgd as torch_sgd  # not covered by the kernels
+
+            if _base.unscale_for_fallback(d_p_list, grad_scale, found_inf):
+                return
+            torch_sgd(params, d_p_list, momentum_buffer_list, has_sparse_grad=has_sparse_grad,
+                      foreach=False, fused=False,
+                      weight_decay=weight_decay, momentum=momentum, lr=lr,
+                      dampening=dampening, nesterov=nesterov, maximize=maximize)
+        return fallback
     if not params:
-        return
+        return None
     fresh = None
     states = [[None] * len(params)]
     if momentum != 0:
@@ -252,7 +274,7 @@ def sgd(
                 # A skipped first step must not leave unwritten buffers behind:
                 # the next real step is the first. This reads found_inf on the
                 # host, once, only while some buffer has yet to be created.
-                return
+                return None
             for i, b in enumerate(momentum_buffer_list):
                 if b is None:
                     momentum_buffer_list[i] = torch.empty_like(
@@ -276,5 +298,6 @@ def sgd(
                   dampening=dampening, nesterov=nesterov, maximize=maximize)
         return bufs if momentum != 0 else None
 
-    _base.run("sgd", _base.backend_name(backend), params, d_p_list, states,
-              ("momentum_buffer",), hyper, reference, fresh=fresh, cache=_cache, key=_key)
+    return _base.prepare_update("sgd", _base.backend_name(backend), params, d_p_list, states,
+                                ("momentum_buffer",), hyper, reference, fresh=fresh,
+                                cache=cache, key=key)
