@@ -1,18 +1,20 @@
-"""Where the fixed cost of a step goes: the per-tensor reads behind the safety checks.
+"""Where the fixed cost of a step goes: the per-tensor reads behind the reuse rule.
 
 A fused_optim step on N tiny tensors is dominated by Python, not by the
-kernel. Most of that Python is the per-step re-read of every tensor that
-``fused_optim/_tables.py`` needs before it may reuse a validated address
-table (see its ``_signature``). This script times, interleaved in one
-process on the ``fixed-cost`` list (161 tensors of 64 elements by default):
+kernel. Most of that Python is reading tensors: gathering them as torch's
+``_init_group`` does, and re-reading the facts that let a validated plan be
+reused safely (``fused_optim/_facts.py``, F1-F6). This script times,
+interleaved in one process on the ``fixed-cost`` list (161 tensors of 64
+elements by default):
 
 * a whole ``step()`` of torch ``fused=True`` and of fused_optim (numba);
-* each of those reads alone, as the one C-level ``map`` over a column of
-  tensors that fused_optim issues;
-* their sum for SGD with momentum and for AdamW, as counted in
-  ``READS``.
+* each gathering read, as the C-level ``map`` over a column that
+  fused_optim issues;
+* each fact of the reuse rule, as the very function ``_facts.holds`` calls,
+  on the plan of a real optimizer;
+* their sums for SGD with momentum and for AdamW (``READS``).
 
-The sum is a floor for any step that checks every tensor at every step in
+The sum is a floor for a step that checks every tensor at every step in
 Python; its ratio to torch's fused step says how far below torch the fixed
 cost can go without giving those checks up.
 
@@ -26,34 +28,61 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter, is_
 
+import numpy as np
 import torch
 
 import fused_optim
+from fused_optim import _facts
 
 T = torch.Tensor
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
-#: The maps over a column of tensors that one step issues, by optimizer:
-#: gathering (``_init_group``, ``sgd()``), checking (``_tables._signature``)
-#: and the version bump after the kernel.
-_CHECKS = ["param type", "param data_ptr", "param numel", "param is_contiguous",
-           "param dtype", "grad data_ptr", "grad numel", "grad is_contiguous",
-           "grad dtype", "grad get_device", "version bump"]
+#: what one step reads, by optimizer: gathering (``_init_group`` and the
+#: functional), the reuse rule's facts, and the version bump after the kernel
+_GATHER = ["grad", "grad is None", "state dict", "grad is_sparse"]
+_RULE = ["F1 TensorGuards check", "F2 data_ptr", "grad data_ptr", "F3 held storages",
+         "F4 grad bounds", "F5 grad overlaps"]
 READS = {
-    "sgd": ["grad", "grad is None", "state dict", "state value", "grad is_sparse",
-            "state is None", "state is None", *_CHECKS, "state data_ptr",
-            "state _version"],
-    "adamw": ["grad", "grad is None", "state dict", "state value", "state value",
-              "state value", "grad is_sparse", *_CHECKS,
-              *["state data_ptr", "state _version"] * 3],
+    "sgd": [*_GATHER, "state value", "state is None", *_RULE, "version bump"],
+    "adamw": [*_GATHER, "state value", "state value", "state value", *_RULE,
+              "version bump"],
 }
 
 
-def _reads(params, grads, states, bufs):
-    """One callable per distinct read, each a map over a column of tensors."""
+def _optimizer(kind, params, grads):
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    for c, g in zip(copies, grads):
+        c.grad = g.clone()
+    return copies
+
+
+def _rule_reads(opt, params):
+    """The fact checks of ``_facts.holds``, each as it runs on ``opt``'s plan."""
+    plan = opt._plans[0]
+    grads = [p.grad for p in params]
+    states = opt.state
+    if "momentum_buffer" in states[params[0]]:
+        cols = [params, grads, [states[p]["momentum_buffer"] for p in params]]
+    else:
+        cols = [params, grads, [states[p]["exp_avg"] for p in params],
+                [states[p]["exp_avg_sq"] for p in params], [states[p]["step"] for p in params]]
+    flat = tuple(chain.from_iterable(cols))
+    assert _facts.holds(plan, cols, plan.where, flat, plan.fresh) is not None
+    grad_ptrs = np.fromiter(map(T.data_ptr, grads), np.int64, len(grads))
+    moved = grad_ptrs + 64  # as if every grad were new: the overlap check runs
+    return {
+        "F1 TensorGuards check": lambda: _facts.f1_metadata(plan, flat),
+        "F2 data_ptr": lambda: _facts.f2_addresses(plan, cols),
+        "grad data_ptr": lambda: np.fromiter(map(T.data_ptr, grads), np.int64, len(grads)),
+        "F3 held storages": lambda: _facts.f3_held_storages(plan),
+        "F4 grad bounds": lambda: _facts.f4_grad_bounds(plan, grads),
+        "F5 grad overlaps": lambda: _facts.f5_grad_overlaps(plan, moved),
+    }
+
+
+def _gather_reads(params, grads, states, bufs):
     dicts = list(map(states.__getitem__, params))
     return {
         "grad": lambda: list(map(attrgetter("grad"), params)),
@@ -62,18 +91,6 @@ def _reads(params, grads, states, bufs):
         "state value": lambda: list(map(dict.get, dicts, repeat("buf"))),
         "grad is_sparse": lambda: any(map(attrgetter("is_sparse"), grads)),
         "state is None": lambda: list(map(is_, bufs, repeat(None))),
-        "param type": lambda: _PLAIN.issuperset(map(type, params)),
-        "param data_ptr": lambda: list(map(T.data_ptr, params)),
-        "param numel": lambda: list(map(T.numel, params)),
-        "param is_contiguous": lambda: list(map(T.is_contiguous, params)),
-        "param dtype": lambda: list(map(attrgetter("dtype"), params)),
-        "grad data_ptr": lambda: list(map(T.data_ptr, grads)),
-        "grad numel": lambda: list(map(T.numel, grads)),
-        "grad is_contiguous": lambda: list(map(T.is_contiguous, grads)),
-        "grad dtype": lambda: list(map(attrgetter("dtype"), grads)),
-        "grad get_device": lambda: list(map(T.get_device, grads)),
-        "state data_ptr": lambda: list(map(T.data_ptr, bufs)),
-        "state _version": lambda: list(map(attrgetter("_version"), bufs)),
         "version bump": lambda: torch._C._increment_version(params),
     }
 
@@ -91,19 +108,22 @@ def run(tensors: int = 161, numel: int = 64, rounds: int = 400) -> dict:
         p.grad = g
     bufs = [torch.randn(numel) for _ in range(tensors)]
     states = {p: {"buf": b} for p, b in zip(params, bufs)}
-    steps = {}
+    steps, rule = {}, {}
     for kind, cls, kw in (("sgd", "SGD", dict(lr=0.01, momentum=0.9)),
                           ("adamw", "AdamW", dict(lr=1e-3))):
-        def own(cls=cls, kw=kw):
-            copies = [p.detach().clone().requires_grad_() for p in params]
-            for c, g in zip(copies, grads):
-                c.grad = g.clone()
-            return copies
-        steps[f"{kind} torch fused"] = getattr(torch.optim, cls)(own(), fused=True, **kw).step
-        steps[f"{kind} fused_optim"] = getattr(fused_optim, cls)(own(), backend="numba",
-                                                                 **kw).step
-    reads = _reads(params, grads, states, bufs)
-    timed = {**steps, **reads}
+        steps[f"{kind} torch fused"] = getattr(torch.optim, cls)(
+            _optimizer(kind, params, grads), fused=True, **kw).step
+        ours = _optimizer(kind, params, grads)
+        opt = getattr(fused_optim, cls)(ours, backend="numba", **kw)
+        for _ in range(3):
+            opt.step()
+        steps[f"{kind} fused_optim"] = opt.step
+        rule[kind] = _rule_reads(opt, ours)
+    gather = _gather_reads(params, grads, states, bufs)
+    timed = dict(steps)
+    timed.update(gather)
+    for kind, reads in rule.items():
+        timed.update({f"{kind} {name}": fn for name, fn in reads.items()})
     for fn in timed.values():
         for _ in range(5):
             fn()
@@ -115,7 +135,7 @@ def run(tensors: int = 161, numel: int = 64, rounds: int = 400) -> dict:
             samples[name].append(time.perf_counter() - t0)
     out = {name: _median_us(s) for name, s in samples.items()}
     for kind, names in READS.items():
-        out[f"{kind} reads"] = sum(out[n] for n in names)
+        out[f"{kind} reads"] = sum(out[f"{kind} {n}" if n in _RULE else n] for n in names)
     return out
 
 
@@ -127,16 +147,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = run(args.tensors, args.numel, args.rounds)
     print(f"{args.tensors} tensors of {args.numel} elements, medians of {args.rounds} "
-          "interleaved rounds, microseconds")
+          "interleaved rounds, microseconds per step")
     for name, us in out.items():
         if not name.endswith(" reads"):
-            print(f"  {name:22s} {us:8.1f}")
+            print(f"  {name:32s} {us:8.1f}")
     for kind, names in READS.items():
         fused = out[f"{kind} torch fused"]
         total = out[f"{kind} reads"]
-        print(f"{kind}: {len(names)} maps of reads sum to {total:.1f} us = "
-              f"{total / fused:.2f}x torch fused's step; fused_optim's whole step "
-              f"{out[f'{kind} fused_optim'] / fused:.2f}x")
+        print(f"{kind}: {len(names)} reads sum to {total:.1f} us = {total / fused:.2f}x torch "
+              f"fused's step; fused_optim's whole step {out[f'{kind} fused_optim'] / fused:.2f}x")
     return 0
 
 

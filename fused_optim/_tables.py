@@ -122,7 +122,7 @@ class KernelUnit:
     """
 
     __slots__ = ("device", "dtype", "module", "rows", "table", "numel",
-                 "direct_grad", "staged", "grad_rows")
+                 "direct_grad", "staged", "grad_rows", "whole")
 
     def __init__(self, device, dtype, module, rows, table, numel, direct_grad, staged):
         self.device = device
@@ -133,6 +133,8 @@ class KernelUnit:
         self.numel = numel
         self.direct_grad = None if direct_grad.all() else direct_grad
         self.grad_rows = rows if self.direct_grad is None else rows[direct_grad]
+        #: the unit is the whole group, in order, every grad direct (the usual case)
+        self.whole = None
         self.staged = staged
 
 
@@ -173,7 +175,9 @@ def staged_unit(unit, cols, where, steps, fresh, grad_ptrs) -> Staged:
     """The batch of ``unit`` for this step's tensors (see :class:`Staged`)."""
     table = unit.table.copy()
     if grad_ptrs is not None and len(unit.grad_rows):
-        if unit.direct_grad is None:
+        if unit.whole:
+            table[:, L.GRAD] = grad_ptrs
+        elif unit.direct_grad is None:
             table[:, L.GRAD] = grad_ptrs[unit.rows]
         else:
             table[unit.direct_grad, L.GRAD] = grad_ptrs[unit.grad_rows]
@@ -227,15 +231,15 @@ class Plan:
     """
 
     __slots__ = ("where", "n", "guard", "ptrs", "held", "storages", "grad_ext",
-                 "grad_isz", "grad_nonempty", "written", "grad_ptrs", "grad_hits",
+                 "grad_isz", "grad_nonempty", "written", "grad_ptrs", "grad_ptr_bytes",
+                 "grad_hits",
                  "fresh", "units", "dry_rows", "has_torch_rows")
 
-    def holds(self, cols, where, flat, fresh):
-        """This step's grad addresses if every fact holds, else None (see _facts.holds)."""
-        return _facts.holds(self, cols, where, flat, fresh)
-
-
 _PTR = torch.Tensor.data_ptr
+
+
+def _ptr_or_0(t):
+    return t.data_ptr() if _plain_strided(t) else 0
 
 
 def _overlap_edges(intervals):
@@ -375,18 +379,21 @@ def build(params, grads, states, roles, steps, fresh, backend, labels=None):
             else:
                 buckets[(params[i].device, params[i].dtype)].append(i)
         for (device, dtype), rows in buckets.items():
-            units.append(_kernel_unit(cols, where, steps, fresh, rows, device,
-                                      modules[(device, dtype)]))
+            unit = _kernel_unit(cols, where, steps, fresh, rows, device,
+                                modules[(device, dtype)])
+            unit.whole = len(rows) == n and unit.direct_grad is None
+            units.append(unit)
         if torch_rows:
             units.append(TorchUnit(torch_rows))
 
     plan = Plan()
     plan.where = where
     plan.n = n
-    flat = list(chain.from_iterable(cols))
-    plan.guard = _facts.MetaGuard(flat)
+    plan.guard = _facts.MetaGuard(tuple(chain.from_iterable(cols)))
     rest = list(chain.from_iterable(cols[2:]))
-    plan.ptrs = np.fromiter(map(_PTR, chain(params, rest)), np.int64,
+    # (a tensor without storage, e.g. a sparse grad of a torch row, gets 0:
+    # the cached path's own read of it raises, and the group is re-validated)
+    plan.ptrs = np.fromiter(map(_ptr_or_0, chain(params, rest)), np.int64,
                             n + len(rest)).tobytes()
     plain_written = [t for t in chain(params, rest) if _plain_strided(t)]
     plan.held = _facts.held_storages(plain_written)
@@ -396,7 +403,8 @@ def build(params, grads, states, roles, steps, fresh, backend, labels=None):
     plan.grad_nonempty = None if grad_ext.all() else grad_ext > 0
     ws = [(a, b) for a, b, _, w in intervals if w]
     plan.written = _facts.WrittenRanges([a for a, _ in ws], [b for _, b in ws])
-    plan.grad_ptrs = np.fromiter(map(_PTR, grads), np.int64, n)
+    plan.grad_ptrs = np.fromiter(map(_ptr_or_0, grads), np.int64, n)
+    plan.grad_ptr_bytes = plan.grad_ptrs.tobytes()
     hit = plan.written.hit(plan.grad_ptrs, plan.grad_ptrs + grad_ext)
     plan.grad_hits = bool((hit & (grad_ext > 0)).any())
     plan.fresh = fresh
@@ -464,14 +472,14 @@ def prepare(params, grads, states, roles, steps=None, fresh=None, backend="auto"
     """The plan for this step and the grads' addresses, reusing a cached plan.
 
     Returns:
-        (plan, grad_ptrs): ``grad_ptrs`` (int64 per row) feed the tables.
+        (plan, cols, grad_ptrs): the tensor columns (see :func:`_columns`) and
+        the grads' addresses (int64 per row), which feed the tables.
     """
     cols, where = _columns(params, grads, states, steps)
     fresh_t = tuple(fresh) if fresh is not None else None
     plan = cache.get(key) if cache is not None else None
     if plan is not None:
-        flat = list(chain.from_iterable(cols))
-        grad_ptrs = plan.holds(cols, where, flat, fresh_t)
+        grad_ptrs = _facts.holds(plan, cols, where, tuple(chain.from_iterable(cols)), fresh_t)
         if grad_ptrs is not None:
             return plan, cols, grad_ptrs
     plan = build(params, grads, states, roles, steps, fresh_t, backend)

@@ -117,7 +117,8 @@ CONFIGS = [
 ]
 SHAPES = [(), (0,), (1,), (7,), (33,), (5, 3), (4, 6), (2, 3, 2, 2), (3, 0, 2)]
 LAYOUTS = ["contiguous", "transposed", "gappy", "channels_last"]
-GRAD_MODES = ["same", "contiguous", "transposed", "broadcast", "bucket", "none", "neg", "reuse"]
+GRAD_MODES = ["same", "contiguous", "transposed", "broadcast", "bucket", "none", "neg", "reuse",
+              "sparse"]
 
 
 class World:
@@ -266,6 +267,8 @@ class Machine(RuleBasedStateMachine):
                         g = w.grad_arenas[p.dtype].alloc(tuple(p.shape), "contiguous", v, 3)
                 elif mode == "neg":
                     g = torch._neg_view(-v)
+                elif mode == "sparse" and p.dim() >= 1:
+                    g = v.to_sparse()
                 else:
                     g = v.contiguous()
                 if g is not None and g.dtype != p.dtype:
