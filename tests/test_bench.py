@@ -371,5 +371,9 @@ def test_step_overhead_script_counts_what_a_step_reads(capsys):
     assert "x torch fused's step" in out
     timed = mod.run(tensors=2, numel=4, rounds=1)
     for kind, names in mod.READS.items():
-        assert set(names) <= set(timed)
-        assert timed[f"{kind} reads"] == pytest.approx(sum(timed[n] for n in names))
+        keys = [f"{kind} {n}" if n in mod._RULE else n for n in names]
+        assert set(keys) <= set(timed)
+        assert timed[f"{kind} reads"] == pytest.approx(sum(timed[k] for k in keys))
+    # every fact check the rule makes is timed
+    facts = {n for n in dir(mod._facts) if n[:1] == "f" and n[1:2].isdigit()} - {"f6_flags"}
+    assert len(facts) == len([n for n in mod._RULE if n.startswith("F")])

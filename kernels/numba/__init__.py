@@ -51,15 +51,19 @@ def _bounds(numel: int, chunks: int) -> np.ndarray:
     return edges
 
 
+#: an empty array of each view dtype: how the kernels are told the dtype
+_PROTO = {name: np.empty(0, dtype=view) for name, view in VIEW_DTYPES.items()}
+
+
 def _plan(batch):
-    """(bounds, parallel?, numpy view dtype, itemsize, compute type) of a batch."""
+    """(bounds, parallel?, view dtype prototype, itemsize, compute type) of a batch."""
     name = str(batch.dtype).removeprefix("torch.")
     view = VIEW_DTYPES[name]
     compute = np.float64 if view is np.float64 else np.float32
     if batch.numel < SERIAL_BELOW:
-        return _bounds(batch.numel, 1), False, view, np.dtype(view).itemsize, compute
+        return _bounds(batch.numel, 1), False, _PROTO[name], np.dtype(view).itemsize, compute
     chunks = numba.get_num_threads()
-    return _bounds(batch.numel, chunks), True, view, np.dtype(view).itemsize, compute
+    return _bounds(batch.numel, chunks), True, _PROTO[name], np.dtype(view).itemsize, compute
 
 
 def _on(flag):

@@ -27,7 +27,10 @@ from ._memory import (BLOCK, PREFETCH_BYTES, address, fma, load, prefetch_block,
 
 @njit(inline="always")
 def _view(table, row, col, off, n, itemsize, view_dtype):
-    return carray(address(table[row, col] + off * itemsize), (n,), view_dtype)
+    # view_dtype is an empty array of the view's dtype: numba types an array
+    # argument in its C fast path (~0.5 us a call), a dtype class in Python
+    # (~6 us, and ~27 us a step measured in a whole SGD step)
+    return carray(address(table[row, col] + off * itemsize), (n,), view_dtype.dtype)
 
 
 @njit(inline="always")

@@ -48,6 +48,7 @@ START = 6
 NCOLS = 7
 
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_PROTO = {size: np.empty(0, dtype=w) for size, w in _WORDS.items()}
 
 
 def word_dtype(itemsize: int):
@@ -97,7 +98,8 @@ def split(numel: int, chunks: int | None = None) -> np.ndarray:
 
 @njit(inline="always")
 def _view(table, row, col, off, n, itemsize, word):
-    return carray(address(table[row, col] + off * itemsize), (n,), word)
+    # word: an empty array of the word type (cheap for numba to type, as in _kernels)
+    return carray(address(table[row, col] + off * itemsize), (n,), word.dtype)
 
 
 @njit(inline="always")
@@ -193,4 +195,5 @@ def pattern(table, bounds, itemsize: int, k: int, m: int) -> None:
                          f"supported (read, write): {PATTERNS}")
     if table.shape[0] == 0:
         return
-    _pattern(table, bounds, itemsize, word_dtype(itemsize), k)
+    word_dtype(itemsize)  # the error for a size without a word type
+    _pattern(table, bounds, itemsize, _PROTO[itemsize], k)
