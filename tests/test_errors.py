@@ -11,6 +11,7 @@ import torch
 
 import fused_optim
 from matrix import BACKENDS, skip_unless_runnable
+from sides import assert_same
 
 
 def _p(*shape):
@@ -146,21 +147,6 @@ def test_triton_backend_without_interpreter_says_how_to_fix(monkeypatch):
     assert torch.equal(p.grad, torch.ones(3))
 
 
-def _snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
-
-
-def _assert_unchanged(opt, params, snap):
-    values, states = snap
-    for p, v in zip(params, values):
-        assert torch.equal(p.detach(), v)
-    for p, st in zip(params, states):
-        assert set(opt.state[p]) == set(st)
-        for k, v in st.items():
-            assert torch.equal(opt.state[p][k], v), k
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
 def test_wrong_shaped_loaded_state_loads_and_the_step_raises_like_torch(name, backend):
@@ -173,20 +159,18 @@ def test_wrong_shaped_loaded_state_loads_and_the_step_raises_like_torch(name, ba
         p.grad = torch.ones_like(p)
     donor.step()
     sd = donor.state_dict()
-    # a checkpoint whose second param is (3, 2): same numel, wrong shape
-    outcomes = []
-    for mod, extra in ((torch.optim, dict(foreach=False)), (fused_optim, dict(backend=backend))):
-        params = [_p(4), _p(3, 2)]
-        opt = getattr(mod, name)(params, **kw, **extra)
-        opt.load_state_dict(sd)
+
+    def scenario(side):
+        # a checkpoint whose second param is (3, 2): same numel, wrong shape
+        params = [side.randn(4).requires_grad_(), side.randn(3, 2).requires_grad_()]
+        opt = side.make(name, params, **kw)
+        opt.load_state_dict(copy.deepcopy(sd))
         for p in params:
             p.grad = torch.ones_like(p)
-        snap = _snapshot(opt, params)
-        outcomes.append(_outcome(opt.step))
-        if mod is fused_optim:
-            _assert_unchanged(opt, params, snap)
-    assert outcomes[0][0] is not None
-    assert outcomes[1] == outcomes[0]
+        side.step(opt)
+
+    log = assert_same(scenario, backend)
+    assert log[-1][0] == "raise"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -195,18 +179,16 @@ def test_wrong_shaped_loaded_state_loads_and_the_step_raises_like_torch(name, ba
 def test_wrong_shaped_state_never_reaches_a_kernel(name, key, backend):
     skip_unless_runnable(backend)
     kw = dict(momentum=0.9) if name == "SGD" else {}
-    outcomes = []
-    for mod, extra in ((torch.optim, dict(foreach=False)), (fused_optim, dict(backend=backend))):
-        params = [_p(5), _p(4)]
-        opt = getattr(mod, name)(params, **kw, **extra)
-        for _ in range(2):  # the second step runs from a cached plan
+
+    def scenario(side):
+        params = [side.randn(5).requires_grad_(), side.randn(4).requires_grad_()]
+        opt = side.make(name, params, **kw)
+        for k in range(3):  # the second step runs from a cached plan
             for p in params:
                 p.grad = torch.ones_like(p)
-            opt.step()
-        opt.state[params[1]][key] = torch.zeros(2)  # smaller than the param
-        snap = _snapshot(opt, params)
-        outcomes.append(_outcome(opt.step))
-        if mod is fused_optim:
-            _assert_unchanged(opt, params, snap)
-    assert outcomes[0][0] is not None
-    assert outcomes[1] == outcomes[0]
+            if k == 2:
+                opt.state[params[1]][key] = torch.zeros(2)  # smaller than the param
+            side.step(opt)
+
+    log = assert_same(scenario, backend)
+    assert log[-1][0] == "raise"
