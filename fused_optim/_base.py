@@ -283,8 +283,8 @@ def _stand_in(t):
     included), conj and neg bits, and inference-ness; zeros as values,
     except a 1-element tensor (a step count), whose value is copied.
     """
-    if t is None:
-        return None
+    if not isinstance(t, torch.Tensor):
+        return t  # (torch's step raises its own error for a non-tensor)
     if type(t) not in _PLAIN or t.layout != torch.strided or t.is_quantized:
         return t.clone()
     inference = t.is_inference() and not torch.is_inference_mode_enabled()

@@ -166,8 +166,20 @@ def _guard_class():
         return _PythonGuard
 
 
+class _NeverGuard:
+    """For a column holding something other than a tensor: never reused."""
+
+    def __init__(self, tensors):
+        pass
+
+    def check(self, tensors) -> bool:
+        return False
+
+
 def MetaGuard(tensors):
     """F1 of ``tensors`` now; ``.check(tensors)`` says whether it still holds."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return _NeverGuard(tensors)
     return _guard_class()(tensors)
 
 
