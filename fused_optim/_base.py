@@ -270,10 +270,39 @@ def _subset(rows, params, grads, states, steps, fresh):
 
 def _torch_rows(rows, params, grads, states, steps, fresh, reference):
     """Run torch's for-loop on ``rows``; keep the momentum buffers it creates."""
-    made = reference(*_subset(rows, params, grads, states, steps, fresh))
-    if made is not None:
-        for i, buf in zip(rows, made):
-            states[0][i] = buf
+    ps, gs, ss, st, fr = _subset(rows, params, grads, states, steps, fresh)
+    made = with_sparse_grads_offset_free(reference, ps, gs, ss, st, fr)
+    if made is not None:  # the buffers of this step's first momentum step
+        for i, buf, new in zip(rows, made, fr):
+            if new:
+                states[0][i] = buf
+
+
+def with_sparse_grads_offset_free(reference, params, grads, states, *rest):
+    """``reference(params, grads, states, *rest)``, safe from a torch bug.
+
+    torch 2.13's CPU ``dense.add_(sparse)`` writes at twice a view's storage
+    offset: with ``p = b[6:7]``, ``p.add_(g.to_sparse())`` changes ``b[12]``,
+    and a view far enough into its storage is written past the allocation.
+    torch's for-loop SGD does exactly that with a sparse grad. Where a row
+    has a sparse grad, its param and dense state run on offset-free copies,
+    copied back after: the update torch means, inside the tensor's memory.
+    (The lists are the caller's own copies; their entries may be replaced.)
+    """
+    back = []
+    for k, g in enumerate(grads):
+        if isinstance(g, torch.Tensor) and g.layout != torch.strided:
+            for lst in [params, *(s for s in states if s is not None)]:
+                t = lst[k]
+                if (isinstance(t, torch.Tensor) and t.layout == torch.strided
+                        and t.storage_offset() != 0):
+                    lst[k] = t.detach().clone(memory_format=torch.contiguous_format)
+                    back.append((t, lst[k]))
+    made = reference(params, grads, states, *rest)
+    with torch.no_grad():
+        for t, copy in back:
+            t.copy_(copy)
+    return made
 
 
 def _stand_in(t):
@@ -281,7 +310,8 @@ def _stand_in(t):
 
     Same type of memory, dtype, device, sizes and strides (internal overlap
     included), conj and neg bits, and inference-ness; zeros as values,
-    except a 1-element tensor (a step count), whose value is copied.
+    except a plain 1-element tensor (a step count), whose value is copied:
+    torch's ZeroDivisionError for beta1 = -1 depends on it.
     """
     if not isinstance(t, torch.Tensor):
         return t  # (torch's step raises its own error for a non-tensor)
@@ -292,8 +322,8 @@ def _stand_in(t):
         span = _facts.extent(t) // t.element_size()
         base = torch.zeros(max(span, 1), dtype=t.dtype, device=t.device)
         s = base.as_strided(t.shape, t.stride())
-        if t.numel() == 1:
-            s.copy_(t.resolve_conj().resolve_neg())
+        if t.numel() == 1 and not (t.is_conj() or t.is_neg()):
+            s.copy_(t)
         if t.is_conj():
             s = s.conj()
         if t.is_neg():

@@ -119,12 +119,14 @@ class KernelUnit:
         direct_grad: bool per unit row, or None when every grad is direct.
         staged: ``(unit row, column, group row, column index, write back?,
             shape, strides)`` per tensor staged through a scratch copy.
+        whole: the unit is every row of the group, in order, with every grad
+            direct (the usual case: the grads' addresses go in as they are).
     """
 
     __slots__ = ("device", "dtype", "module", "rows", "table", "numel",
                  "direct_grad", "staged", "grad_rows", "whole")
 
-    def __init__(self, device, dtype, module, rows, table, numel, direct_grad, staged):
+    def __init__(self, device, dtype, module, rows, table, numel, direct_grad, staged, n):
         self.device = device
         self.dtype = dtype
         self.module = module
@@ -133,9 +135,8 @@ class KernelUnit:
         self.numel = numel
         self.direct_grad = None if direct_grad.all() else direct_grad
         self.grad_rows = rows if self.direct_grad is None else rows[direct_grad]
-        #: the unit is the whole group, in order, every grad direct (the usual case)
-        self.whole = None
         self.staged = staged
+        self.whole = len(rows) == n and self.direct_grad is None
 
 
 class TorchUnit:
@@ -174,7 +175,7 @@ def _real(t):
 def staged_unit(unit, cols, where, steps, fresh, grad_ptrs) -> Staged:
     """The batch of ``unit`` for this step's tensors (see :class:`Staged`)."""
     table = unit.table.copy()
-    if grad_ptrs is not None and len(unit.grad_rows):
+    if len(unit.grad_rows):
         if unit.whole:
             table[:, L.GRAD] = grad_ptrs
         elif unit.direct_grad is None:
@@ -232,8 +233,7 @@ class Plan:
 
     __slots__ = ("where", "n", "guard", "ptrs", "held", "storages", "grad_ext",
                  "grad_isz", "grad_nonempty", "written", "grad_ptrs", "grad_ptr_bytes",
-                 "grad_hits",
-                 "fresh", "units", "dry_rows", "has_torch_rows")
+                 "grad_hits", "fresh", "units", "dry_rows", "has_torch_rows")
 
 _PTR = torch.Tensor.data_ptr
 
@@ -379,10 +379,8 @@ def build(params, grads, states, roles, steps, fresh, backend, labels=None):
             else:
                 buckets[(params[i].device, params[i].dtype)].append(i)
         for (device, dtype), rows in buckets.items():
-            unit = _kernel_unit(cols, where, steps, fresh, rows, device,
-                                modules[(device, dtype)])
-            unit.whole = len(rows) == n and unit.direct_grad is None
-            units.append(unit)
+            units.append(_kernel_unit(cols, where, steps, fresh, rows, device,
+                                      modules[(device, dtype)]))
         if torch_rows:
             units.append(TorchUnit(torch_rows))
 
@@ -464,7 +462,7 @@ def _kernel_unit(cols, where, steps, fresh, rows, device, module):
                 if c == 1:
                     direct_grad[r] = False
     return KernelUnit(device, dtype, module, np.array(rows, dtype=np.int64), table,
-                      start, direct_grad, staged)
+                      start, direct_grad, staged, len(cols[0]))
 
 
 def prepare(params, grads, states, roles, steps=None, fresh=None, backend="auto",

@@ -180,42 +180,37 @@ class Adam(_base.FusedOptimizer):
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs,
                     max_exp_avg_sqs, state_steps):
         # torch's loop, one C-level map per fact (this runs for every param
-        # at every step; see benchmarks/, fixed-cost list)
-        if group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
-            if any(p.grad is not None for p in group["params"]):
-                raise RuntimeError(
-                    "lr as a Tensor is not supported for capturable=False and foreach=True"
-                )
+        # at every step; see benchmarks/, fixed-cost list). Where torch's loop
+        # raises, _raise_in_torchs_order raises what it raises first.
         with_grad, their_grads = _base.params_with_grads(group["params"])
         if not with_grad:
             return False
+        if (any(map(_base.IS_SPARSE, their_grads))
+                or (group["foreach"] and torch.is_tensor(group["lr"])
+                    and not group["capturable"])):
+            self._raise_in_torchs_order(group)
         all_state = self.state
-        sparse = list(map(_base.IS_SPARSE, their_grads))
-        if True in sparse:  # torch initialises the state of the params before it
-            first = sparse.index(True)
-            for p in with_grad[:first]:
-                if len(all_state[p]) == 0:
-                    self._init_state(group, all_state[p], p)
-            raise RuntimeError(
-                "Adam does not support sparse gradients, please consider SparseAdam instead"
-            )
         states = list(map(all_state.__getitem__, with_grad))
         if not all(states):  # lazy state initialization of new params
             for p, state in zip(with_grad, states):
                 if len(state) == 0:
                     self._init_state(group, state, p)
+        try:
+            found = [_base.state_values(states, "exp_avg"),
+                     _base.state_values(states, "exp_avg_sq"),
+                     _base.state_values(states, "max_exp_avg_sq") if group["amsgrad"] else [],
+                     _base.state_values(states, "step")]
+        except KeyError:
+            self._raise_in_torchs_order(group)
+            raise
+        if group["differentiable"] and any(s.requires_grad for s in found[3]):
+            self._raise_in_torchs_order(group)
         params.extend(with_grad)
         grads.extend(their_grads)
-        exp_avgs.extend(_base.state_values(states, "exp_avg"))
-        exp_avg_sqs.extend(_base.state_values(states, "exp_avg_sq"))
-        if group["amsgrad"]:
-            max_exp_avg_sqs.extend(_base.state_values(states, "max_exp_avg_sq"))
-        steps = _base.state_values(states, "step")
-        if group["differentiable"] and any(s.requires_grad for s in steps):
-            raise RuntimeError(
-                "`requires_grad` is not supported for `step` in differentiable mode"
-            )
-        state_steps.extend(steps)
+        exp_avgs.extend(found[0])
+        exp_avg_sqs.extend(found[1])
+        max_exp_avg_sqs.extend(found[2])
+        state_steps.extend(found[3])
         # Only torch's own step, which adam() runs for differentiable or
         # capturable groups it cannot fuse, reads has_complex; the kernels
         # see each tensor's dtype. Elsewhere the ~55 us per 161 params that
@@ -223,6 +218,35 @@ class Adam(_base.FusedOptimizer):
         if group["differentiable"] or group["capturable"]:
             return any(map(torch.is_complex, with_grad))
         return False
+
+    def _raise_in_torchs_order(self, group):
+        """torch's ``_init_group`` loop, param by param: raises what it raises first.
+
+        Only reached where some param makes torch's loop raise; params before
+        that one get their lazy state, as in torch.
+        """
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "Adam does not support sparse gradients, please consider SparseAdam instead"
+                )
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(group, state, p)
+            state["exp_avg"], state["exp_avg_sq"]  # noqa: B018 - KeyError, as torch
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"]  # noqa: B018
+            if group["differentiable"] and state["step"].requires_grad:
+                raise RuntimeError(
+                    "`requires_grad` is not supported for `step` in differentiable mode"
+                )
+            if group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
+                raise RuntimeError(
+                    "lr as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            state["step"]  # noqa: B018
 
     @staticmethod
     def _init_state(group, state, p):

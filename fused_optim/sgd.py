@@ -262,10 +262,18 @@ def _sgd_update(params, d_p_list, momentum_buffer_list, *, has_sparse_grad, grad
 
             if _base.unscale_for_fallback(d_p_list, grad_scale, found_inf):
                 return
-            torch_sgd(params, d_p_list, momentum_buffer_list, has_sparse_grad=has_sparse_grad,
-                      foreach=False, fused=False,
-                      weight_decay=weight_decay, momentum=momentum, lr=lr,
-                      dampening=dampening, nesterov=nesterov, maximize=maximize)
+
+            def run(ps, gs, states):
+                torch_sgd(ps, gs, states[0], has_sparse_grad=has_sparse_grad,
+                          foreach=False, fused=False,
+                          weight_decay=weight_decay, momentum=momentum, lr=lr,
+                          dampening=dampening, nesterov=nesterov, maximize=maximize)
+
+            bufs = list(momentum_buffer_list)
+            _base.with_sparse_grads_offset_free(run, list(params), d_p_list, [bufs])
+            for i, b in enumerate(momentum_buffer_list):
+                if b is None:  # the buffers torch made
+                    momentum_buffer_list[i] = bufs[i]
         return fallback
     if not params:
         return None
