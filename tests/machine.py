@@ -435,8 +435,10 @@ class Machine(RuleBasedStateMachine):
         ref, ours = self.worlds
         arena = ours.arenas[dtype]
         self._grads(seed)
-        stepped = [p for p in ours.all_params() if p.grad is not None]
-        live = [t for p in stepped for t in [p, *ours.opt.state.get(p, {}).values()]
+        # what the step reads: SGD without momentum leaves momentum buffers alone
+        live = [t for g in ours.opt.param_groups for p in g["params"] if p.grad is not None
+                for t in [p, *(ours.opt.state.get(p, {}).values()
+                               if g.get("momentum", 1) != 0 else ())]
                 if arena.owns(t)]
         if not live:
             return
@@ -457,7 +459,12 @@ class Machine(RuleBasedStateMachine):
             assert "outside its storage" in str(err) or not isinstance(
                 err, fused_optim._tables.StateMismatchError), err
         else:
-            raise AssertionError("a step over a shrunk storage was not refused")
+            raise AssertionError(
+                "a step over a shrunk storage was not refused: storage now "
+                f"{arena.buf.untyped_storage().nbytes()} bytes, live views (offset, "
+                "shape, stride) " + ", ".join(
+                    str((t.storage_offset(), tuple(t.shape), t.stride())) for t in live)
+                + f"; groups {[{k: v for k, v in g.items() if k != 'params'} for g in ours.opt.param_groups]}")
         for w, keep in zip(self.worlds, saved):
             buf = w.arenas[dtype].buf
             buf.untyped_storage().resize_(keep.numel() * keep.element_size())
