@@ -289,18 +289,20 @@ def with_sparse_grads_offset_free(reference, params, grads, states, *rest):
     copied back after: the update torch means, inside the tensor's memory.
     (The lists are the caller's own copies; their entries may be replaced.)
     """
-    back = []
+    copies = {}  # by identity: a param listed twice is stepped twice, on one copy
     for k, g in enumerate(grads):
         if isinstance(g, torch.Tensor) and g.layout != torch.strided:
             for lst in [params, *(s for s in states if s is not None)]:
                 t = lst[k]
                 if (isinstance(t, torch.Tensor) and t.layout == torch.strided
                         and t.storage_offset() != 0):
-                    lst[k] = t.detach().clone(memory_format=torch.contiguous_format)
-                    back.append((t, lst[k]))
+                    if id(t) not in copies:
+                        copies[id(t)] = (t, t.detach().clone(
+                            memory_format=torch.contiguous_format))
+                    lst[k] = copies[id(t)][1]
     made = reference(params, grads, states, *rest)
     with torch.no_grad():
-        for t, copy in back:
+        for t, copy in copies.values():
             t.copy_(copy)
     return made
 

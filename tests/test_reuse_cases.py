@@ -8,6 +8,7 @@ own step would read or write outside a tensor's memory, a clear error.
 """
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -111,16 +112,21 @@ def test_grads_with_lazy_conj_or_neg_bits(name, bit, backend):
     assert_same(scenario, backend)
 
 
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "listed twice"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_sparse_grad_of_a_view_is_written_inside_it(momentum, backend):
+def test_sparse_grad_of_a_view_is_written_inside_it(momentum, twice, backend):
     """torch 2.13's dense.add_(sparse) writes at twice a view's storage offset,
     so torch's own SGD updates the wrong elements (and past the allocation
-    for a view far enough in). fused_optim updates the view itself."""
+    for a view far enough in). fused_optim updates the view itself; a param
+    listed twice is stepped twice, as torch's loop does."""
     base = torch.zeros(64)
     p = base[20:28].requires_grad_()
     alone = torch.zeros(8).requires_grad_()  # the same update, at offset 0
-    opts = [fused_optim.SGD([p], lr=0.5, momentum=momentum, backend=backend),
-            torch.optim.SGD([alone], lr=0.5, momentum=momentum, foreach=False)]
+    k = 2 if twice else 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about a duplicated param
+        opts = [fused_optim.SGD([p] * k, lr=0.5, momentum=momentum, backend=backend),
+                torch.optim.SGD([alone] * k, lr=0.5, momentum=momentum, foreach=False)]
     for k in range(3):
         g = torch.arange(8.0) + k
         p.grad, alone.grad = g.to_sparse(), g.to_sparse()
