@@ -154,6 +154,8 @@ def bench_case(request):
     case's params and grads; building is not timed."""
     case = request.param
     shapes, params, grads = _data(case)
+    if case.impl == bench.COMPILED or case.impl in bench.COMPILED_BACKENDS:
+        bench.fresh_compile_caches()
     runner = bench.make_runner(case.impl, bench.OPTIMIZERS[case.optimizer], params, grads)
     yield case, shapes, runner
     del runner

@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import optimizer as _optimizer_module
 
-from . import _backend, _facts, _tables
+from . import _backend, _facts, _ops, _tables
 
 
 def _grad_mode_for_differentiable(step):
@@ -60,7 +60,9 @@ def _step_with_hooks(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         self = args[0]
-        if torch.autograd._profiler_enabled():
+        # (dynamo cannot trace the bool _profiler_enabled returns: skipped
+        # while compiling, where torch ignores record_function anyway)
+        if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
             with torch.autograd.profiler.record_function(
                     f"Optimizer.step#{self.__class__.__name__}.step"):
                 return _hooked_call(func, self, args, kwargs)
@@ -118,6 +120,7 @@ class FusedOptimizer(Optimizer):
     def __init__(self, params, defaults, backend):
         self.backend = _backend.requested(backend)
         self._plans = {}  # group index -> validated _tables.Plan
+        self._handle = _ops.register_optimizer(self)  # how the step operator finds _plans
         super().__init__(params, defaults)
 
     def __getstate__(self):
@@ -133,6 +136,7 @@ class FusedOptimizer(Optimizer):
         # their state storages alive: never copied, and dropped when
         # load_state_dict (which comes through here) replaces the state
         self._plans = {}
+        self._handle = _ops.register_optimizer(self)
 
     @property
     def last_step_skipped(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _base
+from . import _backend, _base, _ops
 
 __all__ = ["Adam", "AdamW", "adam", "adamw"]
 
@@ -271,7 +271,8 @@ class Adam(_base.FusedOptimizer):
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
         """
-        if _base.accelerator_present():
+        # (torch's check is a no-op while compiling too)
+        if not torch.compiler.is_compiling() and _base.accelerator_present():
             check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
                 self, "_cuda_graph_capture_health_check", None)
             if check is not None:
@@ -283,9 +284,8 @@ class Adam(_base.FusedOptimizer):
                 loss = closure()
         grad_scale, found_inf = self._amp_args()
 
-        # Every group is validated before any is written (see SGD.step).
-        pending = []
-        for index, group in enumerate(self.param_groups):
+        jobs = []
+        for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
             exp_avgs: list[Tensor] = []
@@ -295,28 +295,14 @@ class Adam(_base.FusedOptimizer):
             beta1, beta2 = group["betas"]
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs,
                                            max_exp_avg_sqs, state_steps)
-            pending.append(_adam_update(
-                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                amsgrad=group["amsgrad"],
-                has_complex=has_complex,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                capturable=group["capturable"],
-                differentiable=group["differentiable"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                backend=self.backend,
-                cache=self._plans,
-                key=index,
-            ))
-        for update in pending:
-            if update is not None:
-                update()
+            jobs.append(_ops.Job(
+                params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps], [],
+                _hyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                       group["amsgrad"], group["maximize"], group["capturable"],
+                       group["differentiable"], group["decoupled_weight_decay"],
+                       has_complex)))
+        ADAM_STEP(jobs, grad_scale, found_inf, self.backend, self._handle,
+                  traceable=not any(job.hyper["differentiable"] for job in jobs))
         return loss
 
 
@@ -402,15 +388,43 @@ def adam(
 
     See :class:`Adam` for the arguments. ``state_steps`` are advanced by one.
     """
-    update = _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                          capturable=capturable, differentiable=differentiable,
-                          grad_scale=grad_scale, found_inf=found_inf,
-                          has_complex=has_complex,
-                          decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
-                          beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
-                          eps=eps, maximize=maximize, backend=backend)
-    if update is not None:
-        update()
+    job = _ops.Job(params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps], [],
+                   _hyper(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, capturable,
+                          differentiable, decoupled_weight_decay, has_complex))
+    ADAM_STEP([job], grad_scale, found_inf, backend or "auto", _ops.NO_CACHE,
+              traceable=not differentiable)
+
+
+def _hyper(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, capturable, differentiable,
+           decoupled_weight_decay, has_complex):
+    return dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                amsgrad=amsgrad, maximize=maximize, capturable=capturable,
+                differentiable=differentiable, decoupled_weight_decay=decoupled_weight_decay,
+                has_complex=has_complex)
+
+
+def _compiled_semantics(hyper, params, compiled):
+    """``hyper`` as torch's compiled step reads it.
+
+    Dynamo traces every group with ``capturable`` True, and torch's step
+    then skips its device check; on CPU params the update is the same, so
+    a traced CPU group runs as an eager one, on the kernels.
+    """
+    if compiled and hyper["capturable"] and any(p.device.type == "cpu" for p in params):
+        hyper = dict(hyper, capturable=False)
+    return hyper
+
+
+def _run(jobs, grad_scale, found_inf, backend, cache, compiled):
+    """One step of every job: all are validated before any is written (see sgd._run)."""
+    pending = [_adam_update(job.params, job.grads, *job.states,
+                            **_compiled_semantics(job.hyper, job.params, compiled),
+                            grad_scale=grad_scale, found_inf=found_inf, backend=backend,
+                            cache=cache, key=key)
+               for key, job in enumerate(jobs)]
+    for update in pending:
+        if update is not None:
+            update()
 
 
 def _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
@@ -478,3 +492,12 @@ def adamw(*args, **kwargs) -> None:
     r"""Functional AdamW: :func:`adam` with ``decoupled_weight_decay=True``."""
     kwargs["decoupled_weight_decay"] = True
     adam(*args, **kwargs)
+
+
+#: ``fused_optim::adam_step``: a whole Adam/AdamW step as one operator (see _ops)
+ADAM_STEP = _ops.UpdateOp(
+    "adam_step", states=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+    scalars=("lr", "beta1", "beta2", "eps", "weight_decay"),
+    switches=("amsgrad", "maximize", "capturable", "differentiable",
+              "decoupled_weight_decay", "has_complex"),
+    run=_run)

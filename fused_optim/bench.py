@@ -343,15 +343,24 @@ SIZES: dict[str, Size] = {
 #: Implementation ids in report order: fused_optim backends, torch.optim's
 #: three paths, the ceiling. ``torch`` is fused_optim's pure-torch reference.
 BACKEND_IMPLS = ("numba", "triton", "torch")
-BASELINE_IMPLS = ("for-loop", "foreach", "fused")
+#: torch.optim's default step under ``torch.compile`` (what HeavyBall and
+#: optimi call the fastest compiled path); asking for it also times each
+#: fused_optim backend's step under ``torch.compile`` ("<backend>-compiled").
+COMPILED = "compiled"
+BASELINE_IMPLS = ("for-loop", "foreach", "fused", COMPILED)
+#: Baselines timed when none are named: compiling costs seconds per case.
+DEFAULT_BASELINES = ("for-loop", "foreach", "fused")
+COMPILED_BACKENDS = tuple(f"{b}-compiled" for b in BACKEND_IMPLS)
 CEILING = "ceiling"
-IMPLS = BACKEND_IMPLS + BASELINE_IMPLS + (CEILING,)
+IMPLS = BACKEND_IMPLS + COMPILED_BACKENDS + BASELINE_IMPLS + (CEILING,)
 #: The implementation the paired ratio divides by.
 REFERENCE = "fused"
 
 _LABELS = {"numba": "fused_optim numba", "triton": "fused_optim triton",
            "torch": "fused_optim torch", "for-loop": "torch for-loop",
-           "foreach": "torch foreach", "fused": "torch fused", CEILING: "ceiling"}
+           "foreach": "torch foreach", "fused": "torch fused",
+           COMPILED: "torch compiled", CEILING: "ceiling",
+           **{f"{b}-compiled": f"fused_optim {b} compiled" for b in BACKEND_IMPLS}}
 
 
 @dataclass
@@ -367,6 +376,9 @@ class Runner:
     impl: str
     step: Callable[[], object]
     keep: object = None
+    #: compiled implementations: seconds of the first call (compilation
+    #: and one step), made when the runner is built
+    compile_s: float | None = None
 
 
 def make_data(shapes: ShapeList, dtype: torch.dtype, device, seed: int = 0):
@@ -405,16 +417,42 @@ def make_runner(impl: str, spec: OptimizerSpec, params, grads) -> Runner:
     if impl == CEILING:
         return _ceiling_runner(spec, params, grads)
     leaves = _leaves(params, grads)
-    if impl in BACKEND_IMPLS:
+    base = impl.removesuffix("-compiled")
+    if base in BACKEND_IMPLS:
         import fused_optim
-        opt = getattr(fused_optim, spec.cls)(leaves, backend=impl, **spec.kwargs)
+        opt = getattr(fused_optim, spec.cls)(leaves, backend=base, **spec.kwargs)
     elif impl in BASELINE_IMPLS:
         switch = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
-                  "fused": dict(fused=True)}[impl]
+                  "fused": dict(fused=True), COMPILED: {}}[impl]
         opt = getattr(torch.optim, spec.cls)(leaves, **switch, **spec.kwargs)
     else:
         raise BenchError(f"unknown implementation {impl!r} (known: {', '.join(IMPLS)})")
+    if impl == COMPILED or impl in COMPILED_BACKENDS:
+        return _compiled_runner(impl, opt, leaves)
     return Runner(impl, opt.step, (opt, leaves))
+
+
+def fresh_compile_caches() -> None:
+    """Forget dynamo's compiled frames before a case's compiled runners are built.
+
+    Every optimizer of a class shares ``step``'s code object, and dynamo
+    keeps one guarded entry per optimizer on it, up to its recompile limit
+    (8), after which it silently runs the frame eagerly: without this, the
+    ninth case of a class would time an eager step as "compiled".
+    """
+    torch._dynamo.reset()
+
+
+def _compiled_runner(impl: str, opt, keep) -> Runner:
+    # The pattern of torch's compiled-optimizer tutorial: the step inside a
+    # compiled function, with the optimizer's own defaults.
+    @torch.compile
+    def step():
+        opt.step()
+
+    t0 = time.perf_counter()
+    step()
+    return Runner(impl, step, (opt, keep), compile_s=time.perf_counter() - t0)
 
 
 def _ceiling_runner(spec: OptimizerSpec, params, grads) -> Runner:
@@ -552,8 +590,8 @@ def available_impls(spec: OptimizerSpec, dtype: torch.dtype, device,
     device = torch.device(device)
     ok, skipped = [], {}
     for impl in wanted:
-        if impl in BACKEND_IMPLS:
-            why = _backend_problem(impl, spec, dtype, device)
+        if impl.removesuffix("-compiled") in BACKEND_IMPLS:
+            why = _backend_problem(impl.removesuffix("-compiled"), spec, dtype, device)
         elif impl in BASELINE_IMPLS:
             why = _baseline_problem(impl, spec, dtype, device)
         elif impl == CEILING:
@@ -597,6 +635,7 @@ class CaseResult:
     times: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
+    compile_s: dict = field(default_factory=dict)
 
     def median(self, impl: str) -> float:
         """Median step time of ``impl`` in seconds."""
@@ -812,12 +851,15 @@ def run_case(shapes: ShapeList, spec: OptimizerSpec, dtype_name: str, device,
     params, grads = make_data(shapes, dtype, device, seed)
     failed = {}
     runners = []
+    if any(i == COMPILED or i in COMPILED_BACKENDS for i in impls):
+        fresh_compile_caches()
     for impl in impls:
         try:
             runners.append(make_runner(impl, spec, params, grads))
         except Exception as err:  # noqa: BLE001 - reported, the others go on
             _report_failure(failed, impl, err)
     del params, grads
+    compile_s = {r.impl: r.compile_s for r in runners if r.compile_s is not None}
     times = interleaved(runners, rounds, warmup, device=device, seed=seed,
                         min_rounds=min_rounds, max_rounds=max_rounds,
                         target_s=target_s, progress=progress, failed=failed)
@@ -828,7 +870,7 @@ def run_case(shapes: ShapeList, spec: OptimizerSpec, dtype_name: str, device,
         optimizer=spec.name, dtype=dtype_name, device=str(device),
         bytes_per_step=spec.bytes_per_step(shapes.numel, itemsize),
         rounds=max((len(t) for t in times.values()), default=0), warmup=warmup,
-        times=times, skipped=dict(skipped or {}), failed=failed)
+        times=times, skipped=dict(skipped or {}), failed=failed, compile_s=compile_s)
 
 
 # ------------------------------------------------------------------ reporting
@@ -887,6 +929,12 @@ def _notes(results) -> list:
     notes.append("median of " + "/".join(map(str, rounds)) + " interleaved rounds; "
                  "% ceil and vs fused are medians of per-round ratios "
                  "(vs fused < 1 is faster than torch fused)")
+    for r in results:
+        if r.compile_s:
+            notes.append(f"first call (compile + one step), {r.list} {r.optimizer} {r.dtype}: "
+                         + ", ".join(f"{_LABELS.get(i, i)} {s:.1f} s"
+                                     for i, s in sorted(r.compile_s.items(),
+                                                        key=lambda kv: IMPLS.index(kv[0]))))
     seen = set()
     for r in results:
         for impl, why in r.skipped.items():
@@ -1094,8 +1142,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sel.add_argument("--all-backends", action="store_true",
                      help="also time fused_optim's slow pure-torch reference backend")
     sel.add_argument("--baselines", metavar="NAMES",
-                     help="torch.optim paths: for-loop, foreach, fused (default: all); "
-                     "'none' for none")
+                     help="torch.optim paths: for-loop, foreach, fused, compiled "
+                     "(default: for-loop,foreach,fused); 'none' for none. compiled is "
+                     "torch.optim's step under torch.compile, and also times each "
+                     "fused_optim backend's step under torch.compile")
     sel.add_argument("--no-ceiling", action="store_true",
                      help="skip the memory-ceiling kernel")
     sel.add_argument("--devices", metavar="NAMES",
@@ -1195,7 +1245,8 @@ def _plan(args) -> tuple[list, dict]:
     if args.baselines is not None and args.baselines.strip() == "none":
         baselines = []
     else:
-        baselines = _split_names(args.baselines, BASELINE_IMPLS, "baseline") or list(BASELINE_IMPLS)
+        baselines = (_split_names(args.baselines, BASELINE_IMPLS, "baseline")
+                     or list(DEFAULT_BASELINES))
     if backends is not None:
         for b in backends:
             if b == "triton" and not torch.cuda.is_available():
@@ -1226,7 +1277,9 @@ def _plan(args) -> tuple[list, dict]:
                 why = _backend_problem(b, spec, DTYPES[dt], torch.device(dev))
                 if why:
                     raise BenchError(f"backend {b!r} cannot run {opt} {dt} on {dev}: {why}")
-        wanted = wanted_backends + baselines + ([] if args.no_ceiling else [CEILING])
+        compiled = [f"{b}-compiled" for b in wanted_backends] if COMPILED in baselines else []
+        wanted = (wanted_backends + compiled + baselines
+                  + ([] if args.no_ceiling else [CEILING]))
         impls, skipped = available_impls(spec, DTYPES[dt], dev, wanted)
         if backends is None and "cuda" not in devices:
             skipped["triton"] = "needs a CUDA GPU and torch.cuda.is_available() is False"

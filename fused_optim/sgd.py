@@ -3,12 +3,11 @@ r"""Fused stochastic gradient descent."""
 from __future__ import annotations
 
 from itertools import repeat
-from operator import is_
 
 import torch
 from torch import Tensor
 
-from . import _base
+from . import _base, _ops
 
 __all__ = ["SGD", "sgd"]
 
@@ -171,45 +170,28 @@ class SGD(_base.FusedOptimizer):
                 loss = closure()
         grad_scale, found_inf = self._amp_args()
 
-        # Every group is validated before any is written: a bad tensor in the
-        # last group raises with the first untouched (torch's loop has
-        # updated the groups before it by then).
-        pending = []
-        for index, group in enumerate(self.param_groups):
+        jobs, made = [], []
+        for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
             momentum_buffer_list: list[Tensor | None] = []
             has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
-            missing = ([i for i, b in enumerate(momentum_buffer_list) if b is None]
-                       if any(map(is_, momentum_buffer_list, repeat(None))) else ())
-            update = _sgd_update(
-                params,
-                grads,
-                momentum_buffer_list,
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                lr=group["lr"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                capturable=group.get("capturable", False),
-                has_sparse_grad=has_sparse_grad,
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                differentiable=group["differentiable"],
-                backend=self.backend,
-                cache=self._plans,
-                key=index,
-            )
-            pending.append((update, params, momentum_buffer_list, missing))
-
-        for update, params, momentum_buffer_list, missing in pending:
-            if update is not None:
-                update()
-            if missing:  # buffers the update created; None: a skipped (AMP inf) first step
-                for i in missing:
-                    if momentum_buffer_list[i] is not None:
-                        self.state[params[i]]["momentum_buffer"] = momentum_buffer_list[i]
+            hyper = _hyper(group["lr"], group["weight_decay"], group["momentum"],
+                           group["dampening"], group["nesterov"], group["maximize"],
+                           group.get("capturable", False), group["differentiable"],
+                           has_sparse_grad)
+            missing = [i for i, b in enumerate(momentum_buffer_list) if b is None]
+            job = _job(params, grads, momentum_buffer_list, hyper, found_inf)
+            if job is not None:
+                jobs.append(job)
+                made.append((params, momentum_buffer_list, missing))
+        if jobs:
+            SGD_STEP(jobs, grad_scale, found_inf, self.backend, self._handle,
+                     traceable=not any(_torch_only(job.hyper) for job in jobs))
+        for params, momentum_buffer_list, missing in made:
+            for i in missing:  # the buffers this step created
+                if momentum_buffer_list[i] is not None:
+                    self.state[params[i]]["momentum_buffer"] = momentum_buffer_list[i]
 
         return loss
 
@@ -240,21 +222,74 @@ def sgd(
     buffers. See :class:`SGD` for the arguments; ``foreach`` and ``fused`` are
     accepted for signature compatibility with ``torch.optim.sgd``.
     """
-    update = _sgd_update(params, d_p_list, momentum_buffer_list, has_sparse_grad=has_sparse_grad,
-                         grad_scale=grad_scale, found_inf=found_inf, weight_decay=weight_decay,
-                         momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov,
-                         maximize=maximize, capturable=capturable,
-                         differentiable=differentiable, backend=backend)
-    if update is not None:
-        update()
+    hyper = _hyper(lr, weight_decay, momentum, dampening, nesterov, maximize, capturable,
+                   differentiable, has_sparse_grad)
+    job = _job(params, d_p_list, momentum_buffer_list, hyper, found_inf)
+    if job is not None:
+        SGD_STEP([job], grad_scale, found_inf, backend or "auto", _ops.NO_CACHE,
+                 traceable=not _torch_only(job.hyper))
 
 
-def _sgd_update(params, d_p_list, momentum_buffer_list, *, has_sparse_grad, grad_scale,
+def _hyper(lr, weight_decay, momentum, dampening, nesterov, maximize, capturable,
+           differentiable, has_sparse_grad):
+    return dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                nesterov=nesterov, maximize=maximize, capturable=capturable,
+                differentiable=differentiable, has_sparse_grad=has_sparse_grad)
+
+
+def _torch_only(hyper):
+    """Groups that run torch's own ops (autograd and dynamo must see them)."""
+    return hyper["differentiable"] or hyper["has_sparse_grad"]
+
+
+def _job(params, grads, momentum_buffer_list, hyper, found_inf):
+    """A group's :class:`~fused_optim._ops.Job`, its new momentum buffers made.
+
+    The buffers torch's loop would create this step (None entries, filled in
+    place) are allocated here, before the update, which writes them whole:
+    the kernels take them as state like any other, flagged ``fresh``. None
+    means the group has nothing to do: a first momentum step that GradScaler
+    skips must not leave unwritten buffers behind (the next real step is the
+    first). That reads found_inf on the host, once, only while some buffer
+    has yet to be created.
+    """
+    if _torch_only(hyper):  # torch's loop creates its buffers
+        return _ops.Job(params, grads, [momentum_buffer_list], [], hyper)
+    if hyper["momentum"] == 0:
+        return _ops.Job(params, grads, [[]], [], hyper)
+    fresh = [b is None for b in momentum_buffer_list]
+    if True in fresh:
+        if found_inf is not None and bool(found_inf != 0):
+            return None
+        for i, new in enumerate(fresh):
+            if new:
+                momentum_buffer_list[i] = torch.empty_like(
+                    params[i], memory_format=torch.preserve_format)
+    return _ops.Job(params, grads, [momentum_buffer_list], fresh, hyper)
+
+
+def _run(jobs, grad_scale, found_inf, backend, cache, compiled):
+    """One step of every job: all are validated before any is written.
+
+    A bad tensor in the last group raises with the first untouched (torch's
+    loop has updated the groups before it by then).
+    """
+    pending = [_sgd_update(job.params, job.grads, job.states[0], job.fresh, **job.hyper,
+                           grad_scale=grad_scale, found_inf=found_inf, backend=backend,
+                           cache=cache, key=key)
+               for key, job in enumerate(jobs)]
+    for update in pending:
+        if update is not None:
+            update()
+
+
+def _sgd_update(params, d_p_list, momentum_buffer_list, fresh, *, has_sparse_grad, grad_scale,
                 found_inf, weight_decay, momentum, lr, dampening, nesterov, maximize,
                 capturable, differentiable, backend, cache=None, key=None):
     """Validate one group's SGD update; return what writes it (None: nothing to do).
 
     Everything that can raise happens here, before any tensor is written.
+    ``fresh`` flags the momentum buffers created for this step (see _job).
     """
     if has_sparse_grad or differentiable:
         def fallback():
@@ -277,21 +312,10 @@ def _sgd_update(params, d_p_list, momentum_buffer_list, *, has_sparse_grad, grad
         return fallback
     if not params:
         return None
-    fresh = None
-    states = [[None] * len(params)]
     if momentum != 0:
-        fresh = list(map(is_, momentum_buffer_list, repeat(None)))
-        if any(fresh):
-            if found_inf is not None and bool(found_inf != 0):
-                # A skipped first step must not leave unwritten buffers behind:
-                # the next real step is the first. This reads found_inf on the
-                # host, once, only while some buffer has yet to be created.
-                return None
-            for i, b in enumerate(momentum_buffer_list):
-                if b is None:
-                    momentum_buffer_list[i] = torch.empty_like(
-                        params[i], memory_format=torch.preserve_format)
         states = [momentum_buffer_list]
+    else:
+        fresh, states = None, [[None] * len(params)]
     hyper = dict(lr=_base.scalar(lr, keep_tensor=capturable),
                  weight_decay=_base.scalar(weight_decay),
                  momentum=float(momentum), dampening=float(dampening),
@@ -313,3 +337,11 @@ def _sgd_update(params, d_p_list, momentum_buffer_list, *, has_sparse_grad, grad
     return _base.prepare_update("sgd", _base.backend_name(backend), params, d_p_list, states,
                                 ("momentum_buffer",), hyper, reference, fresh=fresh,
                                 cache=cache, key=key)
+
+
+#: ``fused_optim::sgd_step``: a whole SGD step as one operator (see _ops)
+SGD_STEP = _ops.UpdateOp(
+    "sgd_step", states=("momentum_buffers",),
+    scalars=("lr", "weight_decay", "momentum", "dampening"),
+    switches=("nesterov", "maximize", "capturable", "differentiable", "has_sparse_grad"),
+    run=_run, has_fresh=True)
