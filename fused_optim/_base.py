@@ -171,6 +171,9 @@ def params_with_grads(group_params):
     Returns:
         (params, grads): two lists in group order.
     """
+    if torch.compiler.is_compiling():  # dynamo traces comprehensions, not attrgetter
+        with_grad = [p for p in group_params if p.grad is not None]
+        return with_grad, [p.grad for p in with_grad]
     grads = list(map(_GRAD, group_params))
     if any(map(is_, grads, repeat(None))):
         keep = list(map(is_not, grads, repeat(None)))
@@ -179,8 +182,29 @@ def params_with_grads(group_params):
 
 
 def state_values(states, key):
-    """``state[key]`` of every per-param state dict (KeyError if missing, as torch)."""
+    """``state[key]`` of every per-param state dict (KeyError if missing, as torch).
+
+    These helpers run for every param at every step: one C-level ``map`` per
+    fact eagerly; a comprehension while dynamo traces (it cannot trace
+    ``attrgetter`` or unbound ``dict`` methods, and traces ``_init_group``
+    itself where its own interception gives up, as under GradScaler).
+    """
+    if torch.compiler.is_compiling():
+        return [state[key] for state in states]
     return list(map(dict.__getitem__, states, repeat(key)))
+
+
+def state_gets(all_state, params, key):
+    """``all_state[p].get(key)`` of every param (None where missing)."""
+    if torch.compiler.is_compiling():
+        return [all_state[p].get(key) for p in params]
+    return list(map(dict.get, map(all_state.__getitem__, params), repeat(key)))
+
+
+def any_sparse(grads) -> bool:
+    if torch.compiler.is_compiling():
+        return any(g.is_sparse for g in grads)
+    return any(map(IS_SPARSE, grads))
 
 
 def _local(ts):
@@ -279,6 +303,15 @@ def _torch_rows(rows, params, grads, states, steps, fresh, reference):
     if made is not None:  # the buffers of this step's first momentum step
         for i, buf, new in zip(rows, made, fr):
             if new:
+                # Behind the step operator (compiled steps) the caller keeps
+                # the buffer it allocated for this row, not the list entry:
+                # it gets the values of torch's. Eagerly the entry replaces
+                # it, and the state holds torch's own buffer (sparse for a
+                # sparse grad, as in torch).
+                mine = states[0][i]
+                if isinstance(mine, torch.Tensor) and mine is not buf:
+                    with torch.no_grad():
+                        mine.copy_(buf.to_dense() if buf.layout != torch.strided else buf)
                 states[0][i] = buf
 
 

@@ -20,6 +20,15 @@ operator 100 us, the Python call 3 us; a whole eager SGD step of that list
 costs ~700 us. ``DISPATCH_EAGER = True`` routes eager steps through the
 operator too; the tests run the parity suite both ways.
 
+CUDA graphs: the operators are tagged ``cudagraph_unsafe``, so under
+``mode="reduce-overhead"`` Inductor keeps them out of captured graphs and
+they run as eager launches between them (same results). Not yet proven
+safe inside a capture: the Triton launcher keeps device copies of tables
+in LRU caches that an eager step can evict while a captured graph would
+still replay their addresses, and a plan rebuilt during capture would
+upload from host memory. Lifting the tag for capturable groups waits for
+the GPU device check (issue 13).
+
 Encoding (what dynamo traces): per group, its params, grads and state lists
 (each a list as long as the params, or empty where the group has no such
 state), the hyperparameters as ``float[]`` with a ``Tensor?[]`` beside them
@@ -39,6 +48,10 @@ __all__ = ["Job", "UpdateOp", "DISPATCH_EAGER", "register_optimizer", "cache_of"
 
 #: Route eager steps through the dispatcher as compiled ones are (tests).
 DISPATCH_EAGER = False
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: devices whose dispatch key reaches the real kernel (CompositeExplicitAutograd)
+_KERNEL_DEVICES = ("cpu", "cuda")
 
 LIB = torch.library.Library("fused_optim", "DEF")
 
@@ -105,7 +118,8 @@ class UpdateOp:
             f"{name}(Tensor(a!)[] params, Tensor[] grads, {mutable}, bool[] fresh, "
             "int[] group_sizes, bool[] state_present, float[] scalars, "
             "Tensor?[] scalar_tensors, bool[] switches, Tensor? grad_scale, "
-            "Tensor? found_inf, str backend, int handle, bool compiled) -> ()")
+            "Tensor? found_inf, str backend, int handle, bool compiled) -> ()",
+            tags=(torch.Tag.cudagraph_unsafe,))
         LIB.impl(name, self._kernel, "CompositeExplicitAutograd")
         torch.library.register_fake(f"fused_optim::{name}", _nothing, lib=LIB)
         self.op = getattr(torch.ops.fused_optim, name).default
@@ -117,11 +131,41 @@ class UpdateOp:
         ``traceable=False`` (autograd through the step, sparse grads: torch's
         own ops, which autograd and dynamo must see) always calls ``run``.
         """
-        if traceable and (DISPATCH_EAGER or torch.compiler.is_compiling()):
-            self.op(*self.encode(jobs), grad_scale, found_inf, backend, handle,
-                    torch.compiler.is_compiling())
+        compiling = torch.compiler.is_compiling()
+        if traceable and (DISPATCH_EAGER or compiling) and self.encodable(jobs):
+            self.op(*self.encode(jobs), grad_scale, found_inf, backend, handle, compiling)
+        elif compiling:  # a graph break; the step runs eagerly
+            torch.compiler.disable(self.run)(jobs, grad_scale, found_inf, backend,
+                                             cache_of(handle), True)
         else:
             self.run(jobs, grad_scale, found_inf, backend, cache_of(handle), False)
+
+    def encodable(self, jobs) -> bool:
+        """Whether the operator can carry ``jobs`` as ``run`` receives them.
+
+        Plain strided tensors on a device with a real kernel (on "meta" the
+        dispatcher would pick the fake one), without lazy conj or neg bits
+        (the dispatcher's fallbacks resolve those into copies, and a write
+        to a copy is lost), and hyperparameters that are numbers or
+        Tensors. Anything else (old checkpoints' float steps, DTensors,
+        sparse grads) goes to ``run`` directly, which gives torch's answer.
+        """
+        # (dynamo cannot trace is_conj()/is_neg(), which return a bool.
+        # Through the dispatcher, its math-bit fallbacks hand the kernel
+        # resolved tensors: checked for a neg-bit grad, not for complex
+        # conj-bit params, which eager steps keep off the operator.)
+        bits = not torch.compiler.is_compiling()
+        for job in jobs:
+            for tensors in (job.params, job.grads, *job.states):
+                for t in tensors:
+                    if not (type(t) in _PLAIN and t.layout == torch.strided
+                            and t.device.type in _KERNEL_DEVICES
+                            and not (bits and (t.is_conj() or t.is_neg()))):
+                        return False
+            for name in self.scalars:
+                if not isinstance(job.hyper[name], (int, float, torch.Tensor)):
+                    return False
+        return True
 
     def encode(self, jobs):
         """The operator's tensor lists and per-group values, from ``jobs``."""
@@ -182,7 +226,13 @@ class UpdateOp:
          backend, handle, compiled) = rest
         jobs = self.decode(params, grads, states, fresh, sizes, present, scalars,
                            scalar_tensors, switches)
-        self.run(jobs, grad_scale, found_inf, backend, cache_of(handle), compiled)
+        opt = _OPTIMIZERS.get(handle) if handle != NO_CACHE else None
+        if opt is not None:
+            # (set by the traced step too, but dynamo 2.13 drops that store
+            # on an optimizer: last_step_skipped read nothing after compiled steps)
+            opt._last_found_inf = found_inf
+        self.run(jobs, grad_scale, found_inf, backend, None if opt is None else opt._plans,
+                 compiled)
 
 
 def _nothing(*args, **kwargs):

@@ -185,12 +185,12 @@ class Adam(_base.FusedOptimizer):
         with_grad, their_grads = _base.params_with_grads(group["params"])
         if not with_grad:
             return False
-        if (any(map(_base.IS_SPARSE, their_grads))
+        if (_base.any_sparse(their_grads)
                 or (group["foreach"] and torch.is_tensor(group["lr"])
                     and not group["capturable"])):
             self._raise_in_torchs_order(group)
         all_state = self.state
-        states = list(map(all_state.__getitem__, with_grad))
+        states = [all_state[p] for p in with_grad]
         if not all(states):  # lazy state initialization of new params
             for p, state in zip(with_grad, states):
                 if len(state) == 0:

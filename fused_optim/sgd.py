@@ -2,7 +2,6 @@ r"""Fused stochastic gradient descent."""
 
 from __future__ import annotations
 
-from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -148,8 +147,8 @@ class SGD(_base.FusedOptimizer):
         params.extend(with_grad)
         grads.extend(their_grads)
         if group["momentum"] != 0:
-            momentum_buffer_list.extend(map(
-                dict.get, map(self.state.__getitem__, with_grad), repeat("momentum_buffer")))
+            momentum_buffer_list.extend(
+                _base.state_gets(self.state, with_grad, "momentum_buffer"))
         # torch returns whether a grad is sparse, to choose its foreach path.
         # Here the plan finds sparse grads itself (not strided: such a row
         # runs torch's for-loop), and the ~20 us a map over 161 grads costs

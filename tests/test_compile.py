@@ -1,0 +1,373 @@
+"""torch.compile with fused_optim: the compiled-optimizer pattern runs the kernels.
+
+Every compiled step here is checked three ways: bit for bit against the same
+steps of an eager fused_optim optimizer (itself checked against torch.optim
+elsewhere), by counting the backend's kernel launches, and by seeing the
+step arrive through the ``fused_optim::*_step`` operator with its
+``compiled`` flag set (so dynamo traced the step, not skipped it).
+Compiling costs seconds per graph on the 2-core CI machine, so the cases are
+few and each covers several things (two param groups with different
+hyperparameters, a bf16 param, state of every kind).
+"""
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import fused_optim
+import fused_optim.kernels.numba as numba_backend
+from fused_optim import _ops
+from fused_optim.adam import ADAM_STEP
+from fused_optim.sgd import SGD_STEP
+
+STEPS = 4
+
+CASES = [
+    pytest.param("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+                 id="SGD-nesterov"),
+    pytest.param("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3), id="SGD-dampening"),
+    pytest.param("SGD", dict(lr=0.1), id="SGD-plain"),
+    pytest.param("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1), id="Adam-amsgrad"),
+    pytest.param("AdamW", dict(lr=0.01, weight_decay=0.1, maximize=True), id="AdamW-maximize"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts of the Numba backend's kernel launches and of the operator's
+    ``run`` calls that came through a traced graph."""
+    seen = {"kernels": 0, "compiled_runs": 0, "eager_runs": 0}
+
+    def count_kernel(fn):
+        def wrapper(*args, **kwargs):
+            seen["kernels"] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(numba_backend, "sgd", count_kernel(numba_backend.sgd))
+    monkeypatch.setattr(numba_backend, "adam", count_kernel(numba_backend.adam))
+
+    for op in (SGD_STEP, ADAM_STEP):
+        def run(jobs, grad_scale, found_inf, backend, cache, compiled, _run=op.run):
+            seen["compiled_runs" if compiled else "eager_runs"] += 1
+            return _run(jobs, grad_scale, found_inf, backend, cache, compiled)
+        monkeypatch.setattr(op, "run", run)
+    return seen
+
+
+def _params():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(37, 5, generator=gen), torch.randn(70, generator=gen),
+            torch.randn(3, generator=gen).bfloat16(), torch.randn(20, generator=gen)]
+
+
+def _groups(params, kwargs):
+    """Two groups: the config, and a second with half the lr and no decay."""
+    second = dict(lr=kwargs["lr"] * 0.5, weight_decay=0.0)
+    return [{"params": params[:3]}, {"params": params[3:], **second}]
+
+
+def _make(name, kwargs, lr_tensor=False):
+    params = [p.clone().requires_grad_() for p in _params()]
+    kw = dict(kwargs)
+    if lr_tensor:
+        kw["lr"] = torch.tensor(kw["lr"])
+        groups = [{"params": params}]
+    else:
+        groups = _groups(params, kw)
+    return params, getattr(fused_optim, name)(groups, backend="numba", **kw)
+
+
+def _grads(step, params, scale=1.0):
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+
+
+def _assert_same(opt_a, params_a, opt_b, params_b):
+    """Params and every state tensor bit for bit."""
+    for pa, pb in zip(params_a, params_b):
+        assert torch.equal(pa, pb)
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert set(sa) == set(sb)
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+def test_compiled_model_with_eager_optimizer():
+    """torch.compile(model) and an eager fused AdamW: torch.optim's results."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(),
+                                  torch.nn.Linear(32, 4))]
+    models.append(copy.deepcopy(models[0]))
+    init = [p.detach().clone() for p in models[0].parameters()]
+    ref = torch.optim.AdamW(models[0].parameters(), lr=0.01, foreach=False)
+    opt = fused_optim.AdamW(models[1].parameters(), lr=0.01, backend="numba")
+    compiled = [torch.compile(m) for m in models]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.randn(16, 8, generator=gen)
+        for m, o in zip(compiled, (ref, opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for a, b, a0 in zip(models[0].parameters(), models[1].parameters(), init):
+        assert not torch.equal(a, a0)  # the steps moved it
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_compiled_step_matches_eager_fullgraph(name, kwargs, launches):
+    """``@torch.compile(fullgraph=True) def step(): opt.step()``: no graph
+    break, the kernels run, and the results are eager fused_optim's, bit
+    for bit, params and every state tensor."""
+    params_e, eager = _make(name, kwargs)
+    params_c, opt = _make(name, kwargs)
+
+    @torch.compile(fullgraph=True)
+    def step():
+        opt.step()
+
+    kernels_eager = kernels_compiled = 0
+    for s in range(STEPS):
+        _grads(s, params_e)
+        _grads(s, params_c)
+        before = launches["kernels"]
+        eager.step()
+        kernels_eager += launches["kernels"] - before
+        before = launches["kernels"]
+        step()
+        kernels_compiled += launches["kernels"] - before
+        _assert_same(eager, params_e, opt, params_c)
+    assert kernels_eager > 0
+    assert kernels_compiled == kernels_eager
+    assert launches["compiled_runs"] == STEPS  # every compiled step came through the op
+    assert launches["eager_runs"] == STEPS
+    assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_scheduler_tensor_lr_no_recompiles(name, launches):
+    """The tutorial's pattern, opt.step() and a scheduler in one compiled
+    function, with a Tensor lr: after the first two calls (state creation),
+    no recompilation while the lr changes every step."""
+    kwargs = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.01)
+    params_e, eager = _make(name, kwargs, lr_tensor=True)
+    params_c, opt = _make(name, kwargs, lr_tensor=True)
+    sched_e = torch.optim.lr_scheduler.LambdaLR(eager, lambda e: 0.8 ** e)
+    sched_c = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.8 ** e)
+
+    @torch.compile
+    def step():
+        opt.step()
+        sched_c.step()
+
+    lrs = []
+    for s in range(8):
+        if s == 2:
+            graphs = counters["stats"]["unique_graphs"]
+        _grads(s, params_e)
+        _grads(s, params_c)
+        eager.step()
+        sched_e.step()
+        # from the third call on, a recompilation raises
+        with torch.compiler.set_stance("fail_on_recompile" if s >= 2 else "default"):
+            step()
+        lrs.append(float(opt.param_groups[0]["lr"]))
+        _assert_same(eager, params_e, opt, params_c)
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+    assert lrs == pytest.approx([0.8 ** (s + 1) * kwargs["lr"] for s in range(8)])
+    assert len(set(lrs)) == 8
+    assert launches["compiled_runs"] == 8
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_grad_scaler_in_compiled_step(name, launches):
+    """``scaler.step(opt); scaler.update()`` compiled (torch runs
+    GradScaler.step itself eagerly, so the step's frame is compiled on its
+    own): the kernels unscale, a step with an inf is skipped whole, and
+    params, state and scale match eager bit for bit."""
+    kwargs = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.01)
+    params_e, eager = _make(name, kwargs)
+    params_c, opt = _make(name, kwargs)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
+               for _ in range(2)]
+    for scaler in scalers:
+        scaler.scale(torch.ones(()))  # creates its scale, as the first scaled loss does
+
+    @torch.compile
+    def step():
+        scalers[1].step(opt)
+        scalers[1].update()
+
+    for s in range(6):
+        scale = float(scalers[0].get_scale())
+        _grads(s, params_e, scale)
+        _grads(s, params_c, scale)
+        if s in (0, 3):  # an inf on the first (momentum buffers unborn) and a later step
+            params_e[1].grad[5] = float("inf")
+            params_c[1].grad[5] = float("inf")
+        scalers[0].step(eager)
+        scalers[0].update()
+        step()
+        assert opt.last_step_skipped == (s in (0, 3))
+        _assert_same(eager, params_e, opt, params_c)
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert launches["compiled_runs"] > 0
+
+
+def test_reduce_overhead_on_cpu(launches):
+    """mode="reduce-overhead" compiles and runs the kernels (CUDA graphs do
+    not apply to CPU graphs; on CUDA the op is kept out of them, see
+    test_operators_are_kept_out_of_cuda_graphs)."""
+    kwargs = dict(lr=0.01, amsgrad=True)
+    params_e, eager = _make("Adam", kwargs)
+    params_c, opt = _make("Adam", kwargs)
+    step = torch.compile(opt.step, mode="reduce-overhead")
+    for s in range(3):
+        _grads(s, params_e)
+        _grads(s, params_c)
+        eager.step()
+        step()
+        _assert_same(eager, params_e, opt, params_c)
+    assert launches["compiled_runs"] == 3
+
+
+# ------------------------------------------------------------ the operators
+
+
+def test_operators_declare_what_they_write():
+    """Schemas: params and the state lists are written, nothing else."""
+    for op, states in ((torch.ops.fused_optim.sgd_step.default, ["momentum_buffers"]),
+                       (torch.ops.fused_optim.adam_step.default,
+                        ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"])):
+        written = [a.name for a in op._schema.arguments
+                   if a.alias_info is not None and a.alias_info.is_write]
+        assert written == ["params", *states]
+        assert not op._schema.returns
+
+
+def test_operators_are_kept_out_of_cuda_graphs():
+    """Tagged ``cudagraph_unsafe``: reduce-overhead runs them between
+    captured graphs until capture is proven safe on a GPU (see _ops)."""
+    for op in (torch.ops.fused_optim.sgd_step.default,
+               torch.ops.fused_optim.adam_step.default):
+        assert torch.Tag.cudagraph_unsafe in op.tags
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_opcheck(name, kwargs):
+    """torch.library.opcheck on a real step: the writes match the schema,
+    the fake implementation matches the real one, and AOT dispatch works."""
+    params, opt = _make(name, kwargs)
+    for s in range(2):  # the second call has state
+        _grads(s, params)
+        opt.step()
+    captured = {}
+
+    def grab(self, jobs, grad_scale, found_inf, backend, handle, traceable=True):
+        captured["args"] = (*self.encode(jobs), grad_scale, found_inf, backend, handle, False)
+        captured["op"] = self.op
+
+    _grads(2, params)
+    original = _ops.UpdateOp.__call__
+    _ops.UpdateOp.__call__ = grab
+    try:
+        opt.step()
+    finally:
+        _ops.UpdateOp.__call__ = original
+    torch.library.opcheck(captured["op"], captured["args"],
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    pytest.param(n, kw, id=f"{n}-{i}") for n, kws in [
+        ("SGD", [dict(lr=0.1), dict(lr=0.1, momentum=0.9, dampening=0.5),
+                 dict(lr=lambda: torch.tensor(0.05), momentum=0.5, nesterov=True),
+                 dict(lr=0.1, momentum=0.9, maximize=True, weight_decay=0.05)]),
+        ("Adam", [dict(), dict(lr=0.01, amsgrad=True, weight_decay=0.1),
+                  dict(lr=lambda: torch.tensor(0.01),
+                       betas=lambda: (torch.tensor(0.8), torch.tensor(0.95))),
+                  dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)]),
+        ("AdamW", [dict(lr=0.01, amsgrad=True, maximize=True)]),
+    ] for i, kw in enumerate(kws)])
+def test_eager_steps_through_the_operator(name, kwargs, monkeypatch):
+    """DISPATCH_EAGER routes eager steps through the dispatcher, as compiled
+    ones are: the encoding round trip (groups with and without a state list,
+    Tensor and float hyperparameters, a group without grads) changes no bit."""
+    def build():
+        params = [p.clone().requires_grad_() for p in _params()] + [torch.zeros(4).requires_grad_()]
+        kw = {k: (v() if callable(v) else v) for k, v in kwargs.items()}
+        other = dict(lr=0.003, weight_decay=0.0)
+        if name == "SGD":
+            other["momentum"] = 0.0 if kw.get("momentum") else 0.7
+        else:
+            other["amsgrad"] = not kw.get("amsgrad", False)
+        groups = [{"params": params[:3]}, {"params": params[3:4], **other},
+                  {"params": params[4:]}]  # the last never gets a grad
+        return params, getattr(fused_optim, name)(groups, backend="numba", **kw)
+
+    params_a, direct = build()
+    params_b, dispatched = build()
+    calls = []
+    original = _ops.UpdateOp._kernel
+
+    for s in range(3):
+        _grads(s, params_a[:4])
+        _grads(s, params_b[:4])
+        direct.step()
+        monkeypatch.setattr(_ops, "DISPATCH_EAGER", True)
+        calls.append(_count_dispatches(dispatched.step))
+        monkeypatch.setattr(_ops, "DISPATCH_EAGER", False)
+        _assert_same(direct, params_a[:4], dispatched, params_b[:4])
+    assert calls == [1, 1, 1]
+    assert original is _ops.UpdateOp._kernel
+
+
+def _count_dispatches(step):
+    """Run ``step``; how many times a fused_optim operator was dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "fused_optim":
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.n
+
+
+def test_plan_cache_handle_dies_with_its_optimizer():
+    """The operator takes an int handle for the optimizer's plan cache: it
+    finds nothing once the optimizer is gone, and handles are never reused."""
+    params, opt = _make("SGD", dict(lr=0.1, momentum=0.9))
+    _grads(0, params)
+    opt.step()
+    handle = opt._handle
+    assert _ops.cache_of(handle) is opt._plans and opt._plans
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None
+    assert _ops.cache_of(handle) is None
+    _, other = _make("SGD", dict(lr=0.1))
+    assert other._handle > handle
+    assert _ops.cache_of(_ops.NO_CACHE) is None
