@@ -136,7 +136,8 @@ class FusedOptimizer(Optimizer):
         # their state storages alive: never copied, and dropped when
         # load_state_dict (which comes through here) replaces the state
         self._plans = {}
-        self._handle = _ops.register_optimizer(self)
+        if "_handle" not in self.__dict__:  # unpickled or copied (load_state_dict keeps it)
+            self._handle = _ops.register_optimizer(self)
 
     @property
     def last_step_skipped(self) -> bool:

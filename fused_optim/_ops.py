@@ -18,7 +18,9 @@ of 2,000 calls): a ``torch.library.custom_op`` 490 us (its Python
 ADInplaceOrView layer bumps each version counter), a ``Library.define``
 operator 100 us, the Python call 3 us; a whole eager SGD step of that list
 costs ~700 us. ``DISPATCH_EAGER = True`` routes eager steps through the
-operator too; the tests run the parity suite both ways.
+operator too: ``FUSED_OPTIM_TEST_DISPATCH=1 make test`` runs the whole test
+suite that way, and tests/test_compile.py a table of configurations both
+ways on every run.
 
 CUDA graphs: the operators are tagged ``cudagraph_unsafe``, so under
 ``mode="reduce-overhead"`` Inductor keeps them out of captured graphs and

@@ -6,3 +6,10 @@ import torch
 # interpreter; it must be switched on before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# FUSED_OPTIM_TEST_DISPATCH=1 runs every eager step through the step
+# operators (fused_optim/_ops.py), the way compiled steps run them.
+if os.environ.get("FUSED_OPTIM_TEST_DISPATCH") == "1":
+    import fused_optim._ops
+
+    fused_optim._ops.DISPATCH_EAGER = True

@@ -148,6 +148,25 @@ def test_cli_hidden_tiny_list_and_selection(capsys):
     assert "foreach" not in out and "ceiling" not in out.split("\n\n")[0]
 
 
+def test_cli_compiled_baseline(tmp_path, capsys):
+    """--baselines compiled: torch.optim's step and each backend's under
+    torch.compile, beside the others, with the first call's time."""
+    out = tmp_path / "out.json"
+    rc = main(["bench", "--lists", "tiny", "--optimizers", "adamw", "--backends", "numba",
+               "--baselines", "fused,compiled", "--no-ceiling", "--json", str(out), *_fast()])
+    table = capsys.readouterr().out
+    assert rc == 0
+    for word in ("fused_optim numba compiled", "torch compiled", "torch fused",
+                 "first call (compile + one step)"):
+        assert word in table
+    (case,) = json.loads(out.read_text())["cases"]
+    assert {r["impl"] for r in case["results"]} == {"numba", "numba-compiled", "fused",
+                                                   "compiled"}
+    assert set(case["compile_s"]) == {"numba-compiled", "compiled"}
+    assert all(s > 0 for s in case["compile_s"].values())
+    assert not case["failed"]
+
+
 def test_cli_unknown_list_exits_2(capsys):
     assert main(["bench", "--lists", "resnet51", *_fast()]) == 2
     err = capsys.readouterr().err.strip()

@@ -363,6 +363,10 @@ def test_plan_cache_handle_dies_with_its_optimizer():
     opt.step()
     handle = opt._handle
     assert _ops.cache_of(handle) is opt._plans and opt._plans
+    twin = copy.deepcopy(opt)  # its own handle, and its own (empty) plans
+    assert twin._handle != handle and _ops.cache_of(twin._handle) is twin._plans
+    opt.load_state_dict(opt.state_dict())  # keeps the handle (no recompilation for it)
+    assert opt._handle == handle and _ops.cache_of(handle) is opt._plans
     ref = weakref.ref(opt)
     del opt
     gc.collect()
