@@ -377,8 +377,14 @@ def build(params, grads, states, roles, steps, fresh, backend, labels=None):
             if kind[i] == "torch":
                 torch_rows.append(i)
             else:
-                buckets[(params[i].device, params[i].dtype)].append(i)
-        for (device, dtype), rows in buckets.items():
+                # Step counters off the param's device (torch's CPU steps of
+                # CUDA params) are advanced on the host, the others by the
+                # kernel: never in one launch, so the host never reads a
+                # device address (a group can mix both after a "move the
+                # state to the device" loop).
+                host_step = steps is not None and steps[i].device != params[i].device
+                buckets[(params[i].device, params[i].dtype, host_step)].append(i)
+        for (device, dtype, _), rows in buckets.items():
             units.append(_kernel_unit(cols, where, steps, fresh, rows, device,
                                       modules[(device, dtype)]))
         if torch_rows:

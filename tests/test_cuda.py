@@ -109,6 +109,30 @@ def test_cuda_graph_captures_a_whole_capturable_step(name):
     assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_one_group_mixing_host_and_device_steps(name):
+    """After a "move the optimizer state to the device" loop that missed some
+    params, one group holds CPU and CUDA step counters: torch.optim handles
+    that; the host must never read the CUDA ones (it segfaulted)."""
+    ref_params = _params(torch.float32)
+    params = [p.detach().clone().requires_grad_() for p in ref_params]
+    ref = getattr(torch.optim, name)(ref_params, foreach=False, **CASES[name])
+    opt = getattr(fused_optim, name)(params, backend="triton", **CASES[name])
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for it in range(4):
+        for a, b in zip(ref_params, params):
+            g = torch.randn(a.shape, device="cuda", generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+        if it == 0:
+            for o, ps in ((ref, ref_params), (opt, params)):
+                for p in ps[::2]:
+                    o.state[p]["step"] = o.state[p]["step"].cuda()
+            assert {opt.state[p]["step"].device.type for p in params} == {"cpu", "cuda"}
+    assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
+
+
 @pytest.mark.skipif(os.environ.get("FUSED_OPTIM_BIG_TESTS") != "1",
                     reason="needs ~13 GB of GPU memory; set FUSED_OPTIM_BIG_TESTS=1")
 def test_tensor_of_more_than_2_31_elements():

@@ -106,7 +106,7 @@ class _SgdState:
 class _AdamState:
     """Params, moments and per-row step counters for a kernel-level run."""
 
-    def __init__(self, sizes, dtype, seed, amsgrad):
+    def __init__(self, sizes, dtype, seed, amsgrad, step_device=DEVICE):
         gen = torch.Generator().manual_seed(seed)
         self.params = _randn(sizes, dtype, gen)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
@@ -115,7 +115,7 @@ class _AdamState:
                                else [None] * len(sizes))
         # alternate float32 / float64 counters: both FLAG_STEP_F64 cases
         self.steps = [torch.zeros((), dtype=torch.float64 if i % 2 else torch.float32,
-                                  device=DEVICE) for i in range(len(sizes))]
+                                  device=step_device) for i in range(len(sizes))]
 
     def clone(self):
         other = object.__new__(_AdamState)
@@ -224,11 +224,21 @@ def test_bit_identical_to_numba(dtype):
         _assert_all_close(ours.tensors(), theirs.tensors(), equal_nan=True, **tol)
 
 
+def _host_steps(monkeypatch):
+    """Where host-side step counters live: on CUDA, the CPU (as torch keeps
+    them for CUDA params); under the interpreter, where params are CPU
+    tensors too, the host path is forced (its reads are of host memory)."""
+    if DEVICE.type == "cuda":
+        return torch.device("cpu")
+    monkeypatch.setattr(tk, "_steps_on_device", lambda batch: False)
+    return DEVICE
+
+
 def test_adam_host_steps_match_reference(monkeypatch):
     """Steps not on the params' device (torch's default for CUDA params)."""
-    monkeypatch.setattr(tk, "_steps_on_device", lambda batch: False)
+    step_device = _host_steps(monkeypatch)
     hyper = _adam_hyper(amsgrad=True, weight_decay=0.01)
-    ours = _AdamState(SIZES, torch.float32, 0, True)
+    ours = _AdamState(SIZES, torch.float32, 0, True, step_device)
     ref = ours.clone()
     _adam_steps(ours, tk, 3, 1, torch.float32, **hyper)
     _adam_steps(ref, reference, 3, 1, torch.float32, **hyper)
@@ -382,10 +392,9 @@ def test_grad_scale_unscales_in_the_kernel(dtype, optim):
 
 @pytest.mark.parametrize("host_steps", [False, True])
 def test_found_inf_skips_adam_entirely(monkeypatch, host_steps):
-    if host_steps:
-        monkeypatch.setattr(tk, "_steps_on_device", lambda batch: False)
+    step_device = _host_steps(monkeypatch) if host_steps else DEVICE
     hyper = _adam_hyper(amsgrad=True, weight_decay=0.1)
-    state = _AdamState(SIZES, torch.float32, 9, True)
+    state = _AdamState(SIZES, torch.float32, 9, True, step_device)
     _adam_steps(state, tk, 1, 10, torch.float32, **hyper)
     before = _clone(state.tensors())
     gen = torch.Generator().manual_seed(11)
@@ -399,6 +408,34 @@ def test_found_inf_skips_adam_entirely(monkeypatch, host_steps):
     _assert_all_close(state.tensors(), before, rtol=0, atol=0)
     _assert_all_close(grads, grads0, rtol=0, atol=0)
     assert [float(s) for s in state.steps] == [1.0] * len(SIZES)
+
+
+def test_a_batch_mixing_host_and_device_steps_is_refused():
+    """The launcher's own guard: the tables never build such a batch (a
+    host-side pass over it would read device addresses on the host)."""
+    hyper = _adam_hyper()
+    state = _AdamState(SIZES, torch.float32, 3, False)
+    before = _clone(state.tensors())
+    grads = _randn(SIZES, torch.float32, torch.Generator().manual_seed(4))
+    (packed,) = _tables.pack(state.params, grads, state.states(),
+                             ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
+    packed.batch.table[0, L.FLAGS] |= L.FLAG_STEP_HOST
+    with pytest.raises(ValueError, match="mixes step counters"):
+        tk.adam(packed.batch, **hyper)
+    _assert_all_close(state.tensors(), before, rtol=0, atol=0)
+
+
+def test_host_steps_that_are_not_host_memory_are_refused(monkeypatch):
+    """Steps flagged host-side must be CPU tensors: checked before the host
+    touches their addresses."""
+    monkeypatch.setattr(tk, "_steps_on_device", lambda batch: False)
+    state = _AdamState(SIZES, torch.float32, 3, False)
+    grads = _randn(SIZES, torch.float32, torch.Generator().manual_seed(4))
+    (packed,) = _tables.pack(state.params, grads, state.states(),
+                             ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
+    packed.batch.steps = [torch.empty((), device="meta") for _ in SIZES]
+    with pytest.raises(ValueError, match="must be CPU tensors"):
+        tk.adam(packed.batch, **_adam_hyper())
 
 
 def test_found_inf_skips_sgd_entirely():

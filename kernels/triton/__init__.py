@@ -260,8 +260,24 @@ def _log2(x: float) -> float:
 
 
 def _steps_on_device(batch) -> bool:
-    """True if the kernel can read and advance every step counter itself."""
-    return not (batch.table[:, L.FLAGS] & L.FLAG_STEP_HOST).any()
+    """True if the kernel can read and advance every step counter itself.
+
+    Raises:
+        ValueError: the batch mixes host and device counters (fused_optim's
+            tables never build one: the host would read device addresses).
+    """
+    host = (batch.table[:, L.FLAGS] & L.FLAG_STEP_HOST) != 0
+    if host.any() and not host.all():
+        raise ValueError("a batch mixes step counters on the host and on the device; "
+                         "each placement needs its own launch")
+    return not host.any()
+
+
+def _check_host_steps(batch) -> None:
+    """The host is about to read and write every step address: all must be CPU memory."""
+    elsewhere = sorted({str(s.device) for s in batch.steps if s.device.type != "cpu"})
+    if elsewhere:
+        raise ValueError(f"host-side step counters must be CPU tensors, found {elsewhere}")
 
 
 def _host_step_scalars(table, lr, beta1, beta2) -> np.ndarray:
@@ -308,6 +324,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
     device_steps = _steps_on_device(batch)
     with _device_context(device):
         if not device_steps:
+            _check_host_steps(batch)
             if found_inf is not None and bool(found_inf.reshape(-1)[0] != 0):
                 return  # skipped step: steps stay as they are
             found_inf = None
