@@ -1,0 +1,233 @@
+"""Compile the Triton kernels offline for real GPUs and read facts off the code.
+
+Run as a script (never under ``TRITON_INTERPRET``: the interpreter replaces
+``@triton.jit``), with no GPU needed: ``triton.compile`` lowers each
+specialization the launchers in ``kernels/triton/__init__.py`` can produce
+to PTX for a ``GPUTarget``, and the bundled ``ptxas -v`` reports registers,
+stack and spills. One JSON object per (kernel, specialization, arch) on
+stdout. tests/test_triton_compile.py runs a covering subset in
+``make test``; ``make compile-check`` runs the whole matrix.
+
+    python tests/_compile_matrix.py [--full] [--archs 80,90] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fused_optim.kernels import triton as tk  # noqa: E402
+from fused_optim.kernels.triton import _kernels  # noqa: E402
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: Pointer arguments and their element types; None-able ones become
+#: constexpr None when the launcher passes None (its switch is off).
+_SGD_PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64",
+             "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+_ADAM_PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64",
+              "counter_ptr": "*i32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+
+_SGD_SWITCHES = ("USE_MOMENTUM", "NESTEROV", "MAXIMIZE", "HAS_WD", "HAS_GRAD_SCALE",
+                 "HAS_FOUND_INF")
+_ADAM_SWITCHES = ("AMSGRAD", "MAXIMIZE", "HAS_WD", "DECOUPLED", "LERP_FROM_START",
+                  "DEVICE_STEPS", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
+
+
+def _possible(kernel: str, sw: dict) -> bool:
+    """Whether the launcher can pass these switches together."""
+    if kernel == "sgd":
+        return sw["USE_MOMENTUM"] or not sw["NESTEROV"]  # NESTEROV needs momentum
+    # host-side steps: the launcher reads found_inf itself and passes None
+    return sw["DEVICE_STEPS"] or not sw["HAS_FOUND_INF"]
+
+
+def specializations(full: bool):
+    """(kernel, dtype name, ALIGNED, switches) the launchers can produce.
+
+    ``full``: every one. Else a covering subset for CI: per kernel, dtype,
+    ALIGNED (and, for Adam, step placement), every switch on, and every
+    switch off.
+    """
+    for kernel, names in (("sgd", _SGD_SWITCHES), ("adam", _ADAM_SWITCHES)):
+        for dname, aligned in itertools.product(DTYPES, (True, False)):
+            if full:
+                combos = itertools.product((False, True), repeat=len(names))
+            elif kernel == "sgd":
+                combos = [(True,) * len(names), (False,) * len(names)]
+            else:
+                combos = []
+                for steps in (True, False):
+                    on = dict.fromkeys(names, True)
+                    off = dict.fromkeys(names, False)
+                    on["DEVICE_STEPS"] = off["DEVICE_STEPS"] = steps
+                    combos += [tuple(on[n] for n in names), tuple(off[n] for n in names)]
+            for combo in combos:
+                sw = dict(zip(names, combo))
+                if _possible(kernel, sw):
+                    yield kernel, dname, aligned, sw
+
+
+def _source(kernel: str, dname: str, aligned: bool, sw: dict) -> ASTSource:
+    dtype = DTYPES[dname]
+    fn = _kernels._sgd_kernel if kernel == "sgd" else _kernels._adam_kernel
+    ptrs = dict(_SGD_PTRS if kernel == "sgd" else _ADAM_PTRS)
+    # the launcher's own constexprs (see _common_args)
+    const = dict(ELEM=tk._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+                 COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+                 IS_F64=dtype == torch.float64, BLOCK=tk.BLOCK, ALIGNED=aligned, **sw)
+    absent = {"grad_scale_ptr": not sw["HAS_GRAD_SCALE"],
+              "found_inf_ptr": not sw["HAS_FOUND_INF"],
+              "counter_ptr": not sw.get("DEVICE_STEPS", True)}
+    signature = {}
+    for name in fn.arg_names:
+        if name in ptrs and not absent.get(name, False):
+            signature[name] = ptrs[name]
+        else:
+            signature[name] = "constexpr"
+            if name in ptrs:
+                const[name] = None
+    # torch's allocations are 16-byte aligned: as the launch specializes them
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in signature if signature[n] != "constexpr"}
+    return ASTSource(fn, signature, const, attrs)
+
+
+def _ptxas_facts(ptx: str, cap: int) -> dict:
+    # the ptxas triton itself uses for this arch (3.9 ships two)
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(cap).path
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        arch = f"sm_{cap}a" if cap >= 90 else f"sm_{cap}"
+        out = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", path, "-o",
+                              os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, out)) else None  # noqa: E731
+    return {"registers": num(r"Used (\d+) registers"),
+            "stack_bytes": num(r"(\d+) bytes stack frame"),
+            "spill_store_bytes": num(r"(\d+) bytes spill stores"),
+            "spill_load_bytes": num(r"(\d+) bytes spill loads")}
+
+
+#: float math the kernels must not use: Triton's default division and
+#: square root are approximate, and flushing subnormals to zero is not IEEE
+_INEXACT = {"div.full": r"\bdiv\.full\b", "div.approx": r"\bdiv\.approx\b",
+            "sqrt.approx": r"\bsqrt\.approx\b", ".ftz": r"\.ftz\b"}
+
+
+def facts(kernel: str, dname: str, aligned: bool, sw: dict, cap: int) -> dict:
+    src = _source(kernel, dname, aligned, sw)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                              options={"num_warps": tk.NUM_WARPS, "enable_fp_fusion": False})
+    ptx = compiled.asm["ptx"]
+    width = 64 if dname == "float64" else 32
+    lanes = 2 if dname == "float64" else 4
+    out = {"kernel": kernel, "dtype": dname, "aligned": aligned, "switches": sw, "arch": cap,
+           # 128-bit accesses: v4 of 32-bit words, or v2 of 64-bit ones
+           "vector_loads": len(re.findall(rf"ld\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
+           "vector_stores": len(re.findall(rf"st\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
+           "inexact": sorted(k for k, pat in _INEXACT.items() if re.search(pat, ptx)),
+           "ftz_lines": len(re.findall(r"\.ftz\b", ptx)),
+           "exp2_range_checks": ptx.count(_EXP2_RANGE_CHECK),
+           "local": len(re.findall(r"\.local\b", ptx)),
+           "ieee_div": len(re.findall(r"\bdiv\.rn\.f(32|64)\b", ptx)),
+           "ieee_sqrt": len(re.findall(r"\bsqrt\.rn\.f(32|64)\b", ptx))}
+    out.update(_ptxas_facts(ptx, cap))
+    return out
+
+
+#: the one ``.ftz`` instruction allowed: libdevice's float64 exp2 (the
+#: bias corrections of device-side steps) tests its argument's range with
+#: ``abs.ftz.f32`` on the high word's bits; a bare ``tl.exp2`` of a float64
+#: compiles to the same. It never touches the float32 math.
+_EXP2_RANGE_CHECK = "abs.ftz.f32"
+
+
+def violations(r: dict) -> list:
+    """What is wrong with one specialization's code (empty: nothing)."""
+    sw = r["switches"]
+    bad = []
+    if r["stack_bytes"] or r["spill_store_bytes"] or r["spill_load_bytes"] or r["local"]:
+        bad.append(f"local memory: stack {r['stack_bytes']} B, spill stores "
+                   f"{r['spill_store_bytes']} B, loads {r['spill_load_bytes']} B, "
+                   f"{r['local']} .local in PTX")
+    inexact = [k for k in r["inexact"]
+               if not (k == ".ftz" and r["ftz_lines"] == r["exp2_range_checks"]
+                       and sw.get("DEVICE_STEPS"))]
+    if inexact:
+        bad.append(f"non-IEEE float math: {inexact}")
+    if r["kernel"] == "sgd":
+        reads, writes = 2 + sw["USE_MOMENTUM"], 1 + sw["USE_MOMENTUM"]
+        divides = sw["HAS_GRAD_SCALE"]
+    else:
+        reads, writes = 4 + sw["AMSGRAD"], 3 + sw["AMSGRAD"]
+        divides = True
+        if not r["ieee_sqrt"]:
+            bad.append("no sqrt.rn")
+    if divides and not r["ieee_div"]:
+        bad.append("no div.rn")
+    if r["aligned"] and (r["vector_loads"] < reads or r["vector_stores"] < writes):
+        bad.append(f"ALIGNED but {r['vector_loads']} 128-bit loads (of {reads} streams) "
+                   f"and {r['vector_stores']} stores (of {writes})")
+    return bad
+
+
+def _run(job):
+    return facts(*job)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="every specialization")
+    ap.add_argument("--archs", default="80,90", help="compute capabilities (default: 80,90)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--check", action="store_true",
+                    help="print only violations; exit 1 if there are any")
+    args = ap.parse_args(argv)
+    archs = [int(a) for a in args.archs.split(",")]
+    jobs = [(*spec, cap) for spec in specializations(args.full) for cap in archs]
+    failed = 0
+
+    def report(r):
+        nonlocal failed
+        bad = violations(r)
+        failed += bool(bad)
+        if not args.check:
+            print(json.dumps(r), flush=True)
+        elif bad:
+            print(f"{r['kernel']} {r['dtype']} aligned={r['aligned']} sm_{r['arch']} "
+                  f"{r['switches']}: {'; '.join(bad)}", flush=True)
+
+    if args.jobs > 1:
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for r in pool.imap(_run, jobs):
+                report(r)
+    else:
+        for job in jobs:
+            report(_run(job))
+    print(f"# triton {triton.__version__}: {len(jobs)} specializations compiled, "
+          f"{failed} with violations", file=sys.stderr)
+    return 1 if args.check and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The Triton kernels compile for real GPUs, with the code they are meant to have.
+
+No GPU is needed: tests/_compile_matrix.py compiles, in a subprocess without
+the interpreter, a covering subset of the specializations the launchers can
+produce (per kernel, dtype, ALIGNED and step placement: every switch on and
+every switch off) for sm_80 and sm_90, and reads facts off the PTX and
+``ptxas -v``. ``make compile-check`` runs all 1,920 per arch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import _compile_matrix  # noqa: E402
+
+ARCHS = (80, 90)
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, str(HERE / "_compile_matrix.py"), "--archs",
+         ",".join(map(str, ARCHS)), "--jobs", str(min(2, os.cpu_count() or 1))],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_covering_specialization_compiled(results):
+    subset = list(_compile_matrix.specializations(full=False))
+    assert len(results) == len(subset) * len(ARCHS) == 80
+    seen = {(r["kernel"], r["dtype"], r["aligned"], json.dumps(r["switches"], sort_keys=True),
+             r["arch"]) for r in results}
+    assert len(seen) == len(results)
+
+
+def test_full_matrix_is_what_the_launchers_can_produce():
+    full = list(_compile_matrix.specializations(full=True))
+    assert len(full) == 1920
+    for kernel, _, _, sw in full:
+        if kernel == "sgd":
+            assert sw["USE_MOMENTUM"] or not sw["NESTEROV"]
+        else:
+            assert sw["DEVICE_STEPS"] or not sw["HAS_FOUND_INF"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_codegen_facts(results, arch):
+    """No local memory or spills; IEEE division and square root, no .ftz in
+    the float math; 128-bit loads and stores of every stream where ALIGNED."""
+    mine = [r for r in results if r["arch"] == arch]
+    assert mine
+    problems = {f"{r['kernel']} {r['dtype']} aligned={r['aligned']} {r['switches']}":
+                _compile_matrix.violations(r) for r in mine}
+    assert not {k: v for k, v in problems.items() if v}
+
+
+def test_the_checks_can_fail(results):
+    """Each check flags a result doctored to break it."""
+    adam = next(r for r in results if r["kernel"] == "adam" and r["aligned"]
+                and r["switches"]["DEVICE_STEPS"])
+    assert _compile_matrix.violations(adam) == []
+    for change, word in [(dict(spill_store_bytes=8), "local memory"),
+                         (dict(local=1), "local memory"),
+                         (dict(inexact=["div.approx"]), "non-IEEE"),
+                         (dict(ftz_lines=adam["exp2_range_checks"] + 1), "non-IEEE"),
+                         (dict(ieee_sqrt=0), "sqrt.rn"),
+                         (dict(ieee_div=0), "div.rn"),
+                         (dict(vector_loads=1), "128-bit")]:
+        doctored = dict(adam, **change)
+        if "ftz_lines" in change:
+            doctored["inexact"] = [".ftz"]
+        assert any(word in v for v in _compile_matrix.violations(doctored)), change
