@@ -80,3 +80,36 @@ def test_the_checks_can_fail(results):
         if "ftz_lines" in change:
             doctored["inexact"] = [".ftz"]
         assert any(word in v for v in _compile_matrix.violations(doctored)), change
+
+
+#: Found by ``make compile-check`` (triton 3.9, 3,840 compiled): ptxas gives
+#: 56 Adam specializations 4-16 bytes of stack and spills (50 with
+#: device-side steps; fp64, fp32 and fp16; none in SGD or bf16), though
+#: neither the all-switches-on nor the all-off one of any has any (the list:
+#: benchmarks/results/compile-matrix-triton-3.9.txt). Two of them, kept here
+#: until the kernel is fixed (issue 13): strict, so this fails once they
+#: compile clean, and the marker must go.
+_SPILLING = [
+    ("adam", "float32", True, dict(AMSGRAD=False, MAXIMIZE=False, HAS_WD=False,
+                                   DECOUPLED=False, LERP_FROM_START=True, DEVICE_STEPS=True,
+                                   HAS_GRAD_SCALE=True, HAS_FOUND_INF=False), 80),
+    ("adam", "float64", True, dict(AMSGRAD=False, MAXIMIZE=False, HAS_WD=False,
+                                   DECOUPLED=False, LERP_FROM_START=True, DEVICE_STEPS=True,
+                                   HAS_GRAD_SCALE=False, HAS_FOUND_INF=True), 90),
+]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="ptxas spills 4-16 bytes in 56 Adam specializations "
+                   "(make compile-check)")
+@pytest.mark.parametrize("spec", _SPILLING, ids=lambda s: f"{s[1]}-sm_{s[4]}")
+def test_known_spilling_specializations(spec):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path.insert(0, %r); import _compile_matrix as m; "
+            "print(json.dumps(m.facts(*json.loads(sys.argv[1]))))" % str(HERE))
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    if out.returncode != 0:  # not the expected failure
+        raise RuntimeError(out.stderr[-2000:])
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert [v for v in _compile_matrix.violations(result) if "local memory" in v] == []
