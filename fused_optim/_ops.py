@@ -131,7 +131,10 @@ class UpdateOp:
         """The step: through the operator when compiling, else ``run`` itself.
 
         ``traceable=False`` (autograd through the step, sparse grads: torch's
-        own ops, which autograd and dynamo must see) always calls ``run``.
+        own ops, which autograd must see) and jobs the operator cannot carry
+        call ``run`` itself, behind a graph break when compiling. Either way
+        ``run`` validates every tensor eagerly before any kernel writes: the
+        operator adds no path around the address checks.
         """
         compiling = torch.compiler.is_compiling()
         if traceable and (DISPATCH_EAGER or compiling) and self.encodable(jobs):
