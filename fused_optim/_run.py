@@ -135,6 +135,7 @@ def _run(runner, argv: list[str], path0: str) -> int:
             sys.path.insert(0, path0)
     patch = patch_torch()
     status = 0
+    before = set(threading.enumerate())
     try:
         runner()
     except SystemExit as exc:
@@ -146,7 +147,7 @@ def _run(runner, argv: list[str], path0: str) -> int:
         # Non-daemon threads the script started keep running after it returns
         # (python waits for them), and may still build optimizers or read
         # sys.argv: leave everything as the script saw it for them.
-        if not _other_threads_running():
+        if not _script_threads_running(before):
             patch.undo()
             sys.argv = saved_argv
             sys.path[:] = saved_path
@@ -191,6 +192,14 @@ def _report(exc: BaseException) -> None:
         traceback.print_exception(type(exc), exc, tb)
 
 
-def _other_threads_running() -> bool:
+def _script_threads_running(before) -> bool:
+    """Non-daemon threads the script started that still run.
+
+    Threads alive before it started are not its own: e.g. the thread pool
+    Inductor starts to compile a graph outlives the compile, and left the
+    patch in place after every later in-process run (found by a CI run on
+    cold caches, after tests/test_compile.py).
+    """
     me = threading.current_thread()
-    return any(t is not me and not t.daemon and t.is_alive() for t in threading.enumerate())
+    return any(t is not me and t not in before and not t.daemon and t.is_alive()
+               for t in threading.enumerate())

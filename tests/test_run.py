@@ -281,3 +281,20 @@ def test_patch_already_active_stays_active(tmp_path):
                                "assert o.SGD is fused_optim.SGD") == 0
         assert torch.optim.SGD is fused_optim.SGD
     assert torch.optim.SGD is TORCH_SGD
+
+
+def test_threads_alive_before_the_run_do_not_keep_the_patch(tmp_path):
+    """A non-daemon thread the script did not start (Inductor's compile pool
+    outlives its compile) must not leave torch.optim patched afterwards."""
+    import threading
+
+    release = threading.Event()
+    bystander = threading.Thread(target=release.wait, daemon=False)
+    bystander.start()
+    try:
+        assert _main(tmp_path, "import torch.optim as o, fused_optim; "
+                               "assert o.SGD is fused_optim.SGD") == 0
+        assert torch.optim.SGD is TORCH_SGD
+    finally:
+        release.set()
+        bystander.join()
