@@ -103,18 +103,19 @@ class UpdateOp:
         switches: boolean hyperparameters.
         has_fresh: each job's ``fresh`` flags its first state list's entries
             (else it is empty).
-        run: ``run(jobs, grad_scale, found_inf, backend, cache, compiled)``,
-            the update of a whole step; validates every job before it writes
-            any. ``compiled``: dynamo traced the step, so torch's compiled
-            semantics apply (dynamo reads every group's ``capturable`` as
-            True while tracing, CPU groups included, and torch's own step
-            then skips its capturable device check).
+        prepare: ``prepare(job, key, grad_scale, found_inf, backend, cache,
+            compiled)`` validates one job (``key``: its plan-cache key) and
+            returns what writes it, or None. ``compiled``: dynamo traced the
+            step, so torch's compiled semantics apply (dynamo reads every
+            group's ``capturable`` as True while tracing, CPU groups
+            included, and torch's own step then skips its capturable device
+            check).
     """
 
     def __init__(self, name: str, states: tuple, scalars: tuple, switches: tuple,
-                 run: Callable, has_fresh: bool = False):
+                 prepare: Callable, has_fresh: bool = False):
         self.name, self.states, self.scalars, self.switches = name, states, scalars, switches
-        self.run, self.has_fresh = run, has_fresh
+        self.prepare, self.has_fresh = prepare, has_fresh
         mutable = ", ".join(f"Tensor({chr(ord('b') + i)}!)[] {s}" for i, s in enumerate(states))
         LIB.define(
             f"{name}(Tensor(a!)[] params, Tensor[] grads, {mutable}, bool[] fresh, "
@@ -125,6 +126,19 @@ class UpdateOp:
         LIB.impl(name, self._kernel, "CompositeExplicitAutograd")
         torch.library.register_fake(f"fused_optim::{name}", _nothing, lib=LIB)
         self.op = getattr(torch.ops.fused_optim, name).default
+
+    def run(self, jobs: list, grad_scale, found_inf, backend: str, cache,
+            compiled: bool) -> None:
+        """One step of every job: all are validated before any is written.
+
+        A bad tensor in the last group raises with the first untouched
+        (torch's loop has updated the groups before it by then).
+        """
+        pending = [self.prepare(job, key, grad_scale, found_inf, backend, cache, compiled)
+                   for key, job in enumerate(jobs)]
+        for update in pending:
+            if update is not None:
+                update()
 
     def __call__(self, jobs: list, grad_scale, found_inf, backend: str, handle: int,
                  traceable: bool = True) -> None:

@@ -415,16 +415,11 @@ def _compiled_semantics(hyper, params, compiled):
     return hyper
 
 
-def _run(jobs, grad_scale, found_inf, backend, cache, compiled):
-    """One step of every job: all are validated before any is written (see sgd._run)."""
-    pending = [_adam_update(job.params, job.grads, *job.states,
-                            **_compiled_semantics(job.hyper, job.params, compiled),
-                            grad_scale=grad_scale, found_inf=found_inf, backend=backend,
-                            cache=cache, key=key)
-               for key, job in enumerate(jobs)]
-    for update in pending:
-        if update is not None:
-            update()
+def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
+    return _adam_update(job.params, job.grads, *job.states,
+                        **_compiled_semantics(job.hyper, job.params, compiled),
+                        grad_scale=grad_scale, found_inf=found_inf, backend=backend,
+                        cache=cache, key=key)
 
 
 def _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
@@ -500,4 +495,4 @@ ADAM_STEP = _ops.UpdateOp(
     scalars=("lr", "beta1", "beta2", "eps", "weight_decay"),
     switches=("amsgrad", "maximize", "capturable", "differentiable",
               "decoupled_weight_decay", "has_complex"),
-    run=_run)
+    prepare=_prepare)

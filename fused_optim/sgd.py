@@ -267,19 +267,10 @@ def _job(params, grads, momentum_buffer_list, hyper, found_inf):
     return _ops.Job(params, grads, [momentum_buffer_list], fresh, hyper)
 
 
-def _run(jobs, grad_scale, found_inf, backend, cache, compiled):
-    """One step of every job: all are validated before any is written.
-
-    A bad tensor in the last group raises with the first untouched (torch's
-    loop has updated the groups before it by then).
-    """
-    pending = [_sgd_update(job.params, job.grads, job.states[0], job.fresh, **job.hyper,
-                           grad_scale=grad_scale, found_inf=found_inf, backend=backend,
-                           cache=cache, key=key)
-               for key, job in enumerate(jobs)]
-    for update in pending:
-        if update is not None:
-            update()
+def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
+    return _sgd_update(job.params, job.grads, job.states[0], job.fresh, **job.hyper,
+                       grad_scale=grad_scale, found_inf=found_inf, backend=backend,
+                       cache=cache, key=key)
 
 
 def _sgd_update(params, d_p_list, momentum_buffer_list, fresh, *, has_sparse_grad, grad_scale,
@@ -343,4 +334,4 @@ SGD_STEP = _ops.UpdateOp(
     "sgd_step", states=("momentum_buffers",),
     scalars=("lr", "weight_decay", "momentum", "dampening"),
     switches=("nesterov", "maximize", "capturable", "differentiable", "has_sparse_grad"),
-    run=_run, has_fresh=True)
+    prepare=_prepare, has_fresh=True)
