@@ -119,7 +119,7 @@ class FusedOptimizer(Optimizer):
 
     def __init__(self, params, defaults, backend):
         self.backend = _backend.requested(backend)
-        self._plans = {}  # group index -> validated _tables.Plan
+        self._plans = _tables.PlanCache()  # group index -> validated _tables.Plan
         self._handle = _ops.register_optimizer(self)  # how the step operator finds _plans
         super().__init__(params, defaults)
 
@@ -134,8 +134,10 @@ class FusedOptimizer(Optimizer):
             self.backend = _backend.requested(None)
         # plans hold addresses of the tensors they were built for, and keep
         # their state storages alive: never copied, and dropped when
-        # load_state_dict (which comes through here) replaces the state
-        self._plans = {}
+        # load_state_dict (which comes through here) replaces the state. What
+        # captured CUDA graphs read stays (PlanCache.retain).
+        old = self.__dict__.get("_plans")
+        self._plans = _tables.PlanCache(getattr(old, "graph_owned", None))
         if "_handle" not in self.__dict__:  # unpickled or copied (load_state_dict keeps it)
             self._handle = _ops.register_optimizer(self)
 
@@ -251,15 +253,17 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
     if dry:
         _dry_run(dry, params, grads, states, steps, fresh, reference)
 
+    retain = cache.retain if isinstance(cache, _tables.PlanCache) else None
+
     def update():
         _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, fresh, hyper,
-                 reference)
+                 reference, retain)
 
     return update
 
 
 def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, fresh, hyper,
-             reference):
+             reference, retain):
     grad_scale, found_inf = hyper.get("grad_scale"), hyper.get("found_inf")
     torch_grads = grads
     if plan.has_torch_rows:
@@ -275,7 +279,8 @@ def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, fresh, h
             if torch_grads is not None:
                 _torch_rows(unit.rows, params, torch_grads, states, steps, fresh, reference)
             continue
-        staged = _tables.staged_unit(unit, cols, plan.where, steps, plan.fresh, grad_ptrs)
+        staged = _tables.staged_unit(unit, cols, plan.where, steps, plan.fresh, grad_ptrs,
+                                     retain)
         staged.start()
         getattr(staged.module, kind)(staged.batch, **hyper)
         staged.finish()

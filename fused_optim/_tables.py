@@ -36,6 +36,23 @@ _STEP_DTYPES = (torch.float32, torch.float64)
 _STATE_COLS = (L.STATE0, L.STATE1, L.STATE2)
 
 
+class PlanCache(dict):
+    """An optimizer's plans (group index -> :class:`Plan`), and what graphs hold.
+
+    ``retain`` keeps an object for the optimizer's lifetime, whatever
+    happens to the plans: the backends hand it the device buffers a CUDA
+    graph captured over a step reads (see ``kernels/triton``), which must
+    outlive both a plan rebuilt for new tensors and ``load_state_dict``.
+    """
+
+    def __init__(self, graph_owned=None):
+        super().__init__()
+        self.graph_owned = {} if graph_owned is None else graph_owned
+
+    def retain(self, obj) -> None:
+        self.graph_owned.setdefault(id(obj), obj)
+
+
 class StateMismatchError(RuntimeError):
     """A tensor lies outside its storage, where torch's own step is undefined."""
 
@@ -124,7 +141,7 @@ class KernelUnit:
     """
 
     __slots__ = ("device", "dtype", "module", "rows", "table", "numel",
-                 "direct_grad", "staged", "grad_rows", "whole")
+                 "direct_grad", "staged", "grad_rows", "whole", "device_cache")
 
     def __init__(self, device, dtype, module, rows, table, numel, direct_grad, staged, n):
         self.device = device
@@ -137,6 +154,7 @@ class KernelUnit:
         self.grad_rows = rows if self.direct_grad is None else rows[direct_grad]
         self.staged = staged
         self.whole = len(rows) == n and self.direct_grad is None
+        self.device_cache = {}  # the backend's, for these rows (Batch.cache)
 
 
 class TorchUnit:
@@ -172,7 +190,7 @@ def _real(t):
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def staged_unit(unit, cols, where, steps, fresh, grad_ptrs) -> Staged:
+def staged_unit(unit, cols, where, steps, fresh, grad_ptrs, retain=None) -> Staged:
     """The batch of ``unit`` for this step's tensors (see :class:`Staged`)."""
     table = unit.table.copy()
     if len(unit.grad_rows):
@@ -207,7 +225,8 @@ def staged_unit(unit, cols, where, steps, fresh, grad_ptrs) -> Staged:
                     steps=[steps[i] for i in rows] if steps is not None else [],
                     fresh=[fresh[i] for i in rows] if fresh is not None else [])
 
-    batch = Batch(unit.device, unit.dtype, table, unit.numel, source=lists)
+    batch = Batch(unit.device, unit.dtype, table, unit.numel, source=lists,
+                  cache=unit.device_cache, retain=retain)
     return Staged(unit.module, batch, stage_in, writeback)
 
 
@@ -441,6 +460,8 @@ def _kernel_unit(cols, where, steps, fresh, rows, device, module):
                 flags |= L.FLAG_STEP_F64
             if st.device != p.device:
                 flags |= L.FLAG_STEP_HOST
+            if st.device.type == "cpu":
+                flags |= L.FLAG_STEP_CPU
         if fresh is not None and fresh[i]:
             flags |= L.FLAG_FRESH
         table[r, L.FLAGS] = flags

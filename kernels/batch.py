@@ -27,14 +27,22 @@ class Batch:
             is None where the role is absent (e.g. no amsgrad).
         steps: per-row step counters (Adam), 0-dim tensors; empty for SGD.
         fresh: per-row flag (SGD): momentum buffer created this step.
+        cache: a dict the backend may keep device buffers in between steps,
+            owned by the caller's plan for these rows (None: nothing is
+            kept).
+        retain: ``retain(obj)`` keeps ``obj`` alive as long as the caller's
+            optimizer: what a CUDA graph captured over the step reads
+            (None: no owner).
     """
 
     _LISTS = ("params", "grads", "states", "steps", "fresh")
 
     def __init__(self, device: torch.device, dtype: torch.dtype, table: np.ndarray,
                  numel: int, params=None, grads=None, states=None, steps=None,
-                 fresh=None, source=None):
+                 fresh=None, source=None, cache=None, retain=None):
         self.device = device
+        self.cache = cache
+        self.retain = retain
         self.dtype = dtype
         self.table = table
         self.numel = numel

@@ -16,7 +16,8 @@ STATE2     (0)                         max_exp_avg_sq (0 unless amsgrad)
 STEP       (0)                         step scalar (float32 or float64)
 NUMEL      elements in the row         elements in the row
 START      first global element index  first global element index
-FLAGS      FLAG_FRESH                  FLAG_STEP_F64, FLAG_STEP_HOST
+FLAGS      FLAG_FRESH                  FLAG_STEP_F64, FLAG_STEP_HOST,
+                                       FLAG_STEP_CPU
 =========  ==========================  ==================================
 
 ``START`` is the prefix sum of ``NUMEL``; the compiled kernels split the global
@@ -41,4 +42,7 @@ FLAG_STEP_F64 = 2
 #: Adam: the step counter lives in host memory while the row's tensors do not
 #: (torch's default for CUDA params): a GPU kernel cannot read it.
 FLAG_STEP_HOST = 4
+#: Adam: the step counter is a CPU tensor (the only host memory a backend may
+#: read a FLAG_STEP_HOST counter from).
+FLAG_STEP_CPU = 8
 

@@ -42,59 +42,65 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32,
 _SGD_PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64",
              "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
 _ADAM_PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64",
-              "counter_ptr": "*i32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+              "scal_ptr": "*fp64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+_STEPS_ARGS = {"table_ptr": "*i64", "hyper_ptr": "*fp64", "scal_ptr": "*fp64",
+               "found_inf_ptr": "*fp32", "rows": "i32"}
 
-_SGD_SWITCHES = ("USE_MOMENTUM", "NESTEROV", "MAXIMIZE", "HAS_WD", "HAS_GRAD_SCALE",
-                 "HAS_FOUND_INF")
-_ADAM_SWITCHES = ("AMSGRAD", "MAXIMIZE", "HAS_WD", "DECOUPLED", "LERP_FROM_START",
-                  "DEVICE_STEPS", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
+_SGD_SWITCHES = ("TAIL_ALIGNED", "USE_MOMENTUM", "NESTEROV", "MAXIMIZE", "HAS_WD",
+                 "HAS_GRAD_SCALE", "HAS_FOUND_INF")
+_ADAM_SWITCHES = ("TAIL_ALIGNED", "AMSGRAD", "MAXIMIZE", "HAS_WD", "DECOUPLED",
+                  "LERP_FROM_START", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
 
 
-def _possible(kernel: str, sw: dict) -> bool:
+def _possible(kernel: str, aligned: bool, sw: dict) -> bool:
     """Whether the launcher can pass these switches together."""
+    if sw["TAIL_ALIGNED"] and not aligned:
+        return False  # the tail class is a subset of the aligned one
     if kernel == "sgd":
         return sw["USE_MOMENTUM"] or not sw["NESTEROV"]  # NESTEROV needs momentum
-    # host-side steps: the launcher reads found_inf itself and passes None
-    return sw["DEVICE_STEPS"] or not sw["HAS_FOUND_INF"]
+    return True
 
 
 def specializations(full: bool):
     """(kernel, dtype name, ALIGNED, switches) the launchers can produce.
 
-    ``full``: every one. Else a covering subset for CI: per kernel, dtype,
-    ALIGNED (and, for Adam, step placement), every switch on, and every
-    switch off.
+    ``full``: every one. Else a covering subset for CI: per kernel, dtype and
+    ALIGNED, every switch on (TAIL_ALIGNED where aligned), and every switch
+    off.
+    The step kernel (``adam_steps``) reads no tensor of the batch's dtype:
+    listed once per found_inf switch, as float64 (its own math).
     """
     for kernel, names in (("sgd", _SGD_SWITCHES), ("adam", _ADAM_SWITCHES)):
         for dname, aligned in itertools.product(DTYPES, (True, False)):
             if full:
                 combos = itertools.product((False, True), repeat=len(names))
-            elif kernel == "sgd":
-                combos = [(True,) * len(names), (False,) * len(names)]
-            else:
-                combos = []
-                for steps in (True, False):
-                    on = dict.fromkeys(names, True)
-                    off = dict.fromkeys(names, False)
-                    on["DEVICE_STEPS"] = off["DEVICE_STEPS"] = steps
-                    combos += [tuple(on[n] for n in names), tuple(off[n] for n in names)]
+            else:  # every switch on (with the tail hint where aligned), every one off
+                combos = [(aligned,) + (True,) * (len(names) - 1), (False,) * len(names)]
             for combo in combos:
                 sw = dict(zip(names, combo))
-                if _possible(kernel, sw):
+                if _possible(kernel, aligned, sw):
                     yield kernel, dname, aligned, sw
+    for found_inf in (False, True):
+        yield "adam_steps", "float64", False, {"HAS_FOUND_INF": found_inf}
 
 
 def _source(kernel: str, dname: str, aligned: bool, sw: dict) -> ASTSource:
-    dtype = DTYPES[dname]
-    fn = _kernels._sgd_kernel if kernel == "sgd" else _kernels._adam_kernel
-    ptrs = dict(_SGD_PTRS if kernel == "sgd" else _ADAM_PTRS)
-    # the launcher's own constexprs (see _common_args)
-    const = dict(ELEM=tk._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
-                 COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-                 IS_F64=dtype == torch.float64, BLOCK=tk.BLOCK, ALIGNED=aligned, **sw)
-    absent = {"grad_scale_ptr": not sw["HAS_GRAD_SCALE"],
-              "found_inf_ptr": not sw["HAS_FOUND_INF"],
-              "counter_ptr": not sw.get("DEVICE_STEPS", True)}
+    if kernel == "adam_steps":
+        fn = _kernels._adam_steps_kernel
+        const = dict(BLOCK_R=tk._STEP_ROWS, **sw)
+        ptrs = dict(_STEPS_ARGS)
+        absent = {"found_inf_ptr": not sw["HAS_FOUND_INF"]}
+    else:
+        dtype = DTYPES[dname]
+        fn = _kernels._sgd_kernel if kernel == "sgd" else _kernels._adam_kernel
+        ptrs = dict(_SGD_PTRS if kernel == "sgd" else _ADAM_PTRS)
+        # the launcher's own constexprs (see _common_args)
+        const = dict(ELEM=tk._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+                     COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+                     IS_F64=dtype == torch.float64, BLOCK=tk.BLOCK, ALIGNED=aligned,
+                     VEC=16 // torch.empty((), dtype=dtype).element_size(), **sw)
+        absent = {"grad_scale_ptr": not sw["HAS_GRAD_SCALE"],
+                  "found_inf_ptr": not sw["HAS_FOUND_INF"]}
     signature = {}
     for name in fn.arg_names:
         if name in ptrs and not absent.get(name, False):
@@ -105,7 +111,7 @@ def _source(kernel: str, dname: str, aligned: bool, sw: dict) -> ASTSource:
                 const[name] = None
     # torch's allocations are 16-byte aligned: as the launch specializes them
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-             for n in signature if signature[n] != "constexpr"}
+             for n in signature if signature[n].startswith("*")}
     return ASTSource(fn, signature, const, attrs)
 
 
@@ -155,10 +161,10 @@ def facts(kernel: str, dname: str, aligned: bool, sw: dict, cap: int) -> dict:
     return out
 
 
-#: the one ``.ftz`` instruction allowed: libdevice's float64 exp2 (the
-#: bias corrections of device-side steps) tests its argument's range with
-#: ``abs.ftz.f32`` on the high word's bits; a bare ``tl.exp2`` of a float64
-#: compiles to the same. It never touches the float32 math.
+#: the one ``.ftz`` instruction allowed, in the step kernel only: libdevice's
+#: float64 exp2 (the bias corrections of device-side steps) tests its
+#: argument's range with ``abs.ftz.f32`` on the high word's bits; a bare
+#: ``tl.exp2`` of a float64 compiles to the same. No float32 math is there.
 _EXP2_RANGE_CHECK = "abs.ftz.f32"
 
 
@@ -172,9 +178,13 @@ def violations(r: dict) -> list:
                    f"{r['local']} .local in PTX")
     inexact = [k for k in r["inexact"]
                if not (k == ".ftz" and r["ftz_lines"] == r["exp2_range_checks"]
-                       and sw.get("DEVICE_STEPS"))]
+                       and r["kernel"] == "adam_steps")]
     if inexact:
         bad.append(f"non-IEEE float math: {inexact}")
+    if r["kernel"] == "adam_steps":
+        if not (r["ieee_div"] and r["ieee_sqrt"]):
+            bad.append("no div.rn or sqrt.rn")
+        return bad
     if r["kernel"] == "sgd":
         reads, writes = 2 + sw["USE_MOMENTUM"], 1 + sw["USE_MOMENTUM"]
         divides = sw["HAS_GRAD_SCALE"]
@@ -185,9 +195,12 @@ def violations(r: dict) -> list:
             bad.append("no sqrt.rn")
     if divides and not r["ieee_div"]:
         bad.append("no div.rn")
-    if r["aligned"] and (r["vector_loads"] < reads or r["vector_stores"] < writes):
+    # the whole-block path, and with TAIL_ALIGNED the masked one too
+    paths = 2 if sw["TAIL_ALIGNED"] else 1
+    if r["aligned"] and (r["vector_loads"] < paths * reads
+                         or r["vector_stores"] < paths * writes):
         bad.append(f"ALIGNED but {r['vector_loads']} 128-bit loads (of {reads} streams) "
-                   f"and {r['vector_stores']} stores (of {writes})")
+                   f"and {r['vector_stores']} stores (of {writes}) in {paths} paths")
     return bad
 
 

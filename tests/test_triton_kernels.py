@@ -265,9 +265,6 @@ def test_rows_spanning_many_programs(monkeypatch, optim):
         _adam_steps(ref, reference, 3, 3, torch.float32, **hyper)
         # each step counted once per call although 7 programs share row 0
         assert [float(s) for s in ours.steps] == [3.0] * len(sizes)
-        for entry in tk._table_cache._items.values():
-            if "counters" in entry:
-                assert not entry["counters"].any()  # reset by the kernel
     _assert_all_close(ours.tensors(), ref.tensors())
 
 
@@ -329,7 +326,8 @@ def test_int64_offsets_beyond_2_31():
     tk._kernels._sgd_kernel[(1,)](
         torch.from_numpy(table).to(DEVICE), bmap, hyper, None, None,
         ELEM=tl.float32, IS_BF16=False, COMPUTE=tl.float32, IS_F64=False,
-        BLOCK=block, ALIGNED=False, USE_MOMENTUM=False, NESTEROV=False,
+        BLOCK=block, ALIGNED=False, TAIL_ALIGNED=False, VEC=4, USE_MOMENTUM=False,
+        NESTEROV=False,
         MAXIMIZE=False, HAS_WD=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False)
     torch.testing.assert_close(p[:100], p0[:100] - 0.5 * g[:100])
     assert torch.equal(p[100:], p0[100:])
@@ -337,14 +335,33 @@ def test_int64_offsets_beyond_2_31():
 
 def test_block_map():
     numel = np.array([2**31 + 5, 0, 3, 2048], dtype=np.int64)
-    bmap = tk.block_map(numel, 1024, keep_empty=True)
+    bmap = tk.block_map(numel, 1024)
     last = (2**31 + 5 + 1023) // 1024 - 1
     assert bmap.dtype == np.int32
-    assert bmap.shape == (last + 1 + 1 + 1 + 2, 2)
+    assert bmap.shape == (last + 1 + 1 + 2, 2)  # the empty row gets no program
     assert tuple(bmap[0]) == (0, 0) and tuple(bmap[last]) == (0, last)
-    assert [tuple(r) for r in bmap[last + 1:]] == [(1, 0), (2, 0), (3, 0), (3, 1)]
-    bmap = tk.block_map(numel[1:], 1024, keep_empty=False)
-    assert [tuple(r) for r in bmap] == [(1, 0), (2, 0), (2, 1)]
+    assert [tuple(r) for r in bmap[last + 1:]] == [(2, 0), (3, 0), (3, 1)]
+    bmap = tk.block_map(numel, 1024, rows=[3, 1, 2])
+    assert [tuple(r) for r in bmap] == [(3, 0), (3, 1), (2, 0)]
+
+
+def test_alignment_is_decided_per_row():
+    """One misaligned row costs only its own rows the vector accesses; the
+    tail hint needs every aligned row's NUMEL to be a multiple of 16 bytes."""
+    table = np.zeros((4, L.NCOLS), dtype=np.int64)
+    table[:, L.PARAM] = [4096, 4100, 8192, 0]
+    table[:, L.GRAD] = [1 << 20, 1 << 21, (1 << 22) + 8, 0]
+    table[:, L.NUMEL] = [8, 3, 12, 0]
+    classes = [(a, t, list(r)) for a, t, r in tk.alignment_classes(table, 4)]
+    assert classes == [(True, True, [0, 3]), (False, False, [1, 2])]
+    table[3, L.NUMEL] = 6  # 24 bytes: the aligned class's tail is not
+    classes = [(a, t, list(r)) for a, t, r in tk.alignment_classes(table, 4)]
+    assert classes == [(True, False, [0, 3]), (False, False, [1, 2])]
+    assert [(a, t, list(r)) for a, t, r in tk.alignment_classes(table, 2)] == [
+        (True, False, [0, 3]), (False, False, [1, 2])]  # 8-element tails for 16-bit
+    table[1:3, L.PARAM] = 0
+    table[1:3, L.GRAD] = 64
+    assert [(a, t) for a, t, _ in tk.alignment_classes(table, 8)] == [(True, False)]
 
 
 # --------------------------------------------------------------------------
@@ -433,7 +450,9 @@ def test_host_steps_that_are_not_host_memory_are_refused(monkeypatch):
     grads = _randn(SIZES, torch.float32, torch.Generator().manual_seed(4))
     (packed,) = _tables.pack(state.params, grads, state.states(),
                              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
-    packed.batch.steps = [torch.empty((), device="meta") for _ in SIZES]
+    flags = packed.batch.table[:, L.FLAGS]
+    assert ((flags & L.FLAG_STEP_CPU) != 0).all()  # as _tables writes them
+    packed.batch.table[1, L.FLAGS] &= ~L.FLAG_STEP_CPU  # as for a counter elsewhere
     with pytest.raises(ValueError, match="must be CPU tensors"):
         tk.adam(packed.batch, **_adam_hyper())
 
@@ -626,6 +645,12 @@ def test_low_precision_at_least_as_accurate_as_torch(dtype, name, kw):
 # caches and hygiene
 
 
+def _layouts(opt):
+    """The cached launch layouts of ``opt``'s kernel units."""
+    return [u.device_cache["layout"][0][1] for plan in opt._plans.values()
+            for u in plan.units if "layout" in getattr(u, "device_cache", ())]
+
+
 def test_device_table_cache_is_never_stale():
     """Swapping p.data between steps must send the update to the new tensor."""
     gen = torch.Generator().manual_seed(25)
@@ -635,14 +660,63 @@ def test_device_table_cache_is_never_stale():
     ours, opt, theirs, ref = pair
     _step_both(*pair, _randn(sizes, torch.float32, gen))
     _step_both(*pair, _randn(sizes, torch.float32, gen))
-    cached = len(tk._table_cache._items)
-    _step_both(*pair, _randn(sizes, torch.float32, gen))
-    assert len(tk._table_cache._items) == cached  # same addresses: a cache hit
+    grads = _randn(sizes, torch.float32, gen)
+    cached = None
+    for _ in range(2):  # the same grad tensors, at the same addresses: a hit
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref.step()
+        cached = cached or _layouts(opt)
+    assert [a is b for a, b in zip(_layouts(opt), cached)] == [True]
     fresh = _randn(sizes, torch.float32, gen)
     for p, q, f in zip(ours, theirs, fresh):
         p.data, q.data = f.clone(), f.clone()
     _step_both(*pair, _randn(sizes, torch.float32, gen))
     _assert_states_close(*pair)
+
+
+def test_buffers_a_capture_reads_outlive_the_cache(monkeypatch):
+    """R2/R3 of kernels/triton: what a step uses while a CUDA graph is being
+    captured is kept for the optimizer's lifetime, and what it makes then is
+    never cached for eager steps (its upload runs only at replay). Capture is
+    simulated: the launcher asks ``_capturing``, and the kernels run."""
+    import gc
+    import weakref
+
+    gen = torch.Generator().manual_seed(26)
+    sizes = [7, 33]
+    params = _randn(sizes, torch.float32, gen)
+    opt = fused_optim.Adam(params, lr=0.1, backend="triton")
+
+    def step(new_grads=True):
+        for p in params:
+            if new_grads:  # new addresses: a new table
+                p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+    step()
+    eager = weakref.ref(_layouts(opt)[0])
+    monkeypatch.setattr(tk, "_capturing", lambda device: True)
+    step()  # "captured" with a table made during capture
+    captured = [weakref.ref(o) for o in opt._plans.graph_owned.values()
+                if isinstance(o, (tk._Layout, torch.Tensor))]
+    assert captured and _layouts(opt)[0] is eager(), "made during capture, then cached"
+    monkeypatch.setattr(tk, "_capturing", lambda device: False)
+    for _ in range(tk._KEEP + 1):
+        step()
+    gc.collect()
+    assert eager() is None  # an eager-only buffer is freed once replaced
+    assert all(r() is not None for r in captured)  # what the graph reads is not
+    opt.load_state_dict(opt.state_dict())
+    gc.collect()
+    assert all(r() is not None for r in captured)
+    step()
+    kept = len(opt._plans.graph_owned)
+    monkeypatch.setattr(tk, "_capturing", lambda device: True)
+    step(new_grads=False)  # a capture of a cached layout retains that one
+    assert any(o is _layouts(opt)[0] for o in opt._plans.graph_owned.values())
+    assert len(opt._plans.graph_owned) > kept
 
 
 def test_kernels_do_not_import_torch_optim():

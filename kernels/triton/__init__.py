@@ -6,9 +6,8 @@ index) tells a program where it works, and a device copy of ``batch.table``
 tells it the addresses. The jitted bodies live in ``_kernels``.
 
 Host to device traffic per call is at most three small copies, each skipped
-when an identical one is cached: the address table (cached on its exact bytes,
-so a cached copy can never hold a stale address), the block map (cached on the
-NUMEL column) and the float64 hyperparameter buffer (cached on its bytes; with
+when an identical one is cached (see "device buffers" below): the address
+table with its block maps, and the float64 hyperparameter buffer (with
 host-side Adam steps it changes every step). Copies go through pinned memory
 with ``non_blocking=True``: a pageable copy would make the host wait for all
 queued GPU work, e.g. the backward pass.
@@ -18,7 +17,6 @@ Under ``TRITON_INTERPRET=1`` the same code runs on CPU tensors.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 import os
@@ -26,6 +24,7 @@ import threading
 
 import numpy as np
 import torch
+import triton
 import triton.language as tl
 
 from .. import layout as L
@@ -46,6 +45,8 @@ BLOCK = 1024
 #: Warps per program (Triton's default).
 NUM_WARPS = 4
 
+_ITEMSIZE = {torch.float64: 8, torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
 #: Pointer element type per storage dtype; bfloat16 travels as its uint16 bits.
 _ELEM = {
     torch.float64: tl.float64,
@@ -55,112 +56,224 @@ _ELEM = {
 }
 
 
-class _LRU:
-    """A small least-recently-used map of device tensors built on a miss."""
-
-    def __init__(self, size):
-        self._size = size
-        self._items = collections.OrderedDict()
-        self._lock = threading.Lock()  # optimizers may step from several threads
-
-    def get(self, key, make):
-        with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                value = make()
-                self._items[key] = value
-                if len(self._items) > self._size:
-                    self._items.popitem(last=False)
-            else:
-                self._items.move_to_end(key)
-            return value
-
-    def clear(self):
-        with self._lock:
-            self._items.clear()
-
-
-_table_cache = _LRU(64)
-_map_cache = _LRU(64)
-_hyper_cache = _LRU(16)
+# ------------------------------------------------------------ device buffers
+#
+# What a launch reads besides the tensors themselves (the address table, the
+# block maps, the hyperparameters, Adam's per-row scalars) lives in device
+# buffers. They are kept per kernel unit of the caller's plan
+# (``batch.cache``, a dict this module owns) rather than in a global cache,
+# because a CUDA graph captured over a step bakes their addresses in:
+#
+# * R1. A cached buffer is keyed on the exact bytes it was copied from, so a
+#   hit is as fresh as an upload. Buffers are never written after their
+#   upload (the per-row scalars are rewritten by every step's first kernel,
+#   before the update reads them, on the same stream).
+# * R2. Every buffer a step uses while a graph is being captured is handed to
+#   ``batch.retain``, which the optimizer keeps for its lifetime: a later
+#   eager step that replaces the unit's entry, or a rebuilt plan, drops the
+#   cache's reference, never the graph's. (Without an owner, e.g. the
+#   kernel-level API, such buffers are kept for the process's lifetime.)
+# * R3. A buffer made during capture is never cached: its upload runs only
+#   when the graph replays, so an eager step must not read it. Its pinned
+#   host source is retained too, since each replay copies from it again, and
+#   is never written again: it is a fresh slice of a pinned arena that eager
+#   steps set aside in the unit (``pin_memory()`` mid-capture fails on some
+#   torch versions, whose host allocator queries events), carved forward
+#   only.
 
 
-def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+#: buffers captured into graphs by callers that own no optimizer, by id
+_ORPHANS: dict = {}
+
+
+def _retain(batch):
+    keep = getattr(batch, "retain", None)
+    return keep if keep is not None else (lambda obj: _ORPHANS.setdefault(id(obj), obj))
+
+
+#: pinned bytes set aside per unit for uploads made during a capture: at
+#: least this, and at least 4 times the largest upload the unit has made
+_ARENA_MIN = 1 << 16
+
+
+def _pinned(raw: np.ndarray, batch) -> torch.Tensor:
+    """A pinned host copy of ``raw`` (uint8), safe to copy from (see R3)."""
+    cache = getattr(batch, "cache", None)
+    if not _capturing(batch.device):
+        if cache is not None:
+            need = cache["arena_need"] = max(cache.get("arena_need", 0), raw.nbytes)
+            arena = cache.get("arena")
+            if arena is None or arena[0].numel() - arena[1] < 2 * need:
+                size = max(_ARENA_MIN, 4 * need)
+                cache["arena"] = [torch.empty(size, dtype=torch.uint8, pin_memory=True), 0]
+        return torch.from_numpy(raw.copy()).pin_memory()
+    arena = cache.get("arena") if cache is not None else None
+    if arena is not None and arena[1] + raw.nbytes <= arena[0].numel():
+        host = arena[0][arena[1]:arena[1] + raw.nbytes]
+        arena[1] += -(-raw.nbytes // 16) * 16
+        host.numpy()[:] = raw
+    else:
+        try:
+            host = torch.from_numpy(raw.copy()).pin_memory()
+        except RuntimeError as e:
+            raise RuntimeError(
+                "fused_optim: this step's address table is new to the optimizer and "
+                "torch could not pin host memory to upload it during CUDA graph capture; "
+                "run one eager step (with the same grad tensors) before capturing") from e
+    _retain(batch)(host)
+    return host
+
+
+def _upload(array: np.ndarray, batch) -> torch.Tensor:
     """A private device copy of ``array``, queued without a host sync on CUDA."""
-    host = torch.from_numpy(np.array(array, copy=True, order="C"))
+    array = np.ascontiguousarray(array)
+    device = batch.device
     if device.type == "cuda":
-        # the pinned staging buffer is held by the caching host allocator
-        # until the copy has run
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+        # a pageable copy would wait for all queued work (the backward pass);
+        # the caching host allocator holds a pinned buffer until it has run
+        raw = array.reshape(-1).view(np.uint8)
+        host = _pinned(raw, batch)
+        out = host.to(device, non_blocking=True)
+        return out.view(torch.from_numpy(array[:0]).dtype).reshape(array.shape)
+    return torch.from_numpy(array.copy()).to(device)
 
 
-def _device_table(table: np.ndarray, device: torch.device, counters: bool):
-    """Device copy of ``table`` (and a zeroed per-row int32 counter array).
-
-    Keyed on the table's exact bytes: equal bytes mean equal addresses, so a
-    hit is as fresh as an upload. The counters are reset by the kernel that
-    uses them, so they stay valid in the cache.
-    """
-    entry = _table_cache.get((device, table.shape, table.tobytes()),
-                        lambda: {"table": _upload(table, device)})
-    if counters and "counters" not in entry:
-        entry["counters"] = torch.zeros(table.shape[0], dtype=torch.int32, device=device)
-    return entry["table"], entry.get("counters")
+#: entries kept per unit and kind: grads that alternate between two sets of
+#: addresses (a new ``p.grad`` allocated while the old one is alive) hit
+_KEEP = 4
 
 
-def block_map(numel: np.ndarray, block: int, keep_empty: bool) -> np.ndarray:
+def _resident(batch, name: str, key, make):
+    """``make()``'s device buffer for ``key``, cached in the unit (R1-R3)."""
+    cache = getattr(batch, "cache", None)
+    entries = cache.setdefault(name, []) if cache is not None else []
+    for i, (k, value) in enumerate(entries):
+        if k == key:
+            if i:
+                entries.insert(0, entries.pop(i))
+            break
+    else:
+        value = None
+    if _capturing(batch.device):
+        if value is None:
+            value = make()  # R3: for this capture only
+        _retain(batch)(value)  # R2
+        return value
+    if value is None:
+        value = make()
+        entries.insert(0, (key, value))
+        del entries[_KEEP:]
+    return value
+
+
+def block_map(numel: np.ndarray, block: int, rows=None) -> np.ndarray:
     """Program -> (row, chunk) map: row r gets ``ceil(numel[r] / block)`` programs.
 
     Args:
         numel: int64 elements per row.
         block: elements per program.
-        keep_empty: give rows with no elements one (fully masked) program, so
-            that Adam's in-kernel step counters still advance.
+        rows: the rows to map (default: all), by index into ``numel``.
 
     Returns:
-        int32 array ``[programs, 2]``, rows in table order, chunks ascending.
+        int32 array ``[programs, 2]``, rows in table order, chunks ascending;
+        rows with no elements get no program.
     """
     numel = np.asarray(numel, dtype=np.int64)
-    nblocks = (numel + block - 1) // block
-    if keep_empty:
-        nblocks = np.maximum(nblocks, 1)
+    index = np.arange(numel.size, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    nblocks = (numel[index] + block - 1) // block
     if nblocks.size and nblocks.max() >= 2**31:
         raise ValueError(f"a tensor of {int(numel.max())} elements needs more than "
                          f"2**31 programs of {block}")
     total = int(nblocks.sum())
-    rows = np.repeat(np.arange(numel.size, dtype=np.int64), nblocks)
     first = np.repeat(np.cumsum(nblocks) - nblocks, nblocks)
     out = np.empty((total, 2), dtype=np.int32)
-    out[:, 0] = rows
+    out[:, 0] = np.repeat(index, nblocks)
     out[:, 1] = np.arange(total, dtype=np.int64) - first
     return out
 
 
-def _device_map(table: np.ndarray, device: torch.device, block: int, keep_empty: bool):
-    numel = np.ascontiguousarray(table[:, L.NUMEL])
+_POINTER_COLUMNS = [L.PARAM, L.GRAD, L.STATE0, L.STATE1, L.STATE2]
+
+
+def alignment_classes(table: np.ndarray, itemsize: int):
+    """Rows by how far their accesses can vectorize: ``[(ALIGNED, TAIL_ALIGNED, rows)]``.
+
+    Decided per row, so one misaligned tensor (a DDP bucket view of an
+    odd-sized param, say) costs its own rows the vector accesses, not the
+    whole batch's: at most two launches, one in the usual case. ALIGNED:
+    every address of the row is a multiple of 16 bytes (absent roles hold
+    0). TAIL_ALIGNED: ALIGNED, and every NUMEL of the class is a multiple
+    of 16 bytes' worth of elements, so masked last blocks vectorize too (a
+    launch of its own for the few rows that are not would cost more than
+    their scalar tails). Classes without rows are left out.
+    """
+    aligned = (table[:, _POINTER_COLUMNS] % 16 == 0).all(axis=1)
+    out = []
+    rows = np.flatnonzero(aligned)
+    if rows.size:
+        whole = bool((table[rows, L.NUMEL] % (16 // itemsize) == 0).all())
+        out.append((True, whole, rows))
+    rows = np.flatnonzero(~aligned)
+    if rows.size:
+        out.append((False, False, rows))
+    return out
+
+
+class _Layout:
+    """What a launch needs that follows from the table alone (cached on its bytes)."""
+
+    __slots__ = ("table", "launches", "rows", "__weakref__")
+
+    def __init__(self, table, launches, rows):
+        self.table = table  # the device copy
+        self.launches = launches  # [(block map, programs, ALIGNED, TAIL_ALIGNED)]
+        self.rows = rows
+
+
+def _layout(batch, block: int) -> _Layout:
+    table = batch.table
+    itemsize = _ITEMSIZE[batch.dtype]
 
     def make():
-        bmap = block_map(numel, block, keep_empty)
-        return _upload(bmap, device), bmap.shape[0]
+        classes = alignment_classes(table, itemsize)
+        numel = table[:, L.NUMEL]
 
-    return _map_cache.get((device, numel.tobytes(), block, keep_empty), make)
+        def launches():
+            out = []
+            for aligned, tail, rows in classes:
+                bmap = block_map(numel, block, rows)
+                if bmap.shape[0]:
+                    out.append((_upload(bmap, batch), bmap.shape[0], aligned, tail))
+            return out
+
+        # block maps follow from the sizes and alignment alone: grads at new
+        # addresses (a graph's own, say) need only a new table
+        key = (numel.tobytes(), block, tuple((a, t, r.tobytes()) for a, t, r in classes))
+        return _Layout(_upload(table, batch), _resident(batch, "launches", key, launches),
+                       table.shape[0])
+
+    return _resident(batch, "layout", (table.tobytes(), block, itemsize), make)
 
 
-def _device_hyper(values, device: torch.device) -> torch.Tensor:
-    """The float64 hyperparameter buffer on ``device``.
+def _device_hyper(batch, values) -> torch.Tensor:
+    """The float64 hyperparameter buffer on the batch's device.
 
     A Tensor entry (capturable's device ``lr``) is read where it lives, by
     device ops: no host sync, and the buffer is rebuilt inside a CUDA graph
     on every replay, so a scheduler's updates to that Tensor take effect.
     """
+    device = batch.device
     if any(torch.is_tensor(v) for v in values):
         return torch.stack([
             v.detach().to(device=device, dtype=torch.float64).reshape(())
             if torch.is_tensor(v) else torch.full((), v, dtype=torch.float64, device=device)
             for v in values])
     values = np.asarray(values, dtype=np.float64)
-    return _hyper_cache.get((device, values.tobytes()), lambda: _upload(values, device))
+    return _resident(batch, "hyper", values.tobytes(), lambda: _upload(values, batch))
 
 
 def _amp_tensor(t, device):
@@ -190,18 +303,13 @@ def _device_context(device):
     return contextlib.nullcontext()
 
 
-_POINTER_COLUMNS = [L.PARAM, L.GRAD, L.STATE0, L.STATE1, L.STATE2]
-
-
 def _common_args(batch):
-    """Constexprs fixed by the batch: storage type and pointer alignment."""
+    """Constexprs fixed by the batch's storage type."""
     dtype = batch.dtype
     is_f64 = dtype == torch.float64
-    # absent roles hold 0, which is aligned too
-    aligned = bool((batch.table[:, _POINTER_COLUMNS] % 16 == 0).all())
     return dict(ELEM=_ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
                 COMPUTE=tl.float64 if is_f64 else tl.float32, IS_F64=is_f64,
-                BLOCK=BLOCK, ALIGNED=aligned)
+                BLOCK=BLOCK, VEC=16 // _ITEMSIZE[dtype])
 
 
 def _compute_np(dtype):
@@ -210,7 +318,10 @@ def _compute_np(dtype):
 
 def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         grad_scale=None, found_inf=None):
-    """SGD (torch semantics) over every row of ``batch.table``, in one launch.
+    """SGD (torch semantics) over every row of ``batch.table``.
+
+    One launch per alignment class present (see :func:`alignment_classes`):
+    usually one.
 
     Args:
         batch: a :class:`~fused_optim.kernels.batch.Batch` of CUDA tensors
@@ -227,28 +338,25 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
     if batch.table is None or batch.table.shape[0] == 0:
         return
     device = batch.device
-    table = batch.table
     use_momentum = momentum != 0
     with _device_context(device):
-        bmap, programs = _device_map(table, device, BLOCK, keep_empty=False)
-        if programs == 0:
+        layout = _layout(batch, BLOCK)
+        if not layout.launches:
             return
-        dev_table, _ = _device_table(table, device, counters=False)
-        hyper = _device_hyper([lr, weight_decay, momentum, 1.0 - dampening], device)
+        hyper = _device_hyper(batch, [lr, weight_decay, momentum, 1.0 - dampening])
         grad_scale = _amp_tensor(grad_scale, device)
         found_inf = _amp_tensor(found_inf, device)
+        const = dict(_common_args(batch), USE_MOMENTUM=use_momentum,
+                     NESTEROV=bool(nesterov) and use_momentum, MAXIMIZE=bool(maximize),
+                     HAS_WD=weight_decay != 0, HAS_GRAD_SCALE=grad_scale is not None,
+                     HAS_FOUND_INF=found_inf is not None, num_warps=NUM_WARPS,
+                     # no FMA contraction: the same roundings as the Numba backend
+                     enable_fp_fusion=False)
         with _launch_lock():
-            _kernels._sgd_kernel[(programs,)](
-                dev_table, bmap, hyper, grad_scale, found_inf,
-                **_common_args(batch),
-                USE_MOMENTUM=use_momentum, NESTEROV=bool(nesterov) and use_momentum,
-                MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
-                HAS_GRAD_SCALE=grad_scale is not None,
-                HAS_FOUND_INF=found_inf is not None,
-                num_warps=NUM_WARPS,
-                # no FMA contraction: the same roundings as the Numba backend
-                enable_fp_fusion=False,
-            )
+            for bmap, programs, aligned, tail in layout.launches:
+                _kernels._sgd_kernel[(programs,)](
+                    layout.table, bmap, hyper, grad_scale, found_inf,
+                    ALIGNED=aligned, TAIL_ALIGNED=tail, **const)
 
 
 def _log2(x: float) -> float:
@@ -260,7 +368,7 @@ def _log2(x: float) -> float:
 
 
 def _steps_on_device(batch) -> bool:
-    """True if the kernel can read and advance every step counter itself.
+    """True if the kernels can read and advance every step counter themselves.
 
     Raises:
         ValueError: the batch mixes host and device counters (fused_optim's
@@ -274,10 +382,18 @@ def _steps_on_device(batch) -> bool:
 
 
 def _check_host_steps(batch) -> None:
-    """The host is about to read and write every step address: all must be CPU memory."""
-    elsewhere = sorted({str(s.device) for s in batch.steps if s.device.type != "cpu"})
-    if elsewhere:
-        raise ValueError(f"host-side step counters must be CPU tensors, found {elsewhere}")
+    """The host is about to read and write every step address: all must be CPU memory.
+
+    Read off the table (FLAG_STEP_CPU, written with the address from the
+    same tensor), not the tensors: building a batch's tensor lists costs
+    about 2 us per row.
+    """
+    flags = batch.table[:, L.FLAGS]
+    if ((flags & L.FLAG_STEP_CPU) == 0).any():
+        raise ValueError("host-side step counters must be CPU tensors")
+    if _capturing(batch.device):
+        raise RuntimeError("a CUDA graph cannot advance step counters that live on the "
+                           "host: put them on the params' device (capturable=True)")
 
 
 def _host_step_scalars(table, lr, beta1, beta2) -> np.ndarray:
@@ -292,13 +408,19 @@ def _host_step_scalars(table, lr, beta1, beta2) -> np.ndarray:
     return advance_host_steps(table, lr=lr, beta1=beta1, beta2=beta2)
 
 
+#: rows per program of the step kernel
+_STEP_ROWS = 128
+
+
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
          amsgrad, maximize, grad_scale=None, found_inf=None):
-    """Adam / AdamW (torch semantics) over every row, in one launch; advances steps.
+    """Adam / AdamW (torch semantics) over every row; advances steps.
 
-    Step counters on the params' device are read and advanced by the kernel
-    (no host sync). Counters elsewhere (torch's default: CPU steps for CUDA
-    params) are advanced here and the per-row scalars uploaded.
+    Step counters on the params' device are read and advanced by a first
+    kernel, which also computes each row's bias-corrected scalars once; the
+    update (one launch per alignment class present) reads those. No host
+    sync. Counters elsewhere (torch's default: CPU steps for CUDA params)
+    are advanced by the host, which uploads the scalars.
 
     Args:
         batch: a :class:`~fused_optim.kernels.batch.Batch`; ``batch.steps``
@@ -310,7 +432,9 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
         found_inf: optional AMP flag: when nonzero, params, state and steps
             are left unchanged. With device-side steps this costs no host
             sync; with host-side steps it must be read first (one sync),
-            since the host cannot otherwise know whether to advance them.
+            since the host cannot otherwise know whether to advance them
+            (fused_optim's optimizers move such steps to the device when
+            GradScaler is in use).
     """
     if batch.table is None or batch.table.shape[0] == 0:
         return
@@ -329,27 +453,33 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                 return  # skipped step: steps stay as they are
             found_inf = None
             scalars = _host_step_scalars(table, lr, beta1, beta2)
-            hyper = np.concatenate([np.asarray(hyper, np.float64), scalars.ravel()])
-        bmap, programs = _device_map(table, device, BLOCK, keep_empty=device_steps)
-        if programs == 0:
-            return
-        dev_table, counters = _device_table(table, device, counters=device_steps)
-        # host-step scalars change every step: not worth a cache slot
-        hyper = (_device_hyper(hyper, device) if device_steps
-                 else _upload(hyper, device))
+        layout = _layout(batch, BLOCK)
         grad_scale = _amp_tensor(grad_scale, device)
         found_inf = _amp_tensor(found_inf, device)
+        if device_steps:
+            hyper = _device_hyper(batch, hyper)
+            # R1: rewritten whole by the step kernel below before each read
+            scal = _resident(batch, "scalars", layout.rows, lambda: torch.empty(
+                (layout.rows, 2), dtype=torch.float64, device=device))
+        else:
+            # host-step scalars change every step: not worth a cache entry
+            both = _upload(np.concatenate([np.asarray(hyper, np.float64), scalars.ravel()]),
+                           batch)
+            hyper, scal = both, both[_kernels.ADAM_NHYPER:]
+        const = dict(_common_args(batch), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
+                     HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
+                     # torch.lerp's side test on the weight as the kernel sees it
+                     LERP_FROM_START=bool(c(1.0 - beta1) < 0.5),
+                     HAS_GRAD_SCALE=grad_scale is not None,
+                     HAS_FOUND_INF=found_inf is not None,
+                     num_warps=NUM_WARPS, enable_fp_fusion=False)
         with _launch_lock():
-            _kernels._adam_kernel[(programs,)](
-                dev_table, bmap, hyper, counters, grad_scale, found_inf,
-                **_common_args(batch),
-                AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
-                HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
-                # torch.lerp's side test on the weight as the kernel sees it
-                LERP_FROM_START=bool(c(1.0 - beta1) < 0.5),
-                DEVICE_STEPS=device_steps,
-                HAS_GRAD_SCALE=grad_scale is not None,
-                HAS_FOUND_INF=found_inf is not None,
-                num_warps=NUM_WARPS,
-                enable_fp_fusion=False,
-            )
+            if device_steps:
+                _kernels._adam_steps_kernel[(triton.cdiv(layout.rows, _STEP_ROWS),)](
+                    layout.table, hyper, scal, found_inf, layout.rows,
+                    BLOCK_R=_STEP_ROWS, HAS_FOUND_INF=found_inf is not None,
+                    num_warps=NUM_WARPS, enable_fp_fusion=False)
+            for bmap, programs, aligned, tail in layout.launches:
+                _kernels._adam_kernel[(programs,)](
+                    layout.table, bmap, hyper, scal, grad_scale, found_inf,
+                    ALIGNED=aligned, TAIL_ALIGNED=tail, **const)

@@ -52,8 +52,7 @@ _FLAG_FRESH = tl.constexpr(L.FLAG_FRESH)
 _FLAG_STEP_F64 = tl.constexpr(L.FLAG_STEP_F64)
 
 # Slots of the float64 hyperparameter buffer; the launchers write them in this
-# order. Adam's per-row host scalars (step size, sqrt of the second bias
-# correction), when the steps live on the host, follow at ADAM_NHYPER + 2*row.
+# order.
 SGD_LR, SGD_WD, SGD_MOMENTUM, SGD_OMD, SGD_NHYPER = range(5)
 (ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_OMB1, ADAM_OMB2, ADAM_EPS, ADAM_WD,
  ADAM_DECAY, ADAM_LOG2_BETA1, ADAM_LOG2_BETA2, ADAM_BETA1_NEG, ADAM_BETA2_NEG,
@@ -138,7 +137,7 @@ def _sgd_kernel(
     table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
     ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
     IS_F64: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    USE_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr, USE_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
 ):
@@ -159,8 +158,13 @@ def _sgd_kernel(
         COMPUTE: float32, or float64 for float64 storage.
         IS_F64: COMPUTE is float64.
         BLOCK: elements per program.
-        ALIGNED: every address in the table is a multiple of 16 bytes; lets
-            Triton vectorize through pointers it did not get as arguments.
+        ALIGNED: every address of the rows this launch's block map names is
+            a multiple of 16 bytes; lets Triton vectorize through pointers it
+            did not get as arguments.
+        TAIL_ALIGNED: ALIGNED, and every such row's NUMEL is a multiple of
+            VEC, so the masked last block vectorizes too (the mask is
+            constant over each VEC-element group).
+        VEC: elements per 16 bytes of the storage type.
         USE_MOMENTUM: momentum != 0 (STATE0 holds the momentum buffer).
         NESTEROV, MAXIMIZE: the torch flags.
         HAS_WD: weight decay != 0; a constexpr so that a zero decay never
@@ -178,6 +182,8 @@ def _sgd_kernel(
     if HAS_FOUND_INF:
         # a skipped step masks every lane: no memory traffic at all
         bound = tl.where(tl.load(found_inf_ptr) == 0, bound, 0)
+    if TAIL_ALIGNED:
+        bound = tl.multiple_of(bound, VEC)  # the launcher checked NUMEL; 0 is too
     offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
 
     lr = tl.load(hyper_ptr + _SGD_LR).to(COMPUTE)
@@ -254,82 +260,50 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, step_size,
 
 @triton.jit
 def _adam_kernel(
-    table_ptr, map_ptr, hyper_ptr, counter_ptr, grad_scale_ptr, found_inf_ptr,
+    table_ptr, map_ptr, hyper_ptr, scal_ptr, grad_scale_ptr, found_inf_ptr,
     ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
     IS_F64: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr, LERP_FROM_START: tl.constexpr,
-    DEVICE_STEPS: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
 ):
     """Adam / AdamW on one ``BLOCK`` chunk of one row (torch semantics).
 
-    With DEVICE_STEPS, every program of a row reads the row's step counter
-    (float32, or float64 with FLAG_STEP_F64) and uses step + 1; the last of
-    the row's programs to finish stores step + 1. "Last" is decided by an
-    atomic per-row counter in ``counter_ptr`` (int32, zero on entry, reset to
-    zero by that last program), so no program can read an already advanced
-    step whatever order the programs run in. Rows with NUMEL 0 get one
-    program in the block map and so still advance. Without DEVICE_STEPS the
-    host has advanced the steps and put (step size, sqrt of the second bias
-    correction) for row r at ``hyper_ptr[ADAM_NHYPER + 2*r]``.
+    The step counters are not touched here: row r's (step size, sqrt of the
+    second bias correction) wait at ``scal_ptr[2*r]``, computed once per row
+    for this step, by ``_adam_steps_kernel`` on the device (which also
+    advances the counters) or by the host.
 
     Args:
         table_ptr: int64 address table, ``[rows, NCOLS]``.
         map_ptr: int32 ``[programs, 2]`` block map: (row, chunk index).
-        hyper_ptr: float64 hyperparameters (``ADAM_*`` slots), then the host
-            scalars.
-        counter_ptr: int32 ``[rows]`` scratch for DEVICE_STEPS.
+        hyper_ptr: float64 hyperparameters (``ADAM_*`` slots).
+        scal_ptr: float64 ``[rows, 2]`` per-row scalars (see above).
         grad_scale_ptr: AMP scale, as in ``_sgd_kernel``.
-        found_inf_ptr: AMP flag; nonzero skips every store, steps included.
-        ELEM, IS_BF16, COMPUTE, IS_F64, BLOCK, ALIGNED: as in ``_sgd_kernel``.
+        found_inf_ptr: AMP flag; nonzero masks every load and store.
+        ELEM, IS_BF16, COMPUTE, IS_F64, BLOCK, ALIGNED, TAIL_ALIGNED, VEC: as
+            in ``_sgd_kernel``.
         AMSGRAD, MAXIMIZE: the torch flags.
         HAS_WD: weight decay != 0.
         DECOUPLED: AdamW's decay of the weights instead of the gradient.
         LERP_FROM_START: 1 - beta1 < 0.5, the side of torch.lerp's two-sided
             formula that keeps torch's rounding.
-        DEVICE_STEPS: the step counters are on this device (see above).
         HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given.
     """
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(map_ptr + 2 * pid).to(tl.int64)
     chunk = tl.load(map_ptr + 2 * pid + 1).to(tl.int64)
     row_base = table_ptr + row * _NCOLS
-    numel = tl.load(row_base + _NUMEL)
-    bound = numel  # scalar conditions go into the bound: see _sgd_kernel
+    bound = tl.load(row_base + _NUMEL)  # scalar conditions: see _sgd_kernel
     if HAS_FOUND_INF:
-        ok = tl.load(found_inf_ptr) == 0
-        bound = tl.where(ok, numel, 0)
+        bound = tl.where(tl.load(found_inf_ptr) == 0, bound, 0)
+    if TAIL_ALIGNED:
+        bound = tl.multiple_of(bound, VEC)
     offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
 
-    if DEVICE_STEPS:
-        flags = tl.load(row_base + _FLAGS)
-        is64 = (flags & _FLAG_STEP_F64) != 0
-        is32 = (flags & _FLAG_STEP_F64) == 0
-        step_addr = tl.load(row_base + _STEP)
-        s64_ptr = step_addr.to(tl.pointer_type(tl.float64))
-        s32_ptr = step_addr.to(tl.pointer_type(tl.float32))
-        s64 = tl.load(s64_ptr, mask=is64, other=0.0) + 1.0
-        s32 = tl.load(s32_ptr, mask=is32, other=0.0) + 1.0  # float32 add, as torch
-        step = tl.where(is64, s64, s32.to(tl.float64))
-        # Bias corrections in float64. beta**step as exp2(step * log2(beta))
-        # with log2 from the host: the interpreter has no libdevice pow, and
-        # the relative error, about |step * log2(beta)| * 2**-53, is far
-        # below float32 resolution (and below float64 assert_close's).
-        lr64 = tl.load(hyper_ptr + _ADAM_LR)
-        # log2 is of |beta|; a negative beta (param_groups edits reach it)
-        # flips the sign of its odd powers, as Python's float ** does
-        odd = (step - 2.0 * tl.floor(step * 0.5)) != 0.0
-        b1_pow = tl.exp2(step * tl.load(hyper_ptr + _ADAM_LOG2_BETA1))
-        b1_pow = tl.where(odd & (tl.load(hyper_ptr + _ADAM_BETA1_NEG) != 0.0), -b1_pow, b1_pow)
-        b2_pow = tl.exp2(step * tl.load(hyper_ptr + _ADAM_LOG2_BETA2))
-        b2_pow = tl.where(odd & (tl.load(hyper_ptr + _ADAM_BETA2_NEG) != 0.0), -b2_pow, b2_pow)
-        step_size = (lr64 / (1.0 - b1_pow)).to(COMPUTE)
-        bc2_sqrt = tl.sqrt(1.0 - b2_pow).to(COMPUTE)
-    else:
-        step_size = tl.load(hyper_ptr + _ADAM_NHYPER + 2 * row).to(COMPUTE)
-        bc2_sqrt = tl.load(hyper_ptr + _ADAM_NHYPER + 2 * row + 1).to(COMPUTE)
-
+    step_size = tl.load(scal_ptr + 2 * row).to(COMPUTE)
+    bc2_sqrt = tl.load(scal_ptr + 2 * row + 1).to(COMPUTE)
     beta1 = tl.load(hyper_ptr + _ADAM_BETA1).to(COMPUTE)
     beta2 = tl.load(hyper_ptr + _ADAM_BETA2).to(COMPUTE)
     omb1 = tl.load(hyper_ptr + _ADAM_OMB1).to(COMPUTE)
@@ -367,16 +341,59 @@ def _adam_kernel(
                     AMSGRAD, MAXIMIZE, HAS_WD, DECOUPLED, LERP_FROM_START,
                     HAS_GRAD_SCALE)
 
-    if DEVICE_STEPS:
-        nblocks = tl.maximum(tl.cdiv(numel, BLOCK), 1)
-        shared = nblocks > 1
-        # Every warp must have read the step before this program counts as
-        # done: the barrier orders their loads before the release below.
-        tl.debug_barrier()
-        done = tl.atomic_add(counter_ptr + row, 1, mask=shared, sem="acq_rel")
-        last = (nblocks == 1) | (done.to(tl.int64) == nblocks - 1)
-        tl.store(counter_ptr + row, 0, mask=last & shared)
-        if HAS_FOUND_INF:
-            last = last & ok
-        tl.store(s64_ptr, s64, mask=last & is64)
-        tl.store(s32_ptr, s32, mask=last & is32)
+
+@triton.jit
+def _adam_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
+                       BLOCK_R: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+    """Advance device-side step counters; each row's scalars for ``_adam_kernel``.
+
+    One lane per row, launched before ``_adam_kernel`` on the same stream,
+    so the update reads the scalars this kernel wrote and no program of the
+    update can see a half-advanced step. The float64 ``exp2``, division and
+    square root of the bias corrections run once per row (they ran once per
+    1,024-element program before, in every program of a row).
+
+    Args:
+        table_ptr: int64 address table; reads STEP and FLAGS of every row.
+        hyper_ptr: float64 hyperparameters (``ADAM_*`` slots).
+        scal_ptr: float64 ``[rows, 2]`` out: step size, sqrt(bias correction 2).
+        found_inf_ptr: AMP flag (if HAS_FOUND_INF): nonzero leaves every
+            counter as it is (the scalars are still written, and unused).
+        rows: rows in the table.
+        BLOCK_R: rows per program.
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < rows
+    base = table_ptr + r.to(tl.int64) * _NCOLS
+    flags = tl.load(base + _FLAGS, mask=live, other=0)
+    step_addr = tl.load(base + _STEP, mask=live, other=0)
+    is64 = live & ((flags & _FLAG_STEP_F64) != 0)
+    is32 = live & ((flags & _FLAG_STEP_F64) == 0)
+    s64_ptr = step_addr.to(tl.pointer_type(tl.float64))
+    s32_ptr = step_addr.to(tl.pointer_type(tl.float32))
+    s64 = tl.load(s64_ptr, mask=is64, other=0.0) + 1.0
+    s32 = tl.load(s32_ptr, mask=is32, other=0.0) + 1.0  # float32 add, as torch
+    step = tl.where(is64, s64, s32.to(tl.float64))
+    # Bias corrections in float64. beta**step as exp2(step * log2(beta))
+    # with log2 from the host: the interpreter has no libdevice pow, and
+    # the relative error, about |step * log2(beta)| * 2**-53, is far below
+    # float32 resolution (and below float64 assert_close's).
+    lr64 = tl.load(hyper_ptr + _ADAM_LR)
+    # log2 is of |beta|; a negative beta (param_groups edits reach it)
+    # flips the sign of its odd powers, as Python's float ** does
+    # (times +-1, exact; a vector-and-scalar `&` trips the interpreter)
+    odd = (step - 2.0 * tl.floor(step * 0.5)) != 0.0
+    b1_pow = tl.exp2(step * tl.load(hyper_ptr + _ADAM_LOG2_BETA1))
+    b1_pow *= tl.where(odd, 1.0 - 2.0 * tl.load(hyper_ptr + _ADAM_BETA1_NEG), 1.0)
+    b2_pow = tl.exp2(step * tl.load(hyper_ptr + _ADAM_LOG2_BETA2))
+    b2_pow *= tl.where(odd, 1.0 - 2.0 * tl.load(hyper_ptr + _ADAM_BETA2_NEG), 1.0)
+    tl.store(scal_ptr + 2 * r, lr64 / (1.0 - b1_pow), mask=live)
+    tl.store(scal_ptr + 2 * r + 1, tl.sqrt(1.0 - b2_pow), mask=live)
+    # a skipped step advances nothing; the flag enters through the row bound
+    # (see _sgd_kernel on the interpreter and scalar masks)
+    limit = rows
+    if HAS_FOUND_INF:
+        limit = tl.where(tl.load(found_inf_ptr) == 0, rows, 0)
+    advance = r < limit
+    tl.store(s64_ptr, s64, mask=advance & is64)
+    tl.store(s32_ptr, s32, mask=advance & is32)
