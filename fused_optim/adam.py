@@ -263,6 +263,24 @@ class Adam(_base.FusedOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def _steps_to_device(self, params, state_steps):
+        """Under GradScaler, move CPU step counters of CUDA params to their device.
+
+        Whether a step counts depends on ``found_inf``, which lives on the
+        device: a counter on the host could only be advanced after reading it
+        there, a sync at every step. On the device the kernels advance it, or
+        not, themselves, as torch's ``fused=True`` Adam keeps its counters.
+        The value and dtype are kept, and torch.optim loads such a state as
+        it is (its for-loop then reads the counter with ``.item()``). The move
+        is made once per param and costs no sync (the counter is read on the
+        host, where it is).
+        """
+        state = self.state
+        for i, (p, s) in enumerate(zip(params, state_steps)):
+            if s.device.type == "cpu" and p.device.type == "cuda" and not s.requires_grad:
+                moved = torch.full((), float(s), dtype=s.dtype, device=p.device)
+                state[p]["step"] = state_steps[i] = moved
+
     @_base._grad_mode_for_differentiable
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -295,6 +313,8 @@ class Adam(_base.FusedOptimizer):
             beta1, beta2 = group["betas"]
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs,
                                            max_exp_avg_sqs, state_steps)
+            if found_inf is not None and not torch.compiler.is_compiling():
+                self._steps_to_device(params, state_steps)
             jobs.append(_ops.Job(
                 params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps], [],
                 _hyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"],

@@ -156,7 +156,12 @@ def make(name, params, kwargs, *, fused_backend=None):
     return getattr(fused_optim, name)(params, backend=fused_backend, **kw)
 
 
-def assert_state_close(ref_opt, opt, ref_params, params, **tol):
+def assert_state_close(ref_opt, opt, ref_params, params, steps_on_param_device=False, **tol):
+    """Params and every state tensor of ``opt`` match ``ref_opt``'s.
+
+    ``steps_on_param_device``: ``opt``'s step counters must be on their
+    param's device (where GradScaler moves them), whatever ``ref_opt`` does.
+    """
     for rp, p in zip(ref_params, params):
         torch.testing.assert_close(p, rp, equal_nan=True, **tol)
         rs, s = ref_opt.state.get(rp, {}), opt.state.get(p, {})
@@ -164,6 +169,10 @@ def assert_state_close(ref_opt, opt, ref_params, params, **tol):
         for key in rs:
             if torch.is_tensor(rs[key]):
                 assert s[key].dtype == rs[key].dtype, key
+                if key == "step" and steps_on_param_device:
+                    assert s[key].device == p.device, key
+                    torch.testing.assert_close(s[key].cpu(), rs[key].cpu(), **tol)
+                    continue
                 assert s[key].device == rs[key].device, key
                 torch.testing.assert_close(s[key], rs[key], equal_nan=True, **tol)
             else:
