@@ -2,7 +2,11 @@
 
 One benchmark group per case (``list/optimizer/dtype``, plus ``/cuda`` on the
 GPU) and one benchmark per implementation in it: fused_optim's backends,
-torch.optim's for-loop, foreach and fused paths, and the memory ceiling.
+torch.optim's for-loop, foreach and fused paths, the memory ceiling, and on
+CUDA the copy reference. On CUDA each timed call is K back-to-back steps with
+one synchronize after the last (K calibrated as ``fused_optim.bench`` does,
+recorded as ``steps_per_sample``); pytest-benchmark divides by K, so its
+statistics are per step either way.
 Parameter lists, optimizer settings and implementations come from
 ``fused_optim.bench``, so these numbers and the CLI's describe the same work.
 Each benchmark module lists the optimizers of its kernel in ``OPTIMIZERS``.
@@ -111,7 +115,8 @@ def _cases(optimizers, size: str) -> list:
             for opt in optimizers:
                 spec = bench.OPTIMIZERS[opt]
                 for dt in _dtypes():
-                    wanted = [i for i in bench.IMPLS if i != "torch"]
+                    wanted = [i for i in bench.IMPLS if i != "torch"
+                              and (i != bench.COPY or device == "cuda")]
                     impls, _ = bench.available_impls(spec, bench.DTYPES[dt], device, wanted)
                     out += [Case(list_name, opt, dt, device, i, rounds, warmup) for i in impls]
     return out
@@ -167,16 +172,24 @@ def run_benchmark(benchmark, bench_case) -> None:
     spec = bench.OPTIMIZERS[case.optimizer]
     itemsize = torch.empty((), dtype=bench.DTYPES[case.dtype]).element_size()
     nbytes = spec.bytes_per_step(shapes.numel, itemsize)
+    if case.impl == bench.COPY:
+        nbytes = 2 * (nbytes // 2)  # what copy_runner moves
     benchmark.group = case.group
     benchmark.extra_info.update(list=case.list, optimizer=case.optimizer, dtype=case.dtype,
                                 device=case.device, impl=case.impl, tensors=len(shapes),
                                 params=shapes.numel, bytes_per_step=nbytes)
-    step = runner.step
+    step, steps = runner.step, 1
     if case.device == "cuda":
-        def step():  # noqa: F811 - include the kernel, not just its launch
+        for _ in range(max(1, case.warmup)):  # compile before calibrating
             runner.step()
-            torch.cuda.synchronize()
-    benchmark.pedantic(step, rounds=case.rounds, warmup_rounds=case.warmup, iterations=1)
+        steps = bench.calibrate_steps(bench.CudaTimer().sample, runner.step)
+        # every round is `steps` calls; the last one's synchronize puts the
+        # kernels, not just their launches, inside the round's clock
+        step = bench.synced_every(runner.step, steps, torch.cuda.synchronize)
+        torch.cuda.synchronize()
+    benchmark.extra_info["steps_per_sample"] = steps
+    benchmark.pedantic(step, rounds=case.rounds, warmup_rounds=case.warmup,
+                       iterations=steps)
     stats = getattr(benchmark, "stats", None)
     median = getattr(getattr(stats, "stats", None), "median", None)
     if median:

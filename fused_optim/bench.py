@@ -11,18 +11,32 @@ How it measures, and why:
   foreach and fused paths, and the memory ceiling) has its own params, grads
   and state, cloned from one seeded random draw; grads are set once and
   reused, so a step is only the optimizer's work.
-* They run interleaved in one process: each round times one step of every
+* They run interleaved in one process: each round times one sample of every
   implementation, in an order shuffled per round. Drift on a shared, noisy
   machine (other tenants, frequency changes) then hits all of them alike, and
   per-round ratios cancel most of it. Only medians and paired ratios are
   reported, never single times.
+* On CPU a sample is one step, timed with ``perf_counter``. On CUDA a sample
+  is K back-to-back steps between two CUDA events, with a synchronize only
+  before the first and after the last: a step is enqueued while the previous
+  one's kernels run, as in training, instead of a synchronize per step timing
+  the host's Python on an idle GPU. K is calibrated per implementation after
+  the warm-up so that a sample lasts about ``CUDA_SAMPLE_S`` (at most
+  ``CUDA_MAX_STEPS``); the time reported per step is the sample's over K. The
+  host's wall time for enqueueing the K steps, over K, is reported beside it
+  ("host ms"): where the two are close, the host bounds the step.
 * Bytes are counted, not measured: per element, SGD with momentum reads p, g,
   buf and writes p, buf (5 element sizes); Adam/AdamW read p, g, m, v and write
   p, m, v (7).
 * The ceiling is the same traffic with no arithmetic: on CPU the Numba kernel
   in ``kernels/numba/_pattern.py`` over tensors of the same sizes, on CUDA a
-  Triton kernel over flat buffers. A plain copy is the wrong yardstick: it
-  writes lines it never read, and optimizer steps reach 1.4-2x its bandwidth.
+  Triton kernel over flat buffers. On CPU a plain copy is the wrong
+  yardstick: it writes lines it never read, and optimizer steps reach 1.4-2x
+  its bandwidth.
+* On CUDA a copy is timed in the same rounds as a second reference: ``copy_``
+  between two flat buffers that together hold the bytes one step moves
+  (``copy_gbps`` counts its read and its write). "% copy" is an
+  implementation's counted GB/s over the copy's, paired per round.
 """
 
 from __future__ import annotations
@@ -56,6 +70,8 @@ __all__ = [
     "shape_list", "shapes_from_json", "shapes_from_model", "make_data",
     "make_runner", "available_impls", "run_case", "run", "format_table",
     "to_json", "write_plot", "machine_info", "add_arguments", "main",
+    "HostTimer", "CudaTimer", "Timings", "calibrate_steps", "interleaved",
+    "synced_every", "CUDA_SAMPLE_S", "CUDA_MAX_STEPS",
 ]
 
 
@@ -352,14 +368,17 @@ BASELINE_IMPLS = ("for-loop", "foreach", "fused", COMPILED)
 DEFAULT_BASELINES = ("for-loop", "foreach", "fused")
 COMPILED_BACKENDS = tuple(f"{b}-compiled" for b in BACKEND_IMPLS)
 CEILING = "ceiling"
-IMPLS = BACKEND_IMPLS + COMPILED_BACKENDS + BASELINE_IMPLS + (CEILING,)
+#: ``copy_`` of the bytes one step moves; timed on CUDA only (see the module
+#: docstring for why not on CPU).
+COPY = "copy"
+IMPLS = BACKEND_IMPLS + COMPILED_BACKENDS + BASELINE_IMPLS + (CEILING, COPY)
 #: The implementation the paired ratio divides by.
 REFERENCE = "fused"
 
 _LABELS = {"numba": "fused_optim numba", "triton": "fused_optim triton",
            "torch": "fused_optim torch", "for-loop": "torch for-loop",
            "foreach": "torch foreach", "fused": "torch fused",
-           COMPILED: "torch compiled", CEILING: "ceiling",
+           COMPILED: "torch compiled", CEILING: "ceiling", COPY: "copy",
            **{f"{b}-compiled": f"fused_optim {b} compiled" for b in BACKEND_IMPLS}}
 
 
@@ -416,6 +435,10 @@ def make_runner(impl: str, spec: OptimizerSpec, params, grads) -> Runner:
     """
     if impl == CEILING:
         return _ceiling_runner(spec, params, grads)
+    if impl == COPY:
+        numel = sum(p.numel() for p in params)
+        return copy_runner(spec.bytes_per_step(numel, params[0].element_size()),
+                           params[0].device)
     leaves = _leaves(params, grads)
     base = impl.removesuffix("-compiled")
     if base in BACKEND_IMPLS:
@@ -481,54 +504,106 @@ def _ceiling_runner(spec: OptimizerSpec, params, grads) -> Runner:
     raise BenchError(f"no ceiling kernel for {device.type} tensors")
 
 
-_TRITON_PATTERN = None
+def copy_runner(nbytes: int, device) -> Runner:
+    """``dst.copy_(src)`` between two flat byte buffers of ``nbytes // 2``
+    each, so that one call reads and writes ``nbytes`` in all."""
+    n = nbytes // 2
+    # Filled, not empty: every page is real memory before the first timing.
+    src = torch.full((n,), 0x5A, dtype=torch.uint8, device=device)
+    dst = torch.zeros(n, dtype=torch.uint8, device=device)
+
+    def step():
+        dst.copy_(src)
+
+    return Runner(COPY, step, (src, dst))
 
 
-def _triton_pattern(bufs, itemsize):
-    """A Triton kernel reading ``len(bufs)`` flat buffers and writing all but
-    the last back in place (the CUDA ceiling)."""
-    global _TRITON_PATTERN
+#: Elements per program of the CUDA ceiling kernel.
+PATTERN_BLOCK = 4096
+_PATTERN_KERNEL = None
+_pattern_xor_block = None
+
+
+def pattern_kernel():
+    """The CUDA ceiling's Triton kernel (built on first use: importing this
+    module needs no triton).
+
+    ``kernel(a, b, c, d, e, n, K, BLOCK)`` reads the first ``K`` of the five
+    flat integer buffers and XORs the K-th into each of the others, over
+    ``n`` elements: K reads and K-1 writes per element. A program whose
+    block lies wholly below ``n`` takes an unmasked path; only the one block
+    that straddles ``n`` is masked. A mask compiles to scalar accesses unless
+    Triton can prove it constant over 16 bytes, i.e. unless ``n`` is a known
+    multiple of 16 (the launcher specializes ints on that), so one mask on
+    every block left the whole kernel scalar for any other element count.
+    The unmasked path needs no hint: the launcher specializes each pointer
+    on its actual 16-byte alignment and the offsets are a multiple of BLOCK
+    plus an arange, so it gets 128-bit accesses exactly when the buffers are
+    aligned (fresh allocations are).
+    """
+    # Module globals, not closures: Triton's interpreter (TRITON_INTERPRET=1,
+    # the CPU tests) resolves a jitted function's callees in its globals only.
+    global _PATTERN_KERNEL, _pattern_xor_block
+    if _PATTERN_KERNEL is not None:
+        return _PATTERN_KERNEL
     try:
         import triton
         import triton.language as tl
     except ImportError as err:
         raise BenchError(f"the CUDA ceiling needs triton ({err})") from None
-    if _TRITON_PATTERN is None:
-        @triton.jit
-        def kernel(a, b, c, d, e, n, K: tl.constexpr, BLOCK: tl.constexpr):
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            if K == 2:
-                x = tl.load(b + offs, mask=mask)
-                tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
-            elif K == 3:
-                x = tl.load(c + offs, mask=mask)
-                tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
-                tl.store(b + offs, tl.load(b + offs, mask=mask) ^ x, mask=mask)
-            elif K == 4:
-                x = tl.load(d + offs, mask=mask)
-                tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
-                tl.store(b + offs, tl.load(b + offs, mask=mask) ^ x, mask=mask)
-                tl.store(c + offs, tl.load(c + offs, mask=mask) ^ x, mask=mask)
-            else:
-                x = tl.load(e + offs, mask=mask)
-                tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
-                tl.store(b + offs, tl.load(b + offs, mask=mask) ^ x, mask=mask)
-                tl.store(c + offs, tl.load(c + offs, mask=mask) ^ x, mask=mask)
-                tl.store(d + offs, tl.load(d + offs, mask=mask) ^ x, mask=mask)
 
-        _TRITON_PATTERN = kernel
+    @triton.jit
+    def _pattern_xor_block(a, b, c, d, e, offs, mask, K: tl.constexpr):
+        if K == 2:
+            x = tl.load(b + offs, mask=mask)
+            tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
+        elif K == 3:
+            x = tl.load(c + offs, mask=mask)
+            tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
+            tl.store(b + offs, tl.load(b + offs, mask=mask) ^ x, mask=mask)
+        elif K == 4:
+            x = tl.load(d + offs, mask=mask)
+            tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
+            tl.store(b + offs, tl.load(b + offs, mask=mask) ^ x, mask=mask)
+            tl.store(c + offs, tl.load(c + offs, mask=mask) ^ x, mask=mask)
+        else:
+            x = tl.load(e + offs, mask=mask)
+            tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
+            tl.store(b + offs, tl.load(b + offs, mask=mask) ^ x, mask=mask)
+            tl.store(c + offs, tl.load(c + offs, mask=mask) ^ x, mask=mask)
+            tl.store(d + offs, tl.load(d + offs, mask=mask) ^ x, mask=mask)
+
+    @triton.jit
+    def pattern(a, b, c, d, e, n, K: tl.constexpr, BLOCK: tl.constexpr):
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= n:
+            _pattern_xor_block(a, b, c, d, e, offs, None, K)
+        else:
+            _pattern_xor_block(a, b, c, d, e, offs, offs < n, K)
+
+    _PATTERN_KERNEL = pattern
+    return pattern
+
+
+def _triton_pattern(bufs, itemsize, block: int = PATTERN_BLOCK):
+    """A step reading ``len(bufs)`` (2-5) flat buffers of equal length and
+    XORing the last into each of the others in place (the CUDA ceiling)."""
+    import triton
+    kernel = pattern_kernel()
     word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]
     views = [b.view(word) for b in bufs]
     k = len(views)
+    if not 2 <= k <= 5 or len({v.numel() for v in views}) != 1:
+        raise ValueError(f"the ceiling kernel takes 2-5 buffers of one length, got "
+                         f"{[v.numel() for v in views]}")
     args = views + [views[0]] * (5 - k)
     n = views[0].numel()
-    block = 4096
     grid = (triton.cdiv(n, block),)
-    kernel = _TRITON_PATTERN
 
     def step():
-        kernel[grid](*args, n, K=k, BLOCK=block)
+        if n:  # an empty grid is not a launch
+            kernel[grid](*args, n, K=k, BLOCK=block)
 
     return step
 
@@ -596,6 +671,8 @@ def available_impls(spec: OptimizerSpec, dtype: torch.dtype, device,
             why = _baseline_problem(impl, spec, dtype, device)
         elif impl == CEILING:
             why = _ceiling_problem(device)
+        elif impl == COPY:
+            why = None
         else:
             why = f"unknown implementation {impl!r}"
         if why is None:
@@ -618,9 +695,17 @@ class CaseResult:
         bytes_per_step: counted traffic of one step.
         rounds, warmup: timed and untimed rounds.
         times: per implementation, one step time (s) per timed round; index
-            ``r`` of every list comes from the same round.
+            ``r`` of every list comes from the same round. On CUDA each is
+            a sample's time over its steps.
         skipped: implementations not run, with the reason.
         failed: implementations that raised, with the error.
+        compile_s: compiled implementations' first call (s).
+        host_times: CUDA only: per implementation and round, the host's
+            wall time for enqueueing a sample's steps, over the steps.
+        steps_per_sample: per implementation, steps per timed sample (1 on
+            CPU, calibrated on CUDA).
+        timing: ``"perf_counter"`` (one step per sample) or
+            ``"cuda-events"`` (``steps_per_sample`` steps per sample).
     """
 
     list: str
@@ -636,6 +721,14 @@ class CaseResult:
     skipped: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
     compile_s: dict = field(default_factory=dict)
+    host_times: dict = field(default_factory=dict)
+    steps_per_sample: dict = field(default_factory=dict)
+    timing: str = "perf_counter"
+
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes one copy reference call reads and writes (see ``copy_runner``)."""
+        return 2 * (self.bytes_per_step // 2)
 
     def median(self, impl: str) -> float:
         """Median step time of ``impl`` in seconds."""
@@ -645,10 +738,20 @@ class CaseResult:
         """Per-round time ratios ``impl / ref``."""
         return [a / b for a, b in zip(self.times[impl], self.times[ref]) if b > 0]
 
+    def copy_gbps(self) -> float | None:
+        """The copy reference's bandwidth (read + write) from its median, or
+        None when no copy was timed."""
+        if COPY not in self.times:
+            return None
+        med = self.median(COPY)
+        return self.copy_bytes / med / 1e9 if med > 0 else None
+
     def stats(self, impl: str) -> dict:
         """All reported numbers of one implementation."""
         t = np.asarray(self.times[impl])
         med = float(np.median(t))
+        nbytes = self.copy_bytes if impl == COPY else self.bytes_per_step
+        host = self.host_times.get(impl)
         out = {
             "impl": impl,
             "label": _LABELS.get(impl, impl),
@@ -656,18 +759,26 @@ class CaseResult:
             "p25_s": float(np.percentile(t, 25)),
             "p75_s": float(np.percentile(t, 75)),
             "min_s": float(t.min()),
-            "params_per_s": self.params / med if med > 0 else None,
-            "gb_per_s": self.bytes_per_step / med / 1e9 if med > 0 else None,
+            "params_per_s": self.params / med if med > 0 and impl != COPY else None,
+            "gb_per_s": nbytes / med / 1e9 if med > 0 else None,
             "pct_ceiling": None,
+            "pct_copy": None,
             "ratio_vs_fused": None,
             "ratio_vs_fused_p25": None,
             "ratio_vs_fused_p75": None,
+            "steps_per_sample": self.steps_per_sample.get(impl, 1),
+            "host_median_s": statistics.median(host) if host else None,
+            "host_times_s": [float(x) for x in host] if host else None,
             "times_s": [float(x) for x in t],
         }
         if CEILING in self.times:
             # ceiling time / impl time, paired per round: the share of the
             # attainable bandwidth this implementation reached.
             out["pct_ceiling"] = 100.0 * statistics.median(self.paired(CEILING, impl))
+        if COPY in self.times and self.copy_bytes > 0:
+            # (nbytes / impl time) / (copy bytes / copy time), paired per round
+            scale = nbytes / self.copy_bytes
+            out["pct_copy"] = 100.0 * scale * statistics.median(self.paired(COPY, impl))
         if REFERENCE in self.times:
             r = self.paired(impl, REFERENCE)
             out["ratio_vs_fused"] = statistics.median(r)
@@ -677,7 +788,10 @@ class CaseResult:
 
     def to_dict(self) -> dict:
         """JSON-ready summary with every implementation's numbers."""
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "times"}
+        d = {k: v for k, v in dataclasses.asdict(self).items()
+             if k not in ("times", "host_times")}
+        d["copy_bytes"] = self.copy_bytes if COPY in self.times else None
+        d["copy_gbps"] = self.copy_gbps()
         d["results"] = [self.stats(i) for i in _ordered(self.times)]
         return d
 
@@ -686,64 +800,187 @@ def _ordered(impls) -> list:
     return sorted(impls, key=lambda i: IMPLS.index(i) if i in IMPLS else len(IMPLS))
 
 
-class _Timer:
-    """Times one call; on CUDA with events after a synchronize."""
+#: CUDA: the time one timed sample of K steps aims at. Long enough that the
+#: synchronize and the two events at its ends, and the idle GPU while the
+#: host enqueues the first step, are a small share of it.
+CUDA_SAMPLE_S = 5e-3
+#: CUDA: the most steps in one sample, for steps of a few microseconds.
+CUDA_MAX_STEPS = 200
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.start = torch.cuda.Event(enable_timing=True)
-            self.end = torch.cuda.Event(enable_timing=True)
 
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.start.record()
+class HostTimer:
+    """CPU: ``perf_counter`` around the calls; the host time is the time."""
+
+    #: whether samples of more than one step are meaningful (see CudaTimer)
+    batched = False
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+
+    def sample(self, fn, steps: int = 1) -> tuple[float, float | None]:
+        """Run ``fn`` ``steps`` times; (seconds per call, None)."""
+        t0 = self.clock()
+        for _ in range(steps):
             fn()
-            self.end.record()
-            self.end.synchronize()
-            return self.start.elapsed_time(self.end) / 1e3
-        t0 = time.perf_counter()
+        return (self.clock() - t0) / steps, None
+
+
+class CudaTimer:
+    """CUDA: ``steps`` back-to-back calls between two events.
+
+    Synchronizes before the first call (the previous sample's work is done)
+    and waits for the end event after the last, never in between. The
+    ``event``, ``synchronize`` and ``clock`` hooks default to torch.cuda's
+    and ``perf_counter``; tests pass fakes.
+    """
+
+    batched = True
+
+    def __init__(self, event: Callable[[], object] | None = None,
+                 synchronize: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        if event is None:
+            def event():
+                return torch.cuda.Event(enable_timing=True)
+        self.start, self.end = event(), event()
+        self.synchronize = synchronize or torch.cuda.synchronize
+        self.clock = clock
+
+    def sample(self, fn, steps: int = 1) -> tuple[float, float]:
+        """(device seconds per call, host seconds per call) of ``steps`` calls.
+
+        The device time is between the events; the host time is the wall
+        time of the calls themselves, read before waiting for the GPU. While
+        the GPU is behind, the host runs ahead until the launch queue is
+        full, so host time can exceed the host's own work only when the
+        step is device-bound.
+        """
+        self.synchronize()
+        self.start.record()
+        h0 = self.clock()
+        for _ in range(steps):
+            fn()
+        h1 = self.clock()
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1e3 / steps, (h1 - h0) / steps
+
+
+def make_timer(device) -> HostTimer | CudaTimer:
+    """The timer for tensors on ``device``."""
+    return CudaTimer() if torch.device(device).type == "cuda" else HostTimer()
+
+
+def calibrate_steps(sample: Callable, fn, target_s: float = CUDA_SAMPLE_S,
+                    max_steps: int = CUDA_MAX_STEPS, tries: int = 3) -> int:
+    """Steps per sample so that one sample of ``fn`` lasts about ``target_s``.
+
+    Starts from one step and rescales from each measured sample's time per
+    step, at most ``tries`` samples: a single step includes the idle GPU
+    while its first launch is enqueued, so its time per step overestimates
+    that of back-to-back steps. Call it after warming up (a first call that
+    compiles would give 1).
+
+    Args:
+        sample: ``sample(fn, steps) -> (seconds per step, ...)``, e.g. a
+            timer's ``sample``.
+        fn: the step.
+        target_s: seconds one sample should last.
+        max_steps: upper bound on the result.
+    """
+    steps = 1
+    for _ in range(tries):
+        per = sample(fn, steps)[0]
+        want = max_steps if per <= 0 else math.ceil(target_s / per)
+        want = max(1, min(max_steps, want))
+        if want == steps:
+            break
+        steps = want
+    return steps
+
+
+def synced_every(fn, steps: int, synchronize: Callable[[], None]):
+    """``fn``, followed by ``synchronize()`` on every ``steps``-th call: for
+    timers that read the clock around a fixed number of calls
+    (pytest-benchmark's ``iterations``) and must not see a queued GPU."""
+    count = 0
+
+    def call():
+        nonlocal count
         fn()
-        return time.perf_counter() - t0
+        count += 1
+        if count % steps == 0:
+            synchronize()
+
+    return call
+
+
+@dataclass
+class Timings:
+    """What ``interleaved`` measured.
+
+    Attributes:
+        times: {impl: [seconds per step, one per timed round]}.
+        host: {impl: [host seconds per step, one per timed round]}; empty
+            unless the timer is batched (CUDA).
+        steps: {impl: steps per sample}.
+    """
+
+    times: dict
+    host: dict
+    steps: dict
 
 
 def interleaved(runners: Sequence[Runner], rounds: int | None, warmup: int, *,
                 device="cpu", seed: int = 0, min_rounds: int = 5,
                 max_rounds: int = 100, target_s: float = 10.0,
                 progress: Callable[[str], None] | None = None,
-                failed: dict | None = None) -> dict:
-    """Time ``runners`` round-robin, one step each per round, order shuffled.
+                failed: dict | None = None, timer=None, steps: int | None = None,
+                sample_s: float = CUDA_SAMPLE_S,
+                max_steps: int = CUDA_MAX_STEPS) -> Timings:
+    """Time ``runners`` round-robin, one sample each per round, order shuffled.
 
     Args:
         runners: the implementations.
         rounds: timed rounds; None runs rounds until ``target_s`` seconds
             have passed, within ``[min_rounds, max_rounds]``.
-        warmup: untimed rounds first (compilation, state allocation, caches).
-        device: where the tensors live (CUDA is timed with events).
+        warmup: untimed rounds of one step each first (compilation, state
+            allocation, caches).
+        device: where the tensors live; picks the timer unless ``timer``.
         seed: seeds the per-round order.
         progress: called with a short status text now and then.
         failed: if given, an implementation whose step raises is dropped
             (with its samples, which would no longer pair) and its error is
             stored here as ``{impl: message}``; else the exception propagates.
+        timer: a ``HostTimer`` or ``CudaTimer`` (or a fake with their
+            ``batched`` and ``sample``). A batched timer's samples are
+            several steps: ``steps`` if given, else calibrated per
+            implementation after the warm-up (``calibrate_steps`` with
+            ``sample_s`` and ``max_steps``). Others time one step.
 
     Returns:
-        {impl: [seconds per timed round]}.
+        the times per step, host times per step and steps per sample.
     """
-    timer = _Timer(torch.device(device))
+    timer = timer or make_timer(torch.device(device))
     rng = random.Random(seed)
     order = list(runners)
     times = {r.impl: [] for r in runners}
+    host = {r.impl: [] for r in runners} if timer.batched else {}
+    counts = {r.impl: 1 for r in runners}
 
-    def attempt(r):
+    def drop(r, err):
+        if failed is None:
+            raise err
+        _report_failure(failed, r.impl, err)
+        order.remove(r)
+        for d in (times, host, counts):
+            d.pop(r.impl, None)
+
+    def attempt(r, k):
         try:
-            return timer(r.step)
+            return timer.sample(r.step, k)
         except Exception as err:  # noqa: BLE001 - reported, the others go on
-            if failed is None:
-                raise
-            _report_failure(failed, r.impl, err)
-            order.remove(r)
-            times.pop(r.impl, None)
+            drop(r, err)
             return None
 
     for w in range(warmup):
@@ -751,13 +988,24 @@ def interleaved(runners: Sequence[Runner], rounds: int | None, warmup: int, *,
             progress(f"warm-up {w + 1}/{warmup}")
         rng.shuffle(order)
         for r in list(order):
-            attempt(r)
+            attempt(r, 1)
+    if timer.batched:
+        if progress:
+            progress("calibrating steps per sample")
+        for r in list(order):
+            if steps is not None:
+                counts[r.impl] = steps
+                continue
+            try:
+                counts[r.impl] = calibrate_steps(timer.sample, r.step, sample_s, max_steps)
+            except Exception as err:  # noqa: BLE001
+                drop(r, err)
     # Without a fixed count, keep going until target_s has passed: an estimate
     # from the warm-up would include compilation and first-touch page faults.
     limit = max_rounds if rounds is None else rounds
     gc_was = gc.isenabled()
     gc.collect()
-    gc.disable()  # a collection inside one timed step would skew that sample
+    gc.disable()  # a collection inside one timed sample would skew that sample
     start = time.perf_counter()
     try:
         for i in range(limit):
@@ -768,13 +1016,15 @@ def interleaved(runners: Sequence[Runner], rounds: int | None, warmup: int, *,
                 progress(f"round {i + 1}" + (f"/{rounds}" if rounds else ""))
             rng.shuffle(order)
             for r in list(order):
-                t = attempt(r)
-                if t is not None:
-                    times[r.impl].append(t)
+                got = attempt(r, counts[r.impl])
+                if got is not None:
+                    times[r.impl].append(got[0])
+                    if timer.batched:
+                        host[r.impl].append(got[1])
     finally:
         if gc_was:
             gc.enable()
-    return times
+    return Timings(times, host, counts)
 
 
 def _report_failure(failed: dict, impl: str, err: BaseException) -> None:
@@ -816,10 +1066,11 @@ def _mem_available(device: torch.device) -> int | None:
 
 
 def _case_bytes(spec: OptimizerSpec, impls, numel: int, itemsize: int) -> int:
-    """Resident bytes of a case: the draw, every implementation's tensors, and
-    foreach's whole-list temporaries (about two per element)."""
+    """Resident bytes of a case: the draw, every implementation's tensors (the
+    copy's two buffers hold one step's bytes), and foreach's whole-list
+    temporaries (about two per element)."""
     states = spec.writes - 1
-    per = {CEILING: spec.reads}
+    per = {CEILING: spec.reads, COPY: spec.reads + spec.writes}
     total = 2  # the seeded draw, kept until the runners exist
     for i in impls:
         total += per.get(i, 2 + states) + (2 if i == "foreach" else 0)
@@ -830,8 +1081,13 @@ def run_case(shapes: ShapeList, spec: OptimizerSpec, dtype_name: str, device,
              impls: Sequence[str], *, rounds: int | None = None, warmup: int = 3,
              seed: int = 0, min_rounds: int = 5, max_rounds: int = 100,
              target_s: float = 10.0, skipped: dict | None = None,
-             progress: Callable[[str], None] | None = None) -> CaseResult:
+             progress: Callable[[str], None] | None = None, timer=None,
+             steps: int | None = None, sample_s: float = CUDA_SAMPLE_S,
+             max_steps: int = CUDA_MAX_STEPS) -> CaseResult:
     """Build every implementation for one case and time them interleaved.
+
+    ``timer``, ``steps``, ``sample_s`` and ``max_steps`` go to
+    ``interleaved`` (by default the device's timer).
 
     Raises:
         BenchError: the case would not fit in memory.
@@ -860,41 +1116,61 @@ def run_case(shapes: ShapeList, spec: OptimizerSpec, dtype_name: str, device,
             _report_failure(failed, impl, err)
     del params, grads
     compile_s = {r.impl: r.compile_s for r in runners if r.compile_s is not None}
-    times = interleaved(runners, rounds, warmup, device=device, seed=seed,
+    timer = timer or make_timer(device)
+    timed = interleaved(runners, rounds, warmup, device=device, seed=seed,
                         min_rounds=min_rounds, max_rounds=max_rounds,
-                        target_s=target_s, progress=progress, failed=failed)
+                        target_s=target_s, progress=progress, failed=failed,
+                        timer=timer, steps=steps, sample_s=sample_s, max_steps=max_steps)
     del runners
     gc.collect()
+    times = timed.times
     return CaseResult(
         list=shapes.name, tensors=len(shapes), params=shapes.numel,
         optimizer=spec.name, dtype=dtype_name, device=str(device),
         bytes_per_step=spec.bytes_per_step(shapes.numel, itemsize),
         rounds=max((len(t) for t in times.values()), default=0), warmup=warmup,
-        times=times, skipped=dict(skipped or {}), failed=failed, compile_s=compile_s)
+        times=times, skipped=dict(skipped or {}), failed=failed, compile_s=compile_s,
+        host_times=timed.host, steps_per_sample=timed.steps,
+        timing="cuda-events" if timer.batched else "perf_counter")
 
 
 # ------------------------------------------------------------------ reporting
 
 
 def format_table(results: Sequence[CaseResult]) -> str:
-    """The end-of-run table: one row per (case, implementation)."""
+    """The end-of-run table: one row per (case, implementation).
+
+    "host ms" (CUDA) and "% copy" (where a copy was timed) appear only when
+    some case has them.
+    """
     show_device = len({r.device for r in results}) > 1
-    head = ["list", "opt", "dtype"] + (["device"] if show_device else []) + [
-        "impl", "median ms", "Mparam/s", "GB/s", "% ceil", "vs fused"]
+    show_host = any(r.host_times for r in results)
+    show_copy = any(COPY in r.times for r in results)
+    numbers = (["median ms"] + (["host ms"] if show_host else [])
+               + ["Mparam/s", "GB/s", "% ceil"] + (["% copy"] if show_copy else [])
+               + ["vs fused"])
+    head = ["list", "opt", "dtype"] + (["device"] if show_device else []) + ["impl"] + numbers
     rows = []
     for res in results:
         for impl in _ordered(res.times):
             s = res.stats(impl)
-            rows.append([res.list, res.optimizer, res.dtype]
-                        + ([res.device] if show_device else []) + [
-                _LABELS.get(impl, impl),
-                f"{s['median_s'] * 1e3:.3f}",
+            cells = [f"{s['median_s'] * 1e3:.3f}"]
+            if show_host:
+                h = s["host_median_s"]
+                cells.append(f"{h * 1e3:.3f}" if h is not None else "-")
+            cells += [
                 f"{s['params_per_s'] / 1e6:.0f}" if s["params_per_s"] else "-",
                 f"{s['gb_per_s']:.1f}" if s["gb_per_s"] else "-",
                 f"{s['pct_ceiling']:.0f}" if s["pct_ceiling"] is not None else "-",
-                f"{s['ratio_vs_fused']:.2f}x" if s["ratio_vs_fused"] is not None else "-",
-            ])
-    numeric = set(range(len(head) - 5, len(head)))
+            ]
+            if show_copy:
+                cells.append(f"{s['pct_copy']:.0f}" if s["pct_copy"] is not None else "-")
+            cells.append(f"{s['ratio_vs_fused']:.2f}x" if s["ratio_vs_fused"] is not None
+                         else "-")
+            rows.append([res.list, res.optimizer, res.dtype]
+                        + ([res.device] if show_device else [])
+                        + [_LABELS.get(impl, impl)] + cells)
+    numeric = set(range(len(head) - len(numbers), len(head)))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
 
     def line(cells):
@@ -927,8 +1203,22 @@ def _notes(results) -> list:
         notes.append(f"{name}: {t} tensors, {p:,} params")
     rounds = sorted({r.rounds for r in results})
     notes.append("median of " + "/".join(map(str, rounds)) + " interleaved rounds; "
-                 "% ceil and vs fused are medians of per-round ratios "
+                 "% ceil" + (", % copy" if any(COPY in r.times for r in results) else "")
+                 + " and vs fused are medians of per-round ratios "
                  "(vs fused < 1 is faster than torch fused)")
+    ks = [k for r in results if r.timing == "cuda-events" for k in r.steps_per_sample.values()]
+    if ks:
+        notes.append(f"cuda: each sample is {min(ks)}-{max(ks)} back-to-back steps between "
+                     "two CUDA events (synchronized only between samples); ms is per step; "
+                     "host ms is the host's wall time enqueueing them, per step "
+                     "(where ms is close to host ms, the host bounds the step)")
+    for r in results:
+        gbps = r.copy_gbps()
+        if gbps is not None:
+            notes.append(f"copy reference, {r.list} {r.optimizer} {r.dtype}"
+                         + (f" {r.device}" if r.device != "cpu" else "")
+                         + f": {gbps:.1f} GB/s ({_fmt_bytes(r.copy_bytes // 2)} copied, "
+                         "read + write counted)")
     for r in results:
         if r.compile_s:
             notes.append(f"first call (compile + one step), {r.list} {r.optimizer} {r.dtype}: "
@@ -1042,10 +1332,21 @@ def _numba_layer() -> str | None:
 
 
 def to_json(results: Sequence[CaseResult], config: dict) -> dict:
-    """Everything measured, plus the machine and the run's settings."""
+    """Everything measured, plus the machine and the run's settings.
+
+    Schema 2 (1 had no host or copy fields). Per case: ``timing``
+    (``perf_counter``: one step per sample; ``cuda-events``: K steps per
+    sample, times per step), ``steps_per_sample`` ({impl: K}),
+    ``copy_bytes`` and ``copy_gbps`` (the copy reference: bytes one call
+    reads and writes, and that over its median time; null where no copy
+    ran). Per result, besides the times: ``host_median_s`` and
+    ``host_times_s`` (CUDA: host wall time enqueueing a sample's steps, per
+    step; null on CPU), ``pct_copy`` (counted GB/s as a percentage of the
+    copy's, median of per-round ratios) and ``steps_per_sample``.
+    """
     devices = sorted({torch.device(r.device).type for r in results}) or ["cpu"]
     return {
-        "schema": 1,
+        "schema": 2,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(devices),
         "config": config,
@@ -1073,7 +1374,7 @@ def write_plot(results: Sequence[CaseResult], path: str | os.PathLike) -> None:
         BenchError: matplotlib is missing.
     """
     plt = _check_matplotlib()
-    impls = _ordered({i for r in results for i in r.times if i != CEILING})
+    impls = _ordered({i for r in results for i in r.times if i not in (CEILING, COPY)})
     labels = [f"{r.list}\n{r.optimizer} {r.dtype}" + (f"\n{r.device}" if r.device != "cpu" else "")
               for r in results]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(results) * max(1, len(impls)) / 3), 4.5))
@@ -1090,6 +1391,9 @@ def write_plot(results: Sequence[CaseResult], path: str | os.PathLike) -> None:
             g = r.stats(CEILING)["gb_per_s"] or 0.0
             ax.hlines(g, i - 0.45, i + 0.45, colors="black", linestyles="dashed",
                       label="ceiling" if i == 0 else None)
+        if COPY in r.times:
+            ax.hlines(r.copy_gbps() or 0.0, i - 0.45, i + 0.45, colors="gray",
+                      linestyles="dotted", label="copy" if i == 0 else None)
     ax.set_xticks(range(len(results)))
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("GB/s (counted bytes / median step time)")
@@ -1148,6 +1452,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "fused_optim backend's step under torch.compile")
     sel.add_argument("--no-ceiling", action="store_true",
                      help="skip the memory-ceiling kernel")
+    sel.add_argument("--no-copy", action="store_true",
+                     help="skip the copy-bandwidth reference (timed on CUDA only)")
     sel.add_argument("--devices", metavar="NAMES",
                      help="cpu, cuda (default: cpu, plus cuda when available)")
     how = p.add_argument_group("how")
@@ -1160,6 +1466,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "for all cases)")
     how.add_argument("--warmup", type=int, metavar="N",
                      help="untimed rounds first (default: 3; --quick 1)")
+    how.add_argument("--steps-per-sample", type=int, metavar="N",
+                     help="CUDA: back-to-back steps per timed sample (default: "
+                     f"calibrated to about {CUDA_SAMPLE_S * 1e3:g} ms, at most "
+                     f"{CUDA_MAX_STEPS})")
     how.add_argument("--threads", type=int, metavar="N",
                      help="torch and numba threads (default: theirs)")
     how.add_argument("--numba-layer", choices=("omp", "tbb", "workqueue"),
@@ -1225,7 +1535,10 @@ def _devices(args, backends_explicit: list | None) -> list:
         else:
             names = ["cpu"] + (["cuda"] if cuda else [])
     if "cuda" in names and not cuda:
-        raise BenchError("--devices cuda: torch.cuda.is_available() is False")
+        why = ("this torch has no CUDA support" if torch.version.cuda is None
+               else "torch.cuda.is_available() is False")
+        raise BenchError(f"--devices cuda: no CUDA device here ({why}, "
+                         f"torch {torch.__version__})")
     return names
 
 
@@ -1261,6 +1574,8 @@ def _plan(args) -> tuple[list, dict]:
         raise BenchError("--rounds must be at least 1")
     if args.warmup is not None and args.warmup < 0:
         raise BenchError("--warmup must be at least 0")
+    if args.steps_per_sample is not None and args.steps_per_sample < 1:
+        raise BenchError("--steps-per-sample must be at least 1")
     if args.plot:
         _check_matplotlib()
 
@@ -1279,7 +1594,8 @@ def _plan(args) -> tuple[list, dict]:
                     raise BenchError(f"backend {b!r} cannot run {opt} {dt} on {dev}: {why}")
         compiled = [f"{b}-compiled" for b in wanted_backends] if COMPILED in baselines else []
         wanted = (wanted_backends + compiled + baselines
-                  + ([] if args.no_ceiling else [CEILING]))
+                  + ([] if args.no_ceiling else [CEILING])
+                  + ([COPY] if dev == "cuda" and not args.no_copy else []))
         impls, skipped = available_impls(spec, DTYPES[dt], dev, wanted)
         if backends is None and "cuda" not in devices:
             skipped["triton"] = "needs a CUDA GPU and torch.cuda.is_available() is False"
@@ -1288,7 +1604,9 @@ def _plan(args) -> tuple[list, dict]:
         "size": args.size or ("quick" if args.quick else "full"),
         "lists": [sl.name for sl in lists], "optimizers": optimizers, "dtypes": dtypes,
         "devices": devices, "backends": backends, "baselines": baselines,
-        "ceiling": not args.no_ceiling,
+        "ceiling": not args.no_ceiling, "copy": not args.no_copy,
+        "steps_per_sample": args.steps_per_sample, "cuda_sample_s": CUDA_SAMPLE_S,
+        "cuda_max_steps": CUDA_MAX_STEPS,
         "rounds": args.rounds, "warmup": size.warmup if args.warmup is None else args.warmup,
         "min_rounds": size.min_rounds, "max_rounds": size.max_rounds,
         "target_s": size.target_s, "budget_s": size.budget_s, "seed": args.seed,
@@ -1379,7 +1697,7 @@ def run(args: argparse.Namespace) -> list:
                            min_rounds=settings["min_rounds"],
                            max_rounds=settings["max_rounds"],
                            target_s=target, skipped=skipped,
-                           progress=progress.update)
+                           progress=progress.update, steps=settings["steps_per_sample"])
             results.append(res)
     progress.close()
     settings["load_average_end"] = _loadavg()

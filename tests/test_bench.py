@@ -7,11 +7,14 @@ compiles (a few seconds), later runs load the cache.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -111,8 +114,12 @@ def test_cli_tiny_run_table_and_json(tiny_json, tmp_path, capsys):
     for word in ("median ms", "GB/s", "% ceil", "vs fused", "fused_optim numba",
                  "torch for-loop", "torch foreach", "torch fused", "ceiling", "tiny_shapes"):
         assert word in table
+    # CUDA-only columns and notes stay out of a CPU table
+    for word in ("host ms", "% copy", "copy reference", "back-to-back"):
+        assert word not in table
 
     doc = json.loads(out.read_text())
+    assert doc["schema"] == 2
     machine = doc["machine"]
     for key in ("cpu_model", "cores", "torch", "numba", "numpy", "python",
                 "torch_threads", "numba_threads"):
@@ -125,6 +132,8 @@ def test_cli_tiny_run_table_and_json(tiny_json, tmp_path, capsys):
         assert c["list"] == "tiny_shapes"
         assert c["tensors"] == 4 and c["params"] == TINY_NUMEL
         assert c["rounds"] == 3
+        assert c["timing"] == "perf_counter"
+        assert c["copy_gbps"] is None and c["copy_bytes"] is None
         per_param = 5 if c["optimizer"] == "sgd" else 7
         assert c["bytes_per_step"] == per_param * 4 * TINY_NUMEL
         impls = {r["impl"]: r for r in c["results"]}
@@ -134,6 +143,8 @@ def test_cli_tiny_run_table_and_json(tiny_json, tmp_path, capsys):
                         "ratio_vs_fused", "times_s"):
                 assert key in r
             assert len(r["times_s"]) == 3 and r["median_s"] > 0
+            assert r["steps_per_sample"] == 1
+            assert r["host_median_s"] is None and r["pct_copy"] is None
             assert r["gb_per_s"] == pytest.approx(c["bytes_per_step"] / r["median_s"] / 1e9)
         assert impls["fused"]["ratio_vs_fused"] == 1.0
         assert impls["ceiling"]["pct_ceiling"] == 100.0
@@ -231,8 +242,11 @@ def test_python_dash_m_entry_point():
 def test_interleaved_rounds_and_shuffled_order():
     calls = []
     runners = [bench.Runner(name, (lambda n=name: calls.append(n))) for name in "abcd"]
-    times = bench.interleaved(runners, rounds=20, warmup=2, seed=1)
+    timed = bench.interleaved(runners, rounds=20, warmup=2, seed=1)
+    times = timed.times
     assert set(times) == set("abcd") and all(len(t) == 20 for t in times.values())
+    # CPU: one step per sample, and no separate host time
+    assert timed.steps == dict.fromkeys("abcd", 1) and timed.host == {}
     assert len(calls) == 22 * 4
     rounds = [tuple(calls[i:i + 4]) for i in range(0, len(calls), 4)]
     assert all(sorted(r) == list("abcd") for r in rounds)  # each once per round
@@ -245,7 +259,7 @@ def test_interleaved_drops_a_failing_implementation(capsys):
 
     runners = [bench.Runner("ok", lambda: None), bench.Runner("bad", boom)]
     failed = {}
-    times = bench.interleaved(runners, rounds=3, warmup=1, failed=failed)
+    times = bench.interleaved(runners, rounds=3, warmup=1, failed=failed).times
     assert list(times) == ["ok"] and len(times["ok"]) == 3
     assert failed == {"bad": "RuntimeError: kernel exploded"}
     assert "kernel exploded" in capsys.readouterr().err
@@ -276,9 +290,9 @@ def test_cli_reports_a_failing_backend_and_exits_1(monkeypatch, capsys):
 
 def test_interleaved_auto_rounds_are_clamped():
     runners = [bench.Runner("a", lambda: None)]
-    times = bench.interleaved(runners, None, 1, min_rounds=4, max_rounds=7, target_s=1e9)
+    times = bench.interleaved(runners, None, 1, min_rounds=4, max_rounds=7, target_s=1e9).times
     assert len(times["a"]) == 7
-    times = bench.interleaved(runners, None, 1, min_rounds=4, max_rounds=7, target_s=0.0)
+    times = bench.interleaved(runners, None, 1, min_rounds=4, max_rounds=7, target_s=0.0).times
     assert len(times["a"]) == 4
 
 
@@ -325,6 +339,425 @@ def test_pattern_rejects_other_patterns():
 def test_split_is_even():
     edges = _pattern.split(10, 3)
     assert list(edges) == [0, 3, 6, 10]
+
+
+# ------------------------------------------------------------ CUDA timing
+#
+# No GPU here: the CUDA timer runs against a simulated stream (FakeGPU), and
+# run_case against events that read perf_counter, so the K-steps-per-sample
+# logic and the fields it feeds are exercised on CPU.
+
+
+class FakeGPU:
+    """A host clock and one stream, in simulated seconds. A launch costs the
+    host ``launch_s`` and queues ``kernel_s`` of device work behind what is
+    already queued; an event completes when the work recorded before it
+    does. ``log`` lists launches (by name) and synchronizations ("sync")."""
+
+    def __init__(self):
+        self.host = 0.0
+        self.queue_end = 0.0
+        self.log = []
+
+    def launch(self, name, kernel_s, launch_s):
+        self.host += launch_s
+        self.queue_end = max(self.queue_end, self.host) + kernel_s
+        self.log.append(name)
+
+    def synchronize(self):
+        self.host = max(self.host, self.queue_end)
+        self.log.append("sync")
+
+    def clock(self):
+        return self.host
+
+    def event(self):
+        gpu = self
+
+        class Event:
+            def record(self):
+                self.t = max(gpu.queue_end, gpu.host)
+
+            def synchronize(self):
+                gpu.host = max(gpu.host, self.t)
+                gpu.log.append("sync")
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) * 1e3
+
+        return Event()
+
+    def timer(self):
+        return bench.CudaTimer(event=self.event, synchronize=self.synchronize, clock=self.clock)
+
+    def runner(self, name, kernel_s, launch_s):
+        return bench.Runner(name, lambda: self.launch(name, kernel_s, launch_s))
+
+
+def _segments(log):
+    """The runs of launches between synchronizations."""
+    out, cur = [], []
+    for x in log:
+        if x == "sync":
+            if cur:
+                out.append(cur)
+            cur = []
+        else:
+            cur.append(x)
+    return out + ([cur] if cur else [])
+
+
+@pytest.mark.parametrize("kernel_s, launch_s", [(100e-6, 10e-6), (10e-6, 100e-6)])
+def test_cuda_timer_times_steps_back_to_back(kernel_s, launch_s):
+    """Device-bound steps cost their kernel time, host-bound ones their
+    launch time, and the host time is the launches alone; a synchronize per
+    step would have charged kernel + launch to both."""
+    gpu = FakeGPU()
+    timer = gpu.timer()
+    steps = 50
+    per_step, host = timer.sample(lambda: gpu.launch("s", kernel_s, launch_s), steps)
+    assert per_step == pytest.approx(max(kernel_s, launch_s), rel=0.01)
+    assert host == pytest.approx(launch_s)
+    assert gpu.log == ["sync"] + ["s"] * steps + ["sync"]
+    one, _ = timer.sample(lambda: gpu.launch("s", kernel_s, launch_s), 1)
+    assert one == pytest.approx(kernel_s + launch_s)
+
+
+@pytest.mark.parametrize("per_step", [1e-6, 2e-4, 1.7e-3, 4.9e-3, 5e-3, 8e-3, 0.0])
+def test_calibrate_steps_for_a_constant_step(per_step):
+    calls = []
+
+    def sample(fn, steps):
+        calls.append(steps)
+        return per_step, None
+
+    k = bench.calibrate_steps(sample, None, target_s=5e-3, max_steps=64)
+    want = 64 if per_step == 0 else min(64, max(1, math.ceil(5e-3 / per_step)))
+    assert k == want
+    assert calls[0] == 1 and len(calls) <= 3
+
+
+def test_calibrate_steps_refines_from_amortized_samples():
+    """A first launch's idle GPU makes one step look slower than back-to-back
+    ones: later samples, at the count the earlier one asked for, correct it."""
+    def sample(fn, steps):
+        return 0.5e-3 + 2e-3 / steps, None
+
+    one = math.ceil(5e-3 / sample(None, 1)[0])
+    k = bench.calibrate_steps(sample, None, target_s=5e-3, max_steps=1000, tries=10)
+    assert k > one
+    assert k == math.ceil(5e-3 / sample(None, k)[0])  # a fixed point
+    assert bench.calibrate_steps(sample, None, target_s=5e-3, max_steps=3, tries=10) == 3
+
+
+def test_interleaved_on_cuda_times_k_steps_per_sample():
+    gpu = FakeGPU()
+    runners = [gpu.runner("big", 1e-3, 20e-6),      # device-bound
+               gpu.runner("small", 20e-6, 50e-6),   # host-bound
+               gpu.runner("tiny", 1e-6, 2e-6)]      # hits the cap
+    rounds, cap, target = 6, 64, 5e-3
+    timed = bench.interleaved(runners, rounds, 1, timer=gpu.timer(), sample_s=target,
+                              max_steps=cap, seed=3)
+    med = {i: np.median(t) for i, t in timed.times.items()}
+    for impl, k in timed.steps.items():
+        assert len(timed.times[impl]) == len(timed.host[impl]) == rounds
+        assert k == min(cap, math.ceil(target / med[impl]))
+    assert timed.steps["tiny"] == cap
+    assert med["big"] == pytest.approx(1e-3, rel=0.01)
+    assert np.median(timed.host["big"]) == pytest.approx(20e-6)
+    assert med["small"] == pytest.approx(np.median(timed.host["small"]), rel=0.01)
+    assert med["small"] == pytest.approx(50e-6, rel=0.01)
+    # the timed samples: K launches of one implementation between two
+    # synchronizations, never a synchronize inside
+    timed_segments = _segments(gpu.log)[-rounds * len(runners):]
+    for seg in timed_segments:
+        assert len(set(seg)) == 1 and len(seg) == timed.steps[seg[0]]
+    # interleaved: every round has each implementation once, order varies
+    per_round = [tuple(seg[0] for seg in timed_segments[i:i + 3])
+                 for i in range(0, len(timed_segments), 3)]
+    assert all(sorted(r) == ["big", "small", "tiny"] for r in per_round)
+    assert len(set(per_round)) > 1
+
+
+def test_interleaved_fixed_steps_per_sample():
+    gpu = FakeGPU()
+    runners = [gpu.runner("a", 1e-3, 1e-5), gpu.runner("b", 1e-6, 1e-6)]
+    timed = bench.interleaved(runners, 2, 0, timer=gpu.timer(), steps=7)
+    assert timed.steps == {"a": 7, "b": 7}
+    assert all(len(seg) == 7 for seg in _segments(gpu.log))
+
+
+def test_interleaved_on_cuda_drops_an_implementation_failing_in_calibration(capsys):
+    gpu = FakeGPU()
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) > 1:  # the warm-up step passes, calibration's fails
+            raise RuntimeError("launch failed")
+
+    runners = [gpu.runner("ok", 1e-4, 1e-5), bench.Runner("flaky", flaky)]
+    failed = {}
+    timed = bench.interleaved(runners, 3, 1, timer=gpu.timer(), failed=failed)
+    assert failed == {"flaky": "RuntimeError: launch failed"}
+    assert set(timed.times) == set(timed.host) == set(timed.steps) == {"ok"}
+    assert len(timed.times["ok"]) == 3
+    assert "launch failed" in capsys.readouterr().err
+
+
+def test_synced_every():
+    log = []
+    step = bench.synced_every(lambda: log.append("s"), 3, lambda: log.append("sync"))
+    for _ in range(7):
+        step()
+    assert log == ["s", "s", "s", "sync", "s", "s", "s", "sync", "s"]
+
+
+def test_copy_runner_moves_the_bytes_it_is_given():
+    for nbytes in (20_000, 20_001, 2):
+        r = bench.copy_runner(nbytes, "cpu")
+        src, dst = r.keep
+        assert src.numel() == dst.numel() == nbytes // 2
+        assert not torch.equal(src, dst)
+        r.step()
+        assert torch.equal(src, dst)
+
+
+def test_case_stats_host_times_and_copy():
+    res = bench.CaseResult(list="x", tensors=1, params=1000, optimizer="adamw", dtype="bf16",
+                           device="cuda:0", bytes_per_step=14_000, rounds=3, warmup=0,
+                           timing="cuda-events")
+    res.times = {"triton": [2.0, 4.0, 4.0], "fused": [4.0, 4.0, 2.0],
+                 "ceiling": [1.0, 2.0, 2.0], "copy": [1.0, 1.5, 0.5]}
+    res.host_times = {i: [t / 2 for t in ts] for i, ts in res.times.items()}
+    res.steps_per_sample = {"triton": 5, "fused": 3, "ceiling": 9, "copy": 11}
+    d = res.to_dict()
+    assert d["copy_bytes"] == res.copy_bytes == 14_000
+    assert d["copy_gbps"] == pytest.approx(14_000 / 1.0 / 1e9)
+    rows = {r["impl"]: r for r in d["results"]}
+    for impl, r in rows.items():
+        gb_rounds = [res.bytes_per_step / t for t in res.times[impl]]
+        copy_rounds = [res.copy_bytes / t for t in res.times["copy"]]
+        assert r["pct_copy"] == pytest.approx(
+            100 * np.median([a / b for a, b in zip(gb_rounds, copy_rounds)]))
+        assert r["host_median_s"] == pytest.approx(np.median(res.times[impl]) / 2)
+        assert r["host_times_s"] == res.host_times[impl]
+        assert r["steps_per_sample"] == res.steps_per_sample[impl]
+    assert rows["copy"]["pct_copy"] == 100.0 and rows["copy"]["params_per_s"] is None
+    text = bench.format_table([res])
+    head = text.splitlines()[0]
+    assert "host ms" in head and "% copy" in head
+    triton_row = next(line for line in text.splitlines() if "fused_optim triton" in line)
+    assert f"{rows['triton']['host_median_s'] * 1e3:.3f}" in triton_row.split()
+    assert f"{rows['triton']['pct_copy']:.0f}" in triton_row.split()
+    assert "copy reference, x adamw bf16 cuda:0: 0.0 GB/s" in text
+    assert "cuda: each sample is 3-11 back-to-back steps" in text
+    # an odd byte count: the copy moves one byte less, and % copy says so
+    res.bytes_per_step = 14_001
+    assert res.copy_bytes == 14_000
+    assert res.stats("triton")["pct_copy"] == pytest.approx(
+        100 * 14_001 / 14_000 * np.median([1 / 2, 1.5 / 4, 0.5 / 4]))
+
+
+class _PerfEvent:
+    """A CUDA event stand-in on the host clock: with it, CudaTimer times
+    CPU tensors the way it times a GPU stream (minus the queue)."""
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def test_run_case_with_a_cuda_timer_reports_host_times_and_copy(capsys):
+    """The whole CUDA reporting path, on CPU tensors with a perf_counter
+    "device": calibrated steps, host times, the copy reference in the JSON
+    and the table."""
+    timer = bench.CudaTimer(event=_PerfEvent, synchronize=lambda: None)
+    impls = ["numba", "fused", "ceiling", "copy"]
+    res = bench.run_case(bench.shape_list("tiny"), bench.OPTIMIZERS["adamw"], "fp32", "cpu",
+                         impls, rounds=3, warmup=1, timer=timer, sample_s=2e-3, max_steps=4)
+    assert not res.failed
+    doc = bench.to_json([res], {})
+    json.dumps(doc)
+    assert doc["schema"] == 2
+    (case,) = doc["cases"]
+    assert case["timing"] == "cuda-events"
+    assert set(case["steps_per_sample"]) == set(impls)
+    assert all(1 <= k <= 4 for k in case["steps_per_sample"].values())
+    assert case["copy_bytes"] == 2 * (case["bytes_per_step"] // 2)
+    copy_times = res.times["copy"]
+    assert case["copy_gbps"] == pytest.approx(case["copy_bytes"] / np.median(copy_times) / 1e9)
+    for r in case["results"]:
+        assert len(r["times_s"]) == len(r["host_times_s"]) == 3
+        assert r["host_median_s"] > 0 and r["pct_copy"] > 0
+        assert r["steps_per_sample"] == case["steps_per_sample"][r["impl"]]
+    text = bench.format_table([res])
+    assert "host ms" in text and "% copy" in text and "copy reference, tiny adamw fp32" in text
+
+
+# ------------------------------------------------------- CUDA ceiling kernel
+
+
+def _pattern_device():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    # tests/conftest.py switched Triton's interpreter on before triton was
+    # imported: the kernel then runs on CPU tensors
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    return "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_cuda_ceiling_kernel_odd_sizes(dtype, k):
+    """K-1 buffers get the K-th XORed in, the K-th is read only, and nothing
+    beyond the buffers changes, for sizes below, at and past a block, and
+    several blocks with a tail."""
+    device = _pattern_device()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    word = {2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]
+    gen = torch.Generator().manual_seed(k)
+    guard, block = 37, 64
+    for n in (1, block - 1, block, block + 1, 3 * block + 17):
+        wholes = [torch.randint(-2 ** 15, 2 ** 15, (n + 2 * guard,), generator=gen)
+                  .to(word).to(device) for _ in range(k)]
+        before = [w.clone() for w in wholes]
+        bufs = [w[guard:guard + n].view(dtype) for w in wholes]
+        bench._triton_pattern(bufs, itemsize, block=block)()
+        x = before[-1][guard:guard + n]
+        for i, (w, old) in enumerate(zip(wholes, before)):
+            want = old.clone()
+            if i < k - 1:
+                want[guard:guard + n] ^= x
+            assert torch.equal(w, want), (n, i)
+
+
+def test_cuda_ceiling_kernel_default_block_with_a_tail():
+    device = _pattern_device()
+    n = bench.PATTERN_BLOCK + 17
+    gen = torch.Generator().manual_seed(0)
+    bufs = [torch.randint(-2 ** 31, 2 ** 31, (n,), generator=gen, dtype=torch.int64)
+            .to(torch.int32).to(device) for _ in range(4)]
+    before = [b.clone() for b in bufs]
+    bench._triton_pattern([b.view(torch.float32) for b in bufs], 4)()
+    for b, old in zip(bufs[:-1], before):
+        assert torch.equal(b, old ^ before[-1])
+    assert torch.equal(bufs[-1], before[-1])
+
+
+_PTX_SCRIPT = r"""
+import json, re, sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fused_optim import bench
+
+@triton.jit
+def masked_everywhere(a, b, c, d, e, n, K: tl.constexpr, BLOCK: tl.constexpr):
+    # the ceiling before it had an unmasked path (control)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(d + offs, mask=mask)
+    tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
+    tl.store(b + offs, tl.load(b + offs, mask=mask) ^ x, mask=mask)
+    tl.store(c + offs, tl.load(c + offs, mask=mask) ^ x, mask=mask)
+
+out = []
+for name, fn, word, k in [("ceiling", bench.pattern_kernel(), "i32", 4),
+                          ("ceiling", bench.pattern_kernel(), "i16", 3),
+                          ("control", masked_everywhere, "i32", 4)]:
+    # pointers 16-byte aligned (as the launcher specializes fresh
+    # allocations); n an i32 with no divisibility: a count not divisible by 16
+    sig = {p: "*" + word for p in "abcde"}
+    sig.update(n="i32", K="constexpr", BLOCK="constexpr")
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+    src = ASTSource(fn, sig, {"K": k, "BLOCK": bench.PATTERN_BLOCK}, attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    out.append({"name": name, "word": word, "k": k,
+                "v4_loads": len(re.findall(r"ld\.global[.\w]*\.v4\.", ptx)),
+                "v4_stores": len(re.findall(r"st\.global[.\w]*\.v4\.", ptx)),
+                "loads": len(re.findall(r"ld\.global", ptx))})
+print(json.dumps(out))
+"""
+
+
+def test_cuda_ceiling_ptx_has_128_bit_accesses_for_any_count(tmp_path):
+    """Compiled offline for sm_90 (no GPU needed) with an element count not
+    known to be a multiple of 16: the unmasked path of every stream loads
+    and stores 128 bits at a time. The control, the old masked-everywhere
+    kernel, gets none, so the count can fail."""
+    pytest.importorskip("triton")
+    # a subprocess: triton was imported here with the interpreter on; a file:
+    # @triton.jit reads its function's source
+    script = tmp_path / "ptx_check.py"
+    script.write_text(_PTX_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences 3.9's warning
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in results:
+        k = r["k"]
+        if r["name"] == "control":
+            assert r["v4_loads"] == r["v4_stores"] == 0 and r["loads"] > 0
+            continue
+        # k streams read and k-1 written, each as many 128-bit accesses
+        assert r["v4_loads"] >= k and r["v4_loads"] % k == 0, r
+        assert r["v4_stores"] * k == r["v4_loads"] * (k - 1), r
+
+
+# ------------------------------------------------------------- CUDA plan
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    return p.parse_args(argv)
+
+
+#: the project's GPU check (see the module docstring of fused_optim/bench.py)
+GPU_CHECK = ["--devices", "cuda", "--lists", "gpt2-small,resnet50,many-small",
+             "--optimizers", "sgd,adamw", "--dtypes", "fp32,bf16", "--baselines", "fused",
+             "--no-progress"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU here")
+def test_gpu_check_without_a_gpu_exits_2(tmp_path, capsys):
+    out = tmp_path / "o.json"
+    assert main(["bench", *GPU_CHECK, "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--devices cuda: no CUDA device here" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_gpu_check_plan(monkeypatch):
+    """What the GPU check runs, planned as if a GPU were here: per case
+    fused_optim triton, torch fused, the ceiling and the copy."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cases, settings = bench._plan(_parse(GPU_CHECK))
+    assert len(cases) == 3 * 2 * 2
+    for sl, spec, dt, dev, impls, skipped in cases:
+        assert dev == "cuda"
+        assert impls == ["triton", "fused", "ceiling", "copy"], (sl.name, spec.name, dt, skipped)
+    assert settings["copy"] is True and settings["steps_per_sample"] is None
+    cases, settings = bench._plan(_parse(GPU_CHECK + ["--no-copy", "--steps-per-sample", "9"]))
+    assert all("copy" not in c[4] for c in cases)
+    assert settings["steps_per_sample"] == 9
+
+
+def test_no_copy_on_cpu_and_bad_steps_per_sample(capsys):
+    cases, _ = bench._plan(_parse(["--lists", "tiny", "--devices", "cpu"]))
+    assert cases and all("copy" not in c[4] for c in cases)
+    assert main(["bench", "--lists", "tiny", *_fast(), "--steps-per-sample", "0"]) == 2
+    assert "--steps-per-sample must be at least 1" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------- run
