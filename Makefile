@@ -50,3 +50,11 @@ fuzz: $(STAMP)
 # 2-core dev VM, so expect ~25 min).
 compile-check: $(STAMP)
 	$(PY) tests/_compile_matrix.py --full --check --archs 80,90
+
+# The device check for a bare GPU machine (benchmarks/gpu_check.py, README
+# "GPU check"): runs under PYTHON itself, builds no venv and fetches nothing;
+# without a GPU it is a dry run. GPU_CHECK_OUT=DIR writes the results there.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
