@@ -143,7 +143,8 @@ _INEXACT = {"div.full": r"\bdiv\.full\b", "div.approx": r"\bdiv\.approx\b",
 def facts(kernel: str, dname: str, aligned: bool, sw: dict, cap: int) -> dict:
     src = _source(kernel, dname, aligned, sw)
     # as the launchers pass it
-    warps = tk.NUM_WARPS if kernel == "adam_steps" else tk.num_warps(DTYPES[dname])
+    warps = (tk.NUM_WARPS if kernel == "adam_steps"
+             else tk.num_warps(DTYPES[dname], aligned, sw["TAIL_ALIGNED"]))
     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                               options={"num_warps": warps, "enable_fp_fusion": False})
     ptx = compiled.asm["ptx"]

@@ -46,14 +46,17 @@ BLOCK = 1024
 NUM_WARPS = 4
 
 
-def num_warps(dtype: torch.dtype) -> int:
-    """Warps per program of the update kernels for ``dtype``.
+def num_warps(dtype: torch.dtype, aligned: bool, tail: bool) -> int:
+    """Warps per program of an update launch (one alignment class of a bucket).
 
-    float64 gets 8, so 4 elements per thread instead of 8: with 4, ptxas
-    (triton 3.9, sm_90) spilled 8 bytes in unaligned float64 Adam at 128
-    registers; with 8 it used 72 and spilled nothing (make compile-check).
+    8 (4 elements per thread instead of 8) for unaligned float64 only: with
+    4, ptxas spilled 8 bytes there in Adam on sm_90 at 128 registers (triton
+    3.9, ``make compile-check``); with 8, 72 registers and no spill. Not
+    wider: aligned float64 then spilled on sm_80 instead, and 8 warps would
+    leave 16-bit types 8 bytes per thread, too few for 128-bit accesses.
     """
-    return 2 * NUM_WARPS if dtype == torch.float64 else NUM_WARPS
+    return 2 * NUM_WARPS if dtype == torch.float64 and not aligned else NUM_WARPS
+
 
 _ITEMSIZE = {torch.float64: 8, torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
@@ -359,14 +362,15 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         const = dict(_common_args(batch), USE_MOMENTUM=use_momentum,
                      NESTEROV=bool(nesterov) and use_momentum, MAXIMIZE=bool(maximize),
                      HAS_WD=weight_decay != 0, HAS_GRAD_SCALE=grad_scale is not None,
-                     HAS_FOUND_INF=found_inf is not None, num_warps=num_warps(batch.dtype),
+                     HAS_FOUND_INF=found_inf is not None,
                      # no FMA contraction: the same roundings as the Numba backend
                      enable_fp_fusion=False)
         with _launch_lock():
             for bmap, programs, aligned, tail in layout.launches:
                 _kernels._sgd_kernel[(programs,)](
                     layout.table, bmap, hyper, grad_scale, found_inf,
-                    ALIGNED=aligned, TAIL_ALIGNED=tail, **const)
+                    ALIGNED=aligned, TAIL_ALIGNED=tail,
+                    num_warps=num_warps(batch.dtype, aligned, tail), **const)
 
 
 def _log2(x: float) -> float:
@@ -482,7 +486,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                      LERP_FROM_START=bool(c(1.0 - beta1) < 0.5),
                      HAS_GRAD_SCALE=grad_scale is not None,
                      HAS_FOUND_INF=found_inf is not None,
-                     num_warps=num_warps(batch.dtype), enable_fp_fusion=False)
+                     enable_fp_fusion=False)
         with _launch_lock():
             if device_steps:
                 _kernels._adam_steps_kernel[(triton.cdiv(layout.rows, _STEP_ROWS),)](
@@ -492,4 +496,5 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
             for bmap, programs, aligned, tail in layout.launches:
                 _kernels._adam_kernel[(programs,)](
                     layout.table, bmap, hyper, scal, grad_scale, found_inf,
-                    ALIGNED=aligned, TAIL_ALIGNED=tail, **const)
+                    ALIGNED=aligned, TAIL_ALIGNED=tail,
+                    num_warps=num_warps(batch.dtype, aligned, tail), **const)
