@@ -2,7 +2,7 @@
 # from nothing but Python 3.10+.
 #
 #   TORCH_SPEC  which torch to install (default: the CPU build, torch==2.13.0;
-#               e.g. TORCH_SPEC='torch>=2.4' on a CUDA machine)
+#               e.g. TORCH_SPEC='torch>=2.10' on a CUDA machine)
 #   EXTRAS      package extras to install (default: test,gpu = pytest,
 #               hypothesis, pytest-benchmark and triton)
 #   BENCH_ARGS  arguments for `fused_optim bench` (e.g. --quick)

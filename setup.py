@@ -19,9 +19,12 @@ setup(
         "fused_optim.kernels.triton",
     ],
     package_dir={"fused_optim": "fused_optim", "fused_optim.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numba>=0.59", "numpy"],
+    # the oldest triton whose code for our kernels passes the offline checks
+    # (benchmarks/triton_floor.py; README "Supported versions"), and the
+    # first torch that pins it
+    install_requires=["torch>=2.10", "numba>=0.59", "numpy"],
     extras_require={
-        "gpu": ["triton>=3.0"],
+        "gpu": ["triton>=3.6"],
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["fused-optim=fused_optim.__main__:main"]},
