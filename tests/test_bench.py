@@ -829,3 +829,23 @@ def test_step_overhead_script_counts_what_a_step_reads(capsys):
     # every fact check the rule makes is timed
     facts = {n for n in dir(mod._facts) if n[:1] == "f" and n[1:2].isdigit()} - {"f6_flags"}
     assert len(facts) == len([n for n in mod._RULE if n.startswith("F")])
+
+
+def test_launcher_overhead_script_runs():
+    """benchmarks/launcher_overhead.py (host time with the Triton launches
+    stubbed) on a tiny list: every case timed, and the kernels restored."""
+    import importlib.util
+    from pathlib import Path
+
+    from fused_optim.kernels import triton as tk
+
+    path = Path(__file__).parent.parent / "benchmarks" / "launcher_overhead.py"
+    spec = importlib.util.spec_from_file_location("launcher_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kernels = {k: getattr(tk._kernels, k) for k in mod._KERNELS}
+    out = mod.run(["tiny"], rounds=2)
+    assert set(out) == {("tiny", case, what) for case in mod.CASES
+                        for what in ("step", "launcher")}
+    assert all(us > 0 for us in out.values())
+    assert {k: getattr(tk._kernels, k) for k in mod._KERNELS} == kernels
