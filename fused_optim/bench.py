@@ -29,10 +29,10 @@ How it measures, and why:
   buf and writes p, buf (5 element sizes); Adam/AdamW read p, g, m, v and write
   p, m, v (7).
 * The ceiling is the same traffic with no arithmetic: on CPU the Numba kernel
-  in ``kernels/numba/_pattern.py`` over tensors of the same sizes, on CUDA a
-  Triton kernel over flat buffers. On CPU a plain copy is the wrong
-  yardstick: it writes lines it never read, and optimizer steps reach 1.4-2x
-  its bandwidth.
+  in ``kernels/numba/_pattern.py`` over tensors of the same sizes, on CUDA
+  the Triton kernel in ``kernels/triton/_pattern.py`` over flat buffers. On
+  CPU a plain copy is the wrong yardstick: it writes lines it never read,
+  and optimizer steps reach 1.4-2x its bandwidth.
 * On CUDA a copy is timed in the same rounds as a second reference: ``copy_``
   between two flat buffers that together hold the bytes one step moves
   (``copy_gbps`` counts its read and its write). "% copy" is an
@@ -500,7 +500,11 @@ def _ceiling_runner(spec: OptimizerSpec, params, grads) -> Runner:
         flat_g = torch.cat([g.reshape(-1) for g in grads])
         bufs = [flat_p.clone() for _ in range(k - 1)] + [flat_g]
         del flat_p
-        return Runner(CEILING, _triton_pattern(bufs, itemsize), bufs)
+        try:
+            from .kernels.triton import _pattern as triton_pattern
+        except ImportError as err:
+            raise BenchError(f"the CUDA ceiling needs triton ({err})") from None
+        return Runner(CEILING, triton_pattern.launcher(bufs, itemsize), bufs)
     raise BenchError(f"no ceiling kernel for {device.type} tensors")
 
 
@@ -516,96 +520,6 @@ def copy_runner(nbytes: int, device) -> Runner:
         dst.copy_(src)
 
     return Runner(COPY, step, (src, dst))
-
-
-#: Elements per program of the CUDA ceiling kernel.
-PATTERN_BLOCK = 4096
-_PATTERN_KERNEL = None
-_pattern_xor_block = None
-
-
-def pattern_kernel():
-    """The CUDA ceiling's Triton kernel (built on first use: importing this
-    module needs no triton).
-
-    ``kernel(a, b, c, d, e, n, K, BLOCK)`` reads the first ``K`` of the five
-    flat integer buffers and XORs the K-th into each of the others, over
-    ``n`` elements: K reads and K-1 writes per element. A program whose
-    block lies wholly below ``n`` takes an unmasked path; only the one block
-    that straddles ``n`` is masked. A mask compiles to scalar accesses unless
-    Triton can prove it constant over 16 bytes, i.e. unless ``n`` is a known
-    multiple of 16 (the launcher specializes ints on that), so one mask on
-    every block left the whole kernel scalar for any other element count.
-    The unmasked path needs no hint: the launcher specializes each pointer
-    on its actual 16-byte alignment and the offsets are a multiple of BLOCK
-    plus an arange, so it gets 128-bit accesses exactly when the buffers are
-    aligned (fresh allocations are).
-    """
-    # Module globals, not closures: Triton's interpreter (TRITON_INTERPRET=1,
-    # the CPU tests) resolves a jitted function's callees in its globals only.
-    global _PATTERN_KERNEL, _pattern_xor_block
-    if _PATTERN_KERNEL is not None:
-        return _PATTERN_KERNEL
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError as err:
-        raise BenchError(f"the CUDA ceiling needs triton ({err})") from None
-
-    @triton.jit
-    def _pattern_xor_block(a, b, c, d, e, offs, mask, K: tl.constexpr):
-        if K == 2:
-            x = tl.load(b + offs, mask=mask)
-            tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
-        elif K == 3:
-            x = tl.load(c + offs, mask=mask)
-            tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
-            tl.store(b + offs, tl.load(b + offs, mask=mask) ^ x, mask=mask)
-        elif K == 4:
-            x = tl.load(d + offs, mask=mask)
-            tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
-            tl.store(b + offs, tl.load(b + offs, mask=mask) ^ x, mask=mask)
-            tl.store(c + offs, tl.load(c + offs, mask=mask) ^ x, mask=mask)
-        else:
-            x = tl.load(e + offs, mask=mask)
-            tl.store(a + offs, tl.load(a + offs, mask=mask) ^ x, mask=mask)
-            tl.store(b + offs, tl.load(b + offs, mask=mask) ^ x, mask=mask)
-            tl.store(c + offs, tl.load(c + offs, mask=mask) ^ x, mask=mask)
-            tl.store(d + offs, tl.load(d + offs, mask=mask) ^ x, mask=mask)
-
-    @triton.jit
-    def pattern(a, b, c, d, e, n, K: tl.constexpr, BLOCK: tl.constexpr):
-        start = tl.program_id(0).to(tl.int64) * BLOCK
-        offs = start + tl.arange(0, BLOCK)
-        if start + BLOCK <= n:
-            _pattern_xor_block(a, b, c, d, e, offs, None, K)
-        else:
-            _pattern_xor_block(a, b, c, d, e, offs, offs < n, K)
-
-    _PATTERN_KERNEL = pattern
-    return pattern
-
-
-def _triton_pattern(bufs, itemsize, block: int = PATTERN_BLOCK):
-    """A step reading ``len(bufs)`` (2-5) flat buffers of equal length and
-    XORing the last into each of the others in place (the CUDA ceiling)."""
-    import triton
-    kernel = pattern_kernel()
-    word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]
-    views = [b.view(word) for b in bufs]
-    k = len(views)
-    if not 2 <= k <= 5 or len({v.numel() for v in views}) != 1:
-        raise ValueError(f"the ceiling kernel takes 2-5 buffers of one length, got "
-                         f"{[v.numel() for v in views]}")
-    args = views + [views[0]] * (5 - k)
-    n = views[0].numel()
-    grid = (triton.cdiv(n, block),)
-
-    def step():
-        if n:  # an empty grid is not a launch
-            kernel[grid](*args, n, K=k, BLOCK=block)
-
-    return step
 
 
 def _backend_problem(impl: str, spec: OptimizerSpec, dtype: torch.dtype,

@@ -620,6 +620,7 @@ def test_cuda_ceiling_kernel_odd_sizes(dtype, k):
     beyond the buffers changes, for sizes below, at and past a block, and
     several blocks with a tail."""
     device = _pattern_device()
+    from fused_optim.kernels.triton import _pattern as triton_pattern
     itemsize = torch.empty((), dtype=dtype).element_size()
     word = {2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]
     gen = torch.Generator().manual_seed(k)
@@ -629,7 +630,7 @@ def test_cuda_ceiling_kernel_odd_sizes(dtype, k):
                   .to(word).to(device) for _ in range(k)]
         before = [w.clone() for w in wholes]
         bufs = [w[guard:guard + n].view(dtype) for w in wholes]
-        bench._triton_pattern(bufs, itemsize, block=block)()
+        triton_pattern.launcher(bufs, itemsize, block=block)()
         x = before[-1][guard:guard + n]
         for i, (w, old) in enumerate(zip(wholes, before)):
             want = old.clone()
@@ -640,12 +641,13 @@ def test_cuda_ceiling_kernel_odd_sizes(dtype, k):
 
 def test_cuda_ceiling_kernel_default_block_with_a_tail():
     device = _pattern_device()
-    n = bench.PATTERN_BLOCK + 17
+    from fused_optim.kernels.triton import _pattern as triton_pattern
+    n = triton_pattern.BLOCK + 17
     gen = torch.Generator().manual_seed(0)
     bufs = [torch.randint(-2 ** 31, 2 ** 31, (n,), generator=gen, dtype=torch.int64)
             .to(torch.int32).to(device) for _ in range(4)]
     before = [b.clone() for b in bufs]
-    bench._triton_pattern([b.view(torch.float32) for b in bufs], 4)()
+    triton_pattern.launcher([b.view(torch.float32) for b in bufs], 4)()
     for b, old in zip(bufs[:-1], before):
         assert torch.equal(b, old ^ before[-1])
     assert torch.equal(bufs[-1], before[-1])
@@ -657,7 +659,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fused_optim import bench
+from fused_optim.kernels.triton import _pattern
 
 @triton.jit
 def masked_everywhere(a, b, c, d, e, n, K: tl.constexpr, BLOCK: tl.constexpr):
@@ -670,15 +672,15 @@ def masked_everywhere(a, b, c, d, e, n, K: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(c + offs, tl.load(c + offs, mask=mask) ^ x, mask=mask)
 
 out = []
-for name, fn, word, k in [("ceiling", bench.pattern_kernel(), "i32", 4),
-                          ("ceiling", bench.pattern_kernel(), "i16", 3),
+for name, fn, word, k in [("ceiling", _pattern.pattern, "i32", 4),
+                          ("ceiling", _pattern.pattern, "i16", 3),
                           ("control", masked_everywhere, "i32", 4)]:
     # pointers 16-byte aligned (as the launcher specializes fresh
     # allocations); n an i32 with no divisibility: a count not divisible by 16
     sig = {p: "*" + word for p in "abcde"}
     sig.update(n="i32", K="constexpr", BLOCK="constexpr")
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-    src = ASTSource(fn, sig, {"K": k, "BLOCK": bench.PATTERN_BLOCK}, attrs)
+    src = ASTSource(fn, sig, {"K": k, "BLOCK": _pattern.BLOCK}, attrs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     out.append({"name": name, "word": word, "k": k,
                 "v4_loads": len(re.findall(r"ld\.global[.\w]*\.v4\.", ptx)),
