@@ -14,6 +14,7 @@ setup(
     # fused_optim.kernels, so nothing called "kernels" lands in site-packages.
     packages=[
         "fused_optim",
+        "fused_optim.bench",
         "fused_optim.kernels",
         "fused_optim.kernels.numba",
         "fused_optim.kernels.triton",

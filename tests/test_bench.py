@@ -278,7 +278,7 @@ def test_cli_reports_a_failing_backend_and_exits_1(monkeypatch, capsys):
             runner.step = boom
         return runner
 
-    monkeypatch.setattr(bench, "make_runner", make_runner)
+    monkeypatch.setattr(bench.measure, "make_runner", make_runner)
     rc = main(["bench", "--lists", "tiny", "--optimizers", "sgd", "--baselines", "fused",
                "--no-ceiling", *_fast()])
     out, err = capsys.readouterr()
@@ -725,7 +725,7 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-#: the project's GPU check (see the module docstring of fused_optim/bench.py)
+#: the project's GPU check (``BENCH`` in benchmarks/gpu_check.py)
 GPU_CHECK = ["--devices", "cuda", "--lists", "gpt2-small,resnet50,many-small",
              "--optimizers", "sgd,adamw", "--dtypes", "fp32,bf16", "--baselines", "fused",
              "--no-progress"]
@@ -744,19 +744,19 @@ def test_gpu_check_plan(monkeypatch):
     """What the GPU check runs, planned as if a GPU were here: per case
     fused_optim triton, torch fused, the ceiling and the copy."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    cases, settings = bench._plan(_parse(GPU_CHECK))
+    cases, settings = bench.cli._plan(_parse(GPU_CHECK))
     assert len(cases) == 3 * 2 * 2
     for sl, spec, dt, dev, impls, skipped in cases:
         assert dev == "cuda"
         assert impls == ["triton", "fused", "ceiling", "copy"], (sl.name, spec.name, dt, skipped)
     assert settings["copy"] is True and settings["steps_per_sample"] is None
-    cases, settings = bench._plan(_parse(GPU_CHECK + ["--no-copy", "--steps-per-sample", "9"]))
+    cases, settings = bench.cli._plan(_parse(GPU_CHECK + ["--no-copy", "--steps-per-sample", "9"]))
     assert all("copy" not in c[4] for c in cases)
     assert settings["steps_per_sample"] == 9
 
 
 def test_no_copy_on_cpu_and_bad_steps_per_sample(capsys):
-    cases, _ = bench._plan(_parse(["--lists", "tiny", "--devices", "cpu"]))
+    cases, _ = bench.cli._plan(_parse(["--lists", "tiny", "--devices", "cpu"]))
     assert cases and all("copy" not in c[4] for c in cases)
     assert main(["bench", "--lists", "tiny", *_fast(), "--steps-per-sample", "0"]) == 2
     assert "--steps-per-sample must be at least 1" in capsys.readouterr().err

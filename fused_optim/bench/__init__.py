@@ -1,0 +1,67 @@
+"""Benchmark ``optimizer.step()``: fused_optim's backends against torch.optim.
+
+Run it as ``python -m fused_optim bench`` (or ``fused-optim bench``); see
+``--help``. The building blocks (parameter lists, optimizer settings,
+implementations, the interleaved timer) are public so that ``benchmarks/``
+(pytest-benchmark) reuses them.
+
+How it measures, and why:
+
+* Every implementation in a case (fused_optim backends, torch.optim's for-loop,
+  foreach and fused paths, and the memory ceiling) has its own params, grads
+  and state, cloned from one seeded random draw; grads are set once and
+  reused, so a step is only the optimizer's work.
+* They run interleaved in one process: each round times one sample of every
+  implementation, in an order shuffled per round. Drift on a shared, noisy
+  machine (other tenants, frequency changes) then hits all of them alike, and
+  per-round ratios cancel most of it. Only medians and paired ratios are
+  reported, never single times.
+* On CPU a sample is one step, timed with ``perf_counter``. On CUDA a sample
+  is K back-to-back steps between two CUDA events, with a synchronize only
+  before the first and after the last: a step is enqueued while the previous
+  one's kernels run, as in training, instead of a synchronize per step timing
+  the host's Python on an idle GPU. K is calibrated per implementation after
+  the warm-up so that a sample lasts about ``CUDA_SAMPLE_S`` (at most
+  ``CUDA_MAX_STEPS``); the time reported per step is the sample's over K. The
+  host's wall time for enqueueing the K steps, over K, is reported beside it
+  ("host ms"): where the two are close, the host bounds the step.
+* Bytes are counted, not measured: per element, SGD with momentum reads p, g,
+  buf and writes p, buf (5 element sizes); Adam/AdamW read p, g, m, v and write
+  p, m, v (7).
+* The ceiling is the same traffic with no arithmetic: on CPU the Numba kernel
+  in ``kernels/numba/_pattern.py`` over tensors of the same sizes, on CUDA
+  the Triton kernel in ``kernels/triton/_pattern.py`` over flat buffers. On
+  CPU a plain copy is the wrong yardstick: it writes lines it never read,
+  and optimizer steps reach 1.4-2x its bandwidth.
+* On CUDA a copy is timed in the same rounds as a second reference: ``copy_``
+  between two flat buffers that together hold the bytes one step moves
+  (``copy_gbps`` counts its read and its write). "% copy" is an
+  implementation's counted GB/s over the copy's, paired per round.
+"""
+
+from __future__ import annotations
+
+# Names beyond __all__ stay importable from here, as when this was one
+# module: benchmarks/conftest.py, __main__ and the tests use them.
+from .cases import (DEFAULT_DTYPES, DTYPES, LISTS, OPTIMIZERS, SIZES, BenchError,
+                    OptimizerSpec, ShapeList, Size, make_data, shape_list,
+                    shapes_from_json, shapes_from_model)
+from .cli import add_arguments, command, main, run
+from .impls import (BACKEND_IMPLS, BASELINE_IMPLS, CEILING, COMPILED, COMPILED_BACKENDS,
+                    COPY, DEFAULT_BASELINES, IMPLS, REFERENCE, Runner, available_impls,
+                    copy_runner, fresh_compile_caches, make_runner)
+from .machine import machine_info
+from .measure import CaseResult, run_case
+from .report import format_table, to_json, write_plot
+from .timing import (CUDA_MAX_STEPS, CUDA_SAMPLE_S, CudaTimer, HostTimer, Timings,
+                     calibrate_steps, interleaved, make_timer, synced_every)
+
+__all__ = [
+    "BenchError", "ShapeList", "OptimizerSpec", "Runner", "CaseResult",
+    "LISTS", "OPTIMIZERS", "DTYPES", "SIZES", "IMPLS",
+    "shape_list", "shapes_from_json", "shapes_from_model", "make_data",
+    "make_runner", "available_impls", "run_case", "run", "format_table",
+    "to_json", "write_plot", "machine_info", "add_arguments", "main",
+    "HostTimer", "CudaTimer", "Timings", "calibrate_steps", "interleaved",
+    "synced_every", "CUDA_SAMPLE_S", "CUDA_MAX_STEPS",
+]

@@ -1,0 +1,362 @@
+"""The ``bench`` command line: options, the plan of cases, the run."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .cases import (DEFAULT_DTYPES, DTYPES, LISTS, OPTIMIZERS, SIZES, BenchError,
+                    _public_lists, shape_list, shapes_from_json, shapes_from_model)
+from .impls import (BACKEND_IMPLS, BASELINE_IMPLS, CEILING, COMPILED, COPY,
+                    DEFAULT_BASELINES, _backend_device_ok, _backend_problem,
+                    available_impls)
+from .machine import _loadavg
+from .measure import run_case
+from .report import _check_matplotlib, format_table, to_json, write_plot
+from .timing import CUDA_MAX_STEPS, CUDA_SAMPLE_S
+
+
+def _split_names(text: str | None, known: Sequence[str], what: str,
+                 hidden: Sequence[str] = ()) -> list | None:
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        return list(known)
+    for n in names:
+        if n not in known and n not in hidden:
+            raise BenchError(f"unknown {what} {n!r} (known: {', '.join(known)})")
+    if not names:
+        raise BenchError(f"no {what} given")
+    return list(dict.fromkeys(names))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to a parser."""
+    sel = p.add_argument_group("what to run")
+    sel.add_argument("--lists", metavar="NAMES",
+                     help="comma-separated parameter lists: " + ", ".join(_public_lists())
+                     + " or all (default: all; --quick: resnet50,many-small)")
+    sel.add_argument("--shapes", metavar="FILE.json", action="append", default=[],
+                     help="a list of shapes from JSON ([[768, 768], [768], ...] or "
+                     "{\"name\": ..., \"shapes\": [...]}); repeatable")
+    sel.add_argument("--model", metavar="MODULE:FACTORY", action="append", default=[],
+                     help="benchmark the parameters of MODULE.FACTORY() (an nn.Module); "
+                     "repeatable")
+    sel.add_argument("--optimizers", metavar="NAMES",
+                     help="comma-separated: " + ", ".join(OPTIMIZERS)
+                     + " or all (default: all; --quick: sgd,adamw)")
+    sel.add_argument("--dtypes", metavar="NAMES",
+                     help="comma-separated: " + ", ".join(DTYPES) + " (default: fp32,bf16)")
+    sel.add_argument("--backends", metavar="NAMES",
+                     help="fused_optim backends: numba, triton, torch (default: those "
+                     "that can run here, torch only with --all-backends); asking for "
+                     "one that cannot run is an error")
+    sel.add_argument("--all-backends", action="store_true",
+                     help="also time fused_optim's slow pure-torch reference backend")
+    sel.add_argument("--baselines", metavar="NAMES",
+                     help="torch.optim paths: for-loop, foreach, fused, compiled "
+                     "(default: for-loop,foreach,fused); 'none' for none. compiled is "
+                     "torch.optim's step under torch.compile, and also times each "
+                     "fused_optim backend's step under torch.compile")
+    sel.add_argument("--no-ceiling", action="store_true",
+                     help="skip the memory-ceiling kernel")
+    sel.add_argument("--no-copy", action="store_true",
+                     help="skip the copy-bandwidth reference (timed on CUDA only)")
+    sel.add_argument("--devices", metavar="NAMES",
+                     help="cpu, cuda (default: cpu, plus cuda when available)")
+    how = p.add_argument_group("how")
+    how.add_argument("--quick", action="store_true",
+                     help="smaller default lists, fewer rounds (under a minute on 2 cores)")
+    how.add_argument("--size", choices=tuple(SIZES), help=argparse.SUPPRESS)
+    how.add_argument("--rounds", type=int, metavar="N",
+                     help="timed interleaved rounds per case (default: auto, "
+                     "about 15 s per case, 10-100; --quick: 3-15, within 40 s "
+                     "for all cases)")
+    how.add_argument("--warmup", type=int, metavar="N",
+                     help="untimed rounds first (default: 3; --quick 1)")
+    how.add_argument("--steps-per-sample", type=int, metavar="N",
+                     help="CUDA: back-to-back steps per timed sample (default: "
+                     f"calibrated to about {CUDA_SAMPLE_S * 1e3:g} ms, at most "
+                     f"{CUDA_MAX_STEPS})")
+    how.add_argument("--threads", type=int, metavar="N",
+                     help="torch and numba threads (default: theirs)")
+    how.add_argument("--numba-layer", choices=("omp", "tbb", "workqueue"),
+                     help="Numba threading layer (default: Numba's choice, or "
+                     "NUMBA_THREADING_LAYER)")
+    how.add_argument("--seed", type=int, default=0, help="data and order seed (default: 0)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="FILE", help="write every number and the machine "
+                     "description as JSON")
+    out.add_argument("--plot", metavar="FILE.png", help="bar chart of GB/s (needs matplotlib)")
+    out.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+
+
+class _Progress:
+    """One status line on stderr: rewritten in place on a terminal, a line
+    per case otherwise (logs stay short)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total = total
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.case = ""
+        self.index = 0
+        self.t0 = time.perf_counter()
+        self.width = 0
+
+    def start(self, index: int, case: str) -> None:
+        self.index, self.case = index, case
+        if self.enabled and not self.tty:
+            print(f"[{index}/{self.total}] {case}", file=sys.stderr, flush=True)
+        self.update("")
+
+    def update(self, status: str) -> None:
+        if not self.tty:
+            return
+        done = self.index - 1
+        bar = "#" * int(20 * done / max(1, self.total))
+        text = (f"\r[{bar:<20}] {self.index}/{self.total} {self.case}: {status} "
+                f"({time.perf_counter() - self.t0:.0f}s)")
+        pad = max(0, self.width - len(text))
+        self.width = len(text)
+        sys.stderr.write(text + " " * pad)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+        if self.enabled:
+            print(f"done in {time.perf_counter() - self.t0:.1f}s", file=sys.stderr, flush=True)
+
+
+def _devices(args, backends_explicit: list | None) -> list:
+    names = _split_names(args.devices, ("cpu", "cuda"), "device")
+    cuda = torch.cuda.is_available()
+    if names is None:
+        if backends_explicit:
+            names = []
+            if "numba" in backends_explicit or "torch" in backends_explicit:
+                names.append("cpu")
+            if "triton" in backends_explicit or ("torch" in backends_explicit and cuda):
+                names.append("cuda")
+        else:
+            names = ["cpu"] + (["cuda"] if cuda else [])
+    if "cuda" in names and not cuda:
+        why = ("this torch has no CUDA support" if torch.version.cuda is None
+               else "torch.cuda.is_available() is False")
+        raise BenchError(f"--devices cuda: no CUDA device here ({why}, "
+                         f"torch {torch.__version__})")
+    return names
+
+
+def _plan(args) -> tuple[list, dict]:
+    """Resolve the options into cases; raise BenchError for anything unusable."""
+    size = SIZES[args.size or ("quick" if args.quick else "full")]
+    custom = [shapes_from_json(f) for f in args.shapes] + [shapes_from_model(m) for m in args.model]
+    names = _split_names(args.lists, _public_lists(), "list",
+                         hidden=[n for n in LISTS if n not in _public_lists()])
+    if names is None:
+        names = [] if custom else list(size.lists)
+    lists = [shape_list(n) for n in names] + custom
+    optimizers = (_split_names(args.optimizers, tuple(OPTIMIZERS), "optimizer")
+                  or list(size.optimizers))
+    dtypes = _split_names(args.dtypes, tuple(DTYPES), "dtype") or list(DEFAULT_DTYPES)
+    backends = _split_names(args.backends, BACKEND_IMPLS, "backend")
+    if args.baselines is not None and args.baselines.strip() == "none":
+        baselines = []
+    else:
+        baselines = (_split_names(args.baselines, BASELINE_IMPLS, "baseline")
+                     or list(DEFAULT_BASELINES))
+    if backends is not None:
+        for b in backends:
+            if b == "triton" and not torch.cuda.is_available():
+                raise BenchError("backend 'triton' cannot run here: it needs a CUDA GPU "
+                                 "and torch.cuda.is_available() is False")
+    devices = _devices(args, backends)
+    for b in backends or ():
+        if not any(_backend_device_ok(b, d) for d in devices):
+            raise BenchError(f"backend {b!r} runs on {'cpu' if b == 'numba' else 'cuda'} "
+                             f"tensors, but --devices is {','.join(devices)}")
+    if args.rounds is not None and args.rounds < 1:
+        raise BenchError("--rounds must be at least 1")
+    if args.warmup is not None and args.warmup < 0:
+        raise BenchError("--warmup must be at least 0")
+    if args.steps_per_sample is not None and args.steps_per_sample < 1:
+        raise BenchError("--steps-per-sample must be at least 1")
+    if args.plot:
+        _check_matplotlib()
+
+    cases = []
+    for dev, sl, opt, dt in itertools.product(devices, lists, optimizers, dtypes):
+        spec = OPTIMIZERS[opt]
+        if backends is None:
+            wanted_backends = [b for b in ("numba", "triton", "torch")
+                               if _backend_device_ok(b, dev)
+                               and (b != "torch" or args.all_backends)]
+        else:
+            wanted_backends = [b for b in backends if _backend_device_ok(b, dev)]
+            for b in wanted_backends:
+                why = _backend_problem(b, spec, DTYPES[dt], torch.device(dev))
+                if why:
+                    raise BenchError(f"backend {b!r} cannot run {opt} {dt} on {dev}: {why}")
+        compiled = [f"{b}-compiled" for b in wanted_backends] if COMPILED in baselines else []
+        wanted = (wanted_backends + compiled + baselines
+                  + ([] if args.no_ceiling else [CEILING])
+                  + ([COPY] if dev == "cuda" and not args.no_copy else []))
+        impls, skipped = available_impls(spec, DTYPES[dt], dev, wanted)
+        if backends is None and "cuda" not in devices:
+            skipped["triton"] = "needs a CUDA GPU and torch.cuda.is_available() is False"
+        cases.append((sl, spec, dt, dev, impls, skipped))
+    settings = {
+        "size": args.size or ("quick" if args.quick else "full"),
+        "lists": [sl.name for sl in lists], "optimizers": optimizers, "dtypes": dtypes,
+        "devices": devices, "backends": backends, "baselines": baselines,
+        "ceiling": not args.no_ceiling, "copy": not args.no_copy,
+        "steps_per_sample": args.steps_per_sample, "cuda_sample_s": CUDA_SAMPLE_S,
+        "cuda_max_steps": CUDA_MAX_STEPS,
+        "rounds": args.rounds, "warmup": size.warmup if args.warmup is None else args.warmup,
+        "min_rounds": size.min_rounds, "max_rounds": size.max_rounds,
+        "target_s": size.target_s, "budget_s": size.budget_s, "seed": args.seed,
+        "optimizer_kwargs": {o: OPTIMIZERS[o].kwargs for o in optimizers},
+    }
+    return cases, settings
+
+
+def _set_numba_layer(name: str) -> None:
+    """Select Numba's threading layer; it is fixed by the first parallel call."""
+    import numba
+
+    from ..kernels.numba import _pattern
+    numba.config.THREADING_LAYER = name
+    table = _pattern.make_table([[0, 0, 0]], [0])
+    try:
+        _pattern._pattern(table, _pattern.split(0), 4, _pattern.word_dtype(4), 3)
+    except ValueError as err:
+        raise BenchError(f"--numba-layer {name}: {str(err).splitlines()[0]}") from None
+    if numba.threading_layer() != name:
+        raise BenchError(f"--numba-layer {name}: Numba already runs the "
+                         f"{numba.threading_layer()} layer")
+
+
+def _warn_load(settings: dict) -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    loads = [la[0] for la in (settings.get("load_average_start"),
+                              settings.get("load_average_end")) if la]
+    # The run itself keeps about `cores` threads busy; more than that means
+    # other processes shared the cores.
+    if cores and loads and max(loads) > cores + 0.5:
+        # Measured on the 2-core dev VM at load 3-4: torch's multi-threaded
+        # steps intermittently took ~8 ms per parallel region (1.6 s instead
+        # of 1.2 ms for 200 small tensors) while one-region-per-step kernels
+        # were barely affected; single-threaded runs stayed consistent.
+        print(f"note: 1-minute load average reached {max(loads):.1f} on {cores} cores: "
+              "other processes competed for the CPU, so expect noisier numbers "
+              "(thread-pool stalls hit steps with many parallel regions hardest; "
+              "--threads 1 compares the kernels without them)", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> list:
+    """Run the benchmark the parsed options describe; print the table.
+
+    Returns:
+        the list of :class:`CaseResult`.
+
+    Raises:
+        BenchError: bad names, unusable backends, missing matplotlib, memory.
+    """
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BenchError("--threads must be at least 1")
+        import numba
+        torch.set_num_threads(args.threads)
+        try:
+            numba.set_num_threads(args.threads)
+        except ValueError as err:
+            raise BenchError(f"--threads {args.threads}: {err}") from None
+    if args.numba_layer:
+        _set_numba_layer(args.numba_layer)
+    cases, settings = _plan(args)
+    settings["load_average_start"] = _loadavg()
+    if not cases:
+        raise BenchError("nothing to run")
+    progress = _Progress(len(cases), not args.no_progress)
+    results = []
+    with warnings.catch_warnings():
+        # Numba's own pedantic SSA check fires while compiling the bf16/fp16
+        # store overloads; it is harmless and would break the progress line.
+        from numba.core.errors import NumbaIRAssumptionWarning
+        warnings.simplefilter("ignore", NumbaIRAssumptionWarning)
+        t0 = time.perf_counter()
+        for i, (sl, spec, dt, dev, impls, skipped) in enumerate(cases, 1):
+            progress.start(i, f"{sl.name} {spec.name} {dt}" + (f" {dev}" if dev != "cpu" else ""))
+            target = settings["target_s"]
+            if settings["budget_s"] is not None:
+                left = settings["budget_s"] - (time.perf_counter() - t0)
+                # Half the share: allocation and warm-up take about as long
+                # as the timed rounds.
+                target = max(0.0, min(target, 0.5 * left / (len(cases) - i + 1)))
+            res = run_case(sl, spec, dt, dev, impls, rounds=settings["rounds"],
+                           warmup=settings["warmup"], seed=args.seed,
+                           min_rounds=settings["min_rounds"],
+                           max_rounds=settings["max_rounds"],
+                           target_s=target, skipped=skipped,
+                           progress=progress.update, steps=settings["steps_per_sample"])
+            results.append(res)
+    progress.close()
+    settings["load_average_end"] = _loadavg()
+    print(format_table(results), flush=True)
+    _warn_load(settings)
+    if args.json:
+        doc = to_json(results, settings)
+        try:
+            Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+        except OSError as err:
+            raise BenchError(f"cannot write --json {args.json!r}: {err.strerror}") from None
+    if args.plot:
+        write_plot(results, args.plot)
+    return results
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "fused-optim bench") -> int:
+    """``bench`` on its own: parse ``argv``, run, return the exit code."""
+    from . import __doc__ as doc
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    return command(args, prog)
+
+
+def command(args: argparse.Namespace, prog: str = "fused-optim bench") -> int:
+    """Run parsed ``bench`` options; errors become one line on stderr.
+
+    Returns:
+        0 on success, 1 if an implementation raised (the others are still
+        reported), 2 on a user error, 130 on Ctrl-C.
+    """
+    try:
+        results = run(args)
+    except BenchError as err:
+        print(f"\n{prog}: error: {err}" if sys.stderr.isatty() else f"{prog}: error: {err}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    if any(r.failed for r in results):
+        print(f"{prog}: some implementations failed (see FAILED above)", file=sys.stderr)
+        return 1
+    return 0

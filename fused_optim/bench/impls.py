@@ -1,0 +1,243 @@
+"""The implementations a case times, and whether each can run here."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .cases import BenchError, OptimizerSpec
+
+
+#: Implementation ids in report order: fused_optim backends, torch.optim's
+#: three paths, the ceiling. ``torch`` is fused_optim's pure-torch reference.
+BACKEND_IMPLS = ("numba", "triton", "torch")
+#: torch.optim's default step under ``torch.compile`` (what HeavyBall and
+#: optimi call the fastest compiled path); asking for it also times each
+#: fused_optim backend's step under ``torch.compile`` ("<backend>-compiled").
+COMPILED = "compiled"
+BASELINE_IMPLS = ("for-loop", "foreach", "fused", COMPILED)
+#: Baselines timed when none are named: compiling costs seconds per case.
+DEFAULT_BASELINES = ("for-loop", "foreach", "fused")
+COMPILED_BACKENDS = tuple(f"{b}-compiled" for b in BACKEND_IMPLS)
+CEILING = "ceiling"
+#: ``copy_`` of the bytes one step moves; timed on CUDA only (see the package
+#: docstring for why not on CPU).
+COPY = "copy"
+IMPLS = BACKEND_IMPLS + COMPILED_BACKENDS + BASELINE_IMPLS + (CEILING, COPY)
+#: The implementation the paired ratio divides by.
+REFERENCE = "fused"
+
+_LABELS = {"numba": "fused_optim numba", "triton": "fused_optim triton",
+           "torch": "fused_optim torch", "for-loop": "torch for-loop",
+           "foreach": "torch foreach", "fused": "torch fused",
+           COMPILED: "torch compiled", CEILING: "ceiling", COPY: "copy",
+           **{f"{b}-compiled": f"fused_optim {b} compiled" for b in BACKEND_IMPLS}}
+
+
+@dataclass
+class Runner:
+    """One implementation, ready to step.
+
+    Attributes:
+        impl: implementation id (see ``IMPLS``).
+        step: runs one optimizer step (or one ceiling pass).
+        keep: whatever must stay alive while ``step`` is used.
+    """
+
+    impl: str
+    step: Callable[[], object]
+    keep: object = None
+    #: compiled implementations: seconds of the first call (compilation
+    #: and one step), made when the runner is built
+    compile_s: float | None = None
+
+
+def _leaves(params, grads):
+    out = []
+    for p, g in zip(params, grads):
+        q = p.detach().clone().requires_grad_(True)
+        q.grad = g.detach().clone()
+        out.append(q)
+    return out
+
+
+def make_runner(impl: str, spec: OptimizerSpec, params, grads) -> Runner:
+    """An implementation stepping private copies of ``params`` and ``grads``.
+
+    Args:
+        impl: an id of ``IMPLS``.
+        spec: optimizer setting.
+        params, grads: the case's data (cloned, never modified).
+    """
+    if impl == CEILING:
+        return _ceiling_runner(spec, params, grads)
+    if impl == COPY:
+        numel = sum(p.numel() for p in params)
+        return copy_runner(spec.bytes_per_step(numel, params[0].element_size()),
+                           params[0].device)
+    leaves = _leaves(params, grads)
+    base = impl.removesuffix("-compiled")
+    if base in BACKEND_IMPLS:
+        import fused_optim
+        opt = getattr(fused_optim, spec.cls)(leaves, backend=base, **spec.kwargs)
+    elif impl in BASELINE_IMPLS:
+        switch = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
+                  "fused": dict(fused=True), COMPILED: {}}[impl]
+        opt = getattr(torch.optim, spec.cls)(leaves, **switch, **spec.kwargs)
+    else:
+        raise BenchError(f"unknown implementation {impl!r} (known: {', '.join(IMPLS)})")
+    if impl == COMPILED or impl in COMPILED_BACKENDS:
+        return _compiled_runner(impl, opt, leaves)
+    return Runner(impl, opt.step, (opt, leaves))
+
+
+def fresh_compile_caches() -> None:
+    """Forget dynamo's compiled frames before a case's compiled runners are built.
+
+    Every optimizer of a class shares ``step``'s code object, and dynamo
+    keeps one guarded entry per optimizer on it, up to its recompile limit
+    (8), after which it silently runs the frame eagerly: without this, the
+    ninth case of a class would time an eager step as "compiled".
+    """
+    torch._dynamo.reset()
+
+
+def _compiled_runner(impl: str, opt, keep) -> Runner:
+    # The pattern of torch's compiled-optimizer tutorial: the step inside a
+    # compiled function, with the optimizer's own defaults.
+    @torch.compile
+    def step():
+        opt.step()
+
+    t0 = time.perf_counter()
+    step()
+    return Runner(impl, step, (opt, keep), compile_s=time.perf_counter() - t0)
+
+
+def _ceiling_runner(spec: OptimizerSpec, params, grads) -> Runner:
+    k, m = spec.reads, spec.writes
+    itemsize = params[0].element_size()
+    device = params[0].device
+    # Real data in every array: an untouched calloc'd array maps the shared
+    # zero page and its reads would never reach memory.
+    if device.type == "cpu":
+        from ..kernels.numba import _pattern
+        arrays = [[p.clone() for _ in range(k - 1)] + [g.clone()] for p, g in zip(params, grads)]
+        table = _pattern.make_table([[a.data_ptr() for a in row] for row in arrays],
+                                    [p.numel() for p in params])
+        bounds = _pattern.split(int(table[:, _pattern.NUMEL].sum()))
+
+        def step():
+            _pattern.pattern(table, bounds, itemsize, k, m)
+
+        return Runner(CEILING, step, (arrays, table, bounds))
+    if device.type == "cuda":
+        flat_p = torch.cat([p.reshape(-1) for p in params])
+        flat_g = torch.cat([g.reshape(-1) for g in grads])
+        bufs = [flat_p.clone() for _ in range(k - 1)] + [flat_g]
+        del flat_p
+        try:
+            from ..kernels.triton import _pattern as triton_pattern
+        except ImportError as err:
+            raise BenchError(f"the CUDA ceiling needs triton ({err})") from None
+        return Runner(CEILING, triton_pattern.launcher(bufs, itemsize), bufs)
+    raise BenchError(f"no ceiling kernel for {device.type} tensors")
+
+
+def copy_runner(nbytes: int, device) -> Runner:
+    """``dst.copy_(src)`` between two flat byte buffers of ``nbytes // 2``
+    each, so that one call reads and writes ``nbytes`` in all."""
+    n = nbytes // 2
+    # Filled, not empty: every page is real memory before the first timing.
+    src = torch.full((n,), 0x5A, dtype=torch.uint8, device=device)
+    dst = torch.zeros(n, dtype=torch.uint8, device=device)
+
+    def step():
+        dst.copy_(src)
+
+    return Runner(COPY, step, (src, dst))
+
+
+def _backend_problem(impl: str, spec: OptimizerSpec, dtype: torch.dtype,
+                     device: torch.device) -> str | None:
+    """Why a fused_optim backend cannot run this case, or None."""
+    from .. import _backend
+    if impl == "numba" and device.type != "cpu":
+        return "the numba backend runs on CPU tensors only"
+    if impl == "triton" and device.type != "cuda":
+        if not torch.cuda.is_available():
+            return "the triton backend needs a CUDA GPU and torch.cuda.is_available() is False"
+        return "the triton backend runs on CUDA tensors only"
+    try:
+        mod = _backend.module(impl)
+    except RuntimeError as err:
+        return str(err)
+    if not callable(getattr(mod, spec.kind, None)):
+        return f"the {impl} backend has no {spec.kind} kernel yet"
+    dname = str(dtype).removeprefix("torch.")
+    supported = getattr(mod, "SUPPORTED_DTYPES", None)
+    if supported is not None and dname not in supported:
+        return f"the {impl} backend does not support {dname}"
+    return None
+
+
+def _baseline_problem(impl: str, spec: OptimizerSpec, dtype: torch.dtype,
+                      device: torch.device) -> str | None:
+    if impl == "fused":
+        try:
+            from torch.optim.optimizer import _get_fused_kernels_supported_devices
+            if device.type not in _get_fused_kernels_supported_devices():
+                return f"torch has no fused {spec.cls} for {device.type}"
+        except ImportError:
+            pass
+    return None
+
+
+def _ceiling_problem(device: torch.device) -> str | None:
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "the CUDA ceiling kernel needs triton"
+        return None
+    return f"no ceiling kernel for {device.type} tensors"
+
+
+def available_impls(spec: OptimizerSpec, dtype: torch.dtype, device,
+                    wanted: Sequence[str]) -> tuple[list, dict]:
+    """Split ``wanted`` implementations into runnable ones and the others.
+
+    Returns:
+        (runnable ids, {id: reason} for the others).
+    """
+    device = torch.device(device)
+    ok, skipped = [], {}
+    for impl in wanted:
+        if impl.removesuffix("-compiled") in BACKEND_IMPLS:
+            why = _backend_problem(impl.removesuffix("-compiled"), spec, dtype, device)
+        elif impl in BASELINE_IMPLS:
+            why = _baseline_problem(impl, spec, dtype, device)
+        elif impl == CEILING:
+            why = _ceiling_problem(device)
+        elif impl == COPY:
+            why = None
+        else:
+            why = f"unknown implementation {impl!r}"
+        if why is None:
+            ok.append(impl)
+        else:
+            skipped[impl] = why
+    return ok, skipped
+
+
+def _ordered(impls) -> list:
+    return sorted(impls, key=lambda i: IMPLS.index(i) if i in IMPLS else len(IMPLS))
+
+
+def _backend_device_ok(backend: str, device: str) -> bool:
+    return {"numba": device == "cpu", "triton": device == "cuda"}.get(backend, True)
