@@ -6,7 +6,6 @@ import dataclasses
 import gc
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from .cases import DTYPES, BenchError, OptimizerSpec, ShapeList, make_data
 from .impls import (_LABELS, CEILING, COMPILED, COMPILED_BACKENDS, COPY, REFERENCE,
                     _ordered, fresh_compile_caches, make_runner)
+from .machine import _meminfo
 from .report import _fmt_bytes
 from .timing import (CUDA_MAX_STEPS, CUDA_SAMPLE_S, _report_failure, interleaved,
                      make_timer)
@@ -137,13 +137,7 @@ def _mem_available(device: torch.device) -> int | None:
             return torch.cuda.mem_get_info(device)[0]
         except Exception:  # noqa: BLE001
             return None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _meminfo("MemAvailable")
 
 
 def _case_bytes(spec: OptimizerSpec, impls, numel: int, itemsize: int) -> int:
