@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -23,10 +24,9 @@ _MODULES = {
     "triton": "fused_optim.kernels.triton",
     "torch": "fused_optim.kernels.reference",
 }
-_INSTALL_HINT = {
-    "numba": "pip install numba",
-    "triton": "pip install 'fused_optim[gpu]' (or pip install triton)",
-}
+#: auto's choice per device: the first that runs there natively. (No two
+#: compiled backends claim the same device type today, so the order is moot.)
+_AUTO_ORDER = ("triton", "numba", "torch")
 _loaded: dict[str, object] = {}
 
 
@@ -55,10 +55,18 @@ def module(name: str):
         except ImportError as err:
             raise RuntimeError(
                 f"fused_optim backend {name!r} is not available ({err}). "
-                f"Install it with: {_INSTALL_HINT[name]}, or pass backend='auto'."
+                f"Install it with: {declared(name)['INSTALL_HINT']}, or pass backend='auto'."
             ) from err
         _loaded[name] = mod
     return mod
+
+
+@functools.lru_cache(maxsize=None)
+def declared(name: str) -> dict:
+    """A backend's literal declarations (kernels/contract.py), without importing it."""
+    from fused_optim.kernels import contract
+
+    return contract.declared(importlib.util.find_spec(_MODULES[name]).origin)
 
 
 def _triton_interpreted() -> bool:
@@ -78,6 +86,48 @@ def _importable(name: str) -> bool:
     return True
 
 
+def runs_on(name: str, device_type: str, *, interpreted: bool | None = None) -> bool:
+    """Whether backend ``name`` updates tensors of ``device_type`` (installed or not)."""
+    if name == "auto":
+        return True
+    if interpreted is None:
+        interpreted = _triton_interpreted()
+    decl = declared(name)
+    return (decl["DEVICES"] is None or device_type in decl["DEVICES"]
+            or (interpreted and device_type in decl["INTERPRETED_DEVICES"]))
+
+
+def why_not(name: str, device, dtype: torch.dtype | None = None, *,
+            interpreted: bool | None = None) -> str | None:
+    """Why backend ``name`` cannot update ``dtype`` tensors on ``device``, or None.
+
+    The reason is the error :func:`select` raises. ``dtype=None`` asks about
+    the device alone; ``interpreted`` (default: ``TRITON_INTERPRET`` now)
+    says whether interpreted devices count.
+    """
+    if name == "auto":
+        return None
+    device = torch.device(device)
+    if not runs_on(name, device.type, interpreted=interpreted):
+        return declared(name)["DEVICE_HINT"].format(device=device, type=device.type)
+    try:
+        mod = module(name)
+    except RuntimeError as err:
+        return str(err)
+    supported = mod.SUPPORTED_DTYPES
+    if dtype is not None and supported is not None:
+        if str(dtype).removeprefix("torch.") not in supported:
+            return (f"backend={name!r} does not support {dtype} parameters (it supports "
+                    f"{', '.join(supported)}). Use backend='torch' for them.")
+    return None
+
+
+def can_run(name: str, device, dtype: torch.dtype | None = None, *,
+            interpreted: bool | None = None) -> bool:
+    """Whether backend ``name`` can update ``dtype`` tensors on ``device`` here."""
+    return why_not(name, device, dtype, interpreted=interpreted) is None
+
+
 def select(name: str, device: torch.device, dtype: torch.dtype):
     """The kernel module that updates tensors of ``device`` and ``dtype``."""
     return _select(name, device, dtype, _triton_interpreted())
@@ -87,36 +137,11 @@ def select(name: str, device: torch.device, dtype: torch.dtype):
 def _select(name, device, dtype, interpreted):
     # cached: asked for every bucket at every step, and the answer only
     # depends on these and on which packages import (fixed per process)
-    dname = str(dtype).removeprefix("torch.")
     if name == "auto":
-        if device.type == "cuda" and _importable("triton"):
-            name = "triton"
-        elif device.type == "cpu" and _importable("numba"):
-            name = "numba"
-        else:
-            name = "torch"
-        mod = module(name)
-        if dname not in getattr(mod, "SUPPORTED_DTYPES", (dname,)):
-            mod = module("torch")
-        return mod
-    if name == "numba" and device.type != "cpu":
-        raise RuntimeError(
-            f"backend='numba' runs on CPU tensors, but got a parameter on "
-            f"{device}. Use backend='triton' or backend='auto' for {device.type} tensors."
-        )
-    if name == "triton" and device.type != "cuda" and not (
-        device.type == "cpu" and interpreted
-    ):
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors, but got a parameter on {device}. "
-            "Move the model to CUDA, use backend='numba' or 'auto' for CPU tensors, "
-            "or set TRITON_INTERPRET=1 to run the Triton kernels on CPU (slowly)."
-        )
-    mod = module(name)
-    supported = getattr(mod, "SUPPORTED_DTYPES", None)
-    if supported is not None and dname not in supported:
-        raise RuntimeError(
-            f"backend={name!r} does not support {dtype} parameters (it supports "
-            f"{', '.join(supported)}). Use backend='torch' for them."
-        )
-    return mod
+        # never an interpreter: it stands in for a GPU only when asked by name
+        return module(next(b for b in _AUTO_ORDER
+                           if can_run(b, device, dtype, interpreted=False)))
+    why = why_not(name, device, dtype, interpreted=interpreted)
+    if why is not None:
+        raise RuntimeError(why)
+    return module(name)

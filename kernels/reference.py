@@ -16,6 +16,14 @@ import torch
 
 __all__ = ["sgd", "adam"]
 
+# the contract (kernels/contract.py): the fallback that runs anywhere
+NAME = "torch"
+DEVICES = None
+INTERPRETED_DEVICES = ()
+SUPPORTED_DTYPES = None
+INSTALL_HINT = None
+DEVICE_HINT = None
+
 
 def _compute_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32

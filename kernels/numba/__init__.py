@@ -26,7 +26,14 @@ __all__ = ["sgd", "adam", "advance_host_steps", "SUPPORTED_DTYPES"]
 warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning,
                         message=r"variable '_")
 
+# the contract (kernels/contract.py)
+NAME = "numba"
+DEVICES = ("cpu",)
+INTERPRETED_DEVICES = ()
 SUPPORTED_DTYPES = tuple(VIEW_DTYPES)
+INSTALL_HINT = "pip install numba"
+DEVICE_HINT = ("backend='numba' runs on CPU tensors, but got a parameter on {device}. "
+               "Use backend='triton' or backend='auto' for {type} tensors.")
 
 #: Batches smaller than this run on one thread: below it the parallel region's
 #: start-up costs more than the work. Provisional; measured in benchmarks/.

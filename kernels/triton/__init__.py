@@ -32,7 +32,15 @@ from . import _kernels
 
 __all__ = ["sgd", "adam", "SUPPORTED_DTYPES"]
 
+# the contract (kernels/contract.py)
+NAME = "triton"
+DEVICES = ("cuda",)
+INTERPRETED_DEVICES = ("cpu",)
 SUPPORTED_DTYPES = ("float64", "float32", "bfloat16", "float16")
+INSTALL_HINT = "pip install 'fused_optim[gpu]' (or pip install triton)"
+DEVICE_HINT = ("backend='triton' needs CUDA tensors, but got a parameter on {device}. "
+               "Move the model to CUDA, use backend='numba' or 'auto' for CPU tensors, "
+               "or set TRITON_INTERPRET=1 to run the Triton kernels on CPU (slowly).")
 
 #: Elements per program: the usual Triton elementwise choice, 4 warps x 32
 #: lanes x 8 elements, so two 128-bit accesses per lane and tensor for 4-byte

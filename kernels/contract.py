@@ -1,0 +1,85 @@
+"""The contract every backend module (``reference``, ``numba``, ``triton``) keeps.
+
+``fused_optim._backend`` decides where a backend runs from these declarations
+alone, so that no other module restates a backend's devices or dtypes.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from typing import Optional, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Backend(Protocol):
+    #: the ``backend=`` name that selects this module
+    NAME: str
+    #: device types (``torch.device.type``) its compiled code updates; None: any
+    DEVICES: Optional[tuple]
+    #: further device types it updates when its interpreter is on
+    #: (``TRITON_INTERPRET=1``), slowly: for tests without a GPU
+    INTERPRETED_DEVICES: tuple
+    #: dtype names (``"float32"``) it updates; None: any the API layer accepts
+    SUPPORTED_DTYPES: Optional[tuple]
+    #: how to install what it imports; None when there is nothing to install
+    INSTALL_HINT: Optional[str]
+    #: the error for a tensor on a device it does not run on, formatted with
+    #: ``device`` (the torch.device) and ``type`` (its type); None if DEVICES is
+    DEVICE_HINT: Optional[str]
+
+    def sgd(self, batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
+            grad_scale=None, found_inf=None) -> None: ...
+
+    def adam(self, batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+             amsgrad, maximize, grad_scale=None, found_inf=None) -> None: ...
+
+
+#: Written as literals in the module's source: the install hint is needed
+#: exactly when the module cannot be imported, and where a backend runs is
+#: asked before it is imported (as the device error always came first).
+LITERALS = ("NAME", "DEVICES", "INTERPRETED_DEVICES", "INSTALL_HINT", "DEVICE_HINT")
+KERNELS = ("sgd", "adam")
+
+
+def declared(path: str) -> dict:
+    """The LITERALS of the backend module at ``path``, without importing it."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name) and target.id in LITERALS:
+                out[target.id] = ast.literal_eval(node.value)
+    missing = [name for name in LITERALS if name not in out]
+    if missing:
+        raise TypeError(f"{path} declares no literal {', '.join(missing)}")
+    return out
+
+
+def problems(module) -> list:
+    """How ``module`` breaks the contract (empty if it keeps it)."""
+    out = []
+    for name in Backend.__annotations__:
+        if not hasattr(module, name):
+            out.append(f"no {name}")
+    for name in ("DEVICES", "SUPPORTED_DTYPES"):
+        value = getattr(module, name, None)
+        if value is not None and not (isinstance(value, tuple)
+                                      and all(isinstance(v, str) for v in value)):
+            out.append(f"{name} is not a tuple of str or None")
+    if getattr(module, "DEVICES", None) is not None and getattr(module, "DEVICE_HINT", None) is None:
+        out.append("DEVICES is limited but there is no DEVICE_HINT")
+    for name in KERNELS:
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            out.append(f"no kernel {name}")
+            continue
+        want = inspect.signature(getattr(Backend, name))
+        want = want.replace(parameters=list(want.parameters.values())[1:],
+                            return_annotation=inspect.Signature.empty)
+        got = inspect.signature(fn).replace(return_annotation=inspect.Signature.empty)
+        if str(got) != str(want):
+            out.append(f"{name}{got} is not {name}{want}")
+    return out
