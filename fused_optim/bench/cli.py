@@ -140,16 +140,22 @@ class _Progress:
             print(f"done in {time.perf_counter() - self.t0:.1f}s", file=sys.stderr, flush=True)
 
 
+def _devices_of(backend: str):
+    """The device types ``backend`` declares (None: any)."""
+    from .. import _backend
+    return _backend.declared(backend)["DEVICES"]
+
+
 def _devices(args, backends_explicit: list | None) -> list:
     names = _split_names(args.devices, ("cpu", "cuda"), "device")
     cuda = torch.cuda.is_available()
     if names is None:
         if backends_explicit:
-            names = []
-            if "numba" in backends_explicit or "torch" in backends_explicit:
-                names.append("cpu")
-            if "triton" in backends_explicit or ("torch" in backends_explicit and cuda):
-                names.append("cuda")
+            # a backend that runs anywhere is taken to CUDA only where there is one
+            names = [d for d in ("cpu", "cuda")
+                     if any(_backend_device_ok(b, d) and (d == "cpu" or cuda
+                                                          or _devices_of(b) is not None)
+                            for b in backends_explicit)]
         else:
             names = ["cpu"] + (["cuda"] if cuda else [])
     if "cuda" in names and not cuda:
@@ -180,13 +186,13 @@ def _plan(args) -> tuple[list, dict]:
                      or list(DEFAULT_BASELINES))
     if backends is not None:
         for b in backends:
-            if b == "triton" and not torch.cuda.is_available():
-                raise BenchError("backend 'triton' cannot run here: it needs a CUDA GPU "
+            if not _backend_device_ok(b, "cpu") and not torch.cuda.is_available():
+                raise BenchError(f"backend {b!r} cannot run here: it needs a CUDA GPU "
                                  "and torch.cuda.is_available() is False")
     devices = _devices(args, backends)
     for b in backends or ():
         if not any(_backend_device_ok(b, d) for d in devices):
-            raise BenchError(f"backend {b!r} runs on {'cpu' if b == 'numba' else 'cuda'} "
+            raise BenchError(f"backend {b!r} runs on {','.join(_devices_of(b))} "
                              f"tensors, but --devices is {','.join(devices)}")
     if args.rounds is not None and args.rounds < 1:
         raise BenchError("--rounds must be at least 1")
@@ -216,7 +222,9 @@ def _plan(args) -> tuple[list, dict]:
                   + ([COPY] if dev == "cuda" and not args.no_copy else []))
         impls, skipped = available_impls(spec, DTYPES[dt], dev, wanted)
         if backends is None and "cuda" not in devices:
-            skipped["triton"] = "needs a CUDA GPU and torch.cuda.is_available() is False"
+            for b in BACKEND_IMPLS:
+                if not _backend_device_ok(b, "cpu"):
+                    skipped[b] = "needs a CUDA GPU and torch.cuda.is_available() is False"
         cases.append((sl, spec, dt, dev, impls, skipped))
     settings = {
         "size": args.size or ("quick" if args.quick else "full"),

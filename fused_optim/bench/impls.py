@@ -165,22 +165,12 @@ def _backend_problem(impl: str, spec: OptimizerSpec, dtype: torch.dtype,
                      device: torch.device) -> str | None:
     """Why a fused_optim backend cannot run this case, or None."""
     from .. import _backend
-    if impl == "numba" and device.type != "cpu":
-        return "the numba backend runs on CPU tensors only"
-    if impl == "triton" and device.type != "cuda":
-        if not torch.cuda.is_available():
-            return "the triton backend needs a CUDA GPU and torch.cuda.is_available() is False"
-        return "the triton backend runs on CUDA tensors only"
-    try:
-        mod = _backend.module(impl)
-    except RuntimeError as err:
-        return str(err)
-    if not callable(getattr(mod, spec.kind, None)):
+    # timing an interpreter measures nothing a user would run
+    why = _backend.why_not(impl, device, dtype, interpreted=False)
+    if why is not None:
+        return why
+    if not callable(getattr(_backend.module(impl), spec.kind, None)):
         return f"the {impl} backend has no {spec.kind} kernel yet"
-    dname = str(dtype).removeprefix("torch.")
-    supported = getattr(mod, "SUPPORTED_DTYPES", None)
-    if supported is not None and dname not in supported:
-        return f"the {impl} backend does not support {dname}"
     return None
 
 
@@ -240,4 +230,7 @@ def _ordered(impls) -> list:
 
 
 def _backend_device_ok(backend: str, device: str) -> bool:
-    return {"numba": device == "cpu", "triton": device == "cuda"}.get(backend, True)
+    """Whether ``backend`` runs on ``device`` at all, installed or not (so that
+    a missing package is reported, not silently left out)."""
+    from .. import _backend
+    return _backend.runs_on(backend, device, interpreted=False)
