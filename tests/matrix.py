@@ -4,9 +4,6 @@ torch/testing/_internal/common_optimizers.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
@@ -68,16 +65,10 @@ CONFIG_PARAMS = [
 BACKENDS = ["numba", "triton", "torch"]
 
 
-def backend_skip_reason(backend: str, device: str = "cpu"):
-    """Why ``backend`` cannot run here, or None."""
-    if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
-        if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            return "no CUDA and TRITON_INTERPRET is off"
-    if backend == "numba" and importlib.util.find_spec("numba") is None:
-        return "numba is not installed"
-    return None
+def backend_skip_reason(backend: str, device: str = "cpu", dtype=None):
+    """Why ``backend`` cannot run here, or None: the error select would raise."""
+    from fused_optim import _backend
+    return _backend.why_not(backend, device, dtype)
 
 
 def skip_unless_runnable(backend: str, device: str = "cpu"):
