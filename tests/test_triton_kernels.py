@@ -689,10 +689,13 @@ def test_buffers_a_capture_reads_outlive_the_cache(monkeypatch):
     params = _randn(sizes, torch.float32, gen)
     opt = fused_optim.Adam(params, lr=0.1, backend="triton")
 
+    alive = []  # every grad stays alive: new addresses, so a new table, each time
+
     def step(new_grads=True):
         for p in params:
-            if new_grads:  # new addresses: a new table
+            if new_grads:
                 p.grad = torch.randn(p.shape, generator=gen)
+                alive.append(p.grad)
         opt.step()
 
     step()
