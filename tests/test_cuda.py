@@ -74,6 +74,16 @@ def test_cuda_grad_scaler_skips_without_sync(name):
 
 
 @contextlib.contextmanager
+def _side_stream():
+    """torch's CUDA-graph recipe: warm-up steps on a side stream, joined back."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
+
+
+@contextlib.contextmanager
 def _no_sync_allowed():
     """Every host synchronisation raises (torch's sync debug mode)."""
     torch.cuda.synchronize()
@@ -154,15 +164,12 @@ def test_graph_of_a_whole_training_step(name):
         loss.backward()
         o.step()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with _side_stream():
         for _ in range(3):
             feed()
             for model, o in ((ours, opt), (theirs, ref)):
                 o.zero_grad(set_to_none=True)
                 train(model, o)
-    torch.cuda.current_stream().wait_stream(side)
     opt.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -241,14 +248,11 @@ def test_replay_after_eager_steps_replaced_every_cached_buffer(name):
         opt.step()
         ref.step()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with _side_stream():
         for _ in range(3):
             for g in static:
                 g.copy_(torch.randn(g.shape, device="cuda", generator=gen))
             both(static)
-    torch.cuda.current_stream().wait_stream(side)
     for p, g in zip(params, static):
         p.grad = g
     graph = torch.cuda.CUDAGraph()
@@ -296,14 +300,11 @@ def test_cuda_graph_captures_a_whole_capturable_step(name):
             g.copy_(torch.randn(g.shape, device="cuda", generator=gen))
             a.grad = g.clone()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up steps build and cache every table
+    with _side_stream():  # warm-up steps build and cache every table
         for step in range(3):
             feed(step)
             opt.step()
             ref.step()
-    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()

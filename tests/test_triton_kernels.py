@@ -689,10 +689,13 @@ def test_buffers_a_capture_reads_outlive_the_cache(monkeypatch):
     params = _randn(sizes, torch.float32, gen)
     opt = fused_optim.Adam(params, lr=0.1, backend="triton")
 
+    alive = []  # every grad stays alive: new addresses, so a new table, each time
+
     def step(new_grads=True):
         for p in params:
-            if new_grads:  # new addresses: a new table
+            if new_grads:
                 p.grad = torch.randn(p.shape, generator=gen)
+                alive.append(p.grad)
         opt.step()
 
     step()
@@ -732,3 +735,17 @@ def test_kernels_do_not_import_torch_optim():
             else:
                 continue
             assert not any(n.startswith("torch.optim") for n in names), names
+
+
+def test_capture_uploads_carve_fresh_slices():
+    """R3: each upload made during a capture copies from its own slice of a
+    host arena, never reused (a replay copies from it again), 16-byte
+    aligned; a full arena gives None (the caller then pins new memory)."""
+    arena = [torch.zeros(64, dtype=torch.uint8), 0]
+    a = tk._carve(arena, np.arange(5, dtype=np.uint8))
+    b = tk._carve(arena, np.full(20, 7, dtype=np.uint8))
+    assert a.tolist() == list(range(5)) and b.tolist() == [7] * 20
+    assert b.data_ptr() - a.data_ptr() == 16 and arena[1] == 48
+    assert tk._carve(arena, np.zeros(17, dtype=np.uint8)) is None
+    assert tk._carve(None, np.zeros(1, dtype=np.uint8)) is None
+    assert a.tolist() == list(range(5))  # untouched by later slices

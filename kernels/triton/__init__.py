@@ -121,23 +121,41 @@ def _retain(batch):
 _ARENA_MIN = 1 << 16
 
 
+#: set aside by any eager upload in the process, for captures by units that
+#: have none yet (the very first step of an optimizer, captured)
+_SHARED_ARENA: dict = {}
+
+
+def _carve(arena, raw):
+    """A fresh slice of ``arena`` ([tensor, offset]) holding ``raw``, or None."""
+    if arena is None or arena[1] + raw.nbytes > arena[0].numel():
+        return None
+    host = arena[0][arena[1]:arena[1] + raw.nbytes]
+    arena[1] += -(-raw.nbytes // 16) * 16  # forward only: a slice is never reused
+    host.numpy()[:] = raw
+    return host
+
+
+def _set_aside(holder: dict, need: int):
+    arena = holder.get("arena")
+    if arena is None or arena[0].numel() - arena[1] < 2 * need:
+        holder["arena"] = [torch.empty(max(_ARENA_MIN, 4 * need), dtype=torch.uint8,
+                                       pin_memory=True), 0]
+
+
 def _pinned(raw: np.ndarray, batch) -> torch.Tensor:
     """A pinned host copy of ``raw`` (uint8), safe to copy from (see R3)."""
     cache = getattr(batch, "cache", None)
     if not _capturing(batch.device):
         if cache is not None:
             need = cache["arena_need"] = max(cache.get("arena_need", 0), raw.nbytes)
-            arena = cache.get("arena")
-            if arena is None or arena[0].numel() - arena[1] < 2 * need:
-                size = max(_ARENA_MIN, 4 * need)
-                cache["arena"] = [torch.empty(size, dtype=torch.uint8, pin_memory=True), 0]
+            _set_aside(cache, need)
+        _set_aside(_SHARED_ARENA, raw.nbytes)
         return torch.from_numpy(raw.copy()).pin_memory()
-    arena = cache.get("arena") if cache is not None else None
-    if arena is not None and arena[1] + raw.nbytes <= arena[0].numel():
-        host = arena[0][arena[1]:arena[1] + raw.nbytes]
-        arena[1] += -(-raw.nbytes // 16) * 16
-        host.numpy()[:] = raw
-    else:
+    host = _carve(cache.get("arena") if cache is not None else None, raw)
+    if host is None:
+        host = _carve(_SHARED_ARENA.get("arena"), raw)
+    if host is None:
         try:
             host = torch.from_numpy(raw.copy()).pin_memory()
         except RuntimeError as e:
