@@ -17,6 +17,7 @@ setup(
         "fused_optim.bench",
         "fused_optim.kernels",
         "fused_optim.kernels.numba",
+        "fused_optim.kernels.reference",
         "fused_optim.kernels.triton",
     ],
     package_dir={"fused_optim": "fused_optim", "fused_optim.kernels": "kernels"},

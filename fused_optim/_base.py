@@ -222,7 +222,9 @@ def _local(ts):
 
 def prepare_update(kind, backend, params, grads, states, roles, hyper, reference,
                    steps=None, fresh=None, cache=None, key=None, dry_all=False):
-    """Validate one group's update of ``kind`` ("sgd" or "adam"); return what writes it.
+    """Validate one group's update by kernel ``kind``; return what writes it.
+
+    ``kind`` is the optimizer record's ``kernel`` (``"sgd"``, ``"adam"``, ...).
 
     Everything that can raise is done here, before any tensor is written:
     full validation or the reuse rule, the backends' choice, and torch's
@@ -282,7 +284,7 @@ def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, fresh, h
         staged = _tables.staged_unit(unit, cols, plan.where, steps, plan.fresh, grad_ptrs,
                                      retain)
         staged.start()
-        getattr(staged.module, kind)(staged.batch, **hyper)
+        _backend.kernel(staged.module, kind)(staged.batch, **hyper)
         staged.finish()
     # The kernels write through raw addresses, which autograd cannot see. As
     # torch's for-loop does, count the in-place update of every param, so a

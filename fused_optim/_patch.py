@@ -1,4 +1,4 @@
-"""Swap torch.optim's SGD, Adam and AdamW for fused_optim's, reversibly.
+"""Swap torch.optim's classes for fused_optim's (every registered one), reversibly.
 
 Only the class attributes move; torch's functional ``sgd``/``adam``/``adamw``
 and everything else in torch.optim stay torch's, so fused_optim's own fallbacks
@@ -12,26 +12,28 @@ import importlib
 import sys
 import threading
 
-import torch.optim  # also loads the torch.optim.sgd/adam/adamw submodules
+import torch.optim  # also loads torch.optim's submodules (sgd, adam, ...)
 
-from .adam import Adam, AdamW
-from .sgd import SGD
+from . import _registry
 
 __all__ = ["patch_torch", "PatchHandle", "is_patched", "original"]
 
-_CLASSES = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}
 
-# (module that exposes the class, attribute name, fused replacement). The
-# package attribute serves ``torch.optim.SGD`` and ``from torch.optim import
-# SGD``; the defining submodule serves ``from torch.optim.sgd import SGD``.
-_TARGETS = (
-    ("torch.optim", "SGD", SGD),
-    ("torch.optim.sgd", "SGD", SGD),
-    ("torch.optim", "Adam", Adam),
-    ("torch.optim.adam", "Adam", Adam),
-    ("torch.optim", "AdamW", AdamW),
-    ("torch.optim.adamw", "AdamW", AdamW),
-)
+def _classes() -> dict:
+    """name -> fused class, for every optimizer in the registry."""
+    return {r.name: r.cls for r in _registry.records()}
+
+
+def _targets():
+    """(module that exposes the class, attribute name, fused replacement).
+
+    The package attribute serves ``torch.optim.SGD`` and ``from torch.optim
+    import SGD``; the defining submodule serves ``from torch.optim.sgd import
+    SGD``.
+    """
+    for r in _registry.records():
+        yield "torch.optim", r.name, r.cls
+        yield r.torch_module, r.name, r.cls
 
 # torch.distributed.optim.utils builds ``functional_optim_map`` (keyed by
 # torch.optim classes) when first imported, and ZeroRedundancyOptimizer
@@ -67,14 +69,15 @@ def _apply() -> None:
             importlib.import_module(name)
         except ImportError:
             pass
-    for modname, attr, _ in _TARGETS:
+    targets = list(_targets())
+    for modname, attr, _ in targets:
         _saved[(modname, attr)] = getattr(_module(modname), attr)
-    for modname, attr, fused in _TARGETS:
+    for modname, attr, fused in targets:
         setattr(_module(modname), attr, fused)
 
     fmap = _functional_map()
     _map_added.clear()
-    for name, fused in _CLASSES.items():
+    for name, fused in _classes().items():
         orig = _saved[("torch.optim", name)]
         if fmap is None:
             # if the map gets built while patched it is keyed by this class
@@ -89,7 +92,7 @@ def _restore() -> None:
         setattr(_module(modname), attr, orig)
     fmap = _functional_map()
     if fmap is not None:
-        for name, fused in _CLASSES.items():
+        for name, fused in _classes().items():
             if fused in _map_added and fused in fmap:
                 fmap.setdefault(_saved[("torch.optim", name)], fmap.pop(fused))
     _map_added.clear()
@@ -139,7 +142,7 @@ class PatchHandle:
 
 
 def patch_torch() -> PatchHandle:
-    """Make torch.optim's SGD, Adam and AdamW be fused_optim's.
+    """Make torch.optim's classes be fused_optim's, for every optimizer it has.
 
     Replaces the classes on ``torch.optim`` and on ``torch.optim.sgd``,
     ``torch.optim.adam`` and ``torch.optim.adamw``, so every later lookup --
@@ -177,9 +180,9 @@ def is_patched() -> bool:
 
 
 def original(name: str) -> type:
-    """torch's own class ``name`` ("SGD", "Adam" or "AdamW"), patched or not."""
-    if name not in _CLASSES:
-        raise KeyError(f"fused_optim patches {', '.join(_CLASSES)}, not {name!r}")
+    """torch's own class ``name`` (a registered name: "SGD", "Adam", ...), patched or not."""
+    if name not in _registry.names():
+        raise KeyError(f"fused_optim patches {', '.join(_registry.names())}, not {name!r}")
     with _lock:
         saved = _saved.get(("torch.optim", name))
         return saved if saved is not None else getattr(torch.optim, name)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _base, _ops
+from ._registry import Record
 
 __all__ = ["Adam", "AdamW", "adam", "adamw"]
 
@@ -523,3 +524,17 @@ ADAM_STEP = _ops.UpdateOp(
     switches=("amsgrad", "maximize", "capturable", "differentiable",
               "decoupled_weight_decay", "has_complex"),
     prepare=_prepare)
+
+
+def _adam_traffic(group):
+    return (5, 4) if group.get("amsgrad") else (4, 3)
+
+
+RECORDS = (
+    Record("Adam", "adam", "adam", "torch.optim.adam", kernel="adam",
+           state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), has_step=True,
+           traffic=_adam_traffic),
+    Record("AdamW", "adam", "adamw", "torch.optim.adamw", kernel="adam",
+           state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), has_step=True,
+           traffic=_adam_traffic),
+)

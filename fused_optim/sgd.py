@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _base, _ops
+from ._registry import Record
 
 __all__ = ["SGD", "sgd"]
 
@@ -335,3 +336,10 @@ SGD_STEP = _ops.UpdateOp(
     scalars=("lr", "weight_decay", "momentum", "dampening"),
     switches=("nesterov", "maximize", "capturable", "differentiable", "has_sparse_grad"),
     prepare=_prepare, has_fresh=True)
+
+
+RECORDS = (
+    Record("SGD", "sgd", "sgd", "torch.optim.sgd", kernel="sgd", state=("momentum_buffer",),
+           has_step=False,
+           traffic=lambda group: (3, 2) if group.get("momentum", 0) else (2, 1)),
+)

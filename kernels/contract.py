@@ -7,6 +7,7 @@ alone, so that no other module restates a backend's devices or dtypes.
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 from typing import Optional, Protocol, runtime_checkable
 
@@ -42,6 +43,23 @@ LITERALS = ("NAME", "DEVICES", "INTERPRETED_DEVICES", "INSTALL_HINT", "DEVICE_HI
 KERNELS = ("sgd", "adam")
 
 
+def kernel(module, name: str):
+    """Backend ``module``'s kernel ``name``.
+
+    The module's attribute of that name or, for an optimizer added as its own
+    file, the function ``name`` in the submodule ``<backend>/<name>.py``
+    (imported on first use). Every backend's kernel ``name`` takes the same
+    keywords as the reference backend's.
+    """
+    fn = getattr(module, name, None)
+    if fn is None or inspect.ismodule(fn):
+        # (importing a submodule binds the module itself to the package's
+        # attribute of its name: replaced here by its kernel)
+        fn = getattr(importlib.import_module(f"{module.__name__}.{name}"), name)
+        setattr(module, name, fn)
+    return fn
+
+
 def declared(path: str) -> dict:
     """The LITERALS of the backend module at ``path``, without importing it."""
     with open(path, encoding="utf-8") as f:
@@ -58,8 +76,12 @@ def declared(path: str) -> dict:
     return out
 
 
-def problems(module) -> list:
-    """How ``module`` breaks the contract (empty if it keeps it)."""
+def problems(module, kernels=KERNELS) -> list:
+    """How ``module`` breaks the contract (empty if it keeps it).
+
+    ``kernels``: the kernel names to check (the registry's, from the API
+    layer); each must take the reference backend's keywords.
+    """
     out = []
     for name in Backend.__annotations__:
         if not hasattr(module, name):
@@ -71,14 +93,22 @@ def problems(module) -> list:
             out.append(f"{name} is not a tuple of str or None")
     if getattr(module, "DEVICES", None) is not None and getattr(module, "DEVICE_HINT", None) is None:
         out.append("DEVICES is limited but there is no DEVICE_HINT")
-    for name in KERNELS:
-        fn = getattr(module, name, None)
+    from . import reference
+    for name in kernels:
+        try:
+            fn = kernel(module, name)
+        except ImportError:
+            fn = None
         if not callable(fn):
             out.append(f"no kernel {name}")
             continue
-        want = inspect.signature(getattr(Backend, name))
-        want = want.replace(parameters=list(want.parameters.values())[1:],
-                            return_annotation=inspect.Signature.empty)
+        if name in KERNELS:
+            want = inspect.signature(getattr(Backend, name))
+            want = want.replace(parameters=list(want.parameters.values())[1:],
+                                return_annotation=inspect.Signature.empty)
+        else:
+            want = inspect.signature(kernel(reference, name)).replace(
+                return_annotation=inspect.Signature.empty)
         got = inspect.signature(fn).replace(return_annotation=inspect.Signature.empty)
         if str(got) != str(want):
             out.append(f"{name}{got} is not {name}{want}")

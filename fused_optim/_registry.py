@@ -1,0 +1,85 @@
+"""The optimizers fused_optim provides: one :class:`Record` each.
+
+Everything that lists optimizers reads these records: the package's exports,
+:func:`fused_optim.patch_torch` (and so ``fused-optim run``), ``fused-optim
+bench``, and the tests (``tests/optim_db.py`` pairs each record with its test
+data). A record lives beside its class, as ``RECORDS`` in the class's module;
+every public module of the package that defines ``RECORDS`` is found here, so
+adding an optimizer edits no shared list.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+from typing import Callable, NamedTuple
+
+
+class Record(NamedTuple):
+    """What the rest of fused_optim needs to know about one optimizer class."""
+
+    #: the class name, torch.optim's (``"AdamW"``)
+    name: str
+    #: the fused_optim submodule that defines the class and its functional
+    module: str
+    #: the functional's name, in that module and in torch's (``"adamw"``)
+    functional: str
+    #: the torch.optim submodule that defines torch's class (``"torch.optim.adamw"``)
+    torch_module: str
+    #: the kernel every backend provides for it (``kernels/<backend>``); several
+    #: classes may share one (Adam and AdamW)
+    kernel: str
+    #: per-param state the kernels update, in table order (STATE0, STATE1, ...)
+    state: tuple
+    #: whether each param has a ``state["step"]`` counter the kernels advance
+    has_step: bool
+    #: arrays an element update reads and writes, given the group's options
+    #: (grad read only, the rest read and written): the bench's counted bytes
+    traffic: Callable[[dict], tuple]
+
+    @property
+    def cls(self) -> type:
+        return getattr(importlib.import_module(f"fused_optim.{self.module}"), self.name)
+
+    @property
+    def function(self):
+        """fused_optim's functional (``fused_optim.adamw``)."""
+        return getattr(importlib.import_module(f"fused_optim.{self.module}"),
+                       self.functional)
+
+    @property
+    def torch_cls(self) -> type:
+        """torch's own class, even while :func:`fused_optim.patch_torch` holds."""
+        from . import _patch
+        return _patch.original(self.name)
+
+
+@functools.cache
+def records() -> tuple:
+    """Every optimizer's record, in a stable order (module name, then as listed)."""
+    import fused_optim
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(fused_optim.__path__), key=lambda m: m.name):
+        if info.ispkg or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"fused_optim.{info.name}")
+        found.extend(getattr(module, "RECORDS", ()))
+    names = [r.name for r in found]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"two optimizer records share a name: {names}")
+    return tuple(found)
+
+
+def get(name: str) -> Record:
+    """The record of class ``name`` (``"SGD"``); KeyError if there is none."""
+    for record in records():
+        if record.name == name:
+            return record
+    raise KeyError(f"fused_optim has no optimizer {name!r}; it has "
+                   f"{', '.join(r.name for r in records())}")
+
+
+def names() -> tuple:
+    return tuple(r.name for r in records())
