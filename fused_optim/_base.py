@@ -117,6 +117,13 @@ class FusedOptimizer(Optimizer):
     #: installed on ``step`` by torch's ``Optimizer.__init__`` (see _step_with_hooks)
     profile_hook_step = staticmethod(_step_with_hooks)
 
+    #: the class's whole-step operator (an ``_ops.UpdateOp``)
+    STEP_OP = None
+    #: group keys torch's ``__setstate__`` fills in for old checkpoints
+    GROUP_DEFAULTS: dict = {}
+    #: whether torch's ``step`` runs the CUDA-graph capture health check
+    CAPTURE_HEALTH_CHECK = False
+
     def __init__(self, params, defaults, backend):
         self.backend = _backend.requested(backend)
         self._plans = _tables.PlanCache()  # group index -> validated _tables.Plan
@@ -136,10 +143,69 @@ class FusedOptimizer(Optimizer):
         # their state storages alive: never copied, and dropped when
         # load_state_dict (which comes through here) replaces the state. What
         # captured CUDA graphs read stays (PlanCache.retain).
+        for group in self.param_groups:
+            for key, value in self.GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
         old = self.__dict__.get("_plans")
         self._plans = _tables.PlanCache(getattr(old, "graph_owned", None))
         if "_handle" not in self.__dict__:  # unpickled or copied (load_state_dict keeps it)
             self._handle = _ops.register_optimizer(self)
+
+    def _group_job(self, group, found_inf):
+        """One group's work for this step.
+
+        Returns:
+            ``(job, after)``: the group's ``_ops.Job`` (None when it has
+            nothing to do) and a callable run after the update (None: none),
+            e.g. to store the state the update created.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def _traceable(hyper) -> bool:
+        """Whether a group's update may hide behind the step operator.
+
+        False where it runs torch's own ops, which autograd and dynamo must see.
+        """
+        return not hyper["differentiable"]
+
+    def _step(self, closure=None):
+        """torch's step skeleton: closure, AMP arguments, every group, one update."""
+        # (torch's check is a no-op while compiling too)
+        if (self.CAPTURE_HEALTH_CHECK and not torch.compiler.is_compiling()
+                and accelerator_present()):
+            check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
+                self, "_cuda_graph_capture_health_check", None)
+            if check is not None:
+                check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = self._amp_args()
+        jobs, afters = [], []
+        for group in self.param_groups:
+            job, after = self._group_job(group, found_inf)
+            if job is not None:
+                jobs.append(job)
+            if after is not None:
+                afters.append(after)
+        if jobs:
+            self.STEP_OP(jobs, grad_scale, found_inf, self.backend, self._handle,
+                         traceable=all(self._traceable(job.hyper) for job in jobs))
+        for after in afters:
+            after()
+        return loss
+
+    @_grad_mode_for_differentiable
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        return self._step(closure)
 
     @property
     def last_step_skipped(self) -> bool:

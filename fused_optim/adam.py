@@ -158,16 +158,15 @@ class Adam(_base.FusedOptimizer):
             if foreach:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
+    GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None,
+                      "capturable": False, "differentiable": False,
+                      "decoupled_weight_decay": False, "fused": None}
+    CAPTURE_HEALTH_CHECK = True
+
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            fused = group.setdefault("fused", None)
+            fused = group["fused"]
             for p in group["params"]:
                 p_state = self.state.get(p, [])
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
@@ -289,49 +288,24 @@ class Adam(_base.FusedOptimizer):
                 moved = torch.full((), float(s), dtype=s.dtype, device=p.device)
                 state[p]["step"] = state_steps[i] = moved
 
-    @_base._grad_mode_for_differentiable
-    def step(self, closure=None):
-        """Perform a single optimization step.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model
-                and returns the loss.
-        """
-        # (torch's check is a no-op while compiling too)
-        if not torch.compiler.is_compiling() and _base.accelerator_present():
-            check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
-                self, "_cuda_graph_capture_health_check", None)
-            if check is not None:
-                check()
-
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale, found_inf = self._amp_args()
-
-        jobs = []
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            max_exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            beta1, beta2 = group["betas"]
-            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs,
-                                           max_exp_avg_sqs, state_steps)
-            if found_inf is not None and not torch.compiler.is_compiling():
-                self._steps_to_device(params, state_steps)
-            jobs.append(_ops.Job(
-                params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps], [],
-                _hyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                       group["amsgrad"], group["maximize"], group["capturable"],
-                       group["differentiable"], group["decoupled_weight_decay"],
-                       has_complex)))
-        ADAM_STEP(jobs, grad_scale, found_inf, self.backend, self._handle,
-                  traceable=not any(job.hyper["differentiable"] for job in jobs))
-        return loss
+    def _group_job(self, group, found_inf):
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        max_exp_avg_sqs: list[Tensor] = []
+        state_steps: list[Tensor] = []
+        beta1, beta2 = group["betas"]
+        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs,
+                                       max_exp_avg_sqs, state_steps)
+        if found_inf is not None and not torch.compiler.is_compiling():
+            self._steps_to_device(params, state_steps)
+        return _ops.Job(
+            params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps], [],
+            _hyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                   group["amsgrad"], group["maximize"], group["capturable"],
+                   group["differentiable"], group["decoupled_weight_decay"],
+                   has_complex)), None
 
 
 class AdamW(Adam):
@@ -518,7 +492,7 @@ def adamw(*args, **kwargs) -> None:
 
 
 #: ``fused_optim::adam_step``: a whole Adam/AdamW step as one operator (see _ops)
-ADAM_STEP = _ops.UpdateOp(
+ADAM_STEP = Adam.STEP_OP = _ops.UpdateOp(
     "adam_step", states=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
     scalars=("lr", "beta1", "beta2", "eps", "weight_decay"),
     switches=("amsgrad", "maximize", "capturable", "differentiable",

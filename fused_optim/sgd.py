@@ -128,14 +128,8 @@ class SGD(_base.FusedOptimizer):
             if foreach:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
+    GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None,
+                      "differentiable": False, "fused": False}
 
     def _init_group(self, group, params, grads, momentum_buffer_list):
         # torch's loop, one C-level map per fact (this runs for every param
@@ -156,44 +150,29 @@ class SGD(_base.FusedOptimizer):
         # is saved at every step.
         return False
 
-    @_base._grad_mode_for_differentiable
-    def step(self, closure=None):
-        """Perform a single optimization step.
+    def _group_job(self, group, found_inf):
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        momentum_buffer_list: list[Tensor | None] = []
+        has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
+        hyper = _hyper(group["lr"], group["weight_decay"], group["momentum"],
+                       group["dampening"], group["nesterov"], group["maximize"],
+                       group.get("capturable", False), group["differentiable"],
+                       has_sparse_grad)
+        missing = [i for i, b in enumerate(momentum_buffer_list) if b is None]
+        job = _job(params, grads, momentum_buffer_list, hyper, found_inf)
+        if job is None or not missing:
+            return job, None
 
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model
-                and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale, found_inf = self._amp_args()
-
-        jobs, made = [], []
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            momentum_buffer_list: list[Tensor | None] = []
-            has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
-            hyper = _hyper(group["lr"], group["weight_decay"], group["momentum"],
-                           group["dampening"], group["nesterov"], group["maximize"],
-                           group.get("capturable", False), group["differentiable"],
-                           has_sparse_grad)
-            missing = [i for i, b in enumerate(momentum_buffer_list) if b is None]
-            job = _job(params, grads, momentum_buffer_list, hyper, found_inf)
-            if job is not None:
-                jobs.append(job)
-                made.append((params, momentum_buffer_list, missing))
-        if jobs:
-            SGD_STEP(jobs, grad_scale, found_inf, self.backend, self._handle,
-                     traceable=not any(_torch_only(job.hyper) for job in jobs))
-        for params, momentum_buffer_list, missing in made:
+        def after():
             for i in missing:  # the buffers this step created
                 if momentum_buffer_list[i] is not None:
                     self.state[params[i]]["momentum_buffer"] = momentum_buffer_list[i]
+        return job, after
 
-        return loss
+    @staticmethod
+    def _traceable(hyper) -> bool:
+        return not _torch_only(hyper)
 
 
 def sgd(
@@ -331,7 +310,7 @@ def _sgd_update(params, d_p_list, momentum_buffer_list, fresh, *, has_sparse_gra
 
 
 #: ``fused_optim::sgd_step``: a whole SGD step as one operator (see _ops)
-SGD_STEP = _ops.UpdateOp(
+SGD_STEP = SGD.STEP_OP = _ops.UpdateOp(
     "sgd_step", states=("momentum_buffers",),
     scalars=("lr", "weight_decay", "momentum", "dampening"),
     switches=("nesterov", "maximize", "capturable", "differentiable", "has_sparse_grad"),
