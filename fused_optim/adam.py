@@ -378,8 +378,8 @@ def adam(
     decoupled_weight_decay: bool = False,
     *,
     amsgrad: bool,
-    beta1: float,
-    beta2: float,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
     lr: float | Tensor,
     weight_decay: float,
     eps: float,
@@ -387,6 +387,8 @@ def adam(
     backend: str | None = None,
 ) -> None:
     r"""Functional Adam: update params and state in place, as :class:`Adam` does.
+
+    ``torch.optim.adam.adam``'s signature, plus the keyword ``backend``.
 
     See :class:`Adam` for the arguments. ``state_steps`` are advanced by one.
     """
@@ -485,10 +487,38 @@ def _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
                                 steps=state_steps, cache=cache, key=key, dry_all=dry_all)
 
 
-def adamw(*args, **kwargs) -> None:
-    r"""Functional AdamW: :func:`adam` with ``decoupled_weight_decay=True``."""
-    kwargs["decoupled_weight_decay"] = True
-    adam(*args, **kwargs)
+def adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    has_complex: bool = False,
+    *,
+    amsgrad: bool,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    backend: str | None = None,
+) -> None:
+    r"""Functional AdamW: :func:`adam` with ``decoupled_weight_decay=True``.
+
+    ``torch.optim.adamw.adamw``'s signature, plus the keyword ``backend``.
+    """
+    adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, foreach,
+         capturable, differentiable, fused, grad_scale, found_inf, has_complex, True,
+         amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+         eps=eps, maximize=maximize, backend=backend)
 
 
 #: ``fused_optim::adam_step``: a whole Adam/AdamW step as one operator (see _ops)

@@ -191,18 +191,17 @@ def sgd(
     dampening: float,
     nesterov: bool,
     maximize: bool,
-    capturable: bool = False,
-    differentiable: bool = False,
     backend: str | None = None,
 ) -> None:
     r"""Functional SGD: update ``params`` in place, as :class:`SGD` does.
 
+    ``torch.optim.sgd.sgd``'s signature, plus the keyword ``backend``.
     ``momentum_buffer_list`` entries that are None are filled with new
     buffers. See :class:`SGD` for the arguments; ``foreach`` and ``fused`` are
-    accepted for signature compatibility with ``torch.optim.sgd``.
+    accepted for signature compatibility.
     """
-    hyper = _hyper(lr, weight_decay, momentum, dampening, nesterov, maximize, capturable,
-                   differentiable, has_sparse_grad)
+    hyper = _hyper(lr, weight_decay, momentum, dampening, nesterov, maximize, False,
+                   False, has_sparse_grad)
     job = _job(params, d_p_list, momentum_buffer_list, hyper, found_inf)
     if job is not None:
         SGD_STEP([job], grad_scale, found_inf, backend or "auto", _ops.NO_CACHE,

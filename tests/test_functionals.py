@@ -1,0 +1,78 @@
+"""The public functionals (``fused_optim.sgd``, ``adam``, ...): torch's
+signatures, and torch's results when torch's own class drives them.
+
+Parametrized over the optimizer registry, so every optimizer added there is
+checked with no edit here.
+"""
+
+import importlib
+import inspect
+
+import pytest
+import torch
+
+from fused_optim import _registry
+
+import matrix
+
+RECORDS = [pytest.param(r, id=r.name) for r in _registry.records()]
+
+
+def _torch_functional(record):
+    return getattr(importlib.import_module(record.torch_module), record.functional)
+
+
+def _shape(sig):
+    return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+
+
+@pytest.mark.parametrize("record", RECORDS)
+def test_signature_is_torchs_plus_backend(record):
+    ours = inspect.signature(record.function)
+    theirs = inspect.signature(_torch_functional(record))
+    *same, backend = _shape(ours)
+    assert same == _shape(theirs)
+    assert backend == ("backend", inspect.Parameter.KEYWORD_ONLY, None)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
+@pytest.mark.parametrize("record", RECORDS)
+def test_torchs_class_driving_our_functional_gets_torchs_results(record, backend,
+                                                                  monkeypatch):
+    """torch's class with its step's functional replaced by ours.
+
+    torch's ``step`` calls the functional of the module that defines it
+    (AdamW's is Adam's ``adam``), with every argument it has: ours must take
+    them all and do what torch's does.
+    """
+    matrix.skip_unless_runnable(backend)
+    step_module = importlib.import_module(record.torch_cls.step.__module__)
+    name = step_module.__name__.rsplit(".", 1)[-1]
+    ours = getattr(importlib.import_module("fused_optim"), name)
+    calls = []
+
+    def through_ours(*args, **kwargs):
+        calls.append(1)
+        return ours(*args, **kwargs, backend=backend)
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    ref = [p.clone().requires_grad_() for p in params]
+    mine = [p.clone().requires_grad_() for p in params]
+    ref_opt = record.torch_cls(ref, lr=0.01, foreach=False)
+    opt = record.torch_cls(mine, lr=0.01, foreach=False)
+    for _ in range(3):
+        for a, b in zip(ref, mine):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        ref_opt.step()
+        with monkeypatch.context() as m:
+            m.setattr(step_module, name, through_ours)
+            opt.step()
+    assert calls == [1, 1, 1]
+    tol = matrix.TOLERANCE[torch.float32]
+    for a, b in zip(ref, mine):
+        torch.testing.assert_close(b, a, **tol)
+    for a, b in zip(ref, mine):
+        for key, value in ref_opt.state[a].items():
+            torch.testing.assert_close(opt.state[b][key], value, **tol)
