@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     from . import bench
 
     parser = argparse.ArgumentParser(
-        prog=PROG, description="fused_optim: fused SGD/Adam/AdamW for torch.optim.")
+        prog=PROG, description="fused_optim: fused torch.optim optimizers.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_bench = sub.add_parser(

@@ -2,8 +2,8 @@
 
 ``fused-optim run script.py args...`` behaves like ``python script.py
 args...`` (and ``fused-optim run -m module args...`` like ``python -m``),
-except that torch.optim's SGD, Adam and AdamW are fused_optim's while the
-script runs.
+except that torch.optim's classes are fused_optim's (every registered one)
+while the script runs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ USAGE = f"usage: {PROG} [-h] (script.py | -m module) [args ...]"
 HELP = f"""{USAGE}
 
 Run a Python script (or module, with -m) exactly as `python` would, with
-torch.optim.SGD, Adam and AdamW replaced by fused_optim's fused classes.
+torch.optim's {{names}} replaced by fused_optim's fused classes.
 Everything after the script or module name is passed to it in sys.argv.
 """
 
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: a script or -m module is required", file=sys.stderr)
         return 2
     if argv[0] in ("-h", "--help"):
-        print(HELP, end="")
+        from . import _registry
+        print(HELP.format(names=", ".join(_registry.names())), end="")
         return 0
     if argv[0] == "-m":
         if len(argv) < 2:
