@@ -101,6 +101,65 @@ def test_model_factory(tmp_path, monkeypatch):
     assert sl.name == "model:bench_test_model:make"
 
 
+# ------------------------------------------------------- optimizer settings
+
+
+def test_optimizer_settings_come_from_the_records():
+    from fused_optim import _registry
+    assert set(bench.OPTIMIZERS) == {"sgd", "sgd-nesterov", "adam", "adamw"}
+    assert bench.OPTIMIZERS["sgd-nesterov"].kwargs == dict(
+        lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    assert bench.OPTIMIZERS["adamw"].kwargs == dict(lr=1e-3, weight_decay=0.01)
+    for name, spec in bench.OPTIMIZERS.items():
+        record = _registry.get(spec.cls)
+        assert spec.record is record and spec.kind == record.kernel
+        assert (spec.reads, spec.writes) == record.traffic(spec.kwargs)
+        assert name in dict(record.bench)
+    # the counts the byte columns always used
+    assert [(bench.OPTIMIZERS[n].reads, bench.OPTIMIZERS[n].writes)
+            for n in ("sgd", "sgd-nesterov", "adam", "adamw")] == [(3, 2), (3, 2), (4, 3), (4, 3)]
+
+
+@pytest.fixture
+def rmsprop_record(monkeypatch):
+    """A record for a class torch has without a fused path, added for one test."""
+    from fused_optim import _registry
+    rec = _registry.Record("RMSprop", "rmsprop", "rmsprop", "torch.optim.rmsprop",
+                           kernel="rmsprop", state=("square_avg",), has_step=True,
+                           traffic=lambda group: (3, 2), bench=(("rmsprop", dict(lr=1e-2)),))
+    real = _registry.records()
+    monkeypatch.setattr(_registry, "records", lambda: (*real, rec))
+    return rec
+
+
+def test_a_record_brings_its_own_settings(rmsprop_record):
+    """bench needs no edit for a new optimizer: the settings, torch's paths
+    and the byte counts follow the record; fused only where torch has it, and
+    the backends report the kernel they lack."""
+    specs = bench.cases._optimizers()
+    spec = specs["rmsprop"]
+    assert spec.record is rmsprop_record and spec.kind == "rmsprop"
+    assert spec.bytes_per_step(10, 4) == 5 * 4 * 10
+    ok, skipped = bench.available_impls(spec, torch.float32, "cpu",
+                                        ["numba", "for-loop", "foreach", "fused"])
+    assert ok == ["for-loop", "foreach"]
+    assert skipped["fused"] == "torch's RMSprop has no fused path"
+    assert "no rmsprop kernel" in skipped["numba"]
+    params, grads = bench.make_data(bench.shape_list("tiny"), torch.float32, "cpu")
+    runner = bench.make_runner("foreach", spec, params, grads)
+    assert type(runner.keep[0]) is torch.optim.RMSprop and runner.keep[0].defaults["foreach"]
+    runner.step()
+
+
+def test_fused_is_offered_where_torch_steps_it():
+    """The fused baseline is probed with the setting's own options: an option
+    torch's fused path refuses skips it with torch's reason."""
+    spec = bench.OptimizerSpec("adam-differentiable", "Adam", dict(lr=1e-3, differentiable=True))
+    ok, skipped = bench.available_impls(spec, torch.float32, "cpu", ["for-loop", "fused"])
+    assert ok == ["for-loop"]
+    assert skipped["fused"].startswith("torch's fused Adam:") and "differentiable" in skipped["fused"]
+
+
 # ------------------------------------------------------------------ the CLI
 
 
