@@ -165,7 +165,7 @@ def test_fused_is_offered_where_torch_steps_it():
 
 def test_cli_tiny_run_table_and_json(tiny_json, tmp_path, capsys):
     out = tmp_path / "out.json"
-    rc = main(["bench", "--shapes", str(tiny_json), "--optimizers", "sgd,adamw",
+    rc = main(["bench", "--shapes", str(tiny_json), "--optimizers", "sgd", "adamw",
                "--json", str(out), *_fast()])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -223,7 +223,7 @@ def test_cli_compiled_baseline(tmp_path, capsys):
     torch.compile, beside the others, with the first call's time."""
     out = tmp_path / "out.json"
     rc = main(["bench", "--lists", "tiny", "--optimizers", "adamw", "--backends", "numba",
-               "--baselines", "fused,compiled", "--no-ceiling", "--json", str(out), *_fast()])
+               "--baselines", "fused", "compiled", "--no-ceiling", "--json", str(out), *_fast()])
     table = capsys.readouterr().out
     assert rc == 0
     for word in ("fused_optim numba compiled", "torch compiled", "torch fused",
@@ -240,7 +240,7 @@ def test_cli_compiled_baseline(tmp_path, capsys):
 def test_cli_unknown_list_exits_2(capsys):
     assert main(["bench", "--lists", "resnet51", *_fast()]) == 2
     err = capsys.readouterr().err.strip()
-    assert "unknown list 'resnet51'" in err and "resnet50" in err and "\n" not in err
+    assert "argument --lists: invalid choice: 'resnet51'" in err and "resnet50" in err
 
 
 def test_cli_unknown_model_exits_2(capsys):
@@ -250,15 +250,64 @@ def test_cli_unknown_model_exits_2(capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--backends", "cuda-magic"], ["unknown backend 'cuda-magic'"]),
-    (["--optimizers", "lamb"], ["unknown optimizer 'lamb'"]),
-    (["--dtypes", "fp8"], ["unknown dtype 'fp8'"]),
-    (["--model", "nocolon"], ["module:factory"]),
+    (["--backends", "cuda-magic"], ["argument --backends: invalid choice: 'cuda-magic'"]),
+    (["--optimizers", "lamb"], ["argument --optimizers: invalid choice: 'lamb'", "adamw"]),
+    (["--dtypes", "fp8"], ["argument --dtypes: invalid choice: 'fp8'", "bf16"]),
+    (["--baselines", "none"], ["argument --baselines: invalid choice: 'none'"]),
+    (["--devices", "tpu"], ["argument --devices: invalid choice: 'tpu'"]),
+    # the old comma-separated form is one (unknown) name now
+    (["--optimizers", "sgd,adamw"], ["invalid choice: 'sgd,adamw'"]),
+    (["--optimizers"], ["argument --optimizers: expected at least one argument"]),
+    (["--baselines", "fused", "--no-baselines"], ["not allowed with argument"]),
 ])
-def test_cli_bad_names_exit_2(capsys, argv, words):
+def test_cli_bad_names_are_argparse_errors(capsys, argv, words):
+    """Names are argparse choices: a bad one is a usage error (exit 2) that
+    names the option, before anything runs."""
     assert main(["bench", "--lists", "tiny", *_fast(), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and all(w in err for w in words), err
+
+
+def test_cli_bad_model_exits_2(capsys):
+    assert main(["bench", "--lists", "tiny", *_fast(), "--model", "nocolon"]) == 2
     err = capsys.readouterr().err.strip()
-    assert all(w in err for w in words) and "\n" not in err
+    assert "module:factory" in err and "\n" not in err
+
+
+def test_cli_names_take_several_values():
+    """nargs="+": several names after one option, each once, in the order
+    given; the last occurrence of an option wins (as gpu_check relies on)."""
+    args = _parse(["--lists", "tiny", "many-small", "tiny", "--optimizers", "adamw", "sgd",
+                   "--dtypes", "bf16", "fp32", "--backends", "numba", "--devices", "cpu",
+                   "--baselines", "fused", "for-loop"])
+    cases, settings = bench.cli._plan(args)
+    assert settings["lists"] == ["tiny", "many-small"]
+    assert settings["optimizers"] == ["adamw", "sgd"]
+    assert settings["dtypes"] == ["bf16", "fp32"]
+    assert settings["backends"] == ["numba"] and settings["baselines"] == ["fused", "for-loop"]
+    assert [(c[0].name, c[1].name, c[2]) for c in cases][:3] == [
+        ("tiny", "adamw", "bf16"), ("tiny", "adamw", "fp32"), ("tiny", "sgd", "bf16")]
+    _, settings = bench.cli._plan(_parse(["--lists", "resnet50", "--lists", "tiny"]))
+    assert settings["lists"] == ["tiny"]
+
+
+def test_cli_no_baselines_and_defaults():
+    _, settings = bench.cli._plan(_parse(["--lists", "tiny", "--no-baselines"]))
+    assert settings["baselines"] == []
+    _, settings = bench.cli._plan(_parse(["--lists", "tiny"]))
+    assert settings["baselines"] == list(bench.DEFAULT_BASELINES)
+    assert settings["dtypes"] == list(bench.DEFAULT_DTYPES)
+    assert settings["optimizers"] == list(bench.SIZES["full"].optimizers)
+    _, settings = bench.cli._plan(_parse(["--quick"]))
+    assert settings["lists"] == list(bench.SIZES["quick"].lists)
+    assert settings["optimizers"] == list(bench.SIZES["quick"].optimizers)
+
+
+def test_help_lists_the_choices(capsys):
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in (*bench.OPTIMIZERS, *bench.DTYPES, *bench.BASELINE_IMPLS, "--no-baselines"):
+        assert name in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="triton can run here")
@@ -785,8 +834,8 @@ def _parse(argv):
 
 
 #: the project's GPU check (``BENCH`` in benchmarks/gpu_check.py)
-GPU_CHECK = ["--devices", "cuda", "--lists", "gpt2-small,resnet50,many-small",
-             "--optimizers", "sgd,adamw", "--dtypes", "fp32,bf16", "--baselines", "fused",
+GPU_CHECK = ["--devices", "cuda", "--lists", "gpt2-small", "resnet50", "many-small",
+             "--optimizers", "sgd", "adamw", "--dtypes", "fp32", "bf16", "--baselines", "fused",
              "--no-progress"]
 
 
