@@ -160,6 +160,58 @@ def test_fused_is_offered_where_torch_steps_it():
     assert skipped["fused"].startswith("torch's fused Adam:") and "differentiable" in skipped["fused"]
 
 
+# ------------------------------------------------------------------- progress
+
+
+def test_progress_without_a_terminal_is_a_line_per_case(capsys):
+    p = bench.cli._Progress(2, enabled=True)
+    assert p.bar is None
+    p.start(1, "tiny sgd fp32")
+    p.update("round 1/3")
+    p.start(2, "tiny adamw fp32")
+    p.close()
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == ["[1/2] tiny sgd fp32", "[2/2] tiny adamw fp32"]
+    assert err[2].startswith("done in") and len(err) == 3
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch, capsys):
+    tqdm = pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    p = bench.cli._Progress(3, enabled=True)
+    assert isinstance(p.bar, tqdm.tqdm)
+    p.start(1, "tiny sgd fp32")
+    p.start(2, "tiny adamw fp32")
+    p.update("warm-up 1/1")
+    assert p.bar.n == 1 and p.bar.desc.startswith("tiny adamw fp32")
+    p.close()
+    assert p.bar is None
+    err = capsys.readouterr().err
+    assert "[1/3]" not in err and "done in" in err
+
+
+def test_progress_on_a_terminal_without_tqdm_is_plain(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import now fails
+    p = bench.cli._Progress(1, enabled=True)
+    assert p.bar is None
+    p.start(1, "tiny sgd fp32")
+    p.update("round 1")
+    p.close()
+    err = capsys.readouterr().err
+    assert err.startswith("[1/1] tiny sgd fp32\n") and "\r" not in err and "#" not in err
+
+
+def test_no_progress_is_silent(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    p = bench.cli._Progress(1, enabled=False)
+    assert p.bar is None
+    p.start(1, "x")
+    p.update("y")
+    p.close()
+    assert capsys.readouterr().err == ""
+
+
 # ------------------------------------------------------------------ the CLI
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -97,40 +98,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _Progress:
-    """One status line on stderr: rewritten in place on a terminal, a line
-    per case otherwise (logs stay short)."""
+    """Progress on stderr: a tqdm bar over the cases on a terminal when tqdm
+    is installed (``pip install fused_optim[bench]``), otherwise a line per
+    case (logs stay short); nothing with ``--no-progress``."""
 
     def __init__(self, total: int, enabled: bool):
         self.total = total
         self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.case = ""
-        self.index = 0
         self.t0 = time.perf_counter()
-        self.width = 0
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                # leave=False: the table follows on a clean line
+                self.bar = tqdm(total=total, unit="case", file=sys.stderr, leave=False,
+                                dynamic_ncols=True)
 
     def start(self, index: int, case: str) -> None:
-        self.index, self.case = index, case
-        if self.enabled and not self.tty:
+        if self.bar is not None:
+            self.bar.set_description(case, refresh=False)
+            self.bar.set_postfix_str("", refresh=False)
+            self.bar.update(index - 1 - self.bar.n)
+            self.bar.refresh()
+        elif self.enabled:
             print(f"[{index}/{self.total}] {case}", file=sys.stderr, flush=True)
-        self.update("")
 
     def update(self, status: str) -> None:
-        if not self.tty:
-            return
-        done = self.index - 1
-        bar = "#" * int(20 * done / max(1, self.total))
-        text = (f"\r[{bar:<20}] {self.index}/{self.total} {self.case}: {status} "
-                f"({time.perf_counter() - self.t0:.0f}s)")
-        pad = max(0, self.width - len(text))
-        self.width = len(text)
-        sys.stderr.write(text + " " * pad)
-        sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.set_postfix_str(status)
+
+    def stop(self) -> None:
+        """Take the bar off the terminal (also when the run fails)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\r" + " " * self.width + "\r")
-            sys.stderr.flush()
+        self.stop()
         if self.enabled:
             print(f"done in {time.perf_counter() - self.t0:.1f}s", file=sys.stderr, flush=True)
 
@@ -289,7 +296,8 @@ def run(args: argparse.Namespace) -> list:
         raise BenchError("nothing to run")
     progress = _Progress(len(cases), not args.no_progress)
     results = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        stack.callback(progress.stop)
         # Numba's own pedantic SSA check fires while compiling the bf16/fp16
         # store overloads; it is harmless and would break the progress line.
         from numba.core.errors import NumbaIRAssumptionWarning
