@@ -192,7 +192,11 @@ def _baseline_problem(impl: str, spec: OptimizerSpec, dtype: torch.dtype,
                 return f"torch has no fused {spec.cls} for {device.type}"
         except ImportError:
             pass
-        return _fused_probe(cls, tuple(sorted(spec.kwargs.items())), dtype, device.type)
+        kwargs = tuple(sorted(spec.kwargs.items()))
+        try:
+            return _fused_probe(cls, kwargs, dtype, device.type)
+        except TypeError:  # an unhashable option (a list): probe uncached
+            return _fused_probe.__wrapped__(cls, kwargs, dtype, device.type)
     return None
 
 
