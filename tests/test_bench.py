@@ -157,7 +157,8 @@ def test_fused_is_offered_where_torch_steps_it():
     spec = bench.OptimizerSpec("adam-differentiable", "Adam", dict(lr=1e-3, differentiable=True))
     ok, skipped = bench.available_impls(spec, torch.float32, "cpu", ["for-loop", "fused"])
     assert ok == ["for-loop"]
-    assert skipped["fused"].startswith("torch's fused Adam:") and "differentiable" in skipped["fused"]
+    assert skipped["fused"].startswith("torch's fused Adam:")
+    assert "differentiable" in skipped["fused"]
     spec = bench.OptimizerSpec("adam-list-betas", "Adam", dict(lr=1e-3, betas=[0.9, 0.99]))
     assert bench.available_impls(spec, torch.float32, "cpu", ["fused"]) == (["fused"], {})
 
