@@ -3,14 +3,14 @@
 #
 #   TORCH_SPEC  which torch to install (default: the CPU build, torch==2.13.0;
 #               e.g. TORCH_SPEC='torch>=2.10' on a CUDA machine)
-#   EXTRAS      package extras to install (default: test,gpu = pytest,
-#               hypothesis, pytest-benchmark and triton)
+#   EXTRAS      package extras to install (default: test,gpu,bench = pytest,
+#               hypothesis, pytest-benchmark, triton and tqdm)
 #   BENCH_ARGS  arguments for `fused_optim bench` (e.g. --quick)
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,gpu
+EXTRAS ?= test,gpu,bench
 BENCH_ARGS ?=
 # numba's pedantic SSA check flags branches inside our inlined kernel helpers
 PYTEST_ARGS ?= -W "ignore::numba.core.errors.NumbaIRAssumptionWarning"

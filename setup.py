@@ -28,6 +28,7 @@ setup(
     extras_require={
         "gpu": ["triton>=3.6"],
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "bench": ["tqdm"],
     },
     entry_points={"console_scripts": ["fused-optim=fused_optim.__main__:main"]},
 )

@@ -9,7 +9,9 @@ recorded as ``steps_per_sample``); pytest-benchmark divides by K, so its
 statistics are per step either way.
 Parameter lists, optimizer settings and implementations come from
 ``fused_optim.bench``, so these numbers and the CLI's describe the same work.
-Each benchmark module lists the optimizers of its kernel in ``OPTIMIZERS``.
+Each benchmark module names its kernel in ``KERNEL``: its cases are the
+settings of ``fused_optim.bench.OPTIMIZERS`` (the records' ``bench``) whose
+record has that kernel, so a new setting of a known kernel needs no edit here.
 
 Usage::
 
@@ -131,9 +133,11 @@ def pytest_report_header(config):
 def pytest_generate_tests(metafunc):
     if "bench_case" not in metafunc.fixturenames:
         return
-    optimizers = getattr(metafunc.module, "OPTIMIZERS", None)
+    kernel = getattr(metafunc.module, "KERNEL", None)
+    optimizers = [n for n, spec in bench.OPTIMIZERS.items() if spec.kind == kernel]
     if not optimizers:
-        raise pytest.UsageError(f"{metafunc.module.__name__} must define OPTIMIZERS")
+        raise pytest.UsageError(f"{metafunc.module.__name__} must define KERNEL, the kernel "
+                                "of some fused_optim.bench.OPTIMIZERS settings")
     cases = _cases(optimizers, _size(metafunc.config))
     metafunc.parametrize("bench_case", cases, ids=[c.id for c in cases], indirect=True)
 

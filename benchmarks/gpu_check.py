@@ -58,8 +58,8 @@ GPU_TEST_K = "cuda or triton or capturable"
 # hide out-of-bounds accesses from memcheck; these tests run without it.
 SANITIZER_K = "parity or mixing"
 SANITIZER_ENV = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
-BENCH = ["bench", "--devices", "cuda", "--lists", "gpt2-small,resnet50,many-small",
-         "--optimizers", "sgd,adamw", "--dtypes", "fp32,bf16", "--baselines", "fused",
+BENCH = ["bench", "--devices", "cuda", "--lists", "gpt2-small", "resnet50", "many-small",
+         "--optimizers", "sgd", "adamw", "--dtypes", "fp32", "bf16", "--baselines", "fused",
          "--no-progress"]
 # argparse keeps the last value: the dry run parses the GPU command line
 # whole, then runs one small CPU case of it.

@@ -20,7 +20,7 @@ or under GradScaler), and on the host (torch's default for CUDA params).
 
 Usage::
 
-    python benchmarks/launcher_overhead.py [--lists gpt2-small,many-small] [--rounds 200]
+    python benchmarks/launcher_overhead.py [--lists gpt2-small many-small] [--rounds 200]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 import fused_optim  # noqa: E402
 from fused_optim import _tables  # noqa: E402
-from fused_optim.bench import shape_list  # noqa: E402
+from fused_optim.bench import LISTS, shape_list  # noqa: E402
 from fused_optim.kernels import triton as tk  # noqa: E402
 
 _KERNELS = ("_sgd_kernel", "_adam_kernel", "_adam_steps_kernel")
@@ -140,10 +140,11 @@ def run(lists, rounds: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lists", default="gpt2-small,many-small")
+    ap.add_argument("--lists", nargs="+", choices=tuple(LISTS), metavar="NAME",
+                    default=["gpt2-small", "many-small"])
     ap.add_argument("--rounds", type=int, default=200)
     args = ap.parse_args(argv)
-    out = run(args.lists.split(","), args.rounds)
+    out = run(args.lists, args.rounds)
     print(f"microseconds per call, kernels stubbed, medians of {args.rounds} interleaved "
           f"rounds (fused_optim from {fused_optim.__file__})")
     for (lst, case, what), us in out.items():

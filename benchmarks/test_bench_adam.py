@@ -1,7 +1,8 @@
 """Adam kernel: Adam and AdamW (7 element sizes per param)."""
 
-#: Cases of this module; see conftest.py for lists, dtypes and sizes.
-OPTIMIZERS = ("adam", "adamw")
+#: Cases of this module: the bench settings of this kernel's records ("adam",
+#: "adamw"); see conftest.py for lists, dtypes and sizes.
+KERNEL = "adam"
 
 
 def test_step(bench_step):

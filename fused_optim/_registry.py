@@ -37,6 +37,10 @@ class Record(NamedTuple):
     #: arrays an element update reads and writes, given the group's options
     #: (grad read only, the rest read and written): the bench's counted bytes
     traffic: Callable[[dict], tuple]
+    #: the settings ``fused-optim bench`` times (``--optimizers`` names):
+    #: ``(name, kwargs)`` pairs, kwargs the constructor's besides params
+    #: (``("adamw", {"lr": 1e-3, "weight_decay": 0.01})``); none: not benchmarked
+    bench: tuple = ()
 
     @property
     def cls(self) -> type:

@@ -537,8 +537,8 @@ def _adam_traffic(group):
 RECORDS = (
     Record("Adam", "adam", "adam", "torch.optim.adam", kernel="adam",
            state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), has_step=True,
-           traffic=_adam_traffic),
+           traffic=_adam_traffic, bench=(("adam", dict(lr=1e-3)),)),
     Record("AdamW", "adam", "adamw", "torch.optim.adamw", kernel="adam",
            state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), has_step=True,
-           traffic=_adam_traffic),
+           traffic=_adam_traffic, bench=(("adamw", dict(lr=1e-3, weight_decay=0.01)),)),
 )

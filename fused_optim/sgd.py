@@ -319,5 +319,8 @@ SGD_STEP = SGD.STEP_OP = _ops.UpdateOp(
 RECORDS = (
     Record("SGD", "sgd", "sgd", "torch.optim.sgd", kernel="sgd", state=("momentum_buffer",),
            has_step=False,
-           traffic=lambda group: (3, 2) if group.get("momentum", 0) else (2, 1)),
+           traffic=lambda group: (3, 2) if group.get("momentum", 0) else (2, 1),
+           bench=(("sgd", dict(lr=0.01, momentum=0.9, weight_decay=1e-4)),
+                  ("sgd-nesterov", dict(lr=0.01, momentum=0.9, weight_decay=1e-4,
+                                        nesterov=True)))),
 )

@@ -101,12 +101,126 @@ def test_model_factory(tmp_path, monkeypatch):
     assert sl.name == "model:bench_test_model:make"
 
 
+# ------------------------------------------------------- optimizer settings
+
+
+def test_optimizer_settings_come_from_the_records():
+    from fused_optim import _registry
+    assert set(bench.OPTIMIZERS) == {"sgd", "sgd-nesterov", "adam", "adamw"}
+    assert bench.OPTIMIZERS["sgd-nesterov"].kwargs == dict(
+        lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    assert bench.OPTIMIZERS["adamw"].kwargs == dict(lr=1e-3, weight_decay=0.01)
+    for name, spec in bench.OPTIMIZERS.items():
+        record = _registry.get(spec.cls)
+        assert spec.record is record and spec.kind == record.kernel
+        assert (spec.reads, spec.writes) == record.traffic(spec.kwargs)
+        assert name in dict(record.bench)
+    # the counts the byte columns always used
+    assert [(bench.OPTIMIZERS[n].reads, bench.OPTIMIZERS[n].writes)
+            for n in ("sgd", "sgd-nesterov", "adam", "adamw")] == [(3, 2), (3, 2), (4, 3), (4, 3)]
+
+
+@pytest.fixture
+def rmsprop_record(monkeypatch):
+    """A record for a class torch has without a fused path, added for one test."""
+    from fused_optim import _registry
+    rec = _registry.Record("RMSprop", "rmsprop", "rmsprop", "torch.optim.rmsprop",
+                           kernel="rmsprop", state=("square_avg",), has_step=True,
+                           traffic=lambda group: (3, 2), bench=(("rmsprop", dict(lr=1e-2)),))
+    real = _registry.records()
+    monkeypatch.setattr(_registry, "records", lambda: (*real, rec))
+    return rec
+
+
+def test_a_record_brings_its_own_settings(rmsprop_record):
+    """bench needs no edit for a new optimizer: the settings, torch's paths
+    and the byte counts follow the record; fused only where torch has it, and
+    the backends report the kernel they lack."""
+    specs = bench.cases._optimizers()
+    spec = specs["rmsprop"]
+    assert spec.record is rmsprop_record and spec.kind == "rmsprop"
+    assert spec.bytes_per_step(10, 4) == 5 * 4 * 10
+    ok, skipped = bench.available_impls(spec, torch.float32, "cpu",
+                                        ["numba", "for-loop", "foreach", "fused"])
+    assert ok == ["for-loop", "foreach"]
+    assert skipped["fused"] == "torch's RMSprop has no fused path"
+    assert "no rmsprop kernel" in skipped["numba"]
+    params, grads = bench.make_data(bench.shape_list("tiny"), torch.float32, "cpu")
+    runner = bench.make_runner("foreach", spec, params, grads)
+    assert type(runner.keep[0]) is torch.optim.RMSprop and runner.keep[0].defaults["foreach"]
+    runner.step()
+
+
+def test_fused_is_offered_where_torch_steps_it():
+    """The fused baseline is probed with the setting's own options: an option
+    torch's fused path refuses skips it with torch's reason."""
+    spec = bench.OptimizerSpec("adam-differentiable", "Adam", dict(lr=1e-3, differentiable=True))
+    ok, skipped = bench.available_impls(spec, torch.float32, "cpu", ["for-loop", "fused"])
+    assert ok == ["for-loop"]
+    assert skipped["fused"].startswith("torch's fused Adam:")
+    assert "differentiable" in skipped["fused"]
+    spec = bench.OptimizerSpec("adam-list-betas", "Adam", dict(lr=1e-3, betas=[0.9, 0.99]))
+    assert bench.available_impls(spec, torch.float32, "cpu", ["fused"]) == (["fused"], {})
+
+
+# ------------------------------------------------------------------- progress
+
+
+def test_progress_without_a_terminal_is_a_line_per_case(capsys):
+    p = bench.cli._Progress(2, enabled=True)
+    assert p.bar is None
+    p.start(1, "tiny sgd fp32")
+    p.update("round 1/3")
+    p.start(2, "tiny adamw fp32")
+    p.close()
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == ["[1/2] tiny sgd fp32", "[2/2] tiny adamw fp32"]
+    assert err[2].startswith("done in") and len(err) == 3
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch, capsys):
+    tqdm = pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    p = bench.cli._Progress(3, enabled=True)
+    assert isinstance(p.bar, tqdm.tqdm)
+    p.start(1, "tiny sgd fp32")
+    p.start(2, "tiny adamw fp32")
+    p.update("warm-up 1/1")
+    assert p.bar.n == 1 and p.bar.desc.startswith("tiny adamw fp32")
+    p.close()
+    assert p.bar is None
+    err = capsys.readouterr().err
+    assert "[1/3]" not in err and "done in" in err
+
+
+def test_progress_on_a_terminal_without_tqdm_is_plain(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import now fails
+    p = bench.cli._Progress(1, enabled=True)
+    assert p.bar is None
+    p.start(1, "tiny sgd fp32")
+    p.update("round 1")
+    p.close()
+    err = capsys.readouterr().err
+    assert err.startswith("[1/1] tiny sgd fp32\n") and "\r" not in err and "#" not in err
+
+
+def test_no_progress_is_silent(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    p = bench.cli._Progress(1, enabled=False)
+    assert p.bar is None
+    p.start(1, "x")
+    p.update("y")
+    p.close()
+    assert capsys.readouterr().err == ""
+
+
 # ------------------------------------------------------------------ the CLI
 
 
 def test_cli_tiny_run_table_and_json(tiny_json, tmp_path, capsys):
     out = tmp_path / "out.json"
-    rc = main(["bench", "--shapes", str(tiny_json), "--optimizers", "sgd,adamw",
+    rc = main(["bench", "--shapes", str(tiny_json), "--optimizers", "sgd", "adamw",
                "--json", str(out), *_fast()])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -164,7 +278,7 @@ def test_cli_compiled_baseline(tmp_path, capsys):
     torch.compile, beside the others, with the first call's time."""
     out = tmp_path / "out.json"
     rc = main(["bench", "--lists", "tiny", "--optimizers", "adamw", "--backends", "numba",
-               "--baselines", "fused,compiled", "--no-ceiling", "--json", str(out), *_fast()])
+               "--baselines", "fused", "compiled", "--no-ceiling", "--json", str(out), *_fast()])
     table = capsys.readouterr().out
     assert rc == 0
     for word in ("fused_optim numba compiled", "torch compiled", "torch fused",
@@ -181,7 +295,7 @@ def test_cli_compiled_baseline(tmp_path, capsys):
 def test_cli_unknown_list_exits_2(capsys):
     assert main(["bench", "--lists", "resnet51", *_fast()]) == 2
     err = capsys.readouterr().err.strip()
-    assert "unknown list 'resnet51'" in err and "resnet50" in err and "\n" not in err
+    assert "argument --lists: invalid choice: 'resnet51'" in err and "resnet50" in err
 
 
 def test_cli_unknown_model_exits_2(capsys):
@@ -191,15 +305,64 @@ def test_cli_unknown_model_exits_2(capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--backends", "cuda-magic"], ["unknown backend 'cuda-magic'"]),
-    (["--optimizers", "lamb"], ["unknown optimizer 'lamb'"]),
-    (["--dtypes", "fp8"], ["unknown dtype 'fp8'"]),
-    (["--model", "nocolon"], ["module:factory"]),
+    (["--backends", "cuda-magic"], ["argument --backends: invalid choice: 'cuda-magic'"]),
+    (["--optimizers", "lamb"], ["argument --optimizers: invalid choice: 'lamb'", "adamw"]),
+    (["--dtypes", "fp8"], ["argument --dtypes: invalid choice: 'fp8'", "bf16"]),
+    (["--baselines", "none"], ["argument --baselines: invalid choice: 'none'"]),
+    (["--devices", "tpu"], ["argument --devices: invalid choice: 'tpu'"]),
+    # the old comma-separated form is one (unknown) name now
+    (["--optimizers", "sgd,adamw"], ["invalid choice: 'sgd,adamw'"]),
+    (["--optimizers"], ["argument --optimizers: expected at least one argument"]),
+    (["--baselines", "fused", "--no-baselines"], ["not allowed with argument"]),
 ])
-def test_cli_bad_names_exit_2(capsys, argv, words):
+def test_cli_bad_names_are_argparse_errors(capsys, argv, words):
+    """Names are argparse choices: a bad one is a usage error (exit 2) that
+    names the option, before anything runs."""
     assert main(["bench", "--lists", "tiny", *_fast(), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and all(w in err for w in words), err
+
+
+def test_cli_bad_model_exits_2(capsys):
+    assert main(["bench", "--lists", "tiny", *_fast(), "--model", "nocolon"]) == 2
     err = capsys.readouterr().err.strip()
-    assert all(w in err for w in words) and "\n" not in err
+    assert "module:factory" in err and "\n" not in err
+
+
+def test_cli_names_take_several_values():
+    """nargs="+": several names after one option, each once, in the order
+    given; the last occurrence of an option wins (as gpu_check relies on)."""
+    args = _parse(["--lists", "tiny", "many-small", "tiny", "--optimizers", "adamw", "sgd",
+                   "--dtypes", "bf16", "fp32", "--backends", "numba", "--devices", "cpu",
+                   "--baselines", "fused", "for-loop"])
+    cases, settings = bench.cli._plan(args)
+    assert settings["lists"] == ["tiny", "many-small"]
+    assert settings["optimizers"] == ["adamw", "sgd"]
+    assert settings["dtypes"] == ["bf16", "fp32"]
+    assert settings["backends"] == ["numba"] and settings["baselines"] == ["fused", "for-loop"]
+    assert [(c[0].name, c[1].name, c[2]) for c in cases][:3] == [
+        ("tiny", "adamw", "bf16"), ("tiny", "adamw", "fp32"), ("tiny", "sgd", "bf16")]
+    _, settings = bench.cli._plan(_parse(["--lists", "resnet50", "--lists", "tiny"]))
+    assert settings["lists"] == ["tiny"]
+
+
+def test_cli_no_baselines_and_defaults():
+    _, settings = bench.cli._plan(_parse(["--lists", "tiny", "--no-baselines"]))
+    assert settings["baselines"] == []
+    _, settings = bench.cli._plan(_parse(["--lists", "tiny"]))
+    assert settings["baselines"] == list(bench.DEFAULT_BASELINES)
+    assert settings["dtypes"] == list(bench.DEFAULT_DTYPES)
+    assert settings["optimizers"] == list(bench.SIZES["full"].optimizers)
+    _, settings = bench.cli._plan(_parse(["--quick"]))
+    assert settings["lists"] == list(bench.SIZES["quick"].lists)
+    assert settings["optimizers"] == list(bench.SIZES["quick"].optimizers)
+
+
+def test_help_lists_the_choices(capsys):
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in (*bench.OPTIMIZERS, *bench.DTYPES, *bench.BASELINE_IMPLS, "--no-baselines"):
+        assert name in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="triton can run here")
@@ -726,8 +889,8 @@ def _parse(argv):
 
 
 #: the project's GPU check (``BENCH`` in benchmarks/gpu_check.py)
-GPU_CHECK = ["--devices", "cuda", "--lists", "gpt2-small,resnet50,many-small",
-             "--optimizers", "sgd,adamw", "--dtypes", "fp32,bf16", "--baselines", "fused",
+GPU_CHECK = ["--devices", "cuda", "--lists", "gpt2-small", "resnet50", "many-small",
+             "--optimizers", "sgd", "adamw", "--dtypes", "fp32", "bf16", "--baselines", "fused",
              "--no-progress"]
 
 

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from .. import _registry
+
 
 class BenchError(Exception):
     """A user error: unknown name, unusable backend, bad file. Exit code 2."""
@@ -220,36 +222,55 @@ class OptimizerSpec:
     """One optimizer setting, the same for every implementation.
 
     Attributes:
-        name: label (``sgd``, ``sgd-nesterov``, ``adam``, ``adamw``).
-        cls: class name in both ``torch.optim`` and ``fused_optim``.
+        name: label (``sgd``, ``sgd-nesterov``, ``adam``, ``adamw``, ...).
+        cls: class name in both ``torch.optim`` and ``fused_optim``: the name
+            of its record in ``fused_optim._registry``.
         kwargs: constructor arguments besides params and the path switches.
-        reads: arrays read per element (the ceiling's k).
-        writes: arrays written per element (the ceiling's m).
     """
 
     name: str
     cls: str
     kwargs: dict
-    reads: int
-    writes: int
+
+    @property
+    def record(self):
+        """The class's :class:`fused_optim._registry.Record`."""
+        return _registry.get(self.cls)
 
     @property
     def kind(self) -> str:
-        """The kernel family: ``sgd`` or ``adam``."""
-        return "sgd" if self.cls == "SGD" else "adam"
+        """The kernel the backends run for it (the record's; Adam and AdamW share one)."""
+        return self.record.kernel
+
+    @property
+    def reads(self) -> int:
+        """Arrays read per element (the ceiling's k), from the record's traffic."""
+        return self.record.traffic(self.kwargs)[0]
+
+    @property
+    def writes(self) -> int:
+        """Arrays written per element (the ceiling's m)."""
+        return self.record.traffic(self.kwargs)[1]
 
     def bytes_per_step(self, numel: int, itemsize: int) -> int:
         """Counted memory traffic of one step."""
         return (self.reads + self.writes) * itemsize * numel
 
 
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "sgd": OptimizerSpec("sgd", "SGD", dict(lr=0.01, momentum=0.9, weight_decay=1e-4), 3, 2),
-    "sgd-nesterov": OptimizerSpec("sgd-nesterov", "SGD", dict(
-        lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True), 3, 2),
-    "adam": OptimizerSpec("adam", "Adam", dict(lr=1e-3), 4, 3),
-    "adamw": OptimizerSpec("adamw", "AdamW", dict(lr=1e-3, weight_decay=0.01), 4, 3),
-}
+def _optimizers() -> dict:
+    """Every record's benchmark settings (``Record.bench``), by name."""
+    out = {}
+    for record in _registry.records():
+        for name, kwargs in record.bench:
+            if name in out:
+                raise RuntimeError(f"{record.name} and {out[name].cls} both define the "
+                                   f"benchmark setting {name!r}")
+            out[name] = OptimizerSpec(name, record.name, dict(kwargs))
+    return out
+
+
+#: The settings a run can time, from the optimizer records (``Record.bench``).
+OPTIMIZERS: dict[str, OptimizerSpec] = _optimizers()
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
                                   "fp16": torch.float16, "fp64": torch.float64}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -25,54 +26,49 @@ from .report import _check_matplotlib, format_table, to_json, write_plot
 from .timing import CUDA_MAX_STEPS, CUDA_SAMPLE_S
 
 
-def _split_names(text: str | None, known: Sequence[str], what: str,
-                 hidden: Sequence[str] = ()) -> list | None:
-    if text is None:
-        return None
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if names == ["all"]:
-        return list(known)
-    for n in names:
-        if n not in known and n not in hidden:
-            raise BenchError(f"unknown {what} {n!r} (known: {', '.join(known)})")
-    if not names:
-        raise BenchError(f"no {what} given")
-    return list(dict.fromkeys(names))
+def _names(values: Sequence[str] | None) -> list | None:
+    """argparse's list for a ``nargs="+"`` option, each name once, in order."""
+    return None if values is None else list(dict.fromkeys(values))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to a parser."""
     sel = p.add_argument_group("what to run")
-    sel.add_argument("--lists", metavar="NAMES",
-                     help="comma-separated parameter lists: " + ", ".join(_public_lists())
-                     + " or all (default: all; --quick: resnet50,many-small)")
+    sel.add_argument("--lists", nargs="+", choices=tuple(LISTS), metavar="NAME",
+                     help="parameter lists: " + ", ".join(_public_lists())
+                     + " (default: all of them; --quick: " + " ".join(SIZES["quick"].lists)
+                     + "; none with --shapes/--model)")
     sel.add_argument("--shapes", metavar="FILE.json", action="append", default=[],
                      help="a list of shapes from JSON ([[768, 768], [768], ...] or "
                      "{\"name\": ..., \"shapes\": [...]}); repeatable")
     sel.add_argument("--model", metavar="MODULE:FACTORY", action="append", default=[],
                      help="benchmark the parameters of MODULE.FACTORY() (an nn.Module); "
                      "repeatable")
-    sel.add_argument("--optimizers", metavar="NAMES",
-                     help="comma-separated: " + ", ".join(OPTIMIZERS)
-                     + " or all (default: all; --quick: sgd,adamw)")
-    sel.add_argument("--dtypes", metavar="NAMES",
-                     help="comma-separated: " + ", ".join(DTYPES) + " (default: fp32,bf16)")
-    sel.add_argument("--backends", metavar="NAMES",
-                     help="fused_optim backends: numba, triton, torch (default: those "
-                     "that can run here, torch only with --all-backends); asking for "
-                     "one that cannot run is an error")
+    sel.add_argument("--optimizers", nargs="+", choices=tuple(OPTIMIZERS), metavar="NAME",
+                     help="optimizer settings: " + ", ".join(OPTIMIZERS)
+                     + " (default: all of them; --quick: "
+                     + " ".join(SIZES["quick"].optimizers) + ")")
+    sel.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), metavar="NAME",
+                     help=", ".join(DTYPES) + " (default: " + " ".join(DEFAULT_DTYPES) + ")")
+    sel.add_argument("--backends", nargs="+", choices=BACKEND_IMPLS, metavar="NAME",
+                     help="fused_optim backends: " + ", ".join(BACKEND_IMPLS)
+                     + " (default: those that can run here, torch only with "
+                     "--all-backends); asking for one that cannot run is an error")
     sel.add_argument("--all-backends", action="store_true",
                      help="also time fused_optim's slow pure-torch reference backend")
-    sel.add_argument("--baselines", metavar="NAMES",
-                     help="torch.optim paths: for-loop, foreach, fused, compiled "
-                     "(default: for-loop,foreach,fused); 'none' for none. compiled is "
-                     "torch.optim's step under torch.compile, and also times each "
-                     "fused_optim backend's step under torch.compile")
+    base = sel.add_mutually_exclusive_group()
+    base.add_argument("--baselines", nargs="+", choices=BASELINE_IMPLS, metavar="NAME",
+                      help="torch.optim paths: " + ", ".join(BASELINE_IMPLS)
+                      + " (default: " + " ".join(DEFAULT_BASELINES) + "). compiled is "
+                      "torch.optim's step under torch.compile, and also times each "
+                      "fused_optim backend's step under torch.compile")
+    base.add_argument("--no-baselines", action="store_true",
+                      help="time none of torch.optim's paths")
     sel.add_argument("--no-ceiling", action="store_true",
                      help="skip the memory-ceiling kernel")
     sel.add_argument("--no-copy", action="store_true",
                      help="skip the copy-bandwidth reference (timed on CUDA only)")
-    sel.add_argument("--devices", metavar="NAMES",
+    sel.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), metavar="NAME",
                      help="cpu, cuda (default: cpu, plus cuda when available)")
     how = p.add_argument_group("how")
     how.add_argument("--quick", action="store_true",
@@ -102,40 +98,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _Progress:
-    """One status line on stderr: rewritten in place on a terminal, a line
-    per case otherwise (logs stay short)."""
+    """Progress on stderr: a tqdm bar over the cases on a terminal when tqdm
+    is installed (``pip install fused_optim[bench]``), otherwise a line per
+    case (logs stay short); nothing with ``--no-progress``."""
 
     def __init__(self, total: int, enabled: bool):
         self.total = total
         self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.case = ""
-        self.index = 0
         self.t0 = time.perf_counter()
-        self.width = 0
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                # leave=False: the table follows on a clean line
+                self.bar = tqdm(total=total, unit="case", file=sys.stderr, leave=False,
+                                dynamic_ncols=True)
 
     def start(self, index: int, case: str) -> None:
-        self.index, self.case = index, case
-        if self.enabled and not self.tty:
+        if self.bar is not None:
+            self.bar.set_description(case, refresh=False)
+            self.bar.set_postfix_str("", refresh=False)
+            self.bar.update(index - 1 - self.bar.n)
+            self.bar.refresh()
+        elif self.enabled:
             print(f"[{index}/{self.total}] {case}", file=sys.stderr, flush=True)
-        self.update("")
 
     def update(self, status: str) -> None:
-        if not self.tty:
-            return
-        done = self.index - 1
-        bar = "#" * int(20 * done / max(1, self.total))
-        text = (f"\r[{bar:<20}] {self.index}/{self.total} {self.case}: {status} "
-                f"({time.perf_counter() - self.t0:.0f}s)")
-        pad = max(0, self.width - len(text))
-        self.width = len(text)
-        sys.stderr.write(text + " " * pad)
-        sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.set_postfix_str(status)
+
+    def stop(self) -> None:
+        """Take the bar off the terminal (also when the run fails)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\r" + " " * self.width + "\r")
-            sys.stderr.flush()
+        self.stop()
         if self.enabled:
             print(f"done in {time.perf_counter() - self.t0:.1f}s", file=sys.stderr, flush=True)
 
@@ -147,7 +149,7 @@ def _devices_of(backend: str):
 
 
 def _devices(args, backends_explicit: list | None) -> list:
-    names = _split_names(args.devices, ("cpu", "cuda"), "device")
+    names = _names(args.devices)
     cuda = torch.cuda.is_available()
     if names is None:
         if backends_explicit:
@@ -170,20 +172,14 @@ def _plan(args) -> tuple[list, dict]:
     """Resolve the options into cases; raise BenchError for anything unusable."""
     size = SIZES[args.size or ("quick" if args.quick else "full")]
     custom = [shapes_from_json(f) for f in args.shapes] + [shapes_from_model(m) for m in args.model]
-    names = _split_names(args.lists, _public_lists(), "list",
-                         hidden=[n for n in LISTS if n not in _public_lists()])
+    names = _names(args.lists)
     if names is None:
         names = [] if custom else list(size.lists)
     lists = [shape_list(n) for n in names] + custom
-    optimizers = (_split_names(args.optimizers, tuple(OPTIMIZERS), "optimizer")
-                  or list(size.optimizers))
-    dtypes = _split_names(args.dtypes, tuple(DTYPES), "dtype") or list(DEFAULT_DTYPES)
-    backends = _split_names(args.backends, BACKEND_IMPLS, "backend")
-    if args.baselines is not None and args.baselines.strip() == "none":
-        baselines = []
-    else:
-        baselines = (_split_names(args.baselines, BASELINE_IMPLS, "baseline")
-                     or list(DEFAULT_BASELINES))
+    optimizers = _names(args.optimizers) or list(size.optimizers)
+    dtypes = _names(args.dtypes) or list(DEFAULT_DTYPES)
+    backends = _names(args.backends)
+    baselines = [] if args.no_baselines else _names(args.baselines) or list(DEFAULT_BASELINES)
     if backends is not None:
         for b in backends:
             if not _backend_device_ok(b, "cpu") and not torch.cuda.is_available():
@@ -192,8 +188,8 @@ def _plan(args) -> tuple[list, dict]:
     devices = _devices(args, backends)
     for b in backends or ():
         if not any(_backend_device_ok(b, d) for d in devices):
-            raise BenchError(f"backend {b!r} runs on {','.join(_devices_of(b))} "
-                             f"tensors, but --devices is {','.join(devices)}")
+            raise BenchError(f"backend {b!r} runs on {' '.join(_devices_of(b))} "
+                             f"tensors, but --devices is {' '.join(devices)}")
     if args.rounds is not None and args.rounds < 1:
         raise BenchError("--rounds must be at least 1")
     if args.warmup is not None and args.warmup < 0:
@@ -300,7 +296,8 @@ def run(args: argparse.Namespace) -> list:
         raise BenchError("nothing to run")
     progress = _Progress(len(cases), not args.no_progress)
     results = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        stack.callback(progress.stop)
         # Numba's own pedantic SSA check fires while compiling the bf16/fp16
         # store overloads; it is harmless and would break the progress line.
         from numba.core.errors import NumbaIRAssumptionWarning

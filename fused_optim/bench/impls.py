@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -35,6 +37,11 @@ _LABELS = {"numba": "fused_optim numba", "triton": "fused_optim triton",
            "foreach": "torch foreach", "fused": "torch fused",
            COMPILED: "torch compiled", CEILING: "ceiling", COPY: "copy",
            **{f"{b}-compiled": f"fused_optim {b} compiled" for b in BACKEND_IMPLS}}
+
+
+#: The constructor switches that pick each of torch.optim's paths.
+_SWITCHES = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
+             "fused": dict(fused=True), COMPILED: {}}
 
 
 @dataclass
@@ -81,12 +88,9 @@ def make_runner(impl: str, spec: OptimizerSpec, params, grads) -> Runner:
     leaves = _leaves(params, grads)
     base = impl.removesuffix("-compiled")
     if base in BACKEND_IMPLS:
-        import fused_optim
-        opt = getattr(fused_optim, spec.cls)(leaves, backend=base, **spec.kwargs)
+        opt = spec.record.cls(leaves, backend=base, **spec.kwargs)
     elif impl in BASELINE_IMPLS:
-        switch = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
-                  "fused": dict(fused=True), COMPILED: {}}[impl]
-        opt = getattr(torch.optim, spec.cls)(leaves, **switch, **spec.kwargs)
+        opt = spec.record.torch_cls(leaves, **_SWITCHES[impl], **spec.kwargs)
     else:
         raise BenchError(f"unknown implementation {impl!r} (known: {', '.join(IMPLS)})")
     if impl == COMPILED or impl in COMPILED_BACKENDS:
@@ -176,6 +180,11 @@ def _backend_problem(impl: str, spec: OptimizerSpec, dtype: torch.dtype,
 
 def _baseline_problem(impl: str, spec: OptimizerSpec, dtype: torch.dtype,
                       device: torch.device) -> str | None:
+    """Why torch.optim's path ``impl`` cannot run this case, or None."""
+    cls = spec.record.torch_cls
+    for switch in _SWITCHES[impl]:
+        if switch not in inspect.signature(cls).parameters:
+            return f"torch's {spec.cls} has no {switch} path"
     if impl == "fused":
         try:
             from torch.optim.optimizer import _get_fused_kernels_supported_devices
@@ -183,6 +192,27 @@ def _baseline_problem(impl: str, spec: OptimizerSpec, dtype: torch.dtype,
                 return f"torch has no fused {spec.cls} for {device.type}"
         except ImportError:
             pass
+        kwargs = tuple(sorted(spec.kwargs.items()))
+        try:
+            return _fused_probe(cls, kwargs, dtype, device.type)
+        except TypeError:  # an unhashable option (a list): probe uncached
+            return _fused_probe.__wrapped__(cls, kwargs, dtype, device.type)
+    return None
+
+
+@functools.cache
+def _fused_probe(cls: type, kwargs: tuple, dtype: torch.dtype, device: str) -> str | None:
+    """Whether torch's ``cls(fused=True)`` steps a one-element ``dtype``
+    param on ``device`` (some classes check the device only in the step)."""
+    try:
+        p = torch.zeros(1, dtype=dtype, device=device, requires_grad=True)
+        p.grad = torch.zeros_like(p)
+    except Exception:  # noqa: BLE001 - no such device here: let the run tell
+        return None
+    try:
+        cls([p], fused=True, **dict(kwargs)).step()
+    except Exception as err:  # noqa: BLE001 - whatever torch says is the reason
+        return f"torch's fused {cls.__name__}: {str(err).splitlines()[0]}"
     return None
 
 
