@@ -9,9 +9,9 @@ recorded as ``steps_per_sample``); pytest-benchmark divides by K, so its
 statistics are per step either way.
 Parameter lists, optimizer settings and implementations come from
 ``fused_optim.bench``, so these numbers and the CLI's describe the same work.
-Each benchmark module names its kernel in ``KERNEL``: its cases are the
-settings of ``fused_optim.bench.OPTIMIZERS`` (the records' ``bench``) whose
-record has that kernel, so a new setting of a known kernel needs no edit here.
+The cases are the settings of ``fused_optim.bench.OPTIMIZERS`` (the records'
+``bench``): a new optimizer or setting needs no edit here. A module that sets
+``KERNEL`` keeps to the settings whose record has that kernel.
 
 Usage::
 
@@ -134,10 +134,11 @@ def pytest_generate_tests(metafunc):
     if "bench_case" not in metafunc.fixturenames:
         return
     kernel = getattr(metafunc.module, "KERNEL", None)
-    optimizers = [n for n, spec in bench.OPTIMIZERS.items() if spec.kind == kernel]
+    optimizers = [n for n, spec in bench.OPTIMIZERS.items()
+                  if kernel is None or spec.kind == kernel]
     if not optimizers:
-        raise pytest.UsageError(f"{metafunc.module.__name__} must define KERNEL, the kernel "
-                                "of some fused_optim.bench.OPTIMIZERS settings")
+        raise pytest.UsageError(f"{metafunc.module.__name__}: no fused_optim.bench.OPTIMIZERS "
+                                f"setting has the kernel {kernel!r}")
     cases = _cases(optimizers, _size(metafunc.config))
     metafunc.parametrize("bench_case", cases, ids=[c.id for c in cases], indirect=True)
 
