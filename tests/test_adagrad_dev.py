@@ -710,3 +710,85 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
             if r["aligned"]:
                 paths = 2 if r["switches"]["TAIL_ALIGNED"] else 1
                 assert r["vector_loads"] >= 3 * paths and r["vector_stores"] >= 2 * paths, r
+
+
+# ------------------------------------------------ the step operator, compile
+
+
+def _two_groups():
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(37, 5, generator=gen), torch.randn(70, generator=gen),
+              torch.randn(3, generator=gen).bfloat16(), torch.randn(20, generator=gen)]
+    params = [p.requires_grad_() for p in params]
+    return params, [{"params": params[:3]},
+                    {"params": params[3:], "lr": 0.05, "weight_decay": 0.0}]
+
+
+def _grads(step, params):
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def _assert_same(opt_a, params_a, opt_b, params_b):
+    for pa, pb in zip(params_a, params_b):
+        assert torch.equal(pa, pb)
+        for key in opt_a.state[pa]:
+            assert torch.equal(opt_a.state[pa][key], opt_b.state[pb][key]), key
+
+
+def test_eager_steps_through_the_operator_match(monkeypatch):
+    from fused_optim import _ops
+
+    kw = dict(lr=0.1, lr_decay=0.02, weight_decay=0.01, maximize=True)
+    params_a, groups_a = _two_groups()
+    params_b, groups_b = _two_groups()
+    a = fused_optim.Adagrad(groups_a, backend="numba", **kw)
+    b = fused_optim.Adagrad(groups_b, backend="numba", **kw)
+    for s in range(3):
+        _grads(s, params_a)
+        _grads(s, params_b)
+        a.step()
+        monkeypatch.setattr(_ops, "DISPATCH_EAGER", True)
+        b.step()
+        monkeypatch.setattr(_ops, "DISPATCH_EAGER", False)
+        _assert_same(a, params_a, b, params_b)
+
+
+def test_compiled_step_matches_eager_fullgraph(monkeypatch):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from fused_optim.adagrad import ADAGRAD_STEP
+
+    torch._dynamo.reset()
+    counters.clear()
+    seen = {"compiled": 0}
+    run = ADAGRAD_STEP.run
+
+    def counting(jobs, grad_scale, found_inf, backend, cache, compiled):
+        seen["compiled"] += compiled
+        return run(jobs, grad_scale, found_inf, backend, cache, compiled)
+
+    monkeypatch.setattr(ADAGRAD_STEP, "run", counting)
+    kw = dict(lr=0.1, lr_decay=0.02, weight_decay=0.01)
+    params_e, groups_e = _two_groups()
+    params_c, groups_c = _two_groups()
+    eager = fused_optim.Adagrad(groups_e, backend="numba", **kw)
+    opt = fused_optim.Adagrad(groups_c, backend="numba", **kw)
+
+    @torch.compile(fullgraph=True)
+    def step():
+        opt.step()
+
+    try:
+        for s in range(3):
+            _grads(s, params_e)
+            _grads(s, params_c)
+            eager.step()
+            step()
+            _assert_same(eager, params_e, opt, params_c)
+        assert seen["compiled"] == 3
+        assert not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
