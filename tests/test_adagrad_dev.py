@@ -792,3 +792,28 @@ def test_compiled_step_matches_eager_fullgraph(monkeypatch):
         assert not counters["graph_break"]
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=str)
+def test_numba_parallel_equals_serial(dtype, monkeypatch):
+    """The parallel kernel (blocked, prefetching walk) gives the serial one's bits."""
+    skip_unless_runnable("numba")
+    import fused_optim.kernels.numba as nb
+
+    kw = dict(lr=0.1, lr_decay=0.02, weight_decay=0.01, initial_accumulator_value=0.1)
+    results = []
+    for serial_below in (1 << 40, 0):
+        monkeypatch.setattr(nb, "SERIAL_BELOW", serial_below)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(40_000, generator=gen).to(dtype).requires_grad_(),
+                  torch.randn(333, generator=gen).to(dtype).requires_grad_()]
+        opt = fused_optim.Adagrad(params, backend="numba", **kw)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        results.append([t.detach().clone() for p in params
+                        for t in (p, opt.state[p]["sum"], opt.state[p]["step"])])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
