@@ -191,6 +191,9 @@ class Adagrad(_base.FusedOptimizer):
         state_sums.extend(sums)
         state_steps.extend(steps)
         has_sparse_grad = _base.any_sparse(their_grads)
+        if has_sparse_grad and group["fused"]:
+            # torch's _fused_adagrad, before it writes anything
+            raise RuntimeError("`fused` does not support sparse grad or complex param")
         # only torch's own step (differentiable) reads has_complex; the
         # kernels see each tensor's dtype
         has_complex = group["differentiable"] and any(map(torch.is_complex, with_grad))

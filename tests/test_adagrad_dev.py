@@ -252,6 +252,20 @@ def test_sparse_grad_with_weight_decay_raises_like_torch_and_changes_nothing(bac
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_sparse_grad_raises_like_torch(backend):
+    skip_unless_runnable(backend)
+    outs = []
+    for cls, kw in ((torch.optim.Adagrad, {}), (fused_optim.Adagrad, dict(backend=backend))):
+        p = torch.randn(4).requires_grad_()
+        opt = cls([p], fused=True, **kw)
+        p.grad = _sparse(p, [0, 2], [1.0, -2.0])
+        before = p.detach().clone()
+        outs.append(_outcome(opt.step))
+        assert torch.equal(p.detach(), before)
+    assert outs[0][0] is RuntimeError and outs[0] == outs[1]
+
+
 # --------------------------------------------------------------- errors
 
 
