@@ -1,0 +1,348 @@
+r"""Fused Adagrad."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
+
+from . import _base, _ops
+from ._registry import Record
+
+__all__ = ["Adagrad", "adagrad"]
+
+
+class Adagrad(_base.FusedOptimizer):
+    r"""Adagrad, fused.
+
+    A drop-in replacement for :class:`torch.optim.Adagrad`: same arguments,
+    defaults, errors, ``state_dict`` and results. Each :meth:`step` updates all
+    tensors of one (device, dtype) bucket of a param group in one kernel call,
+    each with its own step count.
+
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)},\ \theta_0,\ \lambda \text{ (weight decay)},\
+                \tau \text{ (initial accumulator value)},\ \eta \text{ (lr decay)},\
+                \epsilon,\ \textit{maximize} \\
+            &\textbf{initialize}: state\_sum_0 \leftarrow \tau \\
+            &\textbf{for}\ t = 1, 2, \ldots\ \textbf{do} \\
+            &\quad g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1})
+                \quad (- \text{ if maximize}) \\
+            &\quad \tilde\gamma \leftarrow \gamma / (1 + (t-1)\eta) \\
+            &\quad \textbf{if}\ \lambda \neq 0:\ g_t \leftarrow g_t + \lambda\theta_{t-1} \\
+            &\quad state\_sum_t \leftarrow state\_sum_{t-1} + g_t^2 \\
+            &\quad \theta_t \leftarrow \theta_{t-1}
+                - \tilde\gamma\, g_t \big/ \big(\sqrt{state\_sum_t} + \epsilon\big)
+       \end{aligned}
+
+    Args:
+        params (iterable): iterable of parameters or named_parameters to
+            optimize, or of dicts defining parameter groups.
+        lr (float, Tensor, optional): learning rate (default: 1e-2)
+        lr_decay (float, optional): learning rate decay (default: 0)
+        weight_decay (float, optional): weight decay (L2 penalty) (default: 0)
+        initial_accumulator_value (float, optional): initial value of the
+            sum of squares of gradients (default: 0)
+        eps (float, optional): term added to the denominator (default: 1e-10)
+        foreach (bool, optional): accepted for compatibility (default: None)
+        maximize (bool, optional): maximize the objective (default: False)
+        differentiable (bool, optional): autograd through the step; runs
+            torch's own for-loop step, not the kernels (default: False)
+        fused (bool, optional): accepted for compatibility; the kernels are
+            always fused (default: None)
+        backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
+            ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
+            (default: None, i.e. auto)
+
+    .. note::
+        Each param's ``clr`` is computed in float64 from its own ``step``, as
+        torch's for-loop does in Python (in float32 for a float32 Tensor
+        ``lr``, as torch's Tensor division does); element math runs in
+        float32 (float64 for float64 tensors) with one rounding per stored
+        value. Rows with sparse gradients run torch's own for-loop step.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(
+                f"Invalid initial_accumulator_value value: {initial_accumulator_value}"
+            )
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+
+        defaults = {
+            "lr": lr,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "initial_accumulator_value": initial_accumulator_value,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults, backend)
+
+        if fused:
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+            self._need_device_dtype_check_for_fused = True
+
+        # torch creates every param's state here, not lazily
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["step"] = (
+                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]),
+                                device=p.device)
+                    if group["fused"]
+                    else torch.tensor(0.0, dtype=_get_scalar_dtype())
+                )
+                init_value = (
+                    complex(initial_accumulator_value, initial_accumulator_value)
+                    if torch.is_complex(p)
+                    else initial_accumulator_value
+                )
+                state["sum"] = torch.full_like(p, init_value,
+                                               memory_format=torch.preserve_format)
+
+    GROUP_DEFAULTS = {"foreach": None, "maximize": False, "differentiable": False,
+                      "fused": None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # (GROUP_DEFAULTS filled in)
+        fused = None
+        for group in self.param_groups:
+            fused = group["fused"]
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    step_val = float(p_state["step"])
+                    p_state["step"] = (
+                        torch.tensor(step_val, dtype=_get_scalar_dtype(is_fused=fused),
+                                     device=p.device)
+                        if group["fused"]
+                        else torch.tensor(step_val, dtype=_get_scalar_dtype())
+                    )
+        state_values = list(self.state.values())
+        step_is_tensor = (len(state_values) != 0) and torch.is_tensor(
+            state_values[0]["step"])
+        if not step_is_tensor:
+            for s in state_values:
+                s["step"] = torch.tensor(float(s["step"]),
+                                         dtype=_get_scalar_dtype(is_fused=fused))
+
+    def share_memory(self) -> None:
+        """Calls tensor.share_memory_() on the state sum tensors."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["sum"].share_memory_()
+
+    def _init_group(self, group, params_with_grad, grads, state_sums, state_steps):
+        # torch's loop, one C-level map per fact (this runs for every param
+        # at every step); where a state lacks a key, torch's order of KeyErrors
+        with_grad, their_grads = _base.params_with_grads(group["params"])
+        if not with_grad:
+            return False, False
+        if group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True):
+            _device_dtype_check_for_fused(with_grad[0])
+            self._need_device_dtype_check_for_fused = False
+        all_state = self.state
+        states = [all_state[p] for p in with_grad]
+        if not all(states):  # lazy state of params added since construction
+            for p, state in zip(with_grad, states):
+                if len(state) == 0:
+                    self._init_state(group, state, p)
+        try:
+            sums = _base.state_values(states, "sum")
+            steps = _base.state_values(states, "step")
+        except KeyError:
+            for state in states:
+                state["sum"], state["step"]  # noqa: B018 - KeyError, as torch
+            raise
+        params_with_grad.extend(with_grad)
+        grads.extend(their_grads)
+        state_sums.extend(sums)
+        state_steps.extend(steps)
+        has_sparse_grad = _base.any_sparse(their_grads)
+        if has_sparse_grad and group["fused"]:
+            # torch's _fused_adagrad, before it writes anything
+            raise RuntimeError("`fused` does not support sparse grad or complex param")
+        # only torch's own step (differentiable) reads has_complex; the
+        # kernels see each tensor's dtype
+        has_complex = group["differentiable"] and any(map(torch.is_complex, with_grad))
+        return has_sparse_grad, has_complex
+
+    def _init_state(self, group, state, p):
+        if group["fused"]:
+            _device_dtype_check_for_fused(p)
+        state["step"] = (
+            torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
+            if group["fused"]
+            else torch.tensor(0.0, dtype=_get_scalar_dtype())
+        )
+        # (torch reads the constructor's value here, not the group's)
+        initial_accumulator_value = self.defaults["initial_accumulator_value"]
+        init_value = (
+            complex(initial_accumulator_value, initial_accumulator_value)
+            if torch.is_complex(p)
+            else initial_accumulator_value
+        )
+        state["sum"] = torch.full_like(p, init_value, memory_format=torch.preserve_format)
+
+    def _group_job(self, group, found_inf):
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        state_sums: list[Tensor] = []
+        state_steps: list[Tensor] = []
+        has_sparse_grad, has_complex = self._init_group(group, params, grads, state_sums,
+                                                        state_steps)
+        if found_inf is not None and not torch.compiler.is_compiling():
+            # CPU steps of CUDA params to their device under GradScaler, as Adam
+            from .adam import Adam
+            Adam._steps_to_device(self, params, state_steps)
+        return _ops.Job(
+            params, grads, [state_sums, state_steps], [],
+            _hyper(group["lr"], group["lr_decay"], group["weight_decay"], group["eps"],
+                   group["maximize"], group["differentiable"], has_sparse_grad,
+                   has_complex)), None
+
+
+def adagrad(
+    params: list[Tensor],
+    grads: list[Tensor],
+    state_sums: list[Tensor],
+    state_steps: list[Tensor],
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    has_sparse_grad: bool = False,
+    foreach: bool | None = None,
+    differentiable: bool = False,
+    has_complex: bool = False,
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    lr_decay: float,
+    eps: float,
+    maximize: bool,
+    backend: str | None = None,
+) -> None:
+    r"""Functional Adagrad: update params and state in place, as :class:`Adagrad` does.
+
+    See :class:`Adagrad` for the arguments. ``state_steps`` are advanced by one.
+    """
+    job = _ops.Job(params, grads, [state_sums, state_steps], [],
+                   _hyper(lr, lr_decay, weight_decay, eps, maximize, differentiable,
+                          has_sparse_grad, has_complex))
+    ADAGRAD_STEP([job], grad_scale, found_inf, backend or "auto", _ops.NO_CACHE,
+                 traceable=not differentiable)
+
+
+def _hyper(lr, lr_decay, weight_decay, eps, maximize, differentiable, has_sparse_grad,
+           has_complex):
+    return dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+                maximize=maximize, differentiable=differentiable,
+                has_sparse_grad=has_sparse_grad, has_complex=has_complex)
+
+
+def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
+    return _adagrad_update(job.params, job.grads, *job.states, **job.hyper,
+                           grad_scale=grad_scale, found_inf=found_inf, backend=backend,
+                           cache=cache, key=key)
+
+
+def _adagrad_update(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_decay,
+                    eps, maximize, differentiable, has_sparse_grad, has_complex,
+                    grad_scale, found_inf, backend, cache=None, key=None):
+    """Validate one group's Adagrad update; return what writes it (None: nothing to do).
+
+    Everything that can raise happens here, before any tensor is written.
+    """
+    if not all(isinstance(t, torch.Tensor) for t in state_steps):
+        raise RuntimeError(
+            "API has changed, `state_steps` argument must contain a list of singleton tensors"
+        )
+    name = _base.backend_name(backend)
+    if differentiable:
+        # not covered by the kernels: torch's own for-loop
+        def fallback():
+            from torch.optim.adagrad import adagrad as torch_adagrad
+
+            if _base.unscale_for_fallback(grads, grad_scale, found_inf):
+                return
+
+            def run(ps, gs, states, steps):
+                torch_adagrad(ps, gs, states[0], steps, fused=False, foreach=False,
+                              has_sparse_grad=has_sparse_grad, differentiable=True,
+                              has_complex=has_complex, lr=lr, weight_decay=weight_decay,
+                              lr_decay=lr_decay, eps=eps, maximize=maximize)
+
+            _base.with_sparse_grads_offset_free(run, list(params), list(grads),
+                                                [list(state_sums)], list(state_steps))
+        return fallback
+    if not params:
+        return None
+    # torch's lr / (1 + (step - 1) * lr_decay) raises ZeroDivisionError for a
+    # float lr where an lr_decay edited below 0 zeroes the denominator (after
+    # it has advanced the step); the dry run raises it first
+    dry_all = not torch.is_tensor(lr) and float(lr_decay) < 0
+    hyper = dict(lr=_base.scalar(lr), lr_decay=float(lr_decay), eps=float(eps),
+                 weight_decay=_base.scalar(weight_decay), maximize=bool(maximize),
+                 # torch divides a Tensor lr as a Tensor: in float32 for float32
+                 lr_f32=torch.is_tensor(lr) and lr.dtype == torch.float32,
+                 grad_scale=grad_scale, found_inf=found_inf)
+
+    def reference(ps, gs, states, steps, fresh_rows):
+        # torch's for-loop, for rows the kernels do not take (sparse grads...)
+        from torch.optim.adagrad import adagrad as torch_adagrad
+
+        torch_adagrad(ps, gs, states[0], steps, fused=False, foreach=False,
+                      has_sparse_grad=any(g.is_sparse for g in gs), differentiable=False,
+                      has_complex=any(map(torch.is_complex, ps)), lr=lr,
+                      weight_decay=weight_decay, lr_decay=lr_decay, eps=eps,
+                      maximize=maximize)
+
+    return _base.prepare_update("adagrad", name, params, grads, [state_sums], ("sum",),
+                                hyper, reference, steps=state_steps, cache=cache, key=key,
+                                dry_all=dry_all)
+
+
+#: ``fused_optim::adagrad_step``: a whole Adagrad step as one operator (see _ops)
+ADAGRAD_STEP = Adagrad.STEP_OP = _ops.UpdateOp(
+    "adagrad_step", states=("state_sums", "state_steps"),
+    scalars=("lr", "lr_decay", "weight_decay", "eps"),
+    switches=("maximize", "differentiable", "has_sparse_grad", "has_complex"),
+    prepare=_prepare)
+
+
+RECORDS = (
+    Record("Adagrad", "adagrad", "adagrad", "torch.optim.adagrad", kernel="adagrad",
+           state=("sum",), has_step=True, traffic=lambda group: (3, 2)),
+)

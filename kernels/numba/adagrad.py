@@ -1,0 +1,161 @@
+"""Adagrad for the Numba CPU backend: one jitted call updates every row.
+
+The launcher and the row walk follow Adam's (``kernels/numba/__init__.py``
+and ``_kernels.py``); everything taken from there is imported in the one
+block below, so that the walk can later move to a shared one.
+
+Element math as torch's for-loop (``_single_tensor_adagrad``) with its CPU
+kernels' roundings: ``grad.add(param, alpha=wd)`` and ``addcmul`` are fused
+multiply-adds, ``std = sqrt(sum) + eps`` rounds twice, and ``addcdiv`` is
+``p + (-clr * g) / std``. Each row's ``clr = lr / (1 + (step - 1) * lr_decay)``
+is computed once, in float64 from the advanced step as torch does in
+Python, then rounded to the compute type (torch's ``value=`` cast).
+"""
+
+import numpy as np
+from numba import carray, njit, prange
+
+from .. import layout as L
+
+# ---- shared with the other Numba kernels (the only imports from them)
+from . import _PARALLEL, _NO_LOCK, _amp, _on, _opt, _plan  # noqa: F401
+from ._kernels import _grad, _view
+from ._memory import (BLOCK, PREFETCH_BYTES, address, fma, load, prefetch_block,
+                      store)
+# ----
+
+__all__ = ["adagrad", "advance_host_steps"]
+
+
+@njit(inline="always")
+def _adagrad_scalars(table, lr, lr_decay, lr_f32, out):
+    """Advance every row's step; ``out[row]`` = that step's clr (float64 math).
+
+    Rows with no elements still count their step. ``lr_f32`` (not None):
+    torch's float32 Tensor lr, whose division runs in float32.
+    """
+    for row in range(table.shape[0]):
+        if table[row, L.FLAGS] & L.FLAG_STEP_F64:
+            s64 = carray(address(table[row, L.STEP]), (1,), np.float64)
+            s64[0] += 1.0
+            step = s64[0]
+        else:
+            s32 = carray(address(table[row, L.STEP]), (1,), np.float32)
+            s32[0] += np.float32(1.0)
+            step = np.float64(s32[0])
+        d = 1.0 + (step - 1.0) * lr_decay
+        if lr_f32 is not None:
+            out[row] = np.float32(lr) / np.float32(d)
+        else:
+            out[row] = lr / d
+
+
+@njit(inline="always")
+def _adagrad_element(p, g, s, j, neg_clr, eps, inv_scale, weight_decay, maximize):
+    gj = _grad(g, j, inv_scale, maximize)
+    pj = load(p, j)
+    if weight_decay is not None:
+        gj = fma(pj, weight_decay, gj)
+    sj = fma(gj, gj, load(s, j))  # addcmul(value=1)
+    store(s, j, sj)
+    std = np.sqrt(sj) + eps
+    store(p, j, pj + (neg_clr * gj) / std)  # torch's addcdiv order
+
+
+@njit(inline="always")
+def _adagrad_plain(p, g, s, n, neg_clr, eps, inv_scale, weight_decay, maximize):
+    """Adagrad over ``n`` elements; None turns a part off at compile time."""
+    for j in range(n):
+        _adagrad_element(p, g, s, j, neg_clr, eps, inv_scale, weight_decay, maximize)
+
+
+@njit(inline="always")
+def _adagrad_blocked(p, g, s, n, neg_clr, eps, inv_scale, weight_decay, maximize):
+    """:func:`_adagrad_plain` in prefetching blocks (the parallel kernels' span)."""
+    ahead = PREFETCH_BYTES // p.itemsize
+    full = n - n % BLOCK
+    for o in range(0, full, BLOCK):
+        prefetch_block(p, o + ahead, n)
+        prefetch_block(g, o + ahead, n)
+        prefetch_block(s, o + ahead, n)
+        for j in range(o, o + BLOCK):
+            _adagrad_element(p, g, s, j, neg_clr, eps, inv_scale, weight_decay,
+                             maximize)
+    for j in range(full, n):
+        _adagrad_element(p, g, s, j, neg_clr, eps, inv_scale, weight_decay, maximize)
+
+
+@njit(inline="always")
+def _adagrad_chunk(table, scalars, lo, hi, itemsize, view_dtype, eps, inv_scale,
+                   weight_decay, maximize, span):
+    # the row walk (modeled on _adam_chunk)
+    starts = table[:, L.START]
+    row = np.searchsorted(starts, lo, side="right") - 1
+    while lo < hi:
+        start = table[row, L.START]
+        end = start + table[row, L.NUMEL]
+        if end <= lo:
+            row += 1
+            continue
+        off = lo - start
+        n = min(hi, end) - lo
+        neg_clr = -scalars[row]
+        p = _view(table, row, L.PARAM, off, n, itemsize, view_dtype)
+        g = _view(table, row, L.GRAD, off, n, itemsize, view_dtype)
+        s = _view(table, row, L.STATE0, off, n, itemsize, view_dtype)
+        span(p, g, s, n, neg_clr, eps, inv_scale, weight_decay, maximize)
+        lo += n
+        row += 1
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def adagrad_parallel(table, bounds, itemsize, view_dtype, lr, lr_decay, lr_f32, scalars,
+                     inv_scale, c_eps, c_wd, maximize):
+    _adagrad_scalars(table, lr, lr_decay, lr_f32, scalars)
+    for c in prange(len(bounds) - 1):
+        _adagrad_chunk(table, scalars, bounds[c], bounds[c + 1], itemsize, view_dtype,
+                       c_eps, inv_scale, c_wd, maximize, _adagrad_blocked)
+
+
+@njit(cache=True, error_model="numpy")
+def adagrad_serial(table, bounds, itemsize, view_dtype, lr, lr_decay, lr_f32, scalars,
+                   inv_scale, c_eps, c_wd, maximize):
+    _adagrad_scalars(table, lr, lr_decay, lr_f32, scalars)
+    _adagrad_chunk(table, scalars, bounds[0], bounds[-1], itemsize, view_dtype,
+                   c_eps, inv_scale, c_wd, maximize, _adagrad_plain)
+
+
+@njit(cache=True, error_model="numpy")
+def _host_step_scalars(table, lr, lr_decay, lr_f32, out):
+    _adagrad_scalars(table, lr, lr_decay, lr_f32, out)
+
+
+def advance_host_steps(table, *, lr, lr_decay, lr_f32=False):
+    """Advance every row's step counter (host memory) by one, in place.
+
+    For GPU backends whose steps live on the host (torch's default for CUDA
+    params). Returns float64 ``[rows]``: each row's clr.
+    """
+    out = np.empty(table.shape[0], dtype=np.float64)
+    _host_step_scalars(table, float(lr), float(lr_decay), _on(lr_f32), out)
+    return out
+
+
+def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
+            grad_scale=None, found_inf=None):
+    """Adagrad (torch semantics) over every row, in place; advances steps.
+
+    With ``found_inf`` nonzero nothing is written, steps included; grads are
+    multiplied by ``1/grad_scale`` inside the same pass.
+    """
+    skip, inv_scale = _amp(grad_scale, found_inf)
+    if skip or batch.table is None or batch.table.shape[0] == 0:
+        return
+    bounds, parallel, view, itemsize, c = _plan(batch)
+    fn = adagrad_parallel if parallel else adagrad_serial
+    scalars = np.empty(batch.table.shape[0], dtype=c)
+    # None switches a part of the kernel off at compile time
+    with _PARALLEL if parallel else _NO_LOCK:
+        fn(batch.table, bounds, itemsize, view, float(lr), float(lr_decay), _on(lr_f32),
+           scalars, _opt(c, inv_scale, inv_scale != 1.0), c(eps),
+           _opt(c, weight_decay, weight_decay != 0), _on(maximize))

@@ -1,0 +1,75 @@
+"""Adagrad for the pure-torch reference backend (see ``kernels/reference``).
+
+Plain tensor arithmetic, no ``torch.optim`` code: math in float32 (float64
+for float64 tensors), one rounding per stored value, and the ops whose CPU
+kernels round as the compiled backends do (``add(alpha=)`` and ``addcmul``
+are fused multiply-adds; ``addcdiv`` is ``p + (value * g) / std``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["adagrad"]
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _unscale(g, grad_scale):
+    if grad_scale is None:
+        return g
+    # GradScaler.unscale_ multiplies by a float32 reciprocal; so do we
+    inv = grad_scale.double().reciprocal().float().to(g.device)
+    return g * inv.to(g.dtype)
+
+
+def clr(lr: float, lr_decay: float, step: float, lr_f32: bool = False) -> float:
+    """torch's ``lr / (1 + (step - 1) * lr_decay)``, as an IEEE division.
+
+    In float64, as torch's for-loop computes it in Python; with ``lr_f32``
+    (a float32 Tensor lr) as torch's Tensor division does: the denominator
+    and the quotient rounded to float32. A zero denominator (an ``lr_decay``
+    edited below 0) gives inf or NaN; the API layer has raised torch's
+    ZeroDivisionError first where torch's step would.
+    """
+    d = 1.0 + (step - 1.0) * lr_decay
+    if lr_f32:
+        return float(torch.tensor(lr, dtype=torch.float32)
+                     / torch.tensor(d, dtype=torch.float32))
+    if d != 0:
+        return lr / d
+    if lr != lr or lr == 0 or d != d:
+        return math.nan
+    return math.copysign(math.inf, lr) * math.copysign(1.0, d)
+
+
+def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
+            grad_scale=None, found_inf=None):
+    """Adagrad (torch semantics) over every tensor, in place; advances steps.
+
+    With ``found_inf`` nonzero nothing is written, steps included.
+    """
+    if found_inf is not None and bool(found_inf != 0):
+        return
+    for i, p in enumerate(batch.params):
+        step_t = batch.steps[i]
+        step_t += 1
+        neg_clr = -clr(lr, lr_decay, float(step_t), lr_f32)
+        if p.numel() == 0:
+            continue
+        ct = _compute_dtype(p)
+        g = _unscale(batch.grads[i].to(ct), grad_scale)
+        if maximize:
+            g = -g
+        p32 = p.to(ct)
+        if weight_decay != 0:
+            g = g.add(p32, alpha=weight_decay)
+        s_t = batch.states[0][i]
+        s = s_t.to(ct).addcmul(g, g, value=1)
+        s_t.copy_(s)
+        std = s.sqrt().add(eps)
+        p.copy_(p32.addcdiv(g, std, value=neg_clr))

@@ -1,0 +1,222 @@
+"""Adagrad for the Triton GPU backend: one update launch per alignment class.
+
+The launcher follows Adam's (``kernels/triton/__init__.py``): what it takes
+from there (device buffers, layout, AMP tensors, launch lock, step checks)
+is imported in the one block below, so it can later move to a shared
+launcher. Element math matches ``kernels/numba/adagrad.py`` operation for
+operation (see ``kernels/triton/_kernels.py`` on roundings, ``div_rn`` /
+``sqrt_rn`` and bfloat16).
+
+Each row's ``clr = lr / (1 + (step - 1) * lr_decay)`` is computed once per
+step, in float64: by ``_adagrad_steps_kernel`` on the device, which also
+advances device-side step counters (no host sync), or by the host for
+counters in host memory (torch's default: CPU steps for CUDA params).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .. import layout as L
+
+# ---- shared with the other Triton launchers and kernels (the only imports)
+from . import (NUM_WARPS, _amp_tensor, _check_host_steps, _common_args,
+               _device_context, _device_hyper, _launch_lock, _layout, _resident,
+               _steps_on_device, _upload, num_warps)
+from ._kernels import _load, _store
+from .. import triton as _triton  # BLOCK
+# ----
+
+__all__ = ["adagrad"]
+
+_NCOLS = tl.constexpr(L.NCOLS)
+_PARAM = tl.constexpr(L.PARAM)
+_GRAD = tl.constexpr(L.GRAD)
+_STATE0 = tl.constexpr(L.STATE0)
+_STEP = tl.constexpr(L.STEP)
+_NUMEL = tl.constexpr(L.NUMEL)
+_FLAGS = tl.constexpr(L.FLAGS)
+_FLAG_STEP_F64 = tl.constexpr(L.FLAG_STEP_F64)
+
+# slots of the float64 hyperparameter buffer
+AG_LR, AG_LR_DECAY, AG_EPS, AG_WD, AG_NHYPER = range(5)
+_AG_LR = tl.constexpr(AG_LR)
+_AG_LR_DECAY = tl.constexpr(AG_LR_DECAY)
+_AG_EPS = tl.constexpr(AG_EPS)
+_AG_WD = tl.constexpr(AG_WD)
+
+#: rows per program of the step kernel
+_STEP_ROWS = 128
+
+
+@triton.jit
+def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, neg_clr, eps, weight_decay,
+                   inv_scale, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
+                   COMPUTE: tl.constexpr, IS_F64: tl.constexpr,
+                   MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                   HAS_GRAD_SCALE: tl.constexpr):
+    """The Adagrad update of one block (``mask`` None: a whole block)."""
+    g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+    if MAXIMIZE:
+        g = -g
+    p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
+    if HAS_WD:
+        g = tl.fma(p, weight_decay, g)
+    s = tl.fma(g, g, _load(s_ptr, offs, mask, IS_BF16, COMPUTE))  # addcmul(value=1)
+    _store(s_ptr, offs, s, mask, IS_BF16, ELEM)
+    # torch's addcdiv: param + (value * grad) / std
+    if IS_F64:
+        std = tl.sqrt(s) + eps  # sqrt.rn.f64, div.rn.f64 already
+        update = (neg_clr * g) / std
+    else:
+        std = tl.sqrt_rn(s) + eps
+        update = tl.div_rn(neg_clr * g, std)
+    _store(p_ptr, offs, p + update, mask, IS_BF16, ELEM)
+
+
+@triton.jit
+def _adagrad_kernel(
+    table_ptr, map_ptr, hyper_ptr, scal_ptr, grad_scale_ptr, found_inf_ptr,
+    ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
+    IS_F64: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+):
+    """Adagrad on one ``BLOCK`` chunk of one row (torch semantics, in place).
+
+    Args as ``_adam_kernel``'s (kernels/triton/_kernels.py); ``scal_ptr`` is
+    float64 ``[rows]``: each row's clr for this step. STATE0 is ``sum``.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(map_ptr + 2 * pid).to(tl.int64)
+    chunk = tl.load(map_ptr + 2 * pid + 1).to(tl.int64)
+    row_base = table_ptr + row * _NCOLS
+    bound = tl.load(row_base + _NUMEL)  # scalar conditions: see _sgd_kernel
+    if HAS_FOUND_INF:
+        bound = tl.where(tl.load(found_inf_ptr) == 0, bound, 0)
+    if TAIL_ALIGNED:
+        bound = tl.multiple_of(bound, VEC)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+
+    neg_clr = -(tl.load(scal_ptr + row).to(COMPUTE))
+    eps = tl.load(hyper_ptr + _AG_EPS).to(COMPUTE)
+    weight_decay = tl.load(hyper_ptr + _AG_WD).to(COMPUTE)
+    inv_scale = 1.0
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.div_rn(tl.full((), 1.0, tl.float32),
+                              tl.load(grad_scale_ptr).to(tl.float32)).to(COMPUTE)
+
+    PTR: tl.constexpr = tl.pointer_type(ELEM)
+    p_ptr = tl.load(row_base + _PARAM).to(PTR)
+    g_ptr = tl.load(row_base + _GRAD).to(PTR)
+    s_ptr = tl.load(row_base + _STATE0).to(PTR)
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        s_ptr = tl.multiple_of(s_ptr, 16)
+
+    if (chunk + 1) * BLOCK <= bound:
+        _adagrad_block(p_ptr, g_ptr, s_ptr, offs, None, neg_clr, eps, weight_decay,
+                       inv_scale, ELEM, IS_BF16, COMPUTE, IS_F64, MAXIMIZE, HAS_WD,
+                       HAS_GRAD_SCALE)
+    else:
+        _adagrad_block(p_ptr, g_ptr, s_ptr, offs, offs < bound, neg_clr, eps,
+                       weight_decay, inv_scale, ELEM, IS_BF16, COMPUTE, IS_F64,
+                       MAXIMIZE, HAS_WD, HAS_GRAD_SCALE)
+
+
+@triton.jit
+def _adagrad_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
+                          BLOCK_R: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                          LR_F32: tl.constexpr):
+    """Advance device-side step counters; each row's clr for ``_adagrad_kernel``.
+
+    One lane per row, launched before the update on the same stream. A
+    skipped step (found_inf nonzero) leaves every counter as it is (the
+    scalars are still written, and unused).
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < rows
+    base = table_ptr + r.to(tl.int64) * _NCOLS
+    flags = tl.load(base + _FLAGS, mask=live, other=0)
+    step_addr = tl.load(base + _STEP, mask=live, other=0)
+    is64 = live & ((flags & _FLAG_STEP_F64) != 0)
+    is32 = live & ((flags & _FLAG_STEP_F64) == 0)
+    s64_ptr = step_addr.to(tl.pointer_type(tl.float64))
+    s32_ptr = step_addr.to(tl.pointer_type(tl.float32))
+    s64 = tl.load(s64_ptr, mask=is64, other=0.0) + 1.0
+    s32 = tl.load(s32_ptr, mask=is32, other=0.0) + 1.0  # float32 add, as torch
+    step = tl.where(is64, s64, s32.to(tl.float64))
+    lr = tl.load(hyper_ptr + _AG_LR)
+    d = 1.0 + (step - 1.0) * tl.load(hyper_ptr + _AG_LR_DECAY)
+    if LR_F32:
+        clr = tl.div_rn(lr.to(tl.float32), d.to(tl.float32)).to(tl.float64)
+    else:
+        clr = lr / d  # div.rn.f64
+    tl.store(scal_ptr + r, clr, mask=live)
+    limit = rows
+    if HAS_FOUND_INF:
+        limit = tl.where(tl.load(found_inf_ptr) == 0, rows, 0)
+    advance = r < limit
+    tl.store(s64_ptr, s64, mask=advance & is64)
+    tl.store(s32_ptr, s32, mask=advance & is32)
+
+
+def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
+            grad_scale=None, found_inf=None):
+    """Adagrad (torch semantics) over every row; advances steps.
+
+    As the Adam launcher: device-side steps are advanced by a first kernel
+    (no host sync); host-side steps by the host, which must then read
+    ``found_inf`` first (one sync) to know whether to advance them.
+    """
+    if batch.table is None or batch.table.shape[0] == 0:
+        return
+    block = _triton.BLOCK  # read at every call (tests lower it)
+    device = batch.device
+    table = batch.table
+    hyper = [lr, lr_decay, eps, weight_decay]
+    assert len(hyper) == AG_NHYPER
+    device_steps = _steps_on_device(batch)
+    with _device_context(device):
+        if not device_steps:
+            _check_host_steps(batch)
+            if found_inf is not None and bool(found_inf.reshape(-1)[0] != 0):
+                return  # skipped step: steps stay as they are
+            found_inf = None
+            from ..numba.adagrad import advance_host_steps
+
+            scalars = advance_host_steps(table, lr=lr, lr_decay=lr_decay, lr_f32=lr_f32)
+        layout = _layout(batch, block)
+        grad_scale = _amp_tensor(grad_scale, device)
+        found_inf = _amp_tensor(found_inf, device)
+        if device_steps:
+            hyper = _device_hyper(batch, hyper)
+            # rewritten whole by the step kernel below before each read
+            scal = _resident(batch, "adagrad_scalars", layout.rows, lambda: torch.empty(
+                layout.rows, dtype=torch.float64, device=device))
+        else:
+            both = _upload(np.concatenate([np.asarray(hyper, np.float64), scalars]), batch)
+            hyper, scal = both, both[AG_NHYPER:]
+        const = dict(_common_args(batch), BLOCK=block, MAXIMIZE=bool(maximize),
+                     HAS_WD=weight_decay != 0, HAS_GRAD_SCALE=grad_scale is not None,
+                     HAS_FOUND_INF=found_inf is not None,
+                     # no FMA contraction: the same roundings as the Numba backend
+                     enable_fp_fusion=False)
+        with _launch_lock():
+            if device_steps:
+                _adagrad_steps_kernel[(triton.cdiv(layout.rows, _STEP_ROWS),)](
+                    layout.table, hyper, scal, found_inf, layout.rows,
+                    BLOCK_R=_STEP_ROWS, HAS_FOUND_INF=found_inf is not None,
+                    LR_F32=bool(lr_f32), num_warps=NUM_WARPS, enable_fp_fusion=False)
+            for bmap, programs, aligned, tail in layout.launches:
+                _adagrad_kernel[(programs,)](
+                    layout.table, bmap, hyper, scal, grad_scale, found_inf,
+                    ALIGNED=aligned, TAIL_ALIGNED=tail,
+                    num_warps=num_warps(batch.dtype, aligned, tail), **const)
