@@ -224,9 +224,7 @@ class Adagrad(_base.FusedOptimizer):
         has_sparse_grad, has_complex = self._init_group(group, params, grads, state_sums,
                                                         state_steps)
         if found_inf is not None and not torch.compiler.is_compiling():
-            # CPU steps of CUDA params to their device under GradScaler, as Adam
-            from .adam import Adam
-            Adam._steps_to_device(self, params, state_steps)
+            self._steps_to_device(params, state_steps)
         return _ops.Job(
             params, grads, [state_sums, state_steps], [],
             _hyper(group["lr"], group["lr_decay"], group["weight_decay"], group["eps"],
@@ -344,5 +342,6 @@ ADAGRAD_STEP = Adagrad.STEP_OP = _ops.UpdateOp(
 
 RECORDS = (
     Record("Adagrad", "adagrad", "adagrad", "torch.optim.adagrad", kernel="adagrad",
-           state=("sum",), has_step=True, traffic=lambda group: (3, 2)),
+           state=("sum",), has_step=True, traffic=lambda group: (3, 2),
+           bench=(("adagrad", dict(lr=0.01)),)),
 )

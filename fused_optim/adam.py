@@ -263,31 +263,6 @@ class Adam(_base.FusedOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _steps_to_device(self, params, state_steps):
-        """Under GradScaler, move CPU step counters of CUDA params to their device.
-
-        Whether a step counts depends on ``found_inf``, which lives on the
-        device: a counter on the host could only be advanced after reading it
-        there, a sync at every step. On the device the kernels advance it, or
-        not, themselves, as torch's ``fused=True`` Adam keeps its counters.
-        The value and dtype are kept, and torch.optim loads such a state as
-        it is (its for-loop then reads the counter with ``.item()``). The move
-        is made once per param and costs no sync (the counter is read on the
-        host, where it is). Only the first and last counters are looked at
-        each step (a full scan costs about 0.2 us per param): a group that
-        mixes placements otherwise keeps the host path, which reads
-        found_inf (correct, one sync).
-        """
-        if not state_steps or not any(
-                s.device.type == "cpu" and p.device.type == "cuda"
-                for p, s in ((params[0], state_steps[0]), (params[-1], state_steps[-1]))):
-            return
-        state = self.state
-        for i, (p, s) in enumerate(zip(params, state_steps)):
-            if s.device.type == "cpu" and p.device.type == "cuda" and not s.requires_grad:
-                moved = torch.full((), float(s), dtype=s.dtype, device=p.device)
-                state[p]["step"] = state_steps[i] = moved
-
     def _group_job(self, group, found_inf):
         params: list[Tensor] = []
         grads: list[Tensor] = []
