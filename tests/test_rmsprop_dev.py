@@ -672,3 +672,42 @@ def test_triton_kernels_compile_offline_for_sm_90():
     problems = {json.dumps([r["kernel"], r.get("dtype"), r.get("aligned"), r["switches"]]):
                 _violations(r) for r in results}
     assert not {k: v for k, v in problems.items() if v}
+
+
+# ------------------------------------------------------------------ Triton's host-side steps
+
+@pytest.mark.parametrize("found_inf", [None, 0.0, 1.0])
+def test_triton_host_side_steps(found_inf):
+    """Steps flagged host-side (torch's CPU steps of CUDA params) are advanced
+    by the host, or not at all when found_inf is set; the update is the same."""
+    skip_unless_runnable("triton")
+    from fused_optim import _tables
+    from fused_optim.kernels import layout as L
+    from fused_optim.kernels.reference.rmsprop import rmsprop as ref_kernel
+    from fused_optim.kernels.triton.rmsprop import rmsprop as triton_kernel
+
+    torch.manual_seed(0)
+    hyper = dict(lr=0.01, alpha=0.9, eps=1e-8, weight_decay=0.1, momentum=0.5,
+                 centered=True, maximize=False)
+    sides = []
+    for kernel in (ref_kernel, triton_kernel):
+        torch.manual_seed(0)
+        params = [torch.randn(37), torch.randn(5, 3), torch.randn(0)]
+        grads = [torch.randn(p.shape) for p in params]
+        # square_avg above grad_avg**2, as any real history leaves them
+        states = [[torch.rand(p.shape) + k for p in params] for k in (1.0, 0.0, -0.5)]
+        steps = [torch.tensor(3.0), torch.tensor(3.0, dtype=torch.float64), torch.tensor(0.0)]
+        (packed,) = _tables.pack(params, grads, states,
+                                 ("square_avg", "momentum_buffer", "grad_avg"), steps=steps)
+        if kernel is triton_kernel:
+            packed.batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
+        amp = {} if found_inf is None else dict(found_inf=torch.tensor(found_inf))
+        kernel(packed.batch, **hyper, **amp)
+        packed.finish()
+        sides.append((params, states, steps))
+    (p0, s0, t0), (p1, s1, t1) = sides
+    for a, b in zip(p0 + sum(s0, []), p1 + sum(s1, [])):
+        torch.testing.assert_close(b, a, **TOLERANCE[torch.float32])
+    assert [float(t) for t in t1] == [float(t) for t in t0] == (
+        [3.0, 3.0, 0.0] if found_inf == 1.0 else [4.0, 4.0, 1.0])
+    assert [t.dtype for t in t1] == [torch.float32, torch.float64, torch.float32]
