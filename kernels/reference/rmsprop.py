@@ -1,0 +1,60 @@
+"""RMSprop for the pure-torch reference backend (the ``torch`` backend).
+
+Plain tensor arithmetic, as the rest of ``kernels/reference``: float32 math
+(float64 for float64 tensors), one rounding per stored value, and the ops
+whose CPU kernels round as the compiled backends do (``mul`` then
+``addcmul``, ``lerp``, ``addcmul(value=-1)``, ``sqrt``, ``add``,
+``addcdiv``, ``add(alpha=)``). This function's signature is the contract the
+Numba and Triton ``rmsprop`` kernels keep.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _compute_dtype, _skip, _unscale
+
+__all__ = ["rmsprop"]
+
+
+def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+            grad_scale=None, found_inf=None):
+    """RMSprop (torch semantics) over every tensor of ``batch``, in place; advances steps.
+
+    States: ``batch.states[0]`` square_avg, ``[1]`` momentum_buffer (used when
+    ``momentum > 0``), ``[2]`` grad_avg (used when ``centered``). With
+    ``found_inf`` nonzero nothing is written, steps included.
+    """
+    if _skip(found_inf):
+        return
+    if torch.is_tensor(lr):  # capturable's device lr: read here, once
+        lr = float(lr)
+    for i, p in enumerate(batch.params):
+        batch.steps[i] += 1
+        if p.numel() == 0:
+            continue
+        ct = _compute_dtype(p)
+        g = _unscale(batch.grads[i].to(ct), grad_scale)
+        if maximize:
+            g = -g
+        p32 = p.to(ct)
+        if weight_decay != 0:
+            g = g.add(p32, alpha=weight_decay)
+        sq_t = batch.states[0][i]
+        sq = sq_t.to(ct).mul(alpha).addcmul(g, g, value=1.0 - alpha)
+        sq_t.copy_(sq)
+        if centered:
+            ga_t = batch.states[2][i]
+            ga = torch.lerp(ga_t.to(ct), g, 1.0 - alpha)  # two-sided formula, as torch's
+            ga_t.copy_(ga)
+            avg = sq.addcmul(ga, ga, value=-1).sqrt()
+        else:
+            avg = sq.sqrt()
+        avg = avg.add(eps)
+        if momentum > 0:
+            b_t = batch.states[1][i]
+            b = b_t.to(ct).mul(momentum).addcdiv(g, avg)
+            b_t.copy_(b)
+            p.copy_(p32.add(b, alpha=-lr))
+        else:
+            p.copy_(p32.addcdiv(g, avg, value=-lr))

@@ -1,0 +1,274 @@
+"""RMSprop for the Triton backend: one launch per alignment class of a batch.
+
+The launcher (:func:`rmsprop`) is modeled on the Adam launcher in
+``kernels/triton/__init__.py``; the update kernel on ``_kernels._adam_kernel``
+(same block map, raw-address pointers, unmasked whole blocks, float64
+hyperparameter buffer, explicit ``tl.fma`` exactly where torch's CPU kernels
+fuse and no other contraction, IEEE ``div_rn``/``sqrt_rn`` for float32).
+
+RMSprop's step counter is only counted, never read by the math: device-side
+counters are advanced by a small kernel of one lane per row
+(:func:`_rmsprop_steps_kernel`, skipped under ``found_inf`` without a host
+sync); host-side ones (torch's default CPU steps for CUDA params) by the host.
+
+Shared helpers used (one place, to be switched to a shared launcher later):
+the layout/upload cache, hyperparameter buffer, AMP tensors, launch lock,
+step-placement checks and constexprs of the package, and the load/store of
+``_kernels``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .. import layout as L
+# ---- shared helpers (the only ones this module uses) ----
+from . import (BLOCK, NUM_WARPS, _amp_tensor, _check_host_steps, _common_args,
+               _compute_np, _device_context, _device_hyper, _launch_lock, _layout,
+               _steps_on_device, num_warps)
+from ._kernels import _load, _store
+
+# ---------------------------------------------------------------------------
+
+__all__ = ["rmsprop"]
+
+_NCOLS = tl.constexpr(L.NCOLS)
+_PARAM = tl.constexpr(L.PARAM)
+_GRAD = tl.constexpr(L.GRAD)
+_STATE0 = tl.constexpr(L.STATE0)
+_STATE1 = tl.constexpr(L.STATE1)
+_STATE2 = tl.constexpr(L.STATE2)
+_STEP = tl.constexpr(L.STEP)
+_NUMEL = tl.constexpr(L.NUMEL)
+_FLAGS = tl.constexpr(L.FLAGS)
+_FLAG_STEP_F64 = tl.constexpr(L.FLAG_STEP_F64)
+
+# Slots of the float64 hyperparameter buffer, in the launcher's order.
+(RMSPROP_LR, RMSPROP_ALPHA, RMSPROP_OMA, RMSPROP_EPS, RMSPROP_WD, RMSPROP_MOMENTUM,
+ RMSPROP_NHYPER) = range(7)
+_LR = tl.constexpr(RMSPROP_LR)
+_ALPHA = tl.constexpr(RMSPROP_ALPHA)
+_OMA = tl.constexpr(RMSPROP_OMA)
+_EPS = tl.constexpr(RMSPROP_EPS)
+_WD = tl.constexpr(RMSPROP_WD)
+_MOMENTUM = tl.constexpr(RMSPROP_MOMENTUM)
+
+#: rows per program of the step kernel
+_STEP_ROWS = 128
+
+
+@triton.jit
+def _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, offs, mask, lr, alpha, oma,
+                   eps, weight_decay, momentum, inv_scale, ELEM: tl.constexpr,
+                   IS_BF16: tl.constexpr, COMPUTE: tl.constexpr, IS_F64: tl.constexpr,
+                   CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr,
+                   MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                   LERP_FROM_START: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    """The RMSprop update of one block (``mask`` None: a whole block)."""
+    g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+    if MAXIMIZE:
+        g = -g
+    p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
+    if HAS_WD:
+        g = tl.fma(p, weight_decay, g)  # grad.add(param, alpha=wd)
+    # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+    sq = tl.fma(oma * g, g, _load(sq_ptr, offs, mask, IS_BF16, COMPUTE) * alpha)
+    _store(sq_ptr, offs, sq, mask, IS_BF16, ELEM)
+    if CENTERED:
+        ga = _load(ga_ptr, offs, mask, IS_BF16, COMPUTE)
+        # grad_avg.lerp_(grad, 1 - alpha): torch.lerp's two-sided formula
+        if LERP_FROM_START:
+            ga = tl.fma(oma, g - ga, ga)
+        else:
+            ga = tl.fma(oma - 1.0, g - ga, g)
+        _store(ga_ptr, offs, ga, mask, IS_BF16, ELEM)
+        sq = tl.fma(-ga, ga, sq)  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
+    if IS_F64:
+        avg = tl.sqrt(sq) + eps  # sqrt.rn.f64 already
+    else:
+        avg = tl.sqrt_rn(sq) + eps
+    if USE_MOMENTUM:
+        # buf.mul_(momentum).addcdiv_(grad, avg); param.add_(buf, alpha=-lr)
+        if IS_F64:
+            b = _load(buf_ptr, offs, mask, IS_BF16, COMPUTE) * momentum + g / avg
+        else:
+            b = _load(buf_ptr, offs, mask, IS_BF16, COMPUTE) * momentum + tl.div_rn(g, avg)
+        _store(buf_ptr, offs, b, mask, IS_BF16, ELEM)
+        p = tl.fma(b, -lr, p)
+    else:
+        # param.addcdiv_(grad, avg, value=-lr): param + (-lr * grad) / avg
+        if IS_F64:
+            p = p + (-lr * g) / avg
+        else:
+            p = p + tl.div_rn(-lr * g, avg)
+    _store(p_ptr, offs, p, mask, IS_BF16, ELEM)
+
+
+@triton.jit
+def _rmsprop_kernel(
+    table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
+    ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
+    IS_F64: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr,
+    CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr, LERP_FROM_START: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+):
+    """RMSprop on one ``BLOCK`` chunk of one row (torch semantics, in place).
+
+    Args:
+        table_ptr: int64 address table, ``[rows, NCOLS]``: STATE0
+            square_avg, STATE1 momentum_buffer (0 without momentum), STATE2
+            grad_avg (0 unless centered).
+        map_ptr: int32 ``[programs, 2]`` block map: (row, chunk index).
+        hyper_ptr: float64 hyperparameters (``RMSPROP_*`` slots).
+        grad_scale_ptr, found_inf_ptr: AMP, as in ``_kernels._sgd_kernel``.
+        ELEM, IS_BF16, COMPUTE, IS_F64, BLOCK, ALIGNED, TAIL_ALIGNED, VEC: as
+            in ``_kernels._sgd_kernel``.
+        CENTERED, MAXIMIZE: the torch flags.
+        USE_MOMENTUM: momentum > 0.
+        HAS_WD: weight decay != 0.
+        LERP_FROM_START: |1 - alpha| < 0.5, the side of torch.lerp's
+            two-sided formula.
+        HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(map_ptr + 2 * pid).to(tl.int64)
+    chunk = tl.load(map_ptr + 2 * pid + 1).to(tl.int64)
+    row_base = table_ptr + row * _NCOLS
+    # scalar conditions enter the mask through this bound (see _sgd_kernel)
+    bound = tl.load(row_base + _NUMEL)
+    if HAS_FOUND_INF:
+        bound = tl.where(tl.load(found_inf_ptr) == 0, bound, 0)
+    if TAIL_ALIGNED:
+        bound = tl.multiple_of(bound, VEC)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+
+    lr = tl.load(hyper_ptr + _LR).to(COMPUTE)
+    alpha = tl.load(hyper_ptr + _ALPHA).to(COMPUTE)
+    oma = tl.load(hyper_ptr + _OMA).to(COMPUTE)
+    eps = tl.load(hyper_ptr + _EPS).to(COMPUTE)
+    weight_decay = tl.load(hyper_ptr + _WD).to(COMPUTE)
+    momentum = tl.load(hyper_ptr + _MOMENTUM).to(COMPUTE)
+    inv_scale = 1.0
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.div_rn(tl.full((), 1.0, tl.float32),
+                              tl.load(grad_scale_ptr).to(tl.float32)).to(COMPUTE)
+
+    PTR: tl.constexpr = tl.pointer_type(ELEM)
+    p_ptr = tl.load(row_base + _PARAM).to(PTR)
+    g_ptr = tl.load(row_base + _GRAD).to(PTR)
+    sq_ptr = tl.load(row_base + _STATE0).to(PTR)
+    buf_ptr = tl.load(row_base + _STATE1).to(PTR)  # 0 without momentum: unused
+    ga_ptr = tl.load(row_base + _STATE2).to(PTR)  # 0 unless centered: unused
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        sq_ptr = tl.multiple_of(sq_ptr, 16)
+        buf_ptr = tl.multiple_of(buf_ptr, 16)
+        ga_ptr = tl.multiple_of(ga_ptr, 16)
+
+    if (chunk + 1) * BLOCK <= bound:
+        _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, offs, None, lr, alpha, oma,
+                       eps, weight_decay, momentum, inv_scale, ELEM, IS_BF16, COMPUTE,
+                       IS_F64, CENTERED, USE_MOMENTUM, MAXIMIZE, HAS_WD,
+                       LERP_FROM_START, HAS_GRAD_SCALE)
+    else:
+        _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, offs, offs < bound, lr,
+                       alpha, oma, eps, weight_decay, momentum, inv_scale, ELEM, IS_BF16,
+                       COMPUTE, IS_F64, CENTERED, USE_MOMENTUM, MAXIMIZE, HAS_WD,
+                       LERP_FROM_START, HAS_GRAD_SCALE)
+
+
+@triton.jit
+def _rmsprop_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr,
+                          HAS_FOUND_INF: tl.constexpr):
+    """Advance device-side step counters by one: one lane per row.
+
+    ``found_inf`` nonzero (if HAS_FOUND_INF) leaves every counter as it is;
+    it enters through the row bound (see ``_kernels._sgd_kernel`` on the
+    interpreter and scalar masks).
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    limit = rows
+    if HAS_FOUND_INF:
+        limit = tl.where(tl.load(found_inf_ptr) == 0, rows, 0)
+    live = r < limit
+    base = table_ptr + r.to(tl.int64) * _NCOLS
+    flags = tl.load(base + _FLAGS, mask=live, other=0)
+    step_addr = tl.load(base + _STEP, mask=live, other=0)
+    is64 = live & ((flags & _FLAG_STEP_F64) != 0)
+    is32 = live & ((flags & _FLAG_STEP_F64) == 0)
+    s64_ptr = step_addr.to(tl.pointer_type(tl.float64))
+    s32_ptr = step_addr.to(tl.pointer_type(tl.float32))
+    s64 = tl.load(s64_ptr, mask=is64, other=0.0) + 1.0
+    s32 = tl.load(s32_ptr, mask=is32, other=0.0) + 1.0  # float32 add, as torch
+    tl.store(s64_ptr, s64, mask=is64)
+    tl.store(s32_ptr, s32, mask=is32)
+
+
+def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+            grad_scale=None, found_inf=None):
+    """RMSprop (torch semantics) over every row; advances steps.
+
+    Step counters on the params' device are advanced by a first small
+    kernel (no host sync, found_inf included); counters elsewhere (torch's
+    default CPU steps for CUDA params) by the host, which then reads
+    ``found_inf`` first (one sync; fused_optim's optimizers move such
+    counters to the device under GradScaler). Then one update launch per
+    alignment class present.
+
+    Args:
+        batch: a :class:`~fused_optim.kernels.batch.Batch`; ``batch.steps``
+            holds one 0-dim float32/float64 step tensor per row.
+        lr, alpha, eps, weight_decay, momentum, centered, maximize: as
+            ``torch.optim.RMSprop``; a Tensor ``lr`` (capturable) is read on
+            the device.
+        grad_scale: optional AMP scale; grads are multiplied by its float32
+            reciprocal in the kernel (the grad tensors are left as they are).
+        found_inf: optional AMP flag: when nonzero nothing is written, steps
+            included.
+    """
+    if batch.table is None or batch.table.shape[0] == 0:
+        return
+    device = batch.device
+    c = _compute_np(batch.dtype)
+    use_momentum = momentum > 0
+    hyper = [lr, alpha, 1.0 - alpha, eps, weight_decay, momentum if use_momentum else 0.0]
+    assert len(hyper) == RMSPROP_NHYPER
+    device_steps = _steps_on_device(batch)
+    with _device_context(device):
+        if not device_steps:
+            _check_host_steps(batch)
+            if found_inf is not None and bool(found_inf.reshape(-1)[0] != 0):
+                return  # skipped step: steps stay as they are
+            found_inf = None
+            from ..numba.rmsprop import advance_steps
+
+            advance_steps(batch.table)
+        layout = _layout(batch, BLOCK)
+        grad_scale = _amp_tensor(grad_scale, device)
+        found_inf = _amp_tensor(found_inf, device)
+        hyper = _device_hyper(batch, hyper)
+        const = dict(_common_args(batch), CENTERED=bool(centered),
+                     USE_MOMENTUM=bool(use_momentum), MAXIMIZE=bool(maximize),
+                     HAS_WD=weight_decay != 0,
+                     # torch.lerp's side test on the weight as the kernel sees it
+                     LERP_FROM_START=bool(abs(c(1.0 - alpha)) < 0.5),
+                     HAS_GRAD_SCALE=grad_scale is not None,
+                     HAS_FOUND_INF=found_inf is not None,
+                     # no FMA contraction: the same roundings as the Numba backend
+                     enable_fp_fusion=False)
+        with _launch_lock():
+            if device_steps:
+                _rmsprop_steps_kernel[(triton.cdiv(layout.rows, _STEP_ROWS),)](
+                    layout.table, found_inf, layout.rows, BLOCK_R=_STEP_ROWS,
+                    HAS_FOUND_INF=found_inf is not None, num_warps=NUM_WARPS)
+            for bmap, programs, aligned, tail in layout.launches:
+                _rmsprop_kernel[(programs,)](
+                    layout.table, bmap, hyper, grad_scale, found_inf,
+                    ALIGNED=aligned, TAIL_ALIGNED=tail,
+                    num_warps=num_warps(batch.dtype, aligned, tail), **const)
