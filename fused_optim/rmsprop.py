@@ -204,16 +204,6 @@ class RMSprop(_base.FusedOptimizer):
         if group["centered"]:
             state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _steps_to_device(self, params, state_steps):
-        """Under GradScaler, CPU step counters of CUDA params move to their device.
-
-        As Adam (see ``Adam._steps_to_device``): the kernels then advance
-        them, or not, by ``found_inf``, with no host sync.
-        """
-        from .adam import Adam
-
-        Adam._steps_to_device(self, params, state_steps)
-
     def _group_job(self, group, found_inf):
         params: list[Tensor] = []
         grads: list[Tensor] = []
@@ -363,5 +353,5 @@ def _rmsprop_traffic(group):
 RECORDS = (
     Record("RMSprop", "rmsprop", "rmsprop", "torch.optim.rmsprop", kernel="rmsprop",
            state=("square_avg", "momentum_buffer", "grad_avg"), has_step=True,
-           traffic=_rmsprop_traffic),
+           traffic=_rmsprop_traffic, bench=(("rmsprop", dict(lr=1e-3)),)),
 )
