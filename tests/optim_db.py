@@ -64,6 +64,9 @@ Capabilities (defaults in brackets):
 ``lazy_state`` [()]
     state keys created from the first grad rather than as zeros (SGD's
     ``momentum_buffer``); ``with_capability("creates_state_lazily")``.
+``scale_sensitive`` [{}]
+    kwargs under which a missing GradScaler unscale would show in the result
+    (Adam normalises the grad away unless ``eps`` is large: ``eps=0.1``).
 ``torch_functions`` [derived]
     names in the record's ``torch_module`` that compute torch's step;
     test_kernels_do_the_math makes them raise. Default: the functional and
@@ -197,6 +200,7 @@ class OptimInfo:
     bit_exact: frozenset = frozenset()
     sparse_grads: str = "error"
     lazy_state: tuple = ()
+    scale_sensitive: dict = dataclasses.field(default_factory=dict)
     torch_functions: tuple | None = None
 
     # ------------------------------------------------------------ derived
@@ -370,6 +374,7 @@ OPTIM_DB = (
         hyperparameter_edits=_ADAM_EDITS,
         supports_fused=True,
         supports_capturable=True,
+        scale_sensitive=dict(eps=0.1),
     ),
     OptimInfo(
         name="AdamW",
@@ -385,6 +390,7 @@ OPTIM_DB = (
         hyperparameter_edits=_ADAM_EDITS,
         supports_fused=True,
         supports_capturable=True,
+        scale_sensitive=dict(eps=0.1),
         torch_functions=("adamw",),  # torch's AdamW runs torch.optim.adam's code
     ),
 )
