@@ -70,7 +70,14 @@ Capabilities (defaults in brackets):
 ``torch_functions`` [derived]
     names in the record's ``torch_module`` that compute torch's step;
     test_kernels_do_the_math makes them raise. Default: the functional and
-    its ``_single_tensor_``/``_multi_tensor_``/``_fused_`` variants.
+    its ``_single_tensor_``/``_multi_tensor_``/``_fused_`` variants (torch's
+    RMSprop/Adagrad have no ``_fused_``: list the names that exist).
+``skip_common_errors`` [()]
+    descriptions of COMMON_ERROR_INPUTS torch's class does not raise for.
+
+``with_capability(cap)`` selects entries by: ``"fused"``, ``"capturable"``,
+``"complex"``, ``"bit_exact"``, ``"creates_state_lazily"``, ``"has_step"``,
+``"sparse_grads:error"``, ``"sparse_grads:torch-path"``.
 
 Everything else comes from the registry record: ``state`` (the state keys),
 ``has_step`` (a float32 ``state["step"]``), ``torch_cls`` (the oracle).
@@ -202,6 +209,7 @@ class OptimInfo:
     lazy_state: tuple = ()
     scale_sensitive: dict = dataclasses.field(default_factory=dict)
     torch_functions: tuple | None = None
+    skip_common_errors: tuple = ()
 
     # ------------------------------------------------------------ derived
 
@@ -265,7 +273,8 @@ class OptimInfo:
 
     def all_error_inputs(self) -> tuple:
         """The class's own error inputs, the common ones, and those its capabilities imply."""
-        out = list(COMMON_ERROR_INPUTS) + list(self.error_inputs)
+        out = [e for e in COMMON_ERROR_INPUTS if e.desc not in self.skip_common_errors]
+        out += self.error_inputs
         if self.supports_fused:
             out += _FUSED_ERROR_INPUTS
         if self.supports_capturable:

@@ -33,6 +33,8 @@ def test_optim_info_is_well_formed(info):
         assert issubclass(e.error_type, BaseException) and e.error_regex, e.desc
     descs = [e.desc for e in info.all_error_inputs()]
     assert len(descs) == len(set(descs)), "error inputs need distinct descriptions"
+    common = {e.desc for e in optim_db.COMMON_ERROR_INPUTS}
+    assert set(info.skip_common_errors) <= common, "skip_common_errors names no common input"
     module, names = info.torch_step_functions()
     for n in names:
         assert hasattr(module, n), (module.__name__, n)
