@@ -25,11 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_optim
+import optim_db  # tests/, this script's directory
 
-OPTIMIZERS = ("SGD", "Adam", "AdamW")
+OPTIMIZERS = optim_db.names()
 
+# every optimizer of tests/optim_db.py with all its state in play; then
 # momentum SGD; Adam with AMSGrad (a third state tensor); AdamW with decay
-KWARGS = {
+KWARGS = {info.name: info.full_state_example for info in optim_db.OPTIM_DB}
+KWARGS |= {
     "SGD": dict(lr=0.05, momentum=0.9, weight_decay=0.01),
     "Adam": dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.01, amsgrad=True),
     "AdamW": dict(lr=0.01, weight_decay=0.1),

@@ -40,6 +40,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import fused_optim
 import matrix
+import optim_db
 
 # ---------------------------------------------------------------- arenas
 
@@ -106,7 +107,7 @@ def bits(t):
 
 # ---------------------------------------------------------------- worlds
 
-#: tests/matrix.py's configurations, so that the two share compiled kernels
+#: tests/matrix.py's configurations (every OptimInfo's), so that the two share compiled kernels
 CONFIGS = [(name, kw) for name, kws in matrix.CONFIGS.items() for kw in kws
            if not any(callable(v) for v in kw.values())]
 SHAPES = [(), (0,), (1,), (7,), (33,), (5, 3), (4, 6), (2, 3, 2, 2), (3, 0, 2)]
@@ -129,10 +130,9 @@ class World:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about a duplicated param
             if self.backend is None:  # torch's for-loop, the spec (not its fused path)
-                kw = {k: v for k, v in kw.items() if k != "fused"}
-                self.opt = getattr(torch.optim, name)(groups, foreach=False, **kw)
+                self.opt = optim_db.get(name).oracle(groups, **kw)
             else:
-                self.opt = getattr(fused_optim, name)(groups, backend=self.backend, **kw)
+                self.opt = optim_db.get(name).cls(groups, backend=self.backend, **kw)
 
     def all_params(self):
         return [p for g in self.opt.param_groups for p in g["params"]]
@@ -227,6 +227,7 @@ class Machine(RuleBasedStateMachine):
     @counted
     def build(self, config, specs, alias, seed):
         self.name, kw = config
+        self.info = optim_db.get(self.name)
         self.kw = dict(kw)
         self.worlds = [World(None), World(self.backend)]
         if self.big:
@@ -297,7 +298,8 @@ class Machine(RuleBasedStateMachine):
         """
         # torch's CPU add(alpha=) rounds a broadcast operand without its FMA:
         # bit-exactness holds for the grads it reads like any other
-        self.exact = self.name == "SGD" and "broadcast" not in self.grad_mode
+        self.exact = (self.info.is_bit_exact(*{p.dtype for p in self.worlds[0].all_params()})
+                      and "broadcast" not in self.grad_mode)
         STEPS["steps"] += 1
         outcomes = []
         for w in self.worlds:
@@ -320,7 +322,7 @@ class Machine(RuleBasedStateMachine):
             self._resync()
         else:
             self._compare()
-            if self.name == "SGD" and not self.exact:
+            if self.info.bit_exact and not self.exact:
                 # within tolerance but maybe an ulp apart: later exact
                 # comparisons must start from equal worlds
                 self._resync()
@@ -590,17 +592,7 @@ class Machine(RuleBasedStateMachine):
     @then_step
     def hyperparameter_edited(self, data):
         group = _draw(data, st.integers(0, len(self.worlds[0].opt.param_groups) - 1))
-        if self.name == "SGD":
-            key, value = _draw(data, st.sampled_from([
-                ("lr", 0.02), ("lr", 0.2), ("weight_decay", 0.0), ("weight_decay", 0.05),
-                ("momentum", 0.0), ("momentum", 0.5), ("dampening", 0.1),
-                ("maximize", True), ("maximize", False)]))
-        else:
-            key, value = _draw(data, st.sampled_from([
-                ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
-                ("betas", (0.8, 0.95)), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
-                ("betas", (-0.5, 0.99)), ("eps", 0.0), ("maximize", True),
-                ("maximize", False)]))
+        key, value = _draw(data, st.sampled_from(self.info.hyperparameter_edits))
         for w in self.worlds:
             w.opt.param_groups[group][key] = value
 

@@ -8,38 +8,13 @@ import pytest
 import torch
 
 import fused_optim
+import optim_db
 
 # --------------------------------------------------------------------------
-# Configurations: (optimizer name, kwargs). Tensor hyperparameters are built
-# lazily so that each test gets its own.
+# Configurations: (optimizer name, kwargs), from tests/optim_db.py. Tensor
+# hyperparameters are built lazily so that each test gets its own.
 
-CONFIGS = {
-    "SGD": [
-        dict(lr=0.1),
-        dict(lr=0.1, weight_decay=0.1),
-        dict(lr=0.1, momentum=0.9),
-        dict(lr=0.1, momentum=0.9, dampening=0.5),
-        dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
-        dict(lr=0.1, momentum=0.9, maximize=True, weight_decay=0.05),
-        dict(lr=lambda: torch.tensor(0.05), momentum=0.5),
-        dict(lr=0.05, momentum=0.9, fused=True),
-    ],
-    "Adam": [
-        dict(),
-        dict(lr=0.01, weight_decay=0.1),
-        dict(lr=0.01, amsgrad=True),
-        dict(lr=0.01, maximize=True, betas=(0.5, 0.9), eps=1e-3),
-        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True),
-        dict(lr=lambda: torch.tensor(0.01), betas=lambda: (torch.tensor(0.8), torch.tensor(0.95))),
-        dict(lr=0.02, betas=(0.3, 0.99)),  # 1 - beta1 >= 0.5: lerp's other branch
-        dict(lr=0.01, fused=True, weight_decay=0.01),
-    ],
-    "AdamW": [
-        dict(),
-        dict(lr=0.01, amsgrad=True, weight_decay=0.5),
-        dict(lr=0.01, maximize=True),
-    ],
-}
+CONFIGS = {info.name: list(info.configs_for("cpu")) for info in optim_db.OPTIM_DB}
 
 
 def build_kwargs(kwargs):
@@ -58,6 +33,11 @@ CONFIG_PARAMS = [
     pytest.param(name, kw, id=config_id(name, kw))
     for name, kws in CONFIGS.items() for kw in kws
 ]
+
+
+def info_params(infos=None):
+    """One pytest.param(OptimInfo) per entry, id'd by name."""
+    return [pytest.param(info, id=info.name) for info in (optim_db.OPTIM_DB if infos is None else infos)]
 
 # --------------------------------------------------------------------------
 # Backends and the single skip predicate.
@@ -139,12 +119,11 @@ def clone_params(params):
 
 
 def make(name, params, kwargs, *, fused_backend=None):
-    """torch.optim.<name> (for-loop) or fused_optim.<name> on ``params``."""
+    """The oracle (torch's class, for-loop) or fused_optim's class on ``params``."""
     kw = build_kwargs(kwargs)
     if fused_backend is None:
-        kw.pop("fused", None)
-        return getattr(torch.optim, name)(params, foreach=False, **kw)
-    return getattr(fused_optim, name)(params, backend=fused_backend, **kw)
+        return optim_db.get(name).oracle(params, **kw)
+    return optim_db.get(name).cls(params, backend=fused_backend, **kw)
 
 
 def assert_state_close(ref_opt, opt, ref_params, params, steps_on_param_device=False, **tol):

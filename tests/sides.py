@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-import fused_optim
+import optim_db
 
 
 class Stop(Exception):
@@ -57,10 +57,9 @@ class Side:
 
     def make(self, name, params, **kw):
         if self.fused:
-            opt = getattr(fused_optim, name)(params, backend=self.backend, **kw)
+            opt = optim_db.get(name).cls(params, backend=self.backend, **kw)
         else:
-            kw.pop("fused", None)
-            opt = getattr(torch.optim, name)(params, foreach=False, **kw)
+            opt = optim_db.get(name).oracle(params, **kw)
         self.tracked.append(opt)
         return opt
 

@@ -4,16 +4,9 @@ in the same pass, or skip the update entirely on inf/NaN."""
 import pytest
 import torch
 
-import fused_optim
-from matrix import BACKENDS, TOLERANCE, assert_state_close, skip_unless_runnable
-
-CASES = {
-    "SGD": dict(lr=0.1, momentum=0.9, dampening=0.1),
-    "SGD-nesterov": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
-    "Adam": dict(lr=0.01, amsgrad=True),
-    "AdamW": dict(lr=0.01, weight_decay=0.1),
-}
-
+import optim_db
+from matrix import (BACKENDS, CONFIG_PARAMS, TOLERANCE, assert_state_close, build_kwargs,
+                    skip_unless_runnable)
 
 def _model(seed):
     torch.manual_seed(seed)
@@ -21,13 +14,13 @@ def _model(seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(CASES))
-def test_grad_scaler_matches_torch_and_skips_on_inf(case, backend):
+@pytest.mark.parametrize("name,kwargs", CONFIG_PARAMS)
+def test_grad_scaler_matches_torch_and_skips_on_inf(name, kwargs, backend):
     skip_unless_runnable(backend)
-    name = case.split("-")[0]
+    info = optim_db.get(name)
     ref_model, model = _model(0), _model(0)
-    ref = getattr(torch.optim, name)(ref_model.parameters(), foreach=False, **CASES[case])
-    opt = getattr(fused_optim, name)(model.parameters(), backend=backend, **CASES[case])
+    ref = info.oracle(ref_model.parameters(), **build_kwargs(kwargs))
+    opt = info.cls(model.parameters(), backend=backend, **build_kwargs(kwargs))
     assert opt._step_supports_amp_scaling
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
                for _ in range(2)]
@@ -50,7 +43,7 @@ def test_grad_scaler_matches_torch_and_skips_on_inf(case, backend):
             assert len(ref.state) == 0
             for p, rp in zip(params, ref_params):
                 s = opt.state.get(p, {})
-                assert "momentum_buffer" not in s
+                assert not set(info.lazy_state) & set(s)  # made from a grad: none yet
                 assert float(s.get("step", 0)) == 0
                 assert all(not v.any() for k, v in s.items() if k != "step")
                 assert torch.equal(p, rp)
@@ -59,12 +52,11 @@ def test_grad_scaler_matches_torch_and_skips_on_inf(case, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["SGD", "Adam"])
-def test_found_inf_leaves_params_state_and_steps_untouched(name, backend):
+@pytest.mark.parametrize("info", optim_db.OPTIM_DB, ids=lambda i: i.name)
+def test_found_inf_leaves_params_state_and_steps_untouched(info, backend):
     skip_unless_runnable(backend)
     params = [torch.randn(50).requires_grad_(), torch.randn(3, 3).requires_grad_()]
-    kw = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
-    opt = getattr(fused_optim, name)(params, backend=backend, **kw)
+    opt = info.cls(params, backend=backend, **info.full_state_example)
     for p in params:
         p.grad = torch.randn(p.shape)
     opt.step()
@@ -81,12 +73,13 @@ def test_found_inf_leaves_params_state_and_steps_untouched(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_scale_divides_in_the_kernel(backend):
+@pytest.mark.parametrize("info", optim_db.OPTIM_DB, ids=lambda i: i.name)
+def test_grad_scale_divides_in_the_kernel(info, backend):
     skip_unless_runnable(backend)
     ref_p = [torch.randn(40).requires_grad_()]
     p = [ref_p[0].detach().clone().requires_grad_()]
-    ref = torch.optim.Adam(ref_p, lr=0.1, foreach=False)
-    opt = fused_optim.Adam(p, lr=0.1, backend=backend)
+    ref = info.oracle(ref_p, **info.full_state_example)
+    opt = info.cls(p, backend=backend, **info.full_state_example)
     g = torch.randn(40)
     ref_p[0].grad = g.clone()
     p[0].grad = g * 1024.0

@@ -8,19 +8,22 @@ import pytest
 import torch
 
 import fused_optim
+import optim_db
 from matrix import (BACKENDS, TOLERANCE, assert_state_close, clone_params,
                     skip_unless_runnable)
 
-NAMES = ["SGD", "Adam", "AdamW"]
-KW = {"SGD": dict(lr=0.1, momentum=0.9), "Adam": dict(lr=0.01), "AdamW": dict(lr=0.01)}
+NAMES = list(optim_db.names())
+#: each optimizer with every state key in play
+KW = {info.name: info.full_state_example for info in optim_db.OPTIM_DB}
 
 
 def _pair(name, n=3, backend="numba", **extra):
     torch.manual_seed(0)
     ref_params = [torch.randn(4, 3).requires_grad_() for _ in range(n)]
     params = clone_params(ref_params)
-    ref = getattr(torch.optim, name)(ref_params, foreach=False, **KW[name], **extra)
-    opt = getattr(fused_optim, name)(params, backend=backend, **KW[name], **extra)
+    info = optim_db.get(name)
+    ref = info.oracle(ref_params, **KW[name], **extra)
+    opt = info.cls(params, backend=backend, **KW[name], **extra)
     return ref, opt, ref_params, params
 
 
@@ -171,7 +174,7 @@ def test_add_param_group_gets_its_own_step_count(name, backend):
         opt.step()
     assert_state_close(ref, opt, ref_params + [extra_ref], params + [extra],
                        **TOLERANCE[torch.float32])
-    if name != "SGD":
+    if optim_db.get(name).has_step:
         assert float(opt.state[extra]["step"]) == 3 and float(opt.state[params[0]]["step"]) == 5
 
 
@@ -219,7 +222,7 @@ def _no_grad(fn, *args):
 
 
 def _first_state(name):
-    return "momentum_buffer" if name == "SGD" else "exp_avg"
+    return optim_db.get(name).state_keys[0]
 
 
 #: Changes made in place to a tensor the cached plan validated, after two
@@ -247,13 +250,13 @@ def test_in_place_changes_after_caching_are_seen(change, name, backend):
     validation: the same result as torch's, or an error where torch errs,
     and then nothing is written."""
     skip_unless_runnable(backend)
-    if change == "step counter reset" and name == "SGD":
-        pytest.skip("SGD keeps no step counter")
+    if change == "step counter reset" and not optim_db.get(name).has_step:
+        pytest.skip(f"{name} keeps no step counter")
     torch.manual_seed(0)
     ref_params = [torch.randn(4, 4).requires_grad_() for _ in range(3)]
     params = clone_params(ref_params)
-    ref = getattr(torch.optim, name)(ref_params, foreach=False, **KW[name])
-    opt = getattr(fused_optim, name)(params, backend=backend, **KW[name])
+    ref = optim_db.get(name).oracle(ref_params, **KW[name])
+    opt = optim_db.get(name).cls(params, backend=backend, **KW[name])
     for s in range(2):
         _grads(ref_params, params, s)
         ref.step()
@@ -305,12 +308,13 @@ def _outcome(fn):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_default_dtype_float64_keeps_float64_steps(backend):
+@pytest.mark.parametrize("name", [i.name for i in optim_db.with_capability("has_step")])
+def test_default_dtype_float64_keeps_float64_steps(name, backend):
     skip_unless_runnable(backend)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        ref, opt, ref_params, params = _pair("Adam", backend=backend)
+        ref, opt, ref_params, params = _pair(name, backend=backend)
         for s in range(3):
             _grads(ref_params, params, s)
             ref.step()

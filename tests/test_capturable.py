@@ -10,14 +10,16 @@ import pytest
 import torch
 
 import fused_optim
-from matrix import TOLERANCE, assert_state_close, clone_params, skip_unless_runnable
+import optim_db
+from matrix import TOLERANCE, assert_state_close, clone_params, config_id, skip_unless_runnable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = {
-    "Adam": dict(betas=(0.9, 0.99), weight_decay=0.01, amsgrad=True),
-    "AdamW": dict(weight_decay=0.1),
-    "SGD": dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
-}
+#: every OptimInfo config that runs on DEVICE (fused_optim's capturable=True
+#: applies to all its classes, torch's or not), lr aside: the test drives a Tensor lr
+CASES = [pytest.param(info.name, {k: v for k, v in kw.items() if k != "lr"},
+                      id=config_id(info.name, kw))
+         for info in optim_db.OPTIM_DB for kw in info.configs_for(DEVICE)
+         if not kw.get("fused") and not any(callable(v) for v in kw.values())]
 
 
 class _HostReadError(AssertionError):
@@ -32,8 +34,8 @@ def _forbid_host_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, boom)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_capturable_step_reads_nothing_on_the_host(name, monkeypatch):
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_capturable_step_reads_nothing_on_the_host(name, kwargs, monkeypatch):
     skip_unless_runnable("triton", DEVICE)
     torch.manual_seed(0)
     ref_params = [torch.randn(40, 3, device=DEVICE).requires_grad_(),
@@ -41,9 +43,9 @@ def test_capturable_step_reads_nothing_on_the_host(name, monkeypatch):
     params = clone_params(ref_params) if DEVICE == "cpu" else [
         p.detach().clone().requires_grad_() for p in ref_params]
     lr = torch.tensor(0.01, device=DEVICE)
-    ref = getattr(torch.optim, name)(ref_params, lr=0.01, foreach=False, **CASES[name])
-    opt = getattr(fused_optim, name)(params, lr=lr, capturable=True, backend="triton",
-                                     **CASES[name])
+    info = optim_db.get(name)
+    ref = info.oracle(ref_params, lr=0.01, **kwargs)
+    opt = info.cls(params, lr=lr, capturable=True, backend="triton", **kwargs)
     gen = torch.Generator().manual_seed(1)
     for step in range(4):
         for a, b in zip(ref_params, params):
@@ -56,7 +58,7 @@ def test_capturable_step_reads_nothing_on_the_host(name, monkeypatch):
         with monkeypatch.context() as m:
             _forbid_host_reads(m)
             opt.step()
-        if name != "SGD":
+        if info.has_step:
             assert opt.state[params[0]]["step"].device == params[0].device
     assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
 

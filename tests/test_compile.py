@@ -12,6 +12,7 @@ hyperparameters, a bf16 param, state of every kind).
 
 import copy
 import gc
+import importlib
 import weakref
 
 import pytest
@@ -21,9 +22,8 @@ from torch._dynamo.utils import counters
 
 import fused_optim
 import fused_optim.kernels.numba as numba_backend
+import optim_db
 from fused_optim import _ops
-from fused_optim.adam import ADAM_STEP
-from fused_optim.sgd import SGD_STEP
 
 STEPS = 4
 
@@ -57,15 +57,27 @@ def launches(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(numba_backend, "sgd", count_kernel(numba_backend.sgd))
-    monkeypatch.setattr(numba_backend, "adam", count_kernel(numba_backend.adam))
+    for kernel in sorted({info.record.kernel for info in optim_db.OPTIM_DB}):
+        monkeypatch.setattr(numba_backend, kernel, count_kernel(getattr(numba_backend, kernel)))
 
-    for op in (SGD_STEP, ADAM_STEP):
+    for op in _update_ops():
         def run(jobs, grad_scale, found_inf, backend, cache, compiled, _run=op.run):
             seen["compiled_runs" if compiled else "eager_runs"] += 1
             return _run(jobs, grad_scale, found_inf, backend, cache, compiled)
         monkeypatch.setattr(op, "run", run)
     return seen
+
+
+def _update_ops():
+    """Every optimizer module's UpdateOp (SGD_STEP, ADAM_STEP, ...), once each."""
+    ops = {}
+    for info in optim_db.OPTIM_DB:
+        module = importlib.import_module(f"fused_optim.{info.record.module}")
+        for value in vars(module).values():
+            if isinstance(value, _ops.UpdateOp):
+                ops[id(value)] = value
+    assert ops
+    return list(ops.values())
 
 
 def _params():
@@ -88,7 +100,7 @@ def _make(name, kwargs, lr_tensor=False):
         groups = [{"params": params}]
     else:
         groups = _groups(params, kw)
-    return params, getattr(fused_optim, name)(groups, backend="numba", **kw)
+    return params, optim_db.get(name).cls(groups, backend="numba", **kw)
 
 
 def _grads(step, params, scale=1.0):
@@ -164,7 +176,7 @@ def test_scheduler_tensor_lr_no_recompiles(name, launches):
     """The tutorial's pattern, opt.step() and a scheduler in one compiled
     function, with a Tensor lr: after the first two calls (state creation),
     no recompilation while the lr changes every step."""
-    kwargs = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.01)
+    kwargs = optim_db.get(name).full_state_example
     params_e, eager = _make(name, kwargs, lr_tensor=True)
     params_c, opt = _make(name, kwargs, lr_tensor=True)
     sched_e = torch.optim.lr_scheduler.LambdaLR(eager, lambda e: 0.8 ** e)
@@ -200,7 +212,7 @@ def test_grad_scaler_in_compiled_step(name, launches):
     GradScaler.step itself eagerly, so the step's frame is compiled on its
     own): the kernels unscale, a step with an inf is skipped whole, and
     params, state and scale match eager bit for bit."""
-    kwargs = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.01)
+    kwargs = optim_db.get(name).full_state_example
     params_e, eager = _make(name, kwargs)
     params_c, opt = _make(name, kwargs)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
@@ -313,13 +325,13 @@ def test_eager_steps_through_the_operator(name, kwargs, monkeypatch):
         params = [p.clone().requires_grad_() for p in _params()] + [torch.zeros(4).requires_grad_()]
         kw = {k: (v() if callable(v) else v) for k, v in kwargs.items()}
         other = dict(lr=0.003, weight_decay=0.0)
-        if name == "SGD":
-            other["momentum"] = 0.0 if kw.get("momentum") else 0.7
-        else:
-            other["amsgrad"] = not kw.get("amsgrad", False)
+        # the second group flips the option that creates extra state
+        # (OptimInfo.state_config: SGD's momentum, Adam's amsgrad)
+        for key, on in optim_db.get(name).state_config.items():
+            other[key] = type(on)() if kw.get(key) else on
         groups = [{"params": params[:3]}, {"params": params[3:4], **other},
                   {"params": params[4:]}]  # the last never gets a grad
-        return params, getattr(fused_optim, name)(groups, backend="numba", **kw)
+        return params, optim_db.get(name).cls(groups, backend="numba", **kw)
 
     params_a, direct = build()
     params_b, dispatched = build()

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+import optim_db
+
 WORKER = Path(__file__).with_name("_dist_worker.py")
 WORLD_SIZE = 2
 DEADLINE_S = 240  # per launch; a healthy one takes ~10 s
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="needs torch.distributed with gloo")
 
-OPTIMIZERS = ("SGD", "Adam", "AdamW")
+OPTIMIZERS = optim_db.names()
 
 
 def _free_port() -> int:

@@ -5,12 +5,10 @@ functions and every ``torch._foreach_*`` / ``torch._fused_*`` op are made to
 raise, and ``step()`` must still match torch's for-loop run beforehand.
 """
 
-import importlib
-
 import pytest
 import torch
 
-import fused_optim
+import optim_db
 from matrix import (BACKENDS, CONFIG_PARAMS, TOLERANCE, assert_state_close,
                     build_kwargs, clone_params, make, skip_unless_runnable)
 
@@ -19,13 +17,9 @@ def _forbid(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("torch's optimizer code was called")
 
-    # torch.optim deletes its submodule attributes; reach them by name
-    for mod, names in [
-        ("torch.optim.sgd", ["sgd", "_single_tensor_sgd", "_multi_tensor_sgd", "_fused_sgd"]),
-        ("torch.optim.adam", ["adam", "_single_tensor_adam", "_multi_tensor_adam", "_fused_adam"]),
-        ("torch.optim.adamw", ["adamw"]),
-    ]:
-        mod = importlib.import_module(mod)
+    # torch.optim deletes its submodule attributes; each OptimInfo names them
+    for info in optim_db.OPTIM_DB:
+        mod, names = info.torch_step_functions()
         for n in names:
             assert hasattr(mod, n), (mod, n)
             monkeypatch.setattr(mod, n, boom)
@@ -33,8 +27,8 @@ def _forbid(monkeypatch):
     assert len(forbidden) > 20
     for n in forbidden:
         monkeypatch.setattr(torch, n, boom)
-    for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
-        monkeypatch.setattr(cls, "step", boom)
+    for info in optim_db.OPTIM_DB:
+        monkeypatch.setattr(info.record.torch_cls, "step", boom)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -55,7 +49,7 @@ def test_step_matches_with_torch_optimizer_code_disabled(name, kwargs, backend, 
         ref.step()
 
     monkeypatch.setenv("FUSED_OPTIM_BACKEND", backend)
-    opt = getattr(fused_optim, name)(params, **build_kwargs(kwargs))
+    opt = optim_db.get(name).cls(params, **build_kwargs(kwargs))
     assert opt.backend == backend
     _forbid(monkeypatch)
     for gs in grads:

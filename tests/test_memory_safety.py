@@ -7,15 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fused_optim
+import optim_db
 from matrix import (BACKENDS, TOLERANCE, assert_state_close, clone_params,
                     skip_unless_runnable)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("name", ["SGD", "Adam"])
-def test_views_with_gaps_leave_the_gaps_alone(name, dtype, backend):
+@pytest.mark.parametrize("info", optim_db.OPTIM_DB, ids=lambda i: i.name)
+def test_views_with_gaps_leave_the_gaps_alone(info, dtype, backend):
     skip_unless_runnable(backend)
     storage = torch.randn(4000, dtype=dtype)
     sentinel = storage.clone()
@@ -28,8 +28,7 @@ def test_views_with_gaps_leave_the_gaps_alone(name, dtype, backend):
     gstore = torch.randn(4000, dtype=dtype)
     grads = [gstore[3000:3100], gstore[:400].view(20, 20)[:, ::3].clone(),
              gstore[1000:1600].view(30, 20), gstore[5:6].view(()), gstore[2000:2400:2]]
-    kw = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1, amsgrad=True)
-    opt = getattr(fused_optim, name)(params, backend=backend, **kw)
+    opt = info.cls(params, backend=backend, **dict(info.full_state_example, lr=0.1))
     touched = torch.zeros(4000, dtype=torch.bool)
     for v in views:
         idx = torch.arange(4000).as_strided(v.shape, v.stride(), v.storage_offset())
@@ -45,14 +44,16 @@ def test_views_with_gaps_leave_the_gaps_alone(name, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_shared_storage_view_params_match_torch(backend):
+@pytest.mark.parametrize("info", optim_db.OPTIM_DB, ids=lambda i: i.name)
+def test_shared_storage_view_params_match_torch(info, backend):
     skip_unless_runnable(backend)
     base_ref = torch.randn(30)
     base = base_ref.clone()
     ref_params = [base_ref[:10].detach().requires_grad_(), base_ref[15:30].detach().requires_grad_()]
     params = [base[:10].detach().requires_grad_(), base[15:30].detach().requires_grad_()]
-    ref = torch.optim.Adam(ref_params, lr=0.1, foreach=False)
-    opt = fused_optim.Adam(params, lr=0.1, backend=backend)
+    kw = dict(info.full_state_example, lr=0.1)
+    ref = info.oracle(ref_params, **kw)
+    opt = info.cls(params, backend=backend, **kw)
     for s in range(3):
         for a, b in zip(ref_params, params):
             g = torch.randn(a.shape)
@@ -142,26 +143,19 @@ def test_row_constant_division_is_a_division(dtype):
 
 
 _shapes = st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3), min_size=1, max_size=12)
-_sgd = st.fixed_dictionaries({"lr": st.floats(1e-4, 1.0), "momentum": st.sampled_from([0.0, 0.5, 0.9]),
-                              "weight_decay": st.sampled_from([0.0, 1e-2]),
-                              "maximize": st.booleans()})
-_adam = st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1), "amsgrad": st.booleans(),
-                               "betas": st.tuples(st.floats(0.0, 0.99), st.floats(0.0, 0.999)),
-                               "weight_decay": st.sampled_from([0.0, 0.1]),
-                               "maximize": st.booleans()})
-
-
 @settings(max_examples=30, deadline=None)
-@given(shapes=_shapes, name_kwargs=st.one_of(st.tuples(st.just("SGD"), _sgd),
-                                            st.tuples(st.sampled_from(["Adam", "AdamW"]), _adam)),
+@given(shapes=_shapes,
+       name_kwargs=st.sampled_from(optim_db.OPTIM_DB).flatmap(
+           lambda info: st.tuples(st.just(info.name), info.kwargs_strategy())),
        seed=st.integers(0, 2 ** 16))
 def test_generated_configurations_match_torch(shapes, name_kwargs, seed):
     name, kwargs = name_kwargs
     torch.manual_seed(seed)
     ref_params = [torch.randn(s).requires_grad_() for s in shapes]
     params = clone_params(ref_params)
-    ref = getattr(torch.optim, name)(ref_params, foreach=False, **kwargs)
-    opt = getattr(fused_optim, name)(params, backend="numba", **kwargs)
+    info = optim_db.get(name)
+    ref = info.oracle(ref_params, **kwargs)
+    opt = info.cls(params, backend="numba", **kwargs)
     for _ in range(3):
         for a, b in zip(ref_params, params):
             g = torch.randn(a.shape)
@@ -173,11 +167,12 @@ def test_generated_configurations_match_torch(shapes, name_kwargs, seed):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("victim", ["param freed", "state shrunk", "grad freed"])
-def test_freed_or_shrunk_storage_is_refused_not_dereferenced(victim, backend):
+@pytest.mark.parametrize("info", optim_db.OPTIM_DB, ids=lambda i: i.name)
+def test_freed_or_shrunk_storage_is_refused_not_dereferenced(info, victim, backend):
     # torch's own for-loop step segfaults on a param whose storage was freed
     skip_unless_runnable(backend)
     params = [torch.randn(1000).requires_grad_(), torch.randn(10).requires_grad_()]
-    opt = fused_optim.SGD(params, lr=0.1, momentum=0.9, backend=backend)
+    opt = info.cls(params, backend=backend, **info.full_state_example)
     for _ in range(2):  # the second step runs from a cached plan
         for p in params:
             p.grad = torch.randn(p.shape)
@@ -187,7 +182,7 @@ def test_freed_or_shrunk_storage_is_refused_not_dereferenced(victim, backend):
     if victim == "param freed":
         params[0].untyped_storage().resize_(0)
     elif victim == "state shrunk":
-        opt.state[params[0]]["momentum_buffer"].untyped_storage().resize_(8)
+        opt.state[params[0]][info.state_keys[0]].untyped_storage().resize_(8)
     else:
         params[0].grad.untyped_storage().resize_(0)
     other = params[1].detach().clone()

@@ -9,10 +9,11 @@ be no less accurate than torch's for-loop in the same dtype.
 import pytest
 import torch
 
+import optim_db
 from matrix import (BACKENDS, CONFIG_PARAMS, FULL_PRECISION, LAYOUTS,
                     LOW_PRECISION, LOW_PRECISION_FLOOR, LOW_PRECISION_SLACK,
                     TOLERANCE, assert_state_close, build_kwargs, clone_params, grad_like,
-                    make, skip_unless_runnable)
+                    config_id, make, skip_unless_runnable)
 
 STEPS = 4
 
@@ -141,8 +142,11 @@ def test_nonfinite_grads_match(name, kwargs, bad, backend):
         assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
 
 
+COMPLEX_PARAMS = [p for p in CONFIG_PARAMS if optim_db.get(p.values[0]).supports_complex]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,kwargs", CONFIG_PARAMS)
+@pytest.mark.parametrize("name,kwargs", COMPLEX_PARAMS)
 def test_complex_params_as_real_views(name, kwargs, backend):
     skip_unless_runnable(backend)
     torch.manual_seed(0)
@@ -152,7 +156,7 @@ def test_complex_params_as_real_views(name, kwargs, backend):
     opt = make(name, params, kwargs, fused_backend=backend)
     if kwargs.get("fused"):
         # torch's fused=True refuses complex params; so must we, word for word
-        torch_fused = getattr(torch.optim, name)(ref_params, **build_kwargs(kwargs))
+        torch_fused = optim_db.get(name).record.torch_cls(ref_params, **build_kwargs(kwargs))
         for ps, o in ((ref_params, torch_fused), (params, opt)):
             for p in ps:
                 p.grad = torch.ones_like(p)
@@ -172,14 +176,20 @@ def test_complex_params_as_real_views(name, kwargs, backend):
         assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
 
 
-SGD_PARAMS = [p for p in CONFIG_PARAMS if p.values[0] == "SGD"]
+#: (config, dtype) wherever the optimizer's OptimInfo claims bit-exactness
+BIT_EXACT_PARAMS = [
+    pytest.param(name, kwargs, dtype, id=f"{config_id(name, kwargs)}-{dtype}")
+    for info in optim_db.with_capability("bit_exact")
+    for name, kwargs in [(info.name, kw) for kw in info.configs_for("cpu")]
+    for dtype in FULL_PRECISION if info.is_bit_exact(dtype)
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", FULL_PRECISION, ids=str)
-@pytest.mark.parametrize("name,kwargs", SGD_PARAMS)
-def test_sgd_is_bit_exact_with_torch(name, kwargs, dtype, backend):
-    """SGD rounds exactly where torch's for-loop rounds (FMAs included)."""
+@pytest.mark.parametrize("name,kwargs,dtype", BIT_EXACT_PARAMS)
+def test_bit_exact_with_torch(name, kwargs, dtype, backend):
+    """Where OptimInfo.bit_exact says so (SGD in fp32/fp64), we round exactly
+    where torch's for-loop rounds (FMAs included): params and every state tensor."""
     skip_unless_runnable(backend)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(4)
@@ -195,5 +205,7 @@ def test_sgd_is_bit_exact_with_torch(name, kwargs, dtype, backend):
         opt.step()
         for a, b in zip(ref_params, params):
             assert torch.equal(a, b)
-            if "momentum_buffer" in ref.state.get(a, {}):
-                assert torch.equal(ref.state[a]["momentum_buffer"], opt.state[b]["momentum_buffer"])
+            rs, s = ref.state.get(a, {}), opt.state.get(b, {})
+            assert set(rs) == set(s)
+            for key in rs:
+                assert torch.equal(rs[key], s[key]), key

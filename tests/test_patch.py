@@ -16,16 +16,19 @@ import torch.optim.sgd
 from torch.optim import lr_scheduler
 
 import fused_optim
+import optim_db
 from fused_optim import _patch
 
-RECORDS = fused_optim._registry.records()
-TORCH = {r.name: getattr(torch.optim, r.name) for r in RECORDS}
-FUSED = {r.name: r.cls for r in RECORDS}
-SUBMODULE = {r.name: r.torch_module for r in RECORDS}
-FUNCTIONALS = {r.torch_module: r.functional for r in RECORDS}
+TORCH = {info.name: info.record.torch_cls for info in optim_db.OPTIM_DB}
+FUSED = {info.name: info.cls for info in optim_db.OPTIM_DB}
+SUBMODULE = {info.name: info.record.torch_module for info in optim_db.OPTIM_DB}
+FUNCTIONALS = {info.record.torch_module: info.record.functional for info in optim_db.OPTIM_DB}
 TORCH_FUNCTIONALS = {m: getattr(sys.modules[m], f) for m, f in FUNCTIONALS.items()}
 
-OPTIMIZERS = {
+#: one case per OptimInfo (every state key in play), then hand-picked variants
+#: (which replace an entry of the same id)
+OPTIMIZERS = {info.name: (info.name, info.full_state_example) for info in optim_db.OPTIM_DB}
+OPTIMIZERS |= {
     "SGD": ("SGD", dict(lr=0.05, momentum=0.9, weight_decay=4e-5)),
     "SGD-nesterov": ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
     "Adam": ("Adam", dict(lr=1e-2)),
@@ -148,7 +151,7 @@ def test_other_torch_optim_names_untouched():
     with fused_optim.patch_torch():
         after = dict(vars(torch.optim))
     changed = {k for k in before if before[k] is not after.get(k)}
-    assert changed == set(fused_optim._registry.names())  # every registered class
+    assert changed == set(optim_db.names())
     assert dict(vars(torch.optim)) == before
 
 
@@ -218,10 +221,10 @@ SCHEDULERS = {
 }
 
 
-@pytest.mark.parametrize("opt_name", list(FUSED))
+@pytest.mark.parametrize("opt_name", optim_db.names())
 @pytest.mark.parametrize("sched_name", list(SCHEDULERS))
 def test_lr_schedulers_drive_patched_optimizers(opt_name, sched_name):
-    name, kwargs = OPTIMIZERS.get(opt_name, (opt_name, dict(lr=1e-2)))
+    name, kwargs = OPTIMIZERS[opt_name]
     results = []
     for patched in (False, True):
         with fused_optim.patch_torch() if patched else _null():
@@ -253,14 +256,14 @@ class _null:
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
-@pytest.mark.parametrize("opt_name", ["SGD", "Adam"])
+@pytest.mark.parametrize("opt_name", [i.name for i in optim_db.with_capability("fused")])
 def test_grad_scaler(opt_name, fused):
     # fused=True optimizers unscale and skip inf steps themselves, from the
     # grad_scale/found_inf GradScaler hands them; a large eps keeps Adam from
     # hiding a missing unscale
-    name, kwargs = OPTIMIZERS.get(opt_name, (opt_name, dict(lr=1e-2)))
+    name, kwargs = OPTIMIZERS[opt_name]
     if fused:
-        kwargs = dict(kwargs, fused=True, **({"eps": 0.1} if name == "Adam" else {}))
+        kwargs = dict(kwargs, fused=True, **optim_db.get(name).scale_sensitive)
     results = []
     for patched in (False, True):
         with fused_optim.patch_torch() if patched else _null():
@@ -295,7 +298,7 @@ def test_sparse_gradient_fallback_uses_torch_functional():
 # --------------------------------------------------------------- checkpoints
 
 def _checkpoint_roundtrip(opt_name, save_patched, load_patched, tmp_path):
-    name, kwargs = OPTIMIZERS.get(opt_name, (opt_name, dict(lr=1e-2)))
+    name, kwargs = OPTIMIZERS[opt_name]
     batches = _data(n=10)
 
     def build():

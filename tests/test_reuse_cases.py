@@ -14,13 +14,16 @@ import pytest
 import torch
 
 import fused_optim
+import optim_db
 from matrix import BACKENDS, skip_unless_runnable
 from sides import assert_same
 
 #: configurations of tests/matrix.py's CONFIGS, so that the numba kernels
 #: they need are compiled once for both (a cold numba cache costs 2-7 s a
 #: specialization)
-OPTS = {"SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+#: (every optimizer of tests/optim_db.py, with all its state in play, unless picked here)
+OPTS = {info.name: info.full_state_example for info in optim_db.OPTIM_DB}
+OPTS |= {"SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
         "Adam": dict(lr=0.01, weight_decay=0.1),
         "AdamW": dict(lr=0.01, amsgrad=True, weight_decay=0.5)}
 
@@ -139,7 +142,9 @@ def test_sparse_grad_of_a_view_is_written_inside_it(momentum, twice, backend):
 
 # ---------------------------------------------------------------- state edits
 
-_STATE_KEY = {"SGD": "momentum_buffer", "Adam": "exp_avg", "AdamW": "exp_avg_sq"}
+#: the state entry edited: each record's first state key unless picked here
+_STATE_KEY = {info.name: info.state_keys[0] for info in optim_db.OPTIM_DB}
+_STATE_KEY |= {"AdamW": "exp_avg_sq"}
 
 
 @pytest.mark.parametrize("edit", ["smaller view", "as int32", "other shape", "transposed",
@@ -359,7 +364,7 @@ def test_load_state_dict_pre_hook_that_reshapes_state(backend):
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.bfloat16, torch.int32,
                                    "a Python float"])
-@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("name", [i.name for i in optim_db.with_capability("has_step")])
 def test_checkpoint_steps_of_other_dtypes(name, dtype, backend):
     def scenario(side):
         p = _leaf(side, 20)

@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-import fused_optim
+import optim_db
 from matrix import (BACKENDS, CONFIG_PARAMS, TOLERANCE, assert_state_close,
                     clone_params, make, skip_unless_runnable)
 
@@ -63,7 +63,7 @@ def test_state_dict_has_torchs_structure(name, kwargs, backend):
         g["foreach"] = None
     _state_eq(ref_sd, sd)
     assert "backend" not in sd["param_groups"][0]
-    if name != "SGD":
+    if optim_db.get(name).has_step:
         assert sd["state"][0]["step"].dtype == torch.float32
 
 
@@ -91,30 +91,31 @@ def test_checkpoint_moves_both_ways_and_training_continues(name, kwargs, backend
     assert_state_close(ref, dst, c_params, b_params, **TOLERANCE[torch.float32])
 
 
-def test_state_dict_before_any_step_round_trips():
+@pytest.mark.parametrize("info", optim_db.OPTIM_DB, ids=lambda i: i.name)
+def test_state_dict_before_any_step_round_trips(info):
     p = [torch.randn(3).requires_grad_()]
-    opt = fused_optim.AdamW(p, lr=0.02)
+    kw = dict(info.example, lr=0.02)
+    opt = info.cls(p, **kw)
     sd = _roundtrip(opt.state_dict())
-    ref = torch.optim.AdamW([torch.randn(3).requires_grad_()], lr=0.02)
+    ref = info.oracle([torch.randn(3).requires_grad_()], **kw)
     ref.load_state_dict(sd)
     assert ref.param_groups[0]["lr"] == 0.02
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["SGD", "Adam"])
-def test_loading_state_releases_the_replaced_state(name, backend):
+@pytest.mark.parametrize("info,key", [pytest.param(info, key, id=f"{info.name}-{key}")
+                                      for info in optim_db.OPTIM_DB for key in info.state_keys])
+def test_loading_state_releases_the_replaced_state(info, key, backend):
     """The cached plan keeps its state storages alive between steps; loading a
     checkpoint must drop it, or resuming into a live optimizer would hold
     two copies of the state."""
     skip_unless_runnable(backend)
     p = torch.randn(1000).requires_grad_()
-    opt = getattr(fused_optim, name)([p], lr=0.1, backend=backend,
-                                      **({"momentum": 0.9} if name == "SGD" else {}))
+    opt = info.cls([p], backend=backend, **info.full_state_example)
     for _ in range(2):
         p.grad = torch.randn(1000)
         opt.step()
     saved = copy.deepcopy(opt.state_dict())
-    key = "momentum_buffer" if name == "SGD" else "exp_avg"
     old = weakref.ref(opt.state[p][key].untyped_storage())
     opt.load_state_dict(saved)
     gc.collect()

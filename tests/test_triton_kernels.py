@@ -6,6 +6,7 @@ tensor here is small; sizes straddle ``BLOCK`` (1023, 1025) and tests that
 need rows spanning many programs lower ``BLOCK`` instead of growing tensors.
 """
 
+import inspect
 import os
 
 import torch
@@ -21,6 +22,7 @@ pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 import fused_optim  # noqa: E402
+import optim_db  # noqa: E402
 from fused_optim import _tables  # noqa: E402
 from fused_optim.kernels import layout as L  # noqa: E402
 from fused_optim.kernels import reference  # noqa: E402
@@ -478,8 +480,9 @@ def test_found_inf_skips_sgd_entirely():
 def _pair(cls_name, params, **kw):
     ours = [p.detach().clone() for p in params]
     theirs = [p.detach().clone() for p in params]
-    opt = getattr(fused_optim, cls_name)(ours, backend="triton", **kw)
-    ref = getattr(torch.optim, cls_name)(theirs, foreach=False, **kw)
+    info = optim_db.get(cls_name)
+    opt = info.cls(ours, backend="triton", **kw)
+    ref = info.oracle(theirs, **kw)
     return ours, opt, theirs, ref
 
 
@@ -524,11 +527,9 @@ def test_public_api_matches_torch_for_loop(dtype, name, kw):
     _assert_states_close(*pair)
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
-    ("Adam", dict(lr=0.01, amsgrad=True)),
-])
-def test_many_tiny_tensors_one_launch(monkeypatch, name, kw):
+@pytest.mark.parametrize("info", optim_db.OPTIM_DB, ids=lambda i: i.name)
+def test_many_tiny_tensors_one_launch(monkeypatch, info):
+    name, kw = info.name, info.full_state_example
     launches = []
 
     class Recorder:
@@ -539,7 +540,7 @@ def test_many_tiny_tensors_one_launch(monkeypatch, name, kw):
             launches.append(grid)
             return self.kernel[grid]
 
-    attr = "_sgd_kernel" if name == "SGD" else "_adam_kernel"
+    attr = f"_{info.record.kernel}_kernel"
     monkeypatch.setattr(tk._kernels, attr, Recorder(getattr(tk._kernels, attr)))
     gen = torch.Generator().manual_seed(21)
     sizes = [int(n) for n in torch.randint(1, 6, (48,), generator=gen)]
@@ -606,7 +607,7 @@ def test_nan_and_inf_grads_match_torch():
 ], ids=lambda x: str(x))
 def test_low_precision_at_least_as_accurate_as_torch(dtype, name, kw):
     """Against a float64 shadow run: no worse than torch's for-loop in dtype."""
-    if dtype == torch.float16 and name.startswith("Adam"):
+    if dtype == torch.float16 and "eps" in inspect.signature(optim_db.get(name).cls).parameters:
         # eps=1e-8 is 0 in float16 and torch's for-loop then divides 0 by 0
         kw = dict(kw, eps=1e-3)
     gen = torch.Generator().manual_seed(24)
@@ -619,7 +620,7 @@ def test_low_precision_at_least_as_accurate_as_torch(dtype, name, kw):
     params = _randn(sizes, dtype, gen, scale=0.005)
     ours, opt, theirs, ref = _pair(name, params, **kw)
     shadow = [p.detach().double() for p in params]
-    shadow_opt = getattr(torch.optim, name)(shadow, foreach=False, **kw)
+    shadow_opt = optim_db.get(name).oracle(shadow, **kw)
     for _ in range(5):
         grads = _randn(sizes, dtype, gen)
         _step_both(ours, opt, theirs, ref, grads)
