@@ -106,7 +106,8 @@ def test_model_factory(tmp_path, monkeypatch):
 
 def test_optimizer_settings_come_from_the_records():
     from fused_optim import _registry
-    assert set(bench.OPTIMIZERS) == {"sgd", "sgd-nesterov", "adam", "adamw"}
+    assert set(bench.OPTIMIZERS) == {name for r in _registry.records() for name, _ in r.bench}
+    assert {"sgd", "sgd-nesterov", "adam", "adamw", "adagrad", "rmsprop"} <= set(bench.OPTIMIZERS)
     assert bench.OPTIMIZERS["sgd-nesterov"].kwargs == dict(
         lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
     assert bench.OPTIMIZERS["adamw"].kwargs == dict(lr=1e-3, weight_decay=0.01)
@@ -121,34 +122,43 @@ def test_optimizer_settings_come_from_the_records():
 
 
 @pytest.fixture
-def rmsprop_record(monkeypatch):
-    """A record for a class torch has without a fused path, added for one test."""
+def nadam_record(monkeypatch):
+    """A record for a class torch has without a fused path, and no kernel
+    here (NAdam), added for one test."""
     from fused_optim import _registry
-    rec = _registry.Record("RMSprop", "rmsprop", "rmsprop", "torch.optim.rmsprop",
-                           kernel="rmsprop", state=("square_avg",), has_step=True,
-                           traffic=lambda group: (3, 2), bench=(("rmsprop", dict(lr=1e-2)),))
+    rec = _registry.Record("NAdam", "nadam", "nadam", "torch.optim.nadam",
+                           kernel="nadam", state=("exp_avg", "exp_avg_sq"), has_step=True,
+                           traffic=lambda group: (4, 3), bench=(("nadam", dict(lr=1e-2)),))
     real = _registry.records()
     monkeypatch.setattr(_registry, "records", lambda: (*real, rec))
     return rec
 
 
-def test_a_record_brings_its_own_settings(rmsprop_record):
+def test_a_record_brings_its_own_settings(nadam_record):
     """bench needs no edit for a new optimizer: the settings, torch's paths
     and the byte counts follow the record; fused only where torch has it, and
     the backends report the kernel they lack."""
     specs = bench.cases._optimizers()
-    spec = specs["rmsprop"]
-    assert spec.record is rmsprop_record and spec.kind == "rmsprop"
-    assert spec.bytes_per_step(10, 4) == 5 * 4 * 10
+    spec = specs["nadam"]
+    assert spec.record is nadam_record and spec.kind == "nadam"
+    assert spec.bytes_per_step(10, 4) == 7 * 4 * 10
     ok, skipped = bench.available_impls(spec, torch.float32, "cpu",
                                         ["numba", "for-loop", "foreach", "fused"])
     assert ok == ["for-loop", "foreach"]
-    assert skipped["fused"] == "torch's RMSprop has no fused path"
-    assert "no rmsprop kernel" in skipped["numba"]
+    assert skipped["fused"] == "torch's NAdam has no fused path"
+    assert "no nadam kernel" in skipped["numba"]
     params, grads = bench.make_data(bench.shape_list("tiny"), torch.float32, "cpu")
     runner = bench.make_runner("foreach", spec, params, grads)
-    assert type(runner.keep[0]) is torch.optim.RMSprop and runner.keep[0].defaults["foreach"]
+    assert type(runner.keep[0]) is torch.optim.NAdam and runner.keep[0].defaults["foreach"]
     runner.step()
+
+
+def test_registered_optimizers_have_their_kernels_in_bench():
+    """Adagrad and RMSprop's kernels are found (in their own files), so numba runs them."""
+    for name in ("adagrad", "rmsprop"):
+        ok, skipped = bench.available_impls(bench.OPTIMIZERS[name], torch.float32, "cpu",
+                                            ["numba"])
+        assert ok == ["numba"], skipped
 
 
 def test_fused_is_offered_where_torch_steps_it():

@@ -173,7 +173,9 @@ def _backend_problem(impl: str, spec: OptimizerSpec, dtype: torch.dtype,
     why = _backend.why_not(impl, device, dtype, interpreted=False)
     if why is not None:
         return why
-    if not callable(getattr(_backend.module(impl), spec.kind, None)):
+    try:
+        _backend.kernel(_backend.module(impl), spec.kind)
+    except (ImportError, AttributeError):
         return f"the {impl} backend has no {spec.kind} kernel yet"
     return None
 
