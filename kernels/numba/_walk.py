@@ -54,9 +54,8 @@ paired new/old time ratios): SGD momentum fp32 1.01 (12.0 ms), bf16 1.00
 noise. The entry points compile to the same machine code as before (equal
 assembly length and packed-vector instruction counts for bf16 SGD and
 Adam, parallel and serial), compile no slower (one fresh-cache compile
-each), and give results bit for
-bit equal to the old kernels' (all four storage types, parallel and
-serial, the switches on and off).
+each), and give results bit for bit equal to the old kernels' (all four
+storage types, parallel and serial, the switches on and off).
 """
 
 from __future__ import annotations
