@@ -542,7 +542,7 @@ def test_many_tiny_tensors_one_launch(monkeypatch, name, kw):
 
     attr = "_sgd_kernel" if name == "SGD" else "_adam_kernel"
     # the kernel as its launcher finds it, in kernels/triton/<name>.py
-    module = importlib.import_module(f"{tk.__name__}.{attr[1:-7]}")
+    module = importlib.import_module(f"{tk.__name__}.{'sgd' if name == 'SGD' else 'adam'}")
     monkeypatch.setattr(module, attr, Recorder(getattr(module, attr)))
     gen = torch.Generator().manual_seed(21)
     sizes = [int(n) for n in torch.randint(1, 6, (48,), generator=gen)]
