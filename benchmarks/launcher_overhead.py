@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib
 import contextlib
 import os
 import statistics
@@ -42,7 +43,18 @@ from fused_optim import _tables  # noqa: E402
 from fused_optim.bench import LISTS, shape_list  # noqa: E402
 from fused_optim.kernels import triton as tk  # noqa: E402
 
-_KERNELS = ("_sgd_kernel", "_adam_kernel", "_adam_steps_kernel")
+#: the jitted kernels, by (file in kernels/triton, name): the launchers call
+#: them from their own module
+_KERNELS = (("sgd", "_sgd_kernel"), ("adam", "_adam_kernel"), ("adam", "_adam_steps_kernel"))
+
+
+def _module(name):
+    return importlib.import_module(f"{tk.__name__}.{name}")
+
+
+def kernels() -> dict:
+    """The kernels the launchers call now, by ``_KERNELS`` entry."""
+    return {k: getattr(_module(k[0]), k[1]) for k in _KERNELS}
 
 CASES = {
     "sgd-momentum": ("SGD", dict(lr=0.01, momentum=0.9), None),
@@ -65,17 +77,17 @@ def _nothing(*args, **kwargs):
 @contextlib.contextmanager
 def stubbed(host_steps: bool | None):
     """Kernels stubbed; ``host_steps`` forces Adam's step placement (None: as is)."""
-    saved = {k: getattr(tk._kernels, k) for k in _KERNELS if hasattr(tk._kernels, k)}
+    saved = kernels()
     saved_steps = tk._steps_on_device
     try:
         for k in saved:
-            setattr(tk._kernels, k, _Stub())
+            setattr(_module(k[0]), k[1], _Stub())
         if host_steps is not None:
             tk._steps_on_device = (lambda batch: not host_steps)
         yield
     finally:
         for k, v in saved.items():
-            setattr(tk._kernels, k, v)
+            setattr(_module(k[0]), k[1], v)
         tk._steps_on_device = saved_steps
 
 

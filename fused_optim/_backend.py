@@ -82,7 +82,9 @@ def declared(name: str) -> dict:
 
 
 def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from fused_optim.kernels import contract
+
+    return contract.interpreted()
 
 
 def stands_in_for_gpu(name: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import os
 from typing import Optional, Protocol, runtime_checkable
 
 
@@ -39,6 +40,15 @@ class Backend(Protocol):
 #: Written as literals in the module's source: the install hint is needed
 #: exactly when the module cannot be imported, and where a backend runs is
 #: asked before it is imported (as the device error always came first).
+def interpreted() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET`` set, not 0).
+
+    The one reading of the variable: the API layer then lets a backend take
+    its INTERPRETED_DEVICES, and the Triton backend serialises launches.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 LITERALS = ("NAME", "DEVICES", "INTERPRETED_DEVICES", "INSTALL_HINT", "DEVICE_HINT")
 KERNELS = ("sgd", "adam")
 

@@ -2,7 +2,7 @@
 
 Run as a script (never under ``TRITON_INTERPRET``: the interpreter replaces
 ``@triton.jit``), with no GPU needed: ``triton.compile`` lowers each
-specialization the launchers in ``kernels/triton/__init__.py`` can produce
+specialization the launchers in ``kernels/triton/<name>.py`` can produce
 to PTX for a ``GPUTarget``, and the bundled ``ptxas -v`` reports registers,
 stack and spills. One JSON object per (kernel, specialization, arch) on
 stdout. tests/test_triton_compile.py runs a covering subset in
@@ -14,6 +14,7 @@ stdout. tests/test_triton_compile.py runs a covering subset in
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import os
@@ -32,8 +33,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fused_optim.kernels import triton as tk  # noqa: E402
-from fused_optim.kernels.triton import _kernels  # noqa: E402
 
+# each optimizer's kernels, in kernels/triton/<name>.py (the package's own
+# ``sgd`` and ``adam`` are the launchers)
+_adam = importlib.import_module("fused_optim.kernels.triton.adam")
+_sgd = importlib.import_module("fused_optim.kernels.triton.sgd")
 DTYPES = {"float64": torch.float64, "float32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,13 +90,13 @@ def specializations(full: bool):
 
 def _source(kernel: str, dname: str, aligned: bool, sw: dict) -> ASTSource:
     if kernel == "adam_steps":
-        fn = _kernels._adam_steps_kernel
+        fn = _adam._adam_steps_kernel
         const = dict(BLOCK_R=tk._STEP_ROWS, **sw)
         ptrs = dict(_STEPS_ARGS)
         absent = {"found_inf_ptr": not sw["HAS_FOUND_INF"]}
     else:
         dtype = DTYPES[dname]
-        fn = _kernels._sgd_kernel if kernel == "sgd" else _kernels._adam_kernel
+        fn = _sgd._sgd_kernel if kernel == "sgd" else _adam._adam_kernel
         ptrs = dict(_SGD_PTRS if kernel == "sgd" else _ADAM_PTRS)
         # the launcher's own constexprs (see _common_args)
         const = dict(ELEM=tk._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,

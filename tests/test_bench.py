@@ -1018,9 +1018,9 @@ def test_launcher_overhead_script_runs():
     spec = importlib.util.spec_from_file_location("launcher_overhead", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    kernels = {k: getattr(tk._kernels, k) for k in mod._KERNELS}
+    kernels = mod.kernels()
     out = mod.run(["tiny"], rounds=2)
     assert set(out) == {("tiny", case, what) for case in mod.CASES
                         for what in ("step", "launcher")}
     assert all(us > 0 for us in out.values())
-    assert {k: getattr(tk._kernels, k) for k in mod._KERNELS} == kernels
+    assert mod.kernels() == kernels

@@ -33,19 +33,23 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import carray, njit, prange
+from numba import njit, prange
 
-from ._memory import BLOCK, PREFETCH_BYTES, address, prefetch_block
+from .. import layout as L
+from ._walk import blocked, view, walk
 
 __all__ = ["PATTERNS", "NUMEL", "START", "NCOLS", "make_table", "split", "pattern",
            "word_dtype"]
 
 #: Supported (reads, writes).
 PATTERNS = ((2, 1), (3, 2), (4, 3), (5, 4))
-#: Table columns: 0..4 hold array addresses (0 where unused), then these.
-NUMEL = 5
-START = 6
-NCOLS = 7
+#: The optimizers' table layout (``kernels/layout.py``), walked by the same
+#: code (``_walk``): a row's read-only array sits where the walk finds the
+#: gradient, its written ones where it finds the param and the states.
+NUMEL = L.NUMEL
+START = L.START
+NCOLS = L.NCOLS
+_WRITTEN = (L.PARAM, L.STATE0, L.STATE1, L.STATE2)
 
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _PROTO = {size: np.empty(0, dtype=w) for size, w in _WORDS.items()}
@@ -74,8 +78,11 @@ def make_table(addresses, numels) -> np.ndarray:
     table = np.zeros((len(numels), NCOLS), dtype=np.int64)
     start = 0
     for r, (addrs, n) in enumerate(zip(addresses, numels)):
-        for c, a in enumerate(addrs):
-            table[r, c] = int(a)
+        addrs = [int(a) for a in addrs]
+        if addrs:
+            table[r, L.GRAD] = addrs[-1]
+            for c, a in zip(_WRITTEN, addrs[:-1]):
+                table[r, c] = a
         table[r, NUMEL] = n
         table[r, START] = start
         start += n
@@ -97,13 +104,17 @@ def split(numel: int, chunks: int | None = None) -> np.ndarray:
 
 
 @njit(inline="always")
-def _view(table, row, col, off, n, itemsize, word):
-    # word: an empty array of the word type (cheap for numba to type, as in _kernels)
-    return carray(address(table[row, col] + off * itemsize), (n,), word.dtype)
+def _xor_element(j, w0, src, w1, w2, w3, _x0, _x1, _x2, _x3, _x4, _x5, _x6, _x7, _x8,
+                 _x9, _x10, _x11):
+    """XOR ``src[j]`` into ``w0[j]`` and each of ``w1..w3`` that is not None.
 
-
-@njit(inline="always")
-def _xor_element(src, w0, w1, w2, w3, j):
+    Run by the optimizer kernels' span (``_walk.blocked``: blocks of BLOCK
+    elements, each prefetching the block PREFETCH_BYTES ahead in every
+    array, then a tail). With a plain loop this "ceiling" ran 5-7% slower
+    than the prefetching SGD kernel on resnet50-shaped lists. Absent arrays
+    are None, pruned at compile time: a loop over the arrays inside the
+    element loop would not vectorise.
+    """
     x = src[j]
     w0[j] = w0[j] ^ x
     if w1 is not None:
@@ -115,67 +126,33 @@ def _xor_element(src, w0, w1, w2, w3, j):
 
 
 @njit(inline="always")
-def _xor_span(src, w0, w1, w2, w3, n):
-    """XOR ``src`` into ``w0`` and each of ``w1..w3`` that is not None.
-
-    The optimizer kernels' loop (see ``_kernels._sgd_blocked``): blocks of
-    BLOCK elements, each prefetching the block PREFETCH_BYTES ahead in every
-    array, then a tail. With the plain loop this "ceiling" ran 5-7% slower
-    than the prefetching SGD kernel on resnet50-shaped lists. Absent arrays
-    are None, pruned at compile time: a loop over the arrays inside the
-    element loop would not vectorise.
-    """
-    ahead = PREFETCH_BYTES // src.itemsize
-    full = n - n % BLOCK
-    for o in range(0, full, BLOCK):
-        prefetch_block(src, o + ahead, n)
-        prefetch_block(w0, o + ahead, n)
-        if w1 is not None:
-            prefetch_block(w1, o + ahead, n)
-        if w2 is not None:
-            prefetch_block(w2, o + ahead, n)
-        if w3 is not None:
-            prefetch_block(w3, o + ahead, n)
-        for j in range(o, o + BLOCK):
-            _xor_element(src, w0, w1, w2, w3, j)
-    for j in range(full, n):
-        _xor_element(src, w0, w1, w2, w3, j)
-
-
-@njit(inline="always")
-def _chunk(table, lo, hi, itemsize, word, k):
-    starts = table[:, START]
-    row = np.searchsorted(starts, lo, side="right") - 1
-    while lo < hi:
-        start = table[row, START]
-        end = start + table[row, NUMEL]
-        if end <= lo:
-            row += 1
-            continue
-        off = lo - start
-        n = min(hi, end) - lo
-        a = _view(table, row, 0, off, n, itemsize, word)
-        b = _view(table, row, 1, off, n, itemsize, word)
-        # the last array of a row is the read-only one
-        if k == 2:
-            _xor_span(b, a, None, None, None, n)
-        elif k == 3:
-            _xor_span(_view(table, row, 2, off, n, itemsize, word), a, b, None, None, n)
-        elif k == 4:
-            _xor_span(_view(table, row, 3, off, n, itemsize, word), a, b,
-                      _view(table, row, 2, off, n, itemsize, word), None, n)
-        else:
-            _xor_span(_view(table, row, 4, off, n, itemsize, word), a, b,
-                      _view(table, row, 2, off, n, itemsize, word),
-                      _view(table, row, 3, off, n, itemsize, word), n)
-        lo += n
-        row += 1
+def _xor_row(table, row, off, n, itemsize, word, span, element, w0, src, k, _x1, _x2,
+             _x3, _x4, _x5, _x6, _x7, _x8, _x9, _x10, _x11):
+    if k == 2:
+        span(element, n, w0, src, None, None, None, None, None, None, None, None, None,
+             None, None, None, None, None, None)
+    elif k == 3:
+        span(element, n, w0, src, view(table, row, L.STATE0, off, n, itemsize, word),
+             None, None, None, None, None, None, None, None, None, None, None, None,
+             None, None)
+    elif k == 4:
+        span(element, n, w0, src, view(table, row, L.STATE0, off, n, itemsize, word),
+             view(table, row, L.STATE1, off, n, itemsize, word), None, None, None,
+             None, None, None, None, None, None, None, None, None, None)
+    else:
+        span(element, n, w0, src, view(table, row, L.STATE0, off, n, itemsize, word),
+             view(table, row, L.STATE1, off, n, itemsize, word),
+             view(table, row, L.STATE2, off, n, itemsize, word), None, None, None,
+             None, None, None, None, None, None, None, None, None)
 
 
 @njit(parallel=True, cache=True)
 def _pattern(table, bounds, itemsize, word, k):
     for c in prange(len(bounds) - 1):
-        _chunk(table, bounds[c], bounds[c + 1], itemsize, word, k)
+        # word: an empty array of the word type (cheap for numba to type)
+        walk(table, bounds[c], bounds[c + 1], itemsize, word, _xor_row, blocked,
+             _xor_element, k, None, None, None, None, None, None, None, None, None,
+             None, None)
 
 
 def pattern(table, bounds, itemsize: int, k: int, m: int) -> None:

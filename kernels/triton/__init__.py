@@ -3,7 +3,30 @@
 The launchers here own the grid. A batch's rows are cut into ``BLOCK``-element
 chunks, one program each; a block map (``int32 [programs, 2]``: row, chunk
 index) tells a program where it works, and a device copy of ``batch.table``
-tells it the addresses. The jitted bodies live in ``_kernels``.
+tells it the addresses.
+
+Written once here: the launch prologue (:func:`_prologue`: table and block
+maps to the device, the hyperparameter upload, alignment classes, AMP
+tensors, the storage type's constexprs), the launch per alignment class
+(:func:`_launch_updates`), the device-buffer cache and the host-side step
+counters. Each optimizer's file (``sgd.py``, ``adam.py``) holds its
+``@triton.jit`` kernels and its launcher; ``_kernels`` the shared jit
+helpers. Adding an optimizer ``<name>`` (``kernels/triton/<name>.py``):
+
+1. its hyperparameter slots (``<NAME>_LR, ..., <NAME>_NHYPER = range(k)``),
+   the float64 buffer the launcher uploads;
+2. a ``@triton.jit`` update kernel taking ``(table_ptr, map_ptr, hyper_ptr,
+   ..., grad_scale_ptr, found_inf_ptr)`` and the constexprs of
+   ``_common_args`` (ELEM, IS_BF16, COMPUTE, IS_F64, BLOCK, VEC), ALIGNED,
+   TAIL_ALIGNED, HAS_GRAD_SCALE, HAS_FOUND_INF and its own switches; it
+   finds its row and chunk in the block map as ``_sgd_kernel`` does, and
+   moves data with ``_kernels._load`` / ``_store``;
+3. the launcher ``<name>(batch, *, ...)``: under ``_device_context``,
+   ``pro = _prologue(batch, hyper_values, grad_scale, found_inf)``, then
+   under ``_launch_lock()``, ``_launch_updates(kernel, pro, batch,
+   pro.hyper, ..., pro.grad_scale, pro.found_inf, **its switches)``;
+4. its specializations in ``tests/_compile_matrix.py``, so that the offline
+   compile checks (vector loads, IEEE division, no spills) cover it.
 
 Host to device traffic per call is at most three small copies, each skipped
 when an identical one is cached (see "device buffers" below): the address
@@ -19,16 +42,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 
 import numpy as np
 import torch
-import triton
 import triton.language as tl
 
 from .. import layout as L
-from . import _kernels
+from ..contract import interpreted
+from . import _kernels  # noqa: F401 (tk._kernels: the shared jit helpers)
 
 __all__ = ["sgd", "adam", "SUPPORTED_DTYPES"]
 
@@ -331,7 +353,7 @@ _INTERPRETER_LOCK = threading.Lock()
 
 
 def _launch_lock():
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreted():
         return _INTERPRETER_LOCK
     return contextlib.nullcontext()
 
@@ -355,48 +377,51 @@ def _compute_np(dtype):
     return np.float64 if dtype == torch.float64 else np.float32
 
 
-def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
-        grad_scale=None, found_inf=None):
-    """SGD (torch semantics) over every row of ``batch.table``.
+class _Prologue:
+    """What every update launch of one batch reads besides its own scalars."""
 
-    One launch per alignment class present (see :func:`alignment_classes`):
-    usually one.
+    __slots__ = ("layout", "hyper", "grad_scale", "found_inf", "const")
 
-    Args:
-        batch: a :class:`~fused_optim.kernels.batch.Batch` of CUDA tensors
-            (CPU tensors under ``TRITON_INTERPRET=1``).
-        lr, weight_decay, momentum, dampening, nesterov, maximize: as
-            ``torch.optim.SGD``.
-        grad_scale: optional 1-element AMP scale on the params' device;
-            the kernel multiplies the gradients by its float32 reciprocal
-            (GradScaler.unscale_'s rounding, as the Numba backend). The
-            gradient tensors themselves are left as they are.
-        found_inf: optional 1-element AMP flag on the params' device; when it
-            is nonzero nothing is written. Read by the kernel: no host sync.
+    def __init__(self, layout, hyper, grad_scale, found_inf, const):
+        self.layout = layout  # _Layout: device table, block map per alignment class
+        self.hyper = hyper  # float64 hyperparameters on the device, or None
+        self.grad_scale = grad_scale  # AMP tensors on the device, or None
+        self.found_inf = found_inf
+        self.const = const  # the constexprs every update kernel takes
+
+
+def _prologue(batch, hyper=None, grad_scale=None, found_inf=None) -> _Prologue:
+    """The launch prologue every optimizer shares; call it in ``_device_context``.
+
+    Uploads (or finds cached, see "device buffers") the address table and
+    its block maps, and the float64 hyperparameter buffer from the values
+    ``hyper`` (None: the launcher uploads its own); moves the AMP tensors to
+    the device; and collects the constexprs of the batch's storage type,
+    the AMP switches and ``enable_fp_fusion=False`` (no FMA contraction: the
+    same roundings as the Numba backend).
     """
-    if batch.table is None or batch.table.shape[0] == 0:
-        return
-    device = batch.device
-    use_momentum = momentum != 0
-    with _device_context(device):
-        layout = _layout(batch, BLOCK)
-        if not layout.launches:
-            return
-        hyper = _device_hyper(batch, [lr, weight_decay, momentum, 1.0 - dampening])
-        grad_scale = _amp_tensor(grad_scale, device)
-        found_inf = _amp_tensor(found_inf, device)
-        const = dict(_common_args(batch), USE_MOMENTUM=use_momentum,
-                     NESTEROV=bool(nesterov) and use_momentum, MAXIMIZE=bool(maximize),
-                     HAS_WD=weight_decay != 0, HAS_GRAD_SCALE=grad_scale is not None,
-                     HAS_FOUND_INF=found_inf is not None,
-                     # no FMA contraction: the same roundings as the Numba backend
-                     enable_fp_fusion=False)
-        with _launch_lock():
-            for bmap, programs, aligned, tail in layout.launches:
-                _kernels._sgd_kernel[(programs,)](
-                    layout.table, bmap, hyper, grad_scale, found_inf,
-                    ALIGNED=aligned, TAIL_ALIGNED=tail,
-                    num_warps=num_warps(batch.dtype, aligned, tail), **const)
+    layout = _layout(batch, BLOCK)
+    if hyper is not None:
+        hyper = _device_hyper(batch, hyper)
+    grad_scale = _amp_tensor(grad_scale, batch.device)
+    found_inf = _amp_tensor(found_inf, batch.device)
+    const = dict(_common_args(batch), HAS_GRAD_SCALE=grad_scale is not None,
+                 HAS_FOUND_INF=found_inf is not None, enable_fp_fusion=False)
+    return _Prologue(layout, hyper, grad_scale, found_inf, const)
+
+
+def _launch_updates(kernel, pro: _Prologue, batch, *args, **const) -> None:
+    """``kernel`` once per alignment class of the batch (usually one launch).
+
+    Called as ``kernel[(programs,)](table, block map, *args, ALIGNED=,
+    TAIL_ALIGNED=, num_warps=, **pro.const, **const)``. The caller holds
+    ``_launch_lock()``.
+    """
+    for bmap, programs, aligned, tail in pro.layout.launches:
+        kernel[(programs,)](pro.layout.table, bmap, *args, ALIGNED=aligned,
+                            TAIL_ALIGNED=tail,
+                            num_warps=num_warps(batch.dtype, aligned, tail),
+                            **pro.const, **const)
 
 
 def _log2(x: float) -> float:
@@ -452,75 +477,9 @@ def _host_step_scalars(table, lr, beta1, beta2) -> np.ndarray:
 _STEP_ROWS = 128
 
 
-def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-         amsgrad, maximize, grad_scale=None, found_inf=None):
-    """Adam / AdamW (torch semantics) over every row; advances steps.
-
-    Step counters on the params' device are read and advanced by a first
-    kernel, which also computes each row's bias-corrected scalars once; the
-    update (one launch per alignment class present) reads those. No host
-    sync. Counters elsewhere (torch's default: CPU steps for CUDA params)
-    are advanced by the host, which uploads the scalars.
-
-    Args:
-        batch: a :class:`~fused_optim.kernels.batch.Batch`; ``batch.steps``
-            holds one 0-dim float32/float64 step tensor per row.
-        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize: as
-            ``torch.optim.Adam``.
-        decoupled_weight_decay: AdamW's decay.
-        grad_scale: optional AMP scale, as in :func:`sgd`.
-        found_inf: optional AMP flag: when nonzero, params, state and steps
-            are left unchanged. With device-side steps this costs no host
-            sync; with host-side steps it must be read first (one sync),
-            since the host cannot otherwise know whether to advance them
-            (fused_optim's optimizers move such steps to the device when
-            GradScaler is in use).
-    """
-    if batch.table is None or batch.table.shape[0] == 0:
-        return
-    device = batch.device
-    table = batch.table
-    c = _compute_np(batch.dtype)
-    hyper = [lr, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
-             1.0 - lr * weight_decay, _log2(beta1), _log2(beta2),
-             float(beta1 < 0), float(beta2 < 0)]
-    assert len(hyper) == _kernels.ADAM_NHYPER
-    device_steps = _steps_on_device(batch)
-    with _device_context(device):
-        if not device_steps:
-            _check_host_steps(batch)
-            if found_inf is not None and bool(found_inf.reshape(-1)[0] != 0):
-                return  # skipped step: steps stay as they are
-            found_inf = None
-            scalars = _host_step_scalars(table, lr, beta1, beta2)
-        layout = _layout(batch, BLOCK)
-        grad_scale = _amp_tensor(grad_scale, device)
-        found_inf = _amp_tensor(found_inf, device)
-        if device_steps:
-            hyper = _device_hyper(batch, hyper)
-            # R1: rewritten whole by the step kernel below before each read
-            scal = _resident(batch, "scalars", layout.rows, lambda: torch.empty(
-                (layout.rows, 2), dtype=torch.float64, device=device))
-        else:
-            # host-step scalars change every step: not worth a cache entry
-            both = _upload(np.concatenate([np.asarray(hyper, np.float64), scalars.ravel()]),
-                           batch)
-            hyper, scal = both, both[_kernels.ADAM_NHYPER:]
-        const = dict(_common_args(batch), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
-                     HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
-                     # torch.lerp's side test on the weight as the kernel sees it
-                     LERP_FROM_START=bool(c(1.0 - beta1) < 0.5),
-                     HAS_GRAD_SCALE=grad_scale is not None,
-                     HAS_FOUND_INF=found_inf is not None,
-                     enable_fp_fusion=False)
-        with _launch_lock():
-            if device_steps:
-                _kernels._adam_steps_kernel[(triton.cdiv(layout.rows, _STEP_ROWS),)](
-                    layout.table, hyper, scal, found_inf, layout.rows,
-                    BLOCK_R=_STEP_ROWS, HAS_FOUND_INF=found_inf is not None,
-                    num_warps=NUM_WARPS, enable_fp_fusion=False)
-            for bmap, programs, aligned, tail in layout.launches:
-                _kernels._adam_kernel[(programs,)](
-                    layout.table, bmap, hyper, scal, grad_scale, found_inf,
-                    ALIGNED=aligned, TAIL_ALIGNED=tail,
-                    num_warps=num_warps(batch.dtype, aligned, tail), **const)
+# Each optimizer's kernels and launcher live in its own file (``sgd.py``,
+# ``adam.py``); imported last, after the shared machinery above that they
+# import, and so that ``sgd`` and ``adam`` here are the launchers rather than
+# the submodules of the same names.
+from .adam import adam  # noqa: E402
+from .sgd import sgd  # noqa: E402

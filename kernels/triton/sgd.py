@@ -1,0 +1,171 @@
+"""SGD for the Triton backend: its kernel and launcher.
+
+The launch prologue and the per-alignment-class launches are shared (see the
+package's ``_prologue`` and ``_launch_updates``); ``_kernels`` has the
+load/store helpers and the table's column constexprs.
+"""
+
+import triton
+import triton.language as tl
+
+from . import _device_context, _launch_lock, _launch_updates, _prologue
+from ._kernels import (_FLAG_FRESH, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
+                       _load, _store)
+
+__all__ = ["sgd"]
+
+# Slots of the float64 hyperparameter buffer; the launcher writes them in this
+# order.
+SGD_LR, SGD_WD, SGD_MOMENTUM, SGD_OMD, SGD_NHYPER = range(5)
+
+_SGD_LR = tl.constexpr(SGD_LR)
+_SGD_WD = tl.constexpr(SGD_WD)
+_SGD_MOMENTUM = tl.constexpr(SGD_MOMENTUM)
+_SGD_OMD = tl.constexpr(SGD_OMD)
+
+
+@triton.jit
+def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, weight_decay, momentum, omd,
+               inv_scale, not_fresh, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
+               COMPUTE: tl.constexpr, USE_MOMENTUM: tl.constexpr,
+               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+               HAS_WD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    """The SGD update of one block (``mask`` None: a whole block); see ``_sgd_kernel``."""
+    g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+    if MAXIMIZE:
+        g = -g
+    p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
+    if HAS_WD:
+        g = tl.fma(p, weight_decay, g)
+    if USE_MOMENTUM:
+        if not_fresh:
+            b = tl.fma(g, omd, _load(b_ptr, offs, mask, IS_BF16, COMPUTE) * momentum)
+        else:
+            # torch: the first buffer is the gradient itself, undampened; the
+            # fresh buffer is uninitialised memory and is not even read
+            b = g
+        _store(b_ptr, offs, b, mask, IS_BF16, ELEM)
+        if NESTEROV:
+            g = tl.fma(b, momentum, g)
+        else:
+            g = b
+    _store(p_ptr, offs, tl.fma(g, -lr, p), mask, IS_BF16, ELEM)
+
+
+@triton.jit
+def _sgd_kernel(
+    table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
+    ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
+    IS_F64: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr, USE_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+):
+    """SGD on one ``BLOCK`` chunk of one row (torch semantics, in place).
+
+    Args:
+        table_ptr: int64 address table, ``[rows, NCOLS]`` (see ``layout``).
+        map_ptr: int32 ``[programs, 2]`` block map: (row, chunk index).
+        hyper_ptr: float64 ``[SGD_NHYPER]``: lr, weight decay, momentum,
+            1 - dampening.
+        grad_scale_ptr: AMP scale (if HAS_GRAD_SCALE); gradients are
+            multiplied by its float32 reciprocal, as GradScaler.unscale_
+            and the Numba backend do. The gradient tensors are not modified.
+        found_inf_ptr: AMP flag; nonzero masks every load and store (if
+            HAS_FOUND_INF).
+        ELEM: storage element type of the pointers (uint16 for bfloat16).
+        IS_BF16: storage is bfloat16 (bits in uint16).
+        COMPUTE: float32, or float64 for float64 storage.
+        IS_F64: COMPUTE is float64.
+        BLOCK: elements per program.
+        ALIGNED: every address of the rows this launch's block map names is
+            a multiple of 16 bytes; lets Triton vectorize through pointers it
+            did not get as arguments.
+        TAIL_ALIGNED: ALIGNED, and every such row's NUMEL is a multiple of
+            VEC, so the masked last block vectorizes too (the mask is
+            constant over each VEC-element group).
+        VEC: elements per 16 bytes of the storage type.
+        USE_MOMENTUM: momentum != 0 (STATE0 holds the momentum buffer).
+        NESTEROV, MAXIMIZE: the torch flags.
+        HAS_WD: weight decay != 0; a constexpr so that a zero decay never
+            multiplies an infinite param into a NaN.
+        HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(map_ptr + 2 * pid).to(tl.int64)
+    chunk = tl.load(map_ptr + 2 * pid + 1).to(tl.int64)
+    row_base = table_ptr + row * _NCOLS
+    # Scalar conditions enter the mask through this bound, never as
+    # `mask & cond`: the triton 3.9 interpreter widens a broadcast int1
+    # scalar to int64 and then rejects the mask.
+    bound = tl.load(row_base + _NUMEL)
+    if HAS_FOUND_INF:
+        # a skipped step masks every lane: no memory traffic at all
+        bound = tl.where(tl.load(found_inf_ptr) == 0, bound, 0)
+    if TAIL_ALIGNED:
+        bound = tl.multiple_of(bound, VEC)  # the launcher checked NUMEL; 0 is too
+    offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+
+    lr = tl.load(hyper_ptr + _SGD_LR).to(COMPUTE)
+    weight_decay = tl.load(hyper_ptr + _SGD_WD).to(COMPUTE)
+    momentum = tl.load(hyper_ptr + _SGD_MOMENTUM).to(COMPUTE)
+    omd = tl.load(hyper_ptr + _SGD_OMD).to(COMPUTE)
+    inv_scale = 1.0
+    if HAS_GRAD_SCALE:
+        # 1/scale rounded once to float32, whatever the compute type
+        inv_scale = tl.div_rn(tl.full((), 1.0, tl.float32),
+                              tl.load(grad_scale_ptr).to(tl.float32)).to(COMPUTE)
+    PTR: tl.constexpr = tl.pointer_type(ELEM)
+    p_ptr = tl.load(row_base + _PARAM).to(PTR)
+    g_ptr = tl.load(row_base + _GRAD).to(PTR)
+    b_ptr = tl.load(row_base + _STATE0).to(PTR)  # 0 without momentum: unused
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+    not_fresh = (tl.load(row_base + _FLAGS) & _FLAG_FRESH) == 0
+
+    if (chunk + 1) * BLOCK <= bound:
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, None, lr, weight_decay, momentum,
+                   omd, inv_scale, not_fresh, ELEM, IS_BF16, COMPUTE,
+                   USE_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE)
+    else:
+        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < bound, lr, weight_decay,
+                   momentum, omd, inv_scale, not_fresh, ELEM, IS_BF16, COMPUTE,
+                   USE_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE)
+
+
+def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
+        grad_scale=None, found_inf=None):
+    """SGD (torch semantics) over every row of ``batch.table``.
+
+    One launch per alignment class present (see :func:`alignment_classes`):
+    usually one.
+
+    Args:
+        batch: a :class:`~fused_optim.kernels.batch.Batch` of CUDA tensors
+            (CPU tensors under ``TRITON_INTERPRET=1``).
+        lr, weight_decay, momentum, dampening, nesterov, maximize: as
+            ``torch.optim.SGD``.
+        grad_scale: optional 1-element AMP scale on the params' device;
+            the kernel multiplies the gradients by its float32 reciprocal
+            (GradScaler.unscale_'s rounding, as the Numba backend). The
+            gradient tensors themselves are left as they are.
+        found_inf: optional 1-element AMP flag on the params' device; when it
+            is nonzero nothing is written. Read by the kernel: no host sync.
+    """
+    if batch.table is None or batch.table.shape[0] == 0:
+        return
+    use_momentum = momentum != 0
+    with _device_context(batch.device):
+        pro = _prologue(batch, [lr, weight_decay, momentum, 1.0 - dampening],
+                        grad_scale, found_inf)
+        if not pro.layout.launches:
+            return
+        with _launch_lock():
+            _launch_updates(_sgd_kernel, pro, batch, pro.hyper, pro.grad_scale,
+                            pro.found_inf, USE_MOMENTUM=use_momentum,
+                            NESTEROV=bool(nesterov) and use_momentum,
+                            MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0)
