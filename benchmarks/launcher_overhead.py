@@ -120,7 +120,7 @@ def _launcher_call(opt, params, name, kw):
                      decoupled_weight_decay=True, amsgrad=False, maximize=False)
         fn = tk.adam
     retain = getattr(opt._plans, "retain", None)  # (absent before issue 13)
-    args = (unit, cols, plan.where, steps, plan.fresh, plan.grad_ptrs)
+    args = (unit, cols, plan.where, steps, plan.row_flags, plan.grad_ptrs)
     staged = _tables.staged_unit(*args, retain) if retain else _tables.staged_unit(*args)
     batch = staged.batch
     return lambda: fn(batch, **hyper)

@@ -69,7 +69,7 @@ def _rule_reads(opt, params):
         cols = [params, grads, [states[p]["exp_avg"] for p in params],
                 [states[p]["exp_avg_sq"] for p in params], [states[p]["step"] for p in params]]
     flat = tuple(chain.from_iterable(cols))
-    assert _facts.holds(plan, cols, plan.where, flat, plan.fresh) is not None
+    assert _facts.holds(plan, cols, plan.where, flat, plan.row_flags) is not None
     grad_ptrs = np.fromiter(map(T.data_ptr, grads), np.int64, len(grads))
     moved = grad_ptrs + 64  # as if every grad were new: the overlap check runs
     return {

@@ -312,7 +312,7 @@ def _local(ts):
 
 
 def prepare_update(kind, backend, params, grads, states, roles, hyper, reference,
-                   steps=None, fresh=None, cache=None, key=None, dry_all=False):
+                   steps=None, row_flags=None, cache=None, key=None, dry_all=False):
     """Validate one group's update by kernel ``kind``; return what writes it.
 
     ``kind`` is the optimizer record's ``kernel`` (``"sgd"``, ``"adam"``, ...).
@@ -322,7 +322,7 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
     own step on stand-ins of the rows where torch may raise.
 
     Args:
-        reference: ``reference(params, grads, states, steps, fresh)`` runs
+        reference: ``reference(params, grads, states, steps, row_flags)`` runs
             torch's own for-loop step on those rows (lists as here, a subset
             of rows; states one list per role, None where absent) and
             returns the momentum buffers it created, or None. It runs rows
@@ -340,22 +340,22 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
         states = [_local(s) for s in states]
         steps = _local(steps) if steps is not None else None
     plan, cols, grad_ptrs = _tables.prepare(params, grads, states, roles, steps=steps,
-                                            fresh=fresh, backend=backend, cache=cache,
+                                            row_flags=row_flags, backend=backend, cache=cache,
                                             key=key)
     dry = range(len(params)) if dry_all else plan.dry_rows
     if dry:
-        _dry_run(dry, params, grads, states, steps, fresh, reference)
+        _dry_run(dry, params, grads, states, steps, row_flags, reference)
 
     retain = cache.retain if isinstance(cache, _tables.PlanCache) else None
 
     def update():
-        _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, fresh, hyper,
+        _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, row_flags, hyper,
                  reference, retain)
 
     return update
 
 
-def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, fresh, hyper,
+def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, row_flags, hyper,
              reference, retain):
     grad_scale, found_inf = hyper.get("grad_scale"), hyper.get("found_inf")
     torch_grads = grads
@@ -370,9 +370,9 @@ def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, fresh, h
     for unit in plan.units:
         if isinstance(unit, _tables.TorchUnit):
             if torch_grads is not None:
-                _torch_rows(unit.rows, params, torch_grads, states, steps, fresh, reference)
+                _torch_rows(unit.rows, params, torch_grads, states, steps, row_flags, reference)
             continue
-        staged = _tables.staged_unit(unit, cols, plan.where, steps, plan.fresh, grad_ptrs,
+        staged = _tables.staged_unit(unit, cols, plan.where, steps, plan.row_flags, grad_ptrs,
                                      retain)
         staged.start()
         _backend.kernel(staged.module, kind)(staged.batch, **hyper)
@@ -387,17 +387,17 @@ def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, fresh, h
     torch._C._increment_version(params)
 
 
-def _subset(rows, params, grads, states, steps, fresh):
+def _subset(rows, params, grads, states, steps, row_flags):
     return ([params[i] for i in rows], [grads[i] for i in rows],
             [None if s is None or not s or s[0] is None else [s[i] for i in rows]
              for s in states],
             None if steps is None else [steps[i] for i in rows],
-            None if fresh is None else [fresh[i] for i in rows])
+            None if row_flags is None else [row_flags[i] for i in rows])
 
 
-def _torch_rows(rows, params, grads, states, steps, fresh, reference):
+def _torch_rows(rows, params, grads, states, steps, row_flags, reference):
     """Run torch's for-loop on ``rows``; keep the momentum buffers it creates."""
-    ps, gs, ss, st, fr = _subset(rows, params, grads, states, steps, fresh)
+    ps, gs, ss, st, fr = _subset(rows, params, grads, states, steps, row_flags)
     made = with_sparse_grads_offset_free(reference, ps, gs, ss, st, fr)
     if made is not None:  # the buffers of this step's first momentum step
         for i, buf, new in zip(rows, made, fr):
@@ -469,9 +469,9 @@ def _stand_in(t):
     return s
 
 
-def _dry_run(rows, params, grads, states, steps, fresh, reference):
+def _dry_run(rows, params, grads, states, steps, row_flags, reference):
     """torch's step on stand-ins of ``rows``: raises where torch's would."""
-    ps, gs, ss, st, fr = _subset(rows, params, grads, states, steps, fresh)
+    ps, gs, ss, st, fr = _subset(rows, params, grads, states, steps, row_flags)
     reference(list(map(_stand_in, ps)), list(map(_stand_in, gs)),
               [None if s is None else list(map(_stand_in, s)) for s in ss],
               None if st is None else list(map(_stand_in, st)), fr)

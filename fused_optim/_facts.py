@@ -31,7 +31,7 @@ F4     the same for grads                           grad        re-read: each gr
 F5     which rows' bytes overlap (order, torch      all         param/state/step: a function of F1
        path for a row overlapping itself)                       and F2; grads: re-checked against
                                                                 the written ranges when they moved
-F6     SGD's "buffer created this step" flags       state       re-read from the list passed in
+F6     the optimizer's per-row flags (row_flags)    state       re-read from the list passed in
 =====  ===========================================  ==========  ====================================
 
 The extent of a tensor is ``(1 + sum((size - 1) * stride)) * itemsize``
@@ -275,11 +275,11 @@ def f5_grad_overlaps(plan, grad_ptrs) -> bool:
     return not np.count_nonzero(hit)
 
 
-def f6_flags(plan, fresh) -> bool:
-    return fresh == plan.fresh
+def f6_flags(plan, row_flags) -> bool:
+    return row_flags == plan.row_flags
 
 
-def holds(plan, cols, where, flat, fresh):
+def holds(plan, cols, where, flat, row_flags):
     """The reuse rule: this step's grad addresses if F1-F6 all hold, else None.
 
     ``cols`` are the tensor columns (params, grads, state roles, steps),
@@ -288,7 +288,7 @@ def holds(plan, cols, where, flat, fresh):
     tests/test_reuse_rule.py switches each off in turn and shows a scenario
     that then goes wrong.
     """
-    if where != plan.where or len(cols[0]) != plan.n or not f6_flags(plan, fresh):
+    if where != plan.where or len(cols[0]) != plan.n or not f6_flags(plan, row_flags):
         return None
     try:
         if not (f1_metadata(plan, flat) and f2_addresses(plan, cols)

@@ -89,7 +89,7 @@ class Job(NamedTuple):
     params: list
     grads: list
     states: list  # one list per state role of the op (empty: the group has none)
-    fresh: list  # per entry of the first state list: created this step (SGD)
+    row_flags: list  # per row, the optimizer's own flag (SGD: buffer created this step)
     hyper: dict  # scalar name -> float or Tensor; switch name -> bool
 
 
@@ -101,7 +101,7 @@ class UpdateOp:
         states: names of the state lists it writes, in order.
         scalars: hyperparameters that are floats or 1-element Tensors.
         switches: boolean hyperparameters.
-        has_fresh: each job's ``fresh`` flags its first state list's entries
+        has_row_flags: each job's ``row_flags`` mark its first state list's entries
             (else it is empty).
         prepare: ``prepare(job, key, grad_scale, found_inf, backend, cache,
             compiled)`` validates one job (``key``: its plan-cache key) and
@@ -113,12 +113,12 @@ class UpdateOp:
     """
 
     def __init__(self, name: str, states: tuple, scalars: tuple, switches: tuple,
-                 prepare: Callable, has_fresh: bool = False):
+                 prepare: Callable, has_row_flags: bool = False):
         self.name, self.states, self.scalars, self.switches = name, states, scalars, switches
-        self.prepare, self.has_fresh = prepare, has_fresh
+        self.prepare, self.has_row_flags = prepare, has_row_flags
         mutable = ", ".join(f"Tensor({chr(ord('b') + i)}!)[] {s}" for i, s in enumerate(states))
         LIB.define(
-            f"{name}(Tensor(a!)[] params, Tensor[] grads, {mutable}, bool[] fresh, "
+            f"{name}(Tensor(a!)[] params, Tensor[] grads, {mutable}, bool[] row_flags, "
             "int[] group_sizes, bool[] state_present, float[] scalars, "
             "Tensor?[] scalar_tensors, bool[] switches, Tensor? grad_scale, "
             "Tensor? found_inf, str backend, int handle, bool compiled) -> ()",
@@ -188,7 +188,7 @@ class UpdateOp:
 
     def encode(self, jobs):
         """The operator's tensor lists and per-group values, from ``jobs``."""
-        params, grads, fresh, sizes, present = [], [], [], [], []
+        params, grads, row_flags, sizes, present = [], [], [], [], []
         states = [[] for _ in self.states]
         scalars, scalar_tensors, switches = [], [], []
         for job in jobs:
@@ -198,7 +198,7 @@ class UpdateOp:
             for into, given in zip(states, job.states):
                 into.extend(given)
                 present.append(len(given) > 0)
-            fresh.extend(job.fresh)
+            row_flags.extend(job.row_flags)
             for name in self.scalars:
                 value = job.hyper[name]
                 if isinstance(value, torch.Tensor):
@@ -208,14 +208,14 @@ class UpdateOp:
                     scalars.append(float(value))
                     scalar_tensors.append(None)
             switches.extend(bool(job.hyper[name]) for name in self.switches)
-        return (params, grads, *states, fresh, sizes, present, scalars, scalar_tensors,
+        return (params, grads, *states, row_flags, sizes, present, scalars, scalar_tensors,
                 switches)
 
-    def decode(self, params, grads, states, fresh, sizes, present, scalars, scalar_tensors,
+    def decode(self, params, grads, states, row_flags, sizes, present, scalars, scalar_tensors,
                switches):
         jobs = []
         at = [0] * len(self.states)
-        row = fresh_at = 0
+        row = flags_at = 0
         ns, nw = len(self.scalars), len(self.switches)
         for g, size in enumerate(sizes):
             mine = []
@@ -225,7 +225,7 @@ class UpdateOp:
                     at[k] += size
                 else:
                     mine.append([])
-            nfresh = len(mine[0]) if self.has_fresh else 0
+            nflags = len(mine[0]) if self.has_row_flags else 0
             hyper = {}
             for i, name in enumerate(self.scalars):
                 t = scalar_tensors[g * ns + i]
@@ -233,17 +233,17 @@ class UpdateOp:
             for i, name in enumerate(self.switches):
                 hyper[name] = switches[g * nw + i]
             jobs.append(Job(list(params[row:row + size]), list(grads[row:row + size]), mine,
-                            list(fresh[fresh_at:fresh_at + nfresh]), hyper))
+                            list(row_flags[flags_at:flags_at + nflags]), hyper))
             row += size
-            fresh_at += nfresh
+            flags_at += nflags
         return jobs
 
     def _kernel(self, params, grads, *rest):
         n = len(self.states)
         states, rest = rest[:n], rest[n:]
-        (fresh, sizes, present, scalars, scalar_tensors, switches, grad_scale, found_inf,
+        (row_flags, sizes, present, scalars, scalar_tensors, switches, grad_scale, found_inf,
          backend, handle, compiled) = rest
-        jobs = self.decode(params, grads, states, fresh, sizes, present, scalars,
+        jobs = self.decode(params, grads, states, row_flags, sizes, present, scalars,
                            scalar_tensors, switches)
         opt = _OPTIMIZERS.get(handle) if handle != NO_CACHE else None
         if opt is not None:

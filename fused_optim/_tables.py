@@ -190,7 +190,7 @@ def _real(t):
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def staged_unit(unit, cols, where, steps, fresh, grad_ptrs, retain=None) -> Staged:
+def staged_unit(unit, cols, where, steps, row_flags, grad_ptrs, retain=None) -> Staged:
     """The batch of ``unit`` for this step's tensors (see :class:`Staged`)."""
     table = unit.table.copy()
     if len(unit.grad_rows):
@@ -223,7 +223,7 @@ def staged_unit(unit, cols, where, steps, fresh, grad_ptrs, retain=None) -> Stag
         return dict(params=out[0], grads=out[1],
                     states=[s if s is not None else [None] * n for s in states],
                     steps=[steps[i] for i in rows] if steps is not None else [],
-                    fresh=[fresh[i] for i in rows] if fresh is not None else [])
+                    row_flags=[row_flags[i] for i in rows] if row_flags is not None else [])
 
     batch = Batch(unit.device, unit.dtype, table, unit.numel, source=lists,
                   cache=unit.device_cache, retain=retain)
@@ -244,7 +244,7 @@ class Plan:
         grad_ext, grad_isz, grad_nonempty: F4's fixed parts for the grads.
         written, grad_ptrs, grad_hits: F5: the ranges a step writes, the grads'
             addresses when validated, and whether any grad overlapped them.
-        fresh: F6.
+        row_flags: F6.
         units: :class:`KernelUnit` and :class:`TorchUnit`, in execution order.
         dry_rows: rows torch's for-loop is first run on stand-ins for,
             every step, because torch may raise there.
@@ -252,7 +252,7 @@ class Plan:
 
     __slots__ = ("where", "n", "guard", "ptrs", "held", "storages", "grad_ext",
                  "grad_isz", "grad_nonempty", "written", "grad_ptrs", "grad_ptr_bytes",
-                 "grad_hits", "fresh", "units", "dry_rows", "has_torch_rows")
+                 "grad_hits", "row_flags", "units", "dry_rows", "has_torch_rows")
 
 _PTR = torch.Tensor.data_ptr
 
@@ -295,7 +295,7 @@ def _generations(n, edges):
     return gen
 
 
-def build(params, grads, states, roles, steps, fresh, backend, labels=None):
+def build(params, grads, states, roles, steps, row_flags, backend, labels=None):
     """Fully validate one group's tensors into a :class:`Plan`.
 
     Args:
@@ -304,8 +304,11 @@ def build(params, grads, states, roles, steps, fresh, backend, labels=None):
         states: one list per state role, aligned with params; a role is
             either None for every row (absent) or a tensor for every row.
         roles: names of the state roles, for error messages.
-        steps: Adam step counters, or None.
-        fresh: SGD per-param "buffer created this step" flags, or None.
+        steps: per-row step counters (0-dim tensors the kernels advance: any
+            optimizer with ``state["step"]``), or None.
+        row_flags: per-row bools, or None: the optimizer's own per-row switch,
+            written into the table as ``layout.FLAG_ROW`` (SGD: the momentum
+            buffer is created this step).
         backend: the requested backend name (see :mod:`fused_optim._backend`).
         labels: per-param indices for error messages (default: row index).
 
@@ -404,7 +407,7 @@ def build(params, grads, states, roles, steps, fresh, backend, labels=None):
                 host_step = steps is not None and steps[i].device != params[i].device
                 buckets[(params[i].device, params[i].dtype, host_step)].append(i)
         for (device, dtype, _), rows in buckets.items():
-            units.append(_kernel_unit(cols, where, steps, fresh, rows, device,
+            units.append(_kernel_unit(cols, where, steps, row_flags, rows, device,
                                       modules[(device, dtype)]))
         if torch_rows:
             units.append(TorchUnit(torch_rows))
@@ -430,14 +433,14 @@ def build(params, grads, states, roles, steps, fresh, backend, labels=None):
     plan.grad_ptr_bytes = plan.grad_ptrs.tobytes()
     hit = plan.written.hit(plan.grad_ptrs, plan.grad_ptrs + grad_ext)
     plan.grad_hits = bool((hit & (grad_ext > 0)).any())
-    plan.fresh = fresh
+    plan.row_flags = row_flags
     plan.units = units
     plan.dry_rows = [i for i in range(n) if dry[i]]
     plan.has_torch_rows = any(isinstance(u, TorchUnit) for u in units)
     return plan
 
 
-def _kernel_unit(cols, where, steps, fresh, rows, device, module):
+def _kernel_unit(cols, where, steps, row_flags, rows, device, module):
     """A :class:`KernelUnit` for ``rows`` (validated kernel rows of one bucket)."""
     m = len(rows)
     table = np.zeros((m, L.NCOLS), dtype=np.int64)
@@ -462,8 +465,8 @@ def _kernel_unit(cols, where, steps, fresh, rows, device, module):
                 flags |= L.FLAG_STEP_HOST
             if st.device.type == "cpu":
                 flags |= L.FLAG_STEP_CPU
-        if fresh is not None and fresh[i]:
-            flags |= L.FLAG_FRESH
+        if row_flags is not None and row_flags[i]:
+            flags |= L.FLAG_ROW
         table[r, L.FLAGS] = flags
         if elems == 0:
             direct_grad[r] = False  # no address is ever read
@@ -492,7 +495,7 @@ def _kernel_unit(cols, where, steps, fresh, rows, device, module):
                       start, direct_grad, staged, len(cols[0]))
 
 
-def prepare(params, grads, states, roles, steps=None, fresh=None, backend="auto",
+def prepare(params, grads, states, roles, steps=None, row_flags=None, backend="auto",
             cache=None, key=None):
     """The plan for this step and the grads' addresses, reusing a cached plan.
 
@@ -501,13 +504,13 @@ def prepare(params, grads, states, roles, steps=None, fresh=None, backend="auto"
         the grads' addresses (int64 per row), which feed the tables.
     """
     cols, where = _columns(params, grads, states, steps)
-    fresh_t = tuple(fresh) if fresh is not None else None
+    flags_t = tuple(row_flags) if row_flags is not None else None
     plan = cache.get(key) if cache is not None else None
     if plan is not None:
-        grad_ptrs = _facts.holds(plan, cols, where, tuple(chain.from_iterable(cols)), fresh_t)
+        grad_ptrs = _facts.holds(plan, cols, where, tuple(chain.from_iterable(cols)), flags_t)
         if grad_ptrs is not None:
             return plan, cols, grad_ptrs
-    plan = build(params, grads, states, roles, steps, fresh_t, backend)
+    plan = build(params, grads, states, roles, steps, flags_t, backend)
     if cache is not None:
         cache[key] = plan
     return plan, cols, plan.grad_ptrs
@@ -527,7 +530,7 @@ class Packed:
         self._staged.finish()
 
 
-def pack(params, grads, states, roles, steps=None, fresh=None, backend="auto"):
+def pack(params, grads, states, roles, steps=None, row_flags=None, backend="auto"):
     """Validate and stage tensors into kernel batches (no cache, no torch rows).
 
     For driving a backend directly: every row must be one the kernels take.
@@ -535,12 +538,12 @@ def pack(params, grads, states, roles, steps=None, fresh=None, backend="auto"):
     ``finish()`` after the kernel to write staged params and state back.
     """
     plan, cols, grad_ptrs = prepare(params, grads, states, roles, steps=steps,
-                                    fresh=fresh, backend=backend)
+                                    row_flags=row_flags, backend=backend)
     out = []
     for unit in plan.units:
         if isinstance(unit, TorchUnit):
             raise ValueError(f"rows {unit.rows} need torch's own step")
-        s = staged_unit(unit, cols, plan.where, steps, plan.fresh, grad_ptrs)
+        s = staged_unit(unit, cols, plan.where, steps, plan.row_flags, grad_ptrs)
         s.start()
         out.append(Packed(s))
     return out

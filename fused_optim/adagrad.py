@@ -317,7 +317,7 @@ def _adagrad_update(params, grads, state_sums, state_steps, *, lr, lr_decay, wei
                  lr_f32=torch.is_tensor(lr) and lr.dtype == torch.float32,
                  grad_scale=grad_scale, found_inf=found_inf)
 
-    def reference(ps, gs, states, steps, fresh_rows):
+    def reference(ps, gs, states, steps, flag_rows):
         # torch's for-loop, for rows the kernels do not take (sparse grads...)
         from torch.optim.adagrad import adagrad as torch_adagrad
 

@@ -446,7 +446,7 @@ def _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
                  amsgrad=bool(amsgrad), maximize=bool(maximize),
                  grad_scale=grad_scale, found_inf=found_inf)
 
-    def reference(ps, gs, states, steps, fresh_rows):
+    def reference(ps, gs, states, steps, flag_rows):
         # torch's for-loop, for rows the kernels do not take
         from torch.optim.adam import adam as torch_adam
 

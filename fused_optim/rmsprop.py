@@ -319,7 +319,7 @@ def _rmsprop_update(params, grads, square_avgs, momentum_buffer_list, grad_avgs,
                  momentum=_base.scalar(momentum), centered=bool(centered),
                  maximize=bool(maximize), grad_scale=grad_scale, found_inf=found_inf)
 
-    def reference(ps, gs, states, steps, fresh_rows):
+    def reference(ps, gs, states, steps, flag_rows):
         # torch's for-loop, for rows the kernels do not take
         from torch.optim.rmsprop import rmsprop as torch_rmsprop
 

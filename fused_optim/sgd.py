@@ -225,7 +225,7 @@ def _job(params, grads, momentum_buffer_list, hyper, found_inf):
 
     The buffers torch's loop would create this step (None entries, filled in
     place) are allocated here, before the update, which writes them whole:
-    the kernels take them as state like any other, flagged ``fresh``. None
+    the kernels take them as state like any other, flagged in ``row_flags``. None
     means the group has nothing to do: a first momentum step that GradScaler
     skips must not leave unwritten buffers behind (the next real step is the
     first). That reads found_inf on the host, once, only while some buffer
@@ -235,30 +235,30 @@ def _job(params, grads, momentum_buffer_list, hyper, found_inf):
         return _ops.Job(params, grads, [momentum_buffer_list], [], hyper)
     if hyper["momentum"] == 0:
         return _ops.Job(params, grads, [[]], [], hyper)
-    fresh = [b is None for b in momentum_buffer_list]
-    if True in fresh:
+    row_flags = [b is None for b in momentum_buffer_list]
+    if True in row_flags:
         if found_inf is not None and bool(found_inf != 0):
             return None
-        for i, new in enumerate(fresh):
+        for i, new in enumerate(row_flags):
             if new:
                 momentum_buffer_list[i] = torch.empty_like(
                     params[i], memory_format=torch.preserve_format)
-    return _ops.Job(params, grads, [momentum_buffer_list], fresh, hyper)
+    return _ops.Job(params, grads, [momentum_buffer_list], row_flags, hyper)
 
 
 def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
-    return _sgd_update(job.params, job.grads, job.states[0], job.fresh, **job.hyper,
+    return _sgd_update(job.params, job.grads, job.states[0], job.row_flags, **job.hyper,
                        grad_scale=grad_scale, found_inf=found_inf, backend=backend,
                        cache=cache, key=key)
 
 
-def _sgd_update(params, d_p_list, momentum_buffer_list, fresh, *, has_sparse_grad, grad_scale,
+def _sgd_update(params, d_p_list, momentum_buffer_list, row_flags, *, has_sparse_grad, grad_scale,
                 found_inf, weight_decay, momentum, lr, dampening, nesterov, maximize,
                 capturable, differentiable, backend, cache=None, key=None):
     """Validate one group's SGD update; return what writes it (None: nothing to do).
 
     Everything that can raise happens here, before any tensor is written.
-    ``fresh`` flags the momentum buffers created for this step (see _job).
+    ``row_flags`` flags the momentum buffers created for this step (see _job).
     """
     if has_sparse_grad or differentiable:
         def fallback():
@@ -284,19 +284,19 @@ def _sgd_update(params, d_p_list, momentum_buffer_list, fresh, *, has_sparse_gra
     if momentum != 0:
         states = [momentum_buffer_list]
     else:
-        fresh, states = None, [[None] * len(params)]
+        row_flags, states = None, [[None] * len(params)]
     hyper = dict(lr=_base.scalar(lr, keep_tensor=capturable),
                  weight_decay=_base.scalar(weight_decay),
                  momentum=float(momentum), dampening=float(dampening),
                  nesterov=bool(nesterov), maximize=bool(maximize),
                  grad_scale=grad_scale, found_inf=found_inf)
 
-    def reference(ps, gs, states, steps, fresh_rows):
+    def reference(ps, gs, states, steps, flag_rows):
         # torch's for-loop, for rows the kernels do not take; a buffer to be
         # created this step goes in as None, and torch creates it
         from torch.optim.sgd import sgd as torch_sgd
 
-        bufs = ([None if f else b for b, f in zip(states[0], fresh_rows)]
+        bufs = ([None if f else b for b, f in zip(states[0], flag_rows)]
                 if momentum != 0 else [None] * len(ps))
         torch_sgd(ps, gs, bufs, has_sparse_grad=False, foreach=False, fused=False,
                   weight_decay=weight_decay, momentum=momentum, lr=lr,
@@ -304,7 +304,7 @@ def _sgd_update(params, d_p_list, momentum_buffer_list, fresh, *, has_sparse_gra
         return bufs if momentum != 0 else None
 
     return _base.prepare_update("sgd", _base.backend_name(backend), params, d_p_list, states,
-                                ("momentum_buffer",), hyper, reference, fresh=fresh,
+                                ("momentum_buffer",), hyper, reference, row_flags=row_flags,
                                 cache=cache, key=key)
 
 
@@ -313,7 +313,7 @@ SGD_STEP = SGD.STEP_OP = _ops.UpdateOp(
     "sgd_step", states=("momentum_buffers",),
     scalars=("lr", "weight_decay", "momentum", "dampening"),
     switches=("nesterov", "maximize", "capturable", "differentiable", "has_sparse_grad"),
-    prepare=_prepare, has_fresh=True)
+    prepare=_prepare, has_row_flags=True)
 
 
 RECORDS = (

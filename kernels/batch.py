@@ -25,8 +25,11 @@ class Batch:
         states: one list per state role, in the order of the STATE0..2 columns
             of ``layout``; an entry
             is None where the role is absent (e.g. no amsgrad).
-        steps: per-row step counters (Adam), 0-dim tensors; empty for SGD.
-        fresh: per-row flag (SGD): momentum buffer created this step.
+        steps: per-row step counters, 0-dim tensors (layout column STEP);
+            empty for an optimizer without one (SGD).
+        row_flags: per-row bools, the optimizer's own switch (layout
+            FLAG_ROW; SGD: the momentum buffer is created this step); empty
+            where unused.
         cache: a dict the backend may keep device buffers in between steps,
             owned by the caller's plan for these rows (None: nothing is
             kept).
@@ -35,11 +38,11 @@ class Batch:
             (None: no owner).
     """
 
-    _LISTS = ("params", "grads", "states", "steps", "fresh")
+    _LISTS = ("params", "grads", "states", "steps", "row_flags")
 
     def __init__(self, device: torch.device, dtype: torch.dtype, table: np.ndarray,
                  numel: int, params=None, grads=None, states=None, steps=None,
-                 fresh=None, source=None, cache=None, retain=None):
+                 row_flags=None, source=None, cache=None, retain=None):
         self.device = device
         self.cache = cache
         self.retain = retain
@@ -52,7 +55,7 @@ class Batch:
             self.grads = grads
             self.states = states
             self.steps = steps if steps is not None else []
-            self.fresh = fresh if fresh is not None else []
+            self.row_flags = row_flags if row_flags is not None else []
 
     def __getattr__(self, name):
         # only reached for the lazily built lists of a batch from a cached plan

@@ -5,20 +5,24 @@ tensors the API layer has checked: same shape, dtype and strides as the row's
 param, dense (no gaps, no overlap), and inside their storage. A pointer of 0
 means "role absent" and is never dereferenced.
 
-=========  ==========================  ==================================
-column     SGD                         Adam / AdamW
-=========  ==========================  ==================================
-PARAM      param                       param
-GRAD       grad                        grad
-STATE0     momentum_buffer             exp_avg
-STATE1     (0)                         exp_avg_sq
-STATE2     (0)                         max_exp_avg_sq (0 unless amsgrad)
-STEP       (0)                         step scalar (float32 or float64)
-NUMEL      elements in the row         elements in the row
-START      first global element index  first global element index
-FLAGS      FLAG_FRESH                  FLAG_STEP_F64, FLAG_STEP_HOST,
-                                       FLAG_STEP_CPU
-=========  ==========================  ==================================
+Columns are generic; each optimizer says what its STATE columns hold (its
+record's ``state``, in order) and whether it has a STEP counter:
+
+=========  ===============================================================
+column     holds
+=========  ===============================================================
+PARAM      param
+GRAD       grad
+STATE0..2  the optimizer's state tensors, in its record's order, 0 where a
+           role is absent (SGD: momentum_buffer; Adam/AdamW: exp_avg,
+           exp_avg_sq, max_exp_avg_sq (amsgrad); Adagrad: sum; RMSprop:
+           square_avg, momentum_buffer, grad_avg)
+STEP       the per-row step counter (float32 or float64 0-dim), 0 if none
+NUMEL      elements in the row
+START      first global element index
+FLAGS      FLAG_ROW (the optimizer's own per-row switch), and the STEP
+           counter's placement: FLAG_STEP_F64, FLAG_STEP_HOST, FLAG_STEP_CPU
+=========  ===============================================================
 
 ``START`` is the prefix sum of ``NUMEL``; the compiled kernels split the global
 element range ``[0, sum(NUMEL))`` evenly among threads or program blocks.
@@ -35,14 +39,17 @@ START = 7
 FLAGS = 8
 NCOLS = 9
 
+#: The optimizer's own per-row switch (``row_flags`` of the API's tables).
 #: SGD: the momentum buffer was created this step and takes the gradient as is.
-FLAG_FRESH = 1
-#: Adam: the step counter is a float64 scalar (default dtype float64), else float32.
+FLAG_ROW = 1
+#: SGD's name for FLAG_ROW.
+FLAG_FRESH = FLAG_ROW
+#: The step counter is a float64 scalar (default dtype float64), else float32.
 FLAG_STEP_F64 = 2
-#: Adam: the step counter lives in host memory while the row's tensors do not
+#: The step counter lives in host memory while the row's tensors do not
 #: (torch's default for CUDA params): a GPU kernel cannot read it.
 FLAG_STEP_HOST = 4
-#: Adam: the step counter is a CPU tensor (the only host memory a backend may
+#: The step counter is a CPU tensor (the only host memory a backend may
 #: read a FLAG_STEP_HOST counter from).
 FLAG_STEP_CPU = 8
 

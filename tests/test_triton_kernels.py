@@ -60,9 +60,9 @@ def _assert_all_close(actual, expected, **kw):
 # kernel-level drivers (a Batch built by the API layer's packer)
 
 
-def _run_sgd(backend, params, grads, bufs, fresh, **hyper):
+def _run_sgd(backend, params, grads, bufs, row_flags, **hyper):
     for packed in _tables.pack(params, grads, [bufs], ("momentum_buffer",),
-                               fresh=fresh if hyper["momentum"] else None):
+                               row_flags=row_flags if hyper["momentum"] else None):
         backend.sgd(packed.batch, **hyper)
         packed.finish()
 
@@ -142,8 +142,8 @@ def _sgd_steps(state, backend, nsteps, seed, dtype, **hyper):
     gen = torch.Generator().manual_seed(seed)
     for step in range(nsteps):
         grads = _randn(_sizes(state.params), dtype, gen)
-        fresh = [step == 0] * len(grads)
-        _run_sgd(backend, state.params, grads, state.bufs, fresh, **hyper)
+        row_flags = [step == 0] * len(grads)
+        _run_sgd(backend, state.params, grads, state.bufs, row_flags, **hyper)
 
 
 def _adam_steps(state, backend, nsteps, seed, dtype, **hyper):
@@ -385,14 +385,14 @@ def test_grad_scale_unscales_in_the_kernel(dtype, optim):
         scaled = _SgdState(sizes, dtype, 8, True)
         plain = scaled.clone()
         for step, gs in enumerate(grads):
-            fresh = [step == 0] * len(sizes)
+            row_flags = [step == 0] * len(sizes)
             big = [g * 1024 for g in gs]
             for packed in _tables.pack(scaled.params, big, [scaled.bufs],
-                                       ("momentum_buffer",), fresh=fresh):
+                                       ("momentum_buffer",), row_flags=row_flags):
                 tk.sgd(packed.batch, grad_scale=scale, found_inf=zero, **hyper)
                 packed.finish()
             _assert_all_close(big, [g * 1024 for g in gs], rtol=0, atol=0)  # untouched
-            _run_sgd(tk, plain.params, _clone(gs), plain.bufs, fresh, **hyper)
+            _run_sgd(tk, plain.params, _clone(gs), plain.bufs, row_flags, **hyper)
     else:
         hyper = _adam_hyper(amsgrad=True, weight_decay=0.01)
         scaled = _AdamState(sizes, dtype, 8, True)
@@ -467,9 +467,9 @@ def test_found_inf_skips_sgd_entirely():
     before = _clone(state.tensors())
     gen = torch.Generator().manual_seed(14)
     grads = _randn(SIZES, torch.float32, gen)
-    for fresh in (False, True):
+    for row_flags in (False, True):
         for packed in _tables.pack(state.params, grads, [state.bufs],
-                                   ("momentum_buffer",), fresh=[fresh] * len(SIZES)):
+                                   ("momentum_buffer",), row_flags=[row_flags] * len(SIZES)):
             tk.sgd(packed.batch, found_inf=torch.tensor([1.0], device=DEVICE), **hyper)
         _assert_all_close(state.tensors(), before, rtol=0, atol=0)
 
@@ -674,8 +674,8 @@ def test_device_table_cache_is_never_stale():
         ref.step()
         cached = cached or _layouts(opt)
     assert [a is b for a, b in zip(_layouts(opt), cached)] == [True]
-    fresh = _randn(sizes, torch.float32, gen)
-    for p, q, f in zip(ours, theirs, fresh):
+    row_flags = _randn(sizes, torch.float32, gen)
+    for p, q, f in zip(ours, theirs, row_flags):
         p.data, q.data = f.clone(), f.clone()
     _step_both(*pair, _randn(sizes, torch.float32, gen))
     _assert_states_close(*pair)

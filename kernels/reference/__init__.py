@@ -71,7 +71,7 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
             g = g.add(p32, alpha=weight_decay)
         if momentum != 0:
             buf = batch.states[0][i]
-            if batch.fresh[i]:
+            if batch.row_flags[i]:
                 b = g
             else:
                 b = buf.to(ct).mul(momentum).add(g, alpha=1.0 - dampening)
