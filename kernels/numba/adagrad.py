@@ -1,8 +1,7 @@
-"""Adagrad for the Numba CPU backend: one jitted call updates every row.
+"""Adagrad for the Numba CPU backend: element update, entry points, launcher.
 
-The launcher and the row walk follow Adam's (``kernels/numba/__init__.py``
-and ``_kernels.py``); everything taken from there is imported in the one
-block below, so that the walk can later move to a shared one.
+The row walk, spans and work split are shared (``_walk``); this file holds
+only Adagrad's per-row scalars, its element math and its entry points.
 
 Element math as torch's for-loop (``_single_tensor_adagrad``) with its CPU
 kernels' roundings: ``grad.add(param, alpha=wd)`` and ``addcmul`` are fused
@@ -10,19 +9,17 @@ multiply-adds, ``std = sqrt(sum) + eps`` rounds twice, and ``addcdiv`` is
 ``p + (-clr * g) / std``. Each row's ``clr = lr / (1 + (step - 1) * lr_decay)``
 is computed once, in float64 from the advanced step as torch does in
 Python, then rounded to the compute type (torch's ``value=`` cast).
+
+Also here: :func:`advance_host_steps`, the step-counter pass that the
+Triton backend runs on the host for CUDA params whose steps live there.
 """
 
 import numpy as np
 from numba import carray, njit, prange
 
 from .. import layout as L
-
-# ---- shared with the other Numba kernels (the only imports from them)
-from . import _PARALLEL, _NO_LOCK, _amp, _on, _opt, _plan  # noqa: F401
-from ._kernels import _grad, _view
-from ._memory import (BLOCK, PREFETCH_BYTES, address, fma, load, prefetch_block,
-                      store)
-# ----
+from ._memory import address, fma, load, store
+from ._walk import _NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, blocked, grad, plain, view, walk
 
 __all__ = ["adagrad", "advance_host_steps"]
 
@@ -51,8 +48,11 @@ def _adagrad_scalars(table, lr, lr_decay, lr_f32, out):
 
 
 @njit(inline="always")
-def _adagrad_element(p, g, s, j, neg_clr, eps, inv_scale, weight_decay, maximize):
-    gj = _grad(g, j, inv_scale, maximize)
+def _adagrad_element(j, p, g, s, _s1, _s2, neg_clr, eps, inv_scale, weight_decay,
+                     maximize, _x5, _x6, _x7, _x8, _x9, _x10, _x11):
+    """Adagrad on element ``j`` (``s``: the ``sum`` state); None turns a part
+    off at compile time (``inv_scale``, ``weight_decay``, ``maximize``)."""
+    gj = grad(g, j, inv_scale, maximize)
     pj = load(p, j)
     if weight_decay is not None:
         gj = fma(pj, weight_decay, gj)
@@ -63,49 +63,13 @@ def _adagrad_element(p, g, s, j, neg_clr, eps, inv_scale, weight_decay, maximize
 
 
 @njit(inline="always")
-def _adagrad_plain(p, g, s, n, neg_clr, eps, inv_scale, weight_decay, maximize):
-    """Adagrad over ``n`` elements; None turns a part off at compile time."""
-    for j in range(n):
-        _adagrad_element(p, g, s, j, neg_clr, eps, inv_scale, weight_decay, maximize)
-
-
-@njit(inline="always")
-def _adagrad_blocked(p, g, s, n, neg_clr, eps, inv_scale, weight_decay, maximize):
-    """:func:`_adagrad_plain` in prefetching blocks (the parallel kernels' span)."""
-    ahead = PREFETCH_BYTES // p.itemsize
-    full = n - n % BLOCK
-    for o in range(0, full, BLOCK):
-        prefetch_block(p, o + ahead, n)
-        prefetch_block(g, o + ahead, n)
-        prefetch_block(s, o + ahead, n)
-        for j in range(o, o + BLOCK):
-            _adagrad_element(p, g, s, j, neg_clr, eps, inv_scale, weight_decay,
-                             maximize)
-    for j in range(full, n):
-        _adagrad_element(p, g, s, j, neg_clr, eps, inv_scale, weight_decay, maximize)
-
-
-@njit(inline="always")
-def _adagrad_chunk(table, scalars, lo, hi, itemsize, view_dtype, eps, inv_scale,
-                   weight_decay, maximize, span):
-    # the row walk (modeled on _adam_chunk)
-    starts = table[:, L.START]
-    row = np.searchsorted(starts, lo, side="right") - 1
-    while lo < hi:
-        start = table[row, L.START]
-        end = start + table[row, L.NUMEL]
-        if end <= lo:
-            row += 1
-            continue
-        off = lo - start
-        n = min(hi, end) - lo
-        neg_clr = -scalars[row]
-        p = _view(table, row, L.PARAM, off, n, itemsize, view_dtype)
-        g = _view(table, row, L.GRAD, off, n, itemsize, view_dtype)
-        s = _view(table, row, L.STATE0, off, n, itemsize, view_dtype)
-        span(p, g, s, n, neg_clr, eps, inv_scale, weight_decay, maximize)
-        lo += n
-        row += 1
+def _adagrad_row(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+                 scalars, eps, inv_scale, weight_decay, maximize, _x5, _x6, _x7, _x8,
+                 _x9, _x10, _x11):
+    neg_clr = -scalars[row]
+    s = view(table, row, L.STATE0, off, n, itemsize, view_dtype)
+    span(element, n, p, g, s, None, None, neg_clr, eps, inv_scale, weight_decay,
+         maximize, None, None, None, None, None, None, None)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -113,16 +77,18 @@ def adagrad_parallel(table, bounds, itemsize, view_dtype, lr, lr_decay, lr_f32, 
                      inv_scale, c_eps, c_wd, maximize):
     _adagrad_scalars(table, lr, lr_decay, lr_f32, scalars)
     for c in prange(len(bounds) - 1):
-        _adagrad_chunk(table, scalars, bounds[c], bounds[c + 1], itemsize, view_dtype,
-                       c_eps, inv_scale, c_wd, maximize, _adagrad_blocked)
+        walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, _adagrad_row,
+             blocked, _adagrad_element, scalars, c_eps, inv_scale, c_wd, maximize,
+             None, None, None, None, None, None, None)
 
 
 @njit(cache=True, error_model="numpy")
 def adagrad_serial(table, bounds, itemsize, view_dtype, lr, lr_decay, lr_f32, scalars,
                    inv_scale, c_eps, c_wd, maximize):
     _adagrad_scalars(table, lr, lr_decay, lr_f32, scalars)
-    _adagrad_chunk(table, scalars, bounds[0], bounds[-1], itemsize, view_dtype,
-                   c_eps, inv_scale, c_wd, maximize, _adagrad_plain)
+    walk(table, bounds[0], bounds[-1], itemsize, view_dtype, _adagrad_row, plain,
+         _adagrad_element, scalars, c_eps, inv_scale, c_wd, maximize, None, None, None,
+         None, None, None, None)
 
 
 @njit(cache=True, error_model="numpy")
@@ -151,11 +117,11 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
     skip, inv_scale = _amp(grad_scale, found_inf)
     if skip or batch.table is None or batch.table.shape[0] == 0:
         return
-    bounds, parallel, view, itemsize, c = _plan(batch)
+    bounds, parallel, view_dtype, itemsize, c = _plan(batch)
     fn = adagrad_parallel if parallel else adagrad_serial
     scalars = np.empty(batch.table.shape[0], dtype=c)
-    # None switches a part of the kernel off at compile time
+    # None switches a part of the kernel off at compile time (see _walk.plain)
     with _PARALLEL if parallel else _NO_LOCK:
-        fn(batch.table, bounds, itemsize, view, float(lr), float(lr_decay), _on(lr_f32),
-           scalars, _opt(c, inv_scale, inv_scale != 1.0), c(eps),
+        fn(batch.table, bounds, itemsize, view_dtype, float(lr), float(lr_decay),
+           _on(lr_f32), scalars, _opt(c, inv_scale, inv_scale != 1.0), c(eps),
            _opt(c, weight_decay, weight_decay != 0), _on(maximize))

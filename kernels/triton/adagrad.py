@@ -1,11 +1,12 @@
-"""Adagrad for the Triton GPU backend: one update launch per alignment class.
+"""Adagrad for the Triton GPU backend: its kernels and launcher.
 
-The launcher follows Adam's (``kernels/triton/__init__.py``): what it takes
-from there (device buffers, layout, AMP tensors, launch lock, step checks)
-is imported in the one block below, so it can later move to a shared
-launcher. Element math matches ``kernels/numba/adagrad.py`` operation for
-operation (see ``kernels/triton/_kernels.py`` on roundings, ``div_rn`` /
-``sqrt_rn`` and bfloat16).
+The launch prologue, the per-alignment-class launches and the host-side step
+checks are shared (the package's ``_prologue``, ``_launch_updates``,
+``_steps_on_device``, ``_check_host_steps``); ``_kernels`` has the
+load/store helpers and the table's column constexprs. Element math matches
+``kernels/numba/adagrad.py`` operation for operation (see
+``kernels/triton/_kernels.py`` on roundings, ``div_rn`` / ``sqrt_rn`` and
+bfloat16).
 
 Each row's ``clr = lr / (1 + (step - 1) * lr_decay)`` is computed once per
 step, in float64: by ``_adagrad_steps_kernel`` on the device, which also
@@ -13,33 +14,23 @@ advances device-side step counters (no host sync), or by the host for
 counters in host memory (torch's default: CPU steps for CUDA params).
 """
 
-from __future__ import annotations
+import sys
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .. import layout as L
-
-# ---- shared with the other Triton launchers and kernels (the only imports)
-from . import (NUM_WARPS, _amp_tensor, _check_host_steps, _common_args,
-               _device_context, _device_hyper, _launch_lock, _layout, _resident,
-               _steps_on_device, _upload, num_warps)
-from ._kernels import _load, _store
-from .. import triton as _triton  # BLOCK
-# ----
+from . import (NUM_WARPS, _STEP_ROWS, _check_host_steps, _device_context, _launch_lock,
+               _launch_updates, _prologue, _resident, _upload)
+from ._kernels import (_FLAG_STEP_F64, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
+                       _STEP, _load, _store)
 
 __all__ = ["adagrad"]
 
-_NCOLS = tl.constexpr(L.NCOLS)
-_PARAM = tl.constexpr(L.PARAM)
-_GRAD = tl.constexpr(L.GRAD)
-_STATE0 = tl.constexpr(L.STATE0)
-_STEP = tl.constexpr(L.STEP)
-_NUMEL = tl.constexpr(L.NUMEL)
-_FLAGS = tl.constexpr(L.FLAGS)
-_FLAG_STEP_F64 = tl.constexpr(L.FLAG_STEP_F64)
+#: the package (``kernels.triton``): ``_steps_on_device`` is looked up on it at
+#: each call, since tests replace it there to force host-side steps
+_pkg = sys.modules[__package__]
 
 # slots of the float64 hyperparameter buffer
 AG_LR, AG_LR_DECAY, AG_EPS, AG_WD, AG_NHYPER = range(5)
@@ -47,9 +38,6 @@ _AG_LR = tl.constexpr(AG_LR)
 _AG_LR_DECAY = tl.constexpr(AG_LR_DECAY)
 _AG_EPS = tl.constexpr(AG_EPS)
 _AG_WD = tl.constexpr(AG_WD)
-
-#: rows per program of the step kernel
-_STEP_ROWS = 128
 
 
 @triton.jit
@@ -178,12 +166,11 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
     """
     if batch.table is None or batch.table.shape[0] == 0:
         return
-    block = _triton.BLOCK  # read at every call (tests lower it)
     device = batch.device
     table = batch.table
     hyper = [lr, lr_decay, eps, weight_decay]
     assert len(hyper) == AG_NHYPER
-    device_steps = _steps_on_device(batch)
+    device_steps = _pkg._steps_on_device(batch)
     with _device_context(device):
         if not device_steps:
             _check_host_steps(batch)
@@ -193,30 +180,23 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
             from ..numba.adagrad import advance_host_steps
 
             scalars = advance_host_steps(table, lr=lr, lr_decay=lr_decay, lr_f32=lr_f32)
-        layout = _layout(batch, block)
-        grad_scale = _amp_tensor(grad_scale, device)
-        found_inf = _amp_tensor(found_inf, device)
+        pro = _prologue(batch, hyper if device_steps else None, grad_scale, found_inf)
+        layout = pro.layout
         if device_steps:
-            hyper = _device_hyper(batch, hyper)
+            hyper = pro.hyper
             # rewritten whole by the step kernel below before each read
             scal = _resident(batch, "adagrad_scalars", layout.rows, lambda: torch.empty(
                 layout.rows, dtype=torch.float64, device=device))
         else:
+            # host-step scalars change every step: not worth a cache entry
             both = _upload(np.concatenate([np.asarray(hyper, np.float64), scalars]), batch)
             hyper, scal = both, both[AG_NHYPER:]
-        const = dict(_common_args(batch), BLOCK=block, MAXIMIZE=bool(maximize),
-                     HAS_WD=weight_decay != 0, HAS_GRAD_SCALE=grad_scale is not None,
-                     HAS_FOUND_INF=found_inf is not None,
-                     # no FMA contraction: the same roundings as the Numba backend
-                     enable_fp_fusion=False)
         with _launch_lock():
             if device_steps:
                 _adagrad_steps_kernel[(triton.cdiv(layout.rows, _STEP_ROWS),)](
-                    layout.table, hyper, scal, found_inf, layout.rows,
-                    BLOCK_R=_STEP_ROWS, HAS_FOUND_INF=found_inf is not None,
+                    layout.table, hyper, scal, pro.found_inf, layout.rows,
+                    BLOCK_R=_STEP_ROWS, HAS_FOUND_INF=pro.found_inf is not None,
                     LR_F32=bool(lr_f32), num_warps=NUM_WARPS, enable_fp_fusion=False)
-            for bmap, programs, aligned, tail in layout.launches:
-                _adagrad_kernel[(programs,)](
-                    layout.table, bmap, hyper, scal, grad_scale, found_inf,
-                    ALIGNED=aligned, TAIL_ALIGNED=tail,
-                    num_warps=num_warps(batch.dtype, aligned, tail), **const)
+            _launch_updates(_adagrad_kernel, pro, batch, hyper, scal, pro.grad_scale,
+                            pro.found_inf, MAXIMIZE=bool(maximize),
+                            HAS_WD=weight_decay != 0)
