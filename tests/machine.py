@@ -208,6 +208,7 @@ class Machine(RuleBasedStateMachine):
 
     backend = "numba"
     big = False  # add one param over numba's serial threshold (parallel path)
+    configs = CONFIGS  # what build draws from (run: one optimizer's at a time)
 
     def __init__(self):
         super().__init__()
@@ -217,7 +218,7 @@ class Machine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ building
 
-    @initialize(config=st.sampled_from(CONFIGS),
+    @initialize(config=st.runner().flatmap(lambda m: st.sampled_from(m.configs)),
                 specs=st.lists(st.tuples(st.sampled_from(SHAPES), st.sampled_from(LAYOUTS),
                                          st.sampled_from([torch.float32, torch.float64]),
                                          st.integers(0, 8)),
@@ -674,27 +675,52 @@ def budget():
 
     CI's run is derandomized (the same examples every time, reproducible);
     ``FUSED_OPTIM_FUZZ_RANDOM=1`` (``make fuzz``) draws new ones each run.
+    The examples are shared among the optimizers (at least 2 each).
     """
     return (int(os.environ.get("FUSED_OPTIM_FUZZ_EXAMPLES", "25")),
             int(os.environ.get("FUSED_OPTIM_FUZZ_STEPS", "30")),
             os.environ.get("FUSED_OPTIM_FUZZ_RANDOM", "0") not in ("", "0"))
 
 
+def optimizer_names():
+    """The optimizers to run: every OptimInfo, or ``FUSED_OPTIM_FUZZ_OPTIMIZERS``
+    (comma-separated names, e.g. ``Adagrad,RMSprop``)."""
+    chosen = os.environ.get("FUSED_OPTIM_FUZZ_OPTIMIZERS", "")
+    names = [n.strip() for n in chosen.split(",") if n.strip()] or list(optim_db.names())
+    for n in names:
+        optim_db.get(n)  # KeyError for a name without an OptimInfo
+    return names
+
+
 def run(backend, big=False):
-    """Run the machine on ``backend``; raises hypothesis's falsifying example."""
+    """Run the machine on ``backend``, one optimizer after another, so that
+    every OptimInfo is covered whatever the draws; raises hypothesis's
+    falsifying example."""
     examples, steps, random = budget()
-    cls = type(f"Machine_{backend}", (Machine,), {"backend": backend, "big": big})
-    cls.TestCase.settings = settings(
-        max_examples=examples, stateful_step_count=steps, deadline=None,
-        derandomize=not random, database=None, report_multiple_bugs=False,
-        suppress_health_check=list(HealthCheck))
-    test = cls.TestCase("runTest")
-    result = test.defaultTestResult()
-    test.run(result)
-    print(f"{backend}{' (parallel)' if big else ''}: {COUNTS['build']} machines, "
-          f"{sum(COUNTS.values()) - COUNTS['build']} rules applied, "
-          f"{STEPS['steps']} steps compared with torch ({STEPS['raised alike']} raised alike); "
-          + ", ".join(f"{k} {v}" for k, v in sorted(COUNTS.items())), flush=True)
-    problems = result.failures + result.errors
+    names = optimizer_names()
+    problems = []
+    for name in names:
+        configs = [c for c in CONFIGS if c[0] == name]
+        if not configs:
+            continue
+        COUNTS.clear()
+        STEPS.clear()
+        cls = type(f"Machine_{backend}_{name}", (Machine,),
+                   {"backend": backend, "big": big, "configs": configs})
+        cls.TestCase.settings = settings(
+            max_examples=max(2, examples // len(names)), stateful_step_count=steps,
+            deadline=None, derandomize=not random, database=None,
+            report_multiple_bugs=False, suppress_health_check=list(HealthCheck))
+        test = cls.TestCase("runTest")
+        result = test.defaultTestResult()
+        test.run(result)
+        print(f"{backend}{' (parallel)' if big else ''} {name}: {COUNTS['build']} machines, "
+              f"{sum(COUNTS.values()) - COUNTS['build']} rules applied, "
+              f"{STEPS['steps']} steps compared with torch "
+              f"({STEPS['raised alike']} raised alike); "
+              + ", ".join(f"{k} {v}" for k, v in sorted(COUNTS.items())), flush=True)
+        problems += [f"{name}:\n{text}" for _, text in result.failures + result.errors]
+        if problems:
+            break
     if problems:
-        raise AssertionError("\n".join(text for _, text in problems))
+        raise AssertionError("\n".join(problems))

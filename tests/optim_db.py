@@ -306,6 +306,27 @@ def _adam_strategy():
                                   "maximize": st.booleans()})
 
 
+def _adagrad_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 1.0),
+                                  "lr_decay": st.sampled_from([0.0, 0.01, 0.1]),
+                                  "weight_decay": st.sampled_from([0.0, 1e-2]),
+                                  "initial_accumulator_value": st.sampled_from([0.0, 0.1]),
+                                  "eps": st.sampled_from([1e-10, 1e-3]),
+                                  "maximize": st.booleans()})
+
+
+def _rmsprop_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1),
+                                  "alpha": st.sampled_from([0.99, 0.9, 0.3]),
+                                  "eps": st.sampled_from([1e-8, 1e-3]),
+                                  "momentum": st.sampled_from([0.0, 0.5, 0.9]),
+                                  "centered": st.booleans(),
+                                  "weight_decay": st.sampled_from([0.0, 1e-2]),
+                                  "maximize": st.booleans()})
+
+
 _ADAM_EDITS = (
     ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
     ("betas", (0.8, 0.95)), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
@@ -401,6 +422,82 @@ OPTIM_DB = (
         supports_capturable=True,
         scale_sensitive=dict(eps=0.1),
         torch_functions=("adamw",),  # torch's AdamW runs torch.optim.adam's code
+    ),
+    OptimInfo(
+        name="Adagrad",
+        configs=(
+            dict(),
+            dict(lr=0.1, lr_decay=0.05),
+            dict(lr=0.05, initial_accumulator_value=0.5, eps=1e-3),
+            dict(lr=0.1, weight_decay=0.1),
+            dict(lr=0.1, maximize=True, weight_decay=0.05, lr_decay=0.01),
+            dict(lr=lambda: torch.tensor(0.05)),
+            dict(lr=lambda: torch.tensor(0.05), lr_decay=0.3),  # torch divides in float32
+            dict(lr=lambda: torch.tensor(0.05, dtype=torch.float64), lr_decay=0.3),
+            dict(lr=0.05, fused=True, weight_decay=0.01),
+        ),
+        example=dict(lr=0.1),
+        state_config={},  # torch makes "step" and "sum" at construction
+        error_inputs=(
+            ErrorInput("negative lr_decay", lambda: dict(lr_decay=-0.1), ValueError,
+                       "Invalid lr_decay value"),
+            ErrorInput("negative initial_accumulator_value",
+                       lambda: dict(initial_accumulator_value=-1.0), ValueError,
+                       "Invalid initial_accumulator_value value"),
+            ErrorInput("negative eps", lambda: dict(eps=-1e-10), ValueError,
+                       "Invalid epsilon value"),
+            ErrorInput("sparse grad with weight_decay", lambda: dict(weight_decay=0.1),
+                       RuntimeError, "weight_decay option is not compatible with sparse gradients",
+                       error_on=STEP, set_grad=_sparse_grad),
+            ErrorInput("fused sparse grad", lambda: dict(fused=True), RuntimeError,
+                       "`fused` does not support sparse grad or complex param",
+                       error_on=STEP, set_grad=_sparse_grad),
+        ),
+        kwargs_strategy=_adagrad_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.02), ("lr", 0.3), ("lr_decay", 0.0), ("lr_decay", 0.1),
+            ("lr_decay", -1.0),  # 1 + (step - 1) * lr_decay == 0 at step 2: ZeroDivisionError
+            ("weight_decay", 0.0), ("weight_decay", 0.05), ("eps", 1e-3), ("eps", 0.0),
+            ("initial_accumulator_value", 1.0),  # torch reads the constructor's, not the group's
+            ("maximize", True), ("maximize", False)),
+        supports_fused=True,
+        sparse_grads="torch-path",
+        scale_sensitive=dict(eps=0.1),
+    ),
+    OptimInfo(
+        name="RMSprop",
+        configs=(
+            dict(),
+            dict(lr=0.01, alpha=0.9, eps=1e-6),
+            dict(lr=0.01, centered=True),
+            dict(lr=0.01, momentum=0.9),
+            dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1),
+            dict(lr=0.01, maximize=True, weight_decay=0.05, eps=1e-3, momentum=0.5),
+            # 1 - alpha >= 0.5: torch.lerp's other side
+            dict(lr=lambda: torch.tensor(0.01), centered=True, alpha=0.3),
+            dict(lr=0.01, capturable=True),
+            dict(lr=0.01, capturable=True, momentum=0.9, centered=True, weight_decay=0.1),
+        ),
+        example=dict(lr=0.01),
+        state_config=dict(momentum=0.9, centered=True),
+        error_inputs=(
+            ErrorInput("negative eps", lambda: dict(eps=-1e-8), ValueError,
+                       "Invalid epsilon value"),
+            ErrorInput("negative momentum", lambda: dict(momentum=-0.5), ValueError,
+                       "Invalid momentum value"),
+            ErrorInput("negative alpha", lambda: dict(alpha=-0.1), ValueError,
+                       "Invalid alpha value"),
+        ),
+        kwargs_strategy=_rmsprop_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.003), ("alpha", 0.5), ("alpha", 1.0), ("eps", 0.0),
+            ("weight_decay", 0.0), ("weight_decay", 0.1),
+            ("momentum", 0.0), ("momentum", 0.9),  # switched on later: torch's KeyError
+            ("centered", True), ("centered", False), ("maximize", True), ("maximize", False)),
+        supports_capturable=True,
+        scale_sensitive=dict(eps=0.1),
+        # torch's RMSprop has no _fused_rmsprop
+        torch_functions=("rmsprop", "_single_tensor_rmsprop", "_multi_tensor_rmsprop"),
     ),
 )
 

