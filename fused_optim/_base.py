@@ -186,6 +186,23 @@ class FusedOptimizer(Optimizer):
                 moved = torch.full((), float(s), dtype=s.dtype, device=p.device)
                 state[p]["step"] = state_steps[i] = moved
 
+    def _lazy_state(self, group, with_grad, states, needed) -> None:
+        """torch's lazy state creation for the params in ``with_grad`` that have none.
+
+        torch's loop creates a param's state just before reading its keys, so
+        a param whose state lacks a key (an option switched on mid-training)
+        raises before any later param gets state. Created in one pass here
+        for speed, so where some existing state lacks a key of ``needed``,
+        ``_raise_in_torchs_order`` runs torch's order instead and raises.
+        """
+        if all(states):
+            return
+        if any(state and not needed.issubset(state) for state in states):
+            self._raise_in_torchs_order(group)
+        for p, state in zip(with_grad, states):
+            if len(state) == 0:
+                self._init_state(group, state, p)
+
     @staticmethod
     def _traceable(hyper) -> bool:
         """Whether a group's update may hide behind the step operator.

@@ -12,6 +12,10 @@ from ._registry import Record
 __all__ = ["Adagrad", "adagrad"]
 
 
+#: the state keys a step reads (torch's loop raises KeyError for a missing one)
+_KEYS = frozenset(("sum", "step"))
+
+
 class Adagrad(_base.FusedOptimizer):
     r"""Adagrad, fused.
 
@@ -175,16 +179,12 @@ class Adagrad(_base.FusedOptimizer):
             self._need_device_dtype_check_for_fused = False
         all_state = self.state
         states = [all_state[p] for p in with_grad]
-        if not all(states):  # lazy state of params added since construction
-            for p, state in zip(with_grad, states):
-                if len(state) == 0:
-                    self._init_state(group, state, p)
+        self._lazy_state(group, with_grad, states, _KEYS)  # params added since construction
         try:
             sums = _base.state_values(states, "sum")
             steps = _base.state_values(states, "step")
         except KeyError:
-            for state in states:
-                state["sum"], state["step"]  # noqa: B018 - KeyError, as torch
+            self._raise_in_torchs_order(group)
             raise
         params_with_grad.extend(with_grad)
         grads.extend(their_grads)
@@ -198,6 +198,19 @@ class Adagrad(_base.FusedOptimizer):
         # kernels see each tensor's dtype
         has_complex = group["differentiable"] and any(map(torch.is_complex, with_grad))
         return has_sparse_grad, has_complex
+
+    def _raise_in_torchs_order(self, group):
+        """torch's ``_init_group`` loop, param by param: raises what it raises first.
+
+        Params before the one that raises get their lazy state, as in torch.
+        """
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(group, state, p)
+            state["sum"], state["step"]  # noqa: B018 - KeyError, as torch
 
     def _init_state(self, group, state, p):
         if group["fused"]:

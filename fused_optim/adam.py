@@ -23,6 +23,11 @@ def _to_scalar(x):
     return x
 
 
+#: the state keys a step reads (torch's loop raises KeyError for a missing one)
+_KEYS = frozenset(("step", "exp_avg", "exp_avg_sq"))
+_AMSGRAD_KEYS = _KEYS | {"max_exp_avg_sq"}
+
+
 class Adam(_base.FusedOptimizer):
     r"""Adam, fused; with ``decoupled_weight_decay=True`` it is AdamW.
 
@@ -191,10 +196,8 @@ class Adam(_base.FusedOptimizer):
             self._raise_in_torchs_order(group)
         all_state = self.state
         states = [all_state[p] for p in with_grad]
-        if not all(states):  # lazy state initialization of new params
-            for p, state in zip(with_grad, states):
-                if len(state) == 0:
-                    self._init_state(group, state, p)
+        self._lazy_state(group, with_grad, states,
+                         _AMSGRAD_KEYS if group["amsgrad"] else _KEYS)
         try:
             found = [_base.state_values(states, "exp_avg"),
                      _base.state_values(states, "exp_avg_sq"),

@@ -146,10 +146,12 @@ class RMSprop(_base.FusedOptimizer):
             self._raise_in_torchs_order(group)
         all_state = self.state
         states = [all_state[p] for p in with_grad]
-        if not all(states):  # lazy state initialization of new params
-            for p, state in zip(with_grad, states):
-                if len(state) == 0:
-                    self._init_state(group, state, p)
+        needed = {"square_avg", "step"}
+        if group["momentum"] > 0:
+            needed.add("momentum_buffer")
+        if group["centered"]:
+            needed.add("grad_avg")
+        self._lazy_state(group, with_grad, states, needed)
         try:
             found = [_base.state_values(states, "square_avg"),
                      _base.state_values(states, "step"),

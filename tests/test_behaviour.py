@@ -348,3 +348,32 @@ def test_backend_is_an_attribute_not_a_group_key(monkeypatch):
     assert opt.backend == "torch"
     assert "backend" not in opt.param_groups[0] and "backend" not in opt.defaults
     assert fused_optim.SGD([torch.randn(2).requires_grad_()], backend="numba").backend == "numba"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", optim_db.OPTIM_DB, ids=optim_db.names())
+def test_option_switched_on_mid_training_creates_only_torchs_state(info, backend):
+    """The options that bring more state (``state_config``) switched on after
+    a step, when a new param joins in the same step: torch's loop creates the
+    new param's state only if no earlier param raised its KeyError first."""
+    skip_unless_runnable(backend)
+    extra = {k: v for k, v in info.state_config.items() if k not in info.example}
+    outcomes = []
+    for make in (lambda ps, kw: info.oracle(ps, **kw),
+                 lambda ps, kw: info.cls(ps, backend=backend, **kw)):
+        a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+        opt = make([a, b], dict(info.example))
+        a.grad = torch.full((3,), 0.5)
+        opt.step()
+        opt.param_groups[0].update(extra)
+        b.grad = torch.full((3,), 0.25)
+        try:
+            opt.step()
+            error = None
+        except KeyError as err:
+            error = repr(err)
+        outcomes.append((error, sorted(opt.state[b]), a.detach().clone(), b.detach().clone()))
+    (err, keys, a_ref, b_ref), (err2, keys2, a_got, b_got) = outcomes
+    assert (err2, keys2) == (err, keys)
+    torch.testing.assert_close(a_got, a_ref, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(b_got, b_ref, **TOLERANCE[torch.float32])
