@@ -1,37 +1,23 @@
-"""RMSprop for the Numba CPU backend: one jitted call per batch.
+"""RMSprop for the Numba backend: element update, step advance, entry points, launcher.
 
-The launcher (:func:`rmsprop`) and the jitted bodies live together here. The
-row walk (:func:`_rmsprop_chunk`) is modeled on ``_kernels._adam_chunk``: the
-rows' elements are laid end to end in ``[0, numel)``, ``bounds`` cuts that
-range into one chunk per thread, and each chunk walks the rows it overlaps as
-slice views. Element math: float32 (float64 for float64 tensors), one
-rounding per stored value, a fused multiply-add exactly where torch's CPU
-kernels use one (``addcmul``, ``lerp``, ``add(alpha=)``), none elsewhere
-(``mul`` then ``addcmul``, ``addcdiv``).
+The row walk, spans and work split are shared (``_walk``). Element math:
+float32 (float64 for float64 tensors), one rounding per stored value, a
+fused multiply-add exactly where torch's CPU kernels use one (``addcmul``,
+``lerp``, ``add(alpha=)``), none elsewhere (``mul`` then ``addcmul``,
+``addcdiv``).
 
-Shared helpers used (one place, to be switched to a shared walk later): from
-``_memory`` the raw-address view, loads/stores and prefetching; from the
-package the launcher's work split and AMP helpers.
+Also here: :func:`advance_steps`, the step-counter pass that the Triton
+backend runs on the host for CUDA params whose steps live there.
 """
 
 import numpy as np
 from numba import carray, njit, prange
 
 from .. import layout as L
-# ---- shared helpers (the only ones this module uses) ----
-from . import _NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan
-from ._memory import (BLOCK, PREFETCH_BYTES, address, fma, load, prefetch_block,
-                      store)
-
-# ---------------------------------------------------------------------------
+from ._memory import address, fma, load, store
+from ._walk import _NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, blocked, grad, plain, view, walk
 
 __all__ = ["rmsprop", "advance_steps"]
-
-
-@njit(inline="always")
-def _view(table, row, col, off, n, itemsize, view_dtype):
-    # as _kernels._view: view_dtype is an empty array of the view's dtype
-    return carray(address(table[row, col] + off * itemsize), (n,), view_dtype.dtype)
 
 
 @njit(inline="always")
@@ -47,13 +33,15 @@ def _advance(table):
 
 
 @njit(inline="always")
-def _rmsprop_element(p, g, sq, buf, gavg, j, inv_scale, neg_lr, alpha, oma, oma_m1, eps,
-                     weight_decay, momentum, maximize):
-    gj = load(g, j)
-    if inv_scale is not None:
-        gj = gj * inv_scale
-    if maximize is not None:
-        gj = -gj
+def _rmsprop_element(j, p, g, sq, buf, gavg, inv_scale, neg_lr, alpha, oma, oma_m1, eps,
+                     weight_decay, momentum, maximize, _x9, _x10, _x11):
+    """RMSprop on element ``j``; None turns a part off at compile time.
+
+    ``sq`` square_avg; ``buf`` None: no momentum; ``gavg`` None: not
+    centered; ``oma_m1`` None: torch.lerp's small-weight side;
+    ``inv_scale``, ``weight_decay``, ``maximize`` None: unused.
+    """
+    gj = grad(g, j, inv_scale, maximize)
     pj = load(p, j)
     if weight_decay is not None:
         gj = fma(pj, weight_decay, gj)  # grad.add(param, alpha=wd)
@@ -79,78 +67,28 @@ def _rmsprop_element(p, g, sq, buf, gavg, j, inv_scale, neg_lr, alpha, oma, oma_
 
 
 @njit(inline="always")
-def _rmsprop_plain(p, g, sq, buf, gavg, n, inv_scale, neg_lr, alpha, oma, oma_m1, eps,
-                   weight_decay, momentum, maximize):
-    """RMSprop over ``n`` elements, one loop; None turns a part off at compile time.
-
-    ``buf`` None: no momentum; ``gavg`` None: not centered; ``oma_m1`` None:
-    torch.lerp's small-weight side; ``inv_scale``, ``weight_decay``,
-    ``maximize`` None: unused.
-    """
-    for j in range(n):
-        _rmsprop_element(p, g, sq, buf, gavg, j, inv_scale, neg_lr, alpha, oma, oma_m1,
-                         eps, weight_decay, momentum, maximize)
-
-
-@njit(inline="always")
-def _rmsprop_blocked(p, g, sq, buf, gavg, n, inv_scale, neg_lr, alpha, oma, oma_m1, eps,
-                     weight_decay, momentum, maximize):
-    """:func:`_rmsprop_plain` in prefetching blocks (as ``_kernels._sgd_blocked``)."""
-    ahead = PREFETCH_BYTES // p.itemsize
-    full = n - n % BLOCK
-    for o in range(0, full, BLOCK):
-        prefetch_block(p, o + ahead, n)
-        prefetch_block(g, o + ahead, n)
-        prefetch_block(sq, o + ahead, n)
-        if buf is not None:
-            prefetch_block(buf, o + ahead, n)
-        if gavg is not None:
-            prefetch_block(gavg, o + ahead, n)
-        for j in range(o, o + BLOCK):
-            _rmsprop_element(p, g, sq, buf, gavg, j, inv_scale, neg_lr, alpha, oma,
-                             oma_m1, eps, weight_decay, momentum, maximize)
-    for j in range(full, n):
-        _rmsprop_element(p, g, sq, buf, gavg, j, inv_scale, neg_lr, alpha, oma, oma_m1,
-                         eps, weight_decay, momentum, maximize)
-
-
-@njit(inline="always")
-def _rmsprop_chunk(table, lo, hi, itemsize, view_dtype, inv_scale, neg_lr, alpha, oma,
-                   oma_m1, eps, weight_decay, momentum, maximize, use_momentum, centered,
-                   span):
-    """The global element range ``[lo, hi)``: every row it overlaps, as views."""
-    starts = table[:, L.START]
-    row = np.searchsorted(starts, lo, side="right") - 1
-    while lo < hi:
-        start = table[row, L.START]
-        end = start + table[row, L.NUMEL]
-        if end <= lo:
-            row += 1
-            continue
-        off = lo - start
-        n = min(hi, end) - lo
-        p = _view(table, row, L.PARAM, off, n, itemsize, view_dtype)
-        g = _view(table, row, L.GRAD, off, n, itemsize, view_dtype)
-        sq = _view(table, row, L.STATE0, off, n, itemsize, view_dtype)
-        if use_momentum is None:
-            if centered is None:
-                span(p, g, sq, None, None, n, inv_scale, neg_lr, alpha, oma, oma_m1,
-                     eps, weight_decay, momentum, maximize)
-            else:
-                gavg = _view(table, row, L.STATE2, off, n, itemsize, view_dtype)
-                span(p, g, sq, None, gavg, n, inv_scale, neg_lr, alpha, oma, oma_m1,
-                     eps, weight_decay, momentum, maximize)
+def _rmsprop_row(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+                 inv_scale, neg_lr, alpha, oma, oma_m1, eps, weight_decay, momentum,
+                 maximize, use_momentum, centered, _x11):
+    """Views of STATE0 square_avg, STATE1 momentum_buffer, STATE2 grad_avg."""
+    sq = view(table, row, L.STATE0, off, n, itemsize, view_dtype)
+    if use_momentum is None:
+        if centered is None:
+            span(element, n, p, g, sq, None, None, inv_scale, neg_lr, alpha, oma,
+                 oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
         else:
-            buf = _view(table, row, L.STATE1, off, n, itemsize, view_dtype)
-            if centered is None:
-                span(p, g, sq, buf, None, n, inv_scale, neg_lr, alpha, oma, oma_m1,
-                     eps, weight_decay, momentum, maximize)
-            else:
-                gavg = _view(table, row, L.STATE2, off, n, itemsize, view_dtype)
-                span(p, g, sq, buf, gavg, n, inv_scale, neg_lr, alpha, oma, oma_m1,
-                     eps, weight_decay, momentum, maximize)
-        lo += n
-        row += 1
+            gavg = view(table, row, L.STATE2, off, n, itemsize, view_dtype)
+            span(element, n, p, g, sq, None, gavg, inv_scale, neg_lr, alpha, oma,
+                 oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
+    else:
+        buf = view(table, row, L.STATE1, off, n, itemsize, view_dtype)
+        if centered is None:
+            span(element, n, p, g, sq, buf, None, inv_scale, neg_lr, alpha, oma,
+                 oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
+        else:
+            gavg = view(table, row, L.STATE2, off, n, itemsize, view_dtype)
+            span(element, n, p, g, sq, buf, gavg, inv_scale, neg_lr, alpha, oma,
+                 oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -159,18 +97,18 @@ def rmsprop_parallel(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, alp
                      centered):
     _advance(table)
     for c in prange(len(bounds) - 1):
-        _rmsprop_chunk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, inv_scale,
-                       neg_lr, alpha, oma, oma_m1, eps, weight_decay, momentum, maximize,
-                       use_momentum, centered, _rmsprop_blocked)
+        walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, _rmsprop_row,
+             blocked, _rmsprop_element, inv_scale, neg_lr, alpha, oma, oma_m1, eps,
+             weight_decay, momentum, maximize, use_momentum, centered, None)
 
 
 @njit(cache=True, error_model="numpy")
 def rmsprop_serial(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, alpha, oma,
                    oma_m1, eps, weight_decay, momentum, maximize, use_momentum, centered):
     _advance(table)
-    _rmsprop_chunk(table, bounds[0], bounds[-1], itemsize, view_dtype, inv_scale, neg_lr,
-                   alpha, oma, oma_m1, eps, weight_decay, momentum, maximize, use_momentum,
-                   centered, _rmsprop_plain)
+    walk(table, bounds[0], bounds[-1], itemsize, view_dtype, _rmsprop_row, plain,
+         _rmsprop_element, inv_scale, neg_lr, alpha, oma, oma_m1, eps, weight_decay,
+         momentum, maximize, use_momentum, centered, None)
 
 
 @njit(cache=True, error_model="numpy")
@@ -197,13 +135,13 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
     skip, inv_scale = _amp(grad_scale, found_inf)
     if skip or batch.table is None or batch.table.shape[0] == 0:
         return
-    bounds, parallel, view, itemsize, c = _plan(batch)
+    bounds, parallel, view_dtype, itemsize, c = _plan(batch)
     fn = rmsprop_parallel if parallel else rmsprop_serial
     oma = c(1.0 - alpha)
     use_momentum = momentum > 0
-    # None switches a part of the kernel off at compile time
+    # None switches a part of the kernel off at compile time (see _walk.plain)
     with _PARALLEL if parallel else _NO_LOCK:
-        fn(batch.table, bounds, itemsize, view, _opt(c, inv_scale, inv_scale != 1.0),
+        fn(batch.table, bounds, itemsize, view_dtype, _opt(c, inv_scale, inv_scale != 1.0),
            c(-lr), c(alpha), oma, _opt(c, oma - c(1.0), not abs(oma) < 0.5), c(eps),
            _opt(c, weight_decay, weight_decay != 0), c(momentum if use_momentum else 0.0),
            _on(maximize), _on(use_momentum), _on(centered))

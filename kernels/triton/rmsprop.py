@@ -1,20 +1,18 @@
-"""RMSprop for the Triton backend: one launch per alignment class of a batch.
+"""RMSprop for the Triton backend: its kernels and launcher.
 
-The launcher (:func:`rmsprop`) is modeled on the Adam launcher in
-``kernels/triton/__init__.py``; the update kernel on ``_kernels._adam_kernel``
-(same block map, raw-address pointers, unmasked whole blocks, float64
-hyperparameter buffer, explicit ``tl.fma`` exactly where torch's CPU kernels
-fuse and no other contraction, IEEE ``div_rn``/``sqrt_rn`` for float32).
+The launch prologue and the per-alignment-class launches are shared (see the
+package's ``_prologue`` and ``_launch_updates``); ``_kernels`` has the
+load/store helpers and the table's column constexprs. The update kernel is
+built as ``adam._adam_kernel`` (same block map, raw-address pointers,
+unmasked whole blocks, float64 hyperparameter buffer, explicit ``tl.fma``
+exactly where torch's CPU kernels fuse and no other contraction, IEEE
+``div_rn``/``sqrt_rn`` for float32).
 
 RMSprop's step counter is only counted, never read by the math: device-side
 counters are advanced by a small kernel of one lane per row
 (:func:`_rmsprop_steps_kernel`, skipped under ``found_inf`` without a host
-sync); host-side ones (torch's default CPU steps for CUDA params) by the host.
-
-Shared helpers used (one place, to be switched to a shared launcher later):
-the layout/upload cache, hyperparameter buffer, AMP tensors, launch lock,
-step-placement checks and constexprs of the package, and the load/store of
-``_kernels``.
+sync); host-side ones (torch's default CPU steps for CUDA params) by the host
+(``numba.rmsprop.advance_steps``).
 """
 
 from __future__ import annotations
@@ -22,29 +20,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .. import layout as L
-# ---- shared helpers (the only ones this module uses) ----
-from . import (BLOCK, NUM_WARPS, _amp_tensor, _check_host_steps, _common_args,
-               _compute_np, _device_context, _device_hyper, _launch_lock, _layout,
-               _steps_on_device, num_warps)
-from ._kernels import _load, _store
-
-# ---------------------------------------------------------------------------
+from . import (NUM_WARPS, _check_host_steps, _compute_np, _device_context, _launch_lock,
+               _launch_updates, _prologue, _steps_on_device)
+from ._kernels import (_FLAG_STEP_F64, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
+                       _STATE1, _STATE2, _STEP, _load, _store)
 
 __all__ = ["rmsprop"]
 
-_NCOLS = tl.constexpr(L.NCOLS)
-_PARAM = tl.constexpr(L.PARAM)
-_GRAD = tl.constexpr(L.GRAD)
-_STATE0 = tl.constexpr(L.STATE0)
-_STATE1 = tl.constexpr(L.STATE1)
-_STATE2 = tl.constexpr(L.STATE2)
-_STEP = tl.constexpr(L.STEP)
-_NUMEL = tl.constexpr(L.NUMEL)
-_FLAGS = tl.constexpr(L.FLAGS)
-_FLAG_STEP_F64 = tl.constexpr(L.FLAG_STEP_F64)
-
-# Slots of the float64 hyperparameter buffer, in the launcher's order.
+# Slots of the float64 hyperparameter buffer; the launcher writes them in this
+# order.
 (RMSPROP_LR, RMSPROP_ALPHA, RMSPROP_OMA, RMSPROP_EPS, RMSPROP_WD, RMSPROP_MOMENTUM,
  RMSPROP_NHYPER) = range(7)
 _LR = tl.constexpr(RMSPROP_LR)
@@ -125,9 +109,9 @@ def _rmsprop_kernel(
             grad_avg (0 unless centered).
         map_ptr: int32 ``[programs, 2]`` block map: (row, chunk index).
         hyper_ptr: float64 hyperparameters (``RMSPROP_*`` slots).
-        grad_scale_ptr, found_inf_ptr: AMP, as in ``_kernels._sgd_kernel``.
+        grad_scale_ptr, found_inf_ptr: AMP, as in ``sgd._sgd_kernel``.
         ELEM, IS_BF16, COMPUTE, IS_F64, BLOCK, ALIGNED, TAIL_ALIGNED, VEC: as
-            in ``_kernels._sgd_kernel``.
+            in ``sgd._sgd_kernel``.
         CENTERED, MAXIMIZE: the torch flags.
         USE_MOMENTUM: momentum > 0.
         HAS_WD: weight decay != 0.
@@ -189,7 +173,7 @@ def _rmsprop_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr,
     """Advance device-side step counters by one: one lane per row.
 
     ``found_inf`` nonzero (if HAS_FOUND_INF) leaves every counter as it is;
-    it enters through the row bound (see ``_kernels._sgd_kernel`` on the
+    it enters through the row bound (see ``sgd._sgd_kernel`` on the
     interpreter and scalar masks).
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -234,13 +218,12 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
     """
     if batch.table is None or batch.table.shape[0] == 0:
         return
-    device = batch.device
     c = _compute_np(batch.dtype)
     use_momentum = momentum > 0
     hyper = [lr, alpha, 1.0 - alpha, eps, weight_decay, momentum if use_momentum else 0.0]
     assert len(hyper) == RMSPROP_NHYPER
     device_steps = _steps_on_device(batch)
-    with _device_context(device):
+    with _device_context(batch.device):
         if not device_steps:
             _check_host_steps(batch)
             if found_inf is not None and bool(found_inf.reshape(-1)[0] != 0):
@@ -249,26 +232,18 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
             from ..numba.rmsprop import advance_steps
 
             advance_steps(batch.table)
-        layout = _layout(batch, BLOCK)
-        grad_scale = _amp_tensor(grad_scale, device)
-        found_inf = _amp_tensor(found_inf, device)
-        hyper = _device_hyper(batch, hyper)
-        const = dict(_common_args(batch), CENTERED=bool(centered),
-                     USE_MOMENTUM=bool(use_momentum), MAXIMIZE=bool(maximize),
-                     HAS_WD=weight_decay != 0,
-                     # torch.lerp's side test on the weight as the kernel sees it
-                     LERP_FROM_START=bool(abs(c(1.0 - alpha)) < 0.5),
-                     HAS_GRAD_SCALE=grad_scale is not None,
-                     HAS_FOUND_INF=found_inf is not None,
-                     # no FMA contraction: the same roundings as the Numba backend
-                     enable_fp_fusion=False)
+        pro = _prologue(batch, hyper, grad_scale, found_inf)
+        layout = pro.layout
         with _launch_lock():
             if device_steps:
+                # rows without elements count their step too: launched even
+                # when there is no update launch
                 _rmsprop_steps_kernel[(triton.cdiv(layout.rows, _STEP_ROWS),)](
-                    layout.table, found_inf, layout.rows, BLOCK_R=_STEP_ROWS,
-                    HAS_FOUND_INF=found_inf is not None, num_warps=NUM_WARPS)
-            for bmap, programs, aligned, tail in layout.launches:
-                _rmsprop_kernel[(programs,)](
-                    layout.table, bmap, hyper, grad_scale, found_inf,
-                    ALIGNED=aligned, TAIL_ALIGNED=tail,
-                    num_warps=num_warps(batch.dtype, aligned, tail), **const)
+                    layout.table, pro.found_inf, layout.rows, BLOCK_R=_STEP_ROWS,
+                    HAS_FOUND_INF=pro.found_inf is not None, num_warps=NUM_WARPS)
+            _launch_updates(
+                _rmsprop_kernel, pro, batch, pro.hyper, pro.grad_scale, pro.found_inf,
+                CENTERED=bool(centered), USE_MOMENTUM=bool(use_momentum),
+                MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
+                # torch.lerp's side test on the weight as the kernel sees it
+                LERP_FROM_START=bool(abs(c(1.0 - alpha)) < 0.5))
