@@ -227,7 +227,16 @@ class FusedOptimizer(Optimizer):
         grad_scale, found_inf = self._amp_args()
         jobs, afters = [], []
         for group in self.param_groups:
-            job, after = self._group_job(group, found_inf)
+            try:
+                job, after = self._group_job(group, found_inf)
+            except Exception:
+                # torch's loop steps each group before it reads the next, so
+                # an error in an earlier group's update comes first: those
+                # are checked (nothing is written) before this one is raised
+                if jobs and not torch.compiler.is_compiling():
+                    self.STEP_OP.validate(jobs, grad_scale, found_inf, self.backend,
+                                          _ops.cache_of(self._handle))
+                raise
             if job is not None:
                 jobs.append(job)
             if after is not None:

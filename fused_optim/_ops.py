@@ -134,11 +134,20 @@ class UpdateOp:
         A bad tensor in the last group raises with the first untouched
         (torch's loop has updated the groups before it by then).
         """
-        pending = [self.prepare(job, key, grad_scale, found_inf, backend, cache, compiled)
-                   for key, job in enumerate(jobs)]
+        pending = self.validate(jobs, grad_scale, found_inf, backend, cache, compiled)
         for update in pending:
             if update is not None:
                 update()
+
+    def validate(self, jobs: list, grad_scale, found_inf, backend: str, cache,
+                 compiled: bool = False) -> list:
+        """Everything ``run`` checks, raising torch's error; nothing is written.
+
+        Returns:
+            each job's update (None: nothing to do), not yet run.
+        """
+        return [self.prepare(job, key, grad_scale, found_inf, backend, cache, compiled)
+                for key, job in enumerate(jobs)]
 
     def __call__(self, jobs: list, grad_scale, found_inf, backend: str, handle: int,
                  traceable: bool = True) -> None:
