@@ -90,3 +90,41 @@ def __getattr__(name):
         import importlib
         return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@triton.jit
+def _read_steps(table_ptr, r, rows):
+    """The step counters of rows ``r`` (lanes past ``rows`` masked), plus one.
+
+    Returns (step as float64, and for :func:`_write_steps`: the float64 and
+    float32 views of each counter, their new values and which view is live).
+    A float32 counter is advanced in float32, as torch's ``step += 1``.
+    """
+    live = r < rows
+    base = table_ptr + r.to(tl.int64) * _NCOLS
+    flags = tl.load(base + _FLAGS, mask=live, other=0)
+    step_addr = tl.load(base + _STEP, mask=live, other=0)
+    is64 = live & ((flags & _FLAG_STEP_F64) != 0)
+    is32 = live & ((flags & _FLAG_STEP_F64) == 0)
+    s64_ptr = step_addr.to(tl.pointer_type(tl.float64))
+    s32_ptr = step_addr.to(tl.pointer_type(tl.float32))
+    s64 = tl.load(s64_ptr, mask=is64, other=0.0) + 1.0
+    s32 = tl.load(s32_ptr, mask=is32, other=0.0) + 1.0
+    step = tl.where(is64, s64, s32.to(tl.float64))
+    return step, s64_ptr, s32_ptr, s64, s32, is64, is32
+
+
+@triton.jit
+def _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
+                 HAS_FOUND_INF: tl.constexpr):
+    """Store what :func:`_read_steps` advanced, unless GradScaler found inf/NaN.
+
+    The flag enters through the row bound (see ``sgd._sgd_kernel`` on the
+    interpreter and scalar masks).
+    """
+    limit = rows
+    if HAS_FOUND_INF:
+        limit = tl.where(tl.load(found_inf_ptr) == 0, rows, 0)
+    advance = r < limit
+    tl.store(s64_ptr, s64, mask=advance & is64)
+    tl.store(s32_ptr, s32, mask=advance & is32)

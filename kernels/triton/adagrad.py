@@ -23,8 +23,9 @@ import triton.language as tl
 
 from . import (NUM_WARPS, _STEP_ROWS, _check_host_steps, _device_context, _launch_lock,
                _launch_updates, _prologue, _resident, _upload)
-from ._kernels import (_FLAG_STEP_F64, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
-                       _STEP, _load, _store)
+from ._kernels import (_GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
+                       _load, _read_steps, _store,
+                       _write_steps)
 
 __all__ = ["adagrad"]
 
@@ -131,16 +132,7 @@ def _adagrad_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = r < rows
-    base = table_ptr + r.to(tl.int64) * _NCOLS
-    flags = tl.load(base + _FLAGS, mask=live, other=0)
-    step_addr = tl.load(base + _STEP, mask=live, other=0)
-    is64 = live & ((flags & _FLAG_STEP_F64) != 0)
-    is32 = live & ((flags & _FLAG_STEP_F64) == 0)
-    s64_ptr = step_addr.to(tl.pointer_type(tl.float64))
-    s32_ptr = step_addr.to(tl.pointer_type(tl.float32))
-    s64 = tl.load(s64_ptr, mask=is64, other=0.0) + 1.0
-    s32 = tl.load(s32_ptr, mask=is32, other=0.0) + 1.0  # float32 add, as torch
-    step = tl.where(is64, s64, s32.to(tl.float64))
+    step, s64_ptr, s32_ptr, s64, s32, is64, is32 = _read_steps(table_ptr, r, rows)
     lr = tl.load(hyper_ptr + _AG_LR)
     d = 1.0 + (step - 1.0) * tl.load(hyper_ptr + _AG_LR_DECAY)
     if LR_F32:
@@ -148,12 +140,8 @@ def _adagrad_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
     else:
         clr = lr / d  # div.rn.f64
     tl.store(scal_ptr + r, clr, mask=live)
-    limit = rows
-    if HAS_FOUND_INF:
-        limit = tl.where(tl.load(found_inf_ptr) == 0, rows, 0)
-    advance = r < limit
-    tl.store(s64_ptr, s64, mask=advance & is64)
-    tl.store(s32_ptr, s32, mask=advance & is32)
+    _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
+                 HAS_FOUND_INF)
 
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,

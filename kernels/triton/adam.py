@@ -16,8 +16,9 @@ import triton.language as tl
 from . import (NUM_WARPS, _STEP_ROWS, _check_host_steps, _compute_np, _device_context,
                _host_step_scalars, _launch_lock, _launch_updates, _log2, _prologue,
                _resident, _upload)
-from ._kernels import (_FLAG_STEP_F64, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
-                       _STATE1, _STATE2, _STEP, _load, _store)
+from ._kernels import (_GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
+                       _STATE1, _STATE2, _load, _read_steps, _store,
+                       _write_steps)
 
 __all__ = ["adam"]
 
@@ -195,16 +196,7 @@ def _adam_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = r < rows
-    base = table_ptr + r.to(tl.int64) * _NCOLS
-    flags = tl.load(base + _FLAGS, mask=live, other=0)
-    step_addr = tl.load(base + _STEP, mask=live, other=0)
-    is64 = live & ((flags & _FLAG_STEP_F64) != 0)
-    is32 = live & ((flags & _FLAG_STEP_F64) == 0)
-    s64_ptr = step_addr.to(tl.pointer_type(tl.float64))
-    s32_ptr = step_addr.to(tl.pointer_type(tl.float32))
-    s64 = tl.load(s64_ptr, mask=is64, other=0.0) + 1.0
-    s32 = tl.load(s32_ptr, mask=is32, other=0.0) + 1.0  # float32 add, as torch
-    step = tl.where(is64, s64, s32.to(tl.float64))
+    step, s64_ptr, s32_ptr, s64, s32, is64, is32 = _read_steps(table_ptr, r, rows)
     # Bias corrections in float64. beta**step as exp2(step * log2(beta))
     # with log2 from the host: the interpreter has no libdevice pow, and
     # the relative error, about |step * log2(beta)| * 2**-53, is far below
@@ -222,12 +214,8 @@ def _adam_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
     tl.store(scal_ptr + 2 * r + 1, tl.sqrt(1.0 - b2_pow), mask=live)
     # a skipped step advances nothing; the flag enters through the row bound
     # (see _sgd_kernel on the interpreter and scalar masks)
-    limit = rows
-    if HAS_FOUND_INF:
-        limit = tl.where(tl.load(found_inf_ptr) == 0, rows, 0)
-    advance = r < limit
-    tl.store(s64_ptr, s64, mask=advance & is64)
-    tl.store(s32_ptr, s32, mask=advance & is32)
+    _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
+                 HAS_FOUND_INF)
 
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,

@@ -22,8 +22,9 @@ import triton.language as tl
 
 from . import (NUM_WARPS, _check_host_steps, _compute_np, _device_context, _launch_lock,
                _launch_updates, _prologue, _steps_on_device)
-from ._kernels import (_FLAG_STEP_F64, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
-                       _STATE1, _STATE2, _STEP, _load, _store)
+from ._kernels import (_GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
+                       _STATE1, _STATE2, _load, _read_steps, _store,
+                       _write_steps)
 
 __all__ = ["rmsprop"]
 
@@ -177,21 +178,9 @@ def _rmsprop_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr,
     interpreter and scalar masks).
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    limit = rows
-    if HAS_FOUND_INF:
-        limit = tl.where(tl.load(found_inf_ptr) == 0, rows, 0)
-    live = r < limit
-    base = table_ptr + r.to(tl.int64) * _NCOLS
-    flags = tl.load(base + _FLAGS, mask=live, other=0)
-    step_addr = tl.load(base + _STEP, mask=live, other=0)
-    is64 = live & ((flags & _FLAG_STEP_F64) != 0)
-    is32 = live & ((flags & _FLAG_STEP_F64) == 0)
-    s64_ptr = step_addr.to(tl.pointer_type(tl.float64))
-    s32_ptr = step_addr.to(tl.pointer_type(tl.float32))
-    s64 = tl.load(s64_ptr, mask=is64, other=0.0) + 1.0
-    s32 = tl.load(s32_ptr, mask=is32, other=0.0) + 1.0  # float32 add, as torch
-    tl.store(s64_ptr, s64, mask=is64)
-    tl.store(s32_ptr, s32, mask=is32)
+    _, s64_ptr, s32_ptr, s64, s32, is64, is32 = _read_steps(table_ptr, r, rows)
+    _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
+                 HAS_FOUND_INF)
 
 
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
