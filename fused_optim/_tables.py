@@ -33,7 +33,9 @@ from .kernels import layout as L
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _STEP_DTYPES = (torch.float32, torch.float64)
-_STATE_COLS = (L.STATE0, L.STATE1, L.STATE2)
+#: the state roles' columns: an optimizer's own roles, in order, then the
+#: Kahan compensation buffer (``kahan_sum``), always the fourth role
+_STATE_COLS = (L.STATE0, L.STATE1, L.STATE2, L.COMP)
 
 
 class PlanCache(dict):
@@ -215,7 +217,7 @@ def staged_unit(unit, cols, where, steps, row_flags, grad_ptrs, retain=None) -> 
         # only the reference backend walks tensors; built on first access
         out = [[_real(scratch.get((r, c), cols[c][i])) for r, i in enumerate(rows)]
                for c in range(len(cols))]
-        states = [None, None, None]
+        states = [None] * len(_STATE_COLS)
         for c, col in enumerate(where):
             if col in _STATE_COLS:
                 states[_STATE_COLS.index(col)] = out[c]

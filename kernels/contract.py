@@ -30,11 +30,15 @@ class Backend(Protocol):
     #: ``device`` (the torch.device) and ``type`` (its type); None if DEVICES is
     DEVICE_HINT: Optional[str]
 
+    # Every kernel ends with ``kahan_sum=False, stochastic_round=None``: how
+    # bfloat16/float16 params are stored (``reference/_precision.py``).
     def sgd(self, batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
-            grad_scale=None, found_inf=None) -> None: ...
+            grad_scale=None, found_inf=None, kahan_sum=False,
+            stochastic_round=None) -> None: ...
 
     def adam(self, batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-             amsgrad, maximize, grad_scale=None, found_inf=None) -> None: ...
+             amsgrad, maximize, grad_scale=None, found_inf=None, kahan_sum=False,
+             stochastic_round=None) -> None: ...
 
 
 #: Written as literals in the module's source: the install hint is needed

@@ -22,6 +22,8 @@ NUMEL      elements in the row
 START      first global element index
 FLAGS      FLAG_ROW (the optimizer's own per-row switch), and the STEP
            counter's placement: FLAG_STEP_F64, FLAG_STEP_HOST, FLAG_STEP_CPU
+COMP       the Kahan compensation buffer (``kahan_sum``; bfloat16/float16
+           rows only), 0 if none
 =========  ===============================================================
 
 ``START`` is the prefix sum of ``NUMEL``; the compiled kernels split the global
@@ -37,7 +39,8 @@ STEP = 5
 NUMEL = 6
 START = 7
 FLAGS = 8
-NCOLS = 9
+COMP = 9
+NCOLS = 10
 
 #: The optimizer's own per-row switch (``row_flags`` of the API's tables).
 #: SGD: the momentum buffer was created this step and takes the gradient as is.

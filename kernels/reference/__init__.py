@@ -54,11 +54,44 @@ def _skip(found_inf) -> bool:
     return found_inf is not None and bool(found_inf != 0)
 
 
+def param_store(batch, kahan_sum, stochastic_round):
+    """``put(i, p, old, new)``: store row ``i``'s result through the options.
+
+    ``old`` is the param's stored value and ``new`` the update's result, both
+    in the compute type. Kahan summation and stochastic rounding act on
+    bfloat16/float16 rows only (see ``_precision``); other rows, and rows
+    with the options off, take ``p.copy_(new)``.
+    """
+    from . import _precision as P
+
+    low = batch.dtype in P.LOW_PRECISION
+    kahan = kahan_sum and low
+    stream = None
+    if stochastic_round is not None and low:
+        seed, counter, salt = stochastic_round
+        stream = P.keys(int(seed), int(counter), int(salt))
+    if not kahan and stream is None:
+        return lambda i, p, old, new: p.copy_(new)
+    from .. import layout as L
+
+    def put(i, p, old, new):
+        P.store_param(p, old, new, batch.states[3][i] if kahan else None, stream,
+                      int(batch.table[i, L.START]))
+    return put
+
+
 def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
-        grad_scale=None, found_inf=None):
-    """SGD (torch semantics) over every tensor of ``batch``, in place."""
+        grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
+    """SGD (torch semantics) over every tensor of ``batch``, in place.
+
+    ``kahan_sum`` / ``stochastic_round`` (every kernel's last two keywords):
+    how bfloat16/float16 params are stored, see :func:`param_store`;
+    ``stochastic_round`` is None or ``(seed, counter, salt)`` with ``counter``
+    a 0-dim int64 tensor.
+    """
     if _skip(found_inf):
         return
+    put = param_store(batch, kahan_sum, stochastic_round)
     for i, p in enumerate(batch.params):
         if p.numel() == 0:
             continue
@@ -77,14 +110,16 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
                 b = buf.to(ct).mul(momentum).add(g, alpha=1.0 - dampening)
             buf.copy_(b)
             g = g.add(b, alpha=momentum) if nesterov else b
-        p.copy_(p32.add(g, alpha=-lr))
+        put(i, p, p32, p32.add(g, alpha=-lr))
 
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-         amsgrad, maximize, grad_scale=None, found_inf=None):
+         amsgrad, maximize, grad_scale=None, found_inf=None, kahan_sum=False,
+         stochastic_round=None):
     """Adam / AdamW (torch semantics) over every tensor, in place; advances steps."""
     if _skip(found_inf):
         return
+    put = param_store(batch, kahan_sum, stochastic_round)
     for i, p in enumerate(batch.params):
         step_t = batch.steps[i]
         step_t += 1
@@ -97,7 +132,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
         g = _unscale(batch.grads[i].to(ct), grad_scale)
         if maximize:
             g = -g
-        p32 = p.to(ct)
+        p32 = old = p.to(ct)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 p32 = p32 * (1.0 - lr * weight_decay)
@@ -113,4 +148,4 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
             v = torch.maximum(vmax_t.to(ct), v)
             vmax_t.copy_(v)
         denom = v.sqrt() / bc2_sqrt + eps
-        p.copy_(p32.addcdiv(m, denom, value=-step_size))
+        put(i, p, old, p32.addcdiv(m, denom, value=-step_size))

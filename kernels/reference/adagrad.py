@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from . import param_store
+
 __all__ = ["adagrad"]
 
 
@@ -48,13 +50,14 @@ def clr(lr: float, lr_decay: float, step: float, lr_f32: bool = False) -> float:
 
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
-            grad_scale=None, found_inf=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """Adagrad (torch semantics) over every tensor, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included.
     """
     if found_inf is not None and bool(found_inf != 0):
         return
+    put = param_store(batch, kahan_sum, stochastic_round)
     for i, p in enumerate(batch.params):
         step_t = batch.steps[i]
         step_t += 1
@@ -72,4 +75,4 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
         s = s_t.to(ct).addcmul(g, g, value=1)
         s_t.copy_(s)
         std = s.sqrt().add(eps)
-        p.copy_(p32.addcdiv(g, std, value=neg_clr))
+        put(i, p, p32, p32.addcdiv(g, std, value=neg_clr))

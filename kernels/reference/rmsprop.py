@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from . import _compute_dtype, _skip, _unscale
+from . import _compute_dtype, _skip, _unscale, param_store
 
 __all__ = ["rmsprop"]
 
 
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-            grad_scale=None, found_inf=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """RMSprop (torch semantics) over every tensor of ``batch``, in place; advances steps.
 
     States: ``batch.states[0]`` square_avg, ``[1]`` momentum_buffer (used when
@@ -29,6 +29,7 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
         return
     if torch.is_tensor(lr):  # capturable's device lr: read here, once
         lr = float(lr)
+    put = param_store(batch, kahan_sum, stochastic_round)
     for i, p in enumerate(batch.params):
         batch.steps[i] += 1
         if p.numel() == 0:
@@ -55,6 +56,6 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
             b_t = batch.states[1][i]
             b = b_t.to(ct).mul(momentum).addcdiv(g, avg)
             b_t.copy_(b)
-            p.copy_(p32.add(b, alpha=-lr))
+            put(i, p, p32, p32.add(b, alpha=-lr))
         else:
-            p.copy_(p32.addcdiv(g, avg, value=-lr))
+            put(i, p, p32, p32.addcdiv(g, avg, value=-lr))

@@ -1,0 +1,167 @@
+"""Kahan summation and stochastic rounding of param stores: the specification.
+
+Every backend stores a low-precision (bfloat16 / float16) param through the
+same two opt-in steps, bit for bit; this module is their definition, in
+torch ops, and what the compiled backends are tested against.
+
+Kahan summation (``kahan_sum``): each param has a compensation buffer ``c``
+of its own dtype (state ``"kahan_comp"``). With ``p`` the stored param and
+``new`` the update's result in the compute type (float32)::
+
+    y = (new - p) + c          # this step's change plus the error carried in
+    t = p + y
+    s = round(t)               # to the storage type: nearest-even, or stochastic
+    c = RN(y - (s - p))        # what the store lost; 0 where that is not finite
+    p = s
+
+``s - p`` is exact (two nearby low-precision values, in float32), so ``p +
+c`` carries the sum to about 8 more bits than the storage type.
+
+Stochastic rounding (``stochastic_round``): the store of ``t`` rounds to one of
+its two neighbours in the storage type, up with probability equal to the
+fraction of the gap below ``t``, so that the expected stored value is ``t``.
+The random bits come from a counter-based stream: element ``idx`` of a kernel
+call (its row's START plus its index in the row: the same whatever the
+launch or thread split) gets :func:`bits` ``(k0, k1, idx)``, where
+:func:`keys` derives ``k0, k1`` from the optimizer's 64-bit ``seed``, its step
+``counter`` (advanced once per step that is not skipped) and the call's
+``salt`` (its param group and kernel unit), so that no two elements of one
+step, and no two steps, share a stream. No state is read but the counter:
+a run is reproducible from the seed, and a resumed run continues it.
+
+* bfloat16: add the low 16 random bits to the float32 bits of ``t`` and
+  truncate (the carry into bit 16 happens with probability equal to the
+  truncated fraction). Inf and NaN round to nearest.
+* float16: ``lo``/``hi`` the float16 neighbours of ``|t|`` (``hi`` may be
+  inf past the largest finite half), ``ulp = hi - lo`` taken from ``lo``'s
+  binade (2**-24 below 2**-14); round up iff ``(r >> 8) * 2**-24 < (|t| - lo)
+  / ulp`` with ``r`` the 32 random bits. Inf and NaN round to nearest.
+
+``M`` is Wellons' ``lowbias32`` 32-bit integer mixer (a bijection with low
+avalanche bias): two keyed rounds per element are cheap enough for the CPU
+kernels (a Philox-4x32-10 per element is ~20 wide multiplies) and give each
+element its own pseudo-random word. All integer arithmetic is modulo 2**32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["LOW_PRECISION", "mix32", "keys", "bits", "round_bf16", "round_f16",
+           "store_param"]
+
+#: storage dtypes the options act on; other params are stored as without them
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+_MASK = 0xFFFFFFFF
+GOLDEN = 0x9E3779B9
+C2 = 0x85EBCA6B
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B
+
+
+def mix32(x):
+    """Wellons' lowbias32 on an int (Python) or int64 tensor of uint32 values."""
+    if isinstance(x, torch.Tensor):
+        x = x ^ (x >> 16)
+        x = (x * _M1) & _MASK
+        x = x ^ (x >> 15)
+        x = (x * _M2) & _MASK
+        return x ^ (x >> 16)
+    x &= _MASK
+    x ^= x >> 16
+    x = (x * _M1) & _MASK
+    x ^= x >> 15
+    x = (x * _M2) & _MASK
+    return x ^ (x >> 16)
+
+
+def keys(seed: int, counter: int, salt: int):
+    """The per-call stream keys ``(k0, k1)``, uint32 each."""
+    seed_lo, seed_hi = seed & _MASK, (seed >> 32) & _MASK
+    c_lo, c_hi = counter & _MASK, (counter >> 32) & _MASK
+    k0 = mix32(seed_lo ^ mix32(c_lo ^ GOLDEN))
+    k1 = mix32(seed_hi ^ mix32((salt & _MASK) ^ mix32(c_hi ^ C2)))
+    return k0, k1
+
+
+def bits(k0: int, k1: int, idx: torch.Tensor) -> torch.Tensor:
+    """32 random bits (int64 holding a uint32) per element index ``idx`` (int64)."""
+    lo = idx & _MASK
+    hi = idx >> 32
+    return mix32(mix32(lo ^ k0) ^ ((k1 + hi * GOLDEN) & _MASK))
+
+
+def _f32_bits(x):
+    return x.view(torch.int32).to(torch.int64) & _MASK
+
+
+def _from_bits(u):
+    u = torch.where(u >= 1 << 31, u - (1 << 32), u)
+    return u.to(torch.int32).view(torch.float32)
+
+
+def round_bf16(t: torch.Tensor, r) -> torch.Tensor:
+    """float32 ``t`` rounded to bfloat16 values (as float32): stochastically
+    with bits ``r``, or to nearest even where ``r`` is None."""
+    if r is None:
+        return t.to(torch.bfloat16).float()
+    u = _f32_bits(t)
+    up = (u + (r & 0xFFFF)) & 0xFFFF0000
+    finite = (u & 0x7FFFFFFF) < 0x7F800000
+    return torch.where(finite, _from_bits(up), t.to(torch.bfloat16).float())
+
+
+def round_f16(t: torch.Tensor, r) -> torch.Tensor:
+    """float32 ``t`` rounded to float16 values (as float32); see round_bf16."""
+    near = t.to(torch.float16).float()
+    if r is None:
+        return near
+    a = t.abs()
+    n = near.abs()
+    # lo: the float16 neighbour at or below |t|
+    below = n > a
+    n16 = n.to(torch.float16).view(torch.int16).to(torch.int32)
+    lo = torch.where(below, (n16 - 1).to(torch.int16).view(torch.float16).float(), n)
+    lo_bits = lo.to(torch.float16).view(torch.int16).to(torch.int32)
+    exp = (lo_bits >> 10) & 0x1F
+    ulp = torch.where(exp == 0, torch.full_like(a, 2.0 ** -24),
+                      torch.ldexp(torch.ones_like(a), (exp - 25).to(torch.float32)))
+    frac = (a - lo) / ulp
+    u = (r >> 8).to(torch.float32) * (2.0 ** -24)
+    mag = torch.where(u < frac, lo + ulp, lo)
+    mag = torch.where(a == lo, lo, mag)
+    out = torch.copysign(mag, t)
+    finite = torch.isfinite(t)
+    return torch.where(finite, out, near)
+
+
+def store_param(p: torch.Tensor, old: torch.Tensor, new: torch.Tensor, comp=None,
+                stream=None, start: int = 0) -> None:
+    """Store ``new`` (compute type) into low-precision ``p`` through the options.
+
+    Args:
+        p: the param (storage), written.
+        old: ``p``'s stored values in the compute type (before the update).
+        new: the update's result in the compute type.
+        comp: the Kahan compensation buffer (written), or None.
+        stream: ``(k0, k1)`` from :func:`keys` for stochastic rounding, or None.
+        start: the global index of ``p``'s first element in the kernel call.
+    """
+    r = None
+    if stream is not None:
+        idx = torch.arange(start, start + p.numel(), dtype=torch.int64,
+                           device=p.device).view(p.shape)
+        r = bits(stream[0], stream[1], idx)
+    rnd = round_bf16 if p.dtype == torch.bfloat16 else round_f16
+    if comp is None:
+        p.copy_(rnd(new, r))
+        return
+    new = new.float()
+    old = old.float()
+    y = (new - old) + comp.float()
+    s = rnd(old + y, r)
+    c = y - (s - old)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    p.copy_(s)
+    comp.copy_(c)
