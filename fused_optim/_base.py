@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import optimizer as _optimizer_module
 
-from . import _backend, _facts, _ops, _tables
+from . import _backend, _facts, _ops, _precision, _tables
 
 
 def _grad_mode_for_differentiable(step):
@@ -124,11 +124,25 @@ class FusedOptimizer(Optimizer):
     #: whether torch's ``step`` runs the CUDA-graph capture health check
     CAPTURE_HEALTH_CHECK = False
 
-    def __init__(self, params, defaults, backend):
+    def __init__(self, params, defaults, backend, kahan_sum=False, stochastic_round=False):
         self.backend = _backend.requested(backend)
         self._plans = _tables.PlanCache()  # group index -> validated _tables.Plan
         self._handle = _ops.register_optimizer(self)  # how the step operator finds _plans
+        # the options' group keys exist only where on: a group without them
+        # is torch's, and so is its checkpoint (see _precision)
+        if kahan_sum:
+            defaults["kahan_sum"] = True
+        if stochastic_round:
+            defaults["stochastic_round"] = True
         super().__init__(params, defaults)
+        if stochastic_round:
+            _precision._seed(self)  # drawn now, reproducibly after torch.manual_seed
+
+    def state_dict(self):
+        return _precision.save(self, super().state_dict())
+
+    def load_state_dict(self, state_dict):
+        _precision.load(self, state_dict, super().load_state_dict)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -226,9 +240,15 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale, found_inf = self._amp_args()
         jobs, afters = [], []
+        rounded = False
         for group in self.param_groups:
             try:
                 job, after = self._group_job(group, found_inf)
+                if job is not None and _precision.enabled(group):
+                    more = _precision.attach(self, job, group)
+                    job = more.pop()
+                    jobs.extend(more)
+                    rounded = rounded or group.get("stochastic_round", False)
             except Exception:
                 # torch's loop steps each group before it reads the next, so
                 # an error in an earlier group's update comes first: those
@@ -246,6 +266,8 @@ class FusedOptimizer(Optimizer):
                          traceable=all(self._traceable(job.hyper) for job in jobs))
         for after in afters:
             after()
+        if rounded:
+            _precision.advance(self, found_inf)
         return loss
 
     @_grad_mode_for_differentiable
@@ -338,7 +360,8 @@ def _local(ts):
 
 
 def prepare_update(kind, backend, params, grads, states, roles, hyper, reference,
-                   steps=None, row_flags=None, cache=None, key=None, dry_all=False):
+                   steps=None, row_flags=None, cache=None, key=None, dry_all=False,
+                   precision=None):
     """Validate one group's update by kernel ``kind``; return what writes it.
 
     ``kind`` is the optimizer record's ``kernel`` (``"sgd"``, ``"adam"``, ...).
@@ -357,10 +380,17 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
             anything is written.
         dry_all: run that dry run on every row (hyperparameters with which
             torch's step raises).
+        precision: the job's ``_precision.Precision`` (None: round to
+            nearest). Its Kahan compensation buffers join the plan as the
+            fourth state role (column COMP), validated like any state.
 
     Returns:
         A callable with no arguments that carries out the update.
     """
+    if precision is not None and precision.comps is not None:
+        n = len(params)
+        states = [*states, *([[None] * n] * (3 - len(states))), precision.comps]
+        roles = (*roles, *(("",) * (3 - len(roles))), "kahan_comp")
     if not _PLAIN.issuperset(map(type, params)):
         params, grads = _local(params), _local(grads)
         states = [_local(s) for s in states]
@@ -376,13 +406,13 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
 
     def update():
         _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, row_flags, hyper,
-                 reference, retain)
+                 reference, retain, precision, key or 0)
 
     return update
 
 
 def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, row_flags, hyper,
-             reference, retain):
+             reference, retain, precision=None, key=0):
     grad_scale, found_inf = hyper.get("grad_scale"), hyper.get("found_inf")
     torch_grads = grads
     if plan.has_torch_rows:
@@ -393,7 +423,7 @@ def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, row_flag
             torch_grads = {i: grads[i] * inv.to(grads[i].device)
                            for u in plan.units if isinstance(u, _tables.TorchUnit)
                            for i in u.rows}
-    for unit in plan.units:
+    for u, unit in enumerate(plan.units):
         if isinstance(unit, _tables.TorchUnit):
             if torch_grads is not None:
                 _torch_rows(unit.rows, params, torch_grads, states, steps, row_flags, reference)
@@ -401,7 +431,11 @@ def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, row_flag
         staged = _tables.staged_unit(unit, cols, plan.where, steps, plan.row_flags, grad_ptrs,
                                      retain)
         staged.start()
-        _backend.kernel(staged.module, kind)(staged.batch, **hyper)
+        if precision is None:
+            _backend.kernel(staged.module, kind)(staged.batch, **hyper)
+        else:
+            _backend.kernel(staged.module, kind)(
+                staged.batch, **hyper, **precision.kernel_args(unit, key, u))
         staged.finish()
     # The kernels write through raw addresses, which autograd cannot see. As
     # torch's for-loop does, count the in-place update of every param, so a

@@ -91,6 +91,9 @@ class Job(NamedTuple):
     states: list  # one list per state role of the op (empty: the group has none)
     row_flags: list  # per row, the optimizer's own flag (SGD: buffer created this step)
     hyper: dict  # scalar name -> float or Tensor; switch name -> bool
+    #: how low-precision params are stored (a ``_precision.Precision``), or
+    #: None: round to nearest, as torch
+    precision: object = None
 
 
 class UpdateOp:
@@ -161,6 +164,7 @@ class UpdateOp:
         """
         compiling = torch.compiler.is_compiling()
         if traceable and (DISPATCH_EAGER or compiling) and self.encodable(jobs):
+            # (jobs with a precision option never get here: encodable)
             self.op(*self.encode(jobs), grad_scale, found_inf, backend, handle, compiling)
         elif compiling:  # a graph break; the step runs eagerly
             torch.compiler.disable(self.run)(jobs, grad_scale, found_inf, backend,
@@ -184,6 +188,10 @@ class UpdateOp:
         # conj-bit params, which eager steps keep off the operator.)
         bits = not torch.compiler.is_compiling()
         for job in jobs:
+            if job.precision is not None:
+                # kahan_sum / stochastic_round are not in the operator's
+                # schema: such a step runs eagerly, behind a graph break
+                return False
             for tensors in (job.params, job.grads, *job.states):
                 for t in tensors:
                     if not (type(t) in _PLAIN and t.layout == torch.strided

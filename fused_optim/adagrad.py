@@ -58,6 +58,13 @@ class Adagrad(_base.FusedOptimizer):
         backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
             ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
             (default: None, i.e. auto)
+        kahan_sum (bool, optional): keyword-only. Kahan summation for
+            bfloat16/float16 params: a compensation buffer per param (state
+            ``"kahan_comp"``, the param's size again) carries each store's
+            rounding error into the next step (default: False)
+        stochastic_round (bool, optional): keyword-only. Round bfloat16/float16
+            param stores stochastically (unbiased), from a stream seeded by
+            torch's generator and saved in ``state_dict`` (default: False)
 
     .. note::
         Each param's ``clr`` is computed in float64 from its own ``step``, as
@@ -81,6 +88,8 @@ class Adagrad(_base.FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str | None = None,
+        kahan_sum: bool = False,
+        stochastic_round: bool = False,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -108,7 +117,7 @@ class Adagrad(_base.FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, kahan_sum, stochastic_round)
 
         if fused:
             if differentiable:
@@ -286,12 +295,12 @@ def _hyper(lr, lr_decay, weight_decay, eps, maximize, differentiable, has_sparse
 def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
     return _adagrad_update(job.params, job.grads, *job.states, **job.hyper,
                            grad_scale=grad_scale, found_inf=found_inf, backend=backend,
-                           cache=cache, key=key)
+                           cache=cache, key=key, precision=job.precision)
 
 
 def _adagrad_update(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_decay,
                     eps, maximize, differentiable, has_sparse_grad, has_complex,
-                    grad_scale, found_inf, backend, cache=None, key=None):
+                    grad_scale, found_inf, backend, cache=None, key=None, precision=None):
     """Validate one group's Adagrad update; return what writes it (None: nothing to do).
 
     Everything that can raise happens here, before any tensor is written.
@@ -342,7 +351,7 @@ def _adagrad_update(params, grads, state_sums, state_steps, *, lr, lr_decay, wei
 
     return _base.prepare_update("adagrad", name, params, grads, [state_sums], ("sum",),
                                 hyper, reference, steps=state_steps, cache=cache, key=key,
-                                dry_all=dry_all)
+                                precision=precision, dry_all=dry_all)
 
 
 #: ``fused_optim::adagrad_step``: a whole Adagrad step as one operator (see _ops)

@@ -84,6 +84,13 @@ class Adam(_base.FusedOptimizer):
         backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
             ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
             (default: None, i.e. auto)
+        kahan_sum (bool, optional): keyword-only. Kahan summation for
+            bfloat16/float16 params: a compensation buffer per param (state
+            ``"kahan_comp"``, the param's size again) carries each store's
+            rounding error into the next step (default: False)
+        stochastic_round (bool, optional): keyword-only. Round bfloat16/float16
+            param stores stochastically (unbiased), from a stream seeded by
+            torch's generator and saved in ``state_dict`` (default: False)
 
     .. note::
         Bias corrections are computed in float64 from each parameter's own
@@ -108,6 +115,8 @@ class Adam(_base.FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         backend: str | None = None,
+        kahan_sum: bool = False,
+        stochastic_round: bool = False,
     ) -> None:
         if isinstance(lr, Tensor):
             if foreach and not capturable:
@@ -154,7 +163,7 @@ class Adam(_base.FusedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, kahan_sum, stochastic_round)
 
         if fused:
             if differentiable:
@@ -310,6 +319,13 @@ class AdamW(Adam):
         differentiable (bool, optional): see :class:`Adam` (default: False)
         fused (bool, optional): accepted for compatibility (default: None)
         backend (str, optional): keyword-only; see :class:`Adam` (default: None)
+        kahan_sum (bool, optional): keyword-only. Kahan summation for
+            bfloat16/float16 params: a compensation buffer per param (state
+            ``"kahan_comp"``, the param's size again) carries each store's
+            rounding error into the next step (default: False)
+        stochastic_round (bool, optional): keyword-only. Round bfloat16/float16
+            param stores stochastically (unbiased), from a stream seeded by
+            torch's generator and saved in ``state_dict`` (default: False)
     """
 
     def __init__(
@@ -327,11 +343,14 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str | None = None,
+        kahan_sum: bool = False,
+        stochastic_round: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend)
+                         decoupled_weight_decay=True, backend=backend,
+                         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -401,13 +420,13 @@ def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
     return _adam_update(job.params, job.grads, *job.states,
                         **_compiled_semantics(job.hyper, job.params, compiled),
                         grad_scale=grad_scale, found_inf=found_inf, backend=backend,
-                        cache=cache, key=key)
+                        cache=cache, key=key, precision=job.precision)
 
 
 def _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
                  capturable, differentiable, grad_scale, found_inf, has_complex,
                  decoupled_weight_decay, amsgrad, beta1, beta2, lr, weight_decay, eps,
-                 maximize, backend, cache=None, key=None):
+                 maximize, backend, cache=None, key=None, precision=None):
     """Validate one group's Adam update; return what writes it (None: nothing to do).
 
     Everything that can raise happens here, before any tensor is written.
@@ -462,7 +481,7 @@ def _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
 
     return _base.prepare_update("adam", name, params, grads, states,
                                 ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, reference,
-                                steps=state_steps, cache=cache, key=key, dry_all=dry_all)
+                                steps=state_steps, cache=cache, key=key, precision=precision, dry_all=dry_all)
 
 
 def adamw(

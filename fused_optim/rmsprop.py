@@ -67,6 +67,13 @@ class RMSprop(_base.FusedOptimizer):
         backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
             ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
             (default: None, i.e. auto)
+        kahan_sum (bool, optional): keyword-only. Kahan summation for
+            bfloat16/float16 params: a compensation buffer per param (state
+            ``"kahan_comp"``, the param's size again) carries each store's
+            rounding error into the next step (default: False)
+        stochastic_round (bool, optional): keyword-only. Round bfloat16/float16
+            param stores stochastically (unbiased), from a stream seeded by
+            torch's generator and saved in ``state_dict`` (default: False)
 
     .. note::
         Element math runs in float32 (float64 for float64 tensors) with one
@@ -89,6 +96,8 @@ class RMSprop(_base.FusedOptimizer):
         differentiable: bool = False,
         *,
         backend: str | None = None,
+        kahan_sum: bool = False,
+        stochastic_round: bool = False,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -115,7 +124,7 @@ class RMSprop(_base.FusedOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
         }
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, kahan_sum, stochastic_round)
 
     GROUP_DEFAULTS = {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
                       "differentiable": False, "capturable": False}
@@ -282,13 +291,13 @@ def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
     return _rmsprop_update(job.params, job.grads, *job.states,
                            **_compiled_semantics(job.hyper, job.params, compiled),
                            grad_scale=grad_scale, found_inf=found_inf, backend=backend,
-                           cache=cache, key=key)
+                           cache=cache, key=key, precision=job.precision)
 
 
 def _rmsprop_update(params, grads, square_avgs, momentum_buffer_list, grad_avgs,
                     state_steps, *, lr, alpha, eps, weight_decay, momentum, centered,
                     maximize, capturable, differentiable, has_complex, grad_scale,
-                    found_inf, backend, cache=None, key=None):
+                    found_inf, backend, cache=None, key=None, precision=None):
     """Validate one group's RMSprop update; return what writes it (None: nothing to do).
 
     Everything that can raise happens here, before any tensor is written.
@@ -334,7 +343,7 @@ def _rmsprop_update(params, grads, square_avgs, momentum_buffer_list, grad_avgs,
 
     return _base.prepare_update("rmsprop", name, params, grads, states,
                                 ("square_avg", "momentum_buffer", "grad_avg"), hyper,
-                                reference, steps=state_steps, cache=cache, key=key)
+                                reference, steps=state_steps, cache=cache, key=key, precision=precision)
 
 
 #: ``fused_optim::rmsprop_step``: a whole RMSprop step as one operator (see _ops)

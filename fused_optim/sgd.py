@@ -60,6 +60,13 @@ class SGD(_base.FusedOptimizer):
         backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
             ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
             (default: None, i.e. auto)
+        kahan_sum (bool, optional): keyword-only. Kahan summation for
+            bfloat16/float16 params: a compensation buffer per param (state
+            ``"kahan_comp"``, the param's size again) carries each store's
+            rounding error into the next step (default: False)
+        stochastic_round (bool, optional): keyword-only. Round bfloat16/float16
+            param stores stochastically (unbiased), from a stream seeded by
+            torch's generator and saved in ``state_dict`` (default: False)
 
     Example:
         >>> optimizer = fused_optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -93,6 +100,8 @@ class SGD(_base.FusedOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         backend: str | None = None,
+        kahan_sum: bool = False,
+        stochastic_round: bool = False,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -118,7 +127,7 @@ class SGD(_base.FusedOptimizer):
             defaults["capturable"] = True
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, kahan_sum, stochastic_round)
 
         if fused:
             self._step_supports_amp_scaling = True
@@ -249,12 +258,12 @@ def _job(params, grads, momentum_buffer_list, hyper, found_inf):
 def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
     return _sgd_update(job.params, job.grads, job.states[0], job.row_flags, **job.hyper,
                        grad_scale=grad_scale, found_inf=found_inf, backend=backend,
-                       cache=cache, key=key)
+                       cache=cache, key=key, precision=job.precision)
 
 
 def _sgd_update(params, d_p_list, momentum_buffer_list, row_flags, *, has_sparse_grad, grad_scale,
                 found_inf, weight_decay, momentum, lr, dampening, nesterov, maximize,
-                capturable, differentiable, backend, cache=None, key=None):
+                capturable, differentiable, backend, cache=None, key=None, precision=None):
     """Validate one group's SGD update; return what writes it (None: nothing to do).
 
     Everything that can raise happens here, before any tensor is written.
@@ -305,7 +314,7 @@ def _sgd_update(params, d_p_list, momentum_buffer_list, row_flags, *, has_sparse
 
     return _base.prepare_update("sgd", _base.backend_name(backend), params, d_p_list, states,
                                 ("momentum_buffer",), hyper, reference, row_flags=row_flags,
-                                cache=cache, key=key)
+                                cache=cache, key=key, precision=precision)
 
 
 #: ``fused_optim::sgd_step``: a whole SGD step as one operator (see _ops)

@@ -1,0 +1,194 @@
+"""Opt-in Kahan summation and stochastic rounding of bfloat16/float16 params.
+
+The API side of the two keyword options every optimizer takes,
+``kahan_sum`` and ``stochastic_round`` (the kernels' side, and the exact
+arithmetic, is ``kernels/reference/_precision.py``). Off by default: a group
+without them has neither key, stores round to nearest as torch's do, and its
+checkpoint is torch's.
+
+State, and what a checkpoint holds:
+
+* ``kahan_sum``: each bfloat16/float16 param gets ``state["kahan_comp"]``, a
+  zero-initialised buffer of its dtype and shape, made at its first step (or
+  again, zeroed, if the param's dtype, shape or device changed). torch.optim
+  loading such a checkpoint keeps the key and never reads it; loaded back,
+  a missing buffer starts at zero.
+* ``stochastic_round``: one 64-bit seed per optimizer (drawn from torch's
+  default generator when the option is first asked for, so
+  ``torch.manual_seed`` makes runs reproducible) and one step counter,
+  advanced once per ``step()`` that GradScaler does not skip. They are saved
+  as ``state_dict()["stochastic_round"] = {"seed", "counter"}``, a top-level
+  key torch.optim's ``load_state_dict`` ignores; a resumed run continues the
+  same stream.
+
+Both act on bfloat16/float16 params only (the kernels' float32 math already
+holds every float32/float64 result exactly as stored). Where a group mixes
+low-precision params with others under ``kahan_sum``, its job is split in two,
+so that the compensation role is present on every row of a plan (the address
+tables' invariant) without buffers for float32 params. Rows that run torch's
+own step (a layout no kernel takes, ``differentiable=True``) store as torch
+does; their buffers are left as they are.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .kernels.reference._precision import LOW_PRECISION
+
+__all__ = ["KEYS", "Precision", "attach", "advance", "save", "load"]
+
+#: the group keys of the two options (absent means off)
+KEYS = ("kahan_sum", "stochastic_round")
+#: the top-level state_dict key of the stochastic-rounding stream
+SD_KEY = "stochastic_round"
+
+
+class Precision(NamedTuple):
+    """How one job's low-precision params are stored (``_ops.Job.precision``).
+
+    Attributes:
+        comps: Kahan compensation buffers, one per row (every row's param is
+            bfloat16/float16), or None: no Kahan summation.
+        seed: the optimizer's stream seed, or None: round to nearest.
+        counters: device -> 0-dim int64 step counter (read by the kernels on
+            that device; see :func:`advance`).
+    """
+
+    comps: list | None
+    seed: int | None
+    counters: dict | None
+
+    def kernel_args(self, unit, key: int, index: int) -> dict:
+        """The kernel keywords for one kernel unit of the job with plan key ``key``."""
+        if unit.dtype not in LOW_PRECISION:
+            return {}
+        out = {}
+        if self.comps is not None:
+            out["kahan_sum"] = True
+        if self.seed is not None:
+            # no two calls of one step share a stream: the group's job and
+            # the unit within its plan
+            salt = ((key & 0xFFFF) << 16) | (index & 0xFFFF)
+            out["stochastic_round"] = (self.seed, _counter(self.counters, unit.device), salt)
+        return out
+
+
+def _counter(counters: dict, device) -> torch.Tensor:
+    c = counters.get(device)
+    if c is None:
+        # a device met for the first time starts at the others' count
+        # (they all advance together; reading one is a sync, once)
+        start = int(next(iter(counters.values()))) if counters else 0
+        c = counters[device] = torch.full((), start, dtype=torch.int64, device=device)
+    return c
+
+
+def enabled(group) -> bool:
+    return bool(group.get("kahan_sum") or group.get("stochastic_round"))
+
+
+def _seed(opt) -> int:
+    seed = opt.__dict__.get("_sr_seed")
+    if seed is None:
+        seed = opt._sr_seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+    return seed
+
+
+def _split(job, keep):
+    """The rows ``keep`` (bools) of ``job``, as a job of their own."""
+    def pick(lst):
+        return [x for x, k in zip(lst, keep) if k] if lst else lst
+    return job._replace(params=pick(job.params), grads=pick(job.grads),
+                        states=[pick(s) for s in job.states], row_flags=pick(job.row_flags))
+
+
+def attach(opt, job, group) -> list:
+    """``job`` with the group's options attached: one job, or two where split.
+
+    Makes the Kahan buffers a step needs (in ``opt.state``).
+    """
+    kahan = bool(group.get("kahan_sum"))
+    seed = counters = None
+    if group.get("stochastic_round"):
+        seed = _seed(opt)
+        counters = opt.__dict__.setdefault("_sr_counters", {})
+        for p in job.params:
+            if p.dtype in LOW_PRECISION:
+                _counter(counters, p.device)
+                break
+    if not kahan:
+        return [job._replace(precision=Precision(None, seed, counters))] if seed is not None \
+            else [job]
+    low = [p.dtype in LOW_PRECISION for p in job.params]
+    if not any(low):
+        return [job._replace(precision=Precision(None, seed, counters))] if seed is not None \
+            else [job]
+    state = opt.state
+    comps = []
+    for p, is_low in zip(job.params, low):
+        if not is_low:
+            continue
+        st = state[p]
+        c = st.get("kahan_comp")
+        if not (isinstance(c, torch.Tensor) and c.shape == p.shape and c.dtype == p.dtype
+                and c.device == p.device):
+            c = st["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        comps.append(c)
+    if all(low):
+        return [job._replace(precision=Precision(comps, seed, counters))]
+    rest = _split(job, [not x for x in low])
+    return [_split(job, low)._replace(precision=Precision(comps, seed, counters)),
+            rest._replace(precision=Precision(None, seed, counters)) if seed is not None
+            else rest]
+
+
+def advance(opt, found_inf) -> None:
+    """Count a step in every stream counter, unless GradScaler skips it (no sync)."""
+    counters = opt.__dict__.get("_sr_counters")
+    if not counters:
+        return
+    for c in counters.values():
+        if found_inf is None:
+            c += 1
+        else:
+            c += (found_inf.to(c.device) == 0).to(torch.int64)
+
+
+def save(opt, state_dict: dict) -> dict:
+    """``state_dict`` with the stream's seed and counter, where there is one."""
+    seed = opt.__dict__.get("_sr_seed")
+    if seed is not None:
+        counters = opt.__dict__.get("_sr_counters") or {}
+        count = int(next(iter(counters.values()))) if counters else 0
+        state_dict[SD_KEY] = {"seed": seed, "counter": count}
+    return state_dict
+
+
+def load(opt, state_dict: dict, load_torch) -> None:
+    """torch's ``load_state_dict`` (``load_torch``), keeping the options and stream.
+
+    A saved group without an option's key (a torch.optim checkpoint) keeps
+    the option as this optimizer's group has it; the stream's seed and
+    counter are restored where saved.
+    """
+    saved = state_dict.get(SD_KEY)
+    if saved is not None:
+        state_dict = {k: v for k, v in state_dict.items() if k != SD_KEY}
+    mine = [{k: g[k] for k in KEYS if k in g} for g in opt.param_groups]
+    missing = [[k for k in KEYS if k not in g] for g in state_dict["param_groups"]]
+    load_torch(state_dict)
+    for g, own, keys in zip(opt.param_groups, mine, missing):
+        for k in keys:
+            if k in own:
+                g[k] = own[k]
+    if saved is not None:
+        opt._sr_seed = int(saved["seed"])
+        counters = opt.__dict__.setdefault("_sr_counters", {})
+        for d in list(counters):
+            counters[d] = torch.full((), int(saved["counter"]), dtype=torch.int64, device=d)
+        if not counters:
+            counters[torch.device("cpu")] = torch.tensor(int(saved["counter"]),
+                                                         dtype=torch.int64)
