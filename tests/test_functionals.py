@@ -35,6 +35,20 @@ def test_signature_is_torchs_plus_backend(record):
     assert backend == ("backend", inspect.Parameter.KEYWORD_ONLY, None)
 
 
+@pytest.mark.parametrize("record", RECORDS)
+def test_class_signature_is_torchs_plus_our_keywords(record):
+    """torch's constructor, then the keyword-only ``backend``, ``kahan_sum``
+    and ``stochastic_round`` (off by default). SGD also takes Adam's
+    keyword-only ``capturable`` (a CUDA-graph step), which torch's SGD lacks."""
+    ours = _shape(inspect.signature(record.cls.__init__))
+    theirs = _shape(inspect.signature(record.torch_cls.__init__))
+    kw = inspect.Parameter.KEYWORD_ONLY
+    assert [x for x in ours[:-3] if x in theirs] == theirs
+    assert [x for x in ours[:-3] if x not in theirs] in ([], [("capturable", kw, False)])
+    assert ours[-3:] == [("backend", kw, None), ("kahan_sum", kw, False),
+                         ("stochastic_round", kw, False)]
+
+
 @pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
 @pytest.mark.parametrize("record", RECORDS)
 def test_torchs_class_driving_our_functional_gets_torchs_results(record, backend,
