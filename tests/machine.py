@@ -19,6 +19,13 @@ hold a sentinel NaN pattern no arithmetic produces. After every step every
 arena element outside a live param or state tensor must be bit for bit what
 it was before the step (grads included: they are read-only).
 
+With ``precision=True`` (``run(..., precision=True)``) the machine checks the
+opt-in ``kahan_sum``/``stochastic_round`` stores instead: params are also
+bfloat16 and float16, each machine draws its options (and rules toggle them
+per group), and the first world is fused_optim's pure-torch reference
+backend with the same options and stream seed (the options have no torch.optim
+counterpart; the reference backend is their specification).
+
 Run through tests/test_stateful.py, which runs it in a subprocess (a crash
 is a failure there, not the end of pytest) with a budget:
 ``FUSED_OPTIM_FUZZ_EXAMPLES`` and ``FUSED_OPTIM_FUZZ_STEPS``.
@@ -45,7 +52,9 @@ import optim_db
 # ---------------------------------------------------------------- arenas
 
 _SENTINEL = {torch.float32: (torch.int32, 0x7FA5A5A5),
-             torch.float64: (torch.int64, 0x7FF4A5A5A5A5A5A5)}
+             torch.float64: (torch.int64, 0x7FF4A5A5A5A5A5A5),
+             # a NaN in both 16-bit formats
+             torch.bfloat16: (torch.int16, 0x7FA5), torch.float16: (torch.int16, 0x7FA5)}
 
 
 class Arena:
@@ -209,6 +218,8 @@ class Machine(RuleBasedStateMachine):
     backend = "numba"
     big = False  # add one param over numba's serial threshold (parallel path)
     configs = CONFIGS  # what build draws from (run: one optimizer's at a time)
+    precision = False  # check kahan_sum/stochastic_round against the reference backend
+    dtypes = (torch.float32, torch.float64)
 
     def __init__(self):
         super().__init__()
@@ -220,17 +231,20 @@ class Machine(RuleBasedStateMachine):
 
     @initialize(config=st.runner().flatmap(lambda m: st.sampled_from(m.configs)),
                 specs=st.lists(st.tuples(st.sampled_from(SHAPES), st.sampled_from(LAYOUTS),
-                                         st.sampled_from([torch.float32, torch.float64]),
+                                         st.runner().flatmap(
+                                             lambda m: st.sampled_from(m.dtypes)),
                                          st.integers(0, 8)),
                                min_size=1, max_size=5),
                 alias=st.sampled_from(["none", "none", "duplicate", "overlap"]),
-                seed=st.integers(0, 2 ** 16))
+                seed=st.integers(0, 2 ** 16),
+                options=st.sampled_from([dict(kahan_sum=True), dict(stochastic_round=True),
+                                         dict(kahan_sum=True, stochastic_round=True)]))
     @counted
-    def build(self, config, specs, alias, seed):
+    def build(self, config, specs, alias, seed, options):
         self.name, kw = config
         self.info = optim_db.get(self.name)
-        self.kw = dict(kw)
-        self.worlds = [World(None), World(self.backend)]
+        self.kw = dict(kw, **options) if self.precision else dict(kw)
+        self.worlds = [World("torch" if self.precision else None), World(self.backend)]
         if self.big:
             specs = specs + [((40_000,), "contiguous", torch.float32, 3)]
         for w in self.worlds:
@@ -249,6 +263,10 @@ class Machine(RuleBasedStateMachine):
             if alias == "duplicate":
                 params.append(params[0])
             w.make(self.name, params, self.kw)
+            if self.precision:
+                # one stream for both worlds, also where a rule switches
+                # stochastic rounding on later (the seed is drawn lazily)
+                w.opt._sr_seed = seed * 7919 + 1
         self.grad_mode = ["same"] * len(self.worlds[0].all_params())
         self.last_grads = [[None] * len(self.grad_mode) for _ in self.worlds]
 
@@ -433,7 +451,8 @@ class Machine(RuleBasedStateMachine):
         if self._step(undo=put_back):
             put_back()
 
-    @rule(seed=st.integers(0, 2 ** 16), dtype=st.sampled_from([torch.float32, torch.float64]))
+    @rule(seed=st.integers(0, 2 ** 16),
+          dtype=st.runner().flatmap(lambda m: st.sampled_from(m.dtypes)))
     @counted
     def arena_shrunk_and_regrown(self, seed, dtype):
         """An arena's storage freed and re-grown, too small for its last live
@@ -593,7 +612,11 @@ class Machine(RuleBasedStateMachine):
     @then_step
     def hyperparameter_edited(self, data):
         group = _draw(data, st.integers(0, len(self.worlds[0].opt.param_groups) - 1))
-        key, value = _draw(data, st.sampled_from(self.info.hyperparameter_edits))
+        edits = self.info.hyperparameter_edits
+        if self.precision:
+            edits = edits + tuple((k, v) for k in ("kahan_sum", "stochastic_round")
+                                  for v in (False, True))
+        key, value = _draw(data, st.sampled_from(edits))
         for w in self.worlds:
             w.opt.param_groups[group][key] = value
 
@@ -692,10 +715,10 @@ def optimizer_names():
     return names
 
 
-def run(backend, big=False):
+def run(backend, big=False, precision=False):
     """Run the machine on ``backend``, one optimizer after another, so that
     every OptimInfo is covered whatever the draws; raises hypothesis's
-    falsifying example."""
+    falsifying example. ``precision``: the options' machine (module docstring)."""
     examples, steps, random = budget()
     names = optimizer_names()
     problems = []
@@ -705,8 +728,11 @@ def run(backend, big=False):
             continue
         COUNTS.clear()
         STEPS.clear()
+        extra = ({"precision": True,
+                  "dtypes": (torch.bfloat16, torch.float16, torch.float32)}
+                 if precision else {})
         cls = type(f"Machine_{backend}_{name}", (Machine,),
-                   {"backend": backend, "big": big, "configs": configs})
+                   {"backend": backend, "big": big, "configs": configs, **extra})
         cls.TestCase.settings = settings(
             max_examples=max(2, examples // len(names)), stateful_step_count=steps,
             deadline=None, derandomize=not random, database=None,
@@ -714,7 +740,8 @@ def run(backend, big=False):
         test = cls.TestCase("runTest")
         result = test.defaultTestResult()
         test.run(result)
-        print(f"{backend}{' (parallel)' if big else ''} {name}: {COUNTS['build']} machines, "
+        print(f"{backend}{' (parallel)' if big else ''}{' (precision)' if precision else ''} "
+              f"{name}: {COUNTS['build']} machines, "
               f"{sum(COUNTS.values()) - COUNTS['build']} rules applied, "
               f"{STEPS['steps']} steps compared with torch "
               f"({STEPS['raised alike']} raised alike); "

@@ -18,13 +18,17 @@ from matrix import skip_unless_runnable
 HERE = os.path.dirname(__file__)
 
 
-@pytest.mark.parametrize("backend,big", [("numba", False), ("numba", True),
-                                         ("triton", False), ("torch", False)],
-                         ids=["numba", "numba-parallel", "triton", "torch"])
-def test_model_based_steps_match_torch(backend, big):
+@pytest.mark.parametrize("backend,big,precision",
+                         [("numba", False, False), ("numba", True, False),
+                          ("triton", False, False), ("torch", False, False),
+                          ("numba", False, True), ("triton", False, True)],
+                         ids=["numba", "numba-parallel", "triton", "torch",
+                              "numba-precision", "triton-precision"])
+def test_model_based_steps_match_torch(backend, big, precision):
+    """(precision: kahan_sum/stochastic_round against the reference backend)"""
     skip_unless_runnable(backend)
-    code = ("import sys; sys.path.insert(0, %r); import machine; machine.run(%r, big=%r)"
-            % (HERE, backend, big))
+    code = ("import sys; sys.path.insert(0, %r); import machine; "
+            "machine.run(%r, big=%r, precision=%r)" % (HERE, backend, big, precision))
     env = dict(os.environ)
     env.setdefault("TRITON_INTERPRET", "1")
     if big and "FUSED_OPTIM_FUZZ_EXAMPLES" not in env:
