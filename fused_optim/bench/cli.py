@@ -61,10 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="also time each fused_optim backend built with "
                      "kahan_sum=True (kahan), stochastic_round=True (sr) or both "
                      "(kahan+sr), as <backend>+kahan etc., interleaved in the same "
-                     "rounds as the plain backend; reported with their paired "
-                     "per-round time ratio to it (vs plain). bf16/fp16 cases only: "
-                     "the options do nothing to fp32/fp64 params, so those cases do "
-                     "not time them (default: none)")
+                     "rounds as the plain backend (not under torch.compile); "
+                     "reported with their paired per-round time ratio to it (vs "
+                     "plain). bf16/fp16 cases only: the options do nothing to "
+                     "fp32/fp64 params, so those cases do not time them (default: none)")
     base = sel.add_mutually_exclusive_group()
     base.add_argument("--baselines", nargs="+", choices=BASELINE_IMPLS, metavar="NAME",
                       help="torch.optim paths: " + ", ".join(BASELINE_IMPLS)
