@@ -5,7 +5,9 @@
 #               e.g. TORCH_SPEC='torch>=2.10' on a CUDA machine)
 #   EXTRAS      package extras to install (default: test,gpu,bench = pytest,
 #               hypothesis, pytest-benchmark, triton and tqdm)
-#   BENCH_ARGS  arguments for `fused_optim bench` (e.g. --quick)
+#   BENCH_ARGS  arguments for `fused_optim bench` (e.g. --quick; or
+#               --lists resnet50 gpt2-small --dtypes bf16 --precision kahan sr kahan+sr
+#               for the precision options vs plain bf16, paired in one run)
 
 PYTHON ?= python3
 VENV ?= .venv

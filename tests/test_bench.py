@@ -241,6 +241,9 @@ def test_cli_tiny_run_table_and_json(tiny_json, tmp_path, capsys):
     # CUDA-only columns and notes stay out of a CPU table
     for word in ("host ms", "% copy", "copy reference", "back-to-back"):
         assert word not in table
+    # so do the precision variants' table and note without --precision
+    for word in ("precision options", "vs plain", "+kahan", "+sr"):
+        assert word not in table
 
     doc = json.loads(out.read_text())
     assert doc["schema"] == 2
@@ -250,6 +253,7 @@ def test_cli_tiny_run_table_and_json(tiny_json, tmp_path, capsys):
         assert key in machine
     assert machine["torch"] == torch.__version__
     assert doc["config"]["dtypes"] == ["fp32"]
+    assert doc["config"]["precision"] == []
     cases = doc["cases"]
     assert [(c["optimizer"], c["dtype"]) for c in cases] == [("sgd", "fp32"), ("adamw", "fp32")]
     for c in cases:
@@ -270,6 +274,7 @@ def test_cli_tiny_run_table_and_json(tiny_json, tmp_path, capsys):
             assert r["steps_per_sample"] == 1
             assert r["host_median_s"] is None and r["pct_copy"] is None
             assert r["gb_per_s"] == pytest.approx(c["bytes_per_step"] / r["median_s"] / 1e9)
+            assert r["precision"] is r["plain"] is r["ratio_vs_plain"] is None
         assert impls["fused"]["ratio_vs_fused"] == 1.0
         assert impls["ceiling"]["pct_ceiling"] == 100.0
 
@@ -324,6 +329,9 @@ def test_cli_unknown_model_exits_2(capsys):
     (["--optimizers", "sgd,adamw"], ["invalid choice: 'sgd,adamw'"]),
     (["--optimizers"], ["argument --optimizers: expected at least one argument"]),
     (["--baselines", "fused", "--no-baselines"], ["not allowed with argument"]),
+    (["--precision", "kahan-sr"], ["argument --precision: invalid choice: 'kahan-sr'",
+                                   "kahan+sr"]),
+    (["--precision"], ["argument --precision: expected at least one argument"]),
 ])
 def test_cli_bad_names_are_argparse_errors(capsys, argv, words):
     """Names are argparse choices: a bad one is a usage error (exit 2) that
@@ -373,6 +381,9 @@ def test_help_lists_the_choices(capsys):
     out = capsys.readouterr().out
     for name in (*bench.OPTIMIZERS, *bench.DTYPES, *bench.BASELINE_IMPLS, "--no-baselines"):
         assert name in out
+    for word in ("--precision", "kahan_sum=True", "stochastic_round=True", "kahan+sr",
+                 "bf16/fp16 cases only", "fp32/fp64"):
+        assert word in " ".join(out.split()), word
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="triton can run here")
@@ -887,6 +898,202 @@ def test_cuda_ceiling_ptx_has_128_bit_accesses_for_any_count(tmp_path):
         # k streams read and k-1 written, each as many 128-bit accesses
         assert r["v4_loads"] >= k and r["v4_loads"] % k == 0, r
         assert r["v4_stores"] * k == r["v4_loads"] * (k - 1), r
+
+
+# ------------------------------------------------- precision variants (#15)
+
+
+def test_cli_precision_plans_variants_for_bf16_and_fp16_only():
+    """--precision adds <backend>+<option> for every backend a bf16/fp16 case
+    runs, right after the backends; fp32/fp64 cases neither time nor list
+    them as skipped; names are taken once, in order."""
+    args = _parse(["--lists", "tiny", "--optimizers", "adamw", "--devices", "cpu",
+                   "--dtypes", "fp32", "bf16", "fp16", "fp64", "--backends", "numba", "torch",
+                   "--precision", "sr", "kahan", "sr", "kahan+sr", "--baselines", "fused"])
+    cases, settings = bench.cli._plan(args)
+    assert settings["precision"] == ["sr", "kahan", "kahan+sr"]
+    by_dtype = {c[2]: c for c in cases}
+    assert set(by_dtype) == {"fp32", "bf16", "fp16", "fp64"}
+    for dt in ("bf16", "fp16"):
+        impls, skipped = by_dtype[dt][4], by_dtype[dt][5]
+        assert impls == ["numba", "torch", "numba+sr", "numba+kahan", "numba+kahan+sr",
+                         "torch+sr", "torch+kahan", "torch+kahan+sr", "fused", "ceiling"], dt
+        assert not any("+" in i for i in skipped)
+    for dt in ("fp32", "fp64"):
+        impls, skipped = by_dtype[dt][4], by_dtype[dt][5]
+        assert not any("+" in i for i in impls) and "numba" in impls and "torch" in impls
+        assert not any("+" in i for i in skipped)
+    # without the option: no variants anywhere
+    cases, settings = bench.cli._plan(_parse(["--lists", "tiny", "--dtypes", "bf16",
+                                              "--all-backends"]))
+    assert settings["precision"] == []
+    assert cases and all("+" not in i for c in cases for i in c[4])
+    # the default backends (--all-backends: torch too) each get theirs
+    cases, _ = bench.cli._plan(_parse(["--lists", "tiny", "--optimizers", "sgd", "--devices",
+                                       "cpu", "--dtypes", "bf16", "--all-backends",
+                                       "--precision", "kahan"]))
+    ((_, _, _, _, impls, _),) = cases
+    assert "torch+kahan" in impls and "torch" in impls
+    assert all(f"{b}+kahan" in impls for b in ("numba", "triton", "torch") if b in impls)
+
+
+def test_available_impls_and_runners_for_variants():
+    """A variant runs where its backend does, in bf16/fp16 only, and its
+    optimizer is built with the options (and no others)."""
+    spec = bench.OPTIMIZERS["adamw"]
+    ok, skipped = bench.available_impls(spec, torch.float32, "cpu", ["torch", "torch+kahan"])
+    assert ok == ["torch"]
+    assert "bfloat16/float16 params only, not float32" in skipped["torch+kahan"]
+    ok, skipped = bench.available_impls(spec, torch.bfloat16, "cpu",
+                                        ["torch+kahan", "torch+sr", "torch+kahan+sr"])
+    assert ok == ["torch+kahan", "torch+sr", "torch+kahan+sr"] and not skipped
+    assert bench.precision_variant("numba+kahan+sr") == ("numba", "kahan+sr")
+    assert bench.precision_variant("numba-compiled") is None
+    assert bench.precision_variant("fused") is None
+    assert bench.precision_variant("numba+fp8") is None
+    params, grads = bench.make_data(bench.ShapeList("t", ((8, 4), (3,))), torch.bfloat16, "cpu")
+    want = {"torch": (False, False), "torch+kahan": (True, False),
+            "torch+sr": (False, True), "torch+kahan+sr": (True, True)}
+    for impl, (kahan, sr) in want.items():
+        runner = bench.make_runner(impl, spec, params, grads)
+        opt, leaves = runner.keep
+        (group,) = opt.param_groups
+        assert isinstance(opt, fused_optim.AdamW) and opt.backend == "torch"
+        assert bool(group.get("kahan_sum")) is kahan and bool(group.get("stochastic_round")) is sr
+        runner.step()
+        assert ("kahan_comp" in opt.state[leaves[0]]) is kahan
+        assert leaves[0].dtype == torch.bfloat16
+    # a numba variant is built with the options too (its kernels take them
+    # separately; building asks nothing of the kernel)
+    runner = bench.make_runner("numba+kahan+sr", spec, params, grads)
+    (group,) = runner.keep[0].param_groups
+    assert runner.keep[0].backend == "numba"
+    assert group["kahan_sum"] is True and group["stochastic_round"] is True
+
+
+def test_case_stats_ratio_vs_plain_is_the_paired_median():
+    res = bench.CaseResult(list="x", tensors=1, params=1000, optimizer="adamw", dtype="bf16",
+                           device="cpu", bytes_per_step=20_000, rounds=3, warmup=0)
+    # round drift 1x, 10x, 100x: the median of the per-round ratios (1.1) is
+    # not the ratio of the medians (12 / 10)
+    res.times = {"numba": [1.0, 10.0, 100.0], "numba+kahan": [1.1, 12.0, 100.0],
+                 "torch+sr": [1.0, 1.0, 1.0]}
+    s = res.stats("numba+kahan")
+    assert (s["precision"], s["plain"]) == ("kahan", "numba")
+    assert s["ratio_vs_plain"] == pytest.approx(1.1)
+    assert s["ratio_vs_plain_p25"] == pytest.approx(1.05)
+    assert s["ratio_vs_plain_p75"] == pytest.approx(1.15)
+    assert s["median_s"] / res.median("numba") == pytest.approx(1.2)
+    plain = res.stats("numba")
+    assert plain["precision"] is plain["plain"] is plain["ratio_vs_plain"] is None
+    # a variant whose plain backend was not timed (failed) has no ratio
+    orphan = res.stats("torch+sr")
+    assert (orphan["precision"], orphan["plain"]) == ("sr", "torch")
+    assert orphan["ratio_vs_plain"] is None and orphan["ratio_vs_plain_p25"] is None
+    # report order: each variant right after its plain backend
+    assert bench.impls._ordered(["fused", "torch+sr", "numba+kahan", "torch", "numba"]) == [
+        "numba", "numba+kahan", "torch", "torch+sr", "fused"]
+    table = bench.format_table([res])
+    assert "precision options" in table
+    assert any(line.split()[3:] == ["numba", "kahan", "10000.000", "12000.000", "1.10x",
+                                    "1.05-1.15"] for line in table.splitlines()), table
+    assert any(line.split()[3:] == ["torch", "sr", "-", "1000.000", "-", "-"]
+               for line in table.splitlines()), table
+
+
+#: seconds per step of each fake implementation in timed round r (the
+#: warm-up round is index -1 here): a drift common to the round times a
+#: factor of its own
+_DRIFT = {-1: 1.0, 0: 1.0, 1: 10.0, 2: 100.0}
+_FACTOR = {"torch": (1.0, 1.0, 1.0), "torch+kahan": (1.1, 1.2, 1.0),
+           "torch+sr": (2.0, 2.0, 2.0), "torch+kahan+sr": (3.0, 1.0, 2.0)}
+
+
+def test_cli_precision_ratios_are_paired_per_round(monkeypatch, tmp_path, capsys):
+    """A fake timing source whose rounds drift by 100x: vs plain comes from
+    each round's pair, every implementation runs once per round (shuffled),
+    and the JSON and both tables show it."""
+    now = [0.0]
+    made = []
+
+    def make_runner(impl, spec, params, grads):
+        assert params[0].dtype in (torch.bfloat16, torch.float16) or "+" not in impl
+        calls = [0]
+        made.append(impl)
+
+        def step():
+            r = calls[0] - 1  # one warm-up call first
+            calls[0] += 1
+            now[0] += 1e-3 * _DRIFT[r] * (_FACTOR[impl][r] if r >= 0 else 1.0)
+
+        return bench.Runner(impl, step)
+
+    monkeypatch.setattr(bench.measure, "make_runner", make_runner)
+    monkeypatch.setattr(bench.measure, "make_timer", lambda device: bench.HostTimer(lambda: now[0]))
+    out = tmp_path / "out.json"
+    rc = main(["bench", "--lists", "tiny", "--optimizers", "sgd", "--dtypes", "fp32", "bf16",
+               "fp16", "--devices", "cpu", "--backends", "torch", "--all-backends",
+               "--precision", "kahan", "sr", "kahan+sr", "--no-baselines", "--no-ceiling",
+               "--rounds", "3", "--warmup", "1", "--no-progress", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert rc == 0
+    assert made == ["torch"] + ["torch", "torch+kahan", "torch+sr", "torch+kahan+sr"] * 2
+    doc = json.loads(out.read_text())
+    assert doc["config"]["precision"] == ["kahan", "sr", "kahan+sr"]
+    fp32, bf16, fp16 = doc["cases"]
+    assert [r["impl"] for r in fp32["results"]] == ["torch"]
+    for case in (bf16, fp16):
+        results = {r["impl"]: r for r in case["results"]}
+        assert list(results) == ["torch", "torch+kahan", "torch+sr", "torch+kahan+sr"]
+        for impl, r in results.items():
+            want = [1e-3 * _DRIFT[i] * _FACTOR[impl][i] for i in range(3)]
+            assert r["times_s"] == pytest.approx(want)
+        assert results["torch"]["ratio_vs_plain"] is None
+        assert results["torch+kahan"]["ratio_vs_plain"] == pytest.approx(1.1)
+        assert results["torch+kahan"]["ratio_vs_plain_p25"] == pytest.approx(1.05)
+        assert results["torch+kahan"]["ratio_vs_plain_p75"] == pytest.approx(1.15)
+        assert results["torch+sr"]["ratio_vs_plain"] == pytest.approx(2.0)
+        assert results["torch+kahan+sr"]["ratio_vs_plain"] == pytest.approx(2.0)
+        assert results["torch+kahan+sr"]["ratio_vs_plain_p25"] == pytest.approx(1.5)
+        assert results["torch+kahan+sr"]["ratio_vs_plain_p75"] == pytest.approx(2.5)
+        assert {r["plain"] for r in case["results"][1:]} == {"torch"}
+        assert [r["precision"] for r in case["results"]] == [None, "kahan", "sr", "kahan+sr"]
+    main_table, rest = table.split("precision options:")
+    for label in ("fused_optim torch +kahan", "fused_optim torch +sr",
+                  "fused_optim torch +kahan+sr"):
+        assert label in main_table
+    rows = [line.split() for line in rest.splitlines()]
+    for dt in ("bf16", "fp16"):
+        assert ["tiny", "sgd", dt, "torch", "kahan", "10.000", "12.000", "1.10x",
+                "1.05-1.15"] in rows
+        assert ["tiny", "sgd", dt, "torch", "sr", "10.000", "20.000", "2.00x",
+                "2.00-2.00"] in rows
+        assert ["tiny", "sgd", dt, "torch", "kahan+sr", "10.000", "10.000", "2.00x",
+                "1.50-2.50"] in rows
+    assert not any(r[:3] == ["tiny", "sgd", "fp32"] for r in rows)
+    assert "+kahan: kahan_sum=True, +sr: stochastic_round=True" in rest
+
+
+def test_cli_precision_real_run_on_the_torch_backend(tmp_path, capsys):
+    """End to end with real optimizers (the pure-torch backend implements the
+    options): every variant is timed each round and has its ratio."""
+    out = tmp_path / "out.json"
+    rc = main(["bench", "--lists", "tiny", "--optimizers", "sgd", "--dtypes", "bf16",
+               "--devices", "cpu", "--backends", "torch", "--all-backends", "--precision",
+               "kahan", "sr", "kahan+sr", "--no-baselines", "--no-ceiling", "--rounds", "2",
+               "--warmup", "1", "--no-progress", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    (case,) = json.loads(out.read_text())["cases"]
+    assert not case["failed"] and case["rounds"] == 2
+    results = {r["impl"]: r for r in case["results"]}
+    assert list(results) == ["torch", "torch+kahan", "torch+sr", "torch+kahan+sr"]
+    for impl in ("torch+kahan", "torch+sr", "torch+kahan+sr"):
+        r = results[impl]
+        ratios = [a / b for a, b in zip(r["times_s"], results["torch"]["times_s"])]
+        assert r["ratio_vs_plain"] == pytest.approx(float(np.median(ratios)))
+        assert "fused_optim torch +" + impl.split("+", 1)[1] in captured.out
+    assert "precision options: time per step vs the plain backend" in captured.out
 
 
 # ------------------------------------------------------------- CUDA plan

@@ -39,6 +39,15 @@ How it measures, and why:
   between two flat buffers that together hold the bytes one step moves
   (``copy_gbps`` counts its read and its write). "% copy" is an
   implementation's counted GB/s over the copy's, paired per round.
+* ``--precision kahan sr kahan+sr`` adds, in bf16/fp16 cases, each fused_optim
+  backend built with ``kahan_sum=True`` / ``stochastic_round=True`` / both
+  (``<backend>+kahan``, ``+sr``, ``+kahan+sr``) to the same interleaved
+  rounds; their cost is reported as "vs plain", the median of per-round
+  ratios to the plain backend's step (issue 15's target: at most 1.15x on
+  resnet50 and gpt2-small). fp32/fp64 cases do not time them: the options
+  leave such params alone. A variant's GB/s and % ceil count the plain
+  step's bytes (not the Kahan buffer's read and write): they show its time,
+  not extra traffic.
 """
 
 from __future__ import annotations
@@ -50,8 +59,9 @@ from .cases import (DEFAULT_DTYPES, DTYPES, LISTS, OPTIMIZERS, SIZES, BenchError
                     shapes_from_json, shapes_from_model)
 from .cli import add_arguments, command, main, run
 from .impls import (BACKEND_IMPLS, BASELINE_IMPLS, CEILING, COMPILED, COMPILED_BACKENDS,
-                    COPY, DEFAULT_BASELINES, IMPLS, REFERENCE, Runner, available_impls,
-                    copy_runner, fresh_compile_caches, make_runner)
+                    COPY, DEFAULT_BASELINES, IMPLS, PRECISION_IMPLS, PRECISIONS, REFERENCE,
+                    Runner, available_impls, copy_runner, fresh_compile_caches,
+                    make_runner, precision_variant)
 from .machine import machine_info
 from .measure import CaseResult, run_case
 from .report import format_table, to_json, write_plot

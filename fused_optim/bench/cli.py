@@ -15,10 +15,11 @@ from typing import Sequence
 
 import torch
 
+from ..kernels.reference._precision import LOW_PRECISION
 from .cases import (DEFAULT_DTYPES, DTYPES, LISTS, OPTIMIZERS, SIZES, BenchError,
                     _public_lists, shape_list, shapes_from_json, shapes_from_model)
 from .impls import (BACKEND_IMPLS, BASELINE_IMPLS, CEILING, COMPILED, COPY,
-                    DEFAULT_BASELINES, _backend_device_ok, _backend_problem,
+                    DEFAULT_BASELINES, PRECISIONS, _backend_device_ok, _backend_problem,
                     available_impls)
 from .machine import _loadavg
 from .measure import run_case
@@ -56,6 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "--all-backends); asking for one that cannot run is an error")
     sel.add_argument("--all-backends", action="store_true",
                      help="also time fused_optim's slow pure-torch reference backend")
+    sel.add_argument("--precision", nargs="+", choices=tuple(PRECISIONS), metavar="NAME",
+                     help="also time each fused_optim backend built with "
+                     "kahan_sum=True (kahan), stochastic_round=True (sr) or both "
+                     "(kahan+sr), as <backend>+kahan etc., interleaved in the same "
+                     "rounds as the plain backend (not under torch.compile); "
+                     "reported with their paired per-round time ratio to it (vs "
+                     "plain). bf16/fp16 cases only: the options do nothing to "
+                     "fp32/fp64 params, so those cases do not time them (default: none)")
     base = sel.add_mutually_exclusive_group()
     base.add_argument("--baselines", nargs="+", choices=BASELINE_IMPLS, metavar="NAME",
                       help="torch.optim paths: " + ", ".join(BASELINE_IMPLS)
@@ -179,6 +188,7 @@ def _plan(args) -> tuple[list, dict]:
     optimizers = _names(args.optimizers) or list(size.optimizers)
     dtypes = _names(args.dtypes) or list(DEFAULT_DTYPES)
     backends = _names(args.backends)
+    precisions = _names(args.precision) or []
     baselines = [] if args.no_baselines else _names(args.baselines) or list(DEFAULT_BASELINES)
     if backends is not None:
         for b in backends:
@@ -217,6 +227,14 @@ def _plan(args) -> tuple[list, dict]:
                   + ([] if args.no_ceiling else [CEILING])
                   + ([COPY] if dev == "cuda" and not args.no_copy else []))
         impls, skipped = available_impls(spec, DTYPES[dt], dev, wanted)
+        if precisions and DTYPES[dt] in LOW_PRECISION:
+            # the variants of every backend that runs this case, right after it
+            runnable = [b for b in wanted_backends if b in impls]
+            variants = [f"{b}+{p}" for b in runnable for p in precisions]
+            ok, why = available_impls(spec, DTYPES[dt], dev, variants)
+            skipped.update(why)
+            at = impls.index(runnable[-1]) + 1 if runnable else 0
+            impls[at:at] = ok
         if backends is None and "cuda" not in devices:
             for b in BACKEND_IMPLS:
                 if not _backend_device_ok(b, "cpu"):
@@ -225,7 +243,8 @@ def _plan(args) -> tuple[list, dict]:
     settings = {
         "size": args.size or ("quick" if args.quick else "full"),
         "lists": [sl.name for sl in lists], "optimizers": optimizers, "dtypes": dtypes,
-        "devices": devices, "backends": backends, "baselines": baselines,
+        "devices": devices, "backends": backends, "precision": precisions,
+        "baselines": baselines,
         "ceiling": not args.no_ceiling, "copy": not args.no_copy,
         "steps_per_sample": args.steps_per_sample, "cuda_sample_s": CUDA_SAMPLE_S,
         "cuda_max_steps": CUDA_MAX_STEPS,

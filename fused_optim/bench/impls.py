@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..kernels.reference._precision import LOW_PRECISION
 from .cases import BenchError, OptimizerSpec
 
 
@@ -24,11 +25,19 @@ BASELINE_IMPLS = ("for-loop", "foreach", "fused", COMPILED)
 #: Baselines timed when none are named: compiling costs seconds per case.
 DEFAULT_BASELINES = ("for-loop", "foreach", "fused")
 COMPILED_BACKENDS = tuple(f"{b}-compiled" for b in BACKEND_IMPLS)
+#: ``--precision`` names -> the keyword options a backend's optimizer is built
+#: with (``fused_optim/_precision.py``; they act on bfloat16/float16 params only).
+PRECISIONS = {"kahan": dict(kahan_sum=True), "sr": dict(stochastic_round=True),
+              "kahan+sr": dict(kahan_sum=True, stochastic_round=True)}
+#: A backend built with a precision option: ``"<backend>+<precision>"``
+#: (``numba+kahan``, ``torch+kahan+sr``), reported right after its plain backend.
+PRECISION_IMPLS = tuple(f"{b}+{p}" for b in BACKEND_IMPLS for p in PRECISIONS)
 CEILING = "ceiling"
 #: ``copy_`` of the bytes one step moves; timed on CUDA only (see the package
 #: docstring for why not on CPU).
 COPY = "copy"
-IMPLS = BACKEND_IMPLS + COMPILED_BACKENDS + BASELINE_IMPLS + (CEILING, COPY)
+IMPLS = (tuple(i for b in BACKEND_IMPLS for i in (b, *(f"{b}+{p}" for p in PRECISIONS)))
+         + COMPILED_BACKENDS + BASELINE_IMPLS + (CEILING, COPY))
 #: The implementation the paired ratio divides by.
 REFERENCE = "fused"
 
@@ -36,7 +45,17 @@ _LABELS = {"numba": "fused_optim numba", "triton": "fused_optim triton",
            "torch": "fused_optim torch", "for-loop": "torch for-loop",
            "foreach": "torch foreach", "fused": "torch fused",
            COMPILED: "torch compiled", CEILING: "ceiling", COPY: "copy",
-           **{f"{b}-compiled": f"fused_optim {b} compiled" for b in BACKEND_IMPLS}}
+           **{f"{b}-compiled": f"fused_optim {b} compiled" for b in BACKEND_IMPLS},
+           **{f"{b}+{p}": f"fused_optim {b} +{p}" for b in BACKEND_IMPLS for p in PRECISIONS}}
+
+
+def precision_variant(impl: str) -> tuple[str, str] | None:
+    """``(backend, precision)`` of a precision variant id (``"numba+kahan+sr"``
+    -> ``("numba", "kahan+sr")``), or None for any other implementation."""
+    base, sep, prec = impl.partition("+")
+    if sep and base in BACKEND_IMPLS and prec in PRECISIONS:
+        return base, prec
+    return None
 
 
 #: The constructor switches that pick each of torch.optim's paths.
@@ -87,8 +106,12 @@ def make_runner(impl: str, spec: OptimizerSpec, params, grads) -> Runner:
                            params[0].device)
     leaves = _leaves(params, grads)
     base = impl.removesuffix("-compiled")
+    variant = precision_variant(impl)
     if base in BACKEND_IMPLS:
         opt = spec.record.cls(leaves, backend=base, **spec.kwargs)
+    elif variant is not None:
+        backend, prec = variant
+        opt = spec.record.cls(leaves, backend=backend, **spec.kwargs, **PRECISIONS[prec])
     elif impl in BASELINE_IMPLS:
         opt = spec.record.torch_cls(leaves, **_SWITCHES[impl], **spec.kwargs)
     else:
@@ -240,8 +263,14 @@ def available_impls(spec: OptimizerSpec, dtype: torch.dtype, device,
     device = torch.device(device)
     ok, skipped = [], {}
     for impl in wanted:
+        variant = precision_variant(impl)
         if impl.removesuffix("-compiled") in BACKEND_IMPLS:
             why = _backend_problem(impl.removesuffix("-compiled"), spec, dtype, device)
+        elif variant is not None:
+            why = _backend_problem(variant[0], spec, dtype, device)
+            if why is None and dtype not in LOW_PRECISION:
+                why = (f"--precision {variant[1]} acts on bfloat16/float16 params only, "
+                       f"not {str(dtype).removeprefix('torch.')}")
         elif impl in BASELINE_IMPLS:
             why = _baseline_problem(impl, spec, dtype, device)
         elif impl == CEILING:

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from .cases import DTYPES, BenchError, OptimizerSpec, ShapeList, make_data
-from .impls import (_LABELS, CEILING, COMPILED, COMPILED_BACKENDS, COPY, REFERENCE,
-                    _ordered, fresh_compile_caches, make_runner)
+from .impls import (_LABELS, CEILING, COMPILED, COMPILED_BACKENDS, COPY, PRECISIONS,
+                    REFERENCE, _ordered, fresh_compile_caches, make_runner,
+                    precision_variant)
 from .machine import _meminfo
 from .report import _fmt_bytes
 from .timing import (CUDA_MAX_STEPS, CUDA_SAMPLE_S, _report_failure, interleaved,
@@ -101,6 +102,11 @@ class CaseResult:
             "ratio_vs_fused": None,
             "ratio_vs_fused_p25": None,
             "ratio_vs_fused_p75": None,
+            "precision": None,
+            "plain": None,
+            "ratio_vs_plain": None,
+            "ratio_vs_plain_p25": None,
+            "ratio_vs_plain_p75": None,
             "steps_per_sample": self.steps_per_sample.get(impl, 1),
             "host_median_s": statistics.median(host) if host else None,
             "host_times_s": [float(x) for x in host] if host else None,
@@ -119,6 +125,16 @@ class CaseResult:
             out["ratio_vs_fused"] = statistics.median(r)
             out["ratio_vs_fused_p25"] = float(np.percentile(r, 25))
             out["ratio_vs_fused_p75"] = float(np.percentile(r, 75))
+        variant = precision_variant(impl)
+        if variant is not None:
+            out["plain"], out["precision"] = variant
+            if variant[0] in self.times:
+                # the options' cost: this variant's time over its plain
+                # backend's in the same round
+                r = self.paired(impl, variant[0])
+                out["ratio_vs_plain"] = statistics.median(r)
+                out["ratio_vs_plain_p25"] = float(np.percentile(r, 25))
+                out["ratio_vs_plain_p75"] = float(np.percentile(r, 75))
         return out
 
     def to_dict(self) -> dict:
@@ -148,7 +164,10 @@ def _case_bytes(spec: OptimizerSpec, impls, numel: int, itemsize: int) -> int:
     per = {CEILING: spec.reads, COPY: spec.reads + spec.writes}
     total = 2  # the seeded draw, kept until the runners exist
     for i in impls:
-        total += per.get(i, 2 + states) + (2 if i == "foreach" else 0)
+        variant = precision_variant(i)
+        # kahan_sum keeps one compensation buffer per param
+        kahan = variant is not None and "kahan_sum" in PRECISIONS[variant[1]]
+        total += per.get(i, 2 + states + kahan) + (2 if i == "foreach" else 0)
     return total * numel * itemsize
 
 

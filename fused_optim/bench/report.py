@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .cases import OPTIMIZERS, BenchError
-from .impls import _LABELS, CEILING, COPY, IMPLS, _ordered
+from .impls import _LABELS, CEILING, COPY, IMPLS, _ordered, precision_variant
 from .machine import machine_info
 
 if TYPE_CHECKING:
@@ -28,7 +28,9 @@ def format_table(results: Sequence[CaseResult]) -> str:
     """The end-of-run table: one row per (case, implementation).
 
     "host ms" (CUDA) and "% copy" (where a copy was timed) appear only when
-    some case has them.
+    some case has them. Where precision variants ran (``--precision``), a
+    second table follows: each variant's time per step against its plain
+    backend's, paired per round.
     """
     show_device = len({r.device for r in results}) > 1
     show_host = any(r.host_times for r in results)
@@ -58,6 +60,16 @@ def format_table(results: Sequence[CaseResult]) -> str:
                         + ([res.device] if show_device else [])
                         + [_LABELS.get(impl, impl)] + cells)
     numeric = set(range(len(head) - len(numbers), len(head)))
+    out = _layout(head, rows, numeric, list(_row_cases(results)))
+    precision = _precision_table(results, show_device)
+    notes = _notes(results)
+    return "\n".join(out + ([""] + precision if precision else [])
+                     + ([""] + notes if notes else []))
+
+
+def _layout(head, rows, numeric, keys) -> list:
+    """Aligned lines: ``numeric`` columns right-aligned, a blank line
+    wherever ``keys`` (one per row) changes."""
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
 
     def line(cells):
@@ -66,13 +78,42 @@ def format_table(results: Sequence[CaseResult]) -> str:
 
     out = [line(head), line(["-" * w for w in widths])]
     prev = None
-    for row, res_key in zip(rows, _row_cases(results)):
-        if prev is not None and res_key != prev:
+    for row, key in zip(rows, keys):
+        if prev is not None and key != prev:
             out.append("")
-        prev = res_key
+        prev = key
         out.append(line(row))
-    notes = _notes(results)
-    return "\n".join(out + ([""] + notes if notes else []))
+    return out
+
+
+def _precision_table(results, show_device: bool) -> list:
+    """The precision variants against their plain backends (empty without any)."""
+    head = (["list", "opt", "dtype"] + (["device"] if show_device else [])
+            + ["backend", "option", "plain ms", "option ms", "vs plain", "p25-p75"])
+    rows, keys = [], []
+    for res in results:
+        for impl in _ordered(res.times):
+            variant = precision_variant(impl)
+            if variant is None:
+                continue
+            s = res.stats(impl)
+            plain = res.median(variant[0]) if variant[0] in res.times else None
+            ratio = s["ratio_vs_plain"]
+            rows.append([res.list, res.optimizer, res.dtype]
+                        + ([res.device] if show_device else [])
+                        + [variant[0], variant[1],
+                           f"{plain * 1e3:.3f}" if plain is not None else "-",
+                           f"{s['median_s'] * 1e3:.3f}",
+                           f"{ratio:.2f}x" if ratio is not None else "-",
+                           f"{s['ratio_vs_plain_p25']:.2f}-{s['ratio_vs_plain_p75']:.2f}"
+                           if ratio is not None else "-"])
+            keys.append((res.list, res.optimizer, res.dtype, res.device))
+    if not rows:
+        return []
+    numeric = set(range(len(head) - 4, len(head)))
+    return (["precision options: time per step vs the plain backend, median of "
+             "per-round ratios (target: at most 1.15x on resnet50 and gpt2-small)"]
+            + _layout(head, rows, numeric, keys))
 
 
 def _row_cases(results):
@@ -93,6 +134,10 @@ def _notes(results) -> list:
                  "% ceil" + (", % copy" if any(COPY in r.times for r in results) else "")
                  + " and vs fused are medians of per-round ratios "
                  "(vs fused < 1 is faster than torch fused)")
+    if any(precision_variant(i) for r in results for i in r.times):
+        notes.append("+kahan: kahan_sum=True, +sr: stochastic_round=True (bf16/fp16 "
+                     "cases only); vs plain pairs each with its backend's plain step in "
+                     "the same round")
     ks = [k for r in results if r.timing == "cuda-events" for k in r.steps_per_sample.values()]
     if ks:
         notes.append(f"cuda: each sample is {min(ks)}-{max(ks)} back-to-back steps between "
@@ -135,7 +180,12 @@ def to_json(results: Sequence[CaseResult], config: dict) -> dict:
     ran). Per result, besides the times: ``host_median_s`` and
     ``host_times_s`` (CUDA: host wall time enqueueing a sample's steps, per
     step; null on CPU), ``pct_copy`` (counted GB/s as a percentage of the
-    copy's, median of per-round ratios) and ``steps_per_sample``.
+    copy's, median of per-round ratios) and ``steps_per_sample``. Precision
+    variants (``--precision``; ``config["precision"]`` lists the names): a
+    result's ``precision`` (``kahan``, ``sr``, ``kahan+sr``) and ``plain``
+    (its backend's id), and ``ratio_vs_plain`` with ``ratio_vs_plain_p25``/
+    ``_p75`` (its time over the plain backend's, median and quartiles of the
+    per-round ratios); all null on other results.
     """
     devices = sorted({torch.device(r.device).type for r in results}) or ["cpu"]
     return {
