@@ -60,7 +60,7 @@ SANITIZER_K = "parity or mixing"
 SANITIZER_ENV = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
 BENCH = ["bench", "--devices", "cuda", "--lists", "gpt2-small", "resnet50", "many-small",
          "--optimizers", "sgd", "adamw", "--dtypes", "fp32", "bf16", "--baselines", "fused",
-         "--no-progress"]
+         "--precision", "kahan", "sr", "--no-progress"]
 # argparse keeps the last value: the dry run parses the GPU command line
 # whole, then runs one small CPU case of it.
 BENCH_SMOKE = ["--devices", "cpu", "--lists", "many-small", "--optimizers", "sgd",
