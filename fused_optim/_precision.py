@@ -32,6 +32,8 @@ does; their buffers are left as they are.
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import attrgetter
 from typing import NamedTuple
 
 import torch
@@ -74,6 +76,9 @@ class Precision(NamedTuple):
             salt = ((key & 0xFFFF) << 16) | (index & 0xFFFF)
             out["stochastic_round"] = (self.seed, _counter(self.counters, unit.device), salt)
         return out
+
+
+_DTYPE, _SHAPE, _DEVICE = attrgetter("dtype"), attrgetter("shape"), attrgetter("device")
 
 
 def _counter(counters: dict, device) -> torch.Tensor:
@@ -122,21 +127,26 @@ def attach(opt, job, group) -> list:
     if not kahan:
         return [job._replace(precision=Precision(None, seed, counters))] if seed is not None \
             else [job]
-    low = [p.dtype in LOW_PRECISION for p in job.params]
+    dtypes = list(map(_DTYPE, job.params))
+    low = [d in LOW_PRECISION for d in dtypes]
     if not any(low):
         return [job._replace(precision=Precision(None, seed, counters))] if seed is not None \
             else [job]
+    params = [p for p, is_low in zip(job.params, low) if is_low] if not all(low) \
+        else job.params
     state = opt.state
-    comps = []
-    for p, is_low in zip(job.params, low):
-        if not is_low:
-            continue
-        st = state[p]
-        c = st.get("kahan_comp")
-        if not (isinstance(c, torch.Tensor) and c.shape == p.shape and c.dtype == p.dtype
-                and c.device == p.device):
-            c = st["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        comps.append(c)
+    comps = list(map(dict.get, map(state.__getitem__, params), repeat("kahan_comp")))
+    # every step: C-level maps (~0.2 us a param) rather than a Python loop
+    if (None in comps or not all(map(isinstance, comps, repeat(torch.Tensor)))
+            or list(map(_SHAPE, comps)) != list(map(_SHAPE, params))
+            or list(map(_DTYPE, comps)) != list(map(_DTYPE, params))
+            or list(map(_DEVICE, comps)) != list(map(_DEVICE, params))):
+        for k, (p, c) in enumerate(zip(params, comps)):
+            if not (isinstance(c, torch.Tensor) and c.shape == p.shape and c.dtype == p.dtype
+                    and c.device == p.device):
+                # a new param, or one whose dtype, shape or device changed
+                comps[k] = state[p]["kahan_comp"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format)
     if all(low):
         return [job._replace(precision=Precision(comps, seed, counters))]
     rest = _split(job, [not x for x in low])
