@@ -29,6 +29,7 @@ pytest.importorskip("triton")
 
 from fused_optim import _tables  # noqa: E402
 from fused_optim.kernels import contract, reference  # noqa: E402
+from fused_optim.kernels import layout as L  # noqa: E402
 from fused_optim.kernels import triton as tk  # noqa: E402
 from fused_optim.kernels.reference import _precision as P  # noqa: E402
 
@@ -140,8 +141,10 @@ class Run:
         other.steps = None if self.steps is None else cl(self.steps)
         return other
 
-    def step(self, backend, i, **options):
-        """The ``i``-th grads through backend module ``backend``'s kernel."""
+    def step(self, backend, i, host_steps=False, **options):
+        """The ``i``-th grads through backend module ``backend``'s kernel
+        (``host_steps``: Triton's rows flagged as torch's CPU steps of CUDA
+        params, which the host advances)."""
         roles = tuple(self.roles) + ("",) * (3 - len(self.roles)) + ("kahan_comp",)
         n = len(self.params)
         flags = [False] * n if self.name == "sgd" else None
@@ -149,6 +152,8 @@ class Run:
                              steps=self.steps, row_flags=flags,
                              backend="triton" if backend is tk else "torch")
         for packed in packs:
+            if host_steps and backend is tk:
+                packed.batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
             contract.kernel(backend, self.name)(packed.batch, **self.hyper, **options)
             packed.finish()
 
@@ -215,7 +220,7 @@ def _options(kahan, sr, counter, seed=0x123456789ABCDEF1, salt=5):
                 stochastic_round=(seed, counter, salt) if sr else None)
 
 
-def _both(name, config, dtype, kahan, sr, steps=2, **run_kw):
+def _both(name, config, dtype, kahan, sr, steps=2, host_steps=False, **run_kw):
     """Reference and Triton runs of ``steps`` calls from identical inputs."""
     base = Run(name, config, dtype, kahan, **run_kw)
     sides = []
@@ -223,7 +228,7 @@ def _both(name, config, dtype, kahan, sr, steps=2, **run_kw):
         run = base.clone()
         counter = torch.tensor(41, dtype=torch.int64, device=DEVICE)
         for i in range(steps):
-            run.step(backend, i, **_options(kahan, sr, counter))
+            run.step(backend, i, host_steps=host_steps, **_options(kahan, sr, counter))
             counter += 1  # as the optimizer advances it once per step
         sides.append(run)
     return sides
@@ -248,6 +253,14 @@ def test_matches_reference_bit_for_bit(name, config, kahan, sr, dtype, ieee_refe
     reference runs with an IEEE float32 square root: see ``_ieee_sqrt``.)"""
     ref, tri = _both(name, config, dtype, kahan, sr)
     _assert_bit_equal(tri.tensors(), ref.tensors(), f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("name", ["adam", "adagrad"])
+def test_host_side_steps(name, ieee_reference):
+    """Steps the host advances (its per-row scalars uploaded after the
+    hyperparameters, and the seed and salt): the same bits as the reference."""
+    ref, tri = _both(name, 0, torch.bfloat16, True, True, host_steps=True)
+    _assert_bit_equal(tri.tensors(), ref.tensors(), name)
 
 
 def test_the_options_change_the_stored_bits():
