@@ -236,7 +236,8 @@ def _store_param(p_ptr, c_ptr, offs, old, new, mask, k0, k1, start,
             out = (mag.to(tl.uint32, bitcast=True) | (u & 0x80000000)).to(tl.float32,
                                                                           bitcast=True)
             s = tl.where(finite, out, s)
-        tl.store(p_ptr + offs, s.to(ELEM), mask=mask)
+            near = s.to(ELEM)  # exact, or 2**16 -> inf as the reference's copy_
+        tl.store(p_ptr + offs, near, mask=mask)
     if KAHAN:
         c = y - (s - old)
         cu = c.to(tl.uint32, bitcast=True)
