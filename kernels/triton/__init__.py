@@ -18,9 +18,12 @@ helpers. Adding an optimizer ``<name>`` (``kernels/triton/<name>.py``):
 2. a ``@triton.jit`` update kernel taking ``(table_ptr, map_ptr, hyper_ptr,
    ..., grad_scale_ptr, found_inf_ptr)`` and the constexprs of
    ``_common_args`` (ELEM, IS_BF16, COMPUTE, IS_F64, BLOCK, VEC), ALIGNED,
-   TAIL_ALIGNED, HAS_GRAD_SCALE, HAS_FOUND_INF and its own switches; it
-   finds its row and chunk in the block map as ``_sgd_kernel`` does, and
-   moves data with ``_kernels._load`` / ``_store``;
+   TAIL_ALIGNED, HAS_GRAD_SCALE, HAS_FOUND_INF and its own switches, and
+   last ``counter_ptr=None, KAHAN=False, SR=False``; it finds its row and
+   chunk in the block map as ``_sgd_kernel`` does, moves data with
+   ``_kernels._load`` / ``_store``, and stores the param through
+   ``_kernels._store_param`` when KAHAN or SR (``kahan_sum`` /
+   ``stochastic_round``, from :func:`_precision_args`);
 3. the launcher ``<name>(batch, *, ...)``: under ``_device_context``,
    ``pro = _prologue(batch, hyper_values, grad_scale, found_inf)``, then
    under ``_launch_lock()``, ``_launch_updates(kernel, pro, batch,
@@ -257,7 +260,7 @@ def block_map(numel: np.ndarray, block: int, rows=None) -> np.ndarray:
     return out
 
 
-_POINTER_COLUMNS = [L.PARAM, L.GRAD, L.STATE0, L.STATE1, L.STATE2]
+_POINTER_COLUMNS = [L.PARAM, L.GRAD, L.STATE0, L.STATE1, L.STATE2, L.COMP]
 
 
 def alignment_classes(table: np.ndarray, itemsize: int):
@@ -475,6 +478,52 @@ def _host_step_scalars(table, lr, beta1, beta2) -> np.ndarray:
 
 #: rows per program of the step kernel
 _STEP_ROWS = 128
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+class _Precision:
+    """How an update launch stores params (``kahan_sum`` / ``stochastic_round``)."""
+
+    __slots__ = ("kahan", "sr", "counter", "slots")
+
+    def __init__(self, kahan, sr, counter, slots):
+        self.kahan = kahan  # the KAHAN constexpr
+        self.sr = sr  # the SR constexpr
+        self.counter = counter  # the kernel's counter_ptr: None unless SR
+        self.slots = slots  # hyperparameter values to append: [] unless SR
+
+
+_OFF = _Precision(False, False, None, [])
+
+
+def _precision_args(batch, kahan_sum, stochastic_round) -> _Precision:
+    """The kernel arguments of the two param-store options for ``batch``.
+
+    Both act on bfloat16/float16 batches only; for other batches (and with
+    both off) the launch is exactly the one without them. With
+    ``stochastic_round = (seed, counter, salt)``, the seed's two 32-bit
+    halves and the salt's low 32 bits go after the optimizer's own
+    hyperparameters (float64 holds them exactly; a buffer cached on its
+    bytes, rule R1), and the counter, a 0-dim int64 tensor on the params'
+    device, is passed as a pointer: the kernel reads it (no host sync, and a
+    CUDA graph replays with the live value).
+    """
+    if batch.dtype not in (torch.bfloat16, torch.float16):
+        return _OFF
+    kahan = bool(kahan_sum)
+    if stochastic_round is None:
+        return _Precision(True, False, None, []) if kahan else _OFF
+    seed, counter, salt = stochastic_round
+    if not torch.is_tensor(counter) or counter.dtype != torch.int64 or counter.numel() != 1:
+        raise ValueError("stochastic_round's counter must be a 1-element int64 tensor")
+    if counter.device != batch.device:
+        raise ValueError(f"stochastic_round's counter is on {counter.device}, the params "
+                         f"on {batch.device}: the kernel reads it on the params' device")
+    seed = int(seed)
+    slots = [float(seed & _MASK32), float((seed >> 32) & _MASK32), float(int(salt) & _MASK32)]
+    return _Precision(kahan, True, counter.detach().reshape(-1), slots)
 
 
 # Each optimizer's kernels and launcher live in its own file (``sgd.py``,

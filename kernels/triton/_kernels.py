@@ -50,6 +50,8 @@ _NUMEL = tl.constexpr(L.NUMEL)
 _FLAGS = tl.constexpr(L.FLAGS)
 _FLAG_FRESH = tl.constexpr(L.FLAG_FRESH)
 _FLAG_STEP_F64 = tl.constexpr(L.FLAG_STEP_F64)
+_START = tl.constexpr(L.START)
+_COMP = tl.constexpr(L.COMP)
 
 @triton.jit
 def _load(ptr, offs, mask, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr):
@@ -128,3 +130,116 @@ def _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
     advance = r < limit
     tl.store(s64_ptr, s64, mask=advance & is64)
     tl.store(s32_ptr, s32, mask=advance & is32)
+
+
+# ------------------------------------------------ Kahan summation, stochastic rounding
+#
+# The param store of bfloat16/float16 batches under ``kahan_sum`` /
+# ``stochastic_round``, bit for bit as ``kernels/reference/_precision.py``
+# (the specification): integer math in uint32, wrapping modulo 2**32.
+# Each update kernel takes the switches KAHAN and SR (constexprs, off for
+# float32/float64 batches) and a ``counter_ptr`` (the optimizer's int64 step
+# counter, None unless SR); seed and salt travel as three uint32 values in
+# float64 slots after the optimizer's own hyperparameters (``SR_SLOTS``).
+
+_GOLDEN = tl.constexpr(0x9E3779B9)
+_C2 = tl.constexpr(0x85EBCA6B)
+_M1 = tl.constexpr(0x7FEB352D)
+_M2 = tl.constexpr(0x846CA68B)
+
+
+@triton.jit
+def _mix32(x):
+    """Wellons' lowbias32 of a uint32 (tensor or scalar), as ``_precision.mix32``."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((), _M1, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), _M2, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _sr_keys(hyper_ptr, counter_ptr, SLOT: tl.constexpr):
+    """This call's stream keys ``(k0, k1)``, as ``_precision.keys``.
+
+    Seed (low, high 32 bits) and salt are uint32 values in the float64 slots
+    ``SLOT, SLOT + 1, SLOT + 2`` of ``hyper_ptr``; the counter is read here,
+    on the device (no host read: a CUDA graph replays with the live value).
+    """
+    seed_lo = tl.load(hyper_ptr + SLOT).to(tl.int64).to(tl.uint32)
+    seed_hi = tl.load(hyper_ptr + SLOT + 1).to(tl.int64).to(tl.uint32)
+    salt = tl.load(hyper_ptr + SLOT + 2).to(tl.int64).to(tl.uint32)
+    c = tl.load(counter_ptr)
+    c_lo = c.to(tl.uint32)
+    c_hi = (c >> 32).to(tl.uint32)
+    k0 = _mix32(seed_lo ^ _mix32(c_lo ^ tl.full((), _GOLDEN, tl.uint32)))
+    k1 = _mix32(seed_hi ^ _mix32(salt ^ _mix32(c_hi ^ tl.full((), _C2, tl.uint32))))
+    return k0, k1
+
+
+@triton.jit
+def _store_param(p_ptr, c_ptr, offs, old, new, mask, k0, k1, start,
+                 IS_BF16: tl.constexpr, ELEM: tl.constexpr, KAHAN: tl.constexpr,
+                 SR: tl.constexpr):
+    """Store a float32 block ``new`` into a bfloat16/float16 param through the options.
+
+    ``_precision.store_param`` bit for bit: ``old`` the param as loaded (in
+    float32), ``c_ptr`` the compensation buffer (if KAHAN), ``(k0, k1)`` the
+    stream keys and ``start`` the row's first global element index (if SR).
+    Called only with KAHAN or SR on; the compensation is stored rounded to
+    nearest, like every state.
+    """
+    if KAHAN:
+        y = (new - old) + _load(c_ptr, offs, mask, IS_BF16, tl.float32)
+        t = old + y
+    else:
+        t = new
+    u = t.to(tl.uint32, bitcast=True)
+    finite = (u & 0x7FFFFFFF) < 0x7F800000
+    if SR:
+        idx = start + offs
+        hi = (idx >> 32).to(tl.uint32)
+        r = _mix32(_mix32(idx.to(tl.uint32) ^ k0)
+                   ^ (k1 + hi * tl.full((), _GOLDEN, tl.uint32)))
+    if IS_BF16:
+        # round to nearest even (NaN -> the quiet 0x7FC0), as _store
+        h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        h = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, h)
+        if SR:
+            # add 16 random bits below the kept ones and truncate
+            h = tl.where(finite, (u + (r & 0xFFFF)) >> 16, h)
+        h = h.to(tl.uint16)
+        s = (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        tl.store(p_ptr + offs, h, mask=mask)
+    else:
+        near = t.to(tl.float16)
+        s = near.to(tl.float32)
+        if SR:
+            a = tl.abs(t)
+            n16 = near.to(tl.uint16, bitcast=True) & 0x7FFF
+            # lo: the float16 neighbour at or below |t|; ulp from lo's binade
+            below = tl.abs(s) > a
+            lo_bits = tl.where(below, n16 - 1, n16)
+            lo = lo_bits.to(tl.float16, bitcast=True).to(tl.float32)
+            ex = (lo_bits.to(tl.uint32) >> 10) & 0x1F
+            ulp = tl.where(ex == 0, 5.960464477539063e-08,  # 2**-24
+                           ((ex + 102) << 23).to(tl.float32, bitcast=True))
+            # (a - lo) / ulp as a product: dividing by a power of two is exact
+            # here (no quotient is subnormal), and so is the product by its
+            # exact reciprocal 2**(25 - ex) (2**24 below 2**-14)
+            inv_ulp = tl.where(ex == 0, 16777216.0,
+                               ((152 - ex) << 23).to(tl.float32, bitcast=True))
+            frac = (a - lo) * inv_ulp
+            draw = (r >> 8).to(tl.float32) * 5.960464477539063e-08
+            mag = tl.where((draw < frac) & (a != lo), lo + ulp, lo)
+            # copysign: mag is not negative
+            out = (mag.to(tl.uint32, bitcast=True) | (u & 0x80000000)).to(tl.float32,
+                                                                          bitcast=True)
+            s = tl.where(finite, out, s)
+            near = s.to(ELEM)  # exact, or 2**16 -> inf as the reference's copy_
+        tl.store(p_ptr + offs, near, mask=mask)
+    if KAHAN:
+        c = y - (s - old)
+        cu = c.to(tl.uint32, bitcast=True)
+        c = tl.where((cu & 0x7FFFFFFF) < 0x7F800000, c, 0.0)
+        _store(c_ptr, offs, c, mask, IS_BF16, ELEM)

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from . import (NUM_WARPS, _STEP_ROWS, _check_host_steps, _device_context, _launch_lock,
-               _launch_updates, _prologue, _resident, _upload)
-from ._kernels import (_GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
-                       _load, _read_steps, _store,
+               _launch_updates, _precision_args, _prologue, _resident, _upload)
+from ._kernels import (_COMP, _GRAD, _NCOLS, _NUMEL, _PARAM, _START, _STATE0,
+                       _load, _read_steps, _sr_keys, _store, _store_param,
                        _write_steps)
 
 __all__ = ["adagrad"]
@@ -39,14 +39,15 @@ _AG_LR = tl.constexpr(AG_LR)
 _AG_LR_DECAY = tl.constexpr(AG_LR_DECAY)
 _AG_EPS = tl.constexpr(AG_EPS)
 _AG_WD = tl.constexpr(AG_WD)
+_AG_NHYPER = tl.constexpr(AG_NHYPER)
 
 
 @triton.jit
-def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, neg_clr, eps, weight_decay,
-                   inv_scale, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
+def _adagrad_block(p_ptr, g_ptr, s_ptr, c_ptr, offs, mask, neg_clr, eps, weight_decay,
+                   inv_scale, k0, k1, start, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
                    COMPUTE: tl.constexpr, IS_F64: tl.constexpr,
                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
-                   HAS_GRAD_SCALE: tl.constexpr):
+                   HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr):
     """The Adagrad update of one block (``mask`` None: a whole block)."""
     g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
     if HAS_GRAD_SCALE:
@@ -65,7 +66,11 @@ def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, neg_clr, eps, weight_decay,
     else:
         std = tl.sqrt_rn(s) + eps
         update = tl.div_rn(neg_clr * g, std)
-    _store(p_ptr, offs, p + update, mask, IS_BF16, ELEM)
+    if KAHAN or SR:
+        _store_param(p_ptr, c_ptr, offs, p, p + update, mask, k0, k1, start,
+                     IS_BF16, ELEM, KAHAN, SR)
+    else:
+        _store(p_ptr, offs, p + update, mask, IS_BF16, ELEM)
 
 
 @triton.jit
@@ -76,6 +81,7 @@ def _adagrad_kernel(
     TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr,
     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
 ):
     """Adagrad on one ``BLOCK`` chunk of one row (torch semantics, in place).
 
@@ -109,15 +115,26 @@ def _adagrad_kernel(
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         s_ptr = tl.multiple_of(s_ptr, 16)
+    c_ptr = p_ptr  # (unused without KAHAN)
+    if KAHAN:
+        c_ptr = tl.load(row_base + _COMP).to(PTR)
+        if ALIGNED:
+            c_ptr = tl.multiple_of(c_ptr, 16)
+    k0 = 0
+    k1 = 0
+    start = 0
+    if SR:
+        k0, k1 = _sr_keys(hyper_ptr, counter_ptr, _AG_NHYPER)
+        start = tl.load(row_base + _START)
 
     if (chunk + 1) * BLOCK <= bound:
-        _adagrad_block(p_ptr, g_ptr, s_ptr, offs, None, neg_clr, eps, weight_decay,
-                       inv_scale, ELEM, IS_BF16, COMPUTE, IS_F64, MAXIMIZE, HAS_WD,
-                       HAS_GRAD_SCALE)
+        _adagrad_block(p_ptr, g_ptr, s_ptr, c_ptr, offs, None, neg_clr, eps,
+                       weight_decay, inv_scale, k0, k1, start, ELEM, IS_BF16, COMPUTE,
+                       IS_F64, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, KAHAN, SR)
     else:
-        _adagrad_block(p_ptr, g_ptr, s_ptr, offs, offs < bound, neg_clr, eps,
-                       weight_decay, inv_scale, ELEM, IS_BF16, COMPUTE, IS_F64,
-                       MAXIMIZE, HAS_WD, HAS_GRAD_SCALE)
+        _adagrad_block(p_ptr, g_ptr, s_ptr, c_ptr, offs, offs < bound, neg_clr, eps,
+                       weight_decay, inv_scale, k0, k1, start, ELEM, IS_BF16, COMPUTE,
+                       IS_F64, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, KAHAN, SR)
 
 
 @triton.jit
@@ -145,7 +162,7 @@ def _adagrad_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
 
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
-            grad_scale=None, found_inf=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """Adagrad (torch semantics) over every row; advances steps.
 
     As the Adam launcher: device-side steps are advanced by a first kernel
@@ -158,6 +175,8 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
     table = batch.table
     hyper = [lr, lr_decay, eps, weight_decay]
     assert len(hyper) == AG_NHYPER
+    prec = _precision_args(batch, kahan_sum, stochastic_round)
+    hyper += prec.slots
     device_steps = _pkg._steps_on_device(batch)
     with _device_context(device):
         if not device_steps:
@@ -178,7 +197,7 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
         else:
             # host-step scalars change every step: not worth a cache entry
             both = _upload(np.concatenate([np.asarray(hyper, np.float64), scalars]), batch)
-            hyper, scal = both, both[AG_NHYPER:]
+            hyper, scal = both, both[len(hyper):]
         with _launch_lock():
             if device_steps:
                 _adagrad_steps_kernel[(triton.cdiv(layout.rows, _STEP_ROWS),)](
@@ -186,5 +205,7 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
                     BLOCK_R=_STEP_ROWS, HAS_FOUND_INF=pro.found_inf is not None,
                     LR_F32=bool(lr_f32), num_warps=NUM_WARPS, enable_fp_fusion=False)
             _launch_updates(_adagrad_kernel, pro, batch, hyper, scal, pro.grad_scale,
-                            pro.found_inf, MAXIMIZE=bool(maximize),
+                            pro.found_inf, counter_ptr=prec.counter, KAHAN=prec.kahan,
+                            SR=prec.sr,
+                            MAXIMIZE=bool(maximize),
                             HAS_WD=weight_decay != 0)

@@ -14,11 +14,11 @@ import triton
 import triton.language as tl
 
 from . import (NUM_WARPS, _STEP_ROWS, _check_host_steps, _compute_np, _device_context,
-               _host_step_scalars, _launch_lock, _launch_updates, _log2, _prologue,
-               _resident, _upload)
-from ._kernels import (_GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
-                       _STATE1, _STATE2, _load, _read_steps, _store,
-                       _write_steps)
+               _host_step_scalars, _launch_lock, _launch_updates, _log2, _precision_args,
+               _prologue, _resident, _upload)
+from ._kernels import (_COMP, _GRAD, _NCOLS, _NUMEL, _PARAM, _START, _STATE0,
+                       _STATE1, _STATE2, _load, _read_steps, _sr_keys, _store,
+                       _store_param, _write_steps)
 
 __all__ = ["adam"]
 
@@ -48,13 +48,14 @@ _ADAM_NHYPER = tl.constexpr(ADAM_NHYPER)
 
 
 @triton.jit
-def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, step_size,
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, mask, step_size,
                 bc2_sqrt, beta1, beta2, omb1, omb2, eps, weight_decay, decay,
-                inv_scale, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
+                inv_scale, k0, k1, start, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
                 COMPUTE: tl.constexpr, IS_F64: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                 HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
-                LERP_FROM_START: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+                LERP_FROM_START: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                KAHAN: tl.constexpr, SR: tl.constexpr):
     """The Adam update of one block (``mask`` None: a whole block); see ``_adam_kernel``."""
     g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
     if HAS_GRAD_SCALE:
@@ -62,6 +63,7 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, step_size,
     if MAXIMIZE:
         g = -g
     p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
+    old = p  # the stored param, for the Kahan store
     if HAS_WD:
         if DECOUPLED:
             p = p * decay
@@ -87,7 +89,11 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, step_size,
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         update = tl.div_rn(-step_size * m, denom)
-    _store(p_ptr, offs, p + update, mask, IS_BF16, ELEM)
+    if KAHAN or SR:
+        _store_param(p_ptr, c_ptr, offs, old, p + update, mask, k0, k1, start,
+                     IS_BF16, ELEM, KAHAN, SR)
+    else:
+        _store(p_ptr, offs, p + update, mask, IS_BF16, ELEM)
 
 
 @triton.jit
@@ -99,6 +105,7 @@ def _adam_kernel(
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr, LERP_FROM_START: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
 ):
     """Adam / AdamW on one ``BLOCK`` chunk of one row (torch semantics).
 
@@ -122,6 +129,8 @@ def _adam_kernel(
         LERP_FROM_START: 1 - beta1 < 0.5, the side of torch.lerp's two-sided
             formula that keeps torch's rounding.
         HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given.
+        counter_ptr, KAHAN, SR: the param store's options, as in
+            ``_sgd_kernel`` (seed and salt after ``ADAM_NHYPER``).
     """
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(map_ptr + 2 * pid).to(tl.int64)
@@ -160,18 +169,30 @@ def _adam_kernel(
         m_ptr = tl.multiple_of(m_ptr, 16)
         v_ptr = tl.multiple_of(v_ptr, 16)
         vmax_ptr = tl.multiple_of(vmax_ptr, 16)
+    c_ptr = p_ptr  # (unused without KAHAN)
+    if KAHAN:
+        c_ptr = tl.load(row_base + _COMP).to(PTR)
+        if ALIGNED:
+            c_ptr = tl.multiple_of(c_ptr, 16)
+    k0 = 0
+    k1 = 0
+    start = 0
+    if SR:
+        k0, k1 = _sr_keys(hyper_ptr, counter_ptr, _ADAM_NHYPER)
+        start = tl.load(row_base + _START)
 
     if (chunk + 1) * BLOCK <= bound:
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, None, step_size,
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, None, step_size,
                     bc2_sqrt, beta1, beta2, omb1, omb2, eps, weight_decay, decay,
-                    inv_scale, ELEM, IS_BF16, COMPUTE, IS_F64, AMSGRAD, MAXIMIZE,
-                    HAS_WD, DECOUPLED, LERP_FROM_START, HAS_GRAD_SCALE)
+                    inv_scale, k0, k1, start, ELEM, IS_BF16, COMPUTE, IS_F64, AMSGRAD,
+                    MAXIMIZE, HAS_WD, DECOUPLED, LERP_FROM_START, HAS_GRAD_SCALE,
+                    KAHAN, SR)
     else:
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < bound,
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, offs < bound,
                     step_size, bc2_sqrt, beta1, beta2, omb1, omb2, eps,
-                    weight_decay, decay, inv_scale, ELEM, IS_BF16, COMPUTE, IS_F64,
-                    AMSGRAD, MAXIMIZE, HAS_WD, DECOUPLED, LERP_FROM_START,
-                    HAS_GRAD_SCALE)
+                    weight_decay, decay, inv_scale, k0, k1, start, ELEM, IS_BF16,
+                    COMPUTE, IS_F64, AMSGRAD, MAXIMIZE, HAS_WD, DECOUPLED,
+                    LERP_FROM_START, HAS_GRAD_SCALE, KAHAN, SR)
 
 
 @triton.jit
@@ -219,7 +240,8 @@ def _adam_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
 
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-         amsgrad, maximize, grad_scale=None, found_inf=None):
+         amsgrad, maximize, grad_scale=None, found_inf=None, kahan_sum=False,
+         stochastic_round=None):
     """Adam / AdamW (torch semantics) over every row; advances steps.
 
     Step counters on the params' device are read and advanced by a first
@@ -241,6 +263,8 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
             since the host cannot otherwise know whether to advance them
             (fused_optim's optimizers move such steps to the device when
             GradScaler is in use).
+        kahan_sum, stochastic_round: how bfloat16/float16 params are
+            stored, as in :func:`sgd`.
     """
     if batch.table is None or batch.table.shape[0] == 0:
         return
@@ -251,6 +275,8 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
              1.0 - lr * weight_decay, _log2(beta1), _log2(beta2),
              float(beta1 < 0), float(beta2 < 0)]
     assert len(hyper) == ADAM_NHYPER
+    prec = _precision_args(batch, kahan_sum, stochastic_round)
+    hyper += prec.slots
     device_steps = _pkg._steps_on_device(batch)
     with _device_context(device):
         if not device_steps:
@@ -271,7 +297,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
             # host-step scalars change every step: not worth a cache entry
             both = _upload(np.concatenate([np.asarray(hyper, np.float64),
                                                 scalars.ravel()]), batch)
-            hyper, scal = both, both[ADAM_NHYPER:]
+            hyper, scal = both, both[len(hyper):]
         with _launch_lock():
             if device_steps:
                 _adam_steps_kernel[(triton.cdiv(layout.rows, _STEP_ROWS),)](
@@ -280,6 +306,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                     num_warps=NUM_WARPS, enable_fp_fusion=False)
             _launch_updates(
                 _adam_kernel, pro, batch, hyper, scal, pro.grad_scale, pro.found_inf,
+                counter_ptr=prec.counter, KAHAN=prec.kahan, SR=prec.sr,
                 AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
                 DECOUPLED=bool(decoupled_weight_decay),
                 # torch.lerp's side test on the weight as the kernel sees it

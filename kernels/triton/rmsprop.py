@@ -21,10 +21,10 @@ import triton
 import triton.language as tl
 
 from . import (NUM_WARPS, _check_host_steps, _compute_np, _device_context, _launch_lock,
-               _launch_updates, _prologue, _steps_on_device)
-from ._kernels import (_GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
-                       _STATE1, _STATE2, _load, _read_steps, _store,
-                       _write_steps)
+               _launch_updates, _precision_args, _prologue, _steps_on_device)
+from ._kernels import (_COMP, _GRAD, _NCOLS, _NUMEL, _PARAM, _START, _STATE0,
+                       _STATE1, _STATE2, _load, _read_steps, _sr_keys, _store,
+                       _store_param, _write_steps)
 
 __all__ = ["rmsprop"]
 
@@ -38,18 +38,21 @@ _OMA = tl.constexpr(RMSPROP_OMA)
 _EPS = tl.constexpr(RMSPROP_EPS)
 _WD = tl.constexpr(RMSPROP_WD)
 _MOMENTUM = tl.constexpr(RMSPROP_MOMENTUM)
+_NHYPER = tl.constexpr(RMSPROP_NHYPER)
 
 #: rows per program of the step kernel
 _STEP_ROWS = 128
 
 
 @triton.jit
-def _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, offs, mask, lr, alpha, oma,
-                   eps, weight_decay, momentum, inv_scale, ELEM: tl.constexpr,
+def _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, mask, lr, alpha,
+                   oma, eps, weight_decay, momentum, inv_scale, k0, k1, start,
+                   ELEM: tl.constexpr,
                    IS_BF16: tl.constexpr, COMPUTE: tl.constexpr, IS_F64: tl.constexpr,
                    CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr,
                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
-                   LERP_FROM_START: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+                   LERP_FROM_START: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                   KAHAN: tl.constexpr, SR: tl.constexpr):
     """The RMSprop update of one block (``mask`` None: a whole block)."""
     g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
     if HAS_GRAD_SCALE:
@@ -57,6 +60,7 @@ def _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, offs, mask, lr, alpha,
     if MAXIMIZE:
         g = -g
     p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
+    old = p  # the stored param, for the Kahan store
     if HAS_WD:
         g = tl.fma(p, weight_decay, g)  # grad.add(param, alpha=wd)
     # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
@@ -89,7 +93,11 @@ def _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, offs, mask, lr, alpha,
             p = p + (-lr * g) / avg
         else:
             p = p + tl.div_rn(-lr * g, avg)
-    _store(p_ptr, offs, p, mask, IS_BF16, ELEM)
+    if KAHAN or SR:
+        _store_param(p_ptr, c_ptr, offs, old, p, mask, k0, k1, start, IS_BF16, ELEM,
+                     KAHAN, SR)
+    else:
+        _store(p_ptr, offs, p, mask, IS_BF16, ELEM)
 
 
 @triton.jit
@@ -101,6 +109,7 @@ def _rmsprop_kernel(
     CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr, LERP_FROM_START: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
 ):
     """RMSprop on one ``BLOCK`` chunk of one row (torch semantics, in place).
 
@@ -119,6 +128,8 @@ def _rmsprop_kernel(
         LERP_FROM_START: |1 - alpha| < 0.5, the side of torch.lerp's
             two-sided formula.
         HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given.
+        counter_ptr, KAHAN, SR: the param store's options, as in
+            ``sgd._sgd_kernel`` (seed and salt after ``RMSPROP_NHYPER``).
     """
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(map_ptr + 2 * pid).to(tl.int64)
@@ -155,17 +166,28 @@ def _rmsprop_kernel(
         sq_ptr = tl.multiple_of(sq_ptr, 16)
         buf_ptr = tl.multiple_of(buf_ptr, 16)
         ga_ptr = tl.multiple_of(ga_ptr, 16)
+    c_ptr = p_ptr  # (unused without KAHAN)
+    if KAHAN:
+        c_ptr = tl.load(row_base + _COMP).to(PTR)
+        if ALIGNED:
+            c_ptr = tl.multiple_of(c_ptr, 16)
+    k0 = 0
+    k1 = 0
+    start = 0
+    if SR:
+        k0, k1 = _sr_keys(hyper_ptr, counter_ptr, _NHYPER)
+        start = tl.load(row_base + _START)
 
     if (chunk + 1) * BLOCK <= bound:
-        _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, offs, None, lr, alpha, oma,
-                       eps, weight_decay, momentum, inv_scale, ELEM, IS_BF16, COMPUTE,
-                       IS_F64, CENTERED, USE_MOMENTUM, MAXIMIZE, HAS_WD,
-                       LERP_FROM_START, HAS_GRAD_SCALE)
+        _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, None, lr,
+                       alpha, oma, eps, weight_decay, momentum, inv_scale, k0, k1, start,
+                       ELEM, IS_BF16, COMPUTE, IS_F64, CENTERED, USE_MOMENTUM, MAXIMIZE,
+                       HAS_WD, LERP_FROM_START, HAS_GRAD_SCALE, KAHAN, SR)
     else:
-        _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, offs, offs < bound, lr,
-                       alpha, oma, eps, weight_decay, momentum, inv_scale, ELEM, IS_BF16,
-                       COMPUTE, IS_F64, CENTERED, USE_MOMENTUM, MAXIMIZE, HAS_WD,
-                       LERP_FROM_START, HAS_GRAD_SCALE)
+        _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, offs < bound,
+                       lr, alpha, oma, eps, weight_decay, momentum, inv_scale, k0, k1,
+                       start, ELEM, IS_BF16, COMPUTE, IS_F64, CENTERED, USE_MOMENTUM,
+                       MAXIMIZE, HAS_WD, LERP_FROM_START, HAS_GRAD_SCALE, KAHAN, SR)
 
 
 @triton.jit
@@ -184,7 +206,7 @@ def _rmsprop_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr,
 
 
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-            grad_scale=None, found_inf=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """RMSprop (torch semantics) over every row; advances steps.
 
     Step counters on the params' device are advanced by a first small
@@ -204,6 +226,8 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
             reciprocal in the kernel (the grad tensors are left as they are).
         found_inf: optional AMP flag: when nonzero nothing is written, steps
             included.
+        kahan_sum, stochastic_round: how bfloat16/float16 params are
+            stored, as in :func:`~fused_optim.kernels.triton.sgd`.
     """
     if batch.table is None or batch.table.shape[0] == 0:
         return
@@ -211,6 +235,8 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
     use_momentum = momentum > 0
     hyper = [lr, alpha, 1.0 - alpha, eps, weight_decay, momentum if use_momentum else 0.0]
     assert len(hyper) == RMSPROP_NHYPER
+    prec = _precision_args(batch, kahan_sum, stochastic_round)
+    hyper += prec.slots
     device_steps = _steps_on_device(batch)
     with _device_context(batch.device):
         if not device_steps:
@@ -232,6 +258,7 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
                     HAS_FOUND_INF=pro.found_inf is not None, num_warps=NUM_WARPS)
             _launch_updates(
                 _rmsprop_kernel, pro, batch, pro.hyper, pro.grad_scale, pro.found_inf,
+                counter_ptr=prec.counter, KAHAN=prec.kahan, SR=prec.sr,
                 CENTERED=bool(centered), USE_MOMENTUM=bool(use_momentum),
                 MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
                 # torch.lerp's side test on the weight as the kernel sees it

@@ -8,9 +8,9 @@ load/store helpers and the table's column constexprs.
 import triton
 import triton.language as tl
 
-from . import _device_context, _launch_lock, _launch_updates, _prologue
-from ._kernels import (_FLAG_FRESH, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
-                       _load, _store)
+from . import _device_context, _launch_lock, _launch_updates, _precision_args, _prologue
+from ._kernels import (_COMP, _FLAG_FRESH, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
+                       _START, _load, _sr_keys, _store, _store_param)
 
 __all__ = ["sgd"]
 
@@ -22,14 +22,16 @@ _SGD_LR = tl.constexpr(SGD_LR)
 _SGD_WD = tl.constexpr(SGD_WD)
 _SGD_MOMENTUM = tl.constexpr(SGD_MOMENTUM)
 _SGD_OMD = tl.constexpr(SGD_OMD)
+_SGD_NHYPER = tl.constexpr(SGD_NHYPER)
 
 
 @triton.jit
-def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, weight_decay, momentum, omd,
-               inv_scale, not_fresh, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
-               COMPUTE: tl.constexpr, USE_MOMENTUM: tl.constexpr,
+def _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, mask, lr, weight_decay, momentum, omd,
+               inv_scale, not_fresh, k0, k1, start, ELEM: tl.constexpr,
+               IS_BF16: tl.constexpr, COMPUTE: tl.constexpr, USE_MOMENTUM: tl.constexpr,
                NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-               HAS_WD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+               HAS_WD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+               KAHAN: tl.constexpr, SR: tl.constexpr):
     """The SGD update of one block (``mask`` None: a whole block); see ``_sgd_kernel``."""
     g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
     if HAS_GRAD_SCALE:
@@ -51,7 +53,11 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, weight_decay, momentum, omd,
             g = tl.fma(b, momentum, g)
         else:
             g = b
-    _store(p_ptr, offs, tl.fma(g, -lr, p), mask, IS_BF16, ELEM)
+    if KAHAN or SR:
+        _store_param(p_ptr, c_ptr, offs, p, tl.fma(g, -lr, p), mask, k0, k1, start,
+                     IS_BF16, ELEM, KAHAN, SR)
+    else:
+        _store(p_ptr, offs, tl.fma(g, -lr, p), mask, IS_BF16, ELEM)
 
 
 @triton.jit
@@ -62,6 +68,7 @@ def _sgd_kernel(
     TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr, USE_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
 ):
     """SGD on one ``BLOCK`` chunk of one row (torch semantics, in place).
 
@@ -92,6 +99,14 @@ def _sgd_kernel(
         HAS_WD: weight decay != 0; a constexpr so that a zero decay never
             multiplies an infinite param into a NaN.
         HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given.
+        counter_ptr: the int64 stochastic-rounding step counter (if SR),
+            read here; seed and salt wait in the hyperparameter slots after
+            ``SGD_NHYPER``. It and the two switches below default to off,
+            as launches written before them pass nothing.
+        KAHAN: bfloat16/float16 params are stored with Kahan summation
+            through their compensation buffers (the COMP column).
+        SR: bfloat16/float16 params are rounded stochastically (see
+            ``_kernels._store_param``).
     """
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(map_ptr + 2 * pid).to(tl.int64)
@@ -126,19 +141,31 @@ def _sgd_kernel(
         g_ptr = tl.multiple_of(g_ptr, 16)
         b_ptr = tl.multiple_of(b_ptr, 16)
     not_fresh = (tl.load(row_base + _FLAGS) & _FLAG_FRESH) == 0
+    c_ptr = p_ptr  # (unused without KAHAN)
+    if KAHAN:
+        c_ptr = tl.load(row_base + _COMP).to(PTR)
+        if ALIGNED:
+            c_ptr = tl.multiple_of(c_ptr, 16)
+    k0 = 0
+    k1 = 0
+    start = 0
+    if SR:
+        k0, k1 = _sr_keys(hyper_ptr, counter_ptr, _SGD_NHYPER)
+        start = tl.load(row_base + _START)
 
     if (chunk + 1) * BLOCK <= bound:
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, None, lr, weight_decay, momentum,
-                   omd, inv_scale, not_fresh, ELEM, IS_BF16, COMPUTE,
-                   USE_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE)
+        _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, None, lr, weight_decay, momentum,
+                   omd, inv_scale, not_fresh, k0, k1, start, ELEM, IS_BF16, COMPUTE,
+                   USE_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, KAHAN, SR)
     else:
-        _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < bound, lr, weight_decay,
-                   momentum, omd, inv_scale, not_fresh, ELEM, IS_BF16, COMPUTE,
-                   USE_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE)
+        _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, offs < bound, lr, weight_decay,
+                   momentum, omd, inv_scale, not_fresh, k0, k1, start, ELEM, IS_BF16,
+                   COMPUTE, USE_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE,
+                   KAHAN, SR)
 
 
 def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
-        grad_scale=None, found_inf=None):
+        grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """SGD (torch semantics) over every row of ``batch.table``.
 
     One launch per alignment class present (see :func:`alignment_classes`):
@@ -155,17 +182,24 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
             gradient tensors themselves are left as they are.
         found_inf: optional 1-element AMP flag on the params' device; when it
             is nonzero nothing is written. Read by the kernel: no host sync.
+        kahan_sum, stochastic_round: how bfloat16/float16 params are stored
+            (``kernels/reference/_precision.py``); ``stochastic_round`` is
+            None or ``(seed, counter, salt)``, ``counter`` a 0-dim int64
+            tensor on the params' device, read by the kernel.
     """
     if batch.table is None or batch.table.shape[0] == 0:
         return
     use_momentum = momentum != 0
+    hyper = [lr, weight_decay, momentum, 1.0 - dampening]
+    prec = _precision_args(batch, kahan_sum, stochastic_round)
     with _device_context(batch.device):
-        pro = _prologue(batch, [lr, weight_decay, momentum, 1.0 - dampening],
-                        grad_scale, found_inf)
+        pro = _prologue(batch, hyper + prec.slots, grad_scale, found_inf)
         if not pro.layout.launches:
             return
         with _launch_lock():
             _launch_updates(_sgd_kernel, pro, batch, pro.hyper, pro.grad_scale,
-                            pro.found_inf, USE_MOMENTUM=use_momentum,
+                            pro.found_inf, counter_ptr=prec.counter, KAHAN=prec.kahan,
+                            SR=prec.sr,
+                            USE_MOMENTUM=use_momentum,
                             NESTEROV=bool(nesterov) and use_momentum,
                             MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0)
