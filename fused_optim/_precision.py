@@ -197,8 +197,8 @@ def load(opt, state_dict: dict, load_torch) -> None:
     if saved is not None:
         opt._sr_seed = int(saved["seed"])
         counters = opt.__dict__.setdefault("_sr_counters", {})
-        for d in list(counters):
-            counters[d] = torch.full((), int(saved["counter"]), dtype=torch.int64, device=d)
+        for c in counters.values():
+            c.fill_(int(saved["counter"]))  # in place: a captured graph holds its address
         if not counters:
             counters[torch.device("cpu")] = torch.tensor(int(saved["counter"]),
                                                          dtype=torch.int64)
