@@ -21,7 +21,8 @@ it was before the step (grads included: they are read-only).
 
 With ``precision=True`` (``run(..., precision=True)``) the machine checks the
 opt-in ``kahan_sum``/``stochastic_round`` stores instead: params are also
-bfloat16 and float16, each machine draws its options (and rules toggle them
+bfloat16 (float16 shares its code paths; test_precision*.py cover it), each
+machine draws its options (and rules toggle them
 per group), and the first world is fused_optim's pure-torch reference
 backend with the same options and stream seed (the options have no torch.optim
 counterpart; the reference backend is their specification).
@@ -724,12 +725,15 @@ def run(backend, big=False, precision=False):
     problems = []
     for name in names:
         configs = [c for c in CONFIGS if c[0] == name]
+        if big or precision:
+            # one configuration per optimizer where each drawn one would
+            # compile its own kernels (matrix.REPRESENTATIVE_PARAMS)
+            configs = [(name, optim_db.get(name).full_state_example)]
         if not configs:
             continue
         COUNTS.clear()
         STEPS.clear()
-        extra = ({"precision": True,
-                  "dtypes": (torch.bfloat16, torch.float16, torch.float32)}
+        extra = ({"precision": True, "dtypes": (torch.bfloat16, torch.float32)}
                  if precision else {})
         cls = type(f"Machine_{backend}_{name}", (Machine,),
                    {"backend": backend, "big": big, "configs": configs, **extra})

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import optim_db
-from matrix import (BACKENDS, CONFIG_PARAMS, TOLERANCE, assert_state_close,
-                    build_kwargs, clone_params, make, skip_unless_runnable)
+from matrix import (BACKENDS, CONFIG_PARAMS, REPRESENTATIVE_PARAMS, TOLERANCE,
+                    assert_state_close, build_kwargs, clone_params, make,
+                    skip_unless_runnable)
 
 
 def _forbid(monkeypatch):
@@ -31,13 +32,21 @@ def _forbid(monkeypatch):
         monkeypatch.setattr(info.record.torch_cls, "step", boom)
 
 
+#: every configuration on Numba's serial entry points (20,000 elements, under
+#: its 2**15 threshold), and one per optimizer also over it, on the parallel ones
+_CASES = ([pytest.param(*c.values, 20_000, id=c.id) for c in CONFIG_PARAMS]
+          + [pytest.param(*c.values, 70_000, id=f"{c.id}-parallel")
+             for c in REPRESENTATIVE_PARAMS])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,kwargs", CONFIG_PARAMS)
-def test_step_matches_with_torch_optimizer_code_disabled(name, kwargs, backend, monkeypatch):
+@pytest.mark.parametrize("name,kwargs,big", _CASES)
+def test_step_matches_with_torch_optimizer_code_disabled(name, kwargs, big, backend,
+                                                          monkeypatch):
     skip_unless_runnable(backend)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    ref_params = [torch.randn(37, 5).requires_grad_(), torch.randn(70_000).requires_grad_(),
+    ref_params = [torch.randn(37, 5).requires_grad_(), torch.randn(big).requires_grad_(),
                   torch.randn(3, dtype=torch.bfloat16).requires_grad_()]
     params = clone_params(ref_params)
     grads = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in ref_params]

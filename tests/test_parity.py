@@ -11,7 +11,7 @@ import torch
 
 import optim_db
 from matrix import (BACKENDS, CONFIG_PARAMS, FULL_PRECISION, LAYOUTS,
-                    LOW_PRECISION, LOW_PRECISION_FLOOR, LOW_PRECISION_SLACK,
+                    LOW_PRECISION_FLOOR, LOW_PRECISION_SLACK, REPRESENTATIVE_PARAMS,
                     TOLERANCE, assert_state_close, build_kwargs, clone_params, grad_like,
                     config_id, make, skip_unless_runnable)
 
@@ -33,14 +33,27 @@ def _assign(params, grads):
         p.grad = None if g is None else g.clone()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+#: layouts with many elements or rows: interpreted Triton (about 1 ms a
+#: program) skips them, and "large" (Numba's parallel entry points, a
+#: specialization per switch combination) runs one configuration per optimizer
+_SLOW_LAYOUTS = ("many_tiny", "large")
+
+
+def _parity_cases():
+    for backend in BACKENDS:
+        for layout in LAYOUTS:
+            if backend == "triton" and layout in _SLOW_LAYOUTS:
+                continue
+            configs = REPRESENTATIVE_PARAMS if layout == "large" else CONFIG_PARAMS
+            for c in configs:
+                yield pytest.param(*c.values, layout, backend,
+                                   id=f"{c.id}-{layout}-{backend}")
+
+
 @pytest.mark.parametrize("dtype", FULL_PRECISION, ids=str)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("name,kwargs", CONFIG_PARAMS)
+@pytest.mark.parametrize("name,kwargs,layout,backend", list(_parity_cases()))
 def test_matches_torch_for_loop(name, kwargs, layout, dtype, backend):
     skip_unless_runnable(backend)
-    if backend == "triton" and layout in ("many_tiny", "large"):
-        pytest.skip("interpreted Triton: kept to the small layouts for CI time")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     ref_params = LAYOUTS[layout](dtype)
@@ -57,8 +70,10 @@ def test_matches_torch_for_loop(name, kwargs, layout, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("name,kwargs", CONFIG_PARAMS)
+@pytest.mark.parametrize("name,kwargs,dtype", [
+    *(pytest.param(*c.values, torch.bfloat16, id=f"{c.id}-bf16") for c in CONFIG_PARAMS),
+    # float16: one configuration per optimizer (see REPRESENTATIVE_PARAMS)
+    *(pytest.param(*c.values, torch.float16, id=f"{c.id}-fp16") for c in REPRESENTATIVE_PARAMS)])
 def test_low_precision_no_worse_than_torch(name, kwargs, dtype, backend):
     skip_unless_runnable(backend)
     torch.manual_seed(0)

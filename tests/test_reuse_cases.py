@@ -200,9 +200,12 @@ def test_state_storage_shrunk_and_regrown_smaller(name, backend):
     (then address, shape and version are all as validated; see
     test_reuse_rule.py for that case made certain). torch's own step would
     write past the allocation; fused_optim refuses, writing nothing."""
+    info = optim_db.get(name)
     for attempt in range(3):
+        # (over Numba's serial threshold, as the storages the cache meets; the
+        # representative configuration, whose parallel kernels are compiled anyway)
         p = torch.randn(40_000 + 4096 * attempt).requires_grad_()
-        opt = getattr(fused_optim, name)([p], backend=backend, **OPTS[name])
+        opt = info.cls([p], backend=backend, **info.full_state_example)
         for _ in range(2):
             p.grad = torch.randn(p.shape)
             opt.step()
