@@ -66,9 +66,11 @@ import threading
 
 import numba
 import numpy as np
+import torch
 from numba import carray, njit
 
 from .. import layout as L
+from ..reference._precision import keys
 from ._memory import (BLOCK, PREFETCH_BYTES, VIEW_DTYPES, address, load,
                       prefetch_block)
 
@@ -122,6 +124,23 @@ def _opt(c, value, used):
     return c(value) if used else None
 
 
+def _store_options(batch, kahan_sum, stochastic_round):
+    """(kahan, sr_keys): the param store's compile-time switches for a batch.
+
+    ``kahan`` True or None; ``sr_keys`` None or the stream keys ``(k0, k1)``
+    (uint32) of ``stochastic_round = (seed, counter, salt)``. Both None for
+    float32/float64 batches, which the options do not touch.
+    """
+    if batch.dtype not in (torch.bfloat16, torch.float16):
+        return None, None
+    sr_keys = None
+    if stochastic_round is not None:
+        seed, counter, salt = stochastic_round
+        k0, k1 = keys(int(seed), int(counter), int(salt))
+        sr_keys = (np.uint32(k0), np.uint32(k1))
+    return (True if kahan_sum else None), sr_keys
+
+
 def _amp(grad_scale, found_inf):
     """(skip?, inverse scale) from GradScaler's CPU tensors; no device sync here.
 
@@ -158,8 +177,8 @@ def grad(g, j, inv_scale, maximize):
 
 
 @njit(inline="always")
-def plain(element, n, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9,
-          x10, x11):
+def plain(element, n, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8,
+          x9, x10, x11):
     """``element`` over ``n`` elements, one plain loop (the serial kernels' span).
 
     Every optional argument is None when off, so each combination compiles
@@ -169,12 +188,13 @@ def plain(element, n, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9,
     LLVM fall back to the scalar loop (bf16 Adam 17x slower).
     """
     for j in range(n):
-        element(j, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+        element(j, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10,
+                x11)
 
 
 @njit(inline="always")
-def blocked(element, n, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9,
-            x10, x11):
+def blocked(element, n, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7,
+            x8, x9, x10, x11):
     """:func:`plain` in blocks of ``BLOCK`` elements (the parallel kernels' span).
 
     Each block first prefetches the block ``PREFETCH_BYTES`` ahead in every
@@ -197,16 +217,19 @@ def blocked(element, n, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9
             prefetch_block(s1, o + ahead, n)
         if s2 is not None:
             prefetch_block(s2, o + ahead, n)
+        if s3 is not None:
+            prefetch_block(s3, o + ahead, n)
         for j in range(o, o + BLOCK):
-            element(j, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9,
-                    x10, x11)
+            element(j, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8,
+                    x9, x10, x11)
     for j in range(full, n):
-        element(j, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+        element(j, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9,
+                x10, x11)
 
 
 @njit(inline="always")
-def walk(table, lo, hi, itemsize, view_dtype, row_fn, span, element, x0, x1, x2,
-         x3, x4, x5, x6, x7, x8, x9, x10, x11):
+def walk(table, lo, hi, itemsize, view_dtype, row_fn, span, element, kahan, sr_keys,
+         x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11):
     """Elements ``[lo, hi)`` of the global range, row by row, as slice views.
 
     The rows' elements are laid end to end in ``[0, numel)`` (column START),
@@ -230,7 +253,24 @@ def walk(table, lo, hi, itemsize, view_dtype, row_fn, span, element, x0, x1, x2,
         n = min(hi, end) - lo
         p = view(table, row, L.PARAM, off, n, itemsize, view_dtype)
         g = view(table, row, L.GRAD, off, n, itemsize, view_dtype)
-        row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
-               x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+        # the param store's options (see _precision.store_param): literal
+        # Nones when off, so that each combination compiles on its own
+        if kahan is None:
+            if sr_keys is None:
+                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+                       None, None, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+            else:
+                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+                       None, (sr_keys[0], sr_keys[1], start + off),
+                       x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+        else:
+            comp = view(table, row, L.COMP, off, n, itemsize, view_dtype)
+            if sr_keys is None:
+                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+                       comp, None, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+            else:
+                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+                       comp, (sr_keys[0], sr_keys[1], start + off),
+                       x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
         lo += n
         row += 1
