@@ -163,19 +163,64 @@ BENCH = {"sgd": 0, "adam": 3}
 OPTIMIZERS["adam"][2].append(dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                                   weight_decay=0.01, decoupled_weight_decay=True,
                                   amsgrad=False, maximize=False))
-
 OPTIONS = {"off": (False, False), "kahan": (True, False), "sr": (False, True),
            "both": (True, True)}
 
 
+def expected(name, hyper, inputs, kahan, sr):
+    """One step as the specification stores it, from the Numba kernel's own
+    float32 results: the plain kernel run on float32 copies of the
+    bf16/fp16 inputs computes, element by element, the float32 ``new`` and
+    states that the bf16/fp16 kernel computes (its loads are exact, its
+    math is float32 either way); the params are then stored through
+    ``reference._precision.store_param`` and the states rounded to nearest.
+    """
+    from fused_optim.kernels.reference import _precision as P
+
+    dtype = inputs[0][0].dtype
+    up = clone(inputs)
+    up = ([p.float() for p in up[0]], [g.float() for g in up[1]],
+          [[None if t is None else t.float() for t in lst] for lst in up[2]], up[3], up[4])
+    saved = _walk.SERIAL_BELOW
+    _walk.SERIAL_BELOW = 1 << 62  # the serial float32 kernel (the same math)
+    try:
+        p32, _, s32, steps, _ = run("numba", name, hyper, up)
+    finally:
+        _walk.SERIAL_BELOW = saved
+    params, grads, states, _, flags = clone(inputs)
+    stream = None
+    if sr:
+        seed, counter, salt = sr_option()
+        stream = P.keys(seed, int(counter), salt)
+    start = 0
+    for i, p in enumerate(params):
+        if p.numel():
+            comp = states[3][i] if kahan else None
+            P.store_param(p, p.float(), p32[i], comp, stream, start)
+        start += p.numel()
+    for k in range(3):
+        for i, t in enumerate(states[k]):
+            if t is not None:
+                t.copy_(s32[k][i])
+    return params, grads, states, steps, flags
+
+
 def check(name, k, dtype, sizes, option, steps=2):
+    """``steps`` steps of the Numba kernel with ``option``, each equal bit
+    for bit to :func:`expected`; for SGD, whose plain path is bit-exact
+    with the reference backend, to the reference's too."""
     hyper = OPTIMIZERS[name][2][k]
     kahan, sr = OPTIONS[option]
-    inputs = make_inputs(name, hyper, dtype, sizes, kahan=kahan)
     opts = dict(kahan_sum=kahan, stochastic_round=sr_option() if sr else None)
-    out = run("numba", name, hyper, inputs, steps=steps, **opts)
-    assert_same(out, run("torch", name, hyper, inputs, steps=steps, **opts))
+    inputs = make_inputs(name, hyper, dtype, sizes, kahan=kahan)
+    cur = inputs
+    for _ in range(steps):
+        out = run("numba", name, hyper, cur, **opts)
+        assert_same(out, expected(name, hyper, cur, kahan, sr))
+        cur = out
     assert not all(torch.equal(x, y) for x, y in zip(out[0], inputs[0]))  # it did step
+    if name == "sgd":
+        assert_same(cur, run("torch", name, hyper, inputs, steps=steps, **opts))
 
 
 # each case is a compile of its own (slow on a shared VM): bf16 takes every

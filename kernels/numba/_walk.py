@@ -6,8 +6,9 @@ differs. Written once here:
 * launcher side (Python): :func:`_plan` (chunk edges ``bounds``, parallel or
   serial, the view dtype and compute type of a batch), :func:`_amp`
   (GradScaler's skip and inverse scale), :func:`_opt` / :func:`_on` (the
-  None-valued compile-time switches), and :data:`_PARALLEL`, the lock around
-  every parallel region;
+  None-valued compile-time switches), :func:`_store_options` (the param
+  store's ``kahan_sum`` / ``stochastic_round`` switches), and
+  :data:`_PARALLEL`, the lock around every parallel region;
 * jitted side: :func:`walk` (a chunk ``[lo, hi)`` of the global element range
   -> one slice per overlapped row), :func:`plain` (one loop over a slice, for
   the serial kernels) and :func:`blocked` (the same in prefetching blocks, for
@@ -15,25 +16,31 @@ differs. Written once here:
 
 Adding an optimizer's kernel (``kernels/numba/<name>.py``) takes four parts:
 
-1. ``_<name>_element(j, p, g, s0, s1, s2, x0, ..., x11)``, ``@njit(inline="always")``:
-   the update of element ``j``. ``p``/``g`` are the param and grad views,
-   ``s0..s2`` the state views (table columns STATE0..STATE2; None when the
-   optimizer or its switches do not use them), ``x0..x11`` its scalars. Load
-   and store through ``_memory.load`` / ``store`` (they convert bf16/fp16);
-   :func:`grad` gives the AMP-unscaled, maximize-negated gradient.
+1. ``_<name>_element(j, p, g, s0, s1, s2, comp, sr, x0, ..., x11)``,
+   ``@njit(inline="always")``: the update of element ``j``. ``p``/``g`` are
+   the param and grad views, ``s0..s2`` the state views (table columns
+   STATE0..STATE2; None when the optimizer or its switches do not use them),
+   ``x0..x11`` its scalars. Load and store through ``_memory.load`` /
+   ``store`` (they convert bf16/fp16), except the param, which is stored
+   with ``_precision.store_param(p, j, old, new, comp, sr)``: ``comp`` (the
+   Kahan compensation view, column COMP) and ``sr`` (the stochastic
+   rounding stream) come from :func:`walk`, None when off. :func:`grad`
+   gives the AMP-unscaled, maximize-negated gradient.
 2. ``_<name>_row(table, row, off, n, itemsize, view_dtype, span, element, p,
-   g, x0, ..., x11)``, ``@njit(inline="always")``: per row, make the state
-   views it needs (:func:`view`), pick anything that varies by row (a flag, a
-   scalar from a per-row array passed in a slot) and call ``span(element, n,
-   p, g, s0, s1, s2, y0, ..., y11)``.
+   g, comp, sr, x0, ..., x11)``, ``@njit(inline="always")``: per row, make
+   the state views it needs (:func:`view`), pick anything that varies by row
+   (a flag, a scalar from a per-row array passed in a slot) and call
+   ``span(element, n, p, g, s0, s1, s2, comp, sr, y0, ..., y11)``.
 3. the jitted entry points, ``@njit(parallel=True, cache=True,
    error_model="numpy")`` ``<name>_parallel`` calling ``walk(...)`` under
    ``prange`` over ``bounds`` with :func:`blocked`, and ``@njit(cache=True,
    error_model="numpy")`` ``<name>_serial`` calling it once with
-   :func:`plain`;
-4. the launcher ``<name>(batch, *, ...)``: ``_amp``, ``_plan``, cast the
-   scalars to the compute type and call an entry point under
-   ``_PARALLEL if parallel else _NO_LOCK``.
+   :func:`plain`; both take the store switches ``kahan, sr_keys`` last and
+   hand them to ``walk``;
+4. the launcher ``<name>(batch, *, ..., kahan_sum=False,
+   stochastic_round=None)``: ``_amp``, ``_plan``, cast the scalars to the
+   compute type and call an entry point, with ``*_store_options(...)``,
+   under ``_PARALLEL if parallel else _NO_LOCK``.
 
 Why twelve positional slots rather than a tuple of scalars: a switch that
 is off is passed as None, and numba compiles the code behind ``if x is not
@@ -236,8 +243,12 @@ def walk(table, lo, hi, itemsize, view_dtype, row_fn, span, element, kahan, sr_k
     which the launcher's ``bounds`` cuts into one chunk per thread. Each
     overlap of the chunk with a row is processed as a view starting at
     element 0 of the overlap: ``row_fn(table, row, off, n, itemsize,
-    view_dtype, span, element, p, g, x0, ..., x11)`` with the param and grad
-    views ``p``, ``g``. (A ``range(lo, hi)`` loop with a computed ``lo``
+    view_dtype, span, element, p, g, comp, sr, x0, ..., x11)`` with the param
+    and grad views ``p``, ``g``; ``comp`` is the row's COMP view when
+    ``kahan`` is on, ``sr`` is ``(k0, k1, START + off)`` when ``sr_keys`` is
+    (the global index of the slice's element 0, so that stochastic rounding
+    draws the same bits whatever the thread split), each a literal None
+    otherwise. (A ``range(lo, hi)`` loop with a computed ``lo``
     inside ``prange`` ran about 3x slower in the prototype than ``range(n)``
     over a slice.)
     """
