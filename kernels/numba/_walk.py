@@ -6,8 +6,9 @@ differs. Written once here:
 * launcher side (Python): :func:`_plan` (chunk edges ``bounds``, parallel or
   serial, the view dtype and compute type of a batch), :func:`_amp`
   (GradScaler's skip and inverse scale), :func:`_opt` / :func:`_on` (the
-  None-valued compile-time switches), and :data:`_PARALLEL`, the lock around
-  every parallel region;
+  None-valued compile-time switches), :func:`_store_options` (the param
+  store's ``kahan_sum`` / ``stochastic_round`` switches), and
+  :data:`_PARALLEL`, the lock around every parallel region;
 * jitted side: :func:`walk` (a chunk ``[lo, hi)`` of the global element range
   -> one slice per overlapped row), :func:`plain` (one loop over a slice, for
   the serial kernels) and :func:`blocked` (the same in prefetching blocks, for
@@ -15,25 +16,31 @@ differs. Written once here:
 
 Adding an optimizer's kernel (``kernels/numba/<name>.py``) takes four parts:
 
-1. ``_<name>_element(j, p, g, s0, s1, s2, x0, ..., x11)``, ``@njit(inline="always")``:
-   the update of element ``j``. ``p``/``g`` are the param and grad views,
-   ``s0..s2`` the state views (table columns STATE0..STATE2; None when the
-   optimizer or its switches do not use them), ``x0..x11`` its scalars. Load
-   and store through ``_memory.load`` / ``store`` (they convert bf16/fp16);
-   :func:`grad` gives the AMP-unscaled, maximize-negated gradient.
+1. ``_<name>_element(j, p, g, s0, s1, s2, comp, sr, x0, ..., x11)``,
+   ``@njit(inline="always")``: the update of element ``j``. ``p``/``g`` are
+   the param and grad views, ``s0..s2`` the state views (table columns
+   STATE0..STATE2; None when the optimizer or its switches do not use them),
+   ``x0..x11`` its scalars. Load and store through ``_memory.load`` /
+   ``store`` (they convert bf16/fp16), except the param, which is stored
+   with ``_precision.store_param(p, j, old, new, comp, sr)``: ``comp`` (the
+   Kahan compensation view, column COMP) and ``sr`` (the stochastic
+   rounding stream) come from :func:`walk`, None when off. :func:`grad`
+   gives the AMP-unscaled, maximize-negated gradient.
 2. ``_<name>_row(table, row, off, n, itemsize, view_dtype, span, element, p,
-   g, x0, ..., x11)``, ``@njit(inline="always")``: per row, make the state
-   views it needs (:func:`view`), pick anything that varies by row (a flag, a
-   scalar from a per-row array passed in a slot) and call ``span(element, n,
-   p, g, s0, s1, s2, y0, ..., y11)``.
+   g, comp, sr, x0, ..., x11)``, ``@njit(inline="always")``: per row, make
+   the state views it needs (:func:`view`), pick anything that varies by row
+   (a flag, a scalar from a per-row array passed in a slot) and call
+   ``span(element, n, p, g, s0, s1, s2, comp, sr, y0, ..., y11)``.
 3. the jitted entry points, ``@njit(parallel=True, cache=True,
    error_model="numpy")`` ``<name>_parallel`` calling ``walk(...)`` under
    ``prange`` over ``bounds`` with :func:`blocked`, and ``@njit(cache=True,
    error_model="numpy")`` ``<name>_serial`` calling it once with
-   :func:`plain`;
-4. the launcher ``<name>(batch, *, ...)``: ``_amp``, ``_plan``, cast the
-   scalars to the compute type and call an entry point under
-   ``_PARALLEL if parallel else _NO_LOCK``.
+   :func:`plain`; both take the store switches ``kahan, sr_keys`` last and
+   hand them to ``walk``;
+4. the launcher ``<name>(batch, *, ..., kahan_sum=False,
+   stochastic_round=None)``: ``_amp``, ``_plan``, cast the scalars to the
+   compute type and call an entry point, with ``*_store_options(...)``,
+   under ``_PARALLEL if parallel else _NO_LOCK``.
 
 Why twelve positional slots rather than a tuple of scalars: a switch that
 is off is passed as None, and numba compiles the code behind ``if x is not
@@ -66,9 +73,11 @@ import threading
 
 import numba
 import numpy as np
+import torch
 from numba import carray, njit
 
 from .. import layout as L
+from ..reference._precision import keys
 from ._memory import (BLOCK, PREFETCH_BYTES, VIEW_DTYPES, address, load,
                       prefetch_block)
 
@@ -122,6 +131,23 @@ def _opt(c, value, used):
     return c(value) if used else None
 
 
+def _store_options(batch, kahan_sum, stochastic_round):
+    """(kahan, sr_keys): the param store's compile-time switches for a batch.
+
+    ``kahan`` True or None; ``sr_keys`` None or the stream keys ``(k0, k1)``
+    (uint32) of ``stochastic_round = (seed, counter, salt)``. Both None for
+    float32/float64 batches, which the options do not touch.
+    """
+    if batch.dtype not in (torch.bfloat16, torch.float16):
+        return None, None
+    sr_keys = None
+    if stochastic_round is not None:
+        seed, counter, salt = stochastic_round
+        k0, k1 = keys(int(seed), int(counter), int(salt))
+        sr_keys = (np.uint32(k0), np.uint32(k1))
+    return (True if kahan_sum else None), sr_keys
+
+
 def _amp(grad_scale, found_inf):
     """(skip?, inverse scale) from GradScaler's CPU tensors; no device sync here.
 
@@ -158,8 +184,8 @@ def grad(g, j, inv_scale, maximize):
 
 
 @njit(inline="always")
-def plain(element, n, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9,
-          x10, x11):
+def plain(element, n, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8,
+          x9, x10, x11):
     """``element`` over ``n`` elements, one plain loop (the serial kernels' span).
 
     Every optional argument is None when off, so each combination compiles
@@ -169,12 +195,13 @@ def plain(element, n, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9,
     LLVM fall back to the scalar loop (bf16 Adam 17x slower).
     """
     for j in range(n):
-        element(j, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+        element(j, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10,
+                x11)
 
 
 @njit(inline="always")
-def blocked(element, n, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9,
-            x10, x11):
+def blocked(element, n, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7,
+            x8, x9, x10, x11):
     """:func:`plain` in blocks of ``BLOCK`` elements (the parallel kernels' span).
 
     Each block first prefetches the block ``PREFETCH_BYTES`` ahead in every
@@ -197,24 +224,31 @@ def blocked(element, n, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9
             prefetch_block(s1, o + ahead, n)
         if s2 is not None:
             prefetch_block(s2, o + ahead, n)
+        if s3 is not None:
+            prefetch_block(s3, o + ahead, n)
         for j in range(o, o + BLOCK):
-            element(j, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9,
-                    x10, x11)
+            element(j, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8,
+                    x9, x10, x11)
     for j in range(full, n):
-        element(j, p, g, s0, s1, s2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+        element(j, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9,
+                x10, x11)
 
 
 @njit(inline="always")
-def walk(table, lo, hi, itemsize, view_dtype, row_fn, span, element, x0, x1, x2,
-         x3, x4, x5, x6, x7, x8, x9, x10, x11):
+def walk(table, lo, hi, itemsize, view_dtype, row_fn, span, element, kahan, sr_keys,
+         x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11):
     """Elements ``[lo, hi)`` of the global range, row by row, as slice views.
 
     The rows' elements are laid end to end in ``[0, numel)`` (column START),
     which the launcher's ``bounds`` cuts into one chunk per thread. Each
     overlap of the chunk with a row is processed as a view starting at
     element 0 of the overlap: ``row_fn(table, row, off, n, itemsize,
-    view_dtype, span, element, p, g, x0, ..., x11)`` with the param and grad
-    views ``p``, ``g``. (A ``range(lo, hi)`` loop with a computed ``lo``
+    view_dtype, span, element, p, g, comp, sr, x0, ..., x11)`` with the param
+    and grad views ``p``, ``g``; ``comp`` is the row's COMP view when
+    ``kahan`` is on, ``sr`` is ``(k0, k1, START + off)`` when ``sr_keys`` is
+    (the global index of the slice's element 0, so that stochastic rounding
+    draws the same bits whatever the thread split), each a literal None
+    otherwise. (A ``range(lo, hi)`` loop with a computed ``lo``
     inside ``prange`` ran about 3x slower in the prototype than ``range(n)``
     over a slice.)
     """
@@ -230,7 +264,24 @@ def walk(table, lo, hi, itemsize, view_dtype, row_fn, span, element, x0, x1, x2,
         n = min(hi, end) - lo
         p = view(table, row, L.PARAM, off, n, itemsize, view_dtype)
         g = view(table, row, L.GRAD, off, n, itemsize, view_dtype)
-        row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
-               x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+        # the param store's options (see _precision.store_param): literal
+        # Nones when off, so that each combination compiles on its own
+        if kahan is None:
+            if sr_keys is None:
+                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+                       None, None, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+            else:
+                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+                       None, (sr_keys[0], sr_keys[1], start + off),
+                       x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+        else:
+            comp = view(table, row, L.COMP, off, n, itemsize, view_dtype)
+            if sr_keys is None:
+                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+                       comp, None, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+            else:
+                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+                       comp, (sr_keys[0], sr_keys[1], start + off),
+                       x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
         lo += n
         row += 1

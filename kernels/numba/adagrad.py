@@ -19,7 +19,9 @@ from numba import carray, njit, prange
 
 from .. import layout as L
 from ._memory import address, fma, load, store
-from ._walk import _NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, blocked, grad, plain, view, walk
+from ._precision import store_param
+from ._walk import (_NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, _store_options, blocked, grad,
+                    plain, view, walk)
 
 __all__ = ["adagrad", "advance_host_steps"]
 
@@ -48,10 +50,11 @@ def _adagrad_scalars(table, lr, lr_decay, lr_f32, out):
 
 
 @njit(inline="always")
-def _adagrad_element(j, p, g, s, _s1, _s2, neg_clr, eps, inv_scale, weight_decay,
+def _adagrad_element(j, p, g, s, _s1, _s2, comp, sr, neg_clr, eps, inv_scale, weight_decay,
                      maximize, _x5, _x6, _x7, _x8, _x9, _x10, _x11):
     """Adagrad on element ``j`` (``s``: the ``sum`` state); None turns a part
-    off at compile time (``inv_scale``, ``weight_decay``, ``maximize``)."""
+    off at compile time (``inv_scale``, ``weight_decay``, ``maximize``);
+    ``comp`` / ``sr``: the param store's options (``_precision.store_param``)."""
     gj = grad(g, j, inv_scale, maximize)
     pj = load(p, j)
     if weight_decay is not None:
@@ -59,35 +62,35 @@ def _adagrad_element(j, p, g, s, _s1, _s2, neg_clr, eps, inv_scale, weight_decay
     sj = fma(gj, gj, load(s, j))  # addcmul(value=1)
     store(s, j, sj)
     std = np.sqrt(sj) + eps
-    store(p, j, pj + (neg_clr * gj) / std)  # torch's addcdiv order
+    store_param(p, j, pj, pj + (neg_clr * gj) / std, comp, sr)  # torch's addcdiv order
 
 
 @njit(inline="always")
-def _adagrad_row(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+def _adagrad_row(table, row, off, n, itemsize, view_dtype, span, element, p, g, comp, sr,
                  scalars, eps, inv_scale, weight_decay, maximize, _x5, _x6, _x7, _x8,
                  _x9, _x10, _x11):
     neg_clr = -scalars[row]
     s = view(table, row, L.STATE0, off, n, itemsize, view_dtype)
-    span(element, n, p, g, s, None, None, neg_clr, eps, inv_scale, weight_decay,
+    span(element, n, p, g, s, None, None, comp, sr, neg_clr, eps, inv_scale, weight_decay,
          maximize, None, None, None, None, None, None, None)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def adagrad_parallel(table, bounds, itemsize, view_dtype, lr, lr_decay, lr_f32, scalars,
-                     inv_scale, c_eps, c_wd, maximize):
+                     inv_scale, c_eps, c_wd, maximize, kahan, sr_keys):
     _adagrad_scalars(table, lr, lr_decay, lr_f32, scalars)
     for c in prange(len(bounds) - 1):
         walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, _adagrad_row,
-             blocked, _adagrad_element, scalars, c_eps, inv_scale, c_wd, maximize,
+             blocked, _adagrad_element, kahan, sr_keys, scalars, c_eps, inv_scale, c_wd, maximize,
              None, None, None, None, None, None, None)
 
 
 @njit(cache=True, error_model="numpy")
 def adagrad_serial(table, bounds, itemsize, view_dtype, lr, lr_decay, lr_f32, scalars,
-                   inv_scale, c_eps, c_wd, maximize):
+                   inv_scale, c_eps, c_wd, maximize, kahan, sr_keys):
     _adagrad_scalars(table, lr, lr_decay, lr_f32, scalars)
     walk(table, bounds[0], bounds[-1], itemsize, view_dtype, _adagrad_row, plain,
-         _adagrad_element, scalars, c_eps, inv_scale, c_wd, maximize, None, None, None,
+         _adagrad_element, kahan, sr_keys, scalars, c_eps, inv_scale, c_wd, maximize, None, None, None,
          None, None, None, None)
 
 
@@ -108,11 +111,13 @@ def advance_host_steps(table, *, lr, lr_decay, lr_f32=False):
 
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
-            grad_scale=None, found_inf=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """Adagrad (torch semantics) over every row, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included; grads are
-    multiplied by ``1/grad_scale`` inside the same pass.
+    multiplied by ``1/grad_scale`` inside the same pass. ``kahan_sum`` /
+    ``stochastic_round``: how bfloat16/float16 params are stored
+    (``_precision.store_param``).
     """
     skip, inv_scale = _amp(grad_scale, found_inf)
     if skip or batch.table is None or batch.table.shape[0] == 0:
@@ -124,4 +129,5 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
     with _PARALLEL if parallel else _NO_LOCK:
         fn(batch.table, bounds, itemsize, view_dtype, float(lr), float(lr_decay),
            _on(lr_f32), scalars, _opt(c, inv_scale, inv_scale != 1.0), c(eps),
-           _opt(c, weight_decay, weight_decay != 0), _on(maximize))
+           _opt(c, weight_decay, weight_decay != 0), _on(maximize),
+           *_store_options(batch, kahan_sum, stochastic_round))

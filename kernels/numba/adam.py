@@ -15,7 +15,9 @@ from numba import carray, njit, prange
 
 from .. import layout as L
 from ._memory import address, fma, load, store
-from ._walk import _NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, blocked, grad, plain, view, walk
+from ._precision import store_param
+from ._walk import (_NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, _store_options, blocked, grad,
+                    plain, view, walk)
 
 __all__ = ["adam", "advance_host_steps"]
 
@@ -80,17 +82,18 @@ def _div_by_row_constant(x, d, inv_d):
 
 
 @njit(inline="always")
-def _adam_element(j, p, g, m, v, vmax, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
+def _adam_element(j, p, g, m, v, vmax, comp, sr, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
                   inv_scale, beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
                   weight_decay, decay, maximize):
     """Adam on element ``j``; None turns a part off at compile time.
 
     ``vmax`` None: no amsgrad. ``weight_decay`` (L2) and ``decay``
     (decoupled) are None when unused. ``beta1_minus_1`` is None when
-    torch.lerp takes its small-weight side.
+    torch.lerp takes its small-weight side. ``comp`` / ``sr``: the param
+    store's options (``_precision.store_param``).
     """
     gj = grad(g, j, inv_scale, maximize)
-    pj = load(p, j)
+    pj = old = load(p, j)
     if decay is not None:
         pj = pj * decay
     if weight_decay is not None:
@@ -108,11 +111,11 @@ def _adam_element(j, p, g, m, v, vmax, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
         vj = _nanmax(load(vmax, j), vj)
         store(vmax, j, vj)
     denom = _div_by_row_constant(np.sqrt(vj), bc2_sqrt, inv_bc2_sqrt) + eps
-    store(p, j, pj + (neg_step_size * mj) / denom)  # torch's addcdiv order
+    store_param(p, j, old, pj + (neg_step_size * mj) / denom, comp, sr)  # torch's addcdiv order
 
 
 @njit(inline="always")
-def _adam_row(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+def _adam_row(table, row, off, n, itemsize, view_dtype, span, element, p, g, comp, sr,
               scalars, inv_scale, beta1_minus_1, beta2, one_minus_beta1,
               one_minus_beta2, eps, weight_decay, decay, amsgrad, maximize, _x11):
     neg_step_size = -scalars[row, 0]
@@ -121,12 +124,12 @@ def _adam_row(table, row, off, n, itemsize, view_dtype, span, element, p, g,
     m = view(table, row, L.STATE0, off, n, itemsize, view_dtype)
     v = view(table, row, L.STATE1, off, n, itemsize, view_dtype)
     if amsgrad is None:
-        span(element, n, p, g, m, v, None, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
+        span(element, n, p, g, m, v, None, comp, sr, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
              inv_scale, beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
              weight_decay, decay, maximize)
     else:
         vmax = view(table, row, L.STATE2, off, n, itemsize, view_dtype)
-        span(element, n, p, g, m, v, vmax, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
+        span(element, n, p, g, m, v, vmax, comp, sr, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
              inv_scale, beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
              weight_decay, decay, maximize)
 
@@ -134,21 +137,21 @@ def _adam_row(table, row, off, n, itemsize, view_dtype, span, element, p, g,
 @njit(parallel=True, cache=True, error_model="numpy")
 def adam_parallel(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
                   scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
-                  c_decay, amsgrad, maximize):
+                  c_decay, amsgrad, maximize, kahan, sr_keys):
     _adam_scalars(table, lr, beta1, beta2, scalars)
     for c in prange(len(bounds) - 1):
         walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, _adam_row, blocked,
-             _adam_element, scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps,
+             _adam_element, kahan, sr_keys, scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps,
              c_wd, c_decay, amsgrad, maximize, None)
 
 
 @njit(cache=True, error_model="numpy")
 def adam_serial(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
                 scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
-                c_decay, amsgrad, maximize):
+                c_decay, amsgrad, maximize, kahan, sr_keys):
     _adam_scalars(table, lr, beta1, beta2, scalars)
     walk(table, bounds[0], bounds[-1], itemsize, view_dtype, _adam_row, plain,
-         _adam_element, scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps,
+         _adam_element, kahan, sr_keys, scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps,
          c_wd, c_decay, amsgrad, maximize, None)
 
 
@@ -159,10 +162,13 @@ def host_step_scalars(table, lr, beta1, beta2, out):
 
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-         amsgrad, maximize, grad_scale=None, found_inf=None):
+         amsgrad, maximize, grad_scale=None, found_inf=None, kahan_sum=False,
+         stochastic_round=None):
     """Adam / AdamW (torch semantics) over every row, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included.
+    ``kahan_sum`` / ``stochastic_round``: how bfloat16/float16 params are
+    stored (``_precision.store_param``).
     """
     skip, inv_scale = _amp(grad_scale, found_inf)
     if skip or batch.table is None or batch.table.shape[0] == 0:
@@ -178,7 +184,8 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
            float(beta2), scalars, _opt(c, inv_scale, inv_scale != 1.0),
            _opt(c, omb1 - c(1.0), not omb1 < 0.5), c(beta2), omb1, c(1.0 - beta2),
            c(eps), _opt(c, weight_decay, weight_decay != 0 and not decoupled),
-           _opt(c, 1.0 - lr * weight_decay, decoupled), _on(amsgrad), _on(maximize))
+           _opt(c, 1.0 - lr * weight_decay, decoupled), _on(amsgrad), _on(maximize),
+           *_store_options(batch, kahan_sum, stochastic_round))
 
 
 def advance_host_steps(table, *, lr, beta1, beta2):

@@ -15,7 +15,9 @@ from numba import carray, njit, prange
 
 from .. import layout as L
 from ._memory import address, fma, load, store
-from ._walk import _NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, blocked, grad, plain, view, walk
+from ._precision import store_param
+from ._walk import (_NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, _store_options, blocked, grad,
+                    plain, view, walk)
 
 __all__ = ["rmsprop", "advance_steps"]
 
@@ -33,13 +35,14 @@ def _advance(table):
 
 
 @njit(inline="always")
-def _rmsprop_element(j, p, g, sq, buf, gavg, inv_scale, neg_lr, alpha, oma, oma_m1, eps,
+def _rmsprop_element(j, p, g, sq, buf, gavg, comp, sr, inv_scale, neg_lr, alpha, oma, oma_m1, eps,
                      weight_decay, momentum, maximize, _x9, _x10, _x11):
     """RMSprop on element ``j``; None turns a part off at compile time.
 
     ``sq`` square_avg; ``buf`` None: no momentum; ``gavg`` None: not
     centered; ``oma_m1`` None: torch.lerp's small-weight side;
-    ``inv_scale``, ``weight_decay``, ``maximize`` None: unused.
+    ``inv_scale``, ``weight_decay``, ``maximize`` None: unused. ``comp`` /
+    ``sr``: the param store's options (``_precision.store_param``).
     """
     gj = grad(g, j, inv_scale, maximize)
     pj = load(p, j)
@@ -61,53 +64,55 @@ def _rmsprop_element(j, p, g, sq, buf, gavg, inv_scale, neg_lr, alpha, oma, oma_
     if buf is not None:
         bj = load(buf, j) * momentum + gj / avg  # buf.mul_(momentum).addcdiv_(grad, avg)
         store(buf, j, bj)
-        store(p, j, fma(bj, neg_lr, pj))  # param.add_(buf, alpha=-lr)
+        store_param(p, j, pj, fma(bj, neg_lr, pj), comp, sr)  # param.add_(buf, alpha=-lr)
     else:
-        store(p, j, pj + (neg_lr * gj) / avg)  # param.addcdiv_(grad, avg, value=-lr)
+        # param.addcdiv_(grad, avg, value=-lr)
+        store_param(p, j, pj, pj + (neg_lr * gj) / avg, comp, sr)
 
 
 @njit(inline="always")
-def _rmsprop_row(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+def _rmsprop_row(table, row, off, n, itemsize, view_dtype, span, element, p, g, comp, sr,
                  inv_scale, neg_lr, alpha, oma, oma_m1, eps, weight_decay, momentum,
                  maximize, use_momentum, centered, _x11):
     """Views of STATE0 square_avg, STATE1 momentum_buffer, STATE2 grad_avg."""
     sq = view(table, row, L.STATE0, off, n, itemsize, view_dtype)
     if use_momentum is None:
         if centered is None:
-            span(element, n, p, g, sq, None, None, inv_scale, neg_lr, alpha, oma,
+            span(element, n, p, g, sq, None, None, comp, sr, inv_scale, neg_lr, alpha, oma,
                  oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
         else:
             gavg = view(table, row, L.STATE2, off, n, itemsize, view_dtype)
-            span(element, n, p, g, sq, None, gavg, inv_scale, neg_lr, alpha, oma,
+            span(element, n, p, g, sq, None, gavg, comp, sr, inv_scale, neg_lr, alpha, oma,
                  oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
     else:
         buf = view(table, row, L.STATE1, off, n, itemsize, view_dtype)
         if centered is None:
-            span(element, n, p, g, sq, buf, None, inv_scale, neg_lr, alpha, oma,
+            span(element, n, p, g, sq, buf, None, comp, sr, inv_scale, neg_lr, alpha, oma,
                  oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
         else:
             gavg = view(table, row, L.STATE2, off, n, itemsize, view_dtype)
-            span(element, n, p, g, sq, buf, gavg, inv_scale, neg_lr, alpha, oma,
+            span(element, n, p, g, sq, buf, gavg, comp, sr, inv_scale, neg_lr, alpha, oma,
                  oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def rmsprop_parallel(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, alpha, oma,
                      oma_m1, eps, weight_decay, momentum, maximize, use_momentum,
-                     centered):
+                     centered, kahan, sr_keys):
     _advance(table)
     for c in prange(len(bounds) - 1):
         walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, _rmsprop_row,
-             blocked, _rmsprop_element, inv_scale, neg_lr, alpha, oma, oma_m1, eps,
+             blocked, _rmsprop_element, kahan, sr_keys, inv_scale, neg_lr, alpha, oma, oma_m1, eps,
              weight_decay, momentum, maximize, use_momentum, centered, None)
 
 
 @njit(cache=True, error_model="numpy")
 def rmsprop_serial(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, alpha, oma,
-                   oma_m1, eps, weight_decay, momentum, maximize, use_momentum, centered):
+                   oma_m1, eps, weight_decay, momentum, maximize, use_momentum, centered,
+                   kahan, sr_keys):
     _advance(table)
     walk(table, bounds[0], bounds[-1], itemsize, view_dtype, _rmsprop_row, plain,
-         _rmsprop_element, inv_scale, neg_lr, alpha, oma, oma_m1, eps, weight_decay,
+         _rmsprop_element, kahan, sr_keys, inv_scale, neg_lr, alpha, oma, oma_m1, eps, weight_decay,
          momentum, maximize, use_momentum, centered, None)
 
 
@@ -126,11 +131,13 @@ def advance_steps(table) -> None:
 
 
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-            grad_scale=None, found_inf=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """RMSprop (torch semantics) over every row, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included; grads are
-    multiplied by ``1/grad_scale`` inside the same pass.
+    multiplied by ``1/grad_scale`` inside the same pass. ``kahan_sum`` /
+    ``stochastic_round``: how bfloat16/float16 params are stored
+    (``_precision.store_param``).
     """
     skip, inv_scale = _amp(grad_scale, found_inf)
     if skip or batch.table is None or batch.table.shape[0] == 0:
@@ -144,4 +151,5 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
         fn(batch.table, bounds, itemsize, view_dtype, _opt(c, inv_scale, inv_scale != 1.0),
            c(-lr), c(alpha), oma, _opt(c, oma - c(1.0), not abs(oma) < 0.5), c(eps),
            _opt(c, weight_decay, weight_decay != 0), c(momentum if use_momentum else 0.0),
-           _on(maximize), _on(use_momentum), _on(centered))
+           _on(maximize), _on(use_momentum), _on(centered),
+           *_store_options(batch, kahan_sum, stochastic_round))

@@ -12,18 +12,21 @@ from numba import njit, prange
 
 from .. import layout as L
 from ._memory import fma, load, store
-from ._walk import _NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, blocked, grad, plain, view, walk
+from ._precision import store_param
+from ._walk import (_NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, _store_options, blocked, grad,
+                    plain, view, walk)
 
 __all__ = ["sgd"]
 
 
 @njit(inline="always")
-def _sgd_element(j, p, g, b, _s1, _s2, fresh, inv_scale, neg_lr, weight_decay,
+def _sgd_element(j, p, g, b, _s1, _s2, comp, sr, fresh, inv_scale, neg_lr, weight_decay,
                  momentum, one_minus_dampening, nesterov, maximize, _x8, _x9, _x10,
                  _x11):
     """SGD on element ``j``. ``b`` (the momentum buffer) is None without
     momentum; ``fresh``, ``inv_scale``, ``weight_decay``, ``nesterov`` and
-    ``maximize`` are None when off."""
+    ``maximize`` are None when off; ``comp`` / ``sr``: the param store's
+    options (``_precision.store_param``)."""
     gj = grad(g, j, inv_scale, maximize)
     pj = load(p, j)
     if weight_decay is not None:
@@ -38,52 +41,53 @@ def _sgd_element(j, p, g, b, _s1, _s2, fresh, inv_scale, neg_lr, weight_decay,
             gj = fma(bj, momentum, gj)
         else:
             gj = bj
-    store(p, j, fma(gj, neg_lr, pj))
+    store_param(p, j, pj, fma(gj, neg_lr, pj), comp, sr)
 
 
 @njit(inline="always")
-def _sgd_row(table, row, off, n, itemsize, view_dtype, span, element, p, g,
+def _sgd_row(table, row, off, n, itemsize, view_dtype, span, element, p, g, comp, sr,
              use_momentum, inv_scale, neg_lr, weight_decay, momentum,
              one_minus_dampening, nesterov, maximize, _x8, _x9, _x10, _x11):
     if use_momentum is None:
-        span(element, n, p, g, None, None, None, None, inv_scale, neg_lr,
+        span(element, n, p, g, None, None, None, comp, sr, None, inv_scale, neg_lr,
              weight_decay, momentum, one_minus_dampening, nesterov, maximize,
              None, None, None, None)
     else:
         b = view(table, row, L.STATE0, off, n, itemsize, view_dtype)
         if table[row, L.FLAGS] & L.FLAG_FRESH:
-            span(element, n, p, g, b, None, None, True, inv_scale, neg_lr,
+            span(element, n, p, g, b, None, None, comp, sr, True, inv_scale, neg_lr,
                  weight_decay, momentum, one_minus_dampening, nesterov, maximize,
                  None, None, None, None)
         else:
-            span(element, n, p, g, b, None, None, None, inv_scale, neg_lr,
+            span(element, n, p, g, b, None, None, comp, sr, None, inv_scale, neg_lr,
                  weight_decay, momentum, one_minus_dampening, nesterov, maximize,
                  None, None, None, None)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def sgd_parallel(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, weight_decay,
-                 momentum, one_minus_dampening, nesterov, maximize, use_momentum):
+                 momentum, one_minus_dampening, nesterov, maximize, use_momentum, kahan, sr_keys):
     for c in prange(len(bounds) - 1):
         walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, _sgd_row, blocked,
-             _sgd_element, use_momentum, inv_scale, neg_lr, weight_decay, momentum,
+             _sgd_element, kahan, sr_keys, use_momentum, inv_scale, neg_lr, weight_decay, momentum,
              one_minus_dampening, nesterov, maximize, None, None, None, None)
 
 
 @njit(cache=True, error_model="numpy")
 def sgd_serial(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, weight_decay,
-               momentum, one_minus_dampening, nesterov, maximize, use_momentum):
+               momentum, one_minus_dampening, nesterov, maximize, use_momentum, kahan, sr_keys):
     walk(table, bounds[0], bounds[-1], itemsize, view_dtype, _sgd_row, plain,
-         _sgd_element, use_momentum, inv_scale, neg_lr, weight_decay, momentum,
+         _sgd_element, kahan, sr_keys, use_momentum, inv_scale, neg_lr, weight_decay, momentum,
          one_minus_dampening, nesterov, maximize, None, None, None, None)
 
 
 def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
-        grad_scale=None, found_inf=None):
+        grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """SGD (torch semantics) over every row of ``batch.table``, in place.
 
     With ``found_inf`` nonzero nothing is written; grads are multiplied by
-    ``1/grad_scale`` inside the same pass.
+    ``1/grad_scale`` inside the same pass. ``kahan_sum`` / ``stochastic_round``:
+    how bfloat16/float16 params are stored (``_precision.store_param``).
     """
     skip, inv_scale = _amp(grad_scale, found_inf)
     if skip or batch.table is None or batch.table.shape[0] == 0:
@@ -95,4 +99,4 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         fn(batch.table, bounds, itemsize, view_dtype, _opt(c, inv_scale, inv_scale != 1.0),
            c(-lr), _opt(c, weight_decay, weight_decay != 0), c(momentum),
            c(1.0 - dampening), _on(nesterov and momentum != 0), _on(maximize),
-           _on(momentum != 0))
+           _on(momentum != 0), *_store_options(batch, kahan_sum, stochastic_round))
