@@ -38,3 +38,8 @@ DEVICE_HINT = ("backend='numba' runs on CPU tensors, but got a parameter on {dev
 # the functions rather than the submodules of the same names.
 from .adam import adam, advance_host_steps  # noqa: E402
 from .sgd import sgd  # noqa: E402
+from . import _stale  # noqa: E402
+from .sgd import sgd_serial as _any_kernel  # noqa: E402
+
+# before any kernel is compiled or loaded from the disk cache (see _stale)
+_stale.check(_any_kernel)

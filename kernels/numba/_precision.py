@@ -143,8 +143,7 @@ def _widen_impl(a, v):
     return None
 
 
-@njit(inline="always")
-def store_param(p, j, old, new, comp, sr):
+def store_param(p, j, old, new, comp, sr):  # pragma: no cover - the overload below
     """Store the update's result ``new`` into param element ``j``.
 
     ``old`` is the element's stored value before the update (compute type).
@@ -154,18 +153,45 @@ def store_param(p, j, old, new, comp, sr):
     with ``bits(k0, k1, base + j)``. Only bfloat16/float16 batches are
     launched with either.
     """
-    if comp is None:
-        if sr is None:
-            store(p, j, new)
-        else:
-            p[j] = sr_round(p, new, bits(sr[0], sr[1], sr[2] + j))
-    else:
-        y = (new - old) + load(comp, j)
-        if sr is None:
-            s = nearest(p, old + y)
-        else:
-            s = sr_round(p, old + y, bits(sr[0], sr[1], sr[2] + j))
-        p[j] = s
-        c = y - (widen(p, s) - old)
-        # c - c is 0 exactly when c is finite (inf - inf and NaN give NaN)
-        store(comp, j, c if c - c == np.float32(0.0) else np.float32(0.0))
+    raise NotImplementedError
+
+
+def _plain_store(p, j, old, new, comp, sr):
+    store(p, j, new)
+
+
+def _sr_store(p, j, old, new, comp, sr):
+    p[j] = sr_round(p, new, bits(sr[0], sr[1], sr[2] + j))
+
+
+def _kahan_store(p, j, old, new, comp, sr):
+    y = (new - old) + load(comp, j)
+    s = nearest(p, old + y)
+    p[j] = s
+    c = y - (widen(p, s) - old)
+    # c - c is 0 exactly when c is finite (inf - inf and NaN give NaN)
+    store(comp, j, c if c - c == np.float32(0.0) else np.float32(0.0))
+
+
+def _kahan_sr_store(p, j, old, new, comp, sr):
+    y = (new - old) + load(comp, j)
+    s = sr_round(p, old + y, bits(sr[0], sr[1], sr[2] + j))
+    p[j] = s
+    c = y - (widen(p, s) - old)
+    store(comp, j, c if c - c == np.float32(0.0) else np.float32(0.0))
+
+
+@overload(store_param, inline="always")
+def _store_param_impl(p, j, old, new, comp, sr):
+    """One implementation per option combination, chosen by the argument
+    types (None or not) when the element is typed.
+
+    Not an ``if comp is None`` inside one function: numba's dead-branch
+    pruning, which that relies on, kept the plain branch of Adagrad's
+    inlined element with a Kahan view present (its buffers were never
+    written), while SGD's and Adam's were right. Choosing by type does not
+    depend on that pass.
+    """
+    off = (isinstance(comp, types.NoneType), isinstance(sr, types.NoneType))
+    return {(True, True): _plain_store, (True, False): _sr_store,
+            (False, True): _kahan_store, (False, False): _kahan_sr_store}[off]

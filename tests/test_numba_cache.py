@@ -1,0 +1,36 @@
+"""The Numba backend's disk cache is dropped when an inlined source changed
+(kernels/numba/_stale.py): numba itself keys a kernel on its own file only."""
+
+import types
+
+from fused_optim.kernels.numba import _stale
+
+
+def _fake(path):
+    return types.SimpleNamespace(_cache=types.SimpleNamespace(_cache_path=str(path)))
+
+
+def test_stale_cache_is_cleared_once_and_only_ours(tmp_path):
+    ours = ["sgd.sgd_serial-73.py311.nbi", "sgd.sgd_serial-73.py311.1.nbc",
+            "_walk.x-1.py311.nbi", "adagrad.adagrad_parallel-75.py311.3.nbc"]
+    theirs = ["userlib.f-1.py311.nbi", "sgd.pyc"]
+    for name in ours + theirs:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / _stale._STAMP).write_text("an older digest")
+    assert _stale.check(_fake(tmp_path)) is True
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(theirs + [_stale._STAMP])
+    assert (tmp_path / _stale._STAMP).read_text() == _stale.digest()
+    (tmp_path / "sgd.sgd_serial-73.py311.nbi").write_bytes(b"x")  # compiled since
+    assert _stale.check(_fake(tmp_path)) is False  # the stamp matches: kept
+    assert (tmp_path / "sgd.sgd_serial-73.py311.nbi").exists()
+
+
+def test_digest_covers_every_inlined_source():
+    names = {p.rsplit("/", 1)[-1] for p in _stale.sources()}
+    assert {"_walk.py", "_memory.py", "_precision.py", "sgd.py", "adam.py", "adagrad.py",
+            "rmsprop.py", "layout.py"} <= names
+
+
+def test_no_cache_directory_yet_is_fine(tmp_path):
+    assert _stale.check(_fake(tmp_path / "missing")) is False
