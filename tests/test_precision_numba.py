@@ -229,10 +229,13 @@ def check(name, k, dtype, sizes, option, steps=2):
         assert_same(cur, run("torch", name, hyper, inputs, steps=steps, **opts))
 
 
-# each case is a compile of its own (slow on a shared VM): bf16 takes every
-# option, fp16 the combination of both (its SR and its Kahan store)
-SERIAL = [(n, d, o) for n in OPTIMIZERS for d, o in
-          [(torch.bfloat16, o) for o in OPTIONS] + [(torch.float16, "both")]]
+# each case is a compile of its own (5-25 s from a cold cache on the 2-core
+# VM, CI's case): every optimizer with both options in bf16 (each store's
+# Kahan and SR parts), each option alone and both in fp16 through SGD and
+# Adam (the store is shared code; the element's result differs)
+SERIAL = ([(n, torch.bfloat16, "both") for n in OPTIMIZERS]
+          + [(n, torch.bfloat16, o) for n in ("sgd", "adam") for o in ("off", "kahan", "sr")]
+          + [(n, torch.float16, "both") for n in ("sgd", "adam")])
 
 
 @pytest.mark.parametrize("name,dtype,option", SERIAL,
@@ -243,10 +246,8 @@ def test_serial_matches_reference_bit_for_bit(name, dtype, option):
     check(name, RICH[name], dtype, SMALL, option)
 
 
-PARALLEL = [("sgd", BENCH["sgd"], torch.bfloat16, o) for o in ("kahan", "sr", "both")] + [
-    ("adam", BENCH["adam"], torch.bfloat16, "both"),
-    ("rmsprop", RICH["rmsprop"], torch.float16, "both"),
-]
+PARALLEL = [("sgd", BENCH["sgd"], torch.bfloat16, "both"),
+            ("adam", BENCH["adam"], torch.bfloat16, "both")]
 
 
 @pytest.mark.parametrize("name,k,dtype,option", PARALLEL,
