@@ -155,25 +155,6 @@ def train(variant, *, steps=STEPS, lr=LR, seed=0, device="cpu", backend=None, ta
     return {"losses": losses, "final": sum(tail_losses) / len(tail_losses), "eval": eval_loss}
 
 
-def pick_backend(device, backend=None):
-    """``backend``, or where the default backend's kernels do not take the two
-    options yet (a backend still being ported), the reference kernels."""
-    if backend not in (None, "auto"):
-        return backend
-    p = nn.Parameter(torch.zeros(2, dtype=torch.bfloat16, device=device))
-    p.grad = torch.ones_like(p)
-    state = torch.random.get_rng_state()
-    try:
-        fused_optim.AdamW([p], backend=backend, kahan_sum=True, stochastic_round=True).step()
-    except TypeError as err:
-        print(f"note: the default backend lacks the options here ({err}); "
-              f"using backend='torch' (the reference kernels) for every variant")
-        return "torch"
-    finally:
-        torch.random.set_rng_state(state)
-    return backend
-
-
 def compare(*, steps=STEPS, lr=LR, seed=0, device="cpu", backend=None, torch_baseline=True,
             tail=TAIL, log=print):
     """Train every variant; return ``{name: train(name, ...)}`` in table order."""
@@ -246,7 +227,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    backend = pick_backend(args.device, args.backend)
+    backend = None if args.backend in (None, "auto") else args.backend
     tail = min(TAIL, args.steps)
     print(f"teacher-student MLP, AdamW(lr={args.lr:g}, betas={BETAS}), {args.steps} steps, "
           f"batch {BATCH}, seed {args.seed}, device {args.device}", flush=True)
