@@ -104,8 +104,8 @@ def split(numel: int, chunks: int | None = None) -> np.ndarray:
 
 
 @njit(inline="always")
-def _xor_element(j, w0, src, w1, w2, w3, _x0, _x1, _x2, _x3, _x4, _x5, _x6, _x7, _x8,
-                 _x9, _x10, _x11):
+def _xor_element(j, w0, src, w1, w2, w3, _comp, _sr, _x0, _x1, _x2, _x3, _x4, _x5, _x6,
+                 _x7, _x8, _x9, _x10, _x11):
     """XOR ``src[j]`` into ``w0[j]`` and each of ``w1..w3`` that is not None.
 
     Run by the optimizer kernels' span (``_walk.blocked``: blocks of BLOCK
@@ -126,24 +126,25 @@ def _xor_element(j, w0, src, w1, w2, w3, _x0, _x1, _x2, _x3, _x4, _x5, _x6, _x7,
 
 
 @njit(inline="always")
-def _xor_row(table, row, off, n, itemsize, word, span, element, w0, src, k, _x1, _x2,
-             _x3, _x4, _x5, _x6, _x7, _x8, _x9, _x10, _x11):
+def _xor_row(table, row, off, n, itemsize, word, span, element, w0, src, _comp, _sr, k,
+             _x1, _x2, _x3, _x4, _x5, _x6, _x7, _x8, _x9, _x10, _x11):
+    # (the span's comp and sr slots, the param store's options, stay None)
     if k == 2:
         span(element, n, w0, src, None, None, None, None, None, None, None, None, None,
-             None, None, None, None, None, None)
+             None, None, None, None, None, None, None, None)
     elif k == 3:
         span(element, n, w0, src, view(table, row, L.STATE0, off, n, itemsize, word),
              None, None, None, None, None, None, None, None, None, None, None, None,
-             None, None)
+             None, None, None, None)
     elif k == 4:
         span(element, n, w0, src, view(table, row, L.STATE0, off, n, itemsize, word),
              view(table, row, L.STATE1, off, n, itemsize, word), None, None, None,
-             None, None, None, None, None, None, None, None, None, None)
+             None, None, None, None, None, None, None, None, None, None, None, None)
     else:
         span(element, n, w0, src, view(table, row, L.STATE0, off, n, itemsize, word),
              view(table, row, L.STATE1, off, n, itemsize, word),
              view(table, row, L.STATE2, off, n, itemsize, word), None, None, None,
-             None, None, None, None, None, None, None, None, None)
+             None, None, None, None, None, None, None, None, None, None, None)
 
 
 @njit(parallel=True, cache=True)
@@ -151,8 +152,8 @@ def _pattern(table, bounds, itemsize, word, k):
     for c in prange(len(bounds) - 1):
         # word: an empty array of the word type (cheap for numba to type)
         walk(table, bounds[c], bounds[c + 1], itemsize, word, _xor_row, blocked,
-             _xor_element, k, None, None, None, None, None, None, None, None, None,
-             None, None)
+             _xor_element, None, None, k, None, None, None, None, None, None, None, None,
+             None, None, None)
 
 
 def pattern(table, bounds, itemsize: int, k: int, m: int) -> None:
