@@ -28,8 +28,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# Test processes (pytest-xdist): most of a cold run is Numba compiling
+# kernels, one specialization at a time per process; whole files go to one
+# worker (--dist loadfile) so a file's tests never race each other.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	FUSED_OPTIM_BENCH_SIZE=tiny $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 
 bench: $(STAMP)

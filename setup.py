@@ -27,7 +27,7 @@ setup(
     install_requires=["torch>=2.10", "numba>=0.59", "numpy"],
     extras_require={
         "gpu": ["triton>=3.6"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark"],
         "bench": ["tqdm"],
     },
     entry_points={"console_scripts": ["fused-optim=fused_optim.__main__:main"]},

@@ -245,9 +245,11 @@ class FusedOptimizer(Optimizer):
             try:
                 job, after = self._group_job(group, found_inf)
                 if job is not None and _precision.enabled(group):
-                    more = _precision.attach(self, job, group)
+                    more, made = _precision.attach(self, job, group)
                     job = more.pop()
                     jobs.extend(more)
+                    if made is not None:
+                        afters.append(made)
                     rounded = rounded or group.get("stochastic_round", False)
             except Exception:
                 # torch's loop steps each group before it reads the next, so

@@ -113,7 +113,9 @@ def _split(job, keep):
 def attach(opt, job, group) -> list:
     """``job`` with the group's options attached: one job, or two where split.
 
-    Makes the Kahan buffers a step needs (in ``opt.state``).
+    Returns:
+        ``(jobs, after)``: ``after`` (or None) puts the Kahan buffers this
+        step made into ``opt.state``, once the step went through.
     """
     kahan = bool(group.get("kahan_sum"))
     seed = counters = None
@@ -125,34 +127,42 @@ def attach(opt, job, group) -> list:
                 _counter(counters, p.device)
                 break
     if not kahan:
-        return [job._replace(precision=Precision(None, seed, counters))] if seed is not None \
-            else [job]
+        return ([job._replace(precision=Precision(None, seed, counters))] if seed is not None
+                else [job]), None
     dtypes = list(map(_DTYPE, job.params))
     low = [d in LOW_PRECISION for d in dtypes]
     if not any(low):
-        return [job._replace(precision=Precision(None, seed, counters))] if seed is not None \
-            else [job]
+        return ([job._replace(precision=Precision(None, seed, counters))] if seed is not None
+                else [job]), None
     params = [p for p, is_low in zip(job.params, low) if is_low] if not all(low) \
         else job.params
     state = opt.state
+    after = None
     comps = list(map(dict.get, map(state.__getitem__, params), repeat("kahan_comp")))
     # every step: C-level maps (~0.2 us a param) rather than a Python loop
     if (None in comps or not all(map(isinstance, comps, repeat(torch.Tensor)))
             or list(map(_SHAPE, comps)) != list(map(_SHAPE, params))
             or list(map(_DTYPE, comps)) != list(map(_DTYPE, params))
             or list(map(_DEVICE, comps)) != list(map(_DEVICE, params))):
+        made = []
         for k, (p, c) in enumerate(zip(params, comps)):
             if not (isinstance(c, torch.Tensor) and c.shape == p.shape and c.dtype == p.dtype
                     and c.device == p.device):
-                # a new param, or one whose dtype, shape or device changed
-                comps[k] = state[p]["kahan_comp"] = torch.zeros_like(
-                    p, memory_format=torch.preserve_format)
+                # a new param, or one whose dtype, shape or device changed:
+                # a fresh buffer, put in the state only once the step went
+                # through (a step that raises writes nothing, state included)
+                comps[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                made.append((p, comps[k]))
+        if made:
+            def after():
+                for p, c in made:
+                    state[p]["kahan_comp"] = c
     if all(low):
-        return [job._replace(precision=Precision(comps, seed, counters))]
+        return [job._replace(precision=Precision(comps, seed, counters))], after
     rest = _split(job, [not x for x in low])
     return [_split(job, low)._replace(precision=Precision(comps, seed, counters)),
             rest._replace(precision=Precision(None, seed, counters)) if seed is not None
-            else rest]
+            else rest], after
 
 
 def advance(opt, found_inf) -> None:

@@ -229,13 +229,13 @@ def check(name, k, dtype, sizes, option, steps=2):
         assert_same(cur, run("torch", name, hyper, inputs, steps=steps, **opts))
 
 
-# each case is a compile of its own (5-25 s from a cold cache on the 2-core
+# each case is a compile of its own (10-60 s from a cold cache on the 2-core
 # VM, CI's case): every optimizer with both options in bf16 (each store's
-# Kahan and SR parts), each option alone and both in fp16 through SGD and
-# Adam (the store is shared code; the element's result differs)
+# Kahan and SR parts), each option alone and float16 through SGD (the store
+# is shared code; test_precision.py runs each option on every optimizer)
 SERIAL = ([(n, torch.bfloat16, "both") for n in OPTIMIZERS]
-          + [(n, torch.bfloat16, o) for n in ("sgd", "adam") for o in ("off", "kahan", "sr")]
-          + [(n, torch.float16, "both") for n in ("sgd", "adam")])
+          + [("sgd", torch.bfloat16, o) for o in ("off", "kahan", "sr")]
+          + [("sgd", torch.float16, "both")])
 
 
 @pytest.mark.parametrize("name,dtype,option", SERIAL,
@@ -246,8 +246,7 @@ def test_serial_matches_reference_bit_for_bit(name, dtype, option):
     check(name, RICH[name], dtype, SMALL, option)
 
 
-PARALLEL = [("sgd", BENCH["sgd"], torch.bfloat16, "both"),
-            ("adam", BENCH["adam"], torch.bfloat16, "both")]
+PARALLEL = [("sgd", BENCH["sgd"], torch.bfloat16, "both")]
 
 
 @pytest.mark.parametrize("name,k,dtype,option", PARALLEL,

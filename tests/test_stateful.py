@@ -31,7 +31,7 @@ def test_model_based_steps_match_torch(backend, big, precision):
             "machine.run(%r, big=%r, precision=%r)" % (HERE, backend, big, precision))
     env = dict(os.environ)
     env.setdefault("TRITON_INTERPRET", "1")
-    if big and "FUSED_OPTIM_FUZZ_EXAMPLES" not in env:
+    if (big or precision) and "FUSED_OPTIM_FUZZ_EXAMPLES" not in env:
         # each parallel numba kernel compiles in ~7 s from a cold cache (CI's)
         env["FUSED_OPTIM_FUZZ_EXAMPLES"] = "10"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
