@@ -21,8 +21,9 @@ Stochastic rounding (``stochastic_round``): the store of ``t`` rounds to one of
 its two neighbours in the storage type, up with probability equal to the
 fraction of the gap below ``t``, so that the expected stored value is ``t``.
 The random bits come from a counter-based stream: element ``idx`` of a kernel
-call (its row's START plus its index in the row: the same whatever the
-launch or thread split) gets :func:`bits` ``(k0, k1, idx)``, where
+call (its row's START plus its place in the row's memory, in address order:
+the same whatever the launch or thread split; a transposed param's elements
+take their addresses' order, not their logical one) gets :func:`bits` ``(k0, k1, idx)``, where
 :func:`keys` derives ``k0, k1`` from the optimizer's 64-bit ``seed``, its step
 ``counter`` (advanced once per step that is not skipped) and the call's
 ``salt`` (its param group and kernel unit), so that no two elements of one
@@ -136,6 +137,17 @@ def round_f16(t: torch.Tensor, r) -> torch.Tensor:
     return torch.where(finite, out, near)
 
 
+def _dense(shape, strides) -> bool:
+    """Whether the elements tile ``[0, numel)`` of their storage (any dim order)."""
+    expected = 1
+    for size, stride in sorted(((sz, st) for sz, st in zip(shape, strides) if sz != 1),
+                               key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def store_param(p: torch.Tensor, old: torch.Tensor, new: torch.Tensor, comp=None,
                 stream=None, start: int = 0) -> None:
     """Store ``new`` (compute type) into low-precision ``p`` through the options.
@@ -150,8 +162,11 @@ def store_param(p: torch.Tensor, old: torch.Tensor, new: torch.Tensor, comp=None
     """
     r = None
     if stream is not None:
-        idx = torch.arange(start, start + p.numel(), dtype=torch.int64,
-                           device=p.device).view(p.shape)
+        # the kernels walk a row in address order (a dense param with its own
+        # strides, a transposed one included; others are staged contiguous)
+        idx = torch.arange(start, start + p.numel(), dtype=torch.int64, device=p.device)
+        idx = (idx.as_strided(p.shape, p.stride()) if _dense(p.shape, p.stride())
+               else idx.view(p.shape))
         r = bits(stream[0], stream[1], idx)
     rnd = round_bf16 if p.dtype == torch.bfloat16 else round_f16
     if comp is None:
