@@ -11,10 +11,13 @@ import warnings
 
 from numba.core.errors import NumbaIRAssumptionWarning
 
-from ._memory import VIEW_DTYPES
+from . import _stale
+# before any kernel is decorated: Numba picks each one's cache directory then
+_stale.choose_location()
+from ._memory import VIEW_DTYPES  # noqa: E402
 # the shared launcher pieces, importable from here as before
 from ._walk import (_NO_LOCK, _PARALLEL, _PROTO, ALIGN, SERIAL_BELOW, _amp,  # noqa: F401
-                    _bounds, _on, _opt, _plan)
+                    _bounds, _on, _opt, _plan, wait_for_background)
 
 __all__ = ["sgd", "adam", "advance_host_steps", "SUPPORTED_DTYPES"]
 
@@ -33,13 +36,22 @@ INSTALL_HINT = "pip install numba"
 DEVICE_HINT = ("backend='numba' runs on CPU tensors, but got a parameter on {device}. "
                "Use backend='triton' or backend='auto' for {type} tensors.")
 
+def warm_numel(numel: int) -> int:
+    """How many elements a dummy batch needs to take the entry point (serial
+    or parallel) that a batch of ``numel`` elements takes (fused_optim's
+    warm-up steps one of that size)."""
+    from . import _walk
+
+    return min(numel, _walk.SERIAL_BELOW)
+
+
 # Each optimizer's kernel lives in its own file (see ``_walk`` for what one
 # holds). Imported after the submodules, so that ``sgd`` and ``adam`` here are
 # the functions rather than the submodules of the same names.
 from .adam import adam, advance_host_steps  # noqa: E402
 from .sgd import sgd  # noqa: E402
-from . import _stale  # noqa: E402
 from .sgd import sgd_serial as _any_kernel  # noqa: E402
 
 # before any kernel is compiled or loaded from the disk cache (see _stale)
+_stale.seed(_any_kernel)
 _stale.check(_any_kernel)

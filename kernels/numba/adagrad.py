@@ -20,7 +20,7 @@ from numba import carray, njit, prange
 from .. import layout as L
 from ._memory import address, fma, load, store
 from ._precision import store_param
-from ._walk import (_NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, _store_options, blocked, grad,
+from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
                     plain, view, walk)
 
 __all__ = ["adagrad", "advance_host_steps"]
@@ -123,11 +123,10 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
     if skip or batch.table is None or batch.table.shape[0] == 0:
         return
     bounds, parallel, view_dtype, itemsize, c = _plan(batch)
-    fn = adagrad_parallel if parallel else adagrad_serial
     scalars = np.empty(batch.table.shape[0], dtype=c)
     # None switches a part of the kernel off at compile time (see _walk.plain)
-    with _PARALLEL if parallel else _NO_LOCK:
-        fn(batch.table, bounds, itemsize, view_dtype, float(lr), float(lr_decay),
-           _on(lr_f32), scalars, _opt(c, inv_scale, inv_scale != 1.0), c(eps),
-           _opt(c, weight_decay, weight_decay != 0), _on(maximize),
-           *_store_options(batch, kahan_sum, stochastic_round))
+    launch(adagrad_parallel, adagrad_serial, parallel, (
+        batch.table, bounds, itemsize, view_dtype, float(lr), float(lr_decay),
+        _on(lr_f32), scalars, _opt(c, inv_scale, inv_scale != 1.0), c(eps),
+        _opt(c, weight_decay, weight_decay != 0), _on(maximize),
+        *_store_options(batch, kahan_sum, stochastic_round)))

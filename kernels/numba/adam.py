@@ -16,7 +16,7 @@ from numba import carray, njit, prange
 from .. import layout as L
 from ._memory import address, fma, load, store
 from ._precision import store_param
-from ._walk import (_NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, _store_options, blocked, grad,
+from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
                     plain, view, walk)
 
 __all__ = ["adam", "advance_host_steps"]
@@ -174,18 +174,17 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
     if skip or batch.table is None or batch.table.shape[0] == 0:
         return
     bounds, parallel, view_dtype, itemsize, c = _plan(batch)
-    fn = adam_parallel if parallel else adam_serial
     scalars = np.empty((batch.table.shape[0], 3), dtype=c)
     decoupled = decoupled_weight_decay and weight_decay != 0
     omb1 = c(1.0 - beta1)
     # None switches a part of the kernel off at compile time (see _walk.plain)
-    with _PARALLEL if parallel else _NO_LOCK:
-        fn(batch.table, bounds, itemsize, view_dtype, float(lr), float(beta1),
-           float(beta2), scalars, _opt(c, inv_scale, inv_scale != 1.0),
-           _opt(c, omb1 - c(1.0), not omb1 < 0.5), c(beta2), omb1, c(1.0 - beta2),
-           c(eps), _opt(c, weight_decay, weight_decay != 0 and not decoupled),
-           _opt(c, 1.0 - lr * weight_decay, decoupled), _on(amsgrad), _on(maximize),
-           *_store_options(batch, kahan_sum, stochastic_round))
+    launch(adam_parallel, adam_serial, parallel, (
+        batch.table, bounds, itemsize, view_dtype, float(lr), float(beta1),
+        float(beta2), scalars, _opt(c, inv_scale, inv_scale != 1.0),
+        _opt(c, omb1 - c(1.0), not omb1 < 0.5), c(beta2), omb1, c(1.0 - beta2),
+        c(eps), _opt(c, weight_decay, weight_decay != 0 and not decoupled),
+        _opt(c, 1.0 - lr * weight_decay, decoupled), _on(amsgrad), _on(maximize),
+        *_store_options(batch, kahan_sum, stochastic_round)))
 
 
 def advance_host_steps(table, *, lr, beta1, beta2):

@@ -16,7 +16,7 @@ from numba import carray, njit, prange
 from .. import layout as L
 from ._memory import address, fma, load, store
 from ._precision import store_param
-from ._walk import (_NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, _store_options, blocked, grad,
+from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
                     plain, view, walk)
 
 __all__ = ["rmsprop", "advance_steps"]
@@ -143,13 +143,12 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
     if skip or batch.table is None or batch.table.shape[0] == 0:
         return
     bounds, parallel, view_dtype, itemsize, c = _plan(batch)
-    fn = rmsprop_parallel if parallel else rmsprop_serial
     oma = c(1.0 - alpha)
     use_momentum = momentum > 0
     # None switches a part of the kernel off at compile time (see _walk.plain)
-    with _PARALLEL if parallel else _NO_LOCK:
-        fn(batch.table, bounds, itemsize, view_dtype, _opt(c, inv_scale, inv_scale != 1.0),
-           c(-lr), c(alpha), oma, _opt(c, oma - c(1.0), not abs(oma) < 0.5), c(eps),
-           _opt(c, weight_decay, weight_decay != 0), c(momentum if use_momentum else 0.0),
-           _on(maximize), _on(use_momentum), _on(centered),
-           *_store_options(batch, kahan_sum, stochastic_round))
+    launch(rmsprop_parallel, rmsprop_serial, parallel, (
+        batch.table, bounds, itemsize, view_dtype, _opt(c, inv_scale, inv_scale != 1.0),
+        c(-lr), c(alpha), oma, _opt(c, oma - c(1.0), not abs(oma) < 0.5), c(eps),
+        _opt(c, weight_decay, weight_decay != 0), c(momentum if use_momentum else 0.0),
+        _on(maximize), _on(use_momentum), _on(centered),
+        *_store_options(batch, kahan_sum, stochastic_round)))

@@ -13,7 +13,7 @@ from numba import njit, prange
 from .. import layout as L
 from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import (_NO_LOCK, _PARALLEL, _amp, _on, _opt, _plan, _store_options, blocked, grad,
+from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
                     plain, view, walk)
 
 __all__ = ["sgd"]
@@ -93,10 +93,9 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
     if skip or batch.table is None or batch.table.shape[0] == 0:
         return
     bounds, parallel, view_dtype, itemsize, c = _plan(batch)
-    fn = sgd_parallel if parallel else sgd_serial
     # None switches a part of the kernel off at compile time (see _walk.plain)
-    with _PARALLEL if parallel else _NO_LOCK:
-        fn(batch.table, bounds, itemsize, view_dtype, _opt(c, inv_scale, inv_scale != 1.0),
-           c(-lr), _opt(c, weight_decay, weight_decay != 0), c(momentum),
-           c(1.0 - dampening), _on(nesterov and momentum != 0), _on(maximize),
-           _on(momentum != 0), *_store_options(batch, kahan_sum, stochastic_round))
+    launch(sgd_parallel, sgd_serial, parallel, (
+        batch.table, bounds, itemsize, view_dtype, _opt(c, inv_scale, inv_scale != 1.0),
+        c(-lr), _opt(c, weight_decay, weight_decay != 0), c(momentum),
+        c(1.0 - dampening), _on(nesterov and momentum != 0), _on(maximize),
+        _on(momentum != 0), *_store_options(batch, kahan_sum, stochastic_round)))
