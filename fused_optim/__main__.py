@@ -6,6 +6,9 @@ Subcommands:
   torch.optim's for-loop, foreach and fused paths (see ``fused_optim.bench``).
 * ``run``: handled by ``fused_optim._run``; every argument after ``run`` is
   passed through untouched.
+* ``warmup``: compile the CPU kernels of the common configurations into
+  Numba's disk cache ahead of time (``fused_optim._warmup``), e.g. in a
+  Dockerfile: ``RUN fused-optim warmup --dtypes float32 bfloat16``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
         description=bench.__doc__.split("\n\n")[0],
         epilog="Example: python -m fused_optim bench --quick --json out.json")
     bench.add_arguments(p_bench)
+    p_warm = sub.add_parser(
+        "warmup", help="compile the CPU kernels of the common configurations ahead of time",
+        description="Compile, into Numba's disk cache, the kernels that each optimizer's "
+        "common configurations (torch's defaults; SGD also with momentum=0.9) need on "
+        "CPU tensors of each dtype, so that no later process compiles them in its first "
+        "step. Run it as the user (or with the NUMBA_CACHE_DIR) the training runs with.")
+    p_warm.add_argument("--optimizers", nargs="+", metavar="NAME",
+                        help="optimizer classes (default: all)")
+    p_warm.add_argument("--dtypes", nargs="+", metavar="NAME", default=["float32"],
+                        help="param dtypes, e.g. float32 bfloat16 (default: float32)")
     # Only here for --help: main() hands everything after "run" to _run
     # before argparse could mistake the script's own options for ours.
     sub.add_parser("run", help="run a script with fused_optim (fused_optim._run); "
@@ -90,8 +103,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from . import bench
         return bench.command(args, prog=f"{PROG} bench")
+    if args.command == "warmup":
+        return _warmup_command(args, parser)
     parser.print_help(sys.stderr)
     return 2
+
+
+def _warmup_command(args, parser) -> int:
+    import torch
+
+    from . import _registry, _warmup
+
+    names = args.optimizers or list(_registry.names())
+    unknown = [n for n in names if n not in _registry.names()]
+    if unknown:
+        parser.error(f"warmup: unknown optimizer(s) {', '.join(unknown)}; "
+                     f"choose from {', '.join(_registry.names())}")
+    dtypes = []
+    for d in args.dtypes:
+        dtype = getattr(torch, d.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            parser.error(f"warmup: {d!r} is not a floating-point torch dtype")
+        dtypes.append(dtype)
+    done = _warmup.ahead_of_time(names, dtypes, report=lambda line: print(line, flush=True))
+    if not done:
+        print(f"{PROG} warmup: nothing to compile (no backend here compiles CPU kernels)",
+              file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import optimizer as _optimizer_module
 
-from . import _backend, _facts, _ops, _precision, _tables
+from . import _backend, _facts, _ops, _precision, _tables, _warmup
 
 
 def _grad_mode_for_differentiable(step):
@@ -137,6 +137,7 @@ class FusedOptimizer(Optimizer):
         super().__init__(params, defaults)
         if stochastic_round:
             _precision._seed(self)  # drawn now, reproducibly after torch.manual_seed
+        _warmup.start(self)  # compile the first step's kernels in the background
 
     def state_dict(self):
         return _precision.save(self, super().state_dict())

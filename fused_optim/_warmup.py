@@ -1,0 +1,166 @@
+"""Compile the kernels an optimizer needs before its first step needs them.
+
+A compiled backend builds one specialization per optimizer, dtype and set
+of switches, the first time a step meets it; Numba keeps it in its disk
+cache. A fresh install pays the compilation in the
+first ``step()``, and every process pays loading the backend (Numba's import
+and the first kernel's load: about 0.6 s with a warm cache). Two ways to pay
+it elsewhere:
+
+* **at construction** (:func:`start`, on by default): the optimizer's
+  constructor hands a daemon thread a *shadow step*: a throwaway optimizer of
+  the same class, backend and param-group hyperparameters over one small
+  zero tensor per (group, dtype) bucket that a backend with
+  ``warm_numel`` (Numba) will update, sized by it to take the same entry
+  point, stepped once without hooks. It compiles or loads what the real
+  first step will use while the script builds its model and runs the first
+  forward and backward. It never touches the user's tensors, RNG (a fixed
+  stream seed), hooks or state; errors are dropped (the real step raises
+  them). CUDA buckets are left alone: a background launch could meet a CUDA
+  graph capture on another stream. ``FUSED_OPTIM_WARMUP=0`` turns it (and
+  the Numba backend's background compiles) off.
+* **ahead of time** (:func:`ahead_of_time`, ``fused-optim warmup``):
+  compiles the common configurations' specializations into the disk cache,
+  e.g. in a Dockerfile, before any training process starts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+from . import _backend, _registry
+
+ENV_VAR = "FUSED_OPTIM_WARMUP"
+#: what ``fused-optim warmup`` compiles for each optimizer by default: torch's
+#: defaults, and SGD with momentum (the configurations most scripts use)
+COMMON_CONFIGS = {"SGD": [dict(lr=0.1), dict(lr=0.1, momentum=0.9)]}
+_local = threading.local()
+_seen: set = set()
+_seen_lock = threading.Lock()
+_threads: list = []
+
+
+def enabled() -> bool:
+    """Whether optimizers warm their kernels up at construction."""
+    return os.environ.get(ENV_VAR, "1").strip() != "0"
+
+
+def _buckets(opt) -> list:
+    """``(hyperparameters, dtype, numel)`` per group and CPU dtype a warmable backend updates."""
+    out = []
+    cpu = torch.device("cpu")
+    for group in opt.param_groups:
+        sizes: dict = {}
+        for p in group["params"]:
+            if p.device.type == "cpu":
+                dtype = p.dtype.to_real() if p.is_complex() else p.dtype
+                sizes[dtype] = sizes.get(dtype, 0) + p.numel() * (2 if p.is_complex() else 1)
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for dtype, numel in sizes.items():
+            try:
+                mod = _backend.select(opt.backend, cpu, dtype)
+            except RuntimeError:
+                continue  # the step raises why
+            warm = getattr(mod, "warm_numel", None)
+            if numel and warm is not None:
+                out.append((hyper, dtype, int(warm(numel))))
+    return out
+
+
+def shadow_step(cls, backend, buckets) -> None:
+    """Step a throwaway ``cls`` once over zero tensors, one per bucket."""
+    _local.shadow = True
+    try:
+        groups = []
+        for hyper, dtype, numel in buckets:
+            p = torch.zeros(numel, dtype=dtype, requires_grad=True)
+            p.grad = torch.zeros(numel, dtype=dtype)
+            groups.append(dict(hyper, params=[p]))
+        opt = cls(groups, backend=backend)
+        opt._sr_seed = 0  # never drawn from the user's generator
+        with torch.no_grad():
+            opt._step()  # not step(): no user or global hooks
+    finally:
+        _local.shadow = False
+
+
+def _quietly(cls, backend, buckets) -> None:
+    try:
+        shadow_step(cls, backend, buckets)
+    except Exception:  # noqa: BLE001 - the real step raises whatever this met
+        pass
+
+
+def start(opt) -> threading.Thread | None:
+    """Begin warming ``opt``'s kernels up in a daemon thread (see the module docstring)."""
+    if getattr(_local, "shadow", False) or not enabled():
+        return None
+    try:
+        buckets = _buckets(opt)
+    except Exception:  # noqa: BLE001 - e.g. a backend that cannot run: the step says so
+        return None
+    if not buckets:
+        return None
+    key = (type(opt), opt.backend, repr([(sorted(h.items()), d, n) for h, d, n in buckets]))
+    with _seen_lock:
+        if key in _seen:
+            return None
+        _seen.add(key)
+        thread = threading.Thread(target=_quietly, args=(type(opt), opt.backend, buckets),
+                                  daemon=True, name="fused_optim-warmup")
+        _threads.append(thread)
+    thread.start()
+    return thread
+
+
+def wait(timeout: float | None = None) -> None:
+    """Join every warm-up started so far, and the compilations they started."""
+    with _seen_lock:
+        threads = list(_threads)
+    for t in threads:
+        t.join(timeout)
+    for name in ("numba",):
+        mod = _backend._loaded.get(name)
+        join = getattr(mod, "wait_for_background", None)
+        if join is not None:
+            join(timeout)
+
+
+def ahead_of_time(names=None, dtypes=None, *, report=print) -> list:
+    """Compile each optimizer's common configurations for ``dtypes`` on CPU.
+
+    Every entry point a step can take (Numba's serial and parallel ones) is
+    compiled now, in this thread, into the disk cache. Returns
+    ``[(name, config, dtype, seconds)]``.
+    """
+    names = list(names or _registry.names())
+    dtypes = list(dtypes or [torch.float32])
+    saved = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = "0"  # compile every entry point here, not behind
+    out = []
+    try:
+        cpu = torch.device("cpu")
+        for name in names:
+            cls = _registry.get(name).cls
+            for config in COMMON_CONFIGS.get(name, [{}]):
+                for dtype in dtypes:
+                    mod = _backend.select("auto", cpu, dtype)
+                    warm = getattr(mod, "warm_numel", None)
+                    if warm is None:
+                        continue
+                    t0 = time.perf_counter()
+                    for numel in sorted({warm(1), warm(1 << 62)}):
+                        shadow_step(cls, "auto", [(dict(config), dtype, numel)])
+                    out.append((name, config, dtype, time.perf_counter() - t0))
+                    report(f"{name} {config or '(defaults)'} {str(dtype).removeprefix('torch.')}: "
+                           f"{out[-1][3]:.1f} s")
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = saved
+    return out
