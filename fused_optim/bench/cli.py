@@ -21,7 +21,7 @@ from .cases import (DEFAULT_DTYPES, DTYPES, LISTS, OPTIMIZERS, SIZES, BenchError
 from .impls import (BACKEND_IMPLS, BASELINE_IMPLS, CEILING, COMPILED, COPY,
                     DEFAULT_BASELINES, PRECISIONS, _backend_device_ok, _backend_problem,
                     available_impls)
-from .machine import _loadavg
+from .machine import _loadavg, machine_info
 from .measure import run_case
 from .report import _check_matplotlib, format_table, to_json, write_plot
 from .timing import CUDA_MAX_STEPS, CUDA_SAMPLE_S
@@ -99,6 +99,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="Numba threading layer (default: Numba's choice, or "
                      "NUMBA_THREADING_LAYER)")
     how.add_argument("--seed", type=int, default=0, help="data and order seed (default: 0)")
+    cold = p.add_argument_group("cold start (fused_optim/bench/cold.py)")
+    cold.add_argument("--cold-start", action="store_true",
+                      help="instead of step throughput: import, first-step and peak-memory "
+                      "figures of a one-step script in fresh processes, torch.optim vs "
+                      "fused_optim with a warm and an empty Numba cache")
+    cold.add_argument("--cold-runs", type=int, default=5, metavar="N",
+                      help="fresh processes per row (default: 5)")
+    cold.add_argument("--cold-width", type=int, default=1024, metavar="N",
+                      help="the script's MLP: 4 square layers of this width (default: 1024)")
+    cold.add_argument("--cold-env", action="append", metavar="KEY=VALUE",
+                      help="also run fused_optim's rows with this environment "
+                      "(repeatable, e.g. FUSED_OPTIM_WARMUP=0)")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write every number and the machine "
                      "description as JSON")
@@ -298,6 +310,48 @@ def run(args: argparse.Namespace) -> list:
     Raises:
         BenchError: bad names, unusable backends, missing matplotlib, memory.
     """
+    if getattr(args, "cold_start", False):
+        return _cold(args)
+    # timed steps never share the machine with a background compile
+    saved = os.environ.get("FUSED_OPTIM_WARMUP")
+    os.environ["FUSED_OPTIM_WARMUP"] = "0"
+    try:
+        return _run(args)
+    finally:
+        if saved is None:
+            os.environ.pop("FUSED_OPTIM_WARMUP", None)
+        else:
+            os.environ["FUSED_OPTIM_WARMUP"] = saved
+
+
+def _cold(args) -> list:
+    from . import cold
+
+    if args.cold_runs < 1 or args.cold_width < 1:
+        raise BenchError("--cold-runs and --cold-width must be at least 1")
+    try:
+        cold.measure(runs=0, extra_env=args.cold_env)  # validates --cold-env only
+    except ValueError as err:
+        raise BenchError(str(err)) from None
+    show = None if args.no_progress else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        results = cold.measure(runs=args.cold_runs, width=args.cold_width,
+                               extra_env=args.cold_env, progress=show, seed=args.seed)
+    except RuntimeError as err:
+        raise BenchError(str(err)) from None
+    print(cold.format_table(results), flush=True)
+    if args.json:
+        settings = dict(runs=args.cold_runs, width=args.cold_width, env=args.cold_env or [],
+                        machine=machine_info())
+        try:
+            Path(args.json).write_text(json.dumps(cold.to_json(results, settings), indent=1)
+                                       + "\n")
+        except OSError as err:
+            raise BenchError(f"cannot write --json {args.json!r}: {err.strerror}") from None
+    return []
+
+
+def _run(args) -> list:
     if args.threads is not None:
         if args.threads < 1:
             raise BenchError("--threads must be at least 1")

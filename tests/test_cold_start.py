@@ -1,0 +1,262 @@
+"""Cold start (issue 16): background compiles, warm-up, and the disk cache.
+
+What is promised (``fused_optim/_warmup.py``, ``kernels/numba/_walk.launch``,
+``kernels/numba/_stale.py``):
+
+* a parallel batch whose kernel is not compiled yet runs the serial kernel
+  (the same bits) while the parallel one compiles in the background;
+* the construction-time warm-up compiles what the first step needs without
+  touching the user's tensors, RNG, hooks or state;
+* ``fused-optim warmup`` fills the disk cache, so that a later process
+  compiles nothing;
+* processes compiling into one empty cache at once all succeed, agree bit for
+  bit, and leave a cache the next process loads from;
+* with no writable cache location Numba would refuse to import the kernels:
+  a temporary directory is used instead, and kernels warmed beside the
+  sources are copied to where the cache is.
+
+(The suite runs with ``FUSED_OPTIM_WARMUP=0``, tests/conftest.py; these tests
+turn it on where they test it.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import fused_optim
+from fused_optim import _warmup
+from matrix import skip_unless_runnable
+
+pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaIRAssumptionWarning")
+
+
+# ---------------------------------------------------------------- launch logic
+
+
+class _FakeKernel:
+    """A stand-in for a Numba dispatcher: records calls; "compiles" on a gate."""
+
+    def __init__(self, name, calls, gate=None):
+        self.name, self.calls, self.gate = name, calls, gate
+        self.overloads = {}
+        self._cache = types.SimpleNamespace(load_overload=lambda sig, ctx: None)
+        self.targetctx = None
+
+    def typeof_pyval(self, value):
+        return type(value)
+
+    def compile(self, sig):
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.overloads[sig] = True
+
+    def __call__(self, *args):
+        self.calls.append(self.name)
+
+
+def test_parallel_batches_run_serially_until_their_kernel_is_compiled(monkeypatch):
+    from fused_optim.kernels.numba import _walk
+
+    monkeypatch.setenv(_walk.WARMUP_ENV, "1")
+    calls, gate = [], threading.Event()
+    par, ser = _FakeKernel("parallel", calls, gate), _FakeKernel("serial", calls)
+    args = (None, None, None, np.empty(0, np.float32), 1.5)
+    _walk.launch(par, ser, True, args)
+    _walk.launch(par, ser, True, args)
+    assert calls == ["serial", "serial"]  # compiling behind, one thread only
+    assert len([k for k in _walk._PENDING if k[0] is par]) == 1
+    gate.set()
+    _walk.wait_for_background(10)
+    _walk.launch(par, ser, True, args)
+    _walk.launch(par, ser, False, args)
+    assert calls == ["serial", "serial", "parallel", "serial"]
+    assert not [k for k in _walk._PENDING if k[0] is par]
+
+
+def test_off_the_step_compiles_the_parallel_kernel_itself(monkeypatch):
+    from fused_optim.kernels.numba import _walk
+
+    monkeypatch.setenv(_walk.WARMUP_ENV, "0")
+    calls = []
+    par, ser = _FakeKernel("parallel", calls), _FakeKernel("serial", calls)
+    _walk.launch(par, ser, True, (None, None, None, np.empty(0, np.float64), 2.0))
+    assert calls == ["parallel"]
+
+
+# ---------------------------------------------------------------- warm-up at construction
+
+
+def test_construction_warms_the_first_steps_kernel_and_touches_nothing(monkeypatch):
+    skip_unless_runnable("numba")
+    nb_sgd = importlib.import_module("fused_optim.kernels.numba.sgd")
+
+    monkeypatch.setenv(_warmup.ENV_VAR, "1")
+    monkeypatch.setattr(_warmup, "_seen", set())
+    hook_calls = []
+    handle = register_optimizer_step_pre_hook(lambda *a: hook_calls.append(a))
+    try:
+        torch.manual_seed(3)
+        params = [torch.randn(7, 5, requires_grad=True), torch.randn(5, requires_grad=True)]
+        before = [p.detach().clone() for p in params]
+        # an unusual configuration, so that the warm-up has something to compile
+        opt = fused_optim.SGD(params, lr=0.25, momentum=0.5, dampening=0.25, maximize=True,
+                              backend="numba")
+        rng = torch.get_rng_state()
+        _warmup.wait(120)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert hook_calls == []
+        assert len(opt.state) == 0 and all(p.grad is None for p in params)
+        assert all(torch.equal(a, b) for a, b in zip(params, before))
+        compiled = len(nb_sgd.sgd_serial.overloads)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()  # the warm-up's specialization: nothing new to compile
+        assert len(nb_sgd.sgd_serial.overloads) == compiled
+    finally:
+        handle.remove()
+
+
+def test_warmup_is_off_under_the_environment_switch(monkeypatch):
+    monkeypatch.setenv(_warmup.ENV_VAR, "0")
+    opt = fused_optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1)
+    assert _warmup.start(opt) is None
+
+
+def test_reference_backend_buckets_are_not_warmed():
+    opt = fused_optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1, backend="torch")
+    assert _warmup._buckets(opt) == []
+
+
+# ---------------------------------------------------------------- processes and the cache
+
+_STEPPER = r"""
+import hashlib, importlib, json, sys, torch
+import fused_optim
+from fused_optim import _warmup
+torch.manual_seed(0)
+params = [torch.randn(300, 128, requires_grad=True), torch.randn(128, requires_grad=True)]
+opt = fused_optim.Adagrad(params, backend="numba")
+for i in range(6):
+    g = torch.Generator().manual_seed(i)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    if i == 2:
+        _warmup.wait(600)  # the rest on the parallel kernel
+k = importlib.import_module("fused_optim.kernels.numba.adagrad")
+h = hashlib.sha256()
+for p in params:
+    h.update(p.detach().numpy().tobytes())
+    h.update(opt.state[p]["sum"].numpy().tobytes())
+print(json.dumps(dict(digest=h.hexdigest(), parallel=len(k.adagrad_parallel.overloads),
+                      serial=len(k.adagrad_serial.overloads),
+                      misses=sum(k.adagrad_parallel.stats.cache_misses.values())
+                      + sum(k.adagrad_serial.stats.cache_misses.values()))))
+"""
+
+
+def _env(cache, warmup):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), FUSED_OPTIM_WARMUP=warmup)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def test_processes_compiling_into_one_empty_cache_agree(tmp_path):
+    """Three processes at once into an empty cache (the background compile
+    on: each steps serially first, then on the parallel kernel), then one
+    that must load everything from the cache they left."""
+    skip_unless_runnable("numba")
+    assert 300 * 128 + 128 >= fused_optim.kernels.numba.SERIAL_BELOW  # the parallel path
+    procs = [subprocess.Popen([sys.executable, "-c", _STEPPER], env=_env(tmp_path, "1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    later = subprocess.run([sys.executable, "-c", _STEPPER], env=_env(tmp_path, "0"),
+                           capture_output=True, text=True, timeout=900)
+    assert later.returncode == 0, later.stderr[-3000:]
+    last = json.loads(later.stdout.strip().splitlines()[-1])
+    assert {o["digest"] for o in outs} == {last["digest"]}
+    assert all(o["parallel"] == 1 and o["serial"] == 1 for o in outs)
+    assert last["misses"] == 0 and last["parallel"] == 1
+
+
+def test_warmup_command_fills_the_cache(tmp_path):
+    skip_unless_runnable("numba")
+    out = subprocess.run([sys.executable, "-m", "fused_optim", "warmup", "--optimizers",
+                          "Adagrad", "--dtypes", "float32"], env=_env(tmp_path, "1"),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("Adagrad (defaults) float32: ")
+    later = subprocess.run([sys.executable, "-c", _STEPPER], env=_env(tmp_path, "0"),
+                           capture_output=True, text=True, timeout=900)
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert json.loads(later.stdout.strip().splitlines()[-1])["misses"] == 0
+
+
+def test_warmup_command_rejects_unknown_names(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fused_optim", "warmup", "--optimizers",
+                          "Adamm"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "unknown optimizer(s) Adamm" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "fused_optim", "warmup", "--dtypes", "int8"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "not a floating-point torch dtype" in out.stderr
+
+
+# ---------------------------------------------------------------- where the cache lives
+
+_NO_LOCATION = r"""
+import numba, sys
+from numba.core import caching
+# a read-only install run by a user without a writable home
+for cls in (caching.InTreeCacheLocator, caching.UserWideCacheLocator):
+    cls.from_function = classmethod(lambda cls, f, p: None)
+import fused_optim.kernels.numba as nb
+print(numba.config.CACHE_DIR)
+print(nb._any_kernel._cache._cache_path)
+"""
+
+
+def test_no_writable_cache_location_falls_back_to_a_temporary_one(tmp_path):
+    skip_unless_runnable("numba")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop("NUMBA_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", _NO_LOCATION], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    chosen, path = out.stdout.split()
+    assert chosen.startswith(str(tmp_path)) and path.startswith(chosen)
+
+
+def test_kernels_warmed_beside_the_sources_are_copied_to_the_cache_in_use(tmp_path,
+                                                                         monkeypatch):
+    from fused_optim.kernels.numba import _stale
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    beside, used = tmp_path / "beside", tmp_path / "used"
+    beside.mkdir()
+    ours = ["sgd.sgd_serial-70.py311.nbi", "sgd.sgd_serial-70.py311.1.nbc", _stale._STAMP]
+    for name in ours + ["userlib.f-1.py311.nbi"]:
+        (beside / name).write_text(name)
+    used.mkdir()
+    (used / ours[0]).write_text("newer")
+    fake = types.SimpleNamespace(_cache=types.SimpleNamespace(_cache_path=str(used)))
+    assert _stale.seed(fake, beside=str(beside)) == 2
+    assert sorted(p.name for p in used.iterdir()) == sorted(ours)
+    assert (used / ours[0]).read_text() == "newer"  # never overwritten
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(used))
+    assert _stale.seed(fake, beside=str(beside)) == 0  # the user's own cache: as it is
