@@ -145,7 +145,8 @@ import hashlib, importlib, json, sys, torch
 import fused_optim
 from fused_optim import _warmup
 torch.manual_seed(0)
-params = [torch.randn(300, 128, requires_grad=True), torch.randn(128, requires_grad=True)]
+rows = 300 if sys.argv[1] == "big" else 3  # over / under Numba's serial threshold
+params = [torch.randn(rows, 128, requires_grad=True), torch.randn(128, requires_grad=True)]
 opt = fused_optim.Adagrad(params, backend="numba")
 for i in range(6):
     g = torch.Generator().manual_seed(i)
@@ -172,27 +173,41 @@ def _env(cache, warmup):
     return env
 
 
-def test_processes_compiling_into_one_empty_cache_agree(tmp_path):
-    """Three processes at once into an empty cache (the background compile
-    on: each steps serially first, then on the parallel kernel), then one
-    that must load everything from the cache they left."""
-    skip_unless_runnable("numba")
-    assert 300 * 128 + 128 >= fused_optim.kernels.numba.SERIAL_BELOW  # the parallel path
-    procs = [subprocess.Popen([sys.executable, "-c", _STEPPER], env=_env(tmp_path, "1"),
+def _step_in_processes(cache, size, warmup, count=1):
+    procs = [subprocess.Popen([sys.executable, "-c", _STEPPER, size], env=_env(cache, warmup),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
+             for _ in range(count)]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-3000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
-    later = subprocess.run([sys.executable, "-c", _STEPPER], env=_env(tmp_path, "0"),
-                           capture_output=True, text=True, timeout=900)
-    assert later.returncode == 0, later.stderr[-3000:]
-    last = json.loads(later.stdout.strip().splitlines()[-1])
+    return outs
+
+
+def test_processes_compiling_into_one_empty_cache_agree(tmp_path):
+    """Three processes compiling the same kernel into one empty cache at
+    once, then one that must load it from the cache they left."""
+    skip_unless_runnable("numba")
+    outs = _step_in_processes(tmp_path, "small", "1", count=3)
+    (last,) = _step_in_processes(tmp_path, "small", "0")
     assert {o["digest"] for o in outs} == {last["digest"]}
-    assert all(o["parallel"] == 1 and o["serial"] == 1 for o in outs)
-    assert last["misses"] == 0 and last["parallel"] == 1
+    assert all(o["serial"] == 1 and o["parallel"] == 0 for o in outs + [last])
+    assert last["misses"] == 0
+
+
+def test_background_compile_gives_the_same_bits(tmp_path):
+    """From an empty cache a parallel batch steps on the serial kernel while
+    the parallel one compiles behind (both end up compiled in that process);
+    a later process loads both and runs every step on the parallel one: the
+    same bits."""
+    skip_unless_runnable("numba")
+    assert 300 * 128 + 128 >= fused_optim.kernels.numba.SERIAL_BELOW  # the parallel path
+    (first,) = _step_in_processes(tmp_path, "big", "1")
+    (last,) = _step_in_processes(tmp_path, "big", "0")
+    assert first["serial"] == 1 and first["parallel"] == 1
+    assert last["misses"] == 0 and last["parallel"] == 1 and last["serial"] == 0
+    assert first["digest"] == last["digest"]
 
 
 def test_warmup_command_fills_the_cache(tmp_path):
@@ -202,10 +217,8 @@ def test_warmup_command_fills_the_cache(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("Adagrad (defaults) float32: ")
-    later = subprocess.run([sys.executable, "-c", _STEPPER], env=_env(tmp_path, "0"),
-                           capture_output=True, text=True, timeout=900)
-    assert later.returncode == 0, later.stderr[-3000:]
-    assert json.loads(later.stdout.strip().splitlines()[-1])["misses"] == 0
+    for size in ("small", "big"):
+        assert _step_in_processes(tmp_path, size, "0")[0]["misses"] == 0
 
 
 def test_warmup_command_rejects_unknown_names(tmp_path):

@@ -34,3 +34,8 @@ def test_digest_covers_every_inlined_source():
 
 def test_no_cache_directory_yet_is_fine(tmp_path):
     assert _stale.check(_fake(tmp_path / "missing")) is False
+    # stamped at once: concurrent first processes then keep each other's kernels
+    assert (tmp_path / "missing" / _stale._STAMP).read_text() == _stale.digest()
+    (tmp_path / "missing" / "sgd.sgd_serial-73.py311.nbi").write_bytes(b"x")
+    assert _stale.check(_fake(tmp_path / "missing")) is False
+    assert (tmp_path / "missing" / "sgd.sgd_serial-73.py311.nbi").exists()

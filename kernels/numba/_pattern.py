@@ -36,6 +36,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import layout as L
+from . import _stale
 from ._walk import blocked, view, walk
 
 __all__ = ["PATTERNS", "NUMEL", "START", "NCOLS", "make_table", "split", "pattern",
@@ -175,3 +176,6 @@ def pattern(table, bounds, itemsize: int, k: int, m: int) -> None:
         return
     word_dtype(itemsize)  # the error for a size without a word type
     _pattern(table, bounds, itemsize, _PROTO[itemsize], k)
+
+
+_stale.light_loads(vars())  # warm-cache loads without Numba's full refresh

@@ -18,6 +18,7 @@ import numpy as np
 from numba import carray, njit, prange
 
 from .. import layout as L
+from . import _stale
 from ._memory import address, fma, load, store
 from ._precision import store_param
 from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
@@ -130,3 +131,6 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
         _on(lr_f32), scalars, _opt(c, inv_scale, inv_scale != 1.0), c(eps),
         _opt(c, weight_decay, weight_decay != 0), _on(maximize),
         *_store_options(batch, kahan_sum, stochastic_round)))
+
+
+_stale.light_loads(vars())  # warm-cache loads without Numba's full refresh

@@ -14,6 +14,7 @@ import numpy as np
 from numba import carray, njit, prange
 
 from .. import layout as L
+from . import _stale
 from ._memory import address, fma, load, store
 from ._precision import store_param
 from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
@@ -200,3 +201,6 @@ def advance_host_steps(table, *, lr, beta1, beta2):
     out = np.empty((table.shape[0], 2), dtype=np.float64)
     host_step_scalars(table, float(lr), float(beta1), float(beta2), out)
     return out
+
+
+_stale.light_loads(vars())  # warm-cache loads without Numba's full refresh

@@ -14,6 +14,7 @@ import numpy as np
 from numba import carray, njit, prange
 
 from .. import layout as L
+from . import _stale
 from ._memory import address, fma, load, store
 from ._precision import store_param
 from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
@@ -152,3 +153,6 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
         _opt(c, weight_decay, weight_decay != 0), c(momentum if use_momentum else 0.0),
         _on(maximize), _on(use_momentum), _on(centered),
         *_store_options(batch, kahan_sum, stochastic_round)))
+
+
+_stale.light_loads(vars())  # warm-cache loads without Numba's full refresh

@@ -11,6 +11,7 @@ bit-exact with torch in float32/float64 (tests/test_parity.py).
 from numba import njit, prange
 
 from .. import layout as L
+from . import _stale
 from ._memory import fma, load, store
 from ._precision import store_param
 from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
@@ -99,3 +100,6 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         c(-lr), _opt(c, weight_decay, weight_decay != 0), c(momentum),
         c(1.0 - dampening), _on(nesterov and momentum != 0), _on(maximize),
         _on(momentum != 0), *_store_options(batch, kahan_sum, stochastic_round)))
+
+
+_stale.light_loads(vars())  # warm-cache loads without Numba's full refresh
