@@ -2,23 +2,26 @@
 
 A compiled backend builds one specialization per optimizer, dtype and set
 of switches, the first time a step meets it; Numba keeps it in its disk
-cache. A fresh install pays the compilation in the
-first ``step()``, and every process pays loading the backend (Numba's import
-and the first kernel's load: about 0.6 s with a warm cache). Two ways to pay
-it elsewhere:
+cache. A fresh install pays the compilation in the first ``step()``, and
+every process pays loading the backend (Numba's import and the first
+kernel's load). Two ways to pay it elsewhere:
 
 * **at construction** (:func:`start`, on by default): the optimizer's
-  constructor hands a daemon thread a *shadow step*: a throwaway optimizer of
-  the same class, backend and param-group hyperparameters over one small
-  zero tensor per (group, dtype) bucket that a backend with
-  ``warm_numel`` (Numba) will update, sized by it to take the same entry
-  point, stepped once without hooks. It compiles or loads what the real
-  first step will use while the script builds its model and runs the first
-  forward and backward. It never touches the user's tensors, RNG (a fixed
-  stream seed), hooks or state; errors are dropped (the real step raises
-  them). CUDA buckets are left alone: a background launch could meet a CUDA
-  graph capture on another stream. ``FUSED_OPTIM_WARMUP=0`` turns it (and
-  the Numba backend's background compiles) off.
+  constructor hands a thread a *shadow step*: a throwaway optimizer of the
+  same class, backend and param-group hyperparameters over one small zero
+  tensor per (group, dtype) bucket that a backend with ``warm_numel``
+  (Numba) will update, sized by it to take the same entry point, stepped
+  once without hooks. It compiles or loads what the real first step will
+  use while the script builds its model and runs the first forward and
+  backward. It never touches the user's tensors, RNG (a fixed stream seed),
+  hooks or state; errors are dropped (the real step raises them). A process
+  that ends first waits for it (a compile cut short in a daemon thread
+  aborts the process at exit). CUDA buckets are left alone: a background
+  launch could meet a CUDA graph capture on another stream.
+  ``FUSED_OPTIM_WARMUP=0`` turns it (and the Numba backend's background
+  compiles) off. Forking while it imports Numba (a DataLoader's workers
+  right after the optimizer is built) leaves that import's module locks
+  held in the child: a child that then imports Numba itself would hang.
 * **ahead of time** (:func:`ahead_of_time`, ``fused-optim warmup``):
   compiles the common configurations' specializations into the disk cache,
   e.g. in a Dockerfile, before any training process starts.
@@ -96,7 +99,7 @@ def _quietly(cls, backend, buckets) -> None:
 
 
 def start(opt) -> threading.Thread | None:
-    """Begin warming ``opt``'s kernels up in a daemon thread (see the module docstring)."""
+    """Begin warming ``opt``'s kernels up in a thread (see the module docstring)."""
     if getattr(_local, "shadow", False) or not enabled():
         return None
     try:
@@ -111,7 +114,7 @@ def start(opt) -> threading.Thread | None:
             return None
         _seen.add(key)
         thread = threading.Thread(target=_quietly, args=(type(opt), opt.backend, buckets),
-                                  daemon=True, name="fused_optim-warmup")
+                                  daemon=False, name="fused_optim-warmup")
         _threads.append(thread)
     thread.start()
     return thread

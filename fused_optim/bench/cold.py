@@ -17,7 +17,8 @@ MLP (``--cold-width`` square layers, 4 of them); construct the optimizer;
 one forward and backward; ``step()``; a second forward, backward and step.
 Reported per process: the import of the optimizer package after torch, the
 constructor, the first and second ``step()``, the process's wall time from
-start to exit, and its peak resident memory (``ru_maxrss``).
+start to exit, and its peak resident memory over its whole life (the
+rusage ``wait4`` returns: a background compile the exit waits for counts).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import tempfile
 import time
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
@@ -61,8 +62,8 @@ opt.step()
 t8 = time.perf_counter()
 print(json.dumps(dict(import_torch=t1 - t0, import_optim=t2 - t1, construct=t4 - t3,
                       forward_backward=t5 - t4, first_step=t6 - t5, second_step=t8 - t7,
-                      peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      params=sum(p.numel() for p in model.parameters()))))
+                      params=sum(p.numel() for p in model.parameters()),
+                      module=optim.__file__)))
 """
 
 #: the configurations issue 16 names: SGD with momentum and AdamW, defaults otherwise
@@ -70,15 +71,27 @@ CONFIGS = ("SGD", "AdamW")
 FIGURES = ("import_optim", "construct", "first_step", "second_step", "wall", "peak_rss_mib")
 
 
-def _child(impl, name, width, env) -> dict:
+def _child(impl, name, width, env, cwd=None) -> dict:
+    """One fresh process: its own figures, its wall time from start to exit,
+    and its peak resident memory over its whole life (``wait4``'s rusage:
+    background compiles that the exit waits for included)."""
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, impl, name, str(width)],
-                         capture_output=True, text=True, env=env, timeout=900)
-    wall = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise RuntimeError(f"cold-start child ({impl} {name}) failed:\n{out.stderr[-3000:]}")
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    # (run from a scratch directory: a checkout in the working directory
+    # would shadow the installed package, or the one PYTHONPATH names)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, impl, name, str(width)],
+                                stdout=out, stderr=err, text=True, env=env, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"cold-start child ({impl} {name}) failed:\n{stderr[-3000:]}")
+    res = json.loads(stdout.strip().splitlines()[-1])
     res["wall"] = wall
+    res["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
     return res
 
 
@@ -112,7 +125,7 @@ def measure(runs: int = 5, width: int = 1024, configs=CONFIGS, extra_env=(),
                 # compile cut short by the exit)
                 d = warm_dirs[(name, label)] = os.path.join(tmp, f"warm-{name}-{len(warm_dirs)}")
                 _child("fused", name, width, {**base, **env, "NUMBA_CACHE_DIR": d,
-                                              "FUSED_OPTIM_WARMUP": "0"})
+                                              "FUSED_OPTIM_WARMUP": "0"}, cwd=tmp)
         count = 0
         for r in range(runs):
             order = [(n, v) for n in configs for v in variants]
@@ -128,11 +141,12 @@ def measure(runs: int = 5, width: int = 1024, configs=CONFIGS, extra_env=(),
                     child_env["NUMBA_CACHE_DIR"] = os.path.join(tmp, f"empty-{count}")
                 if progress is not None:
                     progress(f"round {r + 1}/{runs}: {name} {variant}")
-                res = _child(impl, name, width, child_env)
+                res = _child(impl, name, width, child_env, cwd=tmp)
                 slot = results.setdefault((name, variant), {f: [] for f in FIGURES})
                 for f in FIGURES:
                     slot[f].append(res[f])
                 slot.setdefault("params", res["params"])
+                slot.setdefault("module", res["module"])
     return results
 
 
@@ -160,5 +174,5 @@ def to_json(results: dict, settings: dict) -> dict:
             "results": [{"optimizer": name, "variant": variant,
                          **{f: figs[f] for f in FIGURES},
                          "median": {f: statistics.median(figs[f]) for f in FIGURES},
-                         "params": figs.get("params")}
+                         "params": figs.get("params"), "module": figs.get("module")}
                         for (name, variant), figs in results.items()]}

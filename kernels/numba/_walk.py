@@ -147,7 +147,8 @@ def launch(parallel_fn, serial_fn, parallel, args) -> None:
     :func:`background` allows, a parallel batch whose specialization is
     neither compiled nor in the disk cache runs serially (compiling that
     first, in the step) and then starts a background thread compiling the
-    parallel one; later steps take it once it is there. Numba's compiler
+    parallel one; later steps take it once it is there (a process that ends
+    first waits for it at exit). Numba's compiler
     lock keeps one compilation at a time (hence serial first); calling an
     entry point already compiled for its argument types takes no lock.
     """
@@ -164,7 +165,11 @@ def launch(parallel_fn, serial_fn, parallel, args) -> None:
         if key not in _PENDING:
             types = tuple(parallel_fn.typeof_pyval(a) for a in args)
             thread = _PENDING[key] = threading.Thread(
-                target=_compile_quietly, args=(parallel_fn, types), daemon=True,
+                # not a daemon: a process ending while LLVM compiles in a
+                # daemon thread aborts ("terminate called without an active
+                # exception"); the exit waits for the compile instead, which
+                # then is in the disk cache for the next process
+                target=_compile_quietly, args=(parallel_fn, types), daemon=False,
                 name="fused_optim-numba-compile")
             thread.start()
 
