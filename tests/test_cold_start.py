@@ -273,3 +273,42 @@ def test_kernels_warmed_beside_the_sources_are_copied_to_the_cache_in_use(tmp_pa
     assert (used / ours[0]).read_text() == "newer"  # never overwritten
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(used))
     assert _stale.seed(fake, beside=str(beside)) == 0  # the user's own cache: as it is
+
+
+# ---------------------------------------------------------------- the cold-start report
+
+
+def test_cold_start_report_interleaves_fresh_processes(monkeypatch):
+    """measure() runs every variant in every round (shuffled), each empty-cache
+    run in a directory of its own and every warm one in the directory its
+    fill run left; the table and JSON carry medians (the children stubbed)."""
+    from fused_optim.bench import cold
+
+    seen = []
+
+    def child(impl, name, width, env, cwd=None):
+        seen.append((impl, name, env.get("NUMBA_CACHE_DIR"), env.get("FUSED_OPTIM_WARMUP"),
+                     env.get("X")))
+        return dict(import_optim=0.01, construct=0.1, forward_backward=0.0,
+                    first_step=0.5 if impl == "fused" else 0.02, second_step=0.001,
+                    wall=1.0, peak_rss_mib=400.0, params=10, module="m")
+
+    monkeypatch.setattr(cold, "_child", child)
+    results = cold.measure(runs=3, width=8, configs=("SGD",), extra_env=["X=1"])
+    fills, runs = seen[:2], seen[2:]
+    assert all(f[3] == "0" for f in fills)  # filled by a process compiling in its step
+    assert len(runs) == 3 * 5
+    empties = [r[2] for r in runs if r[0] == "fused" and "empty" in r[2]]
+    assert len(empties) == len(set(empties)) == 6
+    warm = {r[2] for r in runs if r[0] == "fused" and "warm" in r[2]}
+    assert warm == {f[2] for f in fills}
+    assert {r[4] for r in runs} == {None, "1"}
+    assert set(results) == {("SGD", v) for v in (
+        "torch.optim", "fused_optim (warm cache)", "fused_optim (empty cache)",
+        "fused_optim X=1 (warm cache)", "fused_optim X=1 (empty cache)")}
+    table = cold.format_table(results)
+    assert "medians over 3 fresh processes" in table and "500" in table
+    doc = cold.to_json(results, {})
+    assert doc["results"][0]["median"]["wall"] == 1.0
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        cold.measure(runs=0, extra_env=["nokey"])

@@ -330,7 +330,7 @@ def _cold(args) -> list:
     if args.cold_runs < 1 or args.cold_width < 1:
         raise BenchError("--cold-runs and --cold-width must be at least 1")
     try:
-        cold.measure(runs=0, extra_env=args.cold_env)  # validates --cold-env only
+        cold._parse_env(args.cold_env)
     except ValueError as err:
         raise BenchError(str(err)) from None
     show = None if args.no_progress else (lambda msg: print(msg, file=sys.stderr, flush=True))
