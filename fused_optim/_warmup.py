@@ -53,9 +53,8 @@ def enabled() -> bool:
 
 
 def _buckets(opt) -> list:
-    """``(hyperparameters, dtype, numel)`` per group and CPU dtype a warmable backend updates."""
+    """``(hyperparameters, dtype, numel)`` per group and CPU dtype (no backend imported)."""
     out = []
-    cpu = torch.device("cpu")
     for group in opt.param_groups:
         sizes: dict = {}
         for p in group["params"]:
@@ -63,14 +62,24 @@ def _buckets(opt) -> list:
                 dtype = p.dtype.to_real() if p.is_complex() else p.dtype
                 sizes[dtype] = sizes.get(dtype, 0) + p.numel() * (2 if p.is_complex() else 1)
         hyper = {k: v for k, v in group.items() if k != "params"}
-        for dtype, numel in sizes.items():
-            try:
-                mod = _backend.select(opt.backend, cpu, dtype)
-            except RuntimeError:
-                continue  # the step raises why
-            warm = getattr(mod, "warm_numel", None)
-            if numel and warm is not None:
-                out.append((hyper, dtype, int(warm(numel))))
+        out += [(hyper, dtype, numel) for dtype, numel in sizes.items() if numel]
+    return out
+
+
+def _warmable(backend, buckets) -> list:
+    """The buckets whose backend has ``warm_numel``, sized by it. Imports the
+    backends, so it runs in the warm-up thread, not in the constructor (Numba's
+    import alone is a few hundred ms)."""
+    out = []
+    cpu = torch.device("cpu")
+    for hyper, dtype, numel in buckets:
+        try:
+            mod = _backend.select(backend, cpu, dtype)
+        except RuntimeError:
+            continue  # the step raises why
+        warm = getattr(mod, "warm_numel", None)
+        if warm is not None:
+            out.append((hyper, dtype, int(warm(numel))))
     return out
 
 
@@ -93,7 +102,9 @@ def shadow_step(cls, backend, buckets) -> None:
 
 def _quietly(cls, backend, buckets) -> None:
     try:
-        shadow_step(cls, backend, buckets)
+        buckets = _warmable(backend, buckets)
+        if buckets:
+            shadow_step(cls, backend, buckets)
     except Exception:  # noqa: BLE001 - the real step raises whatever this met
         pass
 
@@ -146,17 +157,17 @@ def ahead_of_time(names=None, dtypes=None, *, report=print) -> list:
     os.environ[ENV_VAR] = "0"  # compile every entry point here, not behind
     out = []
     try:
-        cpu = torch.device("cpu")
         for name in names:
             cls = _registry.get(name).cls
             for config in COMMON_CONFIGS.get(name, [{}]):
                 for dtype in dtypes:
-                    mod = _backend.select("auto", cpu, dtype)
-                    warm = getattr(mod, "warm_numel", None)
-                    if warm is None:
+                    # the smallest and largest batches: each entry point once
+                    sizes = {n for _, _, n in _warmable("auto", [(config, dtype, 1),
+                                                                  (config, dtype, 1 << 62)])}
+                    if not sizes:
                         continue
                     t0 = time.perf_counter()
-                    for numel in sorted({warm(1), warm(1 << 62)}):
+                    for numel in sorted(sizes):
                         shadow_step(cls, "auto", [(dict(config), dtype, numel)])
                     out.append((name, config, dtype, time.perf_counter() - t0))
                     report(f"{name} {config or '(defaults)'} {str(dtype).removeprefix('torch.')}: "

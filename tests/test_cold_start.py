@@ -135,7 +135,9 @@ def test_warmup_is_off_under_the_environment_switch(monkeypatch):
 
 def test_reference_backend_buckets_are_not_warmed():
     opt = fused_optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1, backend="torch")
-    assert _warmup._buckets(opt) == []
+    buckets = _warmup._buckets(opt)
+    assert [(d, n) for _, d, n in buckets] == [(torch.float32, 3)]
+    assert _warmup._warmable(opt.backend, buckets) == []
 
 
 # ---------------------------------------------------------------- processes and the cache
