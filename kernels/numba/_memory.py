@@ -170,14 +170,27 @@ PREFETCH_BYTES = 2048
 _LINE = 64
 
 
-@njit(inline="always")
-def prefetch_block(a, start, n):
+def prefetch_block(a, start, n):  # pragma: no cover - replaced by the overload below
     """Prefetch elements ``[start, start + BLOCK)`` of view ``a``, clipped to ``n``."""
-    if start < n:
-        base = a.ctypes.data + start * a.itemsize
-        for k in range(0, min(BLOCK, n - start) * a.itemsize, _LINE):
-            prefetch(base + k)
+    raise NotImplementedError
 
+
+@overload(prefetch_block, inline="always")
+def _prefetch_block_impl(a, start, n):
+    if isinstance(a, types.NoneType):
+        return lambda a, start, n: None
+
+    def impl(a, start, n):
+        if start < n:
+            base = a.ctypes.data + start * a.itemsize
+            for k in range(0, min(BLOCK, n - start) * a.itemsize, _LINE):
+                prefetch(base + k)
+    return impl
+
+
+# An absent state array is a None (see _walk): code behind ``if s is not None``
+# is still typed, though it then compiles to nothing, so load and store take
+# None too (a 0.0 and a no-op that never run).
 
 def load(a, i):  # pragma: no cover - replaced by the overload below
     raise NotImplementedError
@@ -189,6 +202,8 @@ def store(a, i, v):  # pragma: no cover
 
 @overload(load, inline="always")
 def _load_impl(a, i):
+    if isinstance(a, types.NoneType):
+        return lambda a, i: np.float32(0.0)
     dt = a.dtype
     if dt == types.float32 or dt == types.float64:
         return lambda a, i: a[i]
@@ -201,6 +216,8 @@ def _load_impl(a, i):
 
 @overload(store, inline="always")
 def _store_impl(a, i, v):
+    if isinstance(a, types.NoneType):
+        return lambda a, i, v: None
     dt = a.dtype
     if dt == types.float32 or dt == types.float64:
         def impl(a, i, v):

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, types
+from numba.extending import overload
 
 from .. import layout as L
 from . import _stale
-from ._walk import blocked, view, walk
+from ._walk import no_rows, parallel
 
 __all__ = ["PATTERNS", "NUMEL", "START", "NCOLS", "make_table", "split", "pattern",
            "word_dtype"]
@@ -105,56 +106,44 @@ def split(numel: int, chunks: int | None = None) -> np.ndarray:
 
 
 @njit(inline="always")
-def _xor_element(j, w0, src, w1, w2, w3, _comp, _sr, _x0, _x1, _x2, _x3, _x4, _x5, _x6,
-                 _x7, _x8, _x9, _x10, _x11):
+def _xor_element(j, w0, src, w1, w2, w3, _comp, _sr, _x, _r):
     """XOR ``src[j]`` into ``w0[j]`` and each of ``w1..w3`` that is not None.
 
     Run by the optimizer kernels' span (``_walk.blocked``: blocks of BLOCK
     elements, each prefetching the block PREFETCH_BYTES ahead in every
     array, then a tail). With a plain loop this "ceiling" ran 5-7% slower
     than the prefetching SGD kernel on resnet50-shaped lists. Absent arrays
-    are None, pruned at compile time: a loop over the arrays inside the
-    element loop would not vectorise.
+    are None, chosen by type at compile time, as the optimizers' absent
+    states are: a loop over the arrays inside the element loop would not
+    vectorise.
     """
     x = src[j]
     w0[j] = w0[j] ^ x
-    if w1 is not None:
-        w1[j] = w1[j] ^ x
-    if w2 is not None:
-        w2[j] = w2[j] ^ x
-    if w3 is not None:
-        w3[j] = w3[j] ^ x
+    _xor_into(w1, j, x)
+    _xor_into(w2, j, x)
+    _xor_into(w3, j, x)
 
 
-@njit(inline="always")
-def _xor_row(table, row, off, n, itemsize, word, span, element, w0, src, _comp, _sr, k,
-             _x1, _x2, _x3, _x4, _x5, _x6, _x7, _x8, _x9, _x10, _x11):
-    # (the span's comp and sr slots, the param store's options, stay None)
-    if k == 2:
-        span(element, n, w0, src, None, None, None, None, None, None, None, None, None,
-             None, None, None, None, None, None, None, None)
-    elif k == 3:
-        span(element, n, w0, src, view(table, row, L.STATE0, off, n, itemsize, word),
-             None, None, None, None, None, None, None, None, None, None, None, None,
-             None, None, None, None)
-    elif k == 4:
-        span(element, n, w0, src, view(table, row, L.STATE0, off, n, itemsize, word),
-             view(table, row, L.STATE1, off, n, itemsize, word), None, None, None,
-             None, None, None, None, None, None, None, None, None, None, None, None)
-    else:
-        span(element, n, w0, src, view(table, row, L.STATE0, off, n, itemsize, word),
-             view(table, row, L.STATE1, off, n, itemsize, word),
-             view(table, row, L.STATE2, off, n, itemsize, word), None, None, None,
-             None, None, None, None, None, None, None, None, None, None, None)
+def _xor_into(w, j, x):  # pragma: no cover - the overload below
+    raise NotImplementedError
+
+
+@overload(_xor_into, inline="always")
+def _xor_into_impl(w, j, x):
+    if isinstance(w, types.NoneType):
+        return lambda w, j, x: None
+
+    def impl(w, j, x):
+        w[j] = w[j] ^ x
+    return impl
 
 
 @njit(parallel=True, cache=True)
-def _pattern(table, bounds, itemsize, word, k):
-    for c in prange(len(bounds) - 1):
-        # word: an empty array of the word type (cheap for numba to type)
-        walk(table, bounds[c], bounds[c + 1], itemsize, word, _xor_row, blocked,
-             _xor_element, None, None, k, None, None, None, None, None, None, None, None,
-             None, None, None)
+def _pattern(table, bounds, itemsize, word, rows, has0, has1, has2):
+    # word: an empty array of the word type (cheap for numba to type); the
+    # param store's options (Kahan, stochastic rounding) stay None
+    parallel(no_rows, _xor_element, table, bounds, itemsize, word, (), (), rows, has0, has1,
+             has2, None, None)
 
 
 def pattern(table, bounds, itemsize: int, k: int, m: int) -> None:
@@ -175,7 +164,9 @@ def pattern(table, bounds, itemsize: int, k: int, m: int) -> None:
     if table.shape[0] == 0:
         return
     word_dtype(itemsize)  # the error for a size without a word type
-    _pattern(table, bounds, itemsize, _PROTO[itemsize], k)
+    rows = np.zeros((table.shape[0], 3), dtype=np.float32)
+    _pattern(table, bounds, itemsize, _PROTO[itemsize], rows,
+             *(_PROTO[itemsize] if k > i else None for i in (2, 3, 4)))
 
 
 _stale.light_loads(vars())  # warm-cache loads without Numba's full refresh

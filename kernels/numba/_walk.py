@@ -1,75 +1,61 @@
-"""The Numba backend's shared machinery: work split, row walk, plain and blocked spans.
+"""The Numba backend's shared machinery: work split, row walk, spans, entry points, launcher.
 
-Every optimizer's kernel is the same loop nest; only the element update
-differs. Written once here:
+Every optimizer's kernel is the same loop nest; only the element update and
+the per-row scalars differ. An optimizer's kernel file
+(``kernels/numba/<name>.py``) declares:
 
-* launcher side (Python): :func:`_plan` (chunk edges ``bounds``, parallel or
-  serial, the view dtype and compute type of a batch), :func:`_amp`
-  (GradScaler's skip and inverse scale), :func:`_opt` / :func:`_on` (the
-  None-valued compile-time switches), :func:`_store_options` (the param
-  store's ``kahan_sum`` / ``stochastic_round`` switches), and
-  :data:`_PARALLEL`, the lock around every parallel region, and
-  :func:`launch`, which calls an entry point (the serial one while the
-  parallel one compiles in the background);
-* jitted side: :func:`walk` (a chunk ``[lo, hi)`` of the global element range
-  -> one slice per overlapped row), :func:`plain` (one loop over a slice, for
-  the serial kernels) and :func:`blocked` (the same in prefetching blocks, for
-  the parallel ones).
-
-Adding an optimizer's kernel (``kernels/numba/<name>.py``) takes four parts:
-
-1. ``_<name>_element(j, p, g, s0, s1, s2, comp, sr, x0, ..., x11)``,
+1. its batch scalars: names for the indices of ``x``, the tuple of scalars in
+   the compute type (float32, float64 for float64 tensors) that every element
+   receives. ``x[INV_SCALE]`` and ``x[MAXIMIZE]`` are shared (:func:`grad`);
+   the optimizer's own start at ``FIRST``. Switches that only change values
+   (maximize, weight decay on or off, nesterov, torch.lerp's side, ...) are
+   scalars too, 1.0 or 0.0, tested at run time (see "What is compiled").
+2. ``_<name>_rows(table, h, rows)``, ``@njit(inline="always")``: the
+   prologue, run once per launch before the walk. It advances step counters
+   and fills ``rows[row, 0..2]``, the per-row scalars (bias corrections, a
+   row flag), from ``h``, a tuple of float64 host hyperparameters.
+3. ``_<name>_element(j, p, g, s0, s1, s2, comp, sr, x, r)``,
    ``@njit(inline="always")``: the update of element ``j``. ``p``/``g`` are
    the param and grad views, ``s0..s2`` the state views (table columns
-   STATE0..STATE2; None when the optimizer or its switches do not use them),
-   ``x0..x11`` its scalars. Load and store through ``_memory.load`` /
-   ``store`` (they convert bf16/fp16), except the param, which is stored
-   with ``_precision.store_param(p, j, old, new, comp, sr)``: ``comp`` (the
-   Kahan compensation view, column COMP) and ``sr`` (the stochastic
-   rounding stream) come from :func:`walk`, None when off. :func:`grad`
-   gives the AMP-unscaled, maximize-negated gradient.
-2. ``_<name>_row(table, row, off, n, itemsize, view_dtype, span, element, p,
-   g, comp, sr, x0, ..., x11)``, ``@njit(inline="always")``: per row, make
-   the state views it needs (:func:`view`), pick anything that varies by row
-   (a flag, a scalar from a per-row array passed in a slot) and call
-   ``span(element, n, p, g, s0, s1, s2, comp, sr, y0, ..., y11)``.
-3. the jitted entry points, ``@njit(parallel=True, cache=True,
-   error_model="numpy")`` ``<name>_parallel`` calling ``walk(...)`` under
-   ``prange`` over ``bounds`` with :func:`blocked`, and ``@njit(cache=True,
-   error_model="numpy")`` ``<name>_serial`` calling it once with
-   :func:`plain`; both take the store switches ``kahan, sr_keys`` last and
-   hand them to ``walk``;
-4. the launcher ``<name>(batch, *, ..., kahan_sum=False,
-   stochastic_round=None)``: ``_amp``, ``_plan``, cast the scalars to the
-   compute type and call :func:`launch` with both entry points and the
-   arguments, ``*_store_options(...)`` last.
+   STATE0..2), None where the launcher says a state array is absent; ``r``
+   is the row's ``(rows[row, 0], rows[row, 1], rows[row, 2])``. Load and
+   store through ``_memory.load``/``store`` (they convert bf16/fp16), except
+   the param, stored with ``_precision.store_param(p, j, old, new, comp,
+   sr)`` (``comp``/``sr``: ``kahan_sum``/``stochastic_round``, None when off).
+4. its two entry points, each one call of :func:`parallel` or :func:`serial`
+   with the prologue and element (numba caches a kernel by its own function
+   and file, so each optimizer needs jitted functions of its own: a kernel
+   made by a factory, or taking the element as an argument, was never found
+   in the disk cache, and the latter cost 6 us a call to dispatch);
+5. the launcher, ``<name>(batch, *, <torch's hyperparameters>, grad_scale=None,
+   found_inf=None, kahan_sum=False, stochastic_round=None)``: one call of
+   :func:`run` with the scalars, the host tuple and which states exist.
 
-Why twelve positional slots rather than a tuple of scalars: a switch that
-is off is passed as None, and numba compiles the code behind ``if x is not
-None`` away only when ``x`` can be traced, through the inlined calls, back
-to an argument of the entry point or a literal None (numba's dead-branch
-pruning); a value unpacked from a tuple, or passed as ``*args`` (which the
-inliner refuses), cannot, and the untaken branch then fails to type. A
-non-inlined element that takes ``*args`` prunes, but stays a call and the
-loop no longer vectorises (numba 0.68: no packed instructions, about 2x slower
-on a 4M-element axpy). Unused slots take None; scalars that are never None
-may share a slot as a tuple.
+What is compiled: one specialization per storage type, per set of state
+arrays present (``has0..2``), per param-store option (Kahan, stochastic
+rounding) and per path (serial, parallel): what changes which arrays are
+streamed or how they are stored. Everything else is a run-time value:
+a switch that is off costs a compare on a loop-invariant scalar, which LLVM
+if-converts to a select (or unswitches), and keeps torch's bits: a
+disabled part is skipped, never computed with a neutral value, except the
+multiplications by exactly 1.0 (inverse scale, decoupled decay), which are
+exact for every input. Measured per switch, paired against the compile-time
+switches this replaced: see the issue-24 table in the README's "Compile
+cost" section.
 
-Measured against the per-optimizer walks and spans this replaced (the same
-process, old and new entry points alternated, 161 resnet50-shaped tensors
-of 25.6M elements, 2 threads, on the shared 2-core dev VM; median of 60
-paired new/old time ratios): SGD momentum fp32 1.01 (12.0 ms), bf16 1.00
-(16.0 ms); AdamW fp32 1.00 (24.0 ms), bf16 1.01 (38.1 ms): within the
-noise. The entry points compile to the same machine code as before (equal
-assembly length and packed-vector instruction counts for bf16 SGD and
-Adam, parallel and serial), compile no slower (one fresh-cache compile
-each), and give results bit for bit equal to the old kernels' (all four
-storage types, parallel and serial, the switches on and off).
+The state arrays and the param-store options reach the element as Nones
+when off, and their views when on, chosen by argument type (the
+``optional_view`` and ``stream`` overloads): ``has0..2`` and ``kahan`` are
+None or the view dtype's prototype array, ``sr_keys`` None or the keys. An
+``if has is None`` branch would not do: numba prunes it at compile time
+only when the argument is None, so a present array was typed as an
+Optional (both branches compiled, or the load overloads failed to type).
+Code behind ``if s is not None`` with ``s`` None is typed but compiles to
+nothing (``_memory.load``/``store`` take None for that).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
@@ -77,7 +63,8 @@ import threading
 import numba
 import numpy as np
 import torch
-from numba import carray, njit
+from numba import carray, njit, prange, types
+from numba.extending import overload
 
 from .. import layout as L
 from ..reference._precision import keys
@@ -93,7 +80,6 @@ SERIAL_BELOW = 1 << 15
 #: layer aborts the process when two Python threads start parallel regions
 #: at once (optimizers stepped from several threads).
 _PARALLEL = threading.Lock()
-_NO_LOCK = contextlib.nullcontext()
 #: Chunk edges fall on multiples of this many elements (a 64-byte line for
 #: float32 and wider) so that two threads rarely write the same cache line.
 ALIGN = 64
@@ -231,20 +217,10 @@ def wait_for_background(timeout: float | None = None) -> None:
         t.join(timeout)
 
 
-def _on(flag):
-    """A compile-time switch for the kernels: True, or None for off."""
-    return True if flag else None
-
-
-def _opt(c, value, used):
-    """A scalar in the compute type ``c``, or None where the kernel omits it."""
-    return c(value) if used else None
-
-
 def _store_options(batch, kahan_sum, stochastic_round):
     """(kahan, sr_keys): the param store's compile-time switches for a batch.
 
-    ``kahan`` True or None; ``sr_keys`` None or the stream keys ``(k0, k1)``
+    ``kahan`` the view dtype's prototype array (present) or None; ``sr_keys`` None or the stream keys ``(k0, k1)``
     (uint32) of ``stochastic_round = (seed, counter, salt)``. Both None for
     float32/float64 batches, which the options do not touch.
     """
@@ -255,7 +231,7 @@ def _store_options(batch, kahan_sum, stochastic_round):
         seed, counter, salt = stochastic_round
         k0, k1 = keys(int(seed), int(counter), int(salt))
         sr_keys = (np.uint32(k0), np.uint32(k1))
-    return (True if kahan_sum else None), sr_keys
+    return (_PROTO[str(batch.dtype).removeprefix("torch.")] if kahan_sum else None), sr_keys
 
 
 def _amp(grad_scale, found_inf):
@@ -271,6 +247,34 @@ def _amp(grad_scale, found_inf):
     return False, np.float32(1.0) / np.float32(float(grad_scale))
 
 
+#: Indices of the batch scalars every kernel shares (``x``): GradScaler's
+#: inverse scale (1.0 without one) and maximize (1.0 or 0.0). An optimizer's
+#: own scalars start at FIRST.
+INV_SCALE, MAXIMIZE, FIRST = 0, 1, 2
+
+
+def run(batch, kernels, scalars, *, maximize, host=(), states=(False, False, False),
+        grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None) -> None:
+    """Launch one optimizer's kernel over every row of ``batch``, in place.
+
+    ``kernels`` is its ``(parallel, serial)`` entry-point pair; ``scalars(c)``
+    gives its own batch scalars (``x[FIRST:]``), each then cast to the
+    compute type ``c``; ``host`` the float64 values its prologue reads;
+    ``states`` which of STATE0..2 exist (the compile-time part). With
+    ``found_inf`` nonzero nothing is written, steps included.
+    """
+    skip, inv_scale = _amp(grad_scale, found_inf)
+    if skip or batch.table is None or batch.table.shape[0] == 0:
+        return
+    bounds, par, view_dtype, itemsize, c = _plan(batch)
+    x = (c(inv_scale), c(1.0 if maximize else 0.0), *map(c, scalars(c)))
+    rows = np.empty((batch.table.shape[0], 3), dtype=c)
+    has0, has1, has2 = (view_dtype if s else None for s in states)
+    launch(kernels[0], kernels[1], par, (
+        batch.table, bounds, itemsize, view_dtype, tuple(map(float, host)), x, rows,
+        has0, has1, has2, *_store_options(batch, kahan_sum, stochastic_round)))
+
+
 # ------------------------------------------------------------------- jitted
 
 @njit(inline="always")
@@ -282,36 +286,59 @@ def view(table, row, col, off, n, itemsize, view_dtype):
     return carray(address(table[row, col] + off * itemsize), (n,), view_dtype.dtype)
 
 
+def optional_view(table, row, col, off, n, itemsize, view_dtype, present):  # pragma: no cover
+    """:func:`view`, or None where ``present`` is None: chosen by type (the overload)."""
+    raise NotImplementedError
+
+
+@overload(optional_view, inline="always")
+def _optional_view_impl(table, row, col, off, n, itemsize, view_dtype, present):
+    if isinstance(present, types.NoneType):
+        return lambda table, row, col, off, n, itemsize, view_dtype, present: None
+    return lambda table, row, col, off, n, itemsize, view_dtype, present: view(
+        table, row, col, off, n, itemsize, view_dtype)
+
+
+def stream(sr_keys, base):  # pragma: no cover
+    """The stochastic-rounding stream ``(k0, k1, base)``, or None where ``sr_keys`` is."""
+    raise NotImplementedError
+
+
+@overload(stream, inline="always")
+def _stream_impl(sr_keys, base):
+    if isinstance(sr_keys, types.NoneType):
+        return lambda sr_keys, base: None
+    return lambda sr_keys, base: (sr_keys[0], sr_keys[1], base)
+
+
 @njit(inline="always")
-def grad(g, j, inv_scale, maximize):
-    """Gradient element ``j`` as the update uses it: AMP-unscaled, maximize-negated."""
-    gj = load(g, j)
-    if inv_scale is not None:
-        gj = gj * inv_scale
-    if maximize is not None:
+def grad(g, j, x):
+    """Gradient element ``j`` as the update uses it: AMP-unscaled, maximize-negated.
+
+    The inverse scale is 1.0 without GradScaler: ``g * 1.0`` is ``g``, bit
+    for bit, for every input.
+    """
+    gj = load(g, j) * x[INV_SCALE]
+    if x[MAXIMIZE] != 0:
         gj = -gj
     return gj
 
 
 @njit(inline="always")
-def plain(element, n, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8,
-          x9, x10, x11):
+def plain(element, n, p, g, s0, s1, s2, comp, sr, x, r):
     """``element`` over ``n`` elements, one plain loop (the serial kernels' span).
 
-    Every optional argument is None when off, so each combination compiles
-    to a straight-line loop that LLVM vectorises. Measured on 25.6M fp32
-    elements: runtime flags ran at 0.89 of the read/write-pattern ceiling,
-    compile-time ones at 0.98; a stand-in view aliasing another array made
-    LLVM fall back to the scalar loop (bf16 Adam 17x slower).
+    Absent arrays are literal Nones, so each combination compiles to a loop
+    that streams only its arrays; the run-time switches in ``x`` and ``r``
+    are loop-invariant. A stand-in view aliasing another array instead of a
+    None made LLVM fall back to the scalar loop (bf16 Adam 17x slower).
     """
     for j in range(n):
-        element(j, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10,
-                x11)
+        element(j, p, g, s0, s1, s2, comp, sr, x, r)
 
 
 @njit(inline="always")
-def blocked(element, n, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7,
-            x8, x9, x10, x11):
+def blocked(element, n, p, g, s0, s1, s2, comp, sr, x, r):
     """:func:`plain` in blocks of ``BLOCK`` elements (the parallel kernels' span).
 
     Each block first prefetches the block ``PREFETCH_BYTES`` ahead in every
@@ -334,33 +361,30 @@ def blocked(element, n, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7
             prefetch_block(s1, o + ahead, n)
         if s2 is not None:
             prefetch_block(s2, o + ahead, n)
-        if s3 is not None:
-            prefetch_block(s3, o + ahead, n)
+        if comp is not None:
+            prefetch_block(comp, o + ahead, n)
         for j in range(o, o + BLOCK):
-            element(j, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8,
-                    x9, x10, x11)
+            element(j, p, g, s0, s1, s2, comp, sr, x, r)
     for j in range(full, n):
-        element(j, p, g, s0, s1, s2, s3, sr, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9,
-                x10, x11)
+        element(j, p, g, s0, s1, s2, comp, sr, x, r)
 
 
 @njit(inline="always")
-def walk(table, lo, hi, itemsize, view_dtype, row_fn, span, element, kahan, sr_keys,
-         x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11):
+def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1, has2,
+         kahan, sr_keys):
     """Elements ``[lo, hi)`` of the global range, row by row, as slice views.
 
     The rows' elements are laid end to end in ``[0, numel)`` (column START),
     which the launcher's ``bounds`` cuts into one chunk per thread. Each
-    overlap of the chunk with a row is processed as a view starting at
-    element 0 of the overlap: ``row_fn(table, row, off, n, itemsize,
-    view_dtype, span, element, p, g, comp, sr, x0, ..., x11)`` with the param
-    and grad views ``p``, ``g``; ``comp`` is the row's COMP view when
-    ``kahan`` is on, ``sr`` is ``(k0, k1, START + off)`` when ``sr_keys`` is
-    (the global index of the slice's element 0, so that stochastic rounding
-    draws the same bits whatever the thread split), each a literal None
-    otherwise. (A ``range(lo, hi)`` loop with a computed ``lo``
-    inside ``prange`` ran about 3x slower in the prototype than ``range(n)``
-    over a slice.)
+    overlap of the chunk with a row is processed as views starting at
+    element 0 of the overlap: ``span(element, n, p, g, s0, s1, s2, comp, sr,
+    x, r)``. ``s0..s2`` are the STATE0..2 views where ``has0..2`` is not
+    None, ``comp`` the COMP view where ``kahan`` is not, ``sr`` is ``(k0, k1,
+    START + off)`` where ``sr_keys`` is not (the global index of the slice's
+    element 0, so that stochastic rounding draws the same bits whatever the
+    thread split), each None otherwise. (A ``range(lo, hi)`` loop with a
+    computed ``lo`` inside ``prange`` ran about 3x slower in the prototype
+    than ``range(n)`` over a slice.)
     """
     starts = table[:, L.START]
     row = np.searchsorted(starts, lo, side="right") - 1
@@ -374,24 +398,36 @@ def walk(table, lo, hi, itemsize, view_dtype, row_fn, span, element, kahan, sr_k
         n = min(hi, end) - lo
         p = view(table, row, L.PARAM, off, n, itemsize, view_dtype)
         g = view(table, row, L.GRAD, off, n, itemsize, view_dtype)
-        # the param store's options (see _precision.store_param): literal
-        # Nones when off, so that each combination compiles on its own
-        if kahan is None:
-            if sr_keys is None:
-                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
-                       None, None, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
-            else:
-                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
-                       None, (sr_keys[0], sr_keys[1], start + off),
-                       x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
-        else:
-            comp = view(table, row, L.COMP, off, n, itemsize, view_dtype)
-            if sr_keys is None:
-                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
-                       comp, None, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
-            else:
-                row_fn(table, row, off, n, itemsize, view_dtype, span, element, p, g,
-                       comp, (sr_keys[0], sr_keys[1], start + off),
-                       x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11)
+        s0 = optional_view(table, row, L.STATE0, off, n, itemsize, view_dtype, has0)
+        s1 = optional_view(table, row, L.STATE1, off, n, itemsize, view_dtype, has1)
+        s2 = optional_view(table, row, L.STATE2, off, n, itemsize, view_dtype, has2)
+        comp = optional_view(table, row, L.COMP, off, n, itemsize, view_dtype, kahan)
+        sr = stream(sr_keys, start + off)
+        span(element, n, p, g, s0, s1, s2, comp, sr, x, (rows[row, 0], rows[row, 1],
+                                                         rows[row, 2]))
         lo += n
         row += 1
+
+
+@njit(inline="always")
+def parallel(prologue, element, table, bounds, itemsize, view_dtype, h, x, rows, has0,
+             has1, has2, kahan, sr_keys):
+    """A parallel entry point's body: the prologue, then one chunk per thread."""
+    prologue(table, h, rows)
+    for c in prange(len(bounds) - 1):
+        walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, blocked, element, x,
+             rows, has0, has1, has2, kahan, sr_keys)
+
+
+@njit(inline="always")
+def serial(prologue, element, table, bounds, itemsize, view_dtype, h, x, rows, has0,
+           has1, has2, kahan, sr_keys):
+    """A serial entry point's body: the prologue, then the whole range."""
+    prologue(table, h, rows)
+    walk(table, bounds[0], bounds[-1], itemsize, view_dtype, plain, element, x, rows,
+         has0, has1, has2, kahan, sr_keys)
+
+
+@njit(inline="always")
+def no_rows(table, h, rows):
+    """The prologue of an optimizer without per-row scalars or steps."""

@@ -15,23 +15,25 @@ Triton backend runs on the host for CUDA params whose steps live there.
 """
 
 import numpy as np
-from numba import carray, njit, prange
+from numba import carray, njit
 
 from .. import layout as L
 from . import _stale
 from ._memory import address, fma, load, store
 from ._precision import store_param
-from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
-                    plain, view, walk)
+from ._walk import FIRST, grad, parallel, run, serial
 
 __all__ = ["adagrad", "advance_host_steps"]
+
+# the batch scalars x[FIRST:]; HAS_WD is 1.0 (on) or 0.0
+EPS, WD, HAS_WD = range(FIRST, FIRST + 3)
 
 
 @njit(inline="always")
 def _adagrad_scalars(table, lr, lr_decay, lr_f32, out):
-    """Advance every row's step; ``out[row]`` = that step's clr (float64 math).
+    """Advance every row's step; ``out[row, 0]`` = that step's clr (float64 math).
 
-    Rows with no elements still count their step. ``lr_f32`` (not None):
+    Rows with no elements still count their step. ``lr_f32`` (nonzero):
     torch's float32 Tensor lr, whose division runs in float32.
     """
     for row in range(table.shape[0]):
@@ -44,55 +46,42 @@ def _adagrad_scalars(table, lr, lr_decay, lr_f32, out):
             s32[0] += np.float32(1.0)
             step = np.float64(s32[0])
         d = 1.0 + (step - 1.0) * lr_decay
-        if lr_f32 is not None:
-            out[row] = np.float32(lr) / np.float32(d)
+        if lr_f32 != 0:
+            out[row, 0] = np.float32(lr) / np.float32(d)
         else:
-            out[row] = lr / d
+            out[row, 0] = lr / d
 
 
 @njit(inline="always")
-def _adagrad_element(j, p, g, s, _s1, _s2, comp, sr, neg_clr, eps, inv_scale, weight_decay,
-                     maximize, _x5, _x6, _x7, _x8, _x9, _x10, _x11):
-    """Adagrad on element ``j`` (``s``: the ``sum`` state); None turns a part
-    off at compile time (``inv_scale``, ``weight_decay``, ``maximize``);
-    ``comp`` / ``sr``: the param store's options (``_precision.store_param``)."""
-    gj = grad(g, j, inv_scale, maximize)
+def _adagrad_rows(table, h, rows):
+    _adagrad_scalars(table, h[0], h[1], h[2], rows)
+
+
+@njit(inline="always")
+def _adagrad_element(j, p, g, s, _s1, _s2, comp, sr, x, r):
+    """Adagrad on element ``j`` (``s``: the ``sum`` state; ``r[0]``: the row's clr)."""
+    gj = grad(g, j, x)
     pj = load(p, j)
-    if weight_decay is not None:
-        gj = fma(pj, weight_decay, gj)
+    if x[HAS_WD] != 0:
+        gj = fma(pj, x[WD], gj)
     sj = fma(gj, gj, load(s, j))  # addcmul(value=1)
     store(s, j, sj)
-    std = np.sqrt(sj) + eps
-    store_param(p, j, pj, pj + (neg_clr * gj) / std, comp, sr)  # torch's addcdiv order
-
-
-@njit(inline="always")
-def _adagrad_row(table, row, off, n, itemsize, view_dtype, span, element, p, g, comp, sr,
-                 scalars, eps, inv_scale, weight_decay, maximize, _x5, _x6, _x7, _x8,
-                 _x9, _x10, _x11):
-    neg_clr = -scalars[row]
-    s = view(table, row, L.STATE0, off, n, itemsize, view_dtype)
-    span(element, n, p, g, s, None, None, comp, sr, neg_clr, eps, inv_scale, weight_decay,
-         maximize, None, None, None, None, None, None, None)
+    std = np.sqrt(sj) + x[EPS]
+    store_param(p, j, pj, pj + (-r[0] * gj) / std, comp, sr)  # torch's addcdiv order
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def adagrad_parallel(table, bounds, itemsize, view_dtype, lr, lr_decay, lr_f32, scalars,
-                     inv_scale, c_eps, c_wd, maximize, kahan, sr_keys):
-    _adagrad_scalars(table, lr, lr_decay, lr_f32, scalars)
-    for c in prange(len(bounds) - 1):
-        walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, _adagrad_row,
-             blocked, _adagrad_element, kahan, sr_keys, scalars, c_eps, inv_scale, c_wd, maximize,
-             None, None, None, None, None, None, None)
+def adagrad_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
+                     kahan, sr_keys):
+    parallel(_adagrad_rows, _adagrad_element, table, bounds, itemsize, view_dtype, h, x,
+             rows, has0, has1, has2, kahan, sr_keys)
 
 
 @njit(cache=True, error_model="numpy")
-def adagrad_serial(table, bounds, itemsize, view_dtype, lr, lr_decay, lr_f32, scalars,
-                   inv_scale, c_eps, c_wd, maximize, kahan, sr_keys):
-    _adagrad_scalars(table, lr, lr_decay, lr_f32, scalars)
-    walk(table, bounds[0], bounds[-1], itemsize, view_dtype, _adagrad_row, plain,
-         _adagrad_element, kahan, sr_keys, scalars, c_eps, inv_scale, c_wd, maximize, None, None, None,
-         None, None, None, None)
+def adagrad_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
+                   kahan, sr_keys):
+    serial(_adagrad_rows, _adagrad_element, table, bounds, itemsize, view_dtype, h, x, rows,
+           has0, has1, has2, kahan, sr_keys)
 
 
 @njit(cache=True, error_model="numpy")
@@ -106,9 +95,9 @@ def advance_host_steps(table, *, lr, lr_decay, lr_f32=False):
     For GPU backends whose steps live on the host (torch's default for CUDA
     params). Returns float64 ``[rows]``: each row's clr.
     """
-    out = np.empty(table.shape[0], dtype=np.float64)
-    _host_step_scalars(table, float(lr), float(lr_decay), _on(lr_f32), out)
-    return out
+    out = np.empty((table.shape[0], 1), dtype=np.float64)
+    _host_step_scalars(table, float(lr), float(lr_decay), 1.0 if lr_f32 else 0.0, out)
+    return out[:, 0]
 
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
@@ -120,17 +109,11 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
     ``stochastic_round``: how bfloat16/float16 params are stored
     (``_precision.store_param``).
     """
-    skip, inv_scale = _amp(grad_scale, found_inf)
-    if skip or batch.table is None or batch.table.shape[0] == 0:
-        return
-    bounds, parallel, view_dtype, itemsize, c = _plan(batch)
-    scalars = np.empty(batch.table.shape[0], dtype=c)
-    # None switches a part of the kernel off at compile time (see _walk.plain)
-    launch(adagrad_parallel, adagrad_serial, parallel, (
-        batch.table, bounds, itemsize, view_dtype, float(lr), float(lr_decay),
-        _on(lr_f32), scalars, _opt(c, inv_scale, inv_scale != 1.0), c(eps),
-        _opt(c, weight_decay, weight_decay != 0), _on(maximize),
-        *_store_options(batch, kahan_sum, stochastic_round)))
+    run(batch, (adagrad_parallel, adagrad_serial), lambda c: (
+        eps, weight_decay, weight_decay != 0), maximize=maximize,
+        host=(lr, lr_decay, 1.0 if lr_f32 else 0.0), states=(True, False, False),
+        grad_scale=grad_scale, found_inf=found_inf, kahan_sum=kahan_sum,
+        stochastic_round=stochastic_round)
 
 
 _stale.light_loads(vars())  # warm-cache loads without Numba's full refresh

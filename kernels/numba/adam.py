@@ -11,17 +11,21 @@ Triton backend runs on the host for CUDA params whose steps live there.
 """
 
 import numpy as np
-from numba import carray, njit, prange
+from numba import carray, njit
 
 from .. import layout as L
 from . import _stale
 from ._memory import address, fma, load, store
 from ._precision import store_param
-from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
-                    plain, view, walk)
+from ._walk import FIRST, grad, parallel, run, serial
 
 __all__ = ["adam", "advance_host_steps"]
 
+# the batch scalars x[FIRST:]; switches are 1.0 (on) or 0.0. torch.lerp(m, g,
+# 1 - beta1) is fma(LERP_W, g - m, m), or fma(LERP_W, g - m, g) from the grad's
+# side (LERP_FROM_GRAD) where the weight is at least 0.5, LERP_W then beta1 - 1
+LERP_W, LERP_FROM_GRAD, BETA2, ONE_MINUS_BETA2, EPS, WD, HAS_WD, DECAY = range(
+    FIRST, FIRST + 8)
 
 @njit(inline="always")
 def _nanmax(a, b):
@@ -83,77 +87,48 @@ def _div_by_row_constant(x, d, inv_d):
 
 
 @njit(inline="always")
-def _adam_element(j, p, g, m, v, vmax, comp, sr, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
-                  inv_scale, beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
-                  weight_decay, decay, maximize):
-    """Adam on element ``j``; None turns a part off at compile time.
+def _adam_rows(table, h, rows):
+    _adam_scalars(table, h[0], h[1], h[2], rows)
 
-    ``vmax`` None: no amsgrad. ``weight_decay`` (L2) and ``decay``
-    (decoupled) are None when unused. ``beta1_minus_1`` is None when
-    torch.lerp takes its small-weight side. ``comp`` / ``sr``: the param
-    store's options (``_precision.store_param``).
+
+@njit(inline="always")
+def _adam_element(j, p, g, m, v, vmax, comp, sr, x, r):
+    """Adam on element ``j``; ``vmax`` is None without amsgrad.
+
+    ``r``: the row's step size, sqrt of the second bias correction and its
+    reciprocal (:func:`_adam_scalars`). L2 decay (``HAS_WD``) is skipped when
+    off; decoupled decay multiplies by ``DECAY``, which is exactly 1.0 when off.
     """
-    gj = grad(g, j, inv_scale, maximize)
+    gj = grad(g, j, x)
     pj = old = load(p, j)
-    if decay is not None:
-        pj = pj * decay
-    if weight_decay is not None:
-        gj = fma(pj, weight_decay, gj)
+    pj = pj * x[DECAY]
+    if x[HAS_WD] != 0:
+        gj = fma(pj, x[WD], gj)
     mj = load(m, j)
     # torch.lerp's two-sided formula, as its CPU kernel evaluates it
-    if beta1_minus_1 is None:
-        mj = fma(one_minus_beta1, gj - mj, mj)
-    else:
-        mj = fma(beta1_minus_1, gj - mj, gj)
-    vj = fma(one_minus_beta2 * gj, gj, load(v, j) * beta2)
+    mj = fma(x[LERP_W], gj - mj, gj if x[LERP_FROM_GRAD] != 0 else mj)
+    vj = fma(x[ONE_MINUS_BETA2] * gj, gj, load(v, j) * x[BETA2])
     store(m, j, mj)
     store(v, j, vj)
     if vmax is not None:
         vj = _nanmax(load(vmax, j), vj)
         store(vmax, j, vj)
-    denom = _div_by_row_constant(np.sqrt(vj), bc2_sqrt, inv_bc2_sqrt) + eps
-    store_param(p, j, old, pj + (neg_step_size * mj) / denom, comp, sr)  # torch's addcdiv order
-
-
-@njit(inline="always")
-def _adam_row(table, row, off, n, itemsize, view_dtype, span, element, p, g, comp, sr,
-              scalars, inv_scale, beta1_minus_1, beta2, one_minus_beta1,
-              one_minus_beta2, eps, weight_decay, decay, amsgrad, maximize, _x11):
-    neg_step_size = -scalars[row, 0]
-    bc2_sqrt = scalars[row, 1]
-    inv_bc2_sqrt = scalars[row, 2]
-    m = view(table, row, L.STATE0, off, n, itemsize, view_dtype)
-    v = view(table, row, L.STATE1, off, n, itemsize, view_dtype)
-    if amsgrad is None:
-        span(element, n, p, g, m, v, None, comp, sr, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
-             inv_scale, beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
-             weight_decay, decay, maximize)
-    else:
-        vmax = view(table, row, L.STATE2, off, n, itemsize, view_dtype)
-        span(element, n, p, g, m, v, vmax, comp, sr, neg_step_size, bc2_sqrt, inv_bc2_sqrt,
-             inv_scale, beta1_minus_1, beta2, one_minus_beta1, one_minus_beta2, eps,
-             weight_decay, decay, maximize)
+    denom = _div_by_row_constant(np.sqrt(vj), r[1], r[2]) + x[EPS]
+    store_param(p, j, old, pj + (-r[0] * mj) / denom, comp, sr)  # torch's addcdiv order
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def adam_parallel(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
-                  scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
-                  c_decay, amsgrad, maximize, kahan, sr_keys):
-    _adam_scalars(table, lr, beta1, beta2, scalars)
-    for c in prange(len(bounds) - 1):
-        walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, _adam_row, blocked,
-             _adam_element, kahan, sr_keys, scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps,
-             c_wd, c_decay, amsgrad, maximize, None)
+def adam_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
+                  sr_keys):
+    parallel(_adam_rows, _adam_element, table, bounds, itemsize, view_dtype, h, x, rows,
+             has0, has1, has2, kahan, sr_keys)
 
 
 @njit(cache=True, error_model="numpy")
-def adam_serial(table, bounds, itemsize, view_dtype, lr, beta1, beta2,
-                scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps, c_wd,
-                c_decay, amsgrad, maximize, kahan, sr_keys):
-    _adam_scalars(table, lr, beta1, beta2, scalars)
-    walk(table, bounds[0], bounds[-1], itemsize, view_dtype, _adam_row, plain,
-         _adam_element, kahan, sr_keys, scalars, inv_scale, c_b1m1, c_beta2, c_omb1, c_omb2, c_eps,
-         c_wd, c_decay, amsgrad, maximize, None)
+def adam_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
+                sr_keys):
+    serial(_adam_rows, _adam_element, table, bounds, itemsize, view_dtype, h, x, rows, has0,
+           has1, has2, kahan, sr_keys)
 
 
 @njit(cache=True, error_model="numpy")
@@ -171,21 +146,18 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
     ``kahan_sum`` / ``stochastic_round``: how bfloat16/float16 params are
     stored (``_precision.store_param``).
     """
-    skip, inv_scale = _amp(grad_scale, found_inf)
-    if skip or batch.table is None or batch.table.shape[0] == 0:
-        return
-    bounds, parallel, view_dtype, itemsize, c = _plan(batch)
-    scalars = np.empty((batch.table.shape[0], 3), dtype=c)
     decoupled = decoupled_weight_decay and weight_decay != 0
-    omb1 = c(1.0 - beta1)
-    # None switches a part of the kernel off at compile time (see _walk.plain)
-    launch(adam_parallel, adam_serial, parallel, (
-        batch.table, bounds, itemsize, view_dtype, float(lr), float(beta1),
-        float(beta2), scalars, _opt(c, inv_scale, inv_scale != 1.0),
-        _opt(c, omb1 - c(1.0), not omb1 < 0.5), c(beta2), omb1, c(1.0 - beta2),
-        c(eps), _opt(c, weight_decay, weight_decay != 0 and not decoupled),
-        _opt(c, 1.0 - lr * weight_decay, decoupled), _on(amsgrad), _on(maximize),
-        *_store_options(batch, kahan_sum, stochastic_round)))
+
+    def scalars(c):
+        omb1 = c(1.0 - beta1)
+        from_grad = not omb1 < 0.5
+        return (omb1 - c(1.0) if from_grad else omb1, from_grad, beta2, 1.0 - beta2, eps,
+                weight_decay, weight_decay != 0 and not decoupled,
+                1.0 - lr * weight_decay if decoupled else 1.0)
+
+    run(batch, (adam_parallel, adam_serial), scalars, maximize=maximize,
+        host=(lr, beta1, beta2), states=(True, True, amsgrad), grad_scale=grad_scale,
+        found_inf=found_inf, kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 
 def advance_host_steps(table, *, lr, beta1, beta2):

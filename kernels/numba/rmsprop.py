@@ -11,16 +11,21 @@ backend runs on the host for CUDA params whose steps live there.
 """
 
 import numpy as np
-from numba import carray, njit, prange
+from numba import carray, njit
 
 from .. import layout as L
 from . import _stale
 from ._memory import address, fma, load, store
 from ._precision import store_param
-from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
-                    plain, view, walk)
+from ._walk import FIRST, grad, parallel, run, serial
 
 __all__ = ["rmsprop", "advance_steps"]
+
+# the batch scalars x[FIRST:]; switches are 1.0 (on) or 0.0. grad_avg.lerp_(g,
+# 1 - alpha) is fma(LERP_W, g - a, a), or fma(LERP_W, g - a, g) from the
+# grad's side (LERP_FROM_GRAD) where |1 - alpha| >= 0.5, LERP_W then -alpha
+NEG_LR, ALPHA, ONE_MINUS_ALPHA, LERP_W, LERP_FROM_GRAD, EPS, WD, HAS_WD, MOMENTUM = range(
+    FIRST, FIRST + 9)
 
 
 @njit(inline="always")
@@ -36,85 +41,49 @@ def _advance(table):
 
 
 @njit(inline="always")
-def _rmsprop_element(j, p, g, sq, buf, gavg, comp, sr, inv_scale, neg_lr, alpha, oma, oma_m1, eps,
-                     weight_decay, momentum, maximize, _x9, _x10, _x11):
-    """RMSprop on element ``j``; None turns a part off at compile time.
+def _rmsprop_rows(table, h, rows):
+    _advance(table)
 
-    ``sq`` square_avg; ``buf`` None: no momentum; ``gavg`` None: not
-    centered; ``oma_m1`` None: torch.lerp's small-weight side;
-    ``inv_scale``, ``weight_decay``, ``maximize`` None: unused. ``comp`` /
-    ``sr``: the param store's options (``_precision.store_param``).
-    """
-    gj = grad(g, j, inv_scale, maximize)
+
+@njit(inline="always")
+def _rmsprop_element(j, p, g, sq, buf, gavg, comp, sr, x, r):
+    """RMSprop on element ``j``: ``sq`` square_avg; ``buf`` None without
+    momentum; ``gavg`` None unless centered."""
+    gj = grad(g, j, x)
     pj = load(p, j)
-    if weight_decay is not None:
-        gj = fma(pj, weight_decay, gj)  # grad.add(param, alpha=wd)
+    if x[HAS_WD] != 0:
+        gj = fma(pj, x[WD], gj)  # grad.add(param, alpha=wd)
     # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-    sj = fma(oma * gj, gj, load(sq, j) * alpha)
+    sj = fma(x[ONE_MINUS_ALPHA] * gj, gj, load(sq, j) * x[ALPHA])
     store(sq, j, sj)
     if gavg is not None:
         aj = load(gavg, j)
         # grad_avg.lerp_(grad, 1 - alpha): torch.lerp's two-sided formula
-        if oma_m1 is None:
-            aj = fma(oma, gj - aj, aj)
-        else:
-            aj = fma(oma_m1, gj - aj, gj)
+        aj = fma(x[LERP_W], gj - aj, gj if x[LERP_FROM_GRAD] != 0 else aj)
         store(gavg, j, aj)
         sj = fma(-aj, aj, sj)  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
-    avg = np.sqrt(sj) + eps
+    avg = np.sqrt(sj) + x[EPS]
     if buf is not None:
-        bj = load(buf, j) * momentum + gj / avg  # buf.mul_(momentum).addcdiv_(grad, avg)
+        bj = load(buf, j) * x[MOMENTUM] + gj / avg  # buf.mul_(momentum).addcdiv_(grad, avg)
         store(buf, j, bj)
-        store_param(p, j, pj, fma(bj, neg_lr, pj), comp, sr)  # param.add_(buf, alpha=-lr)
+        store_param(p, j, pj, fma(bj, x[NEG_LR], pj), comp, sr)  # param.add_(buf, alpha=-lr)
     else:
         # param.addcdiv_(grad, avg, value=-lr)
-        store_param(p, j, pj, pj + (neg_lr * gj) / avg, comp, sr)
-
-
-@njit(inline="always")
-def _rmsprop_row(table, row, off, n, itemsize, view_dtype, span, element, p, g, comp, sr,
-                 inv_scale, neg_lr, alpha, oma, oma_m1, eps, weight_decay, momentum,
-                 maximize, use_momentum, centered, _x11):
-    """Views of STATE0 square_avg, STATE1 momentum_buffer, STATE2 grad_avg."""
-    sq = view(table, row, L.STATE0, off, n, itemsize, view_dtype)
-    if use_momentum is None:
-        if centered is None:
-            span(element, n, p, g, sq, None, None, comp, sr, inv_scale, neg_lr, alpha, oma,
-                 oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
-        else:
-            gavg = view(table, row, L.STATE2, off, n, itemsize, view_dtype)
-            span(element, n, p, g, sq, None, gavg, comp, sr, inv_scale, neg_lr, alpha, oma,
-                 oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
-    else:
-        buf = view(table, row, L.STATE1, off, n, itemsize, view_dtype)
-        if centered is None:
-            span(element, n, p, g, sq, buf, None, comp, sr, inv_scale, neg_lr, alpha, oma,
-                 oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
-        else:
-            gavg = view(table, row, L.STATE2, off, n, itemsize, view_dtype)
-            span(element, n, p, g, sq, buf, gavg, comp, sr, inv_scale, neg_lr, alpha, oma,
-                 oma_m1, eps, weight_decay, momentum, maximize, None, None, None)
+        store_param(p, j, pj, pj + (x[NEG_LR] * gj) / avg, comp, sr)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def rmsprop_parallel(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, alpha, oma,
-                     oma_m1, eps, weight_decay, momentum, maximize, use_momentum,
-                     centered, kahan, sr_keys):
-    _advance(table)
-    for c in prange(len(bounds) - 1):
-        walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, _rmsprop_row,
-             blocked, _rmsprop_element, kahan, sr_keys, inv_scale, neg_lr, alpha, oma, oma_m1, eps,
-             weight_decay, momentum, maximize, use_momentum, centered, None)
+def rmsprop_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
+                     kahan, sr_keys):
+    parallel(_rmsprop_rows, _rmsprop_element, table, bounds, itemsize, view_dtype, h, x,
+             rows, has0, has1, has2, kahan, sr_keys)
 
 
 @njit(cache=True, error_model="numpy")
-def rmsprop_serial(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, alpha, oma,
-                   oma_m1, eps, weight_decay, momentum, maximize, use_momentum, centered,
+def rmsprop_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
                    kahan, sr_keys):
-    _advance(table)
-    walk(table, bounds[0], bounds[-1], itemsize, view_dtype, _rmsprop_row, plain,
-         _rmsprop_element, kahan, sr_keys, inv_scale, neg_lr, alpha, oma, oma_m1, eps, weight_decay,
-         momentum, maximize, use_momentum, centered, None)
+    serial(_rmsprop_rows, _rmsprop_element, table, bounds, itemsize, view_dtype, h, x, rows,
+           has0, has1, has2, kahan, sr_keys)
 
 
 @njit(cache=True, error_model="numpy")
@@ -140,19 +109,17 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
     ``stochastic_round``: how bfloat16/float16 params are stored
     (``_precision.store_param``).
     """
-    skip, inv_scale = _amp(grad_scale, found_inf)
-    if skip or batch.table is None or batch.table.shape[0] == 0:
-        return
-    bounds, parallel, view_dtype, itemsize, c = _plan(batch)
-    oma = c(1.0 - alpha)
     use_momentum = momentum > 0
-    # None switches a part of the kernel off at compile time (see _walk.plain)
-    launch(rmsprop_parallel, rmsprop_serial, parallel, (
-        batch.table, bounds, itemsize, view_dtype, _opt(c, inv_scale, inv_scale != 1.0),
-        c(-lr), c(alpha), oma, _opt(c, oma - c(1.0), not abs(oma) < 0.5), c(eps),
-        _opt(c, weight_decay, weight_decay != 0), c(momentum if use_momentum else 0.0),
-        _on(maximize), _on(use_momentum), _on(centered),
-        *_store_options(batch, kahan_sum, stochastic_round)))
+
+    def scalars(c):
+        oma = c(1.0 - alpha)
+        from_grad = not abs(oma) < 0.5
+        return (-lr, alpha, oma, oma - c(1.0) if from_grad else oma, from_grad, eps,
+                weight_decay, weight_decay != 0, momentum if use_momentum else 0.0)
+
+    run(batch, (rmsprop_parallel, rmsprop_serial), scalars, maximize=maximize,
+        states=(True, use_momentum, centered), grad_scale=grad_scale, found_inf=found_inf,
+        kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 
 _stale.light_loads(vars())  # warm-cache loads without Numba's full refresh

@@ -1,85 +1,70 @@
-"""SGD for the Numba backend: its element update, entry points and launcher.
+"""SGD for the Numba backend: its scalars, element update, entry points and launcher.
 
-The row walk, spans and work split are shared (``_walk``). Scalars arrive
-already cast to the compute type (float32, or float64 for float64 tensors);
-element math never mixes in a float64 literal, so float32 data stays in
-float32 arithmetic. Each operation rounds where torch's for-loop rounds, with
-a fused multiply-add wherever torch's CPU kernel uses one (``add(alpha=)``):
-bit-exact with torch in float32/float64 (tests/test_parity.py).
+The row walk, spans, entry-point bodies and work split are shared
+(``_walk``). Scalars arrive already cast to the compute type (float32, or
+float64 for float64 tensors); element math never mixes in a float64
+literal, so float32 data stays in float32 arithmetic. Each operation rounds
+where torch's for-loop rounds, with a fused multiply-add wherever torch's
+CPU kernel uses one (``add(alpha=)``): bit-exact with torch in
+float32/float64 (tests/test_parity.py).
+
+State: STATE0 the momentum buffer (absent without momentum). Per row:
+``r[0]`` is 1.0 where the buffer was created this step (torch's first
+buffer is the gradient itself, undampened).
 """
 
-from numba import njit, prange
+from numba import njit
 
 from .. import layout as L
 from . import _stale
 from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import (_amp, _on, _opt, _plan, _store_options, blocked, grad, launch,
-                    plain, view, walk)
+from ._walk import FIRST, grad, parallel, run, serial
 
 __all__ = ["sgd"]
 
+# the batch scalars x[FIRST:]; switches are 1.0 (on) or 0.0
+NEG_LR, WD, HAS_WD, MOMENTUM, ONE_MINUS_DAMPENING, NESTEROV = range(FIRST, FIRST + 6)
+
 
 @njit(inline="always")
-def _sgd_element(j, p, g, b, _s1, _s2, comp, sr, fresh, inv_scale, neg_lr, weight_decay,
-                 momentum, one_minus_dampening, nesterov, maximize, _x8, _x9, _x10,
-                 _x11):
-    """SGD on element ``j``. ``b`` (the momentum buffer) is None without
-    momentum; ``fresh``, ``inv_scale``, ``weight_decay``, ``nesterov`` and
-    ``maximize`` are None when off; ``comp`` / ``sr``: the param store's
-    options (``_precision.store_param``)."""
-    gj = grad(g, j, inv_scale, maximize)
+def _sgd_rows(table, h, rows):
+    for row in range(table.shape[0]):
+        rows[row, 0] = 1.0 if table[row, L.FLAGS] & L.FLAG_ROW else 0.0
+
+
+@njit(inline="always")
+def _sgd_element(j, p, g, b, _s1, _s2, comp, sr, x, r):
+    """SGD on element ``j``; ``b`` (the momentum buffer) is None without momentum."""
+    gj = grad(g, j, x)
     pj = load(p, j)
-    if weight_decay is not None:
-        gj = fma(pj, weight_decay, gj)
+    if x[HAS_WD] != 0:
+        gj = fma(pj, x[WD], gj)
     if b is not None:
-        if fresh is not None:
-            bj = gj  # torch: the first buffer is the gradient, undampened
+        if r[0] != 0:
+            bj = gj  # a fresh buffer: torch's first buffer is the gradient
         else:
-            bj = fma(gj, one_minus_dampening, load(b, j) * momentum)
+            bj = fma(gj, x[ONE_MINUS_DAMPENING], load(b, j) * x[MOMENTUM])
         store(b, j, bj)
-        if nesterov is not None:
-            gj = fma(bj, momentum, gj)
+        if x[NESTEROV] != 0:
+            gj = fma(bj, x[MOMENTUM], gj)
         else:
             gj = bj
-    store_param(p, j, pj, fma(gj, neg_lr, pj), comp, sr)
-
-
-@njit(inline="always")
-def _sgd_row(table, row, off, n, itemsize, view_dtype, span, element, p, g, comp, sr,
-             use_momentum, inv_scale, neg_lr, weight_decay, momentum,
-             one_minus_dampening, nesterov, maximize, _x8, _x9, _x10, _x11):
-    if use_momentum is None:
-        span(element, n, p, g, None, None, None, comp, sr, None, inv_scale, neg_lr,
-             weight_decay, momentum, one_minus_dampening, nesterov, maximize,
-             None, None, None, None)
-    else:
-        b = view(table, row, L.STATE0, off, n, itemsize, view_dtype)
-        if table[row, L.FLAGS] & L.FLAG_FRESH:
-            span(element, n, p, g, b, None, None, comp, sr, True, inv_scale, neg_lr,
-                 weight_decay, momentum, one_minus_dampening, nesterov, maximize,
-                 None, None, None, None)
-        else:
-            span(element, n, p, g, b, None, None, comp, sr, None, inv_scale, neg_lr,
-                 weight_decay, momentum, one_minus_dampening, nesterov, maximize,
-                 None, None, None, None)
+    store_param(p, j, pj, fma(gj, x[NEG_LR], pj), comp, sr)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def sgd_parallel(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, weight_decay,
-                 momentum, one_minus_dampening, nesterov, maximize, use_momentum, kahan, sr_keys):
-    for c in prange(len(bounds) - 1):
-        walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, _sgd_row, blocked,
-             _sgd_element, kahan, sr_keys, use_momentum, inv_scale, neg_lr, weight_decay, momentum,
-             one_minus_dampening, nesterov, maximize, None, None, None, None)
+def sgd_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
+                 sr_keys):
+    parallel(_sgd_rows, _sgd_element, table, bounds, itemsize, view_dtype, h, x, rows, has0,
+             has1, has2, kahan, sr_keys)
 
 
 @njit(cache=True, error_model="numpy")
-def sgd_serial(table, bounds, itemsize, view_dtype, inv_scale, neg_lr, weight_decay,
-               momentum, one_minus_dampening, nesterov, maximize, use_momentum, kahan, sr_keys):
-    walk(table, bounds[0], bounds[-1], itemsize, view_dtype, _sgd_row, plain,
-         _sgd_element, kahan, sr_keys, use_momentum, inv_scale, neg_lr, weight_decay, momentum,
-         one_minus_dampening, nesterov, maximize, None, None, None, None)
+def sgd_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
+               sr_keys):
+    serial(_sgd_rows, _sgd_element, table, bounds, itemsize, view_dtype, h, x, rows, has0,
+           has1, has2, kahan, sr_keys)
 
 
 def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
@@ -90,16 +75,11 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
     ``1/grad_scale`` inside the same pass. ``kahan_sum`` / ``stochastic_round``:
     how bfloat16/float16 params are stored (``_precision.store_param``).
     """
-    skip, inv_scale = _amp(grad_scale, found_inf)
-    if skip or batch.table is None or batch.table.shape[0] == 0:
-        return
-    bounds, parallel, view_dtype, itemsize, c = _plan(batch)
-    # None switches a part of the kernel off at compile time (see _walk.plain)
-    launch(sgd_parallel, sgd_serial, parallel, (
-        batch.table, bounds, itemsize, view_dtype, _opt(c, inv_scale, inv_scale != 1.0),
-        c(-lr), _opt(c, weight_decay, weight_decay != 0), c(momentum),
-        c(1.0 - dampening), _on(nesterov and momentum != 0), _on(maximize),
-        _on(momentum != 0), *_store_options(batch, kahan_sum, stochastic_round)))
+    run(batch, (sgd_parallel, sgd_serial), lambda c: (
+        -lr, weight_decay, weight_decay != 0, momentum, 1.0 - dampening,
+        nesterov and momentum != 0), maximize=maximize, states=(momentum != 0, False, False),
+        grad_scale=grad_scale, found_inf=found_inf, kahan_sum=kahan_sum,
+        stochastic_round=stochastic_round)
 
 
 _stale.light_loads(vars())  # warm-cache loads without Numba's full refresh
