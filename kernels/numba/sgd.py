@@ -41,10 +41,11 @@ def _sgd_element(j, p, g, b, _s1, _s2, comp, sr, x, r):
     if x[HAS_WD] != 0:
         gj = fma(pj, x[WD], gj)
     if b is not None:
+        # loaded on fresh rows too: a load under the row's flag kept LLVM
+        # from vectorising the loop (bf16 SGD ran scalar)
+        bj = fma(gj, x[ONE_MINUS_DAMPENING], load(b, j) * x[MOMENTUM])
         if r[0] != 0:
             bj = gj  # a fresh buffer: torch's first buffer is the gradient
-        else:
-            bj = fma(gj, x[ONE_MINUS_DAMPENING], load(b, j) * x[MOMENTUM])
         store(b, j, bj)
         if x[NESTEROV] != 0:
             gj = fma(bj, x[MOMENTUM], gj)
