@@ -50,19 +50,17 @@ _ADAM_PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64",
 _STEPS_ARGS = {"table_ptr": "*i64", "hyper_ptr": "*fp64", "scal_ptr": "*fp64",
                "found_inf_ptr": "*fp32", "rows": "i32"}
 
-_SGD_SWITCHES = ("TAIL_ALIGNED", "USE_MOMENTUM", "NESTEROV", "MAXIMIZE", "HAS_WD",
-                 "HAS_GRAD_SCALE", "HAS_FOUND_INF")
-_ADAM_SWITCHES = ("TAIL_ALIGNED", "AMSGRAD", "MAXIMIZE", "HAS_WD", "DECOUPLED",
-                  "LERP_FROM_START", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
+#: The constexpr switches each launcher passes besides the storage type's and
+#: ALIGNED (KAHAN and SR, off here, are checked in test_precision_triton.py).
+#: MAXIMIZE, NESTEROV, weight decay, DECOUPLED and lerp's side are runtime
+#: values in the hyperparameter buffer: not specializations.
+_SGD_SWITCHES = ("TAIL_ALIGNED", "USE_MOMENTUM", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
+_ADAM_SWITCHES = ("TAIL_ALIGNED", "AMSGRAD", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
 
 
 def _possible(kernel: str, aligned: bool, sw: dict) -> bool:
     """Whether the launcher can pass these switches together."""
-    if sw["TAIL_ALIGNED"] and not aligned:
-        return False  # the tail class is a subset of the aligned one
-    if kernel == "sgd":
-        return sw["USE_MOMENTUM"] or not sw["NESTEROV"]  # NESTEROV needs momentum
-    return True
+    return aligned or not sw["TAIL_ALIGNED"]  # the tail class is a subset of the aligned one
 
 
 def specializations(full: bool):

@@ -413,10 +413,9 @@ from fused_optim.kernels import triton as tk
 _PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64",
          "scal_ptr": "*fp64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
          "counter_ptr": "*i64"}
-#: every switch on, both options on: the largest code of each kernel
-_ON = {"sgd": dict(USE_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, HAS_WD=True),
-       "adam": dict(AMSGRAD=True, MAXIMIZE=True, HAS_WD=True, DECOUPLED=False,
-                    LERP_FROM_START=True),
+#: every switch on, both options on: the largest code of each kernel (SGD's
+#: and Adam's flags that change only the arithmetic are runtime values)
+_ON = {"sgd": dict(USE_MOMENTUM=True), "adam": dict(AMSGRAD=True),
        "adagrad": dict(MAXIMIZE=True, HAS_WD=True),
        "rmsprop": dict(CENTERED=True, USE_MOMENTUM=True, MAXIMIZE=True, HAS_WD=True,
                        LERP_FROM_START=True)}
