@@ -383,10 +383,6 @@ def _common_args(batch):
                 BLOCK=BLOCK, VEC=16 // _ITEMSIZE[dtype])
 
 
-def _compute_np(dtype):
-    return np.float64 if dtype == torch.float64 else np.float32
-
-
 class _Prologue:
     """What every update launch of one batch reads besides its own scalars."""
 
