@@ -9,6 +9,7 @@ stdout. tests/test_triton_compile.py runs a covering subset in
 ``make test``; ``make compile-check`` runs the whole matrix.
 
     python tests/_compile_matrix.py [--full] [--archs 80,90] [--dtypes float64] [--jobs 2]
+    python tests/_compile_matrix.py [--full] --count    # specializations per arch
 """
 
 from __future__ import annotations
@@ -222,11 +223,21 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--check", action="store_true",
                     help="print only violations; exit 1 if there are any")
+    ap.add_argument("--count", action="store_true",
+                    help="print the number of specializations per arch and kernel; "
+                         "compile nothing")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.archs.split(",")]
     dtypes = args.dtypes.split(",")
-    jobs = [(*spec, cap) for spec in specializations(args.full) for cap in archs
-            if spec[0] == "adam_steps" or spec[1] in dtypes]
+    specs = [spec for spec in specializations(args.full)
+             if spec[0] == "adam_steps" or spec[1] in dtypes]
+    if args.count:
+        kernels = {}
+        for spec in specs:
+            kernels[spec[0]] = kernels.get(spec[0], 0) + 1
+        print(f"{len(specs)} per arch ({', '.join(f'{k} {n}' for k, n in kernels.items())})")
+        return 0
+    jobs = [(*spec, cap) for spec in specs for cap in archs]
     failed = 0
 
     def report(r):
