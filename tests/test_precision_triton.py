@@ -413,13 +413,10 @@ from fused_optim.kernels import triton as tk
 _PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64",
          "scal_ptr": "*fp64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
          "counter_ptr": "*i64"}
-#: every switch on, both options on: the largest code of each kernel
-_ON = {"sgd": dict(USE_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, HAS_WD=True),
-       "adam": dict(AMSGRAD=True, MAXIMIZE=True, HAS_WD=True, DECOUPLED=False,
-                    LERP_FROM_START=True),
-       "adagrad": dict(MAXIMIZE=True, HAS_WD=True),
-       "rmsprop": dict(CENTERED=True, USE_MOMENTUM=True, MAXIMIZE=True, HAS_WD=True,
-                       LERP_FROM_START=True)}
+#: every switch on, both options on: the largest code of each kernel (the
+#: flags that change only the arithmetic are runtime values, in every build)
+_ON = {"sgd": dict(USE_MOMENTUM=True), "adam": dict(AMSGRAD=True), "adagrad": {},
+       "rmsprop": dict(CENTERED=True, USE_MOMENTUM=True)}
 
 
 def facts(kernel, dname, cap):
@@ -431,9 +428,10 @@ def facts(kernel, dname, cap):
                  TAIL_ALIGNED=True, VEC=8, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True,
                  KAHAN=True, SR=True, **_ON[kernel])
     sig = {}
-    for n in fn.arg_names:
+    for n, param in zip(fn.arg_names, fn.params):
         sig[n] = _PTRS.get(n, "constexpr")
-        assert n in _PTRS or n in const, n
+        # (a constexpr with a default is one the launchers no longer pass)
+        assert n in _PTRS or n in const or param.has_default, n
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in sig if sig[n].startswith("*")}
     src = m.ASTSource(fn, sig, const, attrs)

@@ -4,7 +4,8 @@ No GPU is needed: tests/_compile_matrix.py compiles, in a subprocess without
 the interpreter, a covering subset of the specializations the launchers can
 produce (per kernel, dtype and ALIGNED: every switch on and every switch off;
 and the step kernel) for sm_80 and sm_90, and reads facts off the PTX and
-``ptxas -v``. ``make compile-check`` runs all 2,114 per arch.
+``ptxas -v``. ``make compile-check`` runs all of them (194 per arch; 2,114
+before the flags that change only the arithmetic became runtime values).
 """
 
 import json
@@ -35,9 +36,15 @@ def results():
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+_UPDATE_SWITCHES = {"sgd": _compile_matrix._SGD_SWITCHES,
+                    "adam": _compile_matrix._ADAM_SWITCHES}
+
+
 def test_every_covering_specialization_compiled(results):
     subset = list(_compile_matrix.specializations(full=False))
-    assert len(results) == len(subset) * len(ARCHS) == 68
+    # per update kernel, dtype and ALIGNED: all on and all off; the step kernel twice
+    assert len(subset) == len(_UPDATE_SWITCHES) * len(_compile_matrix.DTYPES) * 2 * 2 + 2
+    assert len(results) == len(subset) * len(ARCHS)
     seen = {(r["kernel"], r["dtype"], r["aligned"], json.dumps(r["switches"], sort_keys=True),
              r["arch"]) for r in results}
     assert len(seen) == len(results)
@@ -45,15 +52,20 @@ def test_every_covering_specialization_compiled(results):
 
 def test_full_matrix_is_what_the_launchers_can_produce():
     full = list(_compile_matrix.specializations(full=True))
-    # 4 dtypes x (ALIGNED with or without the tail hint, or neither) x (SGD: 6
-    # switches, less NESTEROV without momentum; Adam: 7), and the step
-    # kernel with and without found_inf
-    assert len(full) == 4 * 3 * ((2 ** 6 - 2 ** 4) + 2 ** 7) + 2 == 2114
+    # per dtype: (ALIGNED with or without the tail hint, or neither) x every
+    # other switch of the kernel, on or off; and the step kernel with and
+    # without found_inf
+    per_dtype = {k: 3 * 2 ** (len(names) - 1) for k, names in _UPDATE_SWITCHES.items()}
+    assert len(full) == len(_compile_matrix.DTYPES) * sum(per_dtype.values()) + 2
     for kernel, _, aligned, sw in full:
-        if kernel == "sgd":
-            assert sw["USE_MOMENTUM"] or not sw["NESTEROV"]
         if kernel != "adam_steps":
+            assert tuple(sw) == _UPDATE_SWITCHES[kernel]
             assert aligned or not sw["TAIL_ALIGNED"]
+    # the runtime flags are not kernel arguments: a launch cannot specialize on them
+    for kernel, fn in (("sgd", _compile_matrix._sgd._sgd_kernel),
+                       ("adam", _compile_matrix._adam._adam_kernel)):
+        runtime = {"MAXIMIZE", "HAS_WD", "NESTEROV", "DECOUPLED", "LERP_FROM_START"}
+        assert not runtime & set(fn.arg_names), kernel
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -94,12 +106,12 @@ def test_the_checks_can_fail(results):
 #: with device-side steps (benchmarks/results/compile-matrix-triton-3.9.txt).
 #: Moving the step logic out of the update kernel removed them; these two,
 #: outside the covering subset, stay as a regression check.
+#: (Their runtime flags, then all off but LERP_FROM_START, are now read from
+#: the hyperparameter buffer, in every build.)
 _FORMERLY_SPILLING = [
-    ("adam", "float32", True, dict(TAIL_ALIGNED=False, AMSGRAD=False, MAXIMIZE=False,
-                                   HAS_WD=False, DECOUPLED=False, LERP_FROM_START=True,
+    ("adam", "float32", True, dict(TAIL_ALIGNED=False, AMSGRAD=False,
                                    HAS_GRAD_SCALE=True, HAS_FOUND_INF=False), 80),
-    ("adam", "float64", True, dict(TAIL_ALIGNED=False, AMSGRAD=False, MAXIMIZE=False,
-                                   HAS_WD=False, DECOUPLED=False, LERP_FROM_START=True,
+    ("adam", "float64", True, dict(TAIL_ALIGNED=False, AMSGRAD=False,
                                    HAS_GRAD_SCALE=False, HAS_FOUND_INF=True), 90),
 ]
 

@@ -14,12 +14,19 @@ counters. Each optimizer's file (``sgd.py``, ``adam.py``) holds its
 helpers. Adding an optimizer ``<name>`` (``kernels/triton/<name>.py``):
 
 1. its hyperparameter slots (``<NAME>_LR, ..., <NAME>_NHYPER = range(k)``),
-   the float64 buffer the launcher uploads;
+   the float64 buffer the launcher uploads; its flags that change only the
+   arithmetic (maximize, nesterov, ...) go there too, as 1.0 or 0.0;
 2. a ``@triton.jit`` update kernel taking ``(table_ptr, map_ptr, hyper_ptr,
    ..., grad_scale_ptr, found_inf_ptr)`` and the constexprs of
    ``_common_args`` (ELEM, IS_BF16, COMPUTE, IS_F64, BLOCK, VEC), ALIGNED,
-   TAIL_ALIGNED, HAS_GRAD_SCALE, HAS_FOUND_INF and its own switches, and
-   last ``counter_ptr=None, KAHAN=False, SR=False``; it finds its row and
+   TAIL_ALIGNED, HAS_GRAD_SCALE, HAS_FOUND_INF, a switch per optional state
+   array (USE_MOMENTUM, AMSGRAD, ...), and last ``counter_ptr=None,
+   KAHAN=False, SR=False``. A constexpr is a compiled specialization, so
+   only what changes which arrays are streamed or how they are stored is
+   one; other flags are read from the buffer and applied with selects
+   (``tl.where``) that give each setting the arithmetic it had as a
+   constexpr (a zero weight decay selects the undecayed value rather than
+   computing ``fma(p, 0, g)``, NaN for an infinite param). It finds its row and
    chunk in the block map as ``_sgd_kernel`` does, moves data with
    ``_kernels._load`` / ``_store``, and stores the param through
    ``_kernels._store_param`` when KAHAN or SR (``kahan_sum`` /
@@ -374,10 +381,6 @@ def _common_args(batch):
     return dict(ELEM=_ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
                 COMPUTE=tl.float64 if is_f64 else tl.float32, IS_F64=is_f64,
                 BLOCK=BLOCK, VEC=16 // _ITEMSIZE[dtype])
-
-
-def _compute_np(dtype):
-    return np.float64 if dtype == torch.float64 else np.float32
 
 
 class _Prologue:

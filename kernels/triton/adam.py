@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import (NUM_WARPS, _STEP_ROWS, _check_host_steps, _compute_np, _device_context,
+from . import (NUM_WARPS, _STEP_ROWS, _check_host_steps, _device_context,
                _host_step_scalars, _launch_lock, _launch_updates, _log2, _precision_args,
                _prologue, _resident, _upload)
 from ._kernels import (_COMP, _GRAD, _NCOLS, _NUMEL, _PARAM, _START, _STATE0,
@@ -27,10 +27,11 @@ __all__ = ["adam"]
 _pkg = sys.modules[__package__]
 
 # Slots of the float64 hyperparameter buffer; the launcher writes them in this
-# order.
+# order. MAXIMIZE and DECOUPLED hold 1.0 or 0.0: runtime switches, so that
+# they add no compiled specialization (see the kernel's docstring).
 (ADAM_LR, ADAM_BETA1, ADAM_BETA2, ADAM_OMB1, ADAM_OMB2, ADAM_EPS, ADAM_WD,
  ADAM_DECAY, ADAM_LOG2_BETA1, ADAM_LOG2_BETA2, ADAM_BETA1_NEG, ADAM_BETA2_NEG,
- ADAM_NHYPER) = range(13)
+ ADAM_MAXIMIZE, ADAM_DECOUPLED, ADAM_NHYPER) = range(15)
 
 _ADAM_LR = tl.constexpr(ADAM_LR)
 _ADAM_BETA1 = tl.constexpr(ADAM_BETA1)
@@ -44,37 +45,31 @@ _ADAM_LOG2_BETA1 = tl.constexpr(ADAM_LOG2_BETA1)
 _ADAM_LOG2_BETA2 = tl.constexpr(ADAM_LOG2_BETA2)
 _ADAM_BETA1_NEG = tl.constexpr(ADAM_BETA1_NEG)
 _ADAM_BETA2_NEG = tl.constexpr(ADAM_BETA2_NEG)
+_ADAM_MAXIMIZE = tl.constexpr(ADAM_MAXIMIZE)
+_ADAM_DECOUPLED = tl.constexpr(ADAM_DECOUPLED)
 _ADAM_NHYPER = tl.constexpr(ADAM_NHYPER)
 
 
 @triton.jit
 def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, mask, step_size,
                 bc2_sqrt, beta1, beta2, omb1, omb2, eps, weight_decay, decay,
-                inv_scale, k0, k1, start, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
-                COMPUTE: tl.constexpr, IS_F64: tl.constexpr,
-                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
-                LERP_FROM_START: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                KAHAN: tl.constexpr, SR: tl.constexpr):
+                inv_scale, maximize, decay_grad, decay_param, lerp_from_start, k0, k1,
+                start, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
+                COMPUTE: tl.constexpr, IS_F64: tl.constexpr, AMSGRAD: tl.constexpr,
+                HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr):
     """The Adam update of one block (``mask`` None: a whole block); see ``_adam_kernel``."""
     g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
     if HAS_GRAD_SCALE:
         g = g * inv_scale
-    if MAXIMIZE:
-        g = -g
+    g = tl.where(maximize, -g, g)
     p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
     old = p  # the stored param, for the Kahan store
-    if HAS_WD:
-        if DECOUPLED:
-            p = p * decay
-        else:
-            g = tl.fma(p, weight_decay, g)
+    # selects, not a zero decay folded into the math: inf * 0 is NaN
+    g = tl.where(decay_grad, tl.fma(p, weight_decay, g), g)
+    p = tl.where(decay_param, p * decay, p)
     m = _load(m_ptr, offs, mask, IS_BF16, COMPUTE)
     # torch.lerp's two-sided formula, as its CPU kernel evaluates it
-    if LERP_FROM_START:
-        m = tl.fma(omb1, g - m, m)
-    else:
-        m = tl.fma(omb1 - 1.0, g - m, g)
+    m = tl.where(lerp_from_start, tl.fma(omb1, g - m, m), tl.fma(omb1 - 1.0, g - m, g))
     v = tl.fma(omb2 * g, g, _load(v_ptr, offs, mask, IS_BF16, COMPUTE) * beta2)
     _store(m_ptr, offs, m, mask, IS_BF16, ELEM)
     _store(v_ptr, offs, v, mask, IS_BF16, ELEM)
@@ -101,9 +96,7 @@ def _adam_kernel(
     table_ptr, map_ptr, hyper_ptr, scal_ptr, grad_scale_ptr, found_inf_ptr,
     ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
     IS_F64: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
-    DECOUPLED: tl.constexpr, LERP_FROM_START: tl.constexpr,
+    TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
 ):
@@ -117,18 +110,20 @@ def _adam_kernel(
     Args:
         table_ptr: int64 address table, ``[rows, NCOLS]``.
         map_ptr: int32 ``[programs, 2]`` block map: (row, chunk index).
-        hyper_ptr: float64 hyperparameters (``ADAM_*`` slots).
+        hyper_ptr: float64 hyperparameters (``ADAM_*`` slots), with the
+            runtime switches: MAXIMIZE and DECOUPLED (AdamW's decay of the
+            weights instead of the gradient) as 1.0 or 0.0; weight decay
+            where its float64 value is nonzero; and torch.lerp's side,
+            1 - beta1 < 0.5 in the compute type (the side of its two-sided
+            formula that keeps torch's rounding).
         scal_ptr: float64 ``[rows, 2]`` per-row scalars (see above).
         grad_scale_ptr: AMP scale, as in ``_sgd_kernel``.
         found_inf_ptr: AMP flag; nonzero masks every load and store.
         ELEM, IS_BF16, COMPUTE, IS_F64, BLOCK, ALIGNED, TAIL_ALIGNED, VEC: as
             in ``_sgd_kernel``.
-        AMSGRAD, MAXIMIZE: the torch flags.
-        HAS_WD: weight decay != 0.
-        DECOUPLED: AdamW's decay of the weights instead of the gradient.
-        LERP_FROM_START: 1 - beta1 < 0.5, the side of torch.lerp's two-sided
-            formula that keeps torch's rounding.
-        HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given.
+        AMSGRAD: the torch flag (STATE2 holds max_exp_avg_sq).
+        HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given (constexpr,
+            as in ``_sgd_kernel``).
         counter_ptr, KAHAN, SR: the param store's options, as in
             ``_sgd_kernel`` (seed and salt after ``ADAM_NHYPER``).
     """
@@ -152,6 +147,12 @@ def _adam_kernel(
     eps = tl.load(hyper_ptr + _ADAM_EPS).to(COMPUTE)
     weight_decay = tl.load(hyper_ptr + _ADAM_WD).to(COMPUTE)
     decay = tl.load(hyper_ptr + _ADAM_DECAY).to(COMPUTE)
+    maximize = tl.load(hyper_ptr + _ADAM_MAXIMIZE) != 0.0
+    decoupled = tl.load(hyper_ptr + _ADAM_DECOUPLED) != 0.0
+    has_wd = tl.load(hyper_ptr + _ADAM_WD) != 0.0  # float64, as the launcher's test was
+    decay_param = has_wd & decoupled
+    decay_grad = has_wd & (decoupled == 0)
+    lerp_from_start = omb1 < 0.5  # in COMPUTE, as torch.lerp tests its weight
     inv_scale = 1.0
     if HAS_GRAD_SCALE:
         inv_scale = tl.div_rn(tl.full((), 1.0, tl.float32),
@@ -184,15 +185,15 @@ def _adam_kernel(
     if (chunk + 1) * BLOCK <= bound:
         _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, None, step_size,
                     bc2_sqrt, beta1, beta2, omb1, omb2, eps, weight_decay, decay,
-                    inv_scale, k0, k1, start, ELEM, IS_BF16, COMPUTE, IS_F64, AMSGRAD,
-                    MAXIMIZE, HAS_WD, DECOUPLED, LERP_FROM_START, HAS_GRAD_SCALE,
+                    inv_scale, maximize, decay_grad, decay_param, lerp_from_start, k0,
+                    k1, start, ELEM, IS_BF16, COMPUTE, IS_F64, AMSGRAD, HAS_GRAD_SCALE,
                     KAHAN, SR)
     else:
         _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, offs < bound,
                     step_size, bc2_sqrt, beta1, beta2, omb1, omb2, eps,
-                    weight_decay, decay, inv_scale, k0, k1, start, ELEM, IS_BF16,
-                    COMPUTE, IS_F64, AMSGRAD, MAXIMIZE, HAS_WD, DECOUPLED,
-                    LERP_FROM_START, HAS_GRAD_SCALE, KAHAN, SR)
+                    weight_decay, decay, inv_scale, maximize, decay_grad, decay_param,
+                    lerp_from_start, k0, k1, start, ELEM, IS_BF16, COMPUTE, IS_F64,
+                    AMSGRAD, HAS_GRAD_SCALE, KAHAN, SR)
 
 
 @triton.jit
@@ -270,10 +271,10 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
         return
     device = batch.device
     table = batch.table
-    c = _compute_np(batch.dtype)
     hyper = [lr, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
              1.0 - lr * weight_decay, _log2(beta1), _log2(beta2),
-             float(beta1 < 0), float(beta2 < 0)]
+             float(beta1 < 0), float(beta2 < 0), float(bool(maximize)),
+             float(bool(decoupled_weight_decay))]
     assert len(hyper) == ADAM_NHYPER
     prec = _precision_args(batch, kahan_sum, stochastic_round)
     hyper += prec.slots
@@ -307,7 +308,4 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
             _launch_updates(
                 _adam_kernel, pro, batch, hyper, scal, pro.grad_scale, pro.found_inf,
                 counter_ptr=prec.counter, KAHAN=prec.kahan, SR=prec.sr,
-                AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
-                DECOUPLED=bool(decoupled_weight_decay),
-                # torch.lerp's side test on the weight as the kernel sees it
-                LERP_FROM_START=bool(c(1.0 - beta1) < 0.5))
+                AMSGRAD=bool(amsgrad))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import (NUM_WARPS, _check_host_steps, _compute_np, _device_context, _launch_lock,
+from . import (NUM_WARPS, _check_host_steps, _device_context, _launch_lock,
                _launch_updates, _precision_args, _prologue, _steps_on_device)
 from ._kernels import (_COMP, _GRAD, _NCOLS, _NUMEL, _PARAM, _START, _STATE0,
                        _STATE1, _STATE2, _load, _read_steps, _sr_keys, _store,
@@ -29,15 +29,17 @@ from ._kernels import (_COMP, _GRAD, _NCOLS, _NUMEL, _PARAM, _START, _STATE0,
 __all__ = ["rmsprop"]
 
 # Slots of the float64 hyperparameter buffer; the launcher writes them in this
-# order.
+# order. MAXIMIZE holds 1.0 or 0.0: a runtime switch, so that it adds no
+# compiled specialization.
 (RMSPROP_LR, RMSPROP_ALPHA, RMSPROP_OMA, RMSPROP_EPS, RMSPROP_WD, RMSPROP_MOMENTUM,
- RMSPROP_NHYPER) = range(7)
+ RMSPROP_MAXIMIZE, RMSPROP_NHYPER) = range(8)
 _LR = tl.constexpr(RMSPROP_LR)
 _ALPHA = tl.constexpr(RMSPROP_ALPHA)
 _OMA = tl.constexpr(RMSPROP_OMA)
 _EPS = tl.constexpr(RMSPROP_EPS)
 _WD = tl.constexpr(RMSPROP_WD)
 _MOMENTUM = tl.constexpr(RMSPROP_MOMENTUM)
+_MAXIMIZE = tl.constexpr(RMSPROP_MAXIMIZE)
 _NHYPER = tl.constexpr(RMSPROP_NHYPER)
 
 #: rows per program of the step kernel
@@ -46,33 +48,28 @@ _STEP_ROWS = 128
 
 @triton.jit
 def _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, mask, lr, alpha,
-                   oma, eps, weight_decay, momentum, inv_scale, k0, k1, start,
-                   ELEM: tl.constexpr,
+                   oma, eps, weight_decay, momentum, inv_scale, maximize, has_wd,
+                   lerp_from_start, k0, k1, start, ELEM: tl.constexpr,
                    IS_BF16: tl.constexpr, COMPUTE: tl.constexpr, IS_F64: tl.constexpr,
                    CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr,
-                   MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
-                   LERP_FROM_START: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                   KAHAN: tl.constexpr, SR: tl.constexpr):
+                   HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr):
     """The RMSprop update of one block (``mask`` None: a whole block)."""
     g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
     if HAS_GRAD_SCALE:
         g = g * inv_scale
-    if MAXIMIZE:
-        g = -g
+    g = tl.where(maximize, -g, g)
     p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
     old = p  # the stored param, for the Kahan store
-    if HAS_WD:
-        g = tl.fma(p, weight_decay, g)  # grad.add(param, alpha=wd)
+    # grad.add(param, alpha=wd); a select, not fma(p, 0, g): an infinite
+    # param would make that NaN
+    g = tl.where(has_wd, tl.fma(p, weight_decay, g), g)
     # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
     sq = tl.fma(oma * g, g, _load(sq_ptr, offs, mask, IS_BF16, COMPUTE) * alpha)
     _store(sq_ptr, offs, sq, mask, IS_BF16, ELEM)
     if CENTERED:
         ga = _load(ga_ptr, offs, mask, IS_BF16, COMPUTE)
         # grad_avg.lerp_(grad, 1 - alpha): torch.lerp's two-sided formula
-        if LERP_FROM_START:
-            ga = tl.fma(oma, g - ga, ga)
-        else:
-            ga = tl.fma(oma - 1.0, g - ga, g)
+        ga = tl.where(lerp_from_start, tl.fma(oma, g - ga, ga), tl.fma(oma - 1.0, g - ga, g))
         _store(ga_ptr, offs, ga, mask, IS_BF16, ELEM)
         sq = tl.fma(-ga, ga, sq)  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
     if IS_F64:
@@ -106,10 +103,13 @@ def _rmsprop_kernel(
     ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
     IS_F64: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
     TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr,
-    CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_WD: tl.constexpr, LERP_FROM_START: tl.constexpr,
+    CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
+    # runtime switches now; still accepted (and ignored) because the offline
+    # compile in tests/test_rmsprop.py passes them by name
+    MAXIMIZE: tl.constexpr = None, HAS_WD: tl.constexpr = None,
+    LERP_FROM_START: tl.constexpr = None,
 ):
     """RMSprop on one ``BLOCK`` chunk of one row (torch semantics, in place).
 
@@ -118,16 +118,17 @@ def _rmsprop_kernel(
             square_avg, STATE1 momentum_buffer (0 without momentum), STATE2
             grad_avg (0 unless centered).
         map_ptr: int32 ``[programs, 2]`` block map: (row, chunk index).
-        hyper_ptr: float64 hyperparameters (``RMSPROP_*`` slots).
+        hyper_ptr: float64 hyperparameters (``RMSPROP_*`` slots), with the
+            runtime switches: MAXIMIZE as 1.0 or 0.0; weight decay where
+            its float64 value is nonzero; and torch.lerp's side,
+            |1 - alpha| < 0.5 in the compute type.
         grad_scale_ptr, found_inf_ptr: AMP, as in ``sgd._sgd_kernel``.
         ELEM, IS_BF16, COMPUTE, IS_F64, BLOCK, ALIGNED, TAIL_ALIGNED, VEC: as
             in ``sgd._sgd_kernel``.
-        CENTERED, MAXIMIZE: the torch flags.
-        USE_MOMENTUM: momentum > 0.
-        HAS_WD: weight decay != 0.
-        LERP_FROM_START: |1 - alpha| < 0.5, the side of torch.lerp's
-            two-sided formula.
-        HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given.
+        CENTERED: the torch flag (STATE2 holds grad_avg).
+        USE_MOMENTUM: momentum > 0 (STATE1 holds momentum_buffer).
+        HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given (constexpr,
+            as in ``sgd._sgd_kernel``).
         counter_ptr, KAHAN, SR: the param store's options, as in
             ``sgd._sgd_kernel`` (seed and salt after ``RMSPROP_NHYPER``).
     """
@@ -149,6 +150,9 @@ def _rmsprop_kernel(
     eps = tl.load(hyper_ptr + _EPS).to(COMPUTE)
     weight_decay = tl.load(hyper_ptr + _WD).to(COMPUTE)
     momentum = tl.load(hyper_ptr + _MOMENTUM).to(COMPUTE)
+    maximize = tl.load(hyper_ptr + _MAXIMIZE) != 0.0
+    has_wd = tl.load(hyper_ptr + _WD) != 0.0  # float64, as the launcher's test was
+    lerp_from_start = tl.abs(oma) < 0.5  # in COMPUTE, as torch.lerp tests its weight
     inv_scale = 1.0
     if HAS_GRAD_SCALE:
         inv_scale = tl.div_rn(tl.full((), 1.0, tl.float32),
@@ -180,14 +184,14 @@ def _rmsprop_kernel(
 
     if (chunk + 1) * BLOCK <= bound:
         _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, None, lr,
-                       alpha, oma, eps, weight_decay, momentum, inv_scale, k0, k1, start,
-                       ELEM, IS_BF16, COMPUTE, IS_F64, CENTERED, USE_MOMENTUM, MAXIMIZE,
-                       HAS_WD, LERP_FROM_START, HAS_GRAD_SCALE, KAHAN, SR)
+                       alpha, oma, eps, weight_decay, momentum, inv_scale, maximize,
+                       has_wd, lerp_from_start, k0, k1, start, ELEM, IS_BF16, COMPUTE,
+                       IS_F64, CENTERED, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR)
     else:
         _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, offs < bound,
-                       lr, alpha, oma, eps, weight_decay, momentum, inv_scale, k0, k1,
-                       start, ELEM, IS_BF16, COMPUTE, IS_F64, CENTERED, USE_MOMENTUM,
-                       MAXIMIZE, HAS_WD, LERP_FROM_START, HAS_GRAD_SCALE, KAHAN, SR)
+                       lr, alpha, oma, eps, weight_decay, momentum, inv_scale, maximize,
+                       has_wd, lerp_from_start, k0, k1, start, ELEM, IS_BF16, COMPUTE,
+                       IS_F64, CENTERED, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR)
 
 
 @triton.jit
@@ -231,9 +235,9 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
     """
     if batch.table is None or batch.table.shape[0] == 0:
         return
-    c = _compute_np(batch.dtype)
     use_momentum = momentum > 0
-    hyper = [lr, alpha, 1.0 - alpha, eps, weight_decay, momentum if use_momentum else 0.0]
+    hyper = [lr, alpha, 1.0 - alpha, eps, weight_decay, momentum if use_momentum else 0.0,
+             float(bool(maximize))]
     assert len(hyper) == RMSPROP_NHYPER
     prec = _precision_args(batch, kahan_sum, stochastic_round)
     hyper += prec.slots
@@ -259,7 +263,4 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
             _launch_updates(
                 _rmsprop_kernel, pro, batch, pro.hyper, pro.grad_scale, pro.found_inf,
                 counter_ptr=prec.counter, KAHAN=prec.kahan, SR=prec.sr,
-                CENTERED=bool(centered), USE_MOMENTUM=bool(use_momentum),
-                MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
-                # torch.lerp's side test on the weight as the kernel sees it
-                LERP_FROM_START=bool(abs(c(1.0 - alpha)) < 0.5))
+                CENTERED=bool(centered), USE_MOMENTUM=bool(use_momentum))

@@ -15,32 +15,33 @@ from ._kernels import (_COMP, _FLAG_FRESH, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM
 __all__ = ["sgd"]
 
 # Slots of the float64 hyperparameter buffer; the launcher writes them in this
-# order.
-SGD_LR, SGD_WD, SGD_MOMENTUM, SGD_OMD, SGD_NHYPER = range(5)
+# order. NESTEROV and MAXIMIZE hold 1.0 or 0.0: runtime switches, so that
+# they add no compiled specialization (see the kernel's docstring).
+SGD_LR, SGD_WD, SGD_MOMENTUM, SGD_OMD, SGD_NESTEROV, SGD_MAXIMIZE, SGD_NHYPER = range(7)
 
 _SGD_LR = tl.constexpr(SGD_LR)
 _SGD_WD = tl.constexpr(SGD_WD)
 _SGD_MOMENTUM = tl.constexpr(SGD_MOMENTUM)
 _SGD_OMD = tl.constexpr(SGD_OMD)
+_SGD_NESTEROV = tl.constexpr(SGD_NESTEROV)
+_SGD_MAXIMIZE = tl.constexpr(SGD_MAXIMIZE)
 _SGD_NHYPER = tl.constexpr(SGD_NHYPER)
 
 
 @triton.jit
 def _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, mask, lr, weight_decay, momentum, omd,
-               inv_scale, not_fresh, k0, k1, start, ELEM: tl.constexpr,
-               IS_BF16: tl.constexpr, COMPUTE: tl.constexpr, USE_MOMENTUM: tl.constexpr,
-               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-               HAS_WD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+               inv_scale, not_fresh, nesterov, maximize, has_wd, k0, k1, start,
+               ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
+               USE_MOMENTUM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                KAHAN: tl.constexpr, SR: tl.constexpr):
     """The SGD update of one block (``mask`` None: a whole block); see ``_sgd_kernel``."""
     g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
     if HAS_GRAD_SCALE:
         g = g * inv_scale
-    if MAXIMIZE:
-        g = -g
+    g = tl.where(maximize, -g, g)
     p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
-    if HAS_WD:
-        g = tl.fma(p, weight_decay, g)
+    # a select, not fma(p, 0, g): an infinite param would make that NaN
+    g = tl.where(has_wd, tl.fma(p, weight_decay, g), g)
     if USE_MOMENTUM:
         if not_fresh:
             b = tl.fma(g, omd, _load(b_ptr, offs, mask, IS_BF16, COMPUTE) * momentum)
@@ -49,10 +50,7 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, mask, lr, weight_decay, momentu
             # fresh buffer is uninitialised memory and is not even read
             b = g
         _store(b_ptr, offs, b, mask, IS_BF16, ELEM)
-        if NESTEROV:
-            g = tl.fma(b, momentum, g)
-        else:
-            g = b
+        g = tl.where(nesterov, tl.fma(b, momentum, g), b)
     if KAHAN or SR:
         _store_param(p_ptr, c_ptr, offs, p, tl.fma(g, -lr, p), mask, k0, k1, start,
                      IS_BF16, ELEM, KAHAN, SR)
@@ -65,9 +63,8 @@ def _sgd_kernel(
     table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
     ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
     IS_F64: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr, USE_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_WD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
+    TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr, USE_MOMENTUM: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
 ):
     """SGD on one ``BLOCK`` chunk of one row (torch semantics, in place).
@@ -76,7 +73,9 @@ def _sgd_kernel(
         table_ptr: int64 address table, ``[rows, NCOLS]`` (see ``layout``).
         map_ptr: int32 ``[programs, 2]`` block map: (row, chunk index).
         hyper_ptr: float64 ``[SGD_NHYPER]``: lr, weight decay, momentum,
-            1 - dampening.
+            1 - dampening, and the runtime switches NESTEROV (with
+            momentum) and MAXIMIZE as 1.0 or 0.0. Weight decay applies
+            where its float64 value is nonzero, as the launcher's test was.
         grad_scale_ptr: AMP scale (if HAS_GRAD_SCALE); gradients are
             multiplied by its float32 reciprocal, as GradScaler.unscale_
             and the Numba backend do. The gradient tensors are not modified.
@@ -95,10 +94,10 @@ def _sgd_kernel(
             constant over each VEC-element group).
         VEC: elements per 16 bytes of the storage type.
         USE_MOMENTUM: momentum != 0 (STATE0 holds the momentum buffer).
-        NESTEROV, MAXIMIZE: the torch flags.
-        HAS_WD: weight decay != 0; a constexpr so that a zero decay never
-            multiplies an infinite param into a NaN.
-        HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given.
+        HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given. Kept
+            constexpr: Triton specializes a None argument as a constant
+            anyway, so runtime flags would save no compile unless the
+            launcher passed a dummy device buffer in place of None.
         counter_ptr: the int64 stochastic-rounding step counter (if SR),
             read here; seed and salt wait in the hyperparameter slots after
             ``SGD_NHYPER``. It and the two switches below default to off,
@@ -127,6 +126,11 @@ def _sgd_kernel(
     weight_decay = tl.load(hyper_ptr + _SGD_WD).to(COMPUTE)
     momentum = tl.load(hyper_ptr + _SGD_MOMENTUM).to(COMPUTE)
     omd = tl.load(hyper_ptr + _SGD_OMD).to(COMPUTE)
+    nesterov = tl.load(hyper_ptr + _SGD_NESTEROV) != 0.0
+    maximize = tl.load(hyper_ptr + _SGD_MAXIMIZE) != 0.0
+    # float64, as the launcher's `weight_decay != 0`: a decay that rounds to
+    # 0 in float32 still takes the fma, as before
+    has_wd = tl.load(hyper_ptr + _SGD_WD) != 0.0
     inv_scale = 1.0
     if HAS_GRAD_SCALE:
         # 1/scale rounded once to float32, whatever the compute type
@@ -155,12 +159,12 @@ def _sgd_kernel(
 
     if (chunk + 1) * BLOCK <= bound:
         _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, None, lr, weight_decay, momentum,
-                   omd, inv_scale, not_fresh, k0, k1, start, ELEM, IS_BF16, COMPUTE,
-                   USE_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, KAHAN, SR)
+                   omd, inv_scale, not_fresh, nesterov, maximize, has_wd, k0, k1, start,
+                   ELEM, IS_BF16, COMPUTE, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR)
     else:
         _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, offs < bound, lr, weight_decay,
-                   momentum, omd, inv_scale, not_fresh, k0, k1, start, ELEM, IS_BF16,
-                   COMPUTE, USE_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE,
+                   momentum, omd, inv_scale, not_fresh, nesterov, maximize, has_wd, k0,
+                   k1, start, ELEM, IS_BF16, COMPUTE, USE_MOMENTUM, HAS_GRAD_SCALE,
                    KAHAN, SR)
 
 
@@ -190,7 +194,9 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
     if batch.table is None or batch.table.shape[0] == 0:
         return
     use_momentum = momentum != 0
-    hyper = [lr, weight_decay, momentum, 1.0 - dampening]
+    hyper = [lr, weight_decay, momentum, 1.0 - dampening,
+             float(bool(nesterov) and use_momentum), float(bool(maximize))]
+    assert len(hyper) == SGD_NHYPER
     prec = _precision_args(batch, kahan_sum, stochastic_round)
     with _device_context(batch.device):
         pro = _prologue(batch, hyper + prec.slots, grad_scale, found_inf)
@@ -199,7 +205,4 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         with _launch_lock():
             _launch_updates(_sgd_kernel, pro, batch, pro.hyper, pro.grad_scale,
                             pro.found_inf, counter_ptr=prec.counter, KAHAN=prec.kahan,
-                            SR=prec.sr,
-                            USE_MOMENTUM=use_momentum,
-                            NESTEROV=bool(nesterov) and use_momentum,
-                            MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0)
+                            SR=prec.sr, USE_MOMENTUM=use_momentum)
