@@ -204,8 +204,7 @@ for cap in (80, 90):
     for dname, dtype in cm.DTYPES.items():
         for aligned in (True, False):
             for on in (True, False):
-                sw = dict(TAIL_ALIGNED=aligned and on, MAXIMIZE=on, HAS_WD=on,
-                          HAS_GRAD_SCALE=on, HAS_FOUND_INF=on)
+                sw = dict(TAIL_ALIGNED=aligned and on, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on)
                 const = dict(ELEM=tk._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
                              COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
                              IS_F64=dtype == torch.float64, BLOCK=tk.BLOCK, ALIGNED=aligned,
@@ -215,7 +214,7 @@ for cap in (80, 90):
                 warps = tk.num_warps(dtype, aligned, sw["TAIL_ALIGNED"])
                 jobs.append(("adagrad", dname, aligned, sw, cap, src, warps))
     for on in (True, False):
-        sw = dict(HAS_FOUND_INF=on, LR_F32=on)
+        sw = dict(HAS_FOUND_INF=on)
         src = source(ka._adagrad_steps_kernel, dict(BLOCK_R=ka._STEP_ROWS, **sw),
                      {"found_inf_ptr": not on})
         jobs.append(("adagrad_steps", "float64", False, sw, cap, src, tk.NUM_WARPS))

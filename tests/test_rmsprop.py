@@ -151,8 +151,7 @@ def test_momentum_switched_on_later_raises_torchs_key_error(backend):
 
 # ------------------------------------------------------------------ offline compile
 
-_SWITCHES = ("TAIL_ALIGNED", "CENTERED", "USE_MOMENTUM", "MAXIMIZE", "HAS_WD",
-             "LERP_FROM_START", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
+_SWITCHES = ("TAIL_ALIGNED", "CENTERED", "USE_MOMENTUM", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
 
 
 def _compile_facts(archs=(90,)):

@@ -82,9 +82,6 @@ def _adagrad_kernel(
     TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
-    # runtime switches now; still accepted (and ignored) because the offline
-    # compile in tests/test_adagrad.py passes them by name
-    MAXIMIZE: tl.constexpr = None, HAS_WD: tl.constexpr = None,
 ):
     """Adagrad on one ``BLOCK`` chunk of one row (torch semantics, in place).
 
@@ -146,16 +143,13 @@ def _adagrad_kernel(
 
 @triton.jit
 def _adagrad_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
-                          BLOCK_R: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                          LR_F32: tl.constexpr = None):
+                          BLOCK_R: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     """Advance device-side step counters; each row's clr for ``_adagrad_kernel``.
 
     One lane per row, launched before the update on the same stream. A
     skipped step (found_inf nonzero) leaves every counter as it is (the
     scalars are still written, and unused). The clr is rounded through
-    float32 where the slot ``AG_LR_F32`` is nonzero. (The LR_F32 constexpr
-    is ignored, and accepted only because tests/test_adagrad.py's offline
-    compile still passes it.)
+    float32 where the slot ``AG_LR_F32`` is nonzero.
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = r < rows

@@ -106,10 +106,6 @@ def _rmsprop_kernel(
     CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
-    # runtime switches now; still accepted (and ignored) because the offline
-    # compile in tests/test_rmsprop.py passes them by name
-    MAXIMIZE: tl.constexpr = None, HAS_WD: tl.constexpr = None,
-    LERP_FROM_START: tl.constexpr = None,
 ):
     """RMSprop on one ``BLOCK`` chunk of one row (torch semantics, in place).
 
