@@ -250,7 +250,10 @@ def _job(params, grads, momentum_buffer_list, hyper, found_inf):
             return None
         for i, new in enumerate(row_flags):
             if new:
-                momentum_buffer_list[i] = torch.empty_like(
+                # zeros, not empty: the Numba kernel takes a fresh row's
+                # buffer as the gradient through fma(g, 1, b * -0.0), which
+                # is g exactly only for a finite, non-negative b
+                momentum_buffer_list[i] = torch.zeros_like(
                     params[i], memory_format=torch.preserve_format)
     return _ops.Job(params, grads, [momentum_buffer_list], row_flags, hyper)
 

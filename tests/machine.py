@@ -725,10 +725,6 @@ def run(backend, big=False, precision=False):
     problems = []
     for name in names:
         configs = [c for c in CONFIGS if c[0] == name]
-        if big or precision:
-            # one configuration per optimizer where each drawn one would
-            # compile its own kernels (matrix.REPRESENTATIVE_PARAMS)
-            configs = [(name, optim_db.get(name).full_state_example)]
         if not configs:
             continue
         COUNTS.clear()

@@ -35,13 +35,9 @@ CONFIG_PARAMS = [
 ]
 
 
-#: One configuration per optimizer for the cases that compile a kernel
-#: specialization of their own (Numba's parallel entry points, float16):
-#: its ``full_state_example``, every state key present. Numba compiles one
-#: specialization per combination of switches, dtype and entry point (a
-#: parallel one took about 12 s from a cold cache, a serial float16 one 5-25 s
-#: on the 2-core VM), and these cases check what the configurations share
-#: (the work split, the float16 conversions), not the switches.
+#: One configuration per optimizer, its ``full_state_example`` (every state
+#: key present): for interpreted Triton's large cases, where every program
+#: costs about 1 ms.
 REPRESENTATIVE_PARAMS = [
     pytest.param(info.name, info.full_state_example,
                  id=config_id(info.name, info.full_state_example))

@@ -33,14 +33,16 @@ def _forbid(monkeypatch):
 
 
 #: every configuration on Numba's serial entry points (20,000 elements, under
-#: its 2**15 threshold), and one per optimizer also over it, on the parallel ones
-_CASES = ([pytest.param(*c.values, 20_000, id=c.id) for c in CONFIG_PARAMS]
-          + [pytest.param(*c.values, 70_000, id=f"{c.id}-parallel")
-             for c in REPRESENTATIVE_PARAMS])
+#: its 2**15 threshold) and over it, on the parallel ones; the other backends
+#: run one configuration per optimizer over it (interpreted Triton is slow)
+_CASES = ([pytest.param(b, *c.values, 20_000, id=f"{c.id}-{b}")
+           for b in BACKENDS for c in CONFIG_PARAMS]
+          + [pytest.param(b, *c.values, 70_000, id=f"{c.id}-parallel-{b}")
+             for b in BACKENDS
+             for c in (CONFIG_PARAMS if b == "numba" else REPRESENTATIVE_PARAMS)])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,kwargs,big", _CASES)
+@pytest.mark.parametrize("backend,name,kwargs,big", _CASES)
 def test_step_matches_with_torch_optimizer_code_disabled(name, kwargs, big, backend,
                                                           monkeypatch):
     skip_unless_runnable(backend)

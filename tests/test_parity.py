@@ -11,7 +11,7 @@ import torch
 
 import optim_db
 from matrix import (BACKENDS, CONFIG_PARAMS, FULL_PRECISION, LAYOUTS,
-                    LOW_PRECISION_FLOOR, LOW_PRECISION_SLACK, REPRESENTATIVE_PARAMS,
+                    LOW_PRECISION_FLOOR, LOW_PRECISION_SLACK,
                     TOLERANCE, assert_state_close, build_kwargs, clone_params, grad_like,
                     config_id, make, skip_unless_runnable)
 
@@ -34,11 +34,7 @@ def _assign(params, grads):
 
 
 #: layouts with many elements or rows: interpreted Triton (about 1 ms a
-#: program) skips them, and "large" (Numba's parallel entry points, a
-#: specialization per switch combination and dtype, 12-50 s each from CI's
-#: cold cache) runs one configuration per optimizer, in float32 (the same
-#: entry points as float64's but for the element type; float64 runs every
-#: configuration on the other layouts)
+#: program) skips them; "large" takes Numba's parallel entry points
 _SLOW_LAYOUTS = ("many_tiny", "large")
 
 
@@ -48,10 +44,7 @@ def _parity_cases():
             for layout in LAYOUTS:
                 if backend == "triton" and layout in _SLOW_LAYOUTS:
                     continue
-                if layout == "large" and dtype != torch.float32:
-                    continue
-                configs = REPRESENTATIVE_PARAMS if layout == "large" else CONFIG_PARAMS
-                for c in configs:
+                for c in CONFIG_PARAMS:
                     yield pytest.param(*c.values, layout, backend, dtype,
                                        id=f"{c.id}-{layout}-{backend}-{dtype}")
 
@@ -77,8 +70,7 @@ def test_matches_torch_for_loop(name, kwargs, layout, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,kwargs,dtype", [
     *(pytest.param(*c.values, torch.bfloat16, id=f"{c.id}-bf16") for c in CONFIG_PARAMS),
-    # float16: one configuration per optimizer (see REPRESENTATIVE_PARAMS)
-    *(pytest.param(*c.values, torch.float16, id=f"{c.id}-fp16") for c in REPRESENTATIVE_PARAMS)])
+    *(pytest.param(*c.values, torch.float16, id=f"{c.id}-fp16") for c in CONFIG_PARAMS)])
 def test_low_precision_no_worse_than_torch(name, kwargs, dtype, backend):
     skip_unless_runnable(backend)
     torch.manual_seed(0)

@@ -246,31 +246,27 @@ def test_serial_matches_reference_bit_for_bit(name, dtype, option):
     check(name, RICH[name], dtype, SMALL, option)
 
 
-def test_a_split_inside_a_row_keeps_the_global_index(monkeypatch):
-    """The parallel entry point hands each thread a chunk ``[lo, hi)`` of the
-    global element range, through the same ``walk`` as the serial one: here
-    the serial kernel is launched once per chunk of a two-thread split that
-    falls inside the 33001-element row, and every step equals the
+def test_the_parallel_entry_point_keeps_the_global_index(monkeypatch):
+    """The parallel entry point with both options, its two-thread split
+    falling inside the 33001-element row: every step equals the
     specification's bit for bit (SR's element index is the global one
-    whatever the split). (The parallel entry point's own compile with both
-    options took 133 s from a cold cache on the 2-core VM, CI's case; its
-    split itself is checked in float32 by the parallel-equals-serial tests.)"""
-    import importlib
-
+    whatever the split). Its compile from a cold cache took 133 s on the
+    2-core VM before issue 24, when this ran as chunked serial launches."""
     total = sum(BIG)
+    assert total >= _walk.SERIAL_BELOW
+    monkeypatch.setattr(_walk.numba, "get_num_threads", lambda: 2)
     edges = _walk._bounds(total, 2)
     assert len(edges) == 3 and 5 < edges[1] < 5 + 33001  # mid-row
-    chunks = []
+    launched = []
+    real = _walk.launch
 
-    def split(parallel_fn, serial_fn, parallel, args):
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            chunks.append((int(lo), int(hi)))
-            serial_fn(args[0], edges[[0, 1]] if lo == 0 else edges[[1, 2]], *args[2:])
+    def spy(parallel_fn, serial_fn, parallel, args):
+        launched.append((parallel, tuple(int(e) for e in args[1])))
+        real(parallel_fn, serial_fn, parallel, args)
 
-    monkeypatch.setattr(importlib.import_module("fused_optim.kernels.numba.sgd"),
-                        "launch", split)
+    monkeypatch.setattr(_walk, "launch", spy)
     check("sgd", RICH["sgd"], torch.bfloat16, BIG, "both")
-    assert chunks and set(chunks) == {(0, int(edges[1])), (int(edges[1]), total)}
+    assert launched and set(launched) == {(True, tuple(int(e) for e in edges))}
 
 
 def test_float32_ignores_the_options():

@@ -6,8 +6,8 @@ the per-row scalars differ. An optimizer's kernel file
 
 1. its batch scalars: names for the indices of ``x``, the tuple of scalars in
    the compute type (float32, float64 for float64 tensors) that every element
-   receives. ``x[INV_SCALE]`` and ``x[MAXIMIZE]`` are shared (:func:`grad`);
-   the optimizer's own start at ``FIRST``. Switches that only change values
+   receives. ``x[INV_SCALE]`` is shared (:func:`grad`); the optimizer's own
+   start at ``FIRST``. Switches that only change values
    (maximize, weight decay on or off, nesterov, torch.lerp's side, ...) are
    scalars too, 1.0 or 0.0, tested at run time (see "What is compiled").
 2. ``_<name>_rows(table, h, rows)``, ``@njit(inline="always")``: the
@@ -247,10 +247,10 @@ def _amp(grad_scale, found_inf):
     return False, np.float32(1.0) / np.float32(float(grad_scale))
 
 
-#: Indices of the batch scalars every kernel shares (``x``): GradScaler's
-#: inverse scale (1.0 without one) and maximize (1.0 or 0.0). An optimizer's
-#: own scalars start at FIRST.
-INV_SCALE, MAXIMIZE, FIRST = 0, 1, 2
+#: The index of the batch scalar every kernel shares (``x``): the gradient's
+#: factor, GradScaler's inverse scale (1.0 without one), negated for
+#: ``maximize``. An optimizer's own scalars start at FIRST.
+INV_SCALE, FIRST = 0, 1
 
 
 def run(batch, kernels, scalars, *, maximize, host=(), states=(False, False, False),
@@ -267,7 +267,10 @@ def run(batch, kernels, scalars, *, maximize, host=(), states=(False, False, Fal
     if skip or batch.table is None or batch.table.shape[0] == 0:
         return
     bounds, par, view_dtype, itemsize, c = _plan(batch)
-    x = (c(inv_scale), c(1.0 if maximize else 0.0), *map(c, scalars(c)))
+    # -(g * s) and g * -s are the same bits (the product's magnitude rounds
+    # alike whatever its sign); folding maximize into the factor saved a
+    # compare and blend per element: bf16 SGD momentum 0.96x the time
+    x = (c(-inv_scale if maximize else inv_scale), *map(c, scalars(c)))
     rows = np.empty((batch.table.shape[0], 3), dtype=c)
     has0, has1, has2 = (view_dtype if s else None for s in states)
     launch(kernels[0], kernels[1], par, (
@@ -315,13 +318,10 @@ def _stream_impl(sr_keys, base):
 def grad(g, j, x):
     """Gradient element ``j`` as the update uses it: AMP-unscaled, maximize-negated.
 
-    The inverse scale is 1.0 without GradScaler: ``g * 1.0`` is ``g``, bit
-    for bit, for every input.
+    One multiply by ``x[INV_SCALE]``: 1.0 or -1.0 without GradScaler, and
+    ``g * 1.0`` is ``g`` and ``g * -1.0`` is ``-g``, bit for bit.
     """
-    gj = load(g, j) * x[INV_SCALE]
-    if x[MAXIMIZE] != 0:
-        gj = -gj
-    return gj
+    return load(g, j) * x[INV_SCALE]
 
 
 @njit(inline="always")
