@@ -71,10 +71,11 @@ def bf16_to_f32(h):
 def f32_to_bf16(x):
     u = _f32_to_u32(x)
     r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    # NaN -> the quiet NaN 0x7FC0 (rounding must not carry it into inf), as a
-    # branch-free select: it vectorises, and numba's SSA check stays quiet
-    nan = np.uint32(0) - np.uint32((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000))
-    return np.uint16((r & ~nan) | (np.uint32(0x7FC0) & nan))
+    # NaN -> the quiet NaN 0x7FC0 (rounding must not carry it into inf). The
+    # test is x != x, one compare with no constants: testing the bits took two
+    # more constants and an AND, and with the run-time switches of issue 24
+    # live LLVM reloaded such constants inside the loop
+    return np.uint16(r if x == x else np.uint32(0x7FC0))
 
 
 @njit(inline="always")

@@ -138,12 +138,15 @@ def _xor_into_impl(w, j, x):
     return impl
 
 
+_NO_X = np.empty(0, dtype=np.float32)  # the batch scalars: none
+
+
 @njit(parallel=True, cache=True)
 def _pattern(table, bounds, itemsize, word, rows, has0, has1, has2):
     # word: an empty array of the word type (cheap for numba to type); the
     # param store's options (Kahan, stochastic rounding) stay None
-    parallel(no_rows, _xor_element, table, bounds, itemsize, word, (), (), rows, has0, has1,
-             has2, None, None)
+    parallel(no_rows, _xor_element, 0, table, bounds, itemsize, word, (), _NO_X, rows, has0,
+             has1, has2, None, None)
 
 
 def pattern(table, bounds, itemsize: int, k: int, m: int) -> None:

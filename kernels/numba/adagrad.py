@@ -25,8 +25,8 @@ from ._walk import FIRST, grad, parallel, run, serial
 
 __all__ = ["adagrad", "advance_host_steps"]
 
-# the batch scalars x[FIRST:]; HAS_WD is 1.0 (on) or 0.0
-EPS, WD, HAS_WD = range(FIRST, FIRST + 3)
+# the batch scalars x[FIRST:] (NX: the length of x); HAS_WD is 1.0 (on) or 0.0
+EPS, WD, HAS_WD, NX = range(FIRST, FIRST + 4)
 
 
 @njit(inline="always")
@@ -73,14 +73,14 @@ def _adagrad_element(j, p, g, s, _s1, _s2, comp, sr, x, r):
 @njit(parallel=True, cache=True, error_model="numpy")
 def adagrad_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
                      kahan, sr_keys):
-    parallel(_adagrad_rows, _adagrad_element, table, bounds, itemsize, view_dtype, h, x,
+    parallel(_adagrad_rows, _adagrad_element, NX, table, bounds, itemsize, view_dtype, h, x,
              rows, has0, has1, has2, kahan, sr_keys)
 
 
 @njit(cache=True, error_model="numpy")
 def adagrad_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
                    kahan, sr_keys):
-    serial(_adagrad_rows, _adagrad_element, table, bounds, itemsize, view_dtype, h, x, rows,
+    serial(_adagrad_rows, _adagrad_element, NX, table, bounds, itemsize, view_dtype, h, x, rows,
            has0, has1, has2, kahan, sr_keys)
 
 
@@ -109,7 +109,7 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
     ``stochastic_round``: how bfloat16/float16 params are stored
     (``_precision.store_param``).
     """
-    run(batch, (adagrad_parallel, adagrad_serial), lambda c: (
+    run(batch, (adagrad_parallel, adagrad_serial, NX), lambda c: (
         eps, weight_decay, weight_decay != 0), maximize=maximize,
         host=(lr, lr_decay, 1.0 if lr_f32 else 0.0), states=(True, False, False),
         grad_scale=grad_scale, found_inf=found_inf, kahan_sum=kahan_sum,

@@ -21,11 +21,11 @@ from ._walk import FIRST, grad, parallel, run, serial
 
 __all__ = ["adam", "advance_host_steps"]
 
-# the batch scalars x[FIRST:]; switches are 1.0 (on) or 0.0. torch.lerp(m, g,
+# the batch scalars x[FIRST:] (NX: the length of x); switches are 1.0 (on) or 0.0. torch.lerp(m, g,
 # 1 - beta1) is fma(LERP_W, g - m, m), or fma(LERP_W, g - m, g) from the grad's
 # side (LERP_FROM_GRAD) where the weight is at least 0.5, LERP_W then beta1 - 1
-LERP_W, LERP_FROM_GRAD, BETA2, ONE_MINUS_BETA2, EPS, WD, HAS_WD, DECAY = range(
-    FIRST, FIRST + 8)
+LERP_W, LERP_FROM_GRAD, BETA2, ONE_MINUS_BETA2, EPS, WD, HAS_WD, DECAY, NX = range(
+    FIRST, FIRST + 9)
 
 @njit(inline="always")
 def _nanmax(a, b):
@@ -120,14 +120,14 @@ def _adam_element(j, p, g, m, v, vmax, comp, sr, x, r):
 @njit(parallel=True, cache=True, error_model="numpy")
 def adam_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
                   sr_keys):
-    parallel(_adam_rows, _adam_element, table, bounds, itemsize, view_dtype, h, x, rows,
+    parallel(_adam_rows, _adam_element, NX, table, bounds, itemsize, view_dtype, h, x, rows,
              has0, has1, has2, kahan, sr_keys)
 
 
 @njit(cache=True, error_model="numpy")
 def adam_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
                 sr_keys):
-    serial(_adam_rows, _adam_element, table, bounds, itemsize, view_dtype, h, x, rows, has0,
+    serial(_adam_rows, _adam_element, NX, table, bounds, itemsize, view_dtype, h, x, rows, has0,
            has1, has2, kahan, sr_keys)
 
 
@@ -155,7 +155,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                 weight_decay, weight_decay != 0 and not decoupled,
                 1.0 - lr * weight_decay if decoupled else 1.0)
 
-    run(batch, (adam_parallel, adam_serial), scalars, maximize=maximize,
+    run(batch, (adam_parallel, adam_serial, NX), scalars, maximize=maximize,
         host=(lr, beta1, beta2), states=(True, True, amsgrad), grad_scale=grad_scale,
         found_inf=found_inf, kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 

@@ -21,11 +21,11 @@ from ._walk import FIRST, grad, parallel, run, serial
 
 __all__ = ["rmsprop", "advance_steps"]
 
-# the batch scalars x[FIRST:]; switches are 1.0 (on) or 0.0. grad_avg.lerp_(g,
+# the batch scalars x[FIRST:] (NX: the length of x); switches are 1.0 (on) or 0.0. grad_avg.lerp_(g,
 # 1 - alpha) is fma(LERP_W, g - a, a), or fma(LERP_W, g - a, g) from the
 # grad's side (LERP_FROM_GRAD) where |1 - alpha| >= 0.5, LERP_W then -alpha
-NEG_LR, ALPHA, ONE_MINUS_ALPHA, LERP_W, LERP_FROM_GRAD, EPS, WD, HAS_WD, MOMENTUM = range(
-    FIRST, FIRST + 9)
+(NEG_LR, ALPHA, ONE_MINUS_ALPHA, LERP_W, LERP_FROM_GRAD, EPS, WD, HAS_WD, MOMENTUM,
+ NX) = range(FIRST, FIRST + 10)
 
 
 @njit(inline="always")
@@ -75,14 +75,14 @@ def _rmsprop_element(j, p, g, sq, buf, gavg, comp, sr, x, r):
 @njit(parallel=True, cache=True, error_model="numpy")
 def rmsprop_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
                      kahan, sr_keys):
-    parallel(_rmsprop_rows, _rmsprop_element, table, bounds, itemsize, view_dtype, h, x,
+    parallel(_rmsprop_rows, _rmsprop_element, NX, table, bounds, itemsize, view_dtype, h, x,
              rows, has0, has1, has2, kahan, sr_keys)
 
 
 @njit(cache=True, error_model="numpy")
 def rmsprop_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
                    kahan, sr_keys):
-    serial(_rmsprop_rows, _rmsprop_element, table, bounds, itemsize, view_dtype, h, x, rows,
+    serial(_rmsprop_rows, _rmsprop_element, NX, table, bounds, itemsize, view_dtype, h, x, rows,
            has0, has1, has2, kahan, sr_keys)
 
 
@@ -117,7 +117,7 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
         return (-lr, alpha, oma, oma - c(1.0) if from_grad else oma, from_grad, eps,
                 weight_decay, weight_decay != 0, momentum if use_momentum else 0.0)
 
-    run(batch, (rmsprop_parallel, rmsprop_serial), scalars, maximize=maximize,
+    run(batch, (rmsprop_parallel, rmsprop_serial, NX), scalars, maximize=maximize,
         states=(True, use_momentum, centered), grad_scale=grad_scale, found_inf=found_inf,
         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 

@@ -27,8 +27,8 @@ from ._walk import FIRST, grad, parallel, run, serial
 
 __all__ = ["sgd"]
 
-# the batch scalars x[FIRST:]; switches are 1.0 (on) or 0.0
-NEG_LR, WD, HAS_WD, MOMENTUM, NESTEROV = range(FIRST, FIRST + 5)
+# the batch scalars x[FIRST:] (NX: the length of x); switches are 1.0 (on) or 0.0
+NEG_LR, WD, HAS_WD, MOMENTUM, NESTEROV, NX = range(FIRST, FIRST + 6)
 
 
 @njit(inline="always")
@@ -63,14 +63,14 @@ def _sgd_element(j, p, g, b, _s1, _s2, comp, sr, x, r):
 @njit(parallel=True, cache=True, error_model="numpy")
 def sgd_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
                  sr_keys):
-    parallel(_sgd_rows, _sgd_element, table, bounds, itemsize, view_dtype, h, x, rows, has0,
+    parallel(_sgd_rows, _sgd_element, NX, table, bounds, itemsize, view_dtype, h, x, rows, has0,
              has1, has2, kahan, sr_keys)
 
 
 @njit(cache=True, error_model="numpy")
 def sgd_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
                sr_keys):
-    serial(_sgd_rows, _sgd_element, table, bounds, itemsize, view_dtype, h, x, rows, has0,
+    serial(_sgd_rows, _sgd_element, NX, table, bounds, itemsize, view_dtype, h, x, rows, has0,
            has1, has2, kahan, sr_keys)
 
 
@@ -82,7 +82,7 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
     ``1/grad_scale`` inside the same pass. ``kahan_sum`` / ``stochastic_round``:
     how bfloat16/float16 params are stored (``_precision.store_param``).
     """
-    run(batch, (sgd_parallel, sgd_serial), lambda c: (
+    run(batch, (sgd_parallel, sgd_serial, NX), lambda c: (
         -lr, weight_decay, weight_decay != 0, momentum, nesterov and momentum != 0),
         maximize=maximize, host=(1.0 - dampening, momentum),
         states=(momentum != 0, False, False),
