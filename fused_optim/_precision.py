@@ -87,7 +87,12 @@ def _counter(counters: dict, device) -> torch.Tensor:
         # a device met for the first time starts at the others' count
         # (they all advance together; reading one is a sync, once)
         start = int(next(iter(counters.values()))) if counters else 0
-        c = counters[device] = torch.full((), start, dtype=torch.int64, device=device)
+        # a normal tensor even when the first step runs under
+        # torch.inference_mode(): an inference tensor could not be advanced
+        # or loaded in place afterwards (the model-based test found a
+        # checkpoint load failing so)
+        with torch.inference_mode(False):
+            c = counters[device] = torch.full((), start, dtype=torch.int64, device=device)
     return c
 
 
@@ -210,5 +215,6 @@ def load(opt, state_dict: dict, load_torch) -> None:
         for c in counters.values():
             c.fill_(int(saved["counter"]))  # in place: a captured graph holds its address
         if not counters:
-            counters[torch.device("cpu")] = torch.tensor(int(saved["counter"]),
-                                                         dtype=torch.int64)
+            with torch.inference_mode(False):
+                counters[torch.device("cpu")] = torch.tensor(int(saved["counter"]),
+                                                             dtype=torch.int64)

@@ -324,6 +324,24 @@ def test_state_dict_resumes_the_same_run(info, backend):
     _assert_same_bits(want, _snapshot(again))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", info_params())
+def test_a_first_step_under_inference_mode_leaves_a_stream_that_loads(info, backend):
+    """The stream's counter made by a step under ``torch.inference_mode()`` is
+    a normal tensor: a checkpoint loads into it in place afterwards (it was
+    an inference tensor, and ``load_state_dict`` raised; found by the
+    model-based test's precision machine)."""
+    skip_unless_runnable(backend)
+    p = torch.randn(6, dtype=torch.bfloat16, requires_grad=True)
+    opt = info.cls([p], backend=backend, **build_kwargs(info.example), stochastic_round=True)
+    p.grad = torch.randn_like(p)
+    with torch.inference_mode():
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)
+    assert opt.state_dict()["stochastic_round"] == saved["stochastic_round"]
+
+
 @pytest.mark.parametrize("info", info_params())
 def test_checkpoints_move_to_torch_and_back(info):
     """Ours -> torch.optim: the extra state key and group keys are kept and
