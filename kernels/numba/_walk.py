@@ -6,10 +6,10 @@ the per-row scalars differ. An optimizer's kernel file
 
 1. its batch scalars: names for the indices of ``x``, the tuple of scalars in
    the compute type (float32, float64 for float64 tensors) that every element
-   receives. ``x[INV_SCALE]`` is shared (:func:`grad`); the optimizer's own
-   start at ``FIRST``. Switches that only change values
-   (maximize, weight decay on or off, nesterov, torch.lerp's side, ...) are
-   scalars too, 1.0 or 0.0, tested at run time (see "What is compiled").
+   receives, and ``NX``, its length. ``x[INV_SCALE]`` is shared (:func:`grad`);
+   the optimizer's own start at ``FIRST``. Switches that only change values
+   (weight decay on or off, nesterov, torch.lerp's side, ...) are scalars
+   too, 1.0 or 0.0, tested at run time (see "What is compiled").
 2. ``_<name>_rows(table, h, rows)``, ``@njit(inline="always")``: the
    prologue, run once per launch before the walk. It advances step counters
    and fills ``rows[row, 0..2]``, the per-row scalars (bias corrections, a
@@ -23,25 +23,30 @@ the per-row scalars differ. An optimizer's kernel file
    the param, stored with ``_precision.store_param(p, j, old, new, comp,
    sr)`` (``comp``/``sr``: ``kahan_sum``/``stochastic_round``, None when off).
 4. its two entry points, each one call of :func:`parallel` or :func:`serial`
-   with the prologue and element (numba caches a kernel by its own function
+   with the prologue, the element and ``NX`` (numba caches a kernel by its own function
    and file, so each optimizer needs jitted functions of its own: a kernel
    made by a factory, or taking the element as an argument, was never found
    in the disk cache, and the latter cost 6 us a call to dispatch);
 5. the launcher, ``<name>(batch, *, <torch's hyperparameters>, grad_scale=None,
    found_inf=None, kahan_sum=False, stochastic_round=None)``: one call of
-   :func:`run` with the scalars, the host tuple and which states exist.
+   :func:`run` with ``(parallel, serial, NX)``, the scalars, the host tuple
+   and which states exist.
 
 What is compiled: one specialization per storage type, per set of state
 arrays present (``has0..2``), per param-store option (Kahan, stochastic
 rounding) and per path (serial, parallel): what changes which arrays are
-streamed or how they are stored. Everything else is a run-time value:
-a switch that is off costs a compare on a loop-invariant scalar, which LLVM
-if-converts to a select (or unswitches), and keeps torch's bits: a
-disabled part is skipped, never computed with a neutral value, except the
-multiplications by exactly 1.0 (inverse scale, decoupled decay), which are
-exact for every input. Measured per switch, paired against the compile-time
-switches this replaced: see the issue-24 table in the README's "Compile
-cost" section.
+streamed or how they are stored. Everything else is a run-time value that
+keeps torch's bits: a switch tests a loop-invariant scalar, which LLVM
+if-converts to a select or unswitches, and a disabled part is skipped, never
+computed with a neutral value, except where the neutral value is exact for
+every input: a multiplication by 1.0 (inverse scale, decoupled decay), by
+-1.0 for maximize (folded into the inverse scale), and SGD's fresh buffer
+(its row's factors, see ``sgd``). Two things cost speed while this was
+built, and are avoided: a load under a run-time condition (LLVM then kept
+the loop scalar: load unconditionally, select after), and constants the
+element needs besides the switches' scalars (LLVM reloaded them inside the
+loop: the bf16 store's NaN test became ``x != x``). Measured against the
+compile-time switches this replaced: the README's "Compile cost" section.
 
 The state arrays and the param-store options reach the element as Nones
 when off, and their views when on, chosen by argument type (the
@@ -131,8 +136,11 @@ def launch(parallel_fn, serial_fn, parallel, args) -> None:
     """Run a batch through the parallel entry point, or the serial one.
 
     A parallel specialization compiles in several times the serial one's
-    time (about 12 s against 3 s for AdamW in float32 on the 2-core dev VM,
-    ``fused-optim bench --cold-start``), and both give the same bits: each
+    time, and both give the same bits (after issue 24: 76.0 s for the 18
+    parallel specializations of every ``tests/optim_db.py`` configuration in
+    float32 and bfloat16, against 21.4 s for the 18 serial ones, about 4.2 s
+    and 1.2 s each, ``python benchmarks/compile_cost.py``, 2-core VM,
+    2026-12-07): each
     element's arithmetic is the same whatever the split. So, where
     :func:`background` allows, a parallel batch whose specialization is
     neither compiled nor in the disk cache runs serially (compiling that
