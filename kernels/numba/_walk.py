@@ -232,8 +232,8 @@ def wait_for_background(timeout: float | None = None) -> None:
 def _store_options(batch, kahan_sum, stochastic_round):
     """(kahan, sr_keys): the param store's compile-time switches for a batch.
 
-    ``kahan`` the view dtype's prototype array (present) or None; ``sr_keys`` None or the stream keys ``(k0, k1)``
-    (uint32) of ``stochastic_round = (seed, counter, salt)``. Both None for
+    ``kahan`` the view dtype's prototype array (present) or None; ``sr_keys``
+    None or the stream keys ``(k0, k1)`` (uint32) of ``stochastic_round = (seed, counter, salt)``. Both None for
     float32/float64 batches, which the options do not touch.
     """
     if batch.dtype not in (torch.bfloat16, torch.float16):
@@ -271,8 +271,9 @@ def run(batch, kernel, scalars, *, maximize, host=(), states=(False, False, Fals
 
     ``kernel`` is its ``(parallel, serial, NX)``: the entry points and the
     length of ``x``; ``scalars(c)`` gives its own batch scalars
-    (``x[FIRST:]``), stored in the compute type ``c``; ``host`` the float64
-    values its prologue reads; ``states`` which of STATE0..2 exist (the
+    (``x[FIRST:]``), stored in the compute type ``c``; ``host`` the Python
+    floats its prologue reads (an int among them would type the tuple
+    otherwise and compile a specialization of its own); ``states`` which of STATE0..2 exist (the
     compile-time part). With ``found_inf`` nonzero nothing is written, steps
     included.
     """
@@ -373,14 +374,10 @@ def blocked(element, n, p, g, s0, s1, s2, comp, sr, x, r):
     for o in range(0, full, BLOCK):
         prefetch_block(p, o + ahead, n)
         prefetch_block(g, o + ahead, n)
-        if s0 is not None:
-            prefetch_block(s0, o + ahead, n)
-        if s1 is not None:
-            prefetch_block(s1, o + ahead, n)
-        if s2 is not None:
-            prefetch_block(s2, o + ahead, n)
-        if comp is not None:
-            prefetch_block(comp, o + ahead, n)
+        prefetch_block(s0, o + ahead, n)  # (an absent array's prefetch is none)
+        prefetch_block(s1, o + ahead, n)
+        prefetch_block(s2, o + ahead, n)
+        prefetch_block(comp, o + ahead, n)
         for j in range(o, o + BLOCK):
             element(j, p, g, s0, s1, s2, comp, sr, x, r)
     for j in range(full, n):

@@ -111,7 +111,7 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
     """
     run(batch, (adagrad_parallel, adagrad_serial, NX), lambda c: (
         eps, weight_decay, weight_decay != 0), maximize=maximize,
-        host=(lr, lr_decay, 1.0 if lr_f32 else 0.0), states=(True, False, False),
+        host=(float(lr), float(lr_decay), 1.0 if lr_f32 else 0.0), states=(True, False, False),
         grad_scale=grad_scale, found_inf=found_inf, kahan_sum=kahan_sum,
         stochastic_round=stochastic_round)
 

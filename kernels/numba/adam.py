@@ -156,7 +156,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                 1.0 - lr * weight_decay if decoupled else 1.0)
 
     run(batch, (adam_parallel, adam_serial, NX), scalars, maximize=maximize,
-        host=(lr, beta1, beta2), states=(True, True, amsgrad), grad_scale=grad_scale,
+        host=(float(lr), float(beta1), float(beta2)), states=(True, True, amsgrad), grad_scale=grad_scale,
         found_inf=found_inf, kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 

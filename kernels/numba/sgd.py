@@ -84,7 +84,7 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
     """
     run(batch, (sgd_parallel, sgd_serial, NX), lambda c: (
         -lr, weight_decay, weight_decay != 0, momentum, nesterov and momentum != 0),
-        maximize=maximize, host=(1.0 - dampening, momentum),
+        maximize=maximize, host=(1.0 - dampening, float(momentum)),
         states=(momentum != 0, False, False),
         grad_scale=grad_scale, found_inf=found_inf, kahan_sum=kahan_sum,
         stochastic_round=stochastic_round)
