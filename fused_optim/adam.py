@@ -97,6 +97,8 @@ class Adam(_base.FusedOptimizer):
         ``step``, as torch's for-loop does in Python; element math runs in
         float32 (float64 for float64 tensors) with one rounding per stored
         value, so bf16/fp16 training is more accurate than torch's for-loop.
+        A float16/bfloat16 Tensor ``lr`` (not capturable) runs torch's own
+        for-loop step: torch computes its step size in that dtype.
     """
 
     def __init__(
@@ -433,7 +435,13 @@ def _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
     """
     name = _base.backend_name(backend)
     cpu_capturable = capturable and any(p.device.type == "cpu" for p in params)
-    if differentiable or (cpu_capturable and not _backend.stands_in_for_gpu(name)):
+    # torch's loop computes a float16/bfloat16 Tensor lr's lr / bias_correction1
+    # (and AdamW's 1 - lr * weight_decay) in that dtype, a rounding the
+    # kernels' float64 scalars do not make: torch's own loop runs those
+    low_lr = (not capturable and torch.is_tensor(lr)
+              and lr.dtype in (torch.float16, torch.bfloat16))
+    if (differentiable or low_lr
+            or (cpu_capturable and not _backend.stands_in_for_gpu(name))):
         # not covered by the kernels: torch's own for-loop (which also raises
         # torch's error for capturable CPU params)
         def fallback():
