@@ -15,6 +15,11 @@ __all__ = ["Adagrad", "adagrad"]
 #: the state keys a step reads (torch's loop raises KeyError for a missing one)
 _KEYS = frozenset(("sum", "step"))
 
+#: the kernels' ``lr_round`` code of a Tensor lr's dtype: torch's loop computes
+#: ``lr / (1 + (step - 1) * lr_decay)`` in that dtype (float16/bfloat16: in
+#: float32, rounded to it); 0: float64, as for a float lr
+_LR_ROUND = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
 
 class Adagrad(_base.FusedOptimizer):
     r"""Adagrad, fused.
@@ -67,9 +72,10 @@ class Adagrad(_base.FusedOptimizer):
             torch's generator and saved in ``state_dict`` (default: False)
 
     .. note::
-        Each param's ``clr`` is computed in float64 from its own ``step``, as
-        torch's for-loop does in Python (in float32 for a float32 Tensor
-        ``lr``, as torch's Tensor division does); element math runs in
+        Each param's ``clr`` is computed from its own ``step`` as torch's
+        for-loop does: in float64 for a float ``lr`` (Python's arithmetic),
+        in the lr's dtype for a Tensor ``lr`` (torch's Tensor division;
+        float16/bfloat16 in float32, rounded to it); element math runs in
         float32 (float64 for float64 tensors) with one rounding per stored
         value. Rows with sparse gradients run torch's own for-loop step.
     """
@@ -335,8 +341,8 @@ def _adagrad_update(params, grads, state_sums, state_steps, *, lr, lr_decay, wei
     dry_all = not torch.is_tensor(lr) and float(lr_decay) < 0
     hyper = dict(lr=_base.scalar(lr), lr_decay=float(lr_decay), eps=float(eps),
                  weight_decay=_base.scalar(weight_decay), maximize=bool(maximize),
-                 # torch divides a Tensor lr as a Tensor: in float32 for float32
-                 lr_f32=torch.is_tensor(lr) and lr.dtype == torch.float32,
+                 # torch divides a Tensor lr as a Tensor: in its dtype
+                 lr_round=_LR_ROUND.get(lr.dtype, 0) if torch.is_tensor(lr) else 0,
                  grad_scale=grad_scale, found_inf=found_inf)
 
     def reference(ps, gs, states, steps, flag_rows):

@@ -28,6 +28,60 @@ HERE = Path(__file__).parent
 # ------------------------------------------------------------------ parity
 
 
+#: torch's for-loop computes a Tensor lr's step size in the lr's dtype
+#: (``lr / (1 + (step - 1) * lr_decay)``, Adam's ``lr / bias_correction1``,
+#: AdamW's ``1 - lr * weight_decay``: a 0-dim Tensor stays one through that
+#: arithmetic, rounded to float16/bfloat16 there) and reads the result as a scalar
+_LR_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, None]
+_LR_CONFIGS = [("Adagrad", dict(lr_decay=0.3, weight_decay=0.1)),
+               ("Adam", dict(amsgrad=True, weight_decay=0.1)),
+               ("AdamW", dict(weight_decay=0.5)),
+               ("RMSprop", dict(momentum=0.9, centered=True)),
+               ("SGD", dict(momentum=0.9, weight_decay=0.1))]
+
+
+def _lr_backends():
+    for backend in BACKENDS:
+        yield backend
+        if backend == "triton":
+            yield "triton-host-steps"
+
+
+@pytest.mark.parametrize("backend", list(_lr_backends()))
+@pytest.mark.parametrize("lr_dtype", _LR_DTYPES, ids=lambda d: str(d or "float"))
+@pytest.mark.parametrize("name,kw", _LR_CONFIGS, ids=[c[0] for c in _LR_CONFIGS])
+def test_tensor_lr_of_any_dtype_steps_as_torch(name, kw, lr_dtype, backend, monkeypatch):
+    """fp32 and fp64 params, with a Tensor lr of each dtype (and a float):
+    the step size rounds as torch's for-loop rounds it (a float16/bfloat16
+    lr's clr drifted about 1e-4 from torch's with float64 math)."""
+    if backend == "triton-host-steps":
+        skip_unless_runnable("triton")
+        from fused_optim.kernels import triton as tk
+        monkeypatch.setattr(tk, "_steps_on_device", lambda batch: False)
+        backend = "triton"
+    skip_unless_runnable(backend)
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(300, generator=gen), torch.randn(7, generator=gen).double()]
+    ref_params = [p.clone().requires_grad_() for p in init]
+    params = [p.clone().requires_grad_() for p in init]
+
+    def lr():
+        return 0.5 if lr_dtype is None else torch.tensor(0.5, dtype=lr_dtype)
+
+    torch_cls, cls = getattr(torch.optim, name), getattr(fused_optim, name)
+    ref = torch_cls(ref_params, lr=lr(), foreach=False, **kw)
+    opt = cls(params, lr=lr(), backend=backend, **kw)
+    for _ in range(5):
+        for rp, p in zip(ref_params, params):
+            g = torch.randn(rp.shape, generator=gen, dtype=rp.dtype)
+            rp.grad, p.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+        for rp, p in zip(ref_params, params):
+            torch.testing.assert_close(p, rp, **TOLERANCE[p.dtype])
+    assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
+
+
 # ------------------------------------------------------------ sparse grads
 
 

@@ -29,19 +29,24 @@ def _unscale(g, grad_scale):
     return g * inv.to(g.dtype)
 
 
-def clr(lr: float, lr_decay: float, step: float, lr_f32: bool = False) -> float:
+#: ``lr_round`` codes (kernels/numba/adagrad.py's LR_F64 ... LR_F16): the dtype
+#: of a Tensor lr, which torch's loop computes clr in
+_LR_DTYPES = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}
+
+
+def clr(lr: float, lr_decay: float, step: float, lr_round: int = 0) -> float:
     """torch's ``lr / (1 + (step - 1) * lr_decay)``, as an IEEE division.
 
-    In float64, as torch's for-loop computes it in Python; with ``lr_f32``
-    (a float32 Tensor lr) as torch's Tensor division does: the denominator
-    and the quotient rounded to float32. A zero denominator (an ``lr_decay``
-    edited below 0) gives inf or NaN; the API layer has raised torch's
-    ZeroDivisionError first where torch's step would.
+    In float64, as torch's for-loop computes it in Python for a float (or
+    float64 Tensor) lr; with ``lr_round`` nonzero as torch's division of a
+    0-dim Tensor lr of that dtype by the Python float denominator does. A
+    zero denominator (an ``lr_decay`` edited below 0) gives inf or NaN; the
+    API layer has raised torch's ZeroDivisionError first where torch's step
+    would.
     """
     d = 1.0 + (step - 1.0) * lr_decay
-    if lr_f32:
-        return float(torch.tensor(lr, dtype=torch.float32)
-                     / torch.tensor(d, dtype=torch.float32))
+    if lr_round:
+        return float(torch.tensor(lr, dtype=_LR_DTYPES[int(lr_round)]) / d)
     if d != 0:
         return lr / d
     if lr != lr or lr == 0 or d != d:
@@ -49,7 +54,7 @@ def clr(lr: float, lr_decay: float, step: float, lr_f32: bool = False) -> float:
     return math.copysign(math.inf, lr) * math.copysign(1.0, d)
 
 
-def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
+def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
             grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """Adagrad (torch semantics) over every tensor, in place; advances steps.
 
@@ -61,7 +66,7 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
     for i, p in enumerate(batch.params):
         step_t = batch.steps[i]
         step_t += 1
-        neg_clr = -clr(lr, lr_decay, float(step_t), lr_f32)
+        neg_clr = -clr(lr, lr_decay, float(step_t), lr_round)
         if p.numel() == 0:
             continue
         ct = _compute_dtype(p)

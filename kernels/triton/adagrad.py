@@ -9,9 +9,11 @@ load/store helpers and the table's column constexprs. Element math matches
 bfloat16).
 
 Each row's ``clr = lr / (1 + (step - 1) * lr_decay)`` is computed once per
-step, in float64: by ``_adagrad_steps_kernel`` on the device, which also
-advances device-side step counters (no host sync), or by the host for
-counters in host memory (torch's default: CPU steps for CUDA params).
+step, as torch's loop computes it (in float64; for a Tensor lr in its dtype,
+see ``kernels/numba/adagrad.py``): by ``_adagrad_steps_kernel`` on the
+device, which also advances device-side step counters (no host sync), or by
+the host for counters in host memory (torch's default: CPU steps for CUDA
+params).
 """
 
 import sys
@@ -33,15 +35,16 @@ __all__ = ["adagrad"]
 #: each call, since tests replace it there to force host-side steps
 _pkg = sys.modules[__package__]
 
-# slots of the float64 hyperparameter buffer; MAXIMIZE and LR_F32 hold 1.0 or
-# 0.0: runtime switches, so that they add no compiled specialization
-AG_LR, AG_LR_DECAY, AG_EPS, AG_WD, AG_MAXIMIZE, AG_LR_F32, AG_NHYPER = range(7)
+# slots of the float64 hyperparameter buffer; MAXIMIZE holds 1.0 or 0.0 and
+# LR_ROUND the lr's dtype code (kernels/numba/adagrad.py's LR_F64 ... LR_F16):
+# runtime switches, so that they add no compiled specialization
+AG_LR, AG_LR_DECAY, AG_EPS, AG_WD, AG_MAXIMIZE, AG_LR_ROUND, AG_NHYPER = range(7)
 _AG_LR = tl.constexpr(AG_LR)
 _AG_LR_DECAY = tl.constexpr(AG_LR_DECAY)
 _AG_EPS = tl.constexpr(AG_EPS)
 _AG_WD = tl.constexpr(AG_WD)
 _AG_MAXIMIZE = tl.constexpr(AG_MAXIMIZE)
-_AG_LR_F32 = tl.constexpr(AG_LR_F32)
+_AG_LR_ROUND = tl.constexpr(AG_LR_ROUND)
 _AG_NHYPER = tl.constexpr(AG_NHYPER)
 
 
@@ -148,23 +151,32 @@ def _adagrad_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
 
     One lane per row, launched before the update on the same stream. A
     skipped step (found_inf nonzero) leaves every counter as it is (the
-    scalars are still written, and unused). The clr is rounded through
-    float32 where the slot ``AG_LR_F32`` is nonzero.
+    scalars are still written, and unused). The slot ``AG_LR_ROUND`` says
+    the dtype clr is computed in: float64 (0), float32 (1), or float32 math
+    rounded to bfloat16 (2) or float16 (3), nearest-even, as torch's loop.
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = r < rows
     step, s64_ptr, s32_ptr, s64, s32, is64, is32 = _read_steps(table_ptr, r, rows)
     lr = tl.load(hyper_ptr + _AG_LR)
     d = 1.0 + (step - 1.0) * tl.load(hyper_ptr + _AG_LR_DECAY)
-    lr_f32 = tl.load(hyper_ptr + _AG_LR_F32) != 0.0
-    clr = tl.where(lr_f32, tl.div_rn(lr.to(tl.float32), d.to(tl.float32)).to(tl.float64),
-                   lr / d)  # div.rn.f64
+    lr_round = tl.load(hyper_ptr + _AG_LR_ROUND)
+    q = tl.div_rn(lr.to(tl.float32), d.to(tl.float32))
+    # bfloat16 by bits, as _store (the interpreter's cast truncates): round to
+    # nearest even, a NaN kept quiet
+    u = q.to(tl.uint32, bitcast=True)
+    bf = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    bf = tl.where(q != q, q, bf)
+    q16 = tl.where(lr_round == 2.0, bf,
+                   q.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32))
+    clr = tl.where(lr_round == 0.0, lr / d,  # div.rn.f64
+                   tl.where(lr_round == 1.0, q, q16).to(tl.float64))
     tl.store(scal_ptr + r, clr, mask=live)
     _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
                  HAS_FOUND_INF)
 
 
-def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
+def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
             grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """Adagrad (torch semantics) over every row; advances steps.
 
@@ -176,7 +188,7 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
         return
     device = batch.device
     table = batch.table
-    hyper = [lr, lr_decay, eps, weight_decay, float(bool(maximize)), float(bool(lr_f32))]
+    hyper = [lr, lr_decay, eps, weight_decay, float(bool(maximize)), float(lr_round)]
     assert len(hyper) == AG_NHYPER
     prec = _precision_args(batch, kahan_sum, stochastic_round)
     hyper += prec.slots
@@ -189,7 +201,7 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_f32=False,
             found_inf = None
             from ..numba.adagrad import advance_host_steps
 
-            scalars = advance_host_steps(table, lr=lr, lr_decay=lr_decay, lr_f32=lr_f32)
+            scalars = advance_host_steps(table, lr=lr, lr_decay=lr_decay, lr_round=lr_round)
         pro = _prologue(batch, hyper if device_steps else None, grad_scale, found_inf)
         layout = pro.layout
         if device_steps:
