@@ -257,8 +257,8 @@ class FusedOptimizer(Optimizer):
                 # an error in an earlier group's update comes first: those
                 # are checked (nothing is written) before this one is raised
                 if jobs and not torch.compiler.is_compiling():
-                    self.STEP_OP.validate(jobs, grad_scale, found_inf, self.backend,
-                                          _ops.cache_of(self._handle))
+                    _ops.opaque(self.STEP_OP.validate, jobs, grad_scale, found_inf,
+                                self.backend, _ops.cache_of(self._handle))
                 raise
             if job is not None:
                 jobs.append(job)
@@ -582,3 +582,16 @@ def check_fused_device_dtype(p) -> None:
             "`fused=True` requires all the params to be floating point Tensors of "
             f"supported devices: {devices} but {p.dtype} and {p.device.type}"
         )
+
+
+def check_foreach_autograd(group, params, without_params=False) -> None:
+    """torch's ``_multi_tensor_*`` steps refuse ``differentiable=True``.
+
+    A group with ``foreach=True`` (and not ``fused``) runs torch's foreach
+    step, which raises before it writes anything: where it has params
+    (Adam, AdamW, RMSprop: an empty list returns first), or always
+    (``without_params``: Adagrad checks first). torch's SGD does not check.
+    """
+    if (group["differentiable"] and group.get("foreach") and not group.get("fused")
+            and (params or without_params)):
+        raise AssertionError("_foreach ops don't support autograd")

@@ -36,6 +36,12 @@ Encoding (what dynamo traces): per group, its params, grads and state lists
 state), the hyperparameters as ``float[]`` with a ``Tensor?[]`` beside them
 (a Tensor ``lr`` rides there, so a scheduler that writes into it causes no
 recompilation), and switches as ``bool[]``.
+
+Steps the operator cannot carry (sparse grads, which dynamo cannot wrap;
+precision options; autograd through the step) call ``run`` through
+:func:`opaque`, which dynamo never traces: behind a graph break while
+compiling, and from an eager frame too, since such a frame may be one dynamo
+gave up on, whose callees it still compiles one by one.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-__all__ = ["Job", "UpdateOp", "DISPATCH_EAGER", "register_optimizer", "cache_of"]
+__all__ = ["Job", "UpdateOp", "DISPATCH_EAGER", "register_optimizer", "cache_of",
+           "opaque"]
 
 #: Route eager steps through the dispatcher as compiled ones are (tests).
 DISPATCH_EAGER = False
@@ -158,7 +165,8 @@ class UpdateOp:
 
         ``traceable=False`` (autograd through the step, sparse grads: torch's
         own ops, which autograd must see) and jobs the operator cannot carry
-        call ``run`` itself, behind a graph break when compiling. Either way
+        call ``run`` itself, through :func:`opaque` (a graph break when
+        compiling). Either way
         ``run`` validates every tensor eagerly before any kernel writes: the
         operator adds no path around the address checks.
         """
@@ -166,11 +174,14 @@ class UpdateOp:
         if traceable and (DISPATCH_EAGER or compiling) and self.encodable(jobs):
             # (jobs with a precision option never get here: encodable)
             self.op(*self.encode(jobs), grad_scale, found_inf, backend, handle, compiling)
-        elif compiling:  # a graph break; the step runs eagerly
-            torch.compiler.disable(self.run)(jobs, grad_scale, found_inf, backend,
-                                             cache_of(handle), True)
         else:
-            self.run(jobs, grad_scale, found_inf, backend, cache_of(handle), False)
+            # Never traced, from wherever it is called: while compiling, a
+            # graph break (the step runs eagerly), and eagerly too, because
+            # an eager call may come from a frame dynamo gave up on (a sparse
+            # grad it cannot wrap), whose callees it still tries to compile
+            # one frame at a time: it traced into the Numba launcher.
+            opaque(self.run, jobs, grad_scale, found_inf, backend, cache_of(handle),
+                   compiling)
 
     def encodable(self, jobs) -> bool:
         """Whether the operator can carry ``jobs`` as ``run`` receives them.
@@ -267,8 +278,18 @@ class UpdateOp:
             # (set by the traced step too, but dynamo 2.13 drops that store
             # on an optimizer: last_step_skipped read nothing after compiled steps)
             opt._last_found_inf = found_inf
-        self.run(jobs, grad_scale, found_inf, backend, None if opt is None else opt._plans,
-                 compiled)
+        opaque(self.run, jobs, grad_scale, found_inf, backend,
+               None if opt is None else opt._plans, compiled)
+
+
+@torch.compiler.disable
+def opaque(fn, *args):
+    """``fn(*args)`` with dynamo off, however deep ``fn`` goes (Numba, NumPy).
+
+    Every call of an ``UpdateOp``'s ``run`` (and ``validate`` outside it)
+    goes through here. Costs ~0.4 us a call on this machine.
+    """
+    return fn(*args)
 
 
 def _nothing(*args, **kwargs):

@@ -22,6 +22,7 @@ from torch._dynamo.utils import counters
 
 import fused_optim
 import fused_optim.kernels.numba as numba_backend
+import matrix
 import optim_db
 from fused_optim import _ops
 from fused_optim.kernels import contract
@@ -399,3 +400,65 @@ def test_plan_cache_handle_dies_with_its_optimizer():
     _, other = _make("SGD", dict(lr=0.1))
     assert other._handle > handle
     assert _ops.cache_of(_ops.NO_CACHE) is None
+
+
+# ------------------------------------------------ what eager takes, compiled
+# (issue 29: a compiled step takes every group the eager step takes, and
+# gives torch's results; compared with torch's for-loop class, eagerly)
+
+
+def _assert_torchs(info, ref, params_r, opt, params_c):
+    """Params and every state tensor as torch's: bit for bit in the dtypes
+    the optimizer's OptimInfo claims (SGD's fp32, fp64), else within
+    matrix.TOLERANCE (complex params too, as in test_parity: torch's SGD
+    does complex arithmetic where the kernels take real views)."""
+    for pr, pc in zip(params_r, params_c):
+        real = pr.dtype.to_real() if pr.is_complex() else pr.dtype
+        tol = (dict(rtol=0, atol=0) if info.is_bit_exact(pr.dtype)
+               else matrix.TOLERANCE.get(real, {}))
+        torch.testing.assert_close(pc, pr, **tol)
+        sr, sc = ref.state[pr], opt.state[pc]
+        assert set(sr) == set(sc)
+        for key in sr:
+            a, b = sr[key], sc[key]
+            if a.layout != torch.strided:  # torch keeps a sparse grad's buffer sparse
+                a = a.to_dense()
+            if b.layout != torch.strided:
+                b = b.to_dense()
+            torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("info", optim_db.with_capability("sparse_grads:torch-path"),
+                         ids=lambda info: info.name)
+def test_compiled_step_sparse_and_dense_grads(info, launches):
+    """One group holding an ``nn.Embedding(sparse=True)`` and dense layers,
+    the usual model: the compiled step runs (a graph break around the sparse
+    grads, dynamo cannot wrap them), the dense rows through the kernels,
+    with torch's results. Before: dynamo traced into the Numba launcher
+    (TorchRuntimeError at ``edges.setflags``)."""
+    def build():
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(6, 3, sparse=True)
+        lin = torch.nn.Linear(3, 2)
+        return (emb, lin), [*emb.parameters(), *lin.parameters()]
+
+    kwargs = info.full_state_example
+    mods_r, params_r = build()
+    mods_c, params_c = build()
+    ref = info.oracle(params_r, **kwargs)
+    opt = info.cls(params_c, backend="numba", **kwargs)
+
+    @torch.compile
+    def step():
+        opt.step()
+
+    for s in range(3):
+        idx = torch.tensor([1, 3, 3]) + s
+        for (emb, lin), o in ((mods_r, ref), (mods_c, opt)):
+            o.zero_grad()
+            lin(emb(idx)).square().sum().backward()
+        assert params_c[0].grad.is_sparse and not params_c[1].grad.is_sparse
+        ref.step()
+        step()
+        _assert_torchs(info, ref, params_r, opt, params_c)
+    assert launches["kernels"] > 0  # the dense rows ran the kernels
