@@ -35,7 +35,9 @@ Encoding (what dynamo traces): per group, its params, grads and state lists
 (each a list as long as the params, or empty where the group has no such
 state), the hyperparameters as ``float[]`` with a ``Tensor?[]`` beside them
 (a Tensor ``lr`` rides there, so a scheduler that writes into it causes no
-recompilation), and switches as ``bool[]``.
+recompilation), and switches as ``bool[]``. While compiling, complex tensors go as real
+views (see :meth:`UpdateOp.real_views`): Inductor cannot take them into a
+mutating operator.
 
 Steps the operator cannot carry (sparse grads, which dynamo cannot wrap;
 precision options; autograd through the step) call ``run`` through
@@ -173,7 +175,15 @@ class UpdateOp:
         compiling = torch.compiler.is_compiling()
         if traceable and (DISPATCH_EAGER or compiling) and self.encodable(jobs):
             # (jobs with a precision option never get here: encodable)
-            self.op(*self.encode(jobs), grad_scale, found_inf, backend, handle, compiling)
+            args = self.encode(jobs)
+            written_back = ()
+            if compiling:
+                args, written_back = self.real_views(args)
+            self.op(*args, grad_scale, found_inf, backend, handle, compiling)
+            if written_back:
+                with torch.no_grad():
+                    for t, real in written_back:
+                        torch.view_as_real(t).copy_(real)
         else:
             # Never traced, from wherever it is called: while compiling, a
             # graph break (the step runs eagerly), and eagerly too, because
@@ -238,6 +248,41 @@ class UpdateOp:
             switches.extend(bool(job.hyper[name]) for name in self.switches)
         return (params, grads, *states, row_flags, sizes, present, scalars, scalar_tensors,
                 switches)
+
+    def real_views(self, args):
+        """``encode``'s tensor lists with no complex tensor, for Inductor.
+
+        Inductor (torch 2.13) decomposes the ``auto_functionalized_v2`` node
+        of a mutating operator nowhere a complex tensor reaches it (its
+        pattern matcher skips such nodes), then asserts that none is left,
+        so a complex tensor must not reach the operator, nor be the base of
+        a view it writes. A complex grad goes as its real view (read only).
+        A complex param or state goes as a real copy, written back through
+        its real view after the operator: Inductor's re-inplacing turns the
+        copy into the view itself and the write-back into a copy onto
+        itself, so the kernels write the tensor's own memory, as eagerly
+        (the real view is what ``run`` makes of a complex tensor anyway).
+
+        Returns:
+            (the operator's leading arguments, [(complex tensor, its real copy)]).
+        """
+        n = 2 + len(self.states)
+        written_back = []
+
+        def as_real(tensors, written):
+            out = []
+            for t in tensors:
+                if t.is_complex():
+                    real = torch.view_as_real(t)
+                    if written:
+                        real = real.clone()
+                        written_back.append((t, real))
+                    t = real
+                out.append(t)
+            return out
+
+        lists = [as_real(tensors, k != 1) for k, tensors in enumerate(args[:n])]
+        return (*lists, *args[n:]), written_back
 
     def decode(self, params, grads, states, row_flags, sizes, present, scalars, scalar_tensors,
                switches):
