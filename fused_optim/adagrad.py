@@ -206,8 +206,9 @@ class Adagrad(_base.FusedOptimizer):
         state_sums.extend(sums)
         state_steps.extend(steps)
         has_sparse_grad = _base.any_sparse(their_grads)
-        if has_sparse_grad and group["fused"]:
-            # torch's _fused_adagrad, before it writes anything
+        if group["fused"] and (has_sparse_grad or any(map(torch.is_complex, with_grad))):
+            # torch's _fused_adagrad, before it writes anything (only the first
+            # param met the dtype check above)
             raise RuntimeError("`fused` does not support sparse grad or complex param")
         # only torch's own step (differentiable) reads has_complex; the
         # kernels see each tensor's dtype
@@ -251,6 +252,8 @@ class Adagrad(_base.FusedOptimizer):
         state_steps: list[Tensor] = []
         has_sparse_grad, has_complex = self._init_group(group, params, grads, state_sums,
                                                         state_steps)
+        # (torch's _multi_tensor_adagrad checks before its empty-list return)
+        _base.check_foreach_autograd(group, params, without_params=True)
         if found_inf is not None and not torch.compiler.is_compiling():
             self._steps_to_device(params, state_steps)
         return _ops.Job(

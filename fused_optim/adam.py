@@ -287,6 +287,9 @@ class Adam(_base.FusedOptimizer):
         beta1, beta2 = group["betas"]
         has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs,
                                        max_exp_avg_sqs, state_steps)
+        if group["differentiable"] and group["foreach"] and not group["fused"] and params:
+            _check_foreach_capturable(group, params, state_steps)
+            _base.check_foreach_autograd(group, params)
         if found_inf is not None and not torch.compiler.is_compiling():
             self._steps_to_device(params, state_steps)
         return _ops.Job(
@@ -295,6 +298,19 @@ class Adam(_base.FusedOptimizer):
                    group["amsgrad"], group["maximize"], group["capturable"],
                    group["differentiable"], group["decoupled_weight_decay"],
                    has_complex)), None
+
+
+def _check_foreach_capturable(group, params, state_steps):
+    """torch's _multi_tensor_adam checks capturable devices before autograd."""
+    if group["capturable"] and not torch.compiler.is_compiling():
+        from torch.optim.optimizer import _get_capturable_supported_devices
+
+        devices = _get_capturable_supported_devices(supports_xla=False)
+        if not all(p.device.type == s.device.type and p.device.type in devices
+                   for p, s in zip(params, state_steps)):
+            raise AssertionError(
+                "If capturable=True, params and state_steps must be on supported devices: "
+                f"{devices}.")
 
 
 class AdamW(Adam):

@@ -224,6 +224,7 @@ class RMSprop(_base.FusedOptimizer):
         state_steps: list[Tensor] = []
         has_complex = self._init_group(group, params, grads, square_avgs,
                                        momentum_buffer_list, grad_avgs, state_steps)
+        _base.check_foreach_autograd(group, params)
         if found_inf is not None and not torch.compiler.is_compiling():
             self._steps_to_device(params, state_steps)
         return _ops.Job(

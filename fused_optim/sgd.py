@@ -148,6 +148,8 @@ class SGD(_base.FusedOptimizer):
                 and getattr(self, "_need_device_dtype_check_for_fused", True)):
             _base.check_fused_device_dtype(with_grad[0])
             self._need_device_dtype_check_for_fused = False
+        if with_grad and group["fused"]:
+            _check_fused_grads(with_grad, their_grads)
         params.extend(with_grad)
         grads.extend(their_grads)
         if group["momentum"] != 0:
@@ -227,6 +229,29 @@ def _hyper(lr, weight_decay, momentum, dampening, nesterov, maximize, capturable
 def _torch_only(hyper):
     """Groups that run torch's own ops (autograd and dynamo must see them)."""
     return hyper["differentiable"] or hyper["has_sparse_grad"]
+
+
+#: c10's names of the complex dtypes (the kernels' NotImplementedError)
+_C10_COMPLEX = {torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+                torch.complex128: "ComplexDouble"}
+
+
+def _check_fused_grads(params, grads):
+    """What torch's _fused_sgd raises, before it writes anything.
+
+    A sparse grad; else a complex param (only the first param met the dtype
+    check): torch's fused kernel raises for the first complex (device, dtype)
+    group in its grouping's order (earlier groups written: here nothing is).
+    """
+    if _base.any_sparse(grads):
+        raise RuntimeError("`_fused_sgd` does not support sparse gradients")
+    if any(map(torch.is_complex, params)):
+        from torch.optim.optimizer import Optimizer
+
+        for _, dtype in Optimizer._group_tensors_by_device_and_dtype([params, grads]):
+            if dtype.is_complex:
+                raise NotImplementedError(
+                    f"\"fused_sgd_kernel\" not implemented for '{_C10_COMPLEX[dtype]}'")
 
 
 def _job(params, grads, momentum_buffer_list, hyper, found_inf):

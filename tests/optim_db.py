@@ -49,6 +49,13 @@ Capabilities (defaults in brackets):
 ``supports_fused`` [False]
     torch's class takes ``fused=True`` (adds fused/foreach/differentiable
     and fused-complex error inputs).
+``fused_complex_error`` [RuntimeError, "`fused=True` requires all ..."]
+    (type, regex) torch's fused step raises for a complex param that is not
+    the group's first (only the first meets the common dtype check).
+``foreach_differentiable`` ["error"]
+    ``"error"``: with ``foreach=True, differentiable=True`` torch's step
+    raises ``AssertionError: _foreach ops don't support autograd`` (an error
+    input is generated); ``"steps"``: torch's foreach step runs.
 ``supports_capturable`` [False]
     torch's class takes ``capturable=True`` (on CPU torch's step then
     raises; the error input is added for the numba and torch backends).
@@ -123,9 +130,9 @@ class ErrorInput:
     """A bad input, what torch raises for it, and when (after torch's ErrorOptimizerInput).
 
     ``error_on=CONSTRUCT``: building the optimizer from ``params()`` and
-    ``kwargs()`` raises. ``error_on=STEP``: it builds from one param of
-    ``param()``, ``set_grad(param)`` runs, and ``step()`` raises (and must
-    write nothing). ``backends``: only these fused_optim backends are held
+    ``kwargs()`` raises. ``error_on=STEP``: it builds from ``param()`` (one
+    param, or a list of them), ``set_grad`` runs on each, and ``step()``
+    raises (and must write nothing: no param, no existing state tensor). ``backends``: only these fused_optim backends are held
     to it (None: all).
     """
 
@@ -135,7 +142,7 @@ class ErrorInput:
     error_regex: str
     error_on: str = CONSTRUCT
     params: Callable[[], Any] = _one_param
-    param: Callable[[], torch.Tensor] = lambda: _param(4)
+    param: Callable[[], Any] = lambda: _param(4)
     set_grad: Callable[[torch.Tensor], None] = _ones_grad
     backends: tuple | None = None
 
@@ -177,6 +184,24 @@ _FUSED_ERROR_INPUTS = (
                param=lambda: torch.randn(3, dtype=torch.complex64).requires_grad_()),
 )
 
+
+def _real_then_complex():
+    # torch checks only the first param's dtype up front: a complex param
+    # after it meets each class's own later check
+    return [_param(4), torch.randn(3, dtype=torch.complex64).requires_grad_()]
+
+
+def _fused_complex_not_first(error):
+    error_type, error_regex = error
+    return ErrorInput("fused complex param not first", lambda: dict(fused=True), error_type,
+                      error_regex, error_on=STEP, param=_real_then_complex)
+
+
+_FOREACH_DIFFERENTIABLE_ERROR_INPUTS = (
+    ErrorInput("foreach and differentiable", lambda: dict(foreach=True, differentiable=True),
+               AssertionError, "_foreach ops don't support autograd", error_on=STEP),
+)
+
 _CAPTURABLE_ERROR_INPUTS = (
     # (interpreted Triton lets CPU tensors stand in for CUDA, where it is valid)
     ErrorInput("capturable on CPU", lambda: dict(capturable=True), AssertionError,
@@ -202,6 +227,9 @@ class OptimInfo:
     kwargs_strategy: Callable[[], Any]
     hyperparameter_edits: tuple
     supports_fused: bool = False
+    fused_complex_error: tuple = (
+        RuntimeError, "`fused=True` requires all the params to be floating point")
+    foreach_differentiable: str = "error"
     supports_capturable: bool = False
     supports_complex: bool = True
     bit_exact: frozenset = frozenset()
@@ -277,6 +305,9 @@ class OptimInfo:
         out += self.error_inputs
         if self.supports_fused:
             out += _FUSED_ERROR_INPUTS
+            out.append(_fused_complex_not_first(self.fused_complex_error))
+        if self.foreach_differentiable == "error":
+            out += _FOREACH_DIFFERENTIABLE_ERROR_INPUTS
         if self.supports_capturable:
             out += _CAPTURABLE_ERROR_INPUTS
         if self.sparse_grads == "error":
@@ -345,6 +376,11 @@ _ADAM_ERRORS = (
     ErrorInput("Tensor betas with foreach",
                lambda: dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True),
                ValueError, r"betas\[0\] as a Tensor is not supported"),
+    # torch's _multi_tensor_adam checks the devices first (its own list, no 'xla')
+    ErrorInput("capturable, foreach and differentiable on CPU",
+               lambda: dict(capturable=True, foreach=True, differentiable=True),
+               AssertionError, r"If capturable=True, params and state_steps must be on "
+               r"supported devices: \[[^\]]*'privateuseone'\]\.$", error_on=STEP),
     ErrorInput("2-element Tensor beta",
                lambda: dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.99))),
                RuntimeError, "Boolean value of Tensor with more than one value is ambiguous"),
@@ -373,6 +409,9 @@ OPTIM_DB = (
             ErrorInput("nesterov with dampening",
                        lambda: dict(momentum=0.9, dampening=0.1, nesterov=True), ValueError,
                        "Nesterov momentum requires a momentum and zero dampening"),
+            ErrorInput("fused sparse grad", lambda: dict(fused=True), RuntimeError,
+                       "`_fused_sgd` does not support sparse gradients",
+                       error_on=STEP, set_grad=_sparse_grad),
         ),
         kwargs_strategy=_sgd_strategy,
         hyperparameter_edits=(
@@ -380,6 +419,9 @@ OPTIM_DB = (
             ("momentum", 0.0), ("momentum", 0.5), ("dampening", 0.1),
             ("maximize", True), ("maximize", False)),
         supports_fused=True,
+        fused_complex_error=(NotImplementedError,
+                             "\"fused_sgd_kernel\" not implemented for 'ComplexFloat'"),
+        foreach_differentiable="steps",  # torch's _multi_tensor_sgd does not check
         bit_exact=frozenset({torch.float32, torch.float64}),
         sparse_grads="torch-path",
         lazy_state=("momentum_buffer",),
@@ -458,6 +500,8 @@ OPTIM_DB = (
             ("initial_accumulator_value", 1.0),  # torch reads the constructor's, not the group's
             ("maximize", True), ("maximize", False)),
         supports_fused=True,
+        fused_complex_error=(RuntimeError,
+                             "`fused` does not support sparse grad or complex param"),
         sparse_grads="torch-path",
         scale_sensitive=dict(eps=0.1),
     ),

@@ -7,6 +7,7 @@ at the time it says (``error_on``: construction or step).
 """
 
 import copy
+import functools
 import re
 
 import pytest
@@ -56,17 +57,40 @@ def test_bad_step_raises_like_torch_and_changes_nothing(info, e, backend):
     skip_unless_runnable(backend)
     if e.backends is not None and backend not in e.backends:
         pytest.skip(f"{e.desc!r} is no error for backend {backend!r}")
-    p_ref = e.param()
-    p_ours = p_ref.detach().clone().requires_grad_()
-    e.set_grad(p_ref)
-    e.set_grad(p_ours)
-    before = p_ours.detach().clone()
-    theirs = _outcome(info.record.torch_cls([p_ref], **e.kwargs()).step)
-    ours = _outcome(info.cls([p_ours], backend=backend, **e.kwargs()).step)
+    made = e.param()
+    refs = [made] if torch.is_tensor(made) else list(made)
+    ours = [p.detach().clone().requires_grad_() for p in refs]
+    for p in refs + ours:
+        e.set_grad(p)
+    before = [p.detach().clone() for p in ours]
+    theirs = _outcome(info.record.torch_cls(refs, **e.kwargs()).step)
+    opt = info.cls(ours, backend=backend, **e.kwargs())
+    state_before = {(i, k): v.clone() for i, p in enumerate(ours)
+                    for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)}
+    outcome = _outcome(opt.step)
     assert theirs[0] is not None, "error input does not make torch's step raise"
     _as_declared(theirs, e)
-    assert ours == theirs
-    assert torch.equal(p_ours.detach(), before)
+    assert outcome == theirs
+    for p, b in zip(ours, before):
+        assert torch.equal(p.detach(), b)
+    for (i, k), v in state_before.items():  # (steps not advanced, sums not written)
+        assert torch.equal(opt.state[ours[i]][k], v), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", optim_db.OPTIM_DB, ids=lambda i: i.name)
+def test_foreach_differentiable_without_grads_raises_as_torch(info, backend):
+    """No param has a grad: torch's Adagrad still runs _multi_tensor_adagrad
+    (which raises first thing); the others return before their check."""
+    skip_unless_runnable(backend)
+    outcomes = []
+    for make in (info.record.torch_cls, functools.partial(info.cls, backend=backend)):
+        p = _p(4)
+        opt = make([p], foreach=True, differentiable=True, **info.example)
+        outcomes.append(_outcome(opt.step))
+        assert p.grad is None and torch.equal(opt.state[p].get("step", torch.tensor(0.)),
+                                              torch.tensor(0.))
+    assert outcomes[0] == outcomes[1]
 
 
 def test_unknown_backend_is_refused():
