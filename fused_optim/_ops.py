@@ -273,10 +273,15 @@ class UpdateOp:
             out = []
             for t in tensors:
                 if t.is_complex():
-                    real = torch.view_as_real(t)
                     if written:
-                        real = real.clone()
-                        written_back.append((t, real))
+                        # one copy per tensor (a param listed twice is
+                        # stepped twice, as eagerly)
+                        real = next((r for c, r in written_back if c is t), None)
+                        if real is None:
+                            real = torch.view_as_real(t).clone()
+                            written_back.append((t, real))
+                    else:
+                        real = torch.view_as_real(t)
                     t = real
                 out.append(t)
             return out
