@@ -7,21 +7,29 @@ every process pays loading the backend (Numba's import and the first
 kernel's load). Two ways to pay it elsewhere:
 
 * **at construction** (:func:`start`, on by default): the optimizer's
-  constructor hands a thread a *shadow step*: a throwaway optimizer of the
-  same class, backend and param-group hyperparameters over one small zero
-  tensor per (group, dtype) bucket that a backend with ``warm_numel``
-  (Numba) will update, sized by it to take the same entry point, stepped
-  once without hooks. It compiles or loads what the real first step will
-  use while the script builds its model and runs the first forward and
-  backward. It never touches the user's tensors, RNG (a fixed stream seed),
-  hooks or state; errors are dropped (the real step raises them). A process
-  that ends first waits for it (a compile cut short in a daemon thread
-  aborts the process at exit). CUDA buckets are left alone: a background
-  launch could meet a CUDA graph capture on another stream.
-  ``FUSED_OPTIM_WARMUP=0`` turns it (and the Numba backend's background
-  compiles) off. Forking while it imports Numba (a DataLoader's workers
-  right after the optimizer is built) leaves that import's module locks
-  held in the child: a child that then imports Numba itself would hang.
+  constructor queues a *shadow step* for one worker thread: a throwaway
+  optimizer of fused_optim's own class (never the user's subclass, whose
+  ``__init__`` may draw from torch's generator or have side effects), the
+  same backend and param-group hyperparameters, over one small zero tensor
+  per (group, dtype) bucket that a backend with ``warm_numel`` (Numba) will
+  update, sized by it to take the same entry point, stepped once without
+  hooks. It compiles or loads what the real first step will use while the
+  script builds its model and runs the first forward and backward. It never
+  touches the user's tensors, RNG (a fixed stream seed), hooks or state;
+  errors are dropped (the real step raises them). A process that ends first
+  waits for it (a compile cut short in a daemon thread aborts the process at
+  exit). CUDA buckets are left alone: a background launch could meet a CUDA
+  graph capture on another stream. ``FUSED_OPTIM_WARMUP=0`` turns it (and
+  the Numba backend's background compiles) off.
+
+  Nothing is kept once the work is done: the worker exits when the queue is
+  empty, so a sweep building thousands of optimizers holds no thread or key
+  per optimizer (a shadow step on kernels already loaded costs well under a
+  millisecond of the worker's time). And ``os.fork`` waits for the worker
+  and the background compiles first (:func:`_before_fork`): a fork while one
+  held Numba's compiler lock or an import's module lock left the lock held
+  in the child forever, so a child that stepped an optimizer hung (seen with
+  ``multiprocessing``'s fork start method, issue 29).
 * **ahead of time** (:func:`ahead_of_time`, ``fused-optim warmup``):
   compiles the common configurations' specializations into the disk cache,
   e.g. in a Dockerfile, before any training process starts.
@@ -42,9 +50,9 @@ ENV_VAR = "FUSED_OPTIM_WARMUP"
 #: defaults, and SGD with momentum (the configurations most scripts use)
 COMMON_CONFIGS = {"SGD": [dict(lr=0.1), dict(lr=0.1, momentum=0.9)]}
 _local = threading.local()
-_seen: set = set()
-_seen_lock = threading.Lock()
-_threads: list = []
+_lock = threading.Lock()
+_queue: list = []  # (class, backend, buckets) waiting for the worker
+_worker: threading.Thread | None = None  # the worker, while it has work
 
 
 def enabled() -> bool:
@@ -109,39 +117,73 @@ def _quietly(cls, backend, buckets) -> None:
         pass
 
 
+def _work() -> None:
+    """The worker: shadow steps until the queue is empty, then gone."""
+    global _worker
+    while True:
+        with _lock:
+            if not _queue:
+                _worker = None
+                return
+            job = _queue.pop(0)
+        _quietly(*job)
+
+
+def _own_class(opt) -> type | None:
+    """fused_optim's class that ``opt`` is (or derives from)."""
+    for cls in type(opt).__mro__:
+        try:
+            if _registry.get(cls.__name__).cls is cls:
+                return cls
+        except KeyError:
+            continue
+    return None
+
+
 def start(opt) -> threading.Thread | None:
-    """Begin warming ``opt``'s kernels up in a thread (see the module docstring)."""
+    """Queue a warm-up of ``opt``'s kernels (see the module docstring).
+
+    Returns the worker thread that will run it, or None when nothing was queued.
+    """
+    global _worker
     if getattr(_local, "shadow", False) or not enabled():
         return None
     try:
         buckets = _buckets(opt)
+        cls = _own_class(opt)
     except Exception:  # noqa: BLE001 - e.g. a backend that cannot run: the step says so
         return None
-    if not buckets:
+    if not buckets or cls is None:
         return None
-    key = (type(opt), opt.backend, repr([(sorted(h.items()), d, n) for h, d, n in buckets]))
-    with _seen_lock:
-        if key in _seen:
-            return None
-        _seen.add(key)
-        thread = threading.Thread(target=_quietly, args=(type(opt), opt.backend, buckets),
-                                  daemon=False, name="fused_optim-warmup")
-        _threads.append(thread)
-    thread.start()
-    return thread
+    with _lock:
+        _queue.append((cls, opt.backend, buckets))
+        if _worker is None:
+            # not a daemon: see the module docstring
+            _worker = threading.Thread(target=_work, daemon=False, name="fused_optim-warmup")
+            _worker.start()
+        return _worker
 
 
 def wait(timeout: float | None = None) -> None:
-    """Join every warm-up started so far, and the compilations they started."""
-    with _seen_lock:
-        threads = list(_threads)
-    for t in threads:
-        t.join(timeout)
+    """Join the warm-up worker, and the compilations it or a step started."""
+    with _lock:
+        worker = _worker
+    if worker is not None and worker is not threading.current_thread():
+        worker.join(timeout)
     for name in ("numba",):
         mod = _backend._loaded.get(name)
         join = getattr(mod, "wait_for_background", None)
         if join is not None:
             join(timeout)
+
+
+def _before_fork() -> None:
+    # the child gets a copy of every lock as it is now, and none of the
+    # threads holding them: let them finish first (see the module docstring)
+    wait()
+
+
+os.register_at_fork(before=_before_fork)
 
 
 def ahead_of_time(names=None, dtypes=None, *, report=print) -> list:

@@ -102,7 +102,6 @@ def test_construction_warms_the_first_steps_kernel_and_touches_nothing(monkeypat
     nb_sgd = importlib.import_module("fused_optim.kernels.numba.sgd")
 
     monkeypatch.setenv(_warmup.ENV_VAR, "1")
-    monkeypatch.setattr(_warmup, "_seen", set())
     hook_calls = []
     handle = register_optimizer_step_pre_hook(lambda *a: hook_calls.append(a))
     try:
@@ -125,6 +124,64 @@ def test_construction_warms_the_first_steps_kernel_and_touches_nothing(monkeypat
         assert len(nb_sgd.sgd_serial.overloads) == compiled
     finally:
         handle.remove()
+
+
+class _Seeded(fused_optim.SGD):
+    """A user's subclass whose constructor draws from torch's generator."""
+
+    built = 0
+
+    def __init__(self, params, **kwargs):
+        type(self).built += 1
+        self.noise = float(torch.rand(()))
+        super().__init__(params, **kwargs)
+
+
+def test_warmup_never_constructs_the_users_class(monkeypatch):
+    """Issue 29: the shadow step built ``type(opt)``, running a subclass's
+    ``__init__`` again in a thread; one drawing from torch's generator then
+    changed a seeded run with the warm-up on."""
+    skip_unless_runnable("numba")
+    monkeypatch.setenv(_warmup.ENV_VAR, "1")
+    params = [torch.zeros(6, requires_grad=True)]
+    torch.manual_seed(11)
+    _Seeded.built = 0
+    opt = _Seeded(params, lr=0.0625, momentum=0.125, backend="numba")
+    _warmup.wait(120)
+    after = torch.get_rng_state()
+    torch.manual_seed(11)
+    torch.rand(())
+    assert _Seeded.built == 1
+    assert torch.equal(after, torch.get_rng_state())
+    assert _warmup._own_class(opt) is fused_optim.SGD
+
+
+def test_warmup_keeps_nothing_per_optimizer(monkeypatch):
+    """Issue 29: each optimizer built with new hyperparameters left a finished
+    thread and a key behind (about 2.6 KB): a sweep grew without bound."""
+    import tracemalloc
+
+    skip_unless_runnable("numba")
+    monkeypatch.setenv(_warmup.ENV_VAR, "1")
+    params = [torch.zeros(6, requires_grad=True)]
+
+    def sweep(lrs):
+        for lr in lrs:
+            fused_optim.SGD(params, lr=lr, momentum=0.5, backend="numba")
+            _warmup.wait(120)
+
+    sweep([0.5])  # compiles, and fills lazily built caches
+    tracemalloc.start()
+    try:
+        sweep([1.0 + i for i in range(20)])
+        before = tracemalloc.get_traced_memory()[0]
+        sweep([100.0 + i for i in range(200)])
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 200 * 256, f"{grown} bytes kept for 200 optimizers"
+    assert not [t for t in threading.enumerate() if t.name == "fused_optim-warmup"]
+    assert _warmup._queue == [] and _warmup._worker is None
 
 
 def test_warmup_is_off_under_the_environment_switch(monkeypatch):
@@ -210,6 +267,64 @@ def test_background_compile_gives_the_same_bits(tmp_path):
     assert first["serial"] == 1 and first["parallel"] == 1
     assert last["misses"] == 0 and last["parallel"] == 1 and last["serial"] == 0
     assert first["digest"] == last["digest"]
+
+
+_FORKER = r"""
+import faulthandler, json, multiprocessing as mp, sys, time, torch
+import fused_optim
+
+N = 40000 if sys.argv[1] == "background" else 100  # the parallel path / the serial one
+
+def run(q=None):
+    if q is not None:
+        torch.set_num_threads(1)  # as a DataLoader worker: torch's OpenMP hangs after fork
+    p = torch.nn.Parameter(torch.linspace(-1, 1, N))
+    p.grad = torch.linspace(0, 1, N)
+    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9, backend="numba")
+    opt.step()
+    opt.step()
+    out = float(p.detach().double().sum())
+    if q is not None:
+        q.put(out)
+    return out
+
+if __name__ == "__main__":
+    if sys.argv[1] == "background":
+        run()  # the step compiles serially; the parallel kernel compiles behind it
+    else:
+        p = torch.nn.Parameter(torch.zeros(N))
+        fused_optim.SGD([p], lr=0.1, momentum=0.9, backend="numba")  # starts the warm-up
+        time.sleep(0.3)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    children = [ctx.Process(target=run, args=(q,)) for _ in range(2)]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join(float(sys.argv[2]))
+    hung = [c.is_alive() for c in children]
+    for c in children:
+        if c.is_alive():
+            c.kill()
+    print(json.dumps(dict(hung=hung, codes=[c.exitcode for c in children],
+                          results=[q.get(timeout=5) for c in children if not hung[0]],
+                          expected=run())))
+"""
+
+
+@pytest.mark.parametrize("during", ["warmup", "background"])
+def test_a_forked_child_steps_while_the_parent_compiles(tmp_path, during):
+    """Issue 29: a fork while the warm-up (or a background compile) held
+    Numba's compiler lock or an import's lock left it held in the child,
+    whose own step then waited forever. From an empty cache, fork two
+    children mid-compile; each builds and steps an optimizer."""
+    skip_unless_runnable("numba")
+    out = subprocess.run([sys.executable, "-c", _FORKER, during, "120"],
+                         env=_env(tmp_path, "1"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["hung"] == [False, False] and res["codes"] == [0, 0], res
+    assert res["results"] == [res["expected"]] * 2
 
 
 def test_warmup_command_fills_the_cache(tmp_path):

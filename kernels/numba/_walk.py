@@ -111,10 +111,29 @@ _STORAGE = {getattr(torch, name): (_PROTO[name], np.dtype(view).itemsize,
             for name, view in VIEW_DTYPES.items()}
 
 
+#: Set in a child forked from this process. Numba's "omp" threading layer
+#: (GNU OpenMP, its default here) terminates a forked child that starts a
+#: parallel region once the parent had started the layer ("fork() called
+#: from a process already using GNU OpenMP, this is unsafe"): seen with a
+#: ``multiprocessing`` fork child stepping a batch above SERIAL_BELOW, issue
+#: 29. So a forked child runs every batch serially: the same bits, one thread
+#: (what torch asks of a forked child too: a DataLoader worker runs torch on
+#: one thread, and torch's own OpenMP hangs in a child otherwise).
+_FORKED = False
+
+
+def _forked() -> None:
+    global _FORKED
+    _FORKED = True
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def _plan(batch):
     """(bounds, parallel?, view dtype prototype, itemsize, compute type) of a batch."""
     proto, itemsize, compute = _STORAGE[batch.dtype]
-    if batch.numel < SERIAL_BELOW:
+    if batch.numel < SERIAL_BELOW or _FORKED:
         return _bounds(batch.numel, 1), False, proto, itemsize, compute
     return _bounds(batch.numel, numba.get_num_threads()), True, proto, itemsize, compute
 
@@ -224,9 +243,15 @@ def _compile_quietly(fn, types) -> None:
 def wait_for_background(timeout: float | None = None) -> None:
     """Join every background compilation started so far."""
     with _PENDING_LOCK:
-        threads = list(_PENDING.values())
+        threads = [t for t in _PENDING.values() if t is not threading.current_thread()]
     for t in threads:
         t.join(timeout)
+
+
+# A fork while a background compile holds Numba's compiler lock leaves it
+# held in the child, by a thread the child does not have: its first compile
+# would wait forever (issue 29). So a fork waits for them.
+os.register_at_fork(before=wait_for_background)
 
 
 def _store_options(batch, kahan_sum, stochastic_round):
