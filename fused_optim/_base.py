@@ -145,9 +145,18 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict):
         _precision.load(self, state_dict, super().load_state_dict)
 
+    #: per-optimizer state outside torch's three keys that a copy or pickle
+    #: keeps: the stochastic-rounding stream (seed and per-device counters; a
+    #: copy without them drew a new seed and its bf16 params diverged from
+    #: the original's, issue 29). The plans and the operator handle are never
+    #: copied (see ``__setstate__``).
+    _COPIED = ("backend", "_sr_seed", "_sr_counters")
+
     def __getstate__(self):
         state = super().__getstate__()
-        state["backend"] = self.backend
+        for key in self._COPIED:
+            if key in self.__dict__:
+                state[key] = self.__dict__[key]
         return state
 
     def __setstate__(self, state):

@@ -324,6 +324,35 @@ def test_state_dict_resumes_the_same_run(info, backend):
     _assert_same_bits(want, _snapshot(again))
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("info", info_params())
+def test_a_copy_continues_the_same_run(info, how):
+    """An optimizer copied (``copy.deepcopy``) or pickled and loaded after 2
+    steps, then both stepped alike: bit for bit the same params, state and
+    stream, as torch.optim's copies continue. The copy lost the stream's seed
+    and counter and drew a new seed at its next step (issue 29)."""
+    import pickle
+
+    skip_unless_runnable("numba")
+    dtype = torch.bfloat16
+    shapes = [(130,), (4, 6)]
+    grads = _grads(shapes, 5, seed=4, scale=0.01)
+    torch.manual_seed(0)
+    ps = [torch.randn(s).to(dtype).requires_grad_() for s in shapes]
+    opt = _run(info, info.full_state_example, ps, grads[:2], "numba", dtype,
+               kahan_sum=True, stochastic_round=True)
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    qs = [p for g in twin.param_groups for p in g["params"]]
+    torch.manual_seed(77)  # a copy that drew a seed now would differ
+    for gs in grads[2:]:
+        for o, params in ((opt, ps), (twin, qs)):
+            for p, g in zip(params, gs):
+                p.grad = g.to(dtype)
+            o.step()
+    _assert_same_bits(_snapshot(opt), _snapshot(twin))
+    assert twin.state_dict()["stochastic_round"] == opt.state_dict()["stochastic_round"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("info", info_params())
 def test_a_first_step_under_inference_mode_leaves_a_stream_that_loads(info, backend):
