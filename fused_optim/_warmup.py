@@ -183,7 +183,14 @@ def _before_fork() -> None:
     wait()
 
 
-os.register_at_fork(before=_before_fork)
+def _in_child() -> None:
+    # another thread may have queued (or held the lock) after the join
+    global _lock, _worker
+    _lock, _worker = threading.Lock(), None
+    _queue.clear()
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_in_child)
 
 
 def ahead_of_time(names=None, dtypes=None, *, report=print) -> list:

@@ -16,7 +16,7 @@ from . import _stale
 _stale.choose_location()
 from ._memory import VIEW_DTYPES  # noqa: E402
 # the shared launcher pieces, importable from here as before
-from ._walk import (_PARALLEL, _PROTO, ALIGN, SERIAL_BELOW, _amp,  # noqa: F401
+from ._walk import (_PROTO, ALIGN, SERIAL_BELOW, _amp,  # noqa: F401
                     _bounds, _plan, wait_for_background)
 
 __all__ = ["sgd", "adam", "advance_host_steps", "SUPPORTED_DTYPES"]

@@ -123,8 +123,11 @@ _FORKED = False
 
 
 def _forked() -> None:
-    global _FORKED
-    _FORKED = True
+    # and the child has none of the parent's other threads: a lock one of
+    # them held at the fork would stay held
+    global _FORKED, _PARALLEL, _PENDING_LOCK
+    _FORKED, _PARALLEL, _PENDING_LOCK = True, threading.Lock(), threading.Lock()
+    _PENDING.clear()
 
 
 os.register_at_fork(after_in_child=_forked)
