@@ -33,11 +33,18 @@ the GPU device check (issue 13).
 
 Encoding (what dynamo traces): per group, its params, grads and state lists
 (each a list as long as the params, or empty where the group has no such
-state), the hyperparameters as ``float[]`` with a ``Tensor?[]`` beside them
-(a Tensor ``lr`` rides there, so a scheduler that writes into it causes no
-recompilation), and switches as ``bool[]``. While compiling, complex tensors go as real
-views (see :meth:`UpdateOp.real_views`): Inductor cannot take them into a
-mutating operator.
+state), the hyperparameters as one float64 ``Tensor`` (every group's, the
+Python floats' bits exactly) with a ``Tensor?[]`` beside them (a Tensor
+``lr`` rides there; its slot in the float64 Tensor is unused), and switches
+as ``bool[]``. Neither a Tensor ``lr`` written in place nor a float that a
+scheduler replaces at every step (LambdaLR's lr, OneCycleLR's betas or
+momentum) recompiles the step after the second call: the floats reach the
+graph as torch's own optimizers' floats do, see :func:`_float_tensor`.
+Switches, and the choices the Python around the operator makes from a float
+(SGD's ``momentum != 0``: whether buffers exist), still guard, as torch's.
+While compiling, complex tensors go as real views (see
+:meth:`UpdateOp.real_views`): Inductor cannot take them into a mutating
+operator.
 
 Steps the operator cannot carry (sparse grads, which dynamo cannot wrap;
 precision options; autograd through the step) call ``run`` through
@@ -131,7 +138,7 @@ class UpdateOp:
         mutable = ", ".join(f"Tensor({chr(ord('b') + i)}!)[] {s}" for i, s in enumerate(states))
         LIB.define(
             f"{name}(Tensor(a!)[] params, Tensor[] grads, {mutable}, bool[] row_flags, "
-            "int[] group_sizes, bool[] state_present, float[] scalars, "
+            "int[] group_sizes, bool[] state_present, Tensor scalars, "
             "Tensor?[] scalar_tensors, bool[] switches, Tensor? grad_scale, "
             "Tensor? found_inf, str backend, int handle, bool compiled) -> ()",
             tags=(torch.Tag.cudagraph_unsafe,))
@@ -175,7 +182,7 @@ class UpdateOp:
         compiling = torch.compiler.is_compiling()
         if traceable and (DISPATCH_EAGER or compiling) and self.encodable(jobs):
             # (jobs with a precision option never get here: encodable)
-            args = self.encode(jobs)
+            args = self.encode(jobs, compiling)
             written_back = ()
             if compiling:
                 args, written_back = self.real_views(args)
@@ -224,8 +231,13 @@ class UpdateOp:
                     return False
         return True
 
-    def encode(self, jobs):
-        """The operator's tensor lists and per-group values, from ``jobs``."""
+    def encode(self, jobs, compiling: bool = False):
+        """The operator's tensor lists and per-group values, from ``jobs``.
+
+        The float hyperparameters go as one float64 Tensor (exactly the
+        Python floats' bits), so dynamo guards on none of their values:
+        see :func:`_float_tensor`.
+        """
         params, grads, row_flags, sizes, present = [], [], [], [], []
         states = [[] for _ in self.states]
         scalars, scalar_tensors, switches = [], [], []
@@ -243,11 +255,11 @@ class UpdateOp:
                     scalars.append(0.0)
                     scalar_tensors.append(value)
                 else:
-                    scalars.append(float(value))
+                    scalars.append(value)
                     scalar_tensors.append(None)
             switches.extend(bool(job.hyper[name]) for name in self.switches)
-        return (params, grads, *states, row_flags, sizes, present, scalars, scalar_tensors,
-                switches)
+        return (params, grads, *states, row_flags, sizes, present,
+                _float_tensor(scalars, compiling), scalar_tensors, switches)
 
     def real_views(self, args):
         """``encode``'s tensor lists with no complex tensor, for Inductor.
@@ -295,6 +307,7 @@ class UpdateOp:
         at = [0] * len(self.states)
         row = flags_at = 0
         ns, nw = len(self.scalars), len(self.switches)
+        scalars = scalars.tolist()  # float64: the Python floats encode had, bit for bit
         for g, size in enumerate(sizes):
             mine = []
             for k, flat in enumerate(states):
@@ -330,6 +343,27 @@ class UpdateOp:
             opt._last_found_inf = found_inf
         opaque(self.run, jobs, grad_scale, found_inf, backend,
                None if opt is None else opt._plans, compiled)
+
+
+def _float_tensor(values: list, compiling: bool) -> torch.Tensor:
+    """``values`` (Python numbers) as a 1-D float64 Tensor, bit for bit.
+
+    Eagerly, ``torch.tensor``. While compiling, each value is multiplied
+    into a float64 one (exact: ``x * 1.0 == x``, signed zeros and
+    infinities included), the form dynamo gives torch's own optimizers'
+    float hyperparameters: a group's float that changed since the last
+    compilation (a scheduler's lr, OneCycleLR's betas or momentum) is
+    traced as a SymFloat (dynamo's automatic dynamic, ``specialize_float``
+    off), and Inductor's ``tensorify_python_scalars`` pass turns a SymFloat
+    used in Tensor arithmetic into the float64 graph input dynamo made of
+    it. As a ``float[]`` argument of the operator it could not: the pass
+    specialised it, so dynamo guarded on its value and every new lr
+    recompiled the step, up to the recompile limit (issue 25, item 7).
+    """
+    if not compiling or not values:
+        return torch.tensor(values, dtype=torch.float64)
+    one = torch.ones((), dtype=torch.float64)
+    return torch.stack([one * v for v in values])
 
 
 @torch.compiler.disable

@@ -72,6 +72,8 @@ def launches(monkeypatch):
     for op in _update_ops():
         def run(jobs, grad_scale, found_inf, backend, cache, compiled, _run=op.run):
             seen["compiled_runs" if compiled else "eager_runs"] += 1
+            if compiled:  # what each compiled step's kernels were given
+                seen.setdefault("compiled_hypers", []).append([job.hyper for job in jobs])
             return _run(jobs, grad_scale, found_inf, backend, cache, compiled)
         monkeypatch.setattr(op, "run", run)
     return seen
@@ -509,3 +511,121 @@ def test_compiled_step_complex_params(info, launches):
     assert launches["compiled_runs"] == 3
     assert launches["eager_runs"] == 3
     assert not counters["graph_break"]
+
+
+# ------------------------------------- schedulers changing float hyperparameters
+# (issue 25, item 7: a float lr, betas or momentum that a scheduler changes
+# every step reached the operator as ``float[]``, so dynamo guarded on each
+# value: 8 graphs, then dynamo's recompile limit and eager steps)
+
+SCHEDULE_STEPS = 20
+#: compiled calls after which no recompilation may happen: the first step
+#: (no state yet, every float a constant) and the second (the state
+#: exists; the floats that changed have become dynamic, as dynamo does for
+#: torch's own classes)
+SCHEDULE_WARMUP = 2
+
+
+def _lambda_lr(opt):
+    """A warmup factor that changes the float lr at every step."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: (e + 1) / SCHEDULE_STEPS)
+
+
+def _one_cycle(opt):
+    """lr and (cycle_momentum) betas[0] or momentum change at every step."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.defaults["lr"] * 10,
+                                               total_steps=2 * SCHEDULE_STEPS,
+                                               cycle_momentum=True)
+
+
+def _cycles_momentum(info):
+    """OneCycleLR cycles ``betas`` or ``momentum``: the torch class has one."""
+    defaults = info.oracle([torch.zeros(1, requires_grad=True)]).defaults
+    return "betas" in defaults or "momentum" in defaults
+
+
+def _compiled_schedule_run(make, schedule, fail_after=None, compile=True):
+    """``SCHEDULE_STEPS`` steps of ``torch.compile``d ``opt.step()`` with
+    ``schedule`` stepped eagerly between them; returns (params, optimizer,
+    graphs dynamo compiled, hyperparameters seen per step). From call
+    ``fail_after`` on, a recompilation raises. ``compile=False``: the same
+    steps eagerly."""
+    torch._dynamo.reset()
+    counters.clear()
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.randn(6, 3, generator=gen).requires_grad_(),
+              torch.randn(5, generator=gen).requires_grad_()]
+    opt = make(params)
+    sched = schedule(opt)
+
+    def step():
+        opt.step()
+
+    if compile:
+        step = torch.compile(step)
+    seen = []
+    for s in range(SCHEDULE_STEPS):
+        gen = torch.Generator().manual_seed(300 + s)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        group = opt.param_groups[0]
+        seen.append((group["lr"], group.get("betas"), group.get("momentum")))
+        stance = ("fail_on_recompile" if fail_after is not None and s >= fail_after
+                  else "default")
+        with torch.compiler.set_stance(stance):
+            step()
+        sched.step()
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return params, opt, graphs, seen
+
+
+def _check_schedule_graphs(info, schedule, launches):
+    kwargs = info.full_state_example
+    params_r, ref, torch_graphs, seen_r = _compiled_schedule_run(
+        lambda ps: info.oracle(ps, **kwargs), schedule)
+    params_c, opt, graphs, seen_c = _compiled_schedule_run(
+        lambda ps: info.cls(ps, backend="numba", **kwargs), schedule,
+        fail_after=SCHEDULE_WARMUP)
+    params_e, eager, _, seen_e = _compiled_schedule_run(
+        lambda ps: info.oracle(ps, **kwargs), schedule, compile=False)
+    print(f"{info.name} {schedule.__name__}: graphs torch.optim {torch_graphs}, "
+          f"fused_optim {graphs}")
+    assert seen_c == seen_r == seen_e
+    assert len({lr for lr, _, _ in seen_c}) == SCHEDULE_STEPS  # a new float lr each step
+    assert all(isinstance(lr, float) for lr, _, _ in seen_c)
+    assert 0 < graphs <= torch_graphs
+    assert launches["compiled_runs"] == SCHEDULE_STEPS  # every step through the op
+    # the kernels were given each step's floats exactly (no rounding on the way)
+    for (lr, betas, momentum), (hyper,) in zip(seen_c, launches["compiled_hypers"]):
+        given = {"lr": lr, "momentum": momentum}
+        if betas is not None:
+            given.update(beta1=betas[0], beta2=betas[1])
+        for key, value in given.items():
+            if key in hyper:
+                assert type(hyper[key]) is float and hyper[key] == value, (key, hyper[key])
+    # torch's results: its eager for-loop's (bit for bit where the OptimInfo
+    # claims it; the kernels got every value exactly), and its compiled
+    # step's within matrix.TOLERANCE (Inductor's code for torch's SGD rounds
+    # differently from torch's eager SGD in the last bit)
+    _assert_torchs(info, eager, params_e, opt, params_c)
+    for pr, pc in zip(params_r, params_c):
+        torch.testing.assert_close(pc, pr, **matrix.TOLERANCE.get(pr.dtype, {}))
+
+
+@pytest.mark.parametrize("info", optim_db.OPTIM_DB, ids=lambda info: info.name)
+def test_lambda_lr_float_no_recompiles(info, launches):
+    """A compiled ``opt.step()`` under LambdaLR (a float lr new at every
+    step): after the first two calls no recompilation, no more graphs than
+    torch's own class compiled the same way, and torch's results. Before:
+    every new lr recompiled (8 graphs, then dynamo's recompile limit)."""
+    _check_schedule_graphs(info, _lambda_lr, launches)
+
+
+@pytest.mark.parametrize("info", [i for i in optim_db.OPTIM_DB if _cycles_momentum(i)],
+                         ids=lambda info: info.name)
+def test_one_cycle_momentum_no_recompiles(info, launches):
+    """OneCycleLR with ``cycle_momentum``: lr and betas[0] (Adam, AdamW) or
+    momentum (SGD, RMSprop) are new floats at every step; as the LambdaLR
+    test. Before: every step recompiled."""
+    _check_schedule_graphs(info, _one_cycle, launches)
