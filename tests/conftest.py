@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run on CPU tensors through Triton's
@@ -31,3 +32,82 @@ _SLOW_FIRST = ("test_stateful.py", "test_precision_numba.py", "test_precision.py
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+# ------------------------------------------------------------ the check tier
+# `make check` runs `pytest -m check`: the fast tier to run while working
+# (README "Testing"). Nothing is marked by hand: every test collected is in
+# the tier unless one of the rules below takes it out, so a new test (or a
+# new optimizer in optim_db.py) joins by itself. The tier is each optimizer on
+# the reference ("torch") backend and Numba's serial entry points: parity on
+# the small layouts, errors, state_dict, memory safety, the reuse rule,
+# behaviour, schedulers, AMP, patching. `make test` runs everything.
+# Measured on the 2-core VM, warm Numba cache (README): keep it under 2 min;
+# a file or test that costs more than a few seconds goes in a list below,
+# with its cost.
+
+#: whole files left to `make test`, with their warm serial cost (2-core VM,
+#: 2026-12-07, under load)
+_CHECK_SKIP_FILES = frozenset({
+    "test_stateful.py",           # hypothesis state machines, ~170 s cold
+    "test_cold_start.py",         # fresh interpreters with empty caches
+    "test_compile.py",            # torch.compile, ~60 s
+    "test_distributed.py",        # process groups in subprocesses, ~40 s
+    "test_run.py",                # the console script in subprocesses, ~24 s
+    "test_examples.py",           # the examples' training runs
+    "test_examples_precision.py",  # ~9 s
+    "test_bench.py",              # the benchmark harness
+    "test_gpu_check.py",          # benchmarks/gpu_check.py's time limits
+    "test_cuda.py",               # GPU only
+    "test_triton_kernels.py", "test_triton_compile.py",
+    "test_precision_triton.py",   # Triton (interpreted here)
+})
+
+#: single tests left to `make test`: statistical runs and subprocesses
+_CHECK_SKIP_TESTS = frozenset({
+    "test_kahan_and_stochastic_rounding_track_a_float64_shadow",  # ~26 s
+    "test_stochastic_rounding_is_unbiased",                        # ~7 s
+    "test_functional_map_built_while_patched_is_repaired",         # subprocess, ~6 s
+})
+
+#: backends in the tier (a test without a backend parameter is in)
+_CHECK_BACKENDS = frozenset({"torch", "numba"})
+
+#: tests/matrix.py layouts left out: "large" takes Numba's parallel entry
+#: points; "many_tiny" (300 params) is ~90% of parity's time
+_CHECK_SKIP_LAYOUTS = frozenset({"large", "many_tiny"})
+
+#: words in a test's name that put it outside the tier (Triton kernels,
+#: Numba's parallel entry points)
+_CHECK_SKIP_WORDS = ("triton", "parallel")
+
+
+def _in_check_tier(item, serial_below) -> bool:
+    if item.path.name in _CHECK_SKIP_FILES:
+        return False
+    name = getattr(item, "originalname", item.name)
+    if name in _CHECK_SKIP_TESTS or any(w in name for w in _CHECK_SKIP_WORDS):
+        return False
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    if params.get("backend", "torch") not in _CHECK_BACKENDS:
+        return False
+    if params.get("layout") in _CHECK_SKIP_LAYOUTS:
+        return False
+    big = params.get("big")  # a param's numel: above SERIAL_BELOW runs parallel
+    if type(big) is int and big >= serial_below:
+        return False
+    return True
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "check: the fast tier `make check` runs (set in tests/conftest.py by rule)")
+
+
+def pytest_itemcollected(item):
+    # before any pytest_collection_modifyitems, so before `-m` selects
+    from fused_optim.kernels.numba import SERIAL_BELOW
+
+    if _in_check_tier(item, SERIAL_BELOW):
+        item.add_marker(pytest.mark.check)
