@@ -1,5 +1,6 @@
-# Quick start: `make test` and `make bench` each build their own virtualenv
-# from nothing but Python 3.10+.
+# Quick start: `make check` (the fast tier, while working), `make test` (the
+# full suite CI runs) and `make bench` each build their own virtualenv from
+# nothing but Python 3.10+.
 #
 #   TORCH_SPEC  which torch to install (default: the CPU build, torch==2.13.0;
 #               e.g. TORCH_SPEC='torch>=2.10' on a CUDA machine)
@@ -19,7 +20,7 @@ PYTEST_ARGS ?= -W "ignore::numba.core.errors.NumbaIRAssumptionWarning"
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench fuzz clean compile-check
+.PHONY: check test bench fuzz clean compile-check
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,14 @@ TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	FUSED_OPTIM_BENCH_SIZE=tiny $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
+
+# The fast tier (~1.5 min warm on the 2-core dev VM, README "Testing"): the
+# tests marked `check` by the rules in tests/conftest.py, every optimizer on
+# the torch and Numba serial paths. One process by default: on 2 cores the
+# workers' start-up costs more than they save (CHECK_WORKERS=2 to try).
+CHECK_WORKERS ?= 0
+check: $(STAMP)
+	$(PY) -m pytest tests -m check -q -p no:cacheprovider -n $(CHECK_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m fused_optim bench $(BENCH_ARGS)
