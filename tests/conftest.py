@@ -78,7 +78,9 @@ _CHECK_BACKENDS = frozenset({"torch", "numba"})
 _CHECK_SKIP_LAYOUTS = frozenset({"large", "many_tiny"})
 
 #: words in a test's name that put it outside the tier (Triton kernels,
-#: Numba's parallel entry points)
+#: Numba's parallel entry points). Twenty reuse cases in the tier still take
+#: the parallel entry points, on purpose (aliased params, three threads,
+#: storage shrunk and regrown: test_reuse_cases.py), ~10 s warm.
 _CHECK_SKIP_WORDS = ("triton", "parallel")
 
 
