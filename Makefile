@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	FUSED_OPTIM_BENCH_SIZE=tiny $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 
-# The fast tier (~1.5 min warm on the 2-core dev VM, README "Testing"): the
+# The fast tier (40 s warm on the idle 2-core dev VM, README "Tests"): the
 # tests marked `check` by the rules in tests/conftest.py, every optimizer on
 # the torch and Numba serial paths. One process by default: on 2 cores the
 # workers' start-up costs more than they save (CHECK_WORKERS=2 to try).
