@@ -15,9 +15,11 @@ from . import _stale
 # before any kernel is decorated: Numba picks each one's cache directory then
 _stale.choose_location()
 from ._memory import VIEW_DTYPES  # noqa: E402
-# the shared launcher pieces, importable from here as before
-from ._walk import (_PROTO, ALIGN, SERIAL_BELOW, _amp,  # noqa: F401
-                    _bounds, _plan, wait_for_background)
+# wait_for_background: fused_optim._warmup.wait joins the background compiles
+# through the backend module; SERIAL_BELOW: the size where the parallel entry
+# points start, for the tests and benchmarks to read (a copy: the launcher
+# reads _walk.SERIAL_BELOW, so patch that one)
+from ._walk import SERIAL_BELOW, wait_for_background  # noqa: E402, F401
 
 __all__ = ["sgd", "adam", "advance_host_steps", "SUPPORTED_DTYPES"]
 
