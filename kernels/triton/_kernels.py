@@ -78,22 +78,6 @@ def _store(ptr, offs, x, mask, IS_BF16: tl.constexpr, ELEM: tl.constexpr):
     tl.store(ptr + offs, y, mask=mask)
 
 
-#: names that moved to the optimizers' own files, still readable from here
-_MOVED = {"_sgd_block": "sgd", "_sgd_kernel": "sgd", "SGD_LR": "sgd", "SGD_WD": "sgd",
-          "SGD_MOMENTUM": "sgd", "SGD_OMD": "sgd", "SGD_NHYPER": "sgd",
-          "_adam_block": "adam", "_adam_kernel": "adam", "_adam_steps_kernel": "adam",
-          "ADAM_NHYPER": "adam"}
-
-
-def __getattr__(name):
-    # (reading only: the launchers use their own module's names, so replace a
-    # kernel in kernels/triton/<name>.py, not here)
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @triton.jit
 def _read_steps(table_ptr, r, rows):
     """The step counters of rows ``r`` (lanes past ``rows`` masked), plus one.
