@@ -45,8 +45,6 @@ NCOLS = 10
 #: The optimizer's own per-row switch (``row_flags`` of the API's tables).
 #: SGD: the momentum buffer was created this step and takes the gradient as is.
 FLAG_ROW = 1
-#: SGD's name for FLAG_ROW.
-FLAG_FRESH = FLAG_ROW
 #: The step counter is a float64 scalar (default dtype float64), else float32.
 FLAG_STEP_F64 = 2
 #: The step counter lives in host memory while the row's tensors do not

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from . import _device_context, _launch_lock, _launch_updates, _precision_args, _prologue
-from ._kernels import (_COMP, _FLAG_FRESH, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
+from ._kernels import (_COMP, _FLAG_ROW, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
                        _START, _load, _sr_keys, _store, _store_param)
 
 __all__ = ["sgd"]
@@ -144,7 +144,7 @@ def _sgd_kernel(
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         b_ptr = tl.multiple_of(b_ptr, 16)
-    not_fresh = (tl.load(row_base + _FLAGS) & _FLAG_FRESH) == 0
+    not_fresh = (tl.load(row_base + _FLAGS) & _FLAG_ROW) == 0
     c_ptr = p_ptr  # (unused without KAHAN)
     if KAHAN:
         c_ptr = tl.load(row_base + _COMP).to(PTR)
