@@ -256,8 +256,6 @@ class Plan:
                  "grad_isz", "grad_nonempty", "written", "grad_ptrs", "grad_ptr_bytes",
                  "grad_hits", "row_flags", "units", "dry_rows", "has_torch_rows")
 
-_PTR = torch.Tensor.data_ptr
-
 
 def _ptr_or_0(t):
     return t.data_ptr() if _plain_strided(t) else 0
