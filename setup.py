@@ -1,11 +1,11 @@
-"""fused_optim: drop-in fused SGD/Adam/AdamW for torch.optim (Numba CPU, Triton GPU)."""
+"""fused_optim: drop-in fused optimizers for torch.optim (Numba CPU, Triton GPU)."""
 
 from setuptools import setup
 
 setup(
     name="fused_optim",
     version="0.1.0",
-    description="Drop-in fused multi-tensor SGD, Adam and AdamW for torch.optim "
+    description="Drop-in fused multi-tensor SGD, Adam, AdamW, Adagrad and RMSprop for torch.optim "
     "(Numba kernels on CPU, Triton kernels on GPU)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
