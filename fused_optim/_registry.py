@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import pkgutil
 from typing import Callable, NamedTuple
 
@@ -55,24 +56,33 @@ class Record(NamedTuple):
     @property
     def torch_cls(self) -> type:
         """torch's own class, even while :func:`fused_optim.patch_torch` holds."""
-        from . import _patch
-        return _patch.original(self.name)
+        records()  # takes torch's classes, on first use
+        return _TORCH_CLASSES[self.name]
+
+
+#: torch's class of each record, taken when the records are first found: before
+#: :func:`fused_optim.patch_torch` can replace it (patching reads the records)
+_TORCH_CLASSES: dict = {}
 
 
 @functools.cache
 def records() -> tuple:
     """Every optimizer's record, in a stable order (module name, then as listed)."""
-    import fused_optim
-
+    # the package's directory, not the package: this runs while fused_optim's
+    # __init__ is still importing
     found = []
-    for info in sorted(pkgutil.iter_modules(fused_optim.__path__), key=lambda m: m.name):
+    for info in sorted(pkgutil.iter_modules([os.path.dirname(__file__)]),
+                       key=lambda m: m.name):
         if info.ispkg or info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"fused_optim.{info.name}")
+        module = importlib.import_module(f"{__package__}.{info.name}")
         found.extend(getattr(module, "RECORDS", ()))
     names = [r.name for r in found]
     if len(set(names)) != len(names):
         raise RuntimeError(f"two optimizer records share a name: {names}")
+    for r in found:
+        _TORCH_CLASSES.setdefault(r.name, getattr(importlib.import_module(r.torch_module),
+                                                  r.name))
     return tuple(found)
 
 
