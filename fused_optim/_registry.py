@@ -55,9 +55,16 @@ class Record(NamedTuple):
 
     @property
     def torch_cls(self) -> type:
-        """torch's own class, even while :func:`fused_optim.patch_torch` holds."""
-        records()  # takes torch's classes, on first use
-        return _TORCH_CLASSES[self.name]
+        """torch's own class, even while :func:`fused_optim.patch_torch` holds.
+
+        Taken by :func:`records` when it finds the record (before any patch:
+        patching reads the records); a record it did not find (a test's) is
+        looked up where torch defines it.
+        """
+        cls = _TORCH_CLASSES.get(self.name)
+        if cls is None:
+            cls = getattr(importlib.import_module(self.torch_module), self.name)
+        return cls
 
 
 #: torch's class of each record, taken when the records are first found: before
