@@ -52,12 +52,15 @@ How it measures, and why:
 
 from __future__ import annotations
 
+import argparse
+from typing import Sequence
+
 # Names beyond __all__ stay importable from here, as when this was one
 # module: benchmarks/conftest.py, __main__ and the tests use them.
 from .cases import (DEFAULT_DTYPES, DTYPES, LISTS, OPTIMIZERS, SIZES, BenchError,
                     OptimizerSpec, ShapeList, Size, make_data, shape_list,
                     shapes_from_json, shapes_from_model)
-from .cli import add_arguments, command, main, run
+from .cli import add_arguments, command, run
 from .impls import (BACKEND_IMPLS, BASELINE_IMPLS, CEILING, COMPILED, COMPILED_BACKENDS,
                     COPY, DEFAULT_BASELINES, IMPLS, PRECISION_IMPLS, PRECISIONS, REFERENCE,
                     Runner, available_impls, copy_runner, fresh_compile_caches,
@@ -77,3 +80,14 @@ __all__ = [
     "HostTimer", "CudaTimer", "Timings", "calibrate_steps", "interleaved",
     "synced_every", "CUDA_SAMPLE_S", "CUDA_MAX_STEPS",
 ]
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "fused-optim bench") -> int:
+    """``bench`` on its own: parse ``argv``, run, return the exit code."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    return command(args, prog)

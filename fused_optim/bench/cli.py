@@ -406,18 +406,6 @@ def _run(args) -> list:
     return results
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "fused-optim bench") -> int:
-    """``bench`` on its own: parse ``argv``, run, return the exit code."""
-    from . import __doc__ as doc
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    return command(args, prog)
-
-
 def command(args: argparse.Namespace, prog: str = "fused-optim bench") -> int:
     """Run parsed ``bench`` options; errors become one line on stderr.
 

@@ -15,8 +15,7 @@ from .cases import DTYPES, BenchError, OptimizerSpec, ShapeList, make_data
 from .impls import (_LABELS, CEILING, COMPILED, COMPILED_BACKENDS, COPY, PRECISIONS,
                     REFERENCE, _ordered, fresh_compile_caches, make_runner,
                     precision_variant)
-from .machine import _meminfo
-from .report import _fmt_bytes
+from .machine import _fmt_bytes, _meminfo
 from .timing import (CUDA_MAX_STEPS, CUDA_SAMPLE_S, _report_failure, interleaved,
                      make_timer)
 

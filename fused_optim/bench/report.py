@@ -10,18 +10,10 @@ import torch
 
 from .cases import OPTIMIZERS, BenchError
 from .impls import _LABELS, CEILING, COPY, IMPLS, _ordered, precision_variant
-from .machine import machine_info
+from .machine import _fmt_bytes, machine_info
 
 if TYPE_CHECKING:
     from .measure import CaseResult
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def format_table(results: Sequence[CaseResult]) -> str:
