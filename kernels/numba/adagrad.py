@@ -13,6 +13,9 @@ dtype (a 0-dim Tensor stays one through that arithmetic): float64, float32,
 or for float16/bfloat16 float32 math rounded to the lr's dtype (torch's CPU
 division of a reduced-float Tensor by a scalar). Then rounded to the
 compute type (torch's ``value=`` cast).
+
+Also here: :func:`advance_host_steps`, the step-counter pass that the
+Triton backend runs on the host for CUDA params whose steps live there.
 """
 
 import math
@@ -26,7 +29,7 @@ from ._memory import address, fma, load, store
 from ._precision import store_param
 from ._walk import FIRST, grad, parallel, run, serial
 
-__all__ = ["adagrad", "LR_F64", "LR_F32", "LR_BF16", "LR_F16"]
+__all__ = ["adagrad", "advance_host_steps", "LR_F64", "LR_F32", "LR_BF16", "LR_F16"]
 
 # the batch scalars x[FIRST:] (NX: the length of x); HAS_WD is 1.0 (on) or 0.0
 EPS, WD, HAS_WD, NX = range(FIRST, FIRST + 4)
@@ -119,6 +122,22 @@ def adagrad_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, 
                    kahan, sr_keys):
     serial(_adagrad_rows, _adagrad_element, NX, table, bounds, itemsize, view_dtype, h, x, rows,
            has0, has1, has2, kahan, sr_keys)
+
+
+@njit(cache=True, error_model="numpy")
+def _host_step_scalars(table, lr, lr_decay, lr_round, out):
+    _adagrad_scalars(table, lr, lr_decay, lr_round, out)
+
+
+def advance_host_steps(table, *, lr, lr_decay, lr_round=LR_F64):
+    """Advance every row's step counter (host memory) by one, in place.
+
+    For GPU backends whose steps live on the host (torch's default for CUDA
+    params). Returns float64 ``[rows]``: each row's clr.
+    """
+    out = np.empty((table.shape[0], 1), dtype=np.float64)
+    _host_step_scalars(table, float(lr), float(lr_decay), float(lr_round), out)
+    return out[:, 0]
 
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=LR_F64,

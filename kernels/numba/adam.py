@@ -5,6 +5,9 @@ scalars in the compute type, one rounding where torch's for-loop rounds, a
 fused multiply-add where torch's CPU kernel uses one (``lerp``,
 ``addcmul``). Adam then differs from torch only where torch's own CPU
 ``sqrt`` is not correctly rounded (about 0.6% of elements, by 1 ulp).
+
+Also here: :func:`advance_host_steps`, the step-counter pass that the
+Triton backend runs on the host for CUDA params whose steps live there.
 """
 
 import numpy as np
@@ -16,7 +19,7 @@ from ._memory import address, fma, load, store
 from ._precision import store_param
 from ._walk import FIRST, grad, parallel, run, serial
 
-__all__ = ["adam"]
+__all__ = ["adam", "advance_host_steps"]
 
 # the batch scalars x[FIRST:] (NX: the length of x); switches are 1.0 (on) or 0.0. torch.lerp(m, g,
 # 1 - beta1) is fma(LERP_W, g - m, m), or fma(LERP_W, g - m, g) from the grad's
@@ -128,6 +131,12 @@ def adam_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has
            has1, has2, kahan, sr_keys)
 
 
+@njit(cache=True, error_model="numpy")
+def host_step_scalars(table, lr, beta1, beta2, out):
+    """Advance host-memory step counters; per-row scalars for a GPU kernel."""
+    _adam_scalars(table, lr, beta1, beta2, out)
+
+
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
          amsgrad, maximize, grad_scale=None, found_inf=None, kahan_sum=False,
          stochastic_round=None):
@@ -149,6 +158,21 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
     run(batch, (adam_parallel, adam_serial, NX), scalars, maximize=maximize,
         host=(float(lr), float(beta1), float(beta2)), states=(True, True, amsgrad), grad_scale=grad_scale,
         found_inf=found_inf, kahan_sum=kahan_sum, stochastic_round=stochastic_round)
+
+
+def advance_host_steps(table, *, lr, beta1, beta2):
+    """Advance every row's step counter (host memory) by one, in place.
+
+    For GPU backends whose Adam steps live on the host (torch's default for
+    CUDA params): the same float64 bias-correction arithmetic as the Numba
+    Adam kernel, without a Python loop over tensors.
+
+    Returns:
+        float64 ``[rows, 2]``: step size and sqrt of the second bias correction.
+    """
+    out = np.empty((table.shape[0], 2), dtype=np.float64)
+    host_step_scalars(table, float(lr), float(beta1), float(beta2), out)
+    return out
 
 
 _stale.light_loads(vars())  # warm-cache loads without Numba's full refresh

@@ -5,6 +5,9 @@ float32 (float64 for float64 tensors), one rounding per stored value, a
 fused multiply-add exactly where torch's CPU kernels use one (``addcmul``,
 ``lerp``, ``add(alpha=)``), none elsewhere (``mul`` then ``addcmul``,
 ``addcdiv``).
+
+Also here: :func:`advance_steps`, the step-counter pass that the Triton
+backend runs on the host for CUDA params whose steps live there.
 """
 
 import numpy as np
@@ -16,7 +19,7 @@ from ._memory import address, fma, load, store
 from ._precision import store_param
 from ._walk import FIRST, grad, parallel, run, serial
 
-__all__ = ["rmsprop"]
+__all__ = ["rmsprop", "advance_steps"]
 
 # the batch scalars x[FIRST:] (NX: the length of x); switches are 1.0 (on) or 0.0. grad_avg.lerp_(g,
 # 1 - alpha) is fma(LERP_W, g - a, a), or fma(LERP_W, g - a, g) from the
@@ -81,6 +84,20 @@ def rmsprop_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, 
                    kahan, sr_keys):
     serial(_rmsprop_rows, _rmsprop_element, NX, table, bounds, itemsize, view_dtype, h, x, rows,
            has0, has1, has2, kahan, sr_keys)
+
+
+@njit(cache=True, error_model="numpy")
+def _advance_steps(table):
+    _advance(table)
+
+
+def advance_steps(table) -> None:
+    """Advance every row's step counter (host memory) by one, in place.
+
+    For GPU backends whose steps live on the host (torch's default for CUDA
+    params): one compiled pass over the table's step addresses.
+    """
+    _advance_steps(table)
 
 
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,

@@ -58,7 +58,6 @@ import numpy as np
 import torch
 import triton.language as tl
 
-from .. import host_steps
 from .. import layout as L
 from ..contract import interpreted
 from . import _kernels  # noqa: F401 (tk._kernels: the shared jit helpers)
@@ -471,11 +470,13 @@ def _check_host_steps(batch) -> None:
 def _host_step_scalars(table, lr, beta1, beta2) -> np.ndarray:
     """Advance host-side steps; per-row (step size, sqrt(bias correction 2)).
 
-    ``kernels/host_steps.py``: torch's for-loop's float64 arithmetic, one
-    gather and scatter over the table's step addresses, not a Python loop
-    over tensors.
+    One compiled pass over the table's step addresses (the Numba backend's
+    float64 arithmetic, as torch's for-loop does in Python), not a Python
+    loop over tensors.
     """
-    return host_steps.adam_scalars(table, lr=lr, beta1=beta1, beta2=beta2)
+    from ..numba import advance_host_steps
+
+    return advance_host_steps(table, lr=lr, beta1=beta1, beta2=beta2)
 
 
 #: rows per program of the step kernel

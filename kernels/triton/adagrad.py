@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import host_steps
 from . import (NUM_WARPS, _STEP_ROWS, _check_host_steps, _device_context, _launch_lock,
                _launch_updates, _precision_args, _prologue, _resident, _upload)
 from ._kernels import (_COMP, _GRAD, _NCOLS, _NUMEL, _PARAM, _START, _STATE0,
@@ -200,8 +199,9 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
             if found_inf is not None and bool(found_inf.reshape(-1)[0] != 0):
                 return  # skipped step: steps stay as they are
             found_inf = None
-            scalars = host_steps.adagrad_clr(table, lr=lr, lr_decay=lr_decay,
-                                             lr_round=lr_round)
+            from ..numba.adagrad import advance_host_steps
+
+            scalars = advance_host_steps(table, lr=lr, lr_decay=lr_decay, lr_round=lr_round)
         pro = _prologue(batch, hyper if device_steps else None, grad_scale, found_inf)
         layout = pro.layout
         if device_steps:
