@@ -79,19 +79,23 @@ def test_budget_caps_each_phase_and_keeps_a_reserve():
 
 
 def test_a_command_past_its_limit_is_interrupted_first(tmp_path):
-    # the child first prints its signal masks: a failure (seen only in cold CI
-    # runs, 3 of 3, as -9 with no output at all) then says whether it started,
-    # and whether SIGINT reached it ignored or blocked
-    code = ("import time\n"
-            "print(*[l.strip() for l in open('/proc/self/status') if l.startswith('Sig')],"
-            " flush=True)\n"
+    # The child takes SIGINT whatever it inherited. In cold CI runs (4 of 4
+    # on 2026-12-07; never alone, under load or in a warm full run) it
+    # inherited SIGINT and SIGQUIT ignored (its SigIgn 0x81001006), so it
+    # ignored the interrupt and was killed. That pair is what C's system()
+    # sets in its whole process while it runs (libtorch_cpu links it); which
+    # call in the xdist worker did it was not pinned down. What is tested
+    # is run_command: SIGINT first, SIGKILL only after the grace.
+    code = ("import signal, time\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "print('ready', flush=True)\n"
             "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
             "    print('interrupted', flush=True)\n    raise SystemExit(3)\n")
-    out = gc.run_command([sys.executable, "-c", code], 5.0, tmp_path / "log", echo=False,
+    out = gc.run_command([sys.executable, "-c", code], 2.0, tmp_path / "log", echo=False,
                          grace=10)
     assert out.timed_out and out.returncode == 3 and "interrupted" in out.output, out
-    assert out.seconds < 15
-    assert "timed out after 5 s" in (tmp_path / "log").read_text()
+    assert out.seconds < 12
+    assert "timed out after 2 s" in (tmp_path / "log").read_text()
 
 
 def test_a_command_that_ignores_the_interrupt_is_killed():
