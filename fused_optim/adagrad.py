@@ -206,7 +206,7 @@ class Adagrad(_base.FusedOptimizer):
         state_sums.extend(sums)
         state_steps.extend(steps)
         has_sparse_grad = _base.any_sparse(their_grads)
-        if group["fused"] and (has_sparse_grad or any(map(torch.is_complex, with_grad))):
+        if group["fused"] and (has_sparse_grad or _base.any_complex(with_grad)):
             # torch's _fused_adagrad, before it writes anything (only the first
             # param met the dtype check above)
             raise RuntimeError("`fused` does not support sparse grad or complex param")

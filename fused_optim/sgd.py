@@ -245,7 +245,7 @@ def _check_fused_grads(params, grads):
     """
     if _base.any_sparse(grads):
         raise RuntimeError("`_fused_sgd` does not support sparse gradients")
-    if any(map(torch.is_complex, params)):
+    if _base.any_complex(params):
         from torch.optim.optimizer import Optimizer
 
         for _, dtype in Optimizer._group_tensors_by_device_and_dtype([params, grads]):
