@@ -63,18 +63,26 @@ def test_bad_step_raises_like_torch_and_changes_nothing(info, e, backend):
     for p in refs + ours:
         e.set_grad(p)
     before = [p.detach().clone() for p in ours]
-    theirs = _outcome(info.record.torch_cls(refs, **e.kwargs()).step)
+    torch_opt = info.record.torch_cls(refs, **e.kwargs())
+    theirs = _outcome(torch_opt.step)
     opt = info.cls(ours, backend=backend, **e.kwargs())
-    state_before = {(i, k): v.clone() for i, p in enumerate(ours)
-                    for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)}
     outcome = _outcome(opt.step)
     assert theirs[0] is not None, "error input does not make torch's step raise"
     _as_declared(theirs, e)
     assert outcome == theirs
     for p, b in zip(ours, before):
         assert torch.equal(p.detach(), b)
-    for (i, k), v in state_before.items():  # (steps not advanced, sums not written)
-        assert torch.equal(opt.state[ours[i]][k], v), k
+    # nor is the state: what is there is what torch's loop created before it
+    # raised, with no step counted (torch's Adagrad counts the step before its
+    # sparse weight-decay error; fused_optim writes nothing, by its rule)
+    for p_ref, p in zip(refs, ours):
+        want, got = torch_opt.state.get(p_ref, {}), opt.state.get(p, {})
+        assert set(got) <= set(want)
+        for k, v in got.items():
+            if k == "step":
+                assert float(v) == 0.0
+            else:
+                assert torch.equal(v, want[k]) if torch.is_tensor(v) else v == want[k], k
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
