@@ -35,13 +35,6 @@ class Record(NamedTuple):
     state: tuple
     #: whether each param has a ``state["step"]`` counter the kernels advance
     has_step: bool
-    #: arrays an element update reads and writes, given the group's options
-    #: (grad read only, the rest read and written): the bench's counted bytes
-    traffic: Callable[[dict], tuple]
-    #: the settings ``fused-optim bench`` times (``--optimizers`` names):
-    #: ``(name, kwargs)`` pairs, kwargs the constructor's besides params
-    #: (``("adamw", {"lr": 1e-3, "weight_decay": 0.01})``); none: not benchmarked
-    bench: tuple = ()
 
     @property
     def cls(self) -> type:

@@ -104,21 +104,29 @@ def test_model_factory(tmp_path, monkeypatch):
 # ------------------------------------------------------- optimizer settings
 
 
-def test_optimizer_settings_come_from_the_records():
+def test_optimizer_settings_and_their_byte_counts():
+    """The settings are the bench's own (cases.SETTINGS); the byte counts
+    come from the state torch's class keeps for each setting's options."""
     from fused_optim import _registry
-    assert set(bench.OPTIMIZERS) == {name for r in _registry.records() for name, _ in r.bench}
     assert {"sgd", "sgd-nesterov", "adam", "adamw", "adagrad", "rmsprop"} <= set(bench.OPTIMIZERS)
+    assert {spec.cls for spec in bench.OPTIMIZERS.values()} == set(_registry.names())
     assert bench.OPTIMIZERS["sgd-nesterov"].kwargs == dict(
         lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
     assert bench.OPTIMIZERS["adamw"].kwargs == dict(lr=1e-3, weight_decay=0.01)
     for name, spec in bench.OPTIMIZERS.items():
         record = _registry.get(spec.cls)
         assert spec.record is record and spec.kind == record.kernel
-        assert (spec.reads, spec.writes) == record.traffic(spec.kwargs)
-        assert name in dict(record.bench)
     # the counts the byte columns always used
     assert [(bench.OPTIMIZERS[n].reads, bench.OPTIMIZERS[n].writes)
-            for n in ("sgd", "sgd-nesterov", "adam", "adamw")] == [(3, 2), (3, 2), (4, 3), (4, 3)]
+            for n in ("sgd", "sgd-nesterov", "adam", "adamw", "adagrad", "rmsprop")] == [
+        (3, 2), (3, 2), (4, 3), (4, 3), (3, 2), (3, 2)]
+    # options that create state add an array, read and written
+    for cls, kwargs, counts in [("SGD", dict(lr=0.1), (2, 1)),
+                                ("Adam", dict(amsgrad=True), (5, 4)),
+                                ("RMSprop", dict(momentum=0.9), (4, 3)),
+                                ("RMSprop", dict(momentum=0.9, centered=True), (5, 4))]:
+        assert bench.OptimizerSpec("x", cls, kwargs).reads == counts[0]
+        assert bench.OptimizerSpec("x", cls, kwargs).writes == counts[1]
 
 
 @pytest.fixture
@@ -127,20 +135,20 @@ def nadam_record(monkeypatch):
     here (NAdam), added for one test."""
     from fused_optim import _registry
     rec = _registry.Record("NAdam", "nadam", "nadam", "torch.optim.nadam",
-                           kernel="nadam", state=("exp_avg", "exp_avg_sq"), has_step=True,
-                           traffic=lambda group: (4, 3), bench=(("nadam", dict(lr=1e-2)),))
+                           kernel="nadam", state=("exp_avg", "exp_avg_sq"), has_step=True)
     real = _registry.records()
     monkeypatch.setattr(_registry, "records", lambda: (*real, rec))
     return rec
 
 
-def test_a_record_brings_its_own_settings(nadam_record):
-    """bench needs no edit for a new optimizer: the settings, torch's paths
-    and the byte counts follow the record; fused only where torch has it, and
-    the backends report the kernel they lack."""
+def test_a_new_record_is_timed_with_its_defaults(nadam_record):
+    """bench needs no edit for a new optimizer: a setting of the class's
+    defaults, torch's paths and the byte counts (torch's NAdam keeps two
+    per-element moments) follow the record; fused only where torch has it,
+    and the backends report the kernel they lack."""
     specs = bench.cases._optimizers()
     spec = specs["nadam"]
-    assert spec.record is nadam_record and spec.kind == "nadam"
+    assert spec.record is nadam_record and spec.kind == "nadam" and spec.kwargs == {}
     assert spec.bytes_per_step(10, 4) == 7 * 4 * 10
     ok, skipped = bench.available_impls(spec, torch.float32, "cpu",
                                         ["numba", "for-loop", "foreach", "fused"])

@@ -24,7 +24,7 @@ import fused_optim
 import fused_optim.kernels.numba as numba_backend
 import matrix
 import optim_db
-from fused_optim import _ops
+from fused_optim import _ops, _tables
 from fused_optim.kernels import contract
 
 STEPS = 4
@@ -53,8 +53,8 @@ def _fresh_dynamo():
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts of the Numba backend's kernel launches and of the operator's
-    ``run`` calls that came through a traced graph."""
+    """Counts of the Numba backend's kernel launches and of ``_tables.run``
+    calls, eager and through a traced graph."""
     seen = {"kernels": 0, "compiled_runs": 0, "eager_runs": 0}
 
     def count_kernel(fn):
@@ -69,13 +69,15 @@ def launches(monkeypatch):
         monkeypatch.setattr(numba_backend, kernel,
                             count_kernel(contract.kernel(numba_backend, kernel)))
 
-    for op in _update_ops():
-        def run(jobs, grad_scale, found_inf, backend, cache, compiled, _run=op.run):
-            seen["compiled_runs" if compiled else "eager_runs"] += 1
-            if compiled:  # what each compiled step's kernels were given
-                seen.setdefault("compiled_hypers", []).append([job.hyper for job in jobs])
-            return _run(jobs, grad_scale, found_inf, backend, cache, compiled)
-        monkeypatch.setattr(op, "run", run)
+    original = _tables.run
+
+    @torch.compiler.disable
+    def run(update, jobs, grad_scale, found_inf, backend, cache, compiled=False):
+        seen["compiled_runs" if compiled else "eager_runs"] += 1
+        if compiled:  # what each compiled step's kernels were given
+            seen.setdefault("compiled_hypers", []).append([job.hyper for job in jobs])
+        return original(update, jobs, grad_scale, found_inf, backend, cache, compiled)
+    monkeypatch.setattr(_tables, "run", run)
     return seen
 
 
@@ -292,7 +294,7 @@ def test_operators_are_kept_out_of_cuda_graphs():
 
 
 @pytest.mark.parametrize("name,kwargs", CASES)
-def test_opcheck(name, kwargs):
+def test_opcheck(name, kwargs, monkeypatch):
     """torch.library.opcheck on a real step: the writes match the schema,
     the fake implementation matches the real one, and AOT dispatch works."""
     params, opt = _make(name, kwargs)
@@ -308,6 +310,7 @@ def test_opcheck(name, kwargs):
     _grads(2, params)
     original = _ops.UpdateOp.__call__
     _ops.UpdateOp.__call__ = grab
+    monkeypatch.setattr(_ops, "DISPATCH_EAGER", True)  # (else eager steps skip it)
     try:
         opt.step()
     finally:

@@ -26,10 +26,11 @@ How it measures, and why:
   host's wall time for enqueueing the K steps, over K, is reported beside it
   ("host ms"): where the two are close, the host bounds the step.
 * Bytes are counted, not measured: the arrays an element update reads and
-  writes, from the optimizer's record (``Record.traffic`` in
-  ``fused_optim._registry``); e.g. SGD with momentum reads p, g, buf and
-  writes p, buf (5 element sizes), Adam/AdamW read p, g, m, v and write p, m,
-  v (7). The settings timed (``--optimizers``) are the records' ``bench``.
+  writes, counted from the per-element state torch's own class keeps
+  (``cases.traffic``); e.g. SGD with momentum reads p, g, buf and writes p,
+  buf (5 element sizes), Adam/AdamW read p, g, m, v and write p, m, v (7).
+  The settings timed (``--optimizers``) are ``cases.SETTINGS``, and the
+  class's defaults for an optimizer without one.
 * The ceiling is the same traffic with no arithmetic: on CPU the Numba kernel
   in ``kernels/numba/_pattern.py`` over tensors of the same sizes, on CUDA
   the Triton kernel in ``kernels/triton/_pattern.py`` over flat buffers. On

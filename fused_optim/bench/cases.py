@@ -244,32 +244,68 @@ class OptimizerSpec:
 
     @property
     def reads(self) -> int:
-        """Arrays read per element (the ceiling's k), from the record's traffic."""
-        return self.record.traffic(self.kwargs)[0]
+        """Arrays read per element (the ceiling's k): see :func:`traffic`."""
+        return traffic(self.cls, self.kwargs)[0]
 
     @property
     def writes(self) -> int:
         """Arrays written per element (the ceiling's m)."""
-        return self.record.traffic(self.kwargs)[1]
+        return traffic(self.cls, self.kwargs)[1]
 
     def bytes_per_step(self, numel: int, itemsize: int) -> int:
         """Counted memory traffic of one step."""
         return (self.reads + self.writes) * itemsize * numel
 
 
+_TRAFFIC: dict = {}
+
+
+def traffic(cls: str, kwargs: dict) -> tuple:
+    """``(arrays read, arrays written)`` per element by optimizer ``cls`` with ``kwargs``.
+
+    Counted from torch's own class after one step on a 2-element param: the
+    grad is read, and the param and every per-element state tensor it keeps
+    (the step counter is not) are read and written. So a new optimizer
+    needs no byte counts written down anywhere, and the count follows the
+    options that create state (SGD's momentum, Adam's amsgrad, RMSprop's
+    centered).
+    """
+    key = (cls, repr(sorted(kwargs.items())))
+    if key not in _TRAFFIC:
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.ones(2)
+        opt = _registry.get(cls).torch_cls([p], **kwargs)
+        opt.step()
+        n = sum(1 for v in opt.state[p].values() if torch.is_tensor(v) and v.shape == p.shape)
+        _TRAFFIC[key] = (2 + n, 1 + n)
+    return _TRAFFIC[key]
+
+
+#: The settings ``fused-optim bench`` times, by ``--optimizers`` name: the
+#: class's name and its constructor's arguments besides params. A record
+#: without an entry is timed as ``<functional>`` with the class's defaults.
+SETTINGS: dict[str, tuple] = {
+    "sgd": ("SGD", dict(lr=0.01, momentum=0.9, weight_decay=1e-4)),
+    "sgd-nesterov": ("SGD", dict(lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)),
+    "adam": ("Adam", dict(lr=1e-3)),
+    "adamw": ("AdamW", dict(lr=1e-3, weight_decay=0.01)),
+    "adagrad": ("Adagrad", dict(lr=0.01)),
+    "rmsprop": ("RMSprop", dict(lr=1e-3)),
+}
+
+
 def _optimizers() -> dict:
-    """Every record's benchmark settings (``Record.bench``), by name."""
-    out = {}
+    """:data:`SETTINGS`, and a default setting for each record without one."""
+    out = {name: OptimizerSpec(name, cls, dict(kwargs))
+           for name, (cls, kwargs) in SETTINGS.items()}
+    timed = {spec.cls for spec in out.values()}
     for record in _registry.records():
-        for name, kwargs in record.bench:
-            if name in out:
-                raise RuntimeError(f"{record.name} and {out[name].cls} both define the "
-                                   f"benchmark setting {name!r}")
-            out[name] = OptimizerSpec(name, record.name, dict(kwargs))
+        if record.name not in timed:
+            out[record.functional] = OptimizerSpec(record.functional, record.name, {})
     return out
 
 
-#: The settings a run can time, from the optimizer records (``Record.bench``).
+#: The settings a run can time (see :data:`SETTINGS`).
 OPTIMIZERS: dict[str, OptimizerSpec] = _optimizers()
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
