@@ -119,10 +119,8 @@ def _launcher_call(opt, params, name, kw):
         hyper = dict(lr=kw["lr"], beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
                      decoupled_weight_decay=True, amsgrad=False, maximize=False)
         fn = tk.adam
-    retain = getattr(opt._plans, "retain", None)  # (absent before issue 13)
-    args = (unit, cols, plan.where, steps, plan.row_flags, plan.grad_ptrs)
-    staged = _tables.staged_unit(*args, retain) if retain else _tables.staged_unit(*args)
-    batch = staged.batch
+    batch, _ = _tables.stage(unit, cols, plan.where, steps, plan.row_flags, plan.grad_ptrs,
+                             opt._plans.retain)
     return lambda: fn(batch, **hyper)
 
 

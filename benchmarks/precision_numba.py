@@ -65,9 +65,9 @@ def _batches(name, dtype):
     steps = [torch.tensor(0.0) for _ in params] if name == "adam" else None
     out = []
     for c in ([None] * n, comps):
-        (packed,) = _tables.pack(params, grads, [s0, s1, [None] * n, c], ROLES[name],
-                                 steps=steps, backend="numba")
-        out.append(packed.batch)
+        ((batch, _),) = _tables.pack(params, grads, [s0, s1, [None] * n, c], ROLES[name],
+                                    steps=steps, backend="numba")
+        out.append(batch)
     return out
 
 

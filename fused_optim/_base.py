@@ -12,25 +12,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import optimizer as _optimizer_module
 
-from . import _backend, _facts, _ops, _precision, _tables, _warmup
-
-
-def _grad_mode_for_differentiable(step):
-    """Run ``step`` with autograd on only when the optimizer is differentiable."""
-
-    @functools.wraps(step)
-    def wrapper(self, *args, **kwargs):
-        prev = torch.is_grad_enabled()
-        want = self.defaults["differentiable"]
-        if prev == want:
-            return step(self, *args, **kwargs)
-        try:
-            torch._C._set_grad_enabled(want)
-            return step(self, *args, **kwargs)
-        finally:
-            torch._C._set_grad_enabled(prev)
-
-    return wrapper
+from . import _backend, _ops, _precision, _tables, _warmup
 
 
 @functools.cache
@@ -54,7 +36,8 @@ def _step_with_hooks(func):
     same order. The ``record_function`` range, which only a running profiler
     records, is entered only while one runs: on a cold cache, right after a
     step has streamed the tensors' data, entering it cost ~230 us here, a
-    sixth of the whole per-step overhead on resnet50-shaped lists.
+    sixth of the whole per-step overhead on resnet50-shaped lists. Without
+    hooks or a profiler the step is called directly (one frame fewer).
     """
 
     @functools.wraps(func)
@@ -62,19 +45,25 @@ def _step_with_hooks(func):
         self = args[0]
         # (dynamo cannot trace the bool _profiler_enabled returns: skipped
         # while compiling, where torch ignores record_function anyway)
-        if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
-            with torch.autograd.profiler.record_function(
-                    f"Optimizer.step#{self.__class__.__name__}.step"):
-                return _hooked_call(func, self, args, kwargs)
-        return _hooked_call(func, self, args, kwargs)
+        if (_optimizer_module._global_optimizer_pre_hooks or self._optimizer_step_pre_hooks
+                or _optimizer_module._global_optimizer_post_hooks
+                or self._optimizer_step_post_hooks
+                or (not torch.compiler.is_compiling() and torch.autograd._profiler_enabled())):
+            return _hooked_call(func, self, args, kwargs)
+        out = func(*args, **kwargs)
+        self._optimizer_step_code()
+        return out
 
     return wrapper
 
 
 def _hooked_call(func, self, args, kwargs):
-    global_pre = _optimizer_module._global_optimizer_pre_hooks
-    if global_pre or self._optimizer_step_pre_hooks:
-        for pre_hook in chain(global_pre.values(), self._optimizer_step_pre_hooks.values()):
+    profiling = not torch.compiler.is_compiling() and torch.autograd._profiler_enabled()
+    with (torch.autograd.profiler.record_function(
+            f"Optimizer.step#{self.__class__.__name__}.step") if profiling
+          else contextlib.nullcontext()):
+        for pre_hook in chain(_optimizer_module._global_optimizer_pre_hooks.values(),
+                              self._optimizer_step_pre_hooks.values()):
             result = pre_hook(self, args, kwargs)
             if result is not None:
                 if isinstance(result, tuple) and len(result) == 2:
@@ -83,12 +72,10 @@ def _hooked_call(func, self, args, kwargs):
                     raise RuntimeError(
                         f"{func} must return None or a tuple of (new_args, new_kwargs), "
                         f"but got {result}.")
-    out = func(*args, **kwargs)
-    self._optimizer_step_code()
-    global_post = _optimizer_module._global_optimizer_post_hooks
-    if global_post or self._optimizer_step_post_hooks:
+        out = func(*args, **kwargs)
+        self._optimizer_step_code()
         for post_hook in chain(self._optimizer_step_post_hooks.values(),
-                               global_post.values()):
+                               _optimizer_module._global_optimizer_post_hooks.values()):
             post_hook(self, args, kwargs)
     return out
 
@@ -235,54 +222,6 @@ class FusedOptimizer(Optimizer):
         """
         return not hyper["differentiable"]
 
-    def _step(self, closure=None):
-        """torch's step skeleton: closure, AMP arguments, every group, one update."""
-        # (torch's check is a no-op while compiling too)
-        if (self.CAPTURE_HEALTH_CHECK and not torch.compiler.is_compiling()
-                and accelerator_present()):
-            check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
-                self, "_cuda_graph_capture_health_check", None)
-            if check is not None:
-                check()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale, found_inf = self._amp_args()
-        jobs, afters = [], []
-        rounded = False
-        for group in self.param_groups:
-            try:
-                job, after = self._group_job(group, found_inf)
-                if job is not None and _precision.enabled(group):
-                    more, made = _precision.attach(self, job, group)
-                    job = more.pop()
-                    jobs.extend(more)
-                    if made is not None:
-                        afters.append(made)
-                    rounded = rounded or group.get("stochastic_round", False)
-            except Exception:
-                # torch's loop steps each group before it reads the next, so
-                # an error in an earlier group's update comes first: those
-                # are checked (nothing is written) before this one is raised
-                if jobs and not torch.compiler.is_compiling():
-                    _ops.opaque(self.STEP_OP.validate, jobs, grad_scale, found_inf,
-                                self.backend, _ops.cache_of(self._handle))
-                raise
-            if job is not None:
-                jobs.append(job)
-            if after is not None:
-                afters.append(after)
-        if jobs:
-            self.STEP_OP(jobs, grad_scale, found_inf, self.backend, self._handle,
-                         traceable=all(self._traceable(job.hyper) for job in jobs))
-        for after in afters:
-            after()
-        if rounded:
-            _precision.advance(self, found_inf)
-        return loss
-
-    @_grad_mode_for_differentiable
     def step(self, closure=None):
         """Perform a single optimization step.
 
@@ -290,7 +229,75 @@ class FusedOptimizer(Optimizer):
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
         """
-        return self._step(closure)
+        # torch's skeleton: autograd on only for a differentiable optimizer
+        # (torch's _use_grad_for_differentiable, inline), the closure,
+        # GradScaler's arguments, every group's job, one update of them all
+        prev = torch.is_grad_enabled()
+        want = self.defaults["differentiable"]
+        if prev != want:
+            torch._C._set_grad_enabled(want)
+        try:
+            # (torch's check is a no-op while compiling too)
+            if (self.CAPTURE_HEALTH_CHECK and not torch.compiler.is_compiling()
+                    and accelerator_present()):
+                check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
+                    self, "_cuda_graph_capture_health_check", None)
+                if check is not None:
+                    check()
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            # GradScaler's tensors: attributes it sets and deletes
+            grad_scale = getattr(self, "grad_scale", None)
+            found_inf = self._last_found_inf = getattr(self, "found_inf", None)
+            update = self.STEP_OP.update
+            jobs, afters = [], []
+            rounded = False
+            for group in self.param_groups:
+                try:
+                    job, after = self._group_job(group, found_inf)
+                    if job is not None and (group.get("kahan_sum")
+                                            or group.get("stochastic_round")):
+                        more, made = _precision.attach(self, job, group)
+                        job = more.pop()
+                        jobs.extend(more)
+                        if made is not None:
+                            afters.append(made)
+                        rounded = rounded or group.get("stochastic_round", False)
+                except Exception:
+                    # torch's loop steps each group before it reads the next,
+                    # so an error in an earlier group's update comes first:
+                    # those are checked (nothing is written) before this one
+                    # is raised
+                    if jobs and not torch.compiler.is_compiling():
+                        _tables.validate(update, jobs, grad_scale, found_inf, self.backend,
+                                         self._plans)
+                    raise
+                if job is not None:
+                    jobs.append(job)
+                if after is not None:
+                    afters.append(after)
+            if jobs:
+                if (_ops.DISPATCH_EAGER or torch.compiler.is_compiling()
+                        or _ops.compile_active()):
+                    self.STEP_OP(jobs, grad_scale, found_inf, self.backend, self._handle,
+                                 traceable=all([self._traceable(job.hyper) for job in jobs]))
+                else:
+                    _tables.run(update, jobs, grad_scale, found_inf, self.backend, self._plans)
+            for after in afters:
+                after()
+            if rounded:
+                _precision.advance(self, found_inf)
+            return loss
+        finally:
+            if prev != want:
+                torch._C._set_grad_enabled(prev)
+
+    #: the step without torch's hooks or profiler range (torch wraps the
+    #: class's ``step`` in ``profile_hook_step`` at the first construction):
+    #: the warm-up's shadow steps (fused_optim/_warmup.py)
+    _step = step
 
     @property
     def last_step_skipped(self) -> bool:
@@ -303,15 +310,7 @@ class FusedOptimizer(Optimizer):
         found_inf = getattr(self, "_last_found_inf", None)
         return found_inf is not None and bool(found_inf != 0)
 
-    def _amp_args(self):
-        """GradScaler's tensors for this step (attributes it sets and deletes)."""
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        self._last_found_inf = found_inf
-        return grad_scale, found_inf
 
-
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _GRAD = attrgetter("grad")
 IS_SPARSE = attrgetter("is_sparse")
 
@@ -373,192 +372,16 @@ def any_complex(tensors) -> bool:
     return not _COMPLEX.isdisjoint(map(_DTYPE, tensors))
 
 
-def _local(ts):
-    """Local shards of DTensors (FSDP2 params, grads and state), else as given.
+def compiled_semantics(hyper, params):
+    """A job's ``hyper`` as torch's compiled step reads it.
 
-    The kernels update a DTensor's local shard in place, with no gather; its
-    state stays DTensor-shaped, exactly as torch.optim's under FSDP2.
+    Dynamo traces every group with ``capturable`` True, and torch's step
+    then skips its device check; on CPU params the update is the same, so
+    a traced CPU group runs as an eager one, on the kernels.
     """
-    return [t if t is None or type(t) in _PLAIN else getattr(t, "_local_tensor", t)
-            for t in ts]
-
-
-def prepare_update(kind, backend, params, grads, states, roles, hyper, reference,
-                   steps=None, row_flags=None, cache=None, key=None, dry_all=False,
-                   precision=None):
-    """Validate one group's update by kernel ``kind``; return what writes it.
-
-    ``kind`` is the optimizer record's ``kernel`` (``"sgd"``, ``"adam"``, ...).
-
-    Everything that can raise is done here, before any tensor is written:
-    full validation or the reuse rule, the backends' choice, and torch's
-    own step on stand-ins of the rows where torch may raise.
-
-    Args:
-        reference: ``reference(params, grads, states, steps, row_flags)`` runs
-            torch's own for-loop step on those rows (lists as here, a subset
-            of rows; states one list per role, None where absent) and
-            returns the momentum buffers it created, or None. It runs rows
-            the kernels do not take, and first, on stand-ins, every row
-            where torch may raise, so that its exception comes before
-            anything is written.
-        dry_all: run that dry run on every row (hyperparameters with which
-            torch's step raises).
-        precision: the job's ``_precision.Precision`` (None: round to
-            nearest). Its Kahan compensation buffers join the plan as the
-            fourth state role (column COMP), validated like any state.
-
-    Returns:
-        A callable with no arguments that carries out the update.
-    """
-    if precision is not None and precision.comps is not None:
-        n = len(params)
-        states = [*states, *([[None] * n] * (3 - len(states))), precision.comps]
-        roles = (*roles, *(("",) * (3 - len(roles))), "kahan_comp")
-    if not _PLAIN.issuperset(map(type, params)):
-        params, grads = _local(params), _local(grads)
-        states = [_local(s) for s in states]
-        steps = _local(steps) if steps is not None else None
-    plan, cols, grad_ptrs = _tables.prepare(params, grads, states, roles, steps=steps,
-                                            row_flags=row_flags, backend=backend, cache=cache,
-                                            key=key)
-    dry = range(len(params)) if dry_all else plan.dry_rows
-    if dry:
-        _dry_run(dry, params, grads, states, steps, row_flags, reference)
-
-    retain = cache.retain if isinstance(cache, _tables.PlanCache) else None
-
-    def update():
-        _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, row_flags, hyper,
-                 reference, retain, precision, key or 0)
-
-    return update
-
-
-def _execute(kind, plan, cols, grad_ptrs, params, grads, states, steps, row_flags, hyper,
-             reference, retain, precision=None, key=0):
-    grad_scale, found_inf = hyper.get("grad_scale"), hyper.get("found_inf")
-    torch_grads = grads
-    if plan.has_torch_rows:
-        if found_inf is not None and bool(found_inf != 0):
-            torch_grads = None  # a skipped step; the kernels skip on their own
-        elif grad_scale is not None:
-            inv = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_
-            torch_grads = {i: grads[i] * inv.to(grads[i].device)
-                           for u in plan.units if isinstance(u, _tables.TorchUnit)
-                           for i in u.rows}
-    for u, unit in enumerate(plan.units):
-        if isinstance(unit, _tables.TorchUnit):
-            if torch_grads is not None:
-                _torch_rows(unit.rows, params, torch_grads, states, steps, row_flags, reference)
-            continue
-        staged = _tables.staged_unit(unit, cols, plan.where, steps, plan.row_flags, grad_ptrs,
-                                     retain)
-        staged.start()
-        if precision is None:
-            _backend.kernel(staged.module, kind)(staged.batch, **hyper)
-        else:
-            _backend.kernel(staged.module, kind)(
-                staged.batch, **hyper, **precision.kernel_args(unit, key, u))
-        staged.finish()
-    # The kernels write through raw addresses, which autograd cannot see. As
-    # torch's for-loop does, count the in-place update of every param, so a
-    # backward through a graph that saved a param before step() raises
-    # instead of silently using the new values. (State tensors are never in a
-    # graph; they are left alone. Inference tensors keep no count.)
-    if torch.is_inference_mode_enabled():
-        params = [p for p in params if not p.is_inference()]
-    torch._C._increment_version(params)
-
-
-def _subset(rows, params, grads, states, steps, row_flags):
-    return ([params[i] for i in rows], [grads[i] for i in rows],
-            [None if s is None or not s or s[0] is None else [s[i] for i in rows]
-             for s in states],
-            None if steps is None else [steps[i] for i in rows],
-            None if row_flags is None else [row_flags[i] for i in rows])
-
-
-def _torch_rows(rows, params, grads, states, steps, row_flags, reference):
-    """Run torch's for-loop on ``rows``; keep the momentum buffers it creates."""
-    ps, gs, ss, st, fr = _subset(rows, params, grads, states, steps, row_flags)
-    made = with_sparse_grads_offset_free(reference, ps, gs, ss, st, fr)
-    if made is not None:  # the buffers of this step's first momentum step
-        for i, buf, new in zip(rows, made, fr):
-            if new:
-                # Behind the step operator (compiled steps) the caller keeps
-                # the buffer it allocated for this row, not the list entry:
-                # it gets the values of torch's. Eagerly the entry replaces
-                # it, and the state holds torch's own buffer (sparse for a
-                # sparse grad, as in torch).
-                mine = states[0][i]
-                if isinstance(mine, torch.Tensor) and mine is not buf:
-                    with torch.no_grad():
-                        mine.copy_(buf.to_dense() if buf.layout != torch.strided else buf)
-                states[0][i] = buf
-
-
-def with_sparse_grads_offset_free(reference, params, grads, states, *rest):
-    """``reference(params, grads, states, *rest)``, safe from a torch bug.
-
-    torch 2.13's CPU ``dense.add_(sparse)`` writes at twice a view's storage
-    offset: with ``p = b[6:7]``, ``p.add_(g.to_sparse())`` changes ``b[12]``,
-    and a view far enough into its storage is written past the allocation.
-    torch's for-loop SGD does exactly that with a sparse grad. Where a row
-    has a sparse grad, its param and dense state run on offset-free copies,
-    copied back after: the update torch means, inside the tensor's memory.
-    (The lists are the caller's own copies; their entries may be replaced.)
-    """
-    copies = {}  # by identity: a param listed twice is stepped twice, on one copy
-    for k, g in enumerate(grads):
-        if isinstance(g, torch.Tensor) and g.layout != torch.strided:
-            for lst in [params, *(s for s in states if s is not None)]:
-                t = lst[k]
-                if (isinstance(t, torch.Tensor) and t.layout == torch.strided
-                        and t.storage_offset() != 0):
-                    if id(t) not in copies:
-                        copies[id(t)] = (t, t.detach().clone(
-                            memory_format=torch.contiguous_format))
-                    lst[k] = copies[id(t)][1]
-    made = reference(params, grads, states, *rest)
-    with torch.no_grad():
-        for t, copy in copies.values():
-            t.copy_(copy)
-    return made
-
-
-def _stand_in(t):
-    """A tensor torch's step treats as ``t`` for its checks, on its own memory.
-
-    Same type of memory, dtype, device, sizes and strides (internal overlap
-    included), conj and neg bits, and inference-ness; zeros as values,
-    except a plain 1-element tensor (a step count), whose value is copied:
-    torch's ZeroDivisionError for beta1 = -1 depends on it.
-    """
-    if not isinstance(t, torch.Tensor):
-        return t  # (torch's step raises its own error for a non-tensor)
-    if type(t) not in _PLAIN or t.layout != torch.strided or t.is_quantized:
-        return t.clone()
-    inference = t.is_inference() and not torch.is_inference_mode_enabled()
-    with torch.inference_mode() if inference else contextlib.nullcontext():
-        span = _facts.extent(t) // t.element_size()
-        base = torch.zeros(max(span, 1), dtype=t.dtype, device=t.device)
-        s = base.as_strided(t.shape, t.stride())
-        if t.numel() == 1 and not (t.is_conj() or t.is_neg()):
-            s.copy_(t)
-        if t.is_conj():
-            s = s.conj()
-        if t.is_neg():
-            s = torch._neg_view(s)
-    return s
-
-
-def _dry_run(rows, params, grads, states, steps, row_flags, reference):
-    """torch's step on stand-ins of ``rows``: raises where torch's would."""
-    ps, gs, ss, st, fr = _subset(rows, params, grads, states, steps, row_flags)
-    reference(list(map(_stand_in, ps)), list(map(_stand_in, gs)),
-              [None if s is None else list(map(_stand_in, s)) for s in ss],
-              None if st is None else list(map(_stand_in, st)), fr)
+    if hyper["capturable"] and any(p.device.type == "cpu" for p in params):
+        hyper = dict(hyper, capturable=False)
+    return hyper
 
 
 def unscale_for_fallback(grads, grad_scale, found_inf) -> bool:

@@ -7,11 +7,11 @@ dynamo and Inductor see a step as one opaque call: no tracing reaches Numba,
 NumPy or the address tables, and Inductor's re-inplacing hands the op the
 real params and state (its writes go nowhere else).
 
-Eager and compiled steps share one code path, the optimizer's ``run``
-function, which validates every group and then launches the kernels (see
-:func:`fused_optim._base.prepare_update`). Under ``torch.compile`` the
+Eager and compiled steps share one code path, :func:`fused_optim._tables.run`,
+which validates every group and then launches the kernels (see
+:func:`fused_optim._tables.prepare_update`). Under ``torch.compile`` the
 optimizer calls the operator, whose kernel decodes its arguments and calls
-``run``. Eagerly, ``run`` is called directly: going through the dispatcher
+``run``. Eagerly, ``step()`` calls ``run`` directly: going through the dispatcher
 costs the boxing of every tensor twice. Measured on this 2-core machine
 for 161 params with one state list (3 x 161 tensors, a no-op body, mean
 of 2,000 calls): a ``torch.library.custom_op`` 490 us (its Python
@@ -47,10 +47,8 @@ While compiling, complex tensors go as real views (see
 operator.
 
 Steps the operator cannot carry (sparse grads, which dynamo cannot wrap;
-precision options; autograd through the step) call ``run`` through
-:func:`opaque`, which dynamo never traces: behind a graph break while
-compiling, and from an eager frame too, since such a frame may be one dynamo
-gave up on, whose callees it still compiles one by one.
+precision options; autograd through the step) call ``run`` directly, which
+dynamo never traces (``torch.compiler.disable``): a graph break.
 """
 
 from __future__ import annotations
@@ -61,11 +59,25 @@ from typing import Callable, NamedTuple
 
 import torch
 
-__all__ = ["Job", "UpdateOp", "DISPATCH_EAGER", "register_optimizer", "cache_of",
-           "opaque"]
+from . import _tables
+
+__all__ = ["Job", "UpdateOp", "DISPATCH_EAGER", "register_optimizer", "cache_of"]
 
 #: Route eager steps through the dispatcher as compiled ones are (tests).
 DISPATCH_EAGER = False
+
+try:
+    # Truthy where torch.compile may trace the next Python call: an eager
+    # frame inside a compiled region, after a graph break (GradScaler.step,
+    # which dynamo never traces, calls step() so). ``step()`` then calls
+    # UpdateOp.__call__, a frame dynamo compiles on its own; elsewhere it
+    # calls ``_tables.run`` directly (one frame fewer). A C function: no
+    # Python frame, ~50 ns. Private to torch: without it, every step takes
+    # the __call__ frame.
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as compile_active
+except ImportError:  # pragma: no cover - other torch versions
+    def compile_active():
+        return True
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 #: devices whose dispatch key reaches the real kernel (CompositeExplicitAutograd)
@@ -122,9 +134,10 @@ class UpdateOp:
         switches: boolean hyperparameters.
         has_row_flags: each job's ``row_flags`` mark its first state list's entries
             (else it is empty).
-        prepare: ``prepare(job, key, grad_scale, found_inf, backend, cache,
+        update: ``update(job, key, grad_scale, found_inf, backend, cache,
             compiled)`` validates one job (``key``: its plan-cache key) and
-            returns what writes it, or None. ``compiled``: dynamo traced the
+            returns what writes it, or None (see
+            :func:`fused_optim._tables.run`). ``compiled``: dynamo traced the
             step, so torch's compiled semantics apply (dynamo reads every
             group's ``capturable`` as True while tracing, CPU groups
             included, and torch's own step then skips its capturable device
@@ -132,9 +145,9 @@ class UpdateOp:
     """
 
     def __init__(self, name: str, states: tuple, scalars: tuple, switches: tuple,
-                 prepare: Callable, has_row_flags: bool = False):
+                 update: Callable, has_row_flags: bool = False):
         self.name, self.states, self.scalars, self.switches = name, states, scalars, switches
-        self.prepare, self.has_row_flags = prepare, has_row_flags
+        self.update, self.has_row_flags = update, has_row_flags
         mutable = ", ".join(f"Tensor({chr(ord('b') + i)}!)[] {s}" for i, s in enumerate(states))
         LIB.define(
             f"{name}(Tensor(a!)[] params, Tensor[] grads, {mutable}, bool[] row_flags, "
@@ -146,38 +159,16 @@ class UpdateOp:
         torch.library.register_fake(f"fused_optim::{name}", _nothing, lib=LIB)
         self.op = getattr(torch.ops.fused_optim, name).default
 
-    def run(self, jobs: list, grad_scale, found_inf, backend: str, cache,
-            compiled: bool) -> None:
-        """One step of every job: all are validated before any is written.
-
-        A bad tensor in the last group raises with the first untouched
-        (torch's loop has updated the groups before it by then).
-        """
-        pending = self.validate(jobs, grad_scale, found_inf, backend, cache, compiled)
-        for update in pending:
-            if update is not None:
-                update()
-
-    def validate(self, jobs: list, grad_scale, found_inf, backend: str, cache,
-                 compiled: bool = False) -> list:
-        """Everything ``run`` checks, raising torch's error; nothing is written.
-
-        Returns:
-            each job's update (None: nothing to do), not yet run.
-        """
-        return [self.prepare(job, key, grad_scale, found_inf, backend, cache, compiled)
-                for key, job in enumerate(jobs)]
-
     def __call__(self, jobs: list, grad_scale, found_inf, backend: str, handle: int,
                  traceable: bool = True) -> None:
         """The step: through the operator when compiling, else ``run`` itself.
 
         ``traceable=False`` (autograd through the step, sparse grads: torch's
         own ops, which autograd must see) and jobs the operator cannot carry
-        call ``run`` itself, through :func:`opaque` (a graph break when
-        compiling). Either way
-        ``run`` validates every tensor eagerly before any kernel writes: the
-        operator adds no path around the address checks.
+        call :func:`fused_optim._tables.run` itself (a graph break when
+        compiling). Either way ``run`` validates every tensor eagerly before
+        any kernel writes: the operator adds no path around the address
+        checks.
         """
         compiling = torch.compiler.is_compiling()
         if traceable and (DISPATCH_EAGER or compiling) and self.encodable(jobs):
@@ -192,13 +183,8 @@ class UpdateOp:
                     for t, real in written_back:
                         torch.view_as_real(t).copy_(real)
         else:
-            # Never traced, from wherever it is called: while compiling, a
-            # graph break (the step runs eagerly), and eagerly too, because
-            # an eager call may come from a frame dynamo gave up on (a sparse
-            # grad it cannot wrap), whose callees it still tries to compile
-            # one frame at a time: it traced into the Numba launcher.
-            opaque(self.run, jobs, grad_scale, found_inf, backend, cache_of(handle),
-                   compiling)
+            _tables.run(self.update, jobs, grad_scale, found_inf, backend, cache_of(handle),
+                        compiling)
 
     def encodable(self, jobs) -> bool:
         """Whether the operator can carry ``jobs`` as ``run`` receives them.
@@ -341,8 +327,8 @@ class UpdateOp:
             # (set by the traced step too, but dynamo 2.13 drops that store
             # on an optimizer: last_step_skipped read nothing after compiled steps)
             opt._last_found_inf = found_inf
-        opaque(self.run, jobs, grad_scale, found_inf, backend,
-               None if opt is None else opt._plans, compiled)
+        _tables.run(self.update, jobs, grad_scale, found_inf, backend,
+                    None if opt is None else opt._plans, compiled)
 
 
 def _float_tensor(values: list, compiling: bool) -> torch.Tensor:
@@ -364,16 +350,6 @@ def _float_tensor(values: list, compiling: bool) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float64)
     one = torch.ones((), dtype=torch.float64)
     return torch.stack([one * v for v in values])
-
-
-@torch.compiler.disable
-def opaque(fn, *args):
-    """``fn(*args)`` with dynamo off, however deep ``fn`` goes (Numba, NumPy).
-
-    Every call of an ``UpdateOp``'s ``run`` (and ``validate`` outside it)
-    goes through here. Costs ~0.4 us a call on this machine.
-    """
-    return fn(*args)
 
 
 def _nothing(*args, **kwargs):

@@ -20,6 +20,8 @@ or provably unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import heapq
 from collections import defaultdict
 from itertools import chain
@@ -32,6 +34,7 @@ from .kernels import Batch
 from .kernels import layout as L
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_SET = frozenset(_PLAIN)
 _STEP_DTYPES = (torch.float32, torch.float64)
 #: the state roles' columns: an optimizer's own roles, in order, then the
 #: Kahan compensation buffer (``kahan_sum``), always the fourth role
@@ -131,6 +134,8 @@ class KernelUnit:
 
     Attributes:
         module: the backend kernel module.
+        kernel: its kernel for the plan's optimizer (None: a plan for
+            driving the backend directly, see :func:`pack`).
         rows: int64 group row indices, in group order.
         table: the address table with every direct param/state/step address
             (the grads' and scratch copies' are filled in at each step).
@@ -142,13 +147,15 @@ class KernelUnit:
             direct (the usual case: the grads' addresses go in as they are).
     """
 
-    __slots__ = ("device", "dtype", "module", "rows", "table", "numel",
+    __slots__ = ("device", "dtype", "module", "kernel", "rows", "table", "numel",
                  "direct_grad", "staged", "grad_rows", "whole", "device_cache")
 
-    def __init__(self, device, dtype, module, rows, table, numel, direct_grad, staged, n):
+    def __init__(self, device, dtype, module, kernel, rows, table, numel, direct_grad, staged,
+                 n):
         self.device = device
         self.dtype = dtype
         self.module = module
+        self.kernel = kernel
         self.rows = rows
         self.table = table
         self.numel = numel
@@ -168,32 +175,17 @@ class TorchUnit:
         self.rows = rows
 
 
-class Staged:
-    """One kernel unit of one step: its batch, and the copies around the kernel."""
-
-    __slots__ = ("module", "batch", "stage_in", "writeback")
-
-    def __init__(self, module, batch, stage_in, writeback):
-        self.module = module
-        self.batch = batch
-        self.stage_in = stage_in
-        self.writeback = writeback
-
-    def start(self):
-        for scratch, src in self.stage_in:
-            scratch.copy_(src)
-
-    def finish(self):
-        for dst, scratch in self.writeback:
-            dst.copy_(scratch)
-
-
 def _real(t):
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def staged_unit(unit, cols, where, steps, row_flags, grad_ptrs, retain=None) -> Staged:
-    """The batch of ``unit`` for this step's tensors (see :class:`Staged`)."""
+def stage(unit, cols, where, steps, row_flags, grad_ptrs, retain=None):
+    """This step's :class:`~fused_optim.kernels.Batch` of ``unit``, scratch copies filled.
+
+    Returns:
+        ``(batch, writeback)``: after the kernel, copy each ``(tensor,
+        scratch)`` of ``writeback`` back into the tensor.
+    """
     table = unit.table.copy()
     if len(unit.grad_rows):
         if unit.whole:
@@ -202,11 +194,11 @@ def staged_unit(unit, cols, where, steps, row_flags, grad_ptrs, retain=None) -> 
             table[:, L.GRAD] = grad_ptrs[unit.rows]
         else:
             table[unit.direct_grad, L.GRAD] = grad_ptrs[unit.grad_rows]
-    stage_in, writeback, scratch = [], [], {}
+    writeback, scratch = [], {}
     for r, col, i, c, back, shape, strides in unit.staged:
         src = cols[c][i]
         s = torch.empty_strided(shape, strides, dtype=src.dtype, device=src.device)
-        stage_in.append((s, src))
+        s.copy_(src)
         if back:
             writeback.append((src, s))
         table[r, col] = s.data_ptr()
@@ -229,7 +221,7 @@ def staged_unit(unit, cols, where, steps, row_flags, grad_ptrs, retain=None) -> 
 
     batch = Batch(unit.device, unit.dtype, table, unit.numel, source=lists,
                   cache=unit.device_cache, retain=retain)
-    return Staged(unit.module, batch, stage_in, writeback)
+    return batch, writeback
 
 
 # ---------------------------------------------------------------- the plan
@@ -295,7 +287,8 @@ def _generations(n, edges):
     return gen
 
 
-def build(params, grads, states, roles, steps, row_flags, backend, labels=None):
+def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=None,
+          labels=None):
     """Fully validate one group's tensors into a :class:`Plan`.
 
     Args:
@@ -310,6 +303,8 @@ def build(params, grads, states, roles, steps, row_flags, backend, labels=None):
             written into the table as ``layout.FLAG_ROW`` (SGD: the momentum
             buffer is created this step).
         backend: the requested backend name (see :mod:`fused_optim._backend`).
+        kernel_name: the optimizer record's ``kernel`` (``"sgd"``, ...),
+            whose function each kernel unit keeps (None: none).
         labels: per-param indices for error messages (default: row index).
 
     Raises:
@@ -407,8 +402,9 @@ def build(params, grads, states, roles, steps, row_flags, backend, labels=None):
                 host_step = steps is not None and steps[i].device != params[i].device
                 buckets[(params[i].device, params[i].dtype, host_step)].append(i)
         for (device, dtype, _), rows in buckets.items():
-            units.append(_kernel_unit(cols, where, steps, row_flags, rows, device,
-                                      modules[(device, dtype)]))
+            module = modules[(device, dtype)]
+            units.append(_kernel_unit(cols, where, steps, row_flags, rows, device, module,
+                                      kernel_name and _backend.kernel(module, kernel_name)))
         if torch_rows:
             units.append(TorchUnit(torch_rows))
 
@@ -440,7 +436,7 @@ def build(params, grads, states, roles, steps, row_flags, backend, labels=None):
     return plan
 
 
-def _kernel_unit(cols, where, steps, row_flags, rows, device, module):
+def _kernel_unit(cols, where, steps, row_flags, rows, device, module, kernel):
     """A :class:`KernelUnit` for ``rows`` (validated kernel rows of one bucket)."""
     m = len(rows)
     table = np.zeros((m, L.NCOLS), dtype=np.int64)
@@ -491,59 +487,264 @@ def _kernel_unit(cols, where, steps, row_flags, rows, device, module):
                 staged.append((r, col, i, c, c != 1, shape, strides))
                 if c == 1:
                     direct_grad[r] = False
-    return KernelUnit(device, dtype, module, np.array(rows, dtype=np.int64), table,
+    return KernelUnit(device, dtype, module, kernel, np.array(rows, dtype=np.int64), table,
                       start, direct_grad, staged, len(cols[0]))
-
-
-def prepare(params, grads, states, roles, steps=None, row_flags=None, backend="auto",
-            cache=None, key=None):
-    """The plan for this step and the grads' addresses, reusing a cached plan.
-
-    Returns:
-        (plan, cols, grad_ptrs): the tensor columns (see :func:`_columns`) and
-        the grads' addresses (int64 per row), which feed the tables.
-    """
-    cols, where = _columns(params, grads, states, steps)
-    flags_t = tuple(row_flags) if row_flags is not None else None
-    plan = cache.get(key) if cache is not None else None
-    if plan is not None:
-        grad_ptrs = _facts.holds(plan, cols, where, tuple(chain.from_iterable(cols)), flags_t)
-        if grad_ptrs is not None:
-            return plan, cols, grad_ptrs
-    plan = build(params, grads, states, roles, steps, flags_t, backend)
-    if cache is not None:
-        cache[key] = plan
-    return plan, cols, plan.grad_ptrs
-
-
-class Packed:
-    """One kernel unit's batch, for kernel-level tests (see :func:`pack`)."""
-
-    __slots__ = ("device", "batch", "_staged")
-
-    def __init__(self, staged):
-        self._staged = staged
-        self.batch = staged.batch
-        self.device = staged.batch.device
-
-    def finish(self):
-        self._staged.finish()
 
 
 def pack(params, grads, states, roles, steps=None, row_flags=None, backend="auto"):
     """Validate and stage tensors into kernel batches (no cache, no torch rows).
 
     For driving a backend directly: every row must be one the kernels take.
-    Each returned :class:`Packed` has had its scratch copies filled; call
-    ``finish()`` after the kernel to write staged params and state back.
+
+    Returns:
+        ``[(batch, finish)]`` per kernel unit, scratch copies filled: call
+        ``finish()`` after the kernel to write staged params and state back.
     """
-    plan, cols, grad_ptrs = prepare(params, grads, states, roles, steps=steps,
-                                    row_flags=row_flags, backend=backend)
+    flags = tuple(row_flags) if row_flags is not None else None
+    plan = build(params, grads, states, roles, steps, flags, backend)
+    cols, _ = _columns(params, grads, states, steps)
     out = []
     for unit in plan.units:
         if isinstance(unit, TorchUnit):
             raise ValueError(f"rows {unit.rows} need torch's own step")
-        s = staged_unit(unit, cols, plan.where, steps, plan.row_flags, grad_ptrs)
-        s.start()
-        out.append(Packed(s))
+        batch, writeback = stage(unit, cols, plan.where, steps, plan.row_flags, plan.grad_ptrs)
+        out.append((batch, functools.partial(_write_back, writeback)))
     return out
+
+
+def _write_back(writeback):
+    for dst, scratch in writeback:
+        dst.copy_(scratch)
+
+
+# ---------------------------------------------------------------- one step
+
+@torch.compiler.disable
+def run(update, jobs: list, grad_scale, found_inf, backend: str, cache,
+        compiled: bool = False) -> None:
+    """One step of every job (a param group's share): all are validated
+    before any is written.
+
+    ``update(job, key, grad_scale, found_inf, backend, cache, compiled)`` is
+    the optimizer's (its record's ``kernel`` module's ``update``): it
+    validates one job, ``key`` its plan-cache key, and returns what writes
+    it (None: nothing to do). A bad tensor in the last group raises with the
+    first untouched (torch's loop has updated the groups before it by then).
+
+    Never traced (``torch.compiler.disable``), from wherever it is called:
+    while compiling, a graph break, and eagerly too, because an eager call
+    may come from a frame dynamo gave up on (a sparse grad it cannot wrap),
+    whose callees it still tries to compile one frame at a time: it traced
+    into the Numba launcher. Costs ~0.4 us a call on the dev VM.
+    """
+    writes = []
+    for key, job in enumerate(jobs):
+        writes.append(update(job, key, grad_scale, found_inf, backend, cache, compiled))
+    for write in writes:
+        if write is not None:
+            write()
+
+
+@torch.compiler.disable
+def validate(update, jobs: list, grad_scale, found_inf, backend: str, cache,
+             compiled: bool = False) -> list:
+    """Everything :func:`run` checks, raising torch's error; nothing is written.
+
+    Returns:
+        each job's update (None: nothing to do), not yet run.
+    """
+    return [update(job, key, grad_scale, found_inf, backend, cache, compiled)
+            for key, job in enumerate(jobs)]
+
+
+def prepare_update(kind, backend, params, grads, states, roles, hyper, reference,
+                   steps=None, row_flags=None, cache=None, key=None, dry_all=False,
+                   precision=None):
+    """Validate one group's update by kernel ``kind``; return what writes it.
+
+    ``kind`` is the optimizer record's ``kernel`` (``"sgd"``, ``"adam"``, ...).
+
+    Everything that can raise is done here, before any tensor is written:
+    the reuse rule on the cached plan (:func:`fused_optim._facts.holds`)
+    or full validation (:func:`build`), the backends' choice, and torch's
+    own step on stand-ins of the rows where torch may raise.
+
+    Args:
+        reference: ``reference(params, grads, states, steps, row_flags)`` runs
+            torch's own for-loop step on those rows (lists as here, a subset
+            of rows; states one list per role, None where absent) and
+            returns the momentum buffers it created, or None. It runs rows
+            the kernels do not take, and first, on stand-ins, every row
+            where torch may raise, so that its exception comes before
+            anything is written.
+        cache, key: the optimizer's :class:`PlanCache` and this group's key
+            in it (None: validate from scratch, keep nothing).
+        dry_all: run that dry run on every row (hyperparameters with which
+            torch's step raises).
+        precision: the job's ``_precision.Precision`` (None: round to
+            nearest). Its Kahan compensation buffers join the plan as the
+            fourth state role (column COMP), validated like any state.
+
+    Returns:
+        A callable with no arguments that carries out the update.
+    """
+    if precision is not None and precision.comps is not None:
+        n = len(params)
+        states = [*states, *([[None] * n] * (3 - len(states))), precision.comps]
+        roles = (*roles, *(("",) * (3 - len(roles))), "kahan_comp")
+    if not _PLAIN_SET.issuperset(map(type, params)):
+        params, grads = _local(params), _local(grads)
+        states = [_local(s) for s in states]
+        steps = _local(steps) if steps is not None else None
+    cols, where = _columns(params, grads, states, steps)
+    flags = tuple(row_flags) if row_flags is not None else None
+    plan = cache.get(key) if cache is not None else None
+    grad_ptrs = None
+    if plan is not None:
+        grad_ptrs = _facts.holds(plan, cols, where, tuple(chain.from_iterable(cols)), flags)
+    if grad_ptrs is None:
+        plan = build(params, grads, states, roles, steps, flags, backend, kind)
+        grad_ptrs = plan.grad_ptrs
+        if cache is not None:
+            cache[key] = plan
+    dry = range(len(params)) if dry_all else plan.dry_rows
+    if dry:
+        _dry_run(dry, params, grads, states, steps, row_flags, reference)
+    retain = cache.retain if isinstance(cache, PlanCache) else None
+    return functools.partial(execute, plan, cols, grad_ptrs, params, grads, states, steps,
+                             row_flags, hyper, reference, retain, precision, key or 0)
+
+
+def execute(plan, cols, grad_ptrs, params, grads, states, steps, row_flags, hyper, reference,
+            retain, precision=None, key=0):
+    """Carry out a validated plan: every unit in order, kernels and torch rows."""
+    grad_scale, found_inf = hyper.get("grad_scale"), hyper.get("found_inf")
+    torch_grads = grads
+    if plan.has_torch_rows:
+        if found_inf is not None and bool(found_inf != 0):
+            torch_grads = None  # a skipped step; the kernels skip on their own
+        elif grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_
+            torch_grads = {i: grads[i] * inv.to(grads[i].device)
+                           for u in plan.units if isinstance(u, TorchUnit) for i in u.rows}
+    for u, unit in enumerate(plan.units):
+        if isinstance(unit, TorchUnit):
+            if torch_grads is not None:
+                _torch_rows(unit.rows, params, torch_grads, states, steps, row_flags, reference)
+            continue
+        batch, writeback = stage(unit, cols, plan.where, steps, plan.row_flags, grad_ptrs,
+                                 retain)
+        if precision is None:
+            unit.kernel(batch, **hyper)
+        else:
+            unit.kernel(batch, **hyper, **precision.kernel_args(unit, key, u))
+        for dst, scratch in writeback:
+            dst.copy_(scratch)
+    # The kernels write through raw addresses, which autograd cannot see. As
+    # torch's for-loop does, count the in-place update of every param, so a
+    # backward through a graph that saved a param before step() raises
+    # instead of silently using the new values. (State tensors are never in a
+    # graph; they are left alone. Inference tensors keep no count.)
+    if torch.is_inference_mode_enabled():
+        params = [p for p in params if not p.is_inference()]
+    torch._C._increment_version(params)
+
+
+def _local(ts):
+    """Local shards of DTensors (FSDP2 params, grads and state), else as given.
+
+    The kernels update a DTensor's local shard in place, with no gather; its
+    state stays DTensor-shaped, exactly as torch.optim's under FSDP2.
+    """
+    return [t if t is None or type(t) in _PLAIN_SET else getattr(t, "_local_tensor", t)
+            for t in ts]
+
+
+def _subset(rows, params, grads, states, steps, row_flags):
+    return ([params[i] for i in rows], [grads[i] for i in rows],
+            [None if s is None or not s or s[0] is None else [s[i] for i in rows]
+             for s in states],
+            None if steps is None else [steps[i] for i in rows],
+            None if row_flags is None else [row_flags[i] for i in rows])
+
+
+def _torch_rows(rows, params, grads, states, steps, row_flags, reference):
+    """Run torch's for-loop on ``rows``; keep the momentum buffers it creates."""
+    ps, gs, ss, st, fr = _subset(rows, params, grads, states, steps, row_flags)
+    made = with_sparse_grads_offset_free(reference, ps, gs, ss, st, fr)
+    if made is not None:  # the buffers of this step's first momentum step
+        for i, buf, new in zip(rows, made, fr):
+            if new:
+                # Behind the step operator (compiled steps) the caller keeps
+                # the buffer it allocated for this row, not the list entry:
+                # it gets the values of torch's. Eagerly the entry replaces
+                # it, and the state holds torch's own buffer (sparse for a
+                # sparse grad, as in torch).
+                mine = states[0][i]
+                if isinstance(mine, torch.Tensor) and mine is not buf:
+                    with torch.no_grad():
+                        mine.copy_(buf.to_dense() if buf.layout != torch.strided else buf)
+                states[0][i] = buf
+
+
+def with_sparse_grads_offset_free(reference, params, grads, states, *rest):
+    """``reference(params, grads, states, *rest)``, safe from a torch bug.
+
+    torch 2.13's CPU ``dense.add_(sparse)`` writes at twice a view's storage
+    offset: with ``p = b[6:7]``, ``p.add_(g.to_sparse())`` changes ``b[12]``,
+    and a view far enough into its storage is written past the allocation.
+    torch's for-loop SGD does exactly that with a sparse grad. Where a row
+    has a sparse grad, its param and dense state run on offset-free copies,
+    copied back after: the update torch means, inside the tensor's memory.
+    (The lists are the caller's own copies; their entries may be replaced.)
+    """
+    copies = {}  # by identity: a param listed twice is stepped twice, on one copy
+    for k, g in enumerate(grads):
+        if isinstance(g, torch.Tensor) and g.layout != torch.strided:
+            for lst in [params, *(s for s in states if s is not None)]:
+                t = lst[k]
+                if (isinstance(t, torch.Tensor) and t.layout == torch.strided
+                        and t.storage_offset() != 0):
+                    if id(t) not in copies:
+                        copies[id(t)] = (t, t.detach().clone(
+                            memory_format=torch.contiguous_format))
+                    lst[k] = copies[id(t)][1]
+    made = reference(params, grads, states, *rest)
+    with torch.no_grad():
+        for t, copy in copies.values():
+            t.copy_(copy)
+    return made
+
+
+def _stand_in(t):
+    """A tensor torch's step treats as ``t`` for its checks, on its own memory.
+
+    Same type of memory, dtype, device, sizes and strides (internal overlap
+    included), conj and neg bits, and inference-ness; zeros as values,
+    except a plain 1-element tensor (a step count), whose value is copied:
+    torch's ZeroDivisionError for beta1 = -1 depends on it.
+    """
+    if not isinstance(t, torch.Tensor):
+        return t  # (torch's step raises its own error for a non-tensor)
+    if type(t) not in _PLAIN or t.layout != torch.strided or t.is_quantized:
+        return t.clone()
+    inference = t.is_inference() and not torch.is_inference_mode_enabled()
+    with torch.inference_mode() if inference else contextlib.nullcontext():
+        span = _facts.extent(t) // t.element_size()
+        base = torch.zeros(max(span, 1), dtype=t.dtype, device=t.device)
+        s = base.as_strided(t.shape, t.stride())
+        if t.numel() == 1 and not (t.is_conj() or t.is_neg()):
+            s.copy_(t)
+        if t.is_conj():
+            s = s.conj()
+        if t.is_neg():
+            s = torch._neg_view(s)
+    return s
+
+
+def _dry_run(rows, params, grads, states, steps, row_flags, reference):
+    """torch's step on stand-ins of ``rows``: raises where torch's would."""
+    ps, gs, ss, st, fr = _subset(rows, params, grads, states, steps, row_flags)
+    reference(list(map(_stand_in, ps)), list(map(_stand_in, gs)),
+              [None if s is None else list(map(_stand_in, s)) for s in ss],
+              None if st is None else list(map(_stand_in, st)), fr)

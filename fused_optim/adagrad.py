@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
-from . import _base, _ops
+from . import _base, _ops, _tables
 from ._registry import Record
 
 __all__ = ["Adagrad", "adagrad"]
@@ -301,19 +301,15 @@ def _hyper(lr, lr_decay, weight_decay, eps, maximize, differentiable, has_sparse
                 has_sparse_grad=has_sparse_grad, has_complex=has_complex)
 
 
-def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
-    return _adagrad_update(job.params, job.grads, *job.states, **job.hyper,
-                           grad_scale=grad_scale, found_inf=found_inf, backend=backend,
-                           cache=cache, key=key, precision=job.precision)
-
-
-def _adagrad_update(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_decay,
-                    eps, maximize, differentiable, has_sparse_grad, has_complex,
-                    grad_scale, found_inf, backend, cache=None, key=None, precision=None):
+def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
     """Validate one group's Adagrad update; return what writes it (None: nothing to do).
 
     Everything that can raise happens here, before any tensor is written.
     """
+    params, grads, (state_sums, state_steps), _, h, precision = job
+    lr, lr_decay, weight_decay, eps = h["lr"], h["lr_decay"], h["weight_decay"], h["eps"]
+    maximize, differentiable = h["maximize"], h["differentiable"]
+    has_sparse_grad, has_complex = h["has_sparse_grad"], h["has_complex"]
     if not all(isinstance(t, torch.Tensor) for t in state_steps):
         raise RuntimeError(
             "API has changed, `state_steps` argument must contain a list of singleton tensors"
@@ -333,7 +329,7 @@ def _adagrad_update(params, grads, state_sums, state_steps, *, lr, lr_decay, wei
                               has_complex=has_complex, lr=lr, weight_decay=weight_decay,
                               lr_decay=lr_decay, eps=eps, maximize=maximize)
 
-            _base.with_sparse_grads_offset_free(run, list(params), list(grads),
+            _tables.with_sparse_grads_offset_free(run, list(params), list(grads),
                                                 [list(state_sums)], list(state_steps))
         return fallback
     if not params:
@@ -358,7 +354,7 @@ def _adagrad_update(params, grads, state_sums, state_steps, *, lr, lr_decay, wei
                       weight_decay=weight_decay, lr_decay=lr_decay, eps=eps,
                       maximize=maximize)
 
-    return _base.prepare_update("adagrad", name, params, grads, [state_sums], ("sum",),
+    return _tables.prepare_update("adagrad", name, params, grads, [state_sums], ("sum",),
                                 hyper, reference, steps=state_steps, cache=cache, key=key,
                                 precision=precision, dry_all=dry_all)
 
@@ -368,11 +364,10 @@ ADAGRAD_STEP = Adagrad.STEP_OP = _ops.UpdateOp(
     "adagrad_step", states=("state_sums", "state_steps"),
     scalars=("lr", "lr_decay", "weight_decay", "eps"),
     switches=("maximize", "differentiable", "has_sparse_grad", "has_complex"),
-    prepare=_prepare)
+    update=_update)
 
 
 RECORDS = (
     Record("Adagrad", "adagrad", "adagrad", "torch.optim.adagrad", kernel="adagrad",
-           state=("sum",), has_step=True, traffic=lambda group: (3, 2),
-           bench=(("adagrad", dict(lr=0.01)),)),
+           state=("sum",), has_step=True),
 )

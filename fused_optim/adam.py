@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _base, _ops
+from . import _backend, _base, _ops, _tables
 from ._registry import Record
 
 __all__ = ["Adam", "AdamW", "adam", "adamw"]
@@ -422,33 +422,19 @@ def _hyper(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, capturable, d
                 has_complex=has_complex)
 
 
-def _compiled_semantics(hyper, params, compiled):
-    """``hyper`` as torch's compiled step reads it.
-
-    Dynamo traces every group with ``capturable`` True, and torch's step
-    then skips its device check; on CPU params the update is the same, so
-    a traced CPU group runs as an eager one, on the kernels.
-    """
-    if compiled and hyper["capturable"] and any(p.device.type == "cpu" for p in params):
-        hyper = dict(hyper, capturable=False)
-    return hyper
-
-
-def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
-    return _adam_update(job.params, job.grads, *job.states,
-                        **_compiled_semantics(job.hyper, job.params, compiled),
-                        grad_scale=grad_scale, found_inf=found_inf, backend=backend,
-                        cache=cache, key=key, precision=job.precision)
-
-
-def _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-                 capturable, differentiable, grad_scale, found_inf, has_complex,
-                 decoupled_weight_decay, amsgrad, beta1, beta2, lr, weight_decay, eps,
-                 maximize, backend, cache=None, key=None, precision=None):
+def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
     """Validate one group's Adam update; return what writes it (None: nothing to do).
 
     Everything that can raise happens here, before any tensor is written.
     """
+    params, grads, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps), _, h, precision = job
+    if compiled:
+        h = _base.compiled_semantics(h, params)
+    lr, beta1, beta2, eps, weight_decay = (h["lr"], h["beta1"], h["beta2"], h["eps"],
+                                           h["weight_decay"])
+    amsgrad, maximize, capturable, differentiable = (h["amsgrad"], h["maximize"],
+                                                     h["capturable"], h["differentiable"])
+    decoupled_weight_decay, has_complex = h["decoupled_weight_decay"], h["has_complex"]
     name = _base.backend_name(backend)
     cpu_capturable = capturable and any(p.device.type == "cpu" for p in params)
     # torch's loop computes a float16/bfloat16 Tensor lr's lr / bias_correction1
@@ -503,7 +489,7 @@ def _adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
                    beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
                    maximize=maximize)
 
-    return _base.prepare_update("adam", name, params, grads, states,
+    return _tables.prepare_update("adam", name, params, grads, states,
                                 ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, reference,
                                 steps=state_steps, cache=cache, key=key, precision=precision, dry_all=dry_all)
 
@@ -548,18 +534,12 @@ ADAM_STEP = Adam.STEP_OP = _ops.UpdateOp(
     scalars=("lr", "beta1", "beta2", "eps", "weight_decay"),
     switches=("amsgrad", "maximize", "capturable", "differentiable",
               "decoupled_weight_decay", "has_complex"),
-    prepare=_prepare)
-
-
-def _adam_traffic(group):
-    return (5, 4) if group.get("amsgrad") else (4, 3)
+    update=_update)
 
 
 RECORDS = (
     Record("Adam", "adam", "adam", "torch.optim.adam", kernel="adam",
-           state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), has_step=True,
-           traffic=_adam_traffic, bench=(("adam", dict(lr=1e-3)),)),
+           state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), has_step=True),
     Record("AdamW", "adam", "adamw", "torch.optim.adamw", kernel="adam",
-           state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), has_step=True,
-           traffic=_adam_traffic, bench=(("adamw", dict(lr=1e-3, weight_decay=0.01)),)),
+           state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), has_step=True),
 )

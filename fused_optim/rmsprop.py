@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _base, _ops
+from . import _backend, _base, _ops, _tables
 from ._registry import Record
 
 __all__ = ["RMSprop", "rmsprop"]
@@ -281,28 +281,19 @@ def _hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, capturabl
                 differentiable=differentiable, has_complex=has_complex)
 
 
-def _compiled_semantics(hyper, params, compiled):
-    """``hyper`` as torch's compiled step reads it (see adam._compiled_semantics)."""
-    if compiled and hyper["capturable"] and any(p.device.type == "cpu" for p in params):
-        hyper = dict(hyper, capturable=False)
-    return hyper
-
-
-def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
-    return _rmsprop_update(job.params, job.grads, *job.states,
-                           **_compiled_semantics(job.hyper, job.params, compiled),
-                           grad_scale=grad_scale, found_inf=found_inf, backend=backend,
-                           cache=cache, key=key, precision=job.precision)
-
-
-def _rmsprop_update(params, grads, square_avgs, momentum_buffer_list, grad_avgs,
-                    state_steps, *, lr, alpha, eps, weight_decay, momentum, centered,
-                    maximize, capturable, differentiable, has_complex, grad_scale,
-                    found_inf, backend, cache=None, key=None, precision=None):
+def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
     """Validate one group's RMSprop update; return what writes it (None: nothing to do).
 
     Everything that can raise happens here, before any tensor is written.
     """
+    params, grads, (square_avgs, momentum_buffer_list, grad_avgs, state_steps), _, h, \
+        precision = job
+    if compiled:
+        h = _base.compiled_semantics(h, params)
+    lr, alpha, eps, weight_decay, momentum = (h["lr"], h["alpha"], h["eps"], h["weight_decay"],
+                                              h["momentum"])
+    centered, maximize, capturable, differentiable, has_complex = (
+        h["centered"], h["maximize"], h["capturable"], h["differentiable"], h["has_complex"])
     name = _base.backend_name(backend)
     use_momentum = momentum > 0
     cpu_capturable = capturable and any(p.device.type == "cpu" for p in params)
@@ -342,7 +333,7 @@ def _rmsprop_update(params, grads, square_avgs, momentum_buffer_list, grad_avgs,
                       eps=eps, weight_decay=weight_decay, momentum=momentum,
                       centered=centered)
 
-    return _base.prepare_update("rmsprop", name, params, grads, states,
+    return _tables.prepare_update("rmsprop", name, params, grads, states,
                                 ("square_avg", "momentum_buffer", "grad_avg"), hyper,
                                 reference, steps=state_steps, cache=cache, key=key, precision=precision)
 
@@ -352,18 +343,10 @@ RMSPROP_STEP = RMSprop.STEP_OP = _ops.UpdateOp(
     "rmsprop_step", states=("square_avgs", "momentum_buffer_list", "grad_avgs", "state_steps"),
     scalars=("lr", "alpha", "eps", "weight_decay", "momentum"),
     switches=("centered", "maximize", "capturable", "differentiable", "has_complex"),
-    prepare=_prepare)
-
-
-def _rmsprop_traffic(group):
-    # grad read; param and square_avg, and momentum_buffer / grad_avg where used,
-    # read and written
-    extra = (1 if group.get("momentum", 0) > 0 else 0) + (1 if group.get("centered") else 0)
-    return (3 + extra, 2 + extra)
+    update=_update)
 
 
 RECORDS = (
     Record("RMSprop", "rmsprop", "rmsprop", "torch.optim.rmsprop", kernel="rmsprop",
-           state=("square_avg", "momentum_buffer", "grad_avg"), has_step=True,
-           traffic=_rmsprop_traffic, bench=(("rmsprop", dict(lr=1e-3)),)),
+           state=("square_avg", "momentum_buffer", "grad_avg"), has_step=True),
 )

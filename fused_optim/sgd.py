@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _base, _ops
+from . import _base, _ops, _tables
 from ._registry import Record
 
 __all__ = ["SGD", "sgd"]
@@ -283,21 +283,18 @@ def _job(params, grads, momentum_buffer_list, hyper, found_inf):
     return _ops.Job(params, grads, [momentum_buffer_list], row_flags, hyper)
 
 
-def _prepare(job, key, grad_scale, found_inf, backend, cache, compiled):
-    return _sgd_update(job.params, job.grads, job.states[0], job.row_flags, **job.hyper,
-                       grad_scale=grad_scale, found_inf=found_inf, backend=backend,
-                       cache=cache, key=key, precision=job.precision)
-
-
-def _sgd_update(params, d_p_list, momentum_buffer_list, row_flags, *, has_sparse_grad, grad_scale,
-                found_inf, weight_decay, momentum, lr, dampening, nesterov, maximize,
-                capturable, differentiable, backend, cache=None, key=None, precision=None):
+def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
     """Validate one group's SGD update; return what writes it (None: nothing to do).
 
     Everything that can raise happens here, before any tensor is written.
-    ``row_flags`` flags the momentum buffers created for this step (see _job).
+    The job's ``row_flags`` flag the momentum buffers created for this step
+    (see _job). ``compiled`` changes nothing for SGD.
     """
-    if has_sparse_grad or differentiable:
+    params, d_p_list, (momentum_buffer_list,), row_flags, h, precision = job
+    lr, weight_decay, momentum, dampening = (h["lr"], h["weight_decay"], h["momentum"],
+                                             h["dampening"])
+    nesterov, maximize, has_sparse_grad = h["nesterov"], h["maximize"], h["has_sparse_grad"]
+    if has_sparse_grad or h["differentiable"]:
         def fallback():
             from torch.optim.sgd import sgd as torch_sgd  # not covered by the kernels
 
@@ -311,7 +308,7 @@ def _sgd_update(params, d_p_list, momentum_buffer_list, row_flags, *, has_sparse
                           dampening=dampening, nesterov=nesterov, maximize=maximize)
 
             bufs = list(momentum_buffer_list)
-            _base.with_sparse_grads_offset_free(run, list(params), d_p_list, [bufs])
+            _tables.with_sparse_grads_offset_free(run, list(params), d_p_list, [bufs])
             for i, b in enumerate(momentum_buffer_list):
                 if b is None:  # the buffers torch made
                     momentum_buffer_list[i] = bufs[i]
@@ -322,7 +319,7 @@ def _sgd_update(params, d_p_list, momentum_buffer_list, row_flags, *, has_sparse
         states = [momentum_buffer_list]
     else:
         row_flags, states = None, [[None] * len(params)]
-    hyper = dict(lr=_base.scalar(lr, keep_tensor=capturable),
+    hyper = dict(lr=_base.scalar(lr, keep_tensor=h["capturable"]),
                  weight_decay=_base.scalar(weight_decay),
                  momentum=float(momentum), dampening=float(dampening),
                  nesterov=bool(nesterov), maximize=bool(maximize),
@@ -340,9 +337,9 @@ def _sgd_update(params, d_p_list, momentum_buffer_list, row_flags, *, has_sparse
                   dampening=dampening, nesterov=nesterov, maximize=maximize)
         return bufs if momentum != 0 else None
 
-    return _base.prepare_update("sgd", _base.backend_name(backend), params, d_p_list, states,
-                                ("momentum_buffer",), hyper, reference, row_flags=row_flags,
-                                cache=cache, key=key, precision=precision)
+    return _tables.prepare_update("sgd", _base.backend_name(backend), params, d_p_list, states,
+                                  ("momentum_buffer",), hyper, reference, row_flags=row_flags,
+                                  cache=cache, key=key, precision=precision)
 
 
 #: ``fused_optim::sgd_step``: a whole SGD step as one operator (see _ops)
@@ -350,14 +347,10 @@ SGD_STEP = SGD.STEP_OP = _ops.UpdateOp(
     "sgd_step", states=("momentum_buffers",),
     scalars=("lr", "weight_decay", "momentum", "dampening"),
     switches=("nesterov", "maximize", "capturable", "differentiable", "has_sparse_grad"),
-    prepare=_prepare, has_row_flags=True)
+    update=_update, has_row_flags=True)
 
 
 RECORDS = (
     Record("SGD", "sgd", "sgd", "torch.optim.sgd", kernel="sgd", state=("momentum_buffer",),
-           has_step=False,
-           traffic=lambda group: (3, 2) if group.get("momentum", 0) else (2, 1),
-           bench=(("sgd", dict(lr=0.01, momentum=0.9, weight_decay=1e-4)),
-                  ("sgd-nesterov", dict(lr=0.01, momentum=0.9, weight_decay=1e-4,
-                                        nesterov=True)))),
+           has_step=False),
 )

@@ -215,11 +215,11 @@ def test_triton_host_side_steps(monkeypatch):
     torch_adagrad(ref_params, [g.clone() for g in grads], ref_sums, ref_steps, foreach=False,
                   lr=0.1, lr_decay=0.2, eps=1e-10, weight_decay=0.01, maximize=False)
     for found_inf in (torch.tensor(1.0), None):
-        for packed in _tables.pack(params, grads, [sums], ("sum",), steps=steps,
+        for batch, finish in _tables.pack(params, grads, [sums], ("sum",), steps=steps,
                                    backend="triton"):
-            packed.batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
-            tk_adagrad(packed.batch, found_inf=found_inf, **hyper)
-            packed.finish()
+            batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
+            tk_adagrad(batch, found_inf=found_inf, **hyper)
+            finish()
         if found_inf is not None:
             assert [float(s) for s in steps] == [2.0, 0.0]
             assert torch.equal(sums[0], torch.full_like(sums[0], 0.1))

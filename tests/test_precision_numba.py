@@ -129,10 +129,10 @@ def run(backend, name, hyper, inputs, steps=1, **options):
     fn = contract.kernel(module, name)
     roles = OPTIMIZERS[name][0] + ("kahan_comp",)
     for _ in range(steps):
-        for packed in _tables.pack(params, grads, states, roles, steps=st,
+        for batch, finish in _tables.pack(params, grads, states, roles, steps=st,
                                    row_flags=flags, backend=backend):
-            fn(packed.batch, **hyper, **options)
-            packed.finish()
+            fn(batch, **hyper, **options)
+            finish()
         flags = None if flags is None else [False] * len(flags)
     return params, grads, states, st, flags
 

@@ -156,11 +156,11 @@ class Run:
         packs = _tables.pack(self.params, self.grads[i], self.states + [self.comps], roles,
                              steps=self.steps, row_flags=flags,
                              backend="triton" if backend is tk else "torch")
-        for packed in packs:
+        for batch, finish in packs:
             if host_steps and backend is tk:
-                packed.batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
-            contract.kernel(backend, self.name)(packed.batch, **self.hyper, **options)
-            packed.finish()
+                batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
+            contract.kernel(backend, self.name)(batch, **self.hyper, **options)
+            finish()
 
     def tensors(self):
         out = list(self.params) + [c for c in self.comps if c is not None]
@@ -323,12 +323,12 @@ def test_float32_ignores_the_options(name):
         plain.step(tk, i)
         opts.step(tk, i, **_options(True, True, counter))
     _assert_bit_equal(opts.tensors(), plain.tensors(), name)
-    (packed,) = _tables.pack(base.params, base.grads[0], base.states + [base.comps],
+    ((batch, finish),) = _tables.pack(base.params, base.grads[0], base.states + [base.comps],
                              tuple(OPTIMIZERS[name][0]) + ("",) * (3 - len(
                                  OPTIMIZERS[name][0])) + ("kahan_comp",),
                              steps=base.steps, backend="triton")
     for kahan, sr in ((True, True), (True, False), (False, True)):
-        assert tk._precision_args(packed.batch, kahan, (1, counter, 2) if sr else None) \
+        assert tk._precision_args(batch, kahan, (1, counter, 2) if sr else None) \
             is tk._OFF
 
 
@@ -338,25 +338,25 @@ def test_options_off_launch_as_before():
     specialization, whatever the dtype."""
     for dtype in LOW:
         run = Run("sgd", 0, dtype, kahan=False, edge=False)
-        (packed,) = _tables.pack(run.params, run.grads[0], run.states + [run.comps],
+        ((batch, finish),) = _tables.pack(run.params, run.grads[0], run.states + [run.comps],
                                  ("momentum_buffer", "", "", "kahan_comp"),
                                  row_flags=[False] * len(run.params), backend="triton")
-        assert tk._precision_args(packed.batch, False, None) is tk._OFF
-        on = tk._precision_args(packed.batch, True, (-1, torch.tensor(0), 2**40 + 3))
+        assert tk._precision_args(batch, False, None) is tk._OFF
+        on = tk._precision_args(batch, True, (-1, torch.tensor(0), 2**40 + 3))
         assert (on.kahan, on.sr) == (True, True)
         assert on.slots == [float(2**32 - 1), float(2**32 - 1), 3.0]
 
 
 def test_counter_must_live_with_the_params():
     run = Run("sgd", 0, torch.bfloat16, kahan=False, edge=False)
-    (packed,) = _tables.pack(run.params, run.grads[0], run.states + [run.comps],
+    ((batch, finish),) = _tables.pack(run.params, run.grads[0], run.states + [run.comps],
                              ("momentum_buffer", "", "", "kahan_comp"),
                              row_flags=[False] * len(run.params), backend="triton")
     with pytest.raises(ValueError, match="int64"):
-        tk._precision_args(packed.batch, False, (1, torch.tensor(0.0), 2))
+        tk._precision_args(batch, False, (1, torch.tensor(0.0), 2))
     if DEVICE.type == "cpu":
         with pytest.raises(ValueError, match="device"):
-            tk._precision_args(packed.batch, False, (1, torch.tensor(0, device="meta"), 2))
+            tk._precision_args(batch, False, (1, torch.tensor(0, device="meta"), 2))
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -381,12 +381,12 @@ def test_rounding_matches_the_specification_across_binades(dtype):
     g[:2] = -torch.tensor([big, big], dtype=torch.float64).to(dtype) * 2.0 ** -12
     params, grads = [p.clone(), p[:37].clone()], [g.clone(), g[:37].clone()]
     counter = torch.tensor(77, dtype=torch.int64, device=DEVICE)
-    for packed in _tables.pack(params, grads, [[None] * 2] * 4,
+    for batch, finish in _tables.pack(params, grads, [[None] * 2] * 4,
                                ("momentum_buffer", "", "", "kahan_comp"),
                                row_flags=[False] * 2, backend="triton"):
-        tk.sgd(packed.batch, lr=1.0, weight_decay=0.0, momentum=0.0, dampening=0.0,
+        tk.sgd(batch, lr=1.0, weight_decay=0.0, momentum=0.0, dampening=0.0,
                nesterov=False, maximize=False, stochastic_round=(99, counter, 4))
-        packed.finish()
+        finish()
     k0, k1 = P.keys(99, 77, 4)
     rnd = P.round_bf16 if dtype == torch.bfloat16 else P.round_f16
     wants = []

@@ -288,13 +288,13 @@ def test_triton_host_side_steps(found_inf):
         # square_avg above grad_avg**2, as any real history leaves them
         states = [[torch.rand(p.shape) + k for p in params] for k in (1.0, 0.0, -0.5)]
         steps = [torch.tensor(3.0), torch.tensor(3.0, dtype=torch.float64), torch.tensor(0.0)]
-        (packed,) = _tables.pack(params, grads, states,
+        ((batch, finish),) = _tables.pack(params, grads, states,
                                  ("square_avg", "momentum_buffer", "grad_avg"), steps=steps)
         if kernel is triton_kernel:
-            packed.batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
+            batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
         amp = {} if found_inf is None else dict(found_inf=torch.tensor(found_inf))
-        kernel(packed.batch, **hyper, **amp)
-        packed.finish()
+        kernel(batch, **hyper, **amp)
+        finish()
         sides.append((params, states, steps))
     (p0, s0, t0), (p1, s1, t1) = sides
     for a, b in zip(p0 + sum(s0, []), p1 + sum(s1, [])):

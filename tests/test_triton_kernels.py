@@ -61,17 +61,17 @@ def _assert_all_close(actual, expected, **kw):
 
 
 def _run_sgd(backend, params, grads, bufs, row_flags, **hyper):
-    for packed in _tables.pack(params, grads, [bufs], ("momentum_buffer",),
+    for batch, finish in _tables.pack(params, grads, [bufs], ("momentum_buffer",),
                                row_flags=row_flags if hyper["momentum"] else None):
-        backend.sgd(packed.batch, **hyper)
-        packed.finish()
+        backend.sgd(batch, **hyper)
+        finish()
 
 
 def _run_adam(backend, params, grads, states, steps, **hyper):
-    for packed in _tables.pack(params, grads, states,
+    for batch, finish in _tables.pack(params, grads, states,
                                ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=steps):
-        backend.adam(packed.batch, **hyper)
-        packed.finish()
+        backend.adam(batch, **hyper)
+        finish()
 
 
 def _sgd_hyper(**kw):
@@ -387,10 +387,10 @@ def test_grad_scale_unscales_in_the_kernel(dtype, optim):
         for step, gs in enumerate(grads):
             row_flags = [step == 0] * len(sizes)
             big = [g * 1024 for g in gs]
-            for packed in _tables.pack(scaled.params, big, [scaled.bufs],
+            for batch, finish in _tables.pack(scaled.params, big, [scaled.bufs],
                                        ("momentum_buffer",), row_flags=row_flags):
-                tk.sgd(packed.batch, grad_scale=scale, found_inf=zero, **hyper)
-                packed.finish()
+                tk.sgd(batch, grad_scale=scale, found_inf=zero, **hyper)
+                finish()
             _assert_all_close(big, [g * 1024 for g in gs], rtol=0, atol=0)  # untouched
             _run_sgd(tk, plain.params, _clone(gs), plain.bufs, row_flags, **hyper)
     else:
@@ -399,11 +399,11 @@ def test_grad_scale_unscales_in_the_kernel(dtype, optim):
         plain = scaled.clone()
         for gs in grads:
             big = [g * 1024 for g in gs]
-            for packed in _tables.pack(scaled.params, big, scaled.states(),
+            for batch, finish in _tables.pack(scaled.params, big, scaled.states(),
                                        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
                                        steps=scaled.steps):
-                tk.adam(packed.batch, grad_scale=scale, found_inf=zero, **hyper)
-                packed.finish()
+                tk.adam(batch, grad_scale=scale, found_inf=zero, **hyper)
+                finish()
             _assert_all_close(big, [g * 1024 for g in gs], rtol=0, atol=0)
             _run_adam(tk, plain.params, _clone(gs), plain.states(), plain.steps, **hyper)
     # unscaling by a power of two is exact: the very same bits
@@ -420,10 +420,10 @@ def test_found_inf_skips_adam_entirely(monkeypatch, host_steps):
     gen = torch.Generator().manual_seed(11)
     grads = _randn(SIZES, torch.float32, gen)
     grads0 = _clone(grads)
-    for packed in _tables.pack(state.params, grads, state.states(),
+    for batch, finish in _tables.pack(state.params, grads, state.states(),
                                ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
                                steps=state.steps):
-        tk.adam(packed.batch, grad_scale=torch.tensor([4.0], device=DEVICE),
+        tk.adam(batch, grad_scale=torch.tensor([4.0], device=DEVICE),
                 found_inf=torch.tensor([1.0], device=DEVICE), **hyper)
     _assert_all_close(state.tensors(), before, rtol=0, atol=0)
     _assert_all_close(grads, grads0, rtol=0, atol=0)
@@ -437,11 +437,11 @@ def test_a_batch_mixing_host_and_device_steps_is_refused():
     state = _AdamState(SIZES, torch.float32, 3, False)
     before = _clone(state.tensors())
     grads = _randn(SIZES, torch.float32, torch.Generator().manual_seed(4))
-    (packed,) = _tables.pack(state.params, grads, state.states(),
+    ((batch, finish),) = _tables.pack(state.params, grads, state.states(),
                              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
-    packed.batch.table[0, L.FLAGS] |= L.FLAG_STEP_HOST
+    batch.table[0, L.FLAGS] |= L.FLAG_STEP_HOST
     with pytest.raises(ValueError, match="mixes step counters"):
-        tk.adam(packed.batch, **hyper)
+        tk.adam(batch, **hyper)
     _assert_all_close(state.tensors(), before, rtol=0, atol=0)
 
 
@@ -451,13 +451,13 @@ def test_host_steps_that_are_not_host_memory_are_refused(monkeypatch):
     monkeypatch.setattr(tk, "_steps_on_device", lambda batch: False)
     state = _AdamState(SIZES, torch.float32, 3, False)
     grads = _randn(SIZES, torch.float32, torch.Generator().manual_seed(4))
-    (packed,) = _tables.pack(state.params, grads, state.states(),
+    ((batch, finish),) = _tables.pack(state.params, grads, state.states(),
                              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
-    flags = packed.batch.table[:, L.FLAGS]
+    flags = batch.table[:, L.FLAGS]
     assert ((flags & L.FLAG_STEP_CPU) != 0).all()  # as _tables writes them
-    packed.batch.table[1, L.FLAGS] &= ~L.FLAG_STEP_CPU  # as for a counter elsewhere
+    batch.table[1, L.FLAGS] &= ~L.FLAG_STEP_CPU  # as for a counter elsewhere
     with pytest.raises(ValueError, match="must be CPU tensors"):
-        tk.adam(packed.batch, **_adam_hyper())
+        tk.adam(batch, **_adam_hyper())
 
 
 def test_found_inf_skips_sgd_entirely():
@@ -468,9 +468,9 @@ def test_found_inf_skips_sgd_entirely():
     gen = torch.Generator().manual_seed(14)
     grads = _randn(SIZES, torch.float32, gen)
     for row_flags in (False, True):
-        for packed in _tables.pack(state.params, grads, [state.bufs],
+        for batch, finish in _tables.pack(state.params, grads, [state.bufs],
                                    ("momentum_buffer",), row_flags=[row_flags] * len(SIZES)):
-            tk.sgd(packed.batch, found_inf=torch.tensor([1.0], device=DEVICE), **hyper)
+            tk.sgd(batch, found_inf=torch.tensor([1.0], device=DEVICE), **hyper)
         _assert_all_close(state.tensors(), before, rtol=0, atol=0)
 
 
