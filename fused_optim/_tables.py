@@ -24,6 +24,7 @@ import contextlib
 import functools
 import heapq
 from collections import defaultdict
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
@@ -129,6 +130,7 @@ def _columns(params, grads, states, steps):
 
 # ---------------------------------------------------------------- units
 
+@dataclass(slots=True, eq=False)
 class KernelUnit:
     """Rows of one (device, dtype) that share no byte: one backend call.
 
@@ -141,29 +143,26 @@ class KernelUnit:
             (the grads' and scratch copies' are filled in at each step).
         numel: elements over all rows.
         direct_grad: bool per unit row, or None when every grad is direct.
+        grad_rows: the group rows whose grads are direct.
         staged: ``(unit row, column, group row, column index, write back?,
             shape, strides)`` per tensor staged through a scratch copy.
         whole: the unit is every row of the group, in order, with every grad
             direct (the usual case: the grads' addresses go in as they are).
     """
 
-    __slots__ = ("device", "dtype", "module", "kernel", "rows", "table", "numel",
-                 "direct_grad", "staged", "grad_rows", "whole", "device_cache")
-
-    def __init__(self, device, dtype, module, kernel, rows, table, numel, direct_grad, staged,
-                 n):
-        self.device = device
-        self.dtype = dtype
-        self.module = module
-        self.kernel = kernel
-        self.rows = rows
-        self.table = table
-        self.numel = numel
-        self.direct_grad = None if direct_grad.all() else direct_grad
-        self.grad_rows = rows if self.direct_grad is None else rows[direct_grad]
-        self.staged = staged
-        self.whole = len(rows) == n and self.direct_grad is None
-        self.device_cache = {}  # the backend's, for these rows (Batch.cache)
+    device: torch.device
+    dtype: torch.dtype
+    module: object
+    kernel: object
+    rows: np.ndarray
+    table: np.ndarray
+    numel: int
+    direct_grad: object
+    grad_rows: np.ndarray
+    staged: list
+    whole: bool
+    #: the backend's, for these rows (Batch.cache)
+    device_cache: dict = field(default_factory=dict)
 
 
 class TorchUnit:
@@ -487,8 +486,11 @@ def _kernel_unit(cols, where, steps, row_flags, rows, device, module, kernel):
                 staged.append((r, col, i, c, c != 1, shape, strides))
                 if c == 1:
                     direct_grad[r] = False
-    return KernelUnit(device, dtype, module, kernel, np.array(rows, dtype=np.int64), table,
-                      start, direct_grad, staged, len(cols[0]))
+    rows = np.array(rows, dtype=np.int64)
+    every = direct_grad.all()
+    return KernelUnit(device, dtype, module, kernel, rows, table, start,
+                      None if every else direct_grad, rows if every else rows[direct_grad],
+                      staged, bool(every and m == len(cols[0])))
 
 
 def pack(params, grads, states, roles, steps=None, row_flags=None, backend="auto"):
