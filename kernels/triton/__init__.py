@@ -470,13 +470,13 @@ def _check_host_steps(batch) -> None:
 def _host_step_scalars(table, lr, beta1, beta2) -> np.ndarray:
     """Advance host-side steps; per-row (step size, sqrt(bias correction 2)).
 
-    One compiled pass over the table's step addresses (the Numba backend's
-    float64 arithmetic, as torch's for-loop does in Python), not a Python
-    loop over tensors.
+    One compiled pass over the table's step addresses (``kernels/steps.py``,
+    the Numba backend's float64 arithmetic, as torch's for-loop does in
+    Python), not a Python loop over tensors.
     """
-    from ..numba import advance_host_steps
+    from ..steps import adam_host_steps
 
-    return advance_host_steps(table, lr=lr, beta1=beta1, beta2=beta2)
+    return adam_host_steps(table, lr=lr, beta1=beta1, beta2=beta2)
 
 
 #: rows per program of the step kernel

@@ -10,7 +10,7 @@ bfloat16).
 
 Each row's ``clr = lr / (1 + (step - 1) * lr_decay)`` is computed once per
 step, as torch's loop computes it (in float64; for a Tensor lr in its dtype,
-see ``kernels/numba/adagrad.py``): by ``_adagrad_steps_kernel`` on the
+see ``kernels/steps.py``): by ``_adagrad_steps_kernel`` on the
 device, which also advances device-side step counters (no host sync), or by
 the host for counters in host memory (torch's default: CPU steps for CUDA
 params).
@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..steps import adagrad_host_steps
 from . import (NUM_WARPS, _STEP_ROWS, _check_host_steps, _device_context, _launch_lock,
                _launch_updates, _precision_args, _prologue, _resident, _upload)
 from ._kernels import (_COMP, _GRAD, _NCOLS, _NUMEL, _PARAM, _START, _STATE0,
@@ -36,7 +37,7 @@ __all__ = ["adagrad"]
 _pkg = sys.modules[__package__]
 
 # slots of the float64 hyperparameter buffer; MAXIMIZE holds 1.0 or 0.0 and
-# LR_ROUND the lr's dtype code (kernels/numba/adagrad.py's LR_F64 ... LR_F16):
+# LR_ROUND the lr's dtype code (kernels/steps.py's LR_F64 ... LR_F16):
 # runtime switches, so that they add no compiled specialization
 AG_LR, AG_LR_DECAY, AG_EPS, AG_WD, AG_MAXIMIZE, AG_LR_ROUND, AG_NHYPER = range(7)
 _AG_LR = tl.constexpr(AG_LR)
@@ -199,9 +200,7 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
             if found_inf is not None and bool(found_inf.reshape(-1)[0] != 0):
                 return  # skipped step: steps stay as they are
             found_inf = None
-            from ..numba.adagrad import advance_host_steps
-
-            scalars = advance_host_steps(table, lr=lr, lr_decay=lr_decay, lr_round=lr_round)
+            scalars = adagrad_host_steps(table, lr=lr, lr_decay=lr_decay, lr_round=lr_round)
         pro = _prologue(batch, hyper if device_steps else None, grad_scale, found_inf)
         layout = pro.layout
         if device_steps:
@@ -211,7 +210,7 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
                 layout.rows, dtype=torch.float64, device=device))
         else:
             # host-step scalars change every step: not worth a cache entry
-            both = _upload(np.concatenate([np.asarray(hyper, np.float64), scalars]), batch)
+            both = _upload(np.concatenate([np.asarray(hyper, np.float64), scalars.ravel()]), batch)
             hyper, scal = both, both[len(hyper):]
         with _launch_lock():
             if device_steps:

@@ -12,7 +12,7 @@ RMSprop's step counter is only counted, never read by the math: device-side
 counters are advanced by a small kernel of one lane per row
 (:func:`_rmsprop_steps_kernel`, skipped under ``found_inf`` without a host
 sync); host-side ones (torch's default CPU steps for CUDA params) by the host
-(``numba.rmsprop.advance_steps``).
+(``steps.advance_host_steps``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..steps import advance_host_steps
 from . import (NUM_WARPS, _check_host_steps, _device_context, _launch_lock,
                _launch_updates, _precision_args, _prologue, _steps_on_device)
 from ._kernels import (_COMP, _GRAD, _NCOLS, _NUMEL, _PARAM, _START, _STATE0,
@@ -244,9 +245,7 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
             if found_inf is not None and bool(found_inf.reshape(-1)[0] != 0):
                 return  # skipped step: steps stay as they are
             found_inf = None
-            from ..numba.rmsprop import advance_steps
-
-            advance_steps(batch.table)
+            advance_host_steps(batch.table)
         pro = _prologue(batch, hyper, grad_scale, found_inf)
         layout = pro.layout
         with _launch_lock():
