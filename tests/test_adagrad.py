@@ -269,7 +269,7 @@ for cap in (80, 90):
                 jobs.append(("adagrad", dname, aligned, sw, cap, src, warps))
     for on in (True, False):
         sw = dict(HAS_FOUND_INF=on)
-        src = source(ka._adagrad_steps_kernel, dict(BLOCK_R=ka._STEP_ROWS, **sw),
+        src = source(ka._adagrad_steps_kernel, dict(BLOCK_R=_launch._STEP_ROWS, **sw),
                      {"found_inf_ptr": not on})
         jobs.append(("adagrad_steps", "float64", False, sw, cap, src, _launch.NUM_WARPS))
 for kernel, dname, aligned, sw, cap, src, warps in jobs:

@@ -217,7 +217,7 @@ def _compile_facts(archs=(90,)):
             fn = rk._rmsprop_steps_kernel
             sig = {"table_ptr": "*i64", "found_inf_ptr": "*fp32" if fi else "constexpr",
                    "rows": "i32", "BLOCK_R": "constexpr", "HAS_FOUND_INF": "constexpr"}
-            const = dict(BLOCK_R=rk._STEP_ROWS, HAS_FOUND_INF=fi)
+            const = dict(BLOCK_R=_launch._STEP_ROWS, HAS_FOUND_INF=fi)
             if not fi:
                 const["found_inf_ptr"] = None
             compiled = triton.compile(ASTSource(fn, sig, const, {}),
