@@ -41,7 +41,9 @@ import torch  # noqa: E402
 import fused_optim  # noqa: E402
 from fused_optim import _tables  # noqa: E402
 from fused_optim.bench import LISTS, shape_list  # noqa: E402
+from fused_optim.kernels import contract  # noqa: E402
 from fused_optim.kernels import triton as tk  # noqa: E402
+from fused_optim.kernels.triton import _launch  # noqa: E402
 
 #: the jitted kernels, by (file in kernels/triton, name): the launchers call
 #: them from their own module
@@ -78,17 +80,17 @@ def _nothing(*args, **kwargs):
 def stubbed(host_steps: bool | None):
     """Kernels stubbed; ``host_steps`` forces Adam's step placement (None: as is)."""
     saved = kernels()
-    saved_steps = tk._steps_on_device
+    saved_steps = _launch._steps_on_device
     try:
         for k in saved:
             setattr(_module(k[0]), k[1], _Stub())
         if host_steps is not None:
-            tk._steps_on_device = (lambda batch: not host_steps)
+            _launch._steps_on_device = (lambda batch: not host_steps)
         yield
     finally:
         for k, v in saved.items():
             setattr(_module(k[0]), k[1], v)
-        tk._steps_on_device = saved_steps
+        _launch._steps_on_device = saved_steps
 
 
 def _setup(shapes, name, kw):
@@ -111,14 +113,14 @@ def _launcher_call(opt, params, name, kw):
         steps = None
         hyper = dict(lr=kw["lr"], weight_decay=0.0, momentum=kw["momentum"], dampening=0.0,
                      nesterov=False, maximize=False)
-        fn = tk.sgd
+        fn = contract.kernel(tk, "sgd")
     else:
         steps = [state[p]["step"] for p in params]
         cols = [params, grads, [state[p]["exp_avg"] for p in params],
                 [state[p]["exp_avg_sq"] for p in params], steps]
         hyper = dict(lr=kw["lr"], beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
                      decoupled_weight_decay=True, amsgrad=False, maximize=False)
-        fn = tk.adam
+        fn = contract.kernel(tk, "adam")
     batch, _ = _tables.stage(unit, cols, plan.where, steps, plan.row_flags, plan.grad_ptrs,
                              opt._plans.retain)
     return lambda: fn(batch, **hyper)

@@ -33,10 +33,9 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fused_optim.kernels import triton as tk  # noqa: E402
+from fused_optim.kernels.triton import _launch  # noqa: E402
 
-# each optimizer's kernels, in kernels/triton/<name>.py (the package's own
-# ``sgd`` and ``adam`` are the launchers)
+# each optimizer's kernels, in kernels/triton/<name>.py
 _adam = importlib.import_module("fused_optim.kernels.triton.adam")
 _sgd = importlib.import_module("fused_optim.kernels.triton.sgd")
 DTYPES = {"float64": torch.float64, "float32": torch.float32,
@@ -90,7 +89,7 @@ def specializations(full: bool):
 def _source(kernel: str, dname: str, aligned: bool, sw: dict) -> ASTSource:
     if kernel == "adam_steps":
         fn = _adam._adam_steps_kernel
-        const = dict(BLOCK_R=tk._STEP_ROWS, **sw)
+        const = dict(BLOCK_R=_launch._STEP_ROWS, **sw)
         ptrs = dict(_STEPS_ARGS)
         absent = {"found_inf_ptr": not sw["HAS_FOUND_INF"]}
     else:
@@ -98,9 +97,9 @@ def _source(kernel: str, dname: str, aligned: bool, sw: dict) -> ASTSource:
         fn = _sgd._sgd_kernel if kernel == "sgd" else _adam._adam_kernel
         ptrs = dict(_SGD_PTRS if kernel == "sgd" else _ADAM_PTRS)
         # the launcher's own constexprs (see _common_args)
-        const = dict(ELEM=tk._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+        const = dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
                      COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-                     IS_F64=dtype == torch.float64, BLOCK=tk.BLOCK, ALIGNED=aligned,
+                     IS_F64=dtype == torch.float64, BLOCK=_launch.BLOCK, ALIGNED=aligned,
                      VEC=16 // torch.empty((), dtype=dtype).element_size(), **sw)
         absent = {"grad_scale_ptr": not sw["HAS_GRAD_SCALE"],
                   "found_inf_ptr": not sw["HAS_FOUND_INF"]}
@@ -146,8 +145,8 @@ _INEXACT = {"div.full": r"\bdiv\.full\b", "div.approx": r"\bdiv\.approx\b",
 def facts(kernel: str, dname: str, aligned: bool, sw: dict, cap: int) -> dict:
     src = _source(kernel, dname, aligned, sw)
     # as the launchers pass it
-    warps = (tk.NUM_WARPS if kernel == "adam_steps"
-             else tk.num_warps(DTYPES[dname], aligned, sw["TAIL_ALIGNED"]))
+    warps = (_launch.NUM_WARPS if kernel == "adam_steps"
+             else _launch.num_warps(DTYPES[dname], aligned, sw["TAIL_ALIGNED"]))
     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                               options={"num_warps": warps, "enable_fp_fusion": False})
     ptx = compiled.asm["ptx"]

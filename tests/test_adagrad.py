@@ -56,8 +56,8 @@ def test_tensor_lr_of_any_dtype_steps_as_torch(name, kw, lr_dtype, backend, monk
     lr's clr drifted about 1e-4 from torch's with float64 math)."""
     if backend == "triton-host-steps":
         skip_unless_runnable("triton")
-        from fused_optim.kernels import triton as tk
-        monkeypatch.setattr(tk, "_steps_on_device", lambda batch: False)
+        from fused_optim.kernels.triton import _launch
+        monkeypatch.setattr(_launch, "_steps_on_device", lambda batch: False)
         backend = "triton"
     skip_unless_runnable(backend)
     gen = torch.Generator().manual_seed(5)
@@ -233,7 +233,7 @@ sys.path.insert(0, sys.argv[1])
 import torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fused_optim.kernels import triton as tk
+from fused_optim.kernels.triton import _launch
 from fused_optim.kernels.triton import adagrad as ka
 import _compile_matrix as cm
 
@@ -259,19 +259,19 @@ for cap in (80, 90):
         for aligned in (True, False):
             for on in (True, False):
                 sw = dict(TAIL_ALIGNED=aligned and on, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on)
-                const = dict(ELEM=tk._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+                const = dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
                              COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-                             IS_F64=dtype == torch.float64, BLOCK=tk.BLOCK, ALIGNED=aligned,
+                             IS_F64=dtype == torch.float64, BLOCK=_launch.BLOCK, ALIGNED=aligned,
                              VEC=16 // torch.empty((), dtype=dtype).element_size(), **sw)
                 src = source(ka._adagrad_kernel, const,
                              {"grad_scale_ptr": not on, "found_inf_ptr": not on})
-                warps = tk.num_warps(dtype, aligned, sw["TAIL_ALIGNED"])
+                warps = _launch.num_warps(dtype, aligned, sw["TAIL_ALIGNED"])
                 jobs.append(("adagrad", dname, aligned, sw, cap, src, warps))
     for on in (True, False):
         sw = dict(HAS_FOUND_INF=on)
-        src = source(ka._adagrad_steps_kernel, dict(BLOCK_R=ka._STEP_ROWS, **sw),
+        src = source(ka._adagrad_steps_kernel, dict(BLOCK_R=_launch._STEP_ROWS, **sw),
                      {"found_inf_ptr": not on})
-        jobs.append(("adagrad_steps", "float64", False, sw, cap, src, tk.NUM_WARPS))
+        jobs.append(("adagrad_steps", "float64", False, sw, cap, src, _launch.NUM_WARPS))
 for kernel, dname, aligned, sw, cap, src, warps in jobs:
     c = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                        options={"num_warps": warps, "enable_fp_fusion": False})

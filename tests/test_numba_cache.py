@@ -29,7 +29,7 @@ def test_stale_cache_is_cleared_once_and_only_ours(tmp_path):
 def test_digest_covers_every_inlined_source():
     names = {p.rsplit("/", 1)[-1] for p in _stale.sources()}
     assert {"_walk.py", "_memory.py", "_precision.py", "sgd.py", "adam.py", "adagrad.py",
-            "rmsprop.py", "layout.py"} <= names
+            "rmsprop.py", "layout.py", "steps.py"} <= names
 
 
 def test_no_cache_directory_yet_is_fine(tmp_path):

@@ -31,6 +31,7 @@ from fused_optim import _tables  # noqa: E402
 from fused_optim.kernels import contract, reference  # noqa: E402
 from fused_optim.kernels import layout as L  # noqa: E402
 from fused_optim.kernels import triton as tk  # noqa: E402
+from fused_optim.kernels.triton import _launch  # noqa: E402
 from fused_optim.kernels.reference import _precision as P  # noqa: E402
 
 #: the edge row's inf and NaN params: numpy's warnings from the interpreter's
@@ -188,7 +189,7 @@ def _assert_bit_equal(actual, expected, what):
 
 @pytest.fixture(autouse=True)
 def _small_blocks(monkeypatch):
-    monkeypatch.setattr(tk, "BLOCK", TEST_BLOCK)
+    monkeypatch.setattr(_launch, "BLOCK", TEST_BLOCK)
 
 
 _TORCH_SQRT = torch.Tensor.sqrt
@@ -328,8 +329,8 @@ def test_float32_ignores_the_options(name):
                                  OPTIMIZERS[name][0])) + ("kahan_comp",),
                              steps=base.steps, backend="triton")
     for kahan, sr in ((True, True), (True, False), (False, True)):
-        assert tk._precision_args(batch, kahan, (1, counter, 2) if sr else None) \
-            is tk._OFF
+        assert _launch._precision_args(batch, kahan, (1, counter, 2) if sr else None) \
+            is _launch._OFF
 
 
 def test_options_off_launch_as_before():
@@ -341,8 +342,8 @@ def test_options_off_launch_as_before():
         ((batch, finish),) = _tables.pack(run.params, run.grads[0], run.states + [run.comps],
                                  ("momentum_buffer", "", "", "kahan_comp"),
                                  row_flags=[False] * len(run.params), backend="triton")
-        assert tk._precision_args(batch, False, None) is tk._OFF
-        on = tk._precision_args(batch, True, (-1, torch.tensor(0), 2**40 + 3))
+        assert _launch._precision_args(batch, False, None) is _launch._OFF
+        on = _launch._precision_args(batch, True, (-1, torch.tensor(0), 2**40 + 3))
         assert (on.kahan, on.sr) == (True, True)
         assert on.slots == [float(2**32 - 1), float(2**32 - 1), 3.0]
 
@@ -353,10 +354,10 @@ def test_counter_must_live_with_the_params():
                              ("momentum_buffer", "", "", "kahan_comp"),
                              row_flags=[False] * len(run.params), backend="triton")
     with pytest.raises(ValueError, match="int64"):
-        tk._precision_args(batch, False, (1, torch.tensor(0.0), 2))
+        _launch._precision_args(batch, False, (1, torch.tensor(0.0), 2))
     if DEVICE.type == "cpu":
         with pytest.raises(ValueError, match="device"):
-            tk._precision_args(batch, False, (1, torch.tensor(0, device="meta"), 2))
+            _launch._precision_args(batch, False, (1, torch.tensor(0, device="meta"), 2))
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -384,7 +385,7 @@ def test_rounding_matches_the_specification_across_binades(dtype):
     for batch, finish in _tables.pack(params, grads, [[None] * 2] * 4,
                                ("momentum_buffer", "", "", "kahan_comp"),
                                row_flags=[False] * 2, backend="triton"):
-        tk.sgd(batch, lr=1.0, weight_decay=0.0, momentum=0.0, dampening=0.0,
+        contract.kernel(tk, "sgd")(batch, lr=1.0, weight_decay=0.0, momentum=0.0, dampening=0.0,
                nesterov=False, maximize=False, stochastic_round=(99, counter, 4))
         finish()
     k0, k1 = P.keys(99, 77, 4)
@@ -408,7 +409,7 @@ sys.path.insert(0, sys.argv[1])
 import torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 import _compile_matrix as m
-from fused_optim.kernels import triton as tk
+from fused_optim.kernels.triton import _launch
 
 _PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64",
          "scal_ptr": "*fp64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
@@ -423,8 +424,8 @@ def facts(kernel, dname, cap):
     fn = getattr(importlib.import_module(f"fused_optim.kernels.triton.{kernel}"),
                  f"_{kernel}_kernel")
     dtype = m.DTYPES[dname]
-    const = dict(ELEM=tk._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
-                 COMPUTE=tl.float32, IS_F64=False, BLOCK=tk.BLOCK, ALIGNED=True,
+    const = dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+                 COMPUTE=tl.float32, IS_F64=False, BLOCK=_launch.BLOCK, ALIGNED=True,
                  TAIL_ALIGNED=True, VEC=8, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True,
                  KAHAN=True, SR=True, **_ON[kernel])
     sig = {}
@@ -436,7 +437,7 @@ def facts(kernel, dname, cap):
              for n in sig if sig[n].startswith("*")}
     src = m.ASTSource(fn, sig, const, attrs)
     c = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                       options={"num_warps": tk.num_warps(dtype, True, True),
+                       options={"num_warps": _launch.num_warps(dtype, True, True),
                                 "enable_fp_fusion": False})
     ptx = c.asm["ptx"]
     body = ptx.split(".section")[0]  # the code, not the debug sections

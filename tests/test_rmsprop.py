@@ -169,7 +169,7 @@ def _compile_facts(archs=(90,)):
     from triton.compiler import ASTSource
 
     import _compile_matrix as cm
-    from fused_optim.kernels import triton as tk
+    from fused_optim.kernels.triton import _launch
     from fused_optim.kernels.triton import rmsprop as rk
 
     out = []
@@ -180,9 +180,9 @@ def _compile_facts(archs=(90,)):
                 sw = {s: on for s in _SWITCHES}
                 sw["TAIL_ALIGNED"] = on and aligned
                 fn = rk._rmsprop_kernel
-                const = dict(ELEM=tk._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+                const = dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
                              COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-                             IS_F64=dtype == torch.float64, BLOCK=tk.BLOCK, ALIGNED=aligned,
+                             IS_F64=dtype == torch.float64, BLOCK=_launch.BLOCK, ALIGNED=aligned,
                              VEC=16 // torch.empty((), dtype=dtype).element_size(), **sw)
                 sig = {}
                 for name in fn.arg_names:
@@ -197,7 +197,7 @@ def _compile_facts(archs=(90,)):
                          for n in sig if sig[n].startswith("*")}
                 compiled = triton.compile(
                     ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cap, 32),
-                    options={"num_warps": tk.num_warps(dtype, aligned, sw["TAIL_ALIGNED"]),
+                    options={"num_warps": _launch.num_warps(dtype, aligned, sw["TAIL_ALIGNED"]),
                              "enable_fp_fusion": False})
                 ptx = compiled.asm["ptx"]
                 width, lanes = (64, 2) if dname == "float64" else (32, 4)
@@ -217,12 +217,12 @@ def _compile_facts(archs=(90,)):
             fn = rk._rmsprop_steps_kernel
             sig = {"table_ptr": "*i64", "found_inf_ptr": "*fp32" if fi else "constexpr",
                    "rows": "i32", "BLOCK_R": "constexpr", "HAS_FOUND_INF": "constexpr"}
-            const = dict(BLOCK_R=rk._STEP_ROWS, HAS_FOUND_INF=fi)
+            const = dict(BLOCK_R=_launch._STEP_ROWS, HAS_FOUND_INF=fi)
             if not fi:
                 const["found_inf_ptr"] = None
             compiled = triton.compile(ASTSource(fn, sig, const, {}),
                                       target=GPUTarget("cuda", cap, 32),
-                                      options={"num_warps": tk.NUM_WARPS})
+                                      options={"num_warps": _launch.NUM_WARPS})
             r = dict(kernel="rmsprop_steps", switches={"HAS_FOUND_INF": fi}, arch=cap,
                      local=len(re.findall(r"\.local\b", compiled.asm["ptx"])))
             r.update(cm._ptxas_facts(compiled.asm["ptx"], cap))

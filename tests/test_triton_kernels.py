@@ -27,7 +27,9 @@ import optim_db  # noqa: E402
 from fused_optim import _tables  # noqa: E402
 from fused_optim.kernels import layout as L  # noqa: E402
 from fused_optim.kernels import reference  # noqa: E402
+from fused_optim.kernels import contract  # noqa: E402
 from fused_optim.kernels import triton as tk  # noqa: E402
+from fused_optim.kernels.triton import _launch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -63,14 +65,14 @@ def _assert_all_close(actual, expected, **kw):
 def _run_sgd(backend, params, grads, bufs, row_flags, **hyper):
     for batch, finish in _tables.pack(params, grads, [bufs], ("momentum_buffer",),
                                row_flags=row_flags if hyper["momentum"] else None):
-        backend.sgd(batch, **hyper)
+        contract.kernel(backend, "sgd")(batch, **hyper)
         finish()
 
 
 def _run_adam(backend, params, grads, states, steps, **hyper):
     for batch, finish in _tables.pack(params, grads, states,
                                ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=steps):
-        backend.adam(batch, **hyper)
+        contract.kernel(backend, "adam")(batch, **hyper)
         finish()
 
 
@@ -233,7 +235,7 @@ def _host_steps(monkeypatch):
     tensors too, the host path is forced (its reads are of host memory)."""
     if DEVICE.type == "cuda":
         return torch.device("cpu")
-    monkeypatch.setattr(tk, "_steps_on_device", lambda batch: False)
+    monkeypatch.setattr(_launch, "_steps_on_device", lambda batch: False)
     return DEVICE
 
 
@@ -252,7 +254,7 @@ def test_adam_host_steps_match_reference(monkeypatch):
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
 def test_rows_spanning_many_programs(monkeypatch, optim):
     """A small BLOCK: rows of many programs, Adam's per-row step counters."""
-    monkeypatch.setattr(tk, "BLOCK", 16)
+    monkeypatch.setattr(_launch, "BLOCK", 16)
     sizes = [100, 37, 0, 1, 16, 17]
     if optim == "sgd":
         hyper = _sgd_hyper(momentum=0.9, nesterov=True)
@@ -311,7 +313,7 @@ def test_int64_offsets_beyond_2_31():
     The table points the row 2**31 elements before a small buffer, so the
     launched program lands in the buffer only if its offsets are 64-bit.
     """
-    block = tk.BLOCK
+    block = _launch.BLOCK
     numel = 2**31 + 100
     chunk = numel // block
     assert chunk * block == 2**31
@@ -338,13 +340,13 @@ def test_int64_offsets_beyond_2_31():
 
 def test_block_map():
     numel = np.array([2**31 + 5, 0, 3, 2048], dtype=np.int64)
-    bmap = tk.block_map(numel, 1024)
+    bmap = _launch.block_map(numel, 1024)
     last = (2**31 + 5 + 1023) // 1024 - 1
     assert bmap.dtype == np.int32
     assert bmap.shape == (last + 1 + 1 + 2, 2)  # the empty row gets no program
     assert tuple(bmap[0]) == (0, 0) and tuple(bmap[last]) == (0, last)
     assert [tuple(r) for r in bmap[last + 1:]] == [(2, 0), (3, 0), (3, 1)]
-    bmap = tk.block_map(numel, 1024, rows=[3, 1, 2])
+    bmap = _launch.block_map(numel, 1024, rows=[3, 1, 2])
     assert [tuple(r) for r in bmap] == [(3, 0), (3, 1), (2, 0)]
 
 
@@ -355,16 +357,16 @@ def test_alignment_is_decided_per_row():
     table[:, L.PARAM] = [4096, 4100, 8192, 0]
     table[:, L.GRAD] = [1 << 20, 1 << 21, (1 << 22) + 8, 0]
     table[:, L.NUMEL] = [8, 3, 12, 0]
-    classes = [(a, t, list(r)) for a, t, r in tk.alignment_classes(table, 4)]
+    classes = [(a, t, list(r)) for a, t, r in _launch.alignment_classes(table, 4)]
     assert classes == [(True, True, [0, 3]), (False, False, [1, 2])]
     table[3, L.NUMEL] = 6  # 24 bytes: the aligned class's tail is not
-    classes = [(a, t, list(r)) for a, t, r in tk.alignment_classes(table, 4)]
+    classes = [(a, t, list(r)) for a, t, r in _launch.alignment_classes(table, 4)]
     assert classes == [(True, False, [0, 3]), (False, False, [1, 2])]
-    assert [(a, t, list(r)) for a, t, r in tk.alignment_classes(table, 2)] == [
+    assert [(a, t, list(r)) for a, t, r in _launch.alignment_classes(table, 2)] == [
         (True, False, [0, 3]), (False, False, [1, 2])]  # 8-element tails for 16-bit
     table[1:3, L.PARAM] = 0
     table[1:3, L.GRAD] = 64
-    assert [(a, t) for a, t, _ in tk.alignment_classes(table, 8)] == [(True, False)]
+    assert [(a, t) for a, t, _ in _launch.alignment_classes(table, 8)] == [(True, False)]
 
 
 # --------------------------------------------------------------------------
@@ -389,7 +391,7 @@ def test_grad_scale_unscales_in_the_kernel(dtype, optim):
             big = [g * 1024 for g in gs]
             for batch, finish in _tables.pack(scaled.params, big, [scaled.bufs],
                                        ("momentum_buffer",), row_flags=row_flags):
-                tk.sgd(batch, grad_scale=scale, found_inf=zero, **hyper)
+                contract.kernel(tk, "sgd")(batch, grad_scale=scale, found_inf=zero, **hyper)
                 finish()
             _assert_all_close(big, [g * 1024 for g in gs], rtol=0, atol=0)  # untouched
             _run_sgd(tk, plain.params, _clone(gs), plain.bufs, row_flags, **hyper)
@@ -402,7 +404,7 @@ def test_grad_scale_unscales_in_the_kernel(dtype, optim):
             for batch, finish in _tables.pack(scaled.params, big, scaled.states(),
                                        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
                                        steps=scaled.steps):
-                tk.adam(batch, grad_scale=scale, found_inf=zero, **hyper)
+                contract.kernel(tk, "adam")(batch, grad_scale=scale, found_inf=zero, **hyper)
                 finish()
             _assert_all_close(big, [g * 1024 for g in gs], rtol=0, atol=0)
             _run_adam(tk, plain.params, _clone(gs), plain.states(), plain.steps, **hyper)
@@ -423,7 +425,7 @@ def test_found_inf_skips_adam_entirely(monkeypatch, host_steps):
     for batch, finish in _tables.pack(state.params, grads, state.states(),
                                ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
                                steps=state.steps):
-        tk.adam(batch, grad_scale=torch.tensor([4.0], device=DEVICE),
+        contract.kernel(tk, "adam")(batch, grad_scale=torch.tensor([4.0], device=DEVICE),
                 found_inf=torch.tensor([1.0], device=DEVICE), **hyper)
     _assert_all_close(state.tensors(), before, rtol=0, atol=0)
     _assert_all_close(grads, grads0, rtol=0, atol=0)
@@ -441,14 +443,14 @@ def test_a_batch_mixing_host_and_device_steps_is_refused():
                              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
     batch.table[0, L.FLAGS] |= L.FLAG_STEP_HOST
     with pytest.raises(ValueError, match="mixes step counters"):
-        tk.adam(batch, **hyper)
+        contract.kernel(tk, "adam")(batch, **hyper)
     _assert_all_close(state.tensors(), before, rtol=0, atol=0)
 
 
 def test_host_steps_that_are_not_host_memory_are_refused(monkeypatch):
     """Steps flagged host-side must be CPU tensors: checked before the host
     touches their addresses."""
-    monkeypatch.setattr(tk, "_steps_on_device", lambda batch: False)
+    monkeypatch.setattr(_launch, "_steps_on_device", lambda batch: False)
     state = _AdamState(SIZES, torch.float32, 3, False)
     grads = _randn(SIZES, torch.float32, torch.Generator().manual_seed(4))
     ((batch, finish),) = _tables.pack(state.params, grads, state.states(),
@@ -457,7 +459,7 @@ def test_host_steps_that_are_not_host_memory_are_refused(monkeypatch):
     assert ((flags & L.FLAG_STEP_CPU) != 0).all()  # as _tables writes them
     batch.table[1, L.FLAGS] &= ~L.FLAG_STEP_CPU  # as for a counter elsewhere
     with pytest.raises(ValueError, match="must be CPU tensors"):
-        tk.adam(batch, **_adam_hyper())
+        contract.kernel(tk, "adam")(batch, **_adam_hyper())
 
 
 def test_found_inf_skips_sgd_entirely():
@@ -470,7 +472,7 @@ def test_found_inf_skips_sgd_entirely():
     for row_flags in (False, True):
         for batch, finish in _tables.pack(state.params, grads, [state.bufs],
                                    ("momentum_buffer",), row_flags=[row_flags] * len(SIZES)):
-            tk.sgd(batch, found_inf=torch.tensor([1.0], device=DEVICE), **hyper)
+            contract.kernel(tk, "sgd")(batch, found_inf=torch.tensor([1.0], device=DEVICE), **hyper)
         _assert_all_close(state.tensors(), before, rtol=0, atol=0)
 
 
@@ -705,13 +707,13 @@ def test_buffers_a_capture_reads_outlive_the_cache(monkeypatch):
 
     step()
     eager = weakref.ref(_layouts(opt)[0])
-    monkeypatch.setattr(tk, "_capturing", lambda device: True)
+    monkeypatch.setattr(_launch, "_capturing", lambda device: True)
     step()  # "captured" with a table made during capture
     captured = [weakref.ref(o) for o in opt._plans.graph_owned.values()
-                if isinstance(o, (tk._Layout, torch.Tensor))]
+                if isinstance(o, (_launch._Layout, torch.Tensor))]
     assert captured and _layouts(opt)[0] is eager(), "made during capture, then cached"
-    monkeypatch.setattr(tk, "_capturing", lambda device: False)
-    for _ in range(tk._KEEP + 1):
+    monkeypatch.setattr(_launch, "_capturing", lambda device: False)
+    for _ in range(_launch._KEEP + 1):
         step()
     gc.collect()
     assert eager() is None  # an eager-only buffer is freed once replaced
@@ -721,7 +723,7 @@ def test_buffers_a_capture_reads_outlive_the_cache(monkeypatch):
     assert all(r() is not None for r in captured)
     step()
     kept = len(opt._plans.graph_owned)
-    monkeypatch.setattr(tk, "_capturing", lambda device: True)
+    monkeypatch.setattr(_launch, "_capturing", lambda device: True)
     step(new_grads=False)  # a capture of a cached layout retains that one
     assert any(o is _layouts(opt)[0] for o in opt._plans.graph_owned.values())
     assert len(opt._plans.graph_owned) > kept
@@ -731,7 +733,8 @@ def test_kernels_do_not_import_torch_optim():
     import ast
     import inspect
 
-    for module in (tk, tk._kernels, importlib.import_module(f"{tk.__name__}.sgd"),
+    for module in (tk, _launch, importlib.import_module(f"{tk.__name__}._kernels"),
+                   importlib.import_module(f"{tk.__name__}.sgd"),
                    importlib.import_module(f"{tk.__name__}.adam")):
         for node in ast.walk(ast.parse(inspect.getsource(module))):
             if isinstance(node, ast.Import):
@@ -748,10 +751,10 @@ def test_capture_uploads_carve_fresh_slices():
     host arena, never reused (a replay copies from it again), 16-byte
     aligned; a full arena gives None (the caller then pins new memory)."""
     arena = [torch.zeros(64, dtype=torch.uint8), 0]
-    a = tk._carve(arena, np.arange(5, dtype=np.uint8))
-    b = tk._carve(arena, np.full(20, 7, dtype=np.uint8))
+    a = _launch._carve(arena, np.arange(5, dtype=np.uint8))
+    b = _launch._carve(arena, np.full(20, 7, dtype=np.uint8))
     assert a.tolist() == list(range(5)) and b.tolist() == [7] * 20
     assert b.data_ptr() - a.data_ptr() == 16 and arena[1] == 48
-    assert tk._carve(arena, np.zeros(17, dtype=np.uint8)) is None
-    assert tk._carve(None, np.zeros(1, dtype=np.uint8)) is None
+    assert _launch._carve(arena, np.zeros(17, dtype=np.uint8)) is None
+    assert _launch._carve(None, np.zeros(1, dtype=np.uint8)) is None
     assert a.tolist() == list(range(5))  # untouched by later slices

@@ -21,7 +21,7 @@ from ._memory import VIEW_DTYPES  # noqa: E402
 # reads _walk.SERIAL_BELOW, so patch that one)
 from ._walk import SERIAL_BELOW, wait_for_background  # noqa: E402, F401
 
-__all__ = ["sgd", "adam", "advance_host_steps", "SUPPORTED_DTYPES"]
+__all__ = ["sgd", "adam", "SUPPORTED_DTYPES"]
 
 # numba's SSA pass flags branches in our inlined helpers and bf16/fp16 overloads
 # ("variable ... is not in scope"); the code is right (the conversions are
@@ -50,7 +50,7 @@ def warm_numel(numel: int) -> int:
 # Each optimizer's kernel lives in its own file (see ``_walk`` for what one
 # holds). Imported after the submodules, so that ``sgd`` and ``adam`` here are
 # the functions rather than the submodules of the same names.
-from .adam import adam, advance_host_steps  # noqa: E402
+from .adam import adam  # noqa: E402
 from .sgd import sgd  # noqa: E402
 from .sgd import sgd_serial as _any_kernel  # noqa: E402
 

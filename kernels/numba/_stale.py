@@ -1,9 +1,10 @@
 """Drop Numba's disk cache of these kernels when any source they inline changed.
 
 Numba keys a cached kernel on its own file's modification time and size
-only. The kernels inline code from ``_walk``, ``_memory``, ``_precision``
-and the table layout (``kernels/layout.py``), so an edit there, or a ``git
-pull`` or editable install that rewrites only those files, left kernels
+only. The kernels inline code from ``_walk``, ``_memory``, ``_precision``,
+the table layout (``kernels/layout.py``) and the step arithmetic
+(``kernels/steps.py``), so an edit there, or a ``git pull`` or editable
+install that rewrites only those files, left kernels
 compiled against the old code in the cache: seen here as a Kahan buffer that
 stayed zero after ``_precision`` was fixed, and a layout change (the table's
 column count) would have had cached kernels read the wrong columns. So the
@@ -43,7 +44,7 @@ _STAMP = "fused_optim_kernels.stamp"
 def sources() -> list:
     """Every file whose code the jitted kernels are compiled from."""
     return sorted(glob.glob(os.path.join(_HERE, "*.py"))) + [
-        os.path.join(os.path.dirname(_HERE), "layout.py")]
+        os.path.join(os.path.dirname(_HERE), name) for name in ("layout.py", "steps.py")]
 
 
 def digest() -> str:

@@ -12,89 +12,26 @@ float64 for a float lr (Python's arithmetic); for a Tensor lr in the lr's
 dtype (a 0-dim Tensor stays one through that arithmetic): float64, float32,
 or for float16/bfloat16 float32 math rounded to the lr's dtype (torch's CPU
 division of a reduced-float Tensor by a scalar). Then rounded to the
-compute type (torch's ``value=`` cast).
-
-Also here: :func:`advance_host_steps`, the step-counter pass that the
-Triton backend runs on the host for CUDA params whose steps live there.
+compute type (torch's ``value=`` cast): ``kernels/steps.py``.
 """
 
-import math
-
 import numpy as np
-from numba import carray, njit
+from numba import njit
 
-from .. import layout as L
 from . import _stale
-from ._memory import address, fma, load, store
+from ..steps import LR_F64, adagrad_scalars
+from ._memory import fma, load, store
 from ._precision import store_param
 from ._walk import FIRST, grad, parallel, run, serial
 
-__all__ = ["adagrad", "advance_host_steps", "LR_F64", "LR_F32", "LR_BF16", "LR_F16"]
+__all__ = ["adagrad"]
 
 # the batch scalars x[FIRST:] (NX: the length of x); HAS_WD is 1.0 (on) or 0.0
 EPS, WD, HAS_WD, NX = range(FIRST, FIRST + 4)
 
-#: ``lr_round``: the dtype torch's loop computes clr in (a Tensor lr's dtype);
-#: LR_F64 also for a float lr
-LR_F64, LR_F32, LR_BF16, LR_F16 = 0, 1, 2, 3
-_BF16_MAX = 3.3895313892515355e38
-_F16_MAX = 65504.0
-
-
-@njit(inline="always")
-def _round_to(x, sig, emin, big):
-    """``x`` rounded to nearest-even with ``sig`` significant bits.
-
-    Exponents below ``emin`` (frexp's) keep that exponent's quantum (the
-    format's subnormals); beyond ``big`` (the largest finite), infinity: an
-    IEEE conversion to float16 (11, -13) or bfloat16 (8, -125).
-    """
-    if x != x or x == 0.0 or np.isinf(x):
-        return x
-    e = math.frexp(x)[1]
-    if e < emin:
-        e = emin
-    r = math.ldexp(np.rint(math.ldexp(x, sig - e)), e - sig)
-    if abs(r) > big:
-        return math.copysign(np.inf, r)
-    return r
-
-
-@njit(inline="always")
-def _clr(lr, d, lr_round):
-    """torch's ``lr / d`` for a float lr (float64) or a Tensor lr of dtype ``lr_round``."""
-    if lr_round == LR_F64:
-        return lr / d
-    q = np.float64(np.float32(lr) / np.float32(d))  # float32 math (opmath for both)
-    if lr_round == LR_BF16:
-        return _round_to(q, 8, -125, _BF16_MAX)
-    if lr_round == LR_F16:
-        return _round_to(q, 11, -13, _F16_MAX)
-    return q
-
-
-@njit(inline="always")
-def _adagrad_scalars(table, lr, lr_decay, lr_round, out):
-    """Advance every row's step; ``out[row, 0]`` = that step's clr.
-
-    Rows with no elements still count their step. ``lr_round``: the dtype
-    clr is computed in, as torch's loop does (``_clr``).
-    """
-    for row in range(table.shape[0]):
-        if table[row, L.FLAGS] & L.FLAG_STEP_F64:
-            s64 = carray(address(table[row, L.STEP]), (1,), np.float64)
-            s64[0] += 1.0
-            step = s64[0]
-        else:
-            s32 = carray(address(table[row, L.STEP]), (1,), np.float32)
-            s32[0] += np.float32(1.0)
-            step = np.float64(s32[0])
-        out[row, 0] = _clr(lr, 1.0 + (step - 1.0) * lr_decay, lr_round)
-
-
 @njit(inline="always")
 def _adagrad_rows(table, h, rows):
-    _adagrad_scalars(table, h[0], h[1], h[2], rows)
+    adagrad_scalars(table, h[0], h[1], h[2], rows)
 
 
 @njit(inline="always")
@@ -122,22 +59,6 @@ def adagrad_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, 
                    kahan, sr_keys):
     serial(_adagrad_rows, _adagrad_element, NX, table, bounds, itemsize, view_dtype, h, x, rows,
            has0, has1, has2, kahan, sr_keys)
-
-
-@njit(cache=True, error_model="numpy")
-def _host_step_scalars(table, lr, lr_decay, lr_round, out):
-    _adagrad_scalars(table, lr, lr_decay, lr_round, out)
-
-
-def advance_host_steps(table, *, lr, lr_decay, lr_round=LR_F64):
-    """Advance every row's step counter (host memory) by one, in place.
-
-    For GPU backends whose steps live on the host (torch's default for CUDA
-    params). Returns float64 ``[rows]``: each row's clr.
-    """
-    out = np.empty((table.shape[0], 1), dtype=np.float64)
-    _host_step_scalars(table, float(lr), float(lr_decay), float(lr_round), out)
-    return out[:, 0]
 
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=LR_F64,

@@ -5,21 +5,19 @@ scalars in the compute type, one rounding where torch's for-loop rounds, a
 fused multiply-add where torch's CPU kernel uses one (``lerp``,
 ``addcmul``). Adam then differs from torch only where torch's own CPU
 ``sqrt`` is not correctly rounded (about 0.6% of elements, by 1 ulp).
-
-Also here: :func:`advance_host_steps`, the step-counter pass that the
-Triton backend runs on the host for CUDA params whose steps live there.
+Each row's step and bias-corrected scalars: ``kernels/steps.py``.
 """
 
 import numpy as np
-from numba import carray, njit
+from numba import njit
 
-from .. import layout as L
 from . import _stale
-from ._memory import address, fma, load, store
+from ..steps import adam_scalars
+from ._memory import fma, load, store
 from ._precision import store_param
 from ._walk import FIRST, grad, parallel, run, serial
 
-__all__ = ["adam", "advance_host_steps"]
+__all__ = ["adam"]
 
 # the batch scalars x[FIRST:] (NX: the length of x); switches are 1.0 (on) or 0.0. torch.lerp(m, g,
 # 1 - beta1) is fma(LERP_W, g - m, m), or fma(LERP_W, g - m, g) from the grad's
@@ -34,32 +32,6 @@ def _nanmax(a, b):
     if b != b:
         return b
     return a if a > b else b
-
-
-@njit(inline="always")
-def _adam_scalars(table, lr, beta1, beta2, out):
-    """Advance every row's step and compute its bias-corrected scalars.
-
-    Done in float64 from the stored step, as torch's for-loop does in Python,
-    then stored in ``out``'s dtype (the compute type). Rows with no elements
-    still count their step. A third column, where ``out`` has one, gets
-    RN(1 / the stored second), for :func:`_div_by_row_constant`: an IEEE
-    division in the compute type, so 0, inf and NaN give what ``x / d`` does.
-    """
-    one = np.ones_like(out[0:1, 0])[0]
-    for row in range(table.shape[0]):
-        if table[row, L.FLAGS] & L.FLAG_STEP_F64:
-            s64 = carray(address(table[row, L.STEP]), (1,), np.float64)
-            s64[0] += 1.0
-            step = s64[0]
-        else:
-            s32 = carray(address(table[row, L.STEP]), (1,), np.float32)
-            s32[0] += np.float32(1.0)
-            step = np.float64(s32[0])
-        out[row, 0] = lr / (1.0 - beta1 ** step)  # step size
-        out[row, 1] = (1.0 - beta2 ** step) ** 0.5  # sqrt of 2nd bias correction
-        if out.shape[1] > 2:
-            out[row, 2] = one / out[row, 1]
 
 
 @njit(inline="always")
@@ -88,7 +60,7 @@ def _div_by_row_constant(x, d, inv_d):
 
 @njit(inline="always")
 def _adam_rows(table, h, rows):
-    _adam_scalars(table, h[0], h[1], h[2], rows)
+    adam_scalars(table, h[0], h[1], h[2], rows)
 
 
 @njit(inline="always")
@@ -96,7 +68,7 @@ def _adam_element(j, p, g, m, v, vmax, comp, sr, x, r):
     """Adam on element ``j``; ``vmax`` is None without amsgrad.
 
     ``r``: the row's step size, sqrt of the second bias correction and its
-    reciprocal (:func:`_adam_scalars`). L2 decay (``HAS_WD``) is skipped when
+    reciprocal (``steps.adam_scalars``). L2 decay (``HAS_WD``) is skipped when
     off; decoupled decay multiplies by ``DECAY``, which is exactly 1.0 when off.
     """
     gj = grad(g, j, x)
@@ -131,12 +103,6 @@ def adam_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has
            has1, has2, kahan, sr_keys)
 
 
-@njit(cache=True, error_model="numpy")
-def host_step_scalars(table, lr, beta1, beta2, out):
-    """Advance host-memory step counters; per-row scalars for a GPU kernel."""
-    _adam_scalars(table, lr, beta1, beta2, out)
-
-
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
          amsgrad, maximize, grad_scale=None, found_inf=None, kahan_sum=False,
          stochastic_round=None):
@@ -158,21 +124,6 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
     run(batch, (adam_parallel, adam_serial, NX), scalars, maximize=maximize,
         host=(float(lr), float(beta1), float(beta2)), states=(True, True, amsgrad), grad_scale=grad_scale,
         found_inf=found_inf, kahan_sum=kahan_sum, stochastic_round=stochastic_round)
-
-
-def advance_host_steps(table, *, lr, beta1, beta2):
-    """Advance every row's step counter (host memory) by one, in place.
-
-    For GPU backends whose Adam steps live on the host (torch's default for
-    CUDA params): the same float64 bias-correction arithmetic as the Numba
-    Adam kernel, without a Python loop over tensors.
-
-    Returns:
-        float64 ``[rows, 2]``: step size and sqrt of the second bias correction.
-    """
-    out = np.empty((table.shape[0], 2), dtype=np.float64)
-    host_step_scalars(table, float(lr), float(beta1), float(beta2), out)
-    return out
 
 
 _stale.light_loads(vars())  # warm-cache loads without Numba's full refresh

@@ -4,22 +4,19 @@ The row walk, spans and work split are shared (``_walk``). Element math:
 float32 (float64 for float64 tensors), one rounding per stored value, a
 fused multiply-add exactly where torch's CPU kernels use one (``addcmul``,
 ``lerp``, ``add(alpha=)``), none elsewhere (``mul`` then ``addcmul``,
-``addcdiv``).
-
-Also here: :func:`advance_steps`, the step-counter pass that the Triton
-backend runs on the host for CUDA params whose steps live there.
+``addcdiv``). The step is only counted (``steps.advance``).
 """
 
 import numpy as np
-from numba import carray, njit
+from numba import njit
 
-from .. import layout as L
 from . import _stale
-from ._memory import address, fma, load, store
+from ..steps import advance
+from ._memory import fma, load, store
 from ._precision import store_param
 from ._walk import FIRST, grad, parallel, run, serial
 
-__all__ = ["rmsprop", "advance_steps"]
+__all__ = ["rmsprop"]
 
 # the batch scalars x[FIRST:] (NX: the length of x); switches are 1.0 (on) or 0.0. grad_avg.lerp_(g,
 # 1 - alpha) is fma(LERP_W, g - a, a), or fma(LERP_W, g - a, g) from the
@@ -29,20 +26,8 @@ __all__ = ["rmsprop", "advance_steps"]
 
 
 @njit(inline="always")
-def _advance(table):
-    """Advance every row's step counter by one (rows with no elements too)."""
-    for row in range(table.shape[0]):
-        if table[row, L.FLAGS] & L.FLAG_STEP_F64:
-            s64 = carray(address(table[row, L.STEP]), (1,), np.float64)
-            s64[0] += 1.0
-        else:
-            s32 = carray(address(table[row, L.STEP]), (1,), np.float32)
-            s32[0] += np.float32(1.0)  # a float32 add, as torch's step += 1
-
-
-@njit(inline="always")
 def _rmsprop_rows(table, h, rows):
-    _advance(table)
+    advance(table)
 
 
 @njit(inline="always")
@@ -84,20 +69,6 @@ def rmsprop_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, 
                    kahan, sr_keys):
     serial(_rmsprop_rows, _rmsprop_element, NX, table, bounds, itemsize, view_dtype, h, x, rows,
            has0, has1, has2, kahan, sr_keys)
-
-
-@njit(cache=True, error_model="numpy")
-def _advance_steps(table):
-    _advance(table)
-
-
-def advance_steps(table) -> None:
-    """Advance every row's step counter (host memory) by one, in place.
-
-    For GPU backends whose steps live on the host (torch's default for CUDA
-    params): one compiled pass over the table's step addresses.
-    """
-    _advance_steps(table)
 
 
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,

@@ -31,7 +31,13 @@ would round them before float64 math.
 Nested ``@triton.jit`` helpers are kept few: compiled they are inlined and
 free, but under the interpreter each call re-patches ``triton.language``,
 about 1 ms per call in triton 3.9; with a helper per pointer and per
-division they took half of an interpreted Adam program's 40 ms.
+division they took half of an interpreted Adam program's 40 ms. What every
+update kernel does alike is one call each: :func:`_program` (the row, its
+pointers, the AMP scale, the precision keys), :func:`_grad` and
+:func:`_store_param`. Interpreted, a program took about what it took with
+those lines written in each kernel (SGD with momentum 16.1 -> 17.8 ms,
+AdamW 26.0 -> 23.9 ms: one step over 16 programs, best of 5, on the 2-core
+VM under other load).
 """
 
 import triton
@@ -52,6 +58,12 @@ _FLAG_ROW = tl.constexpr(L.FLAG_ROW)
 _FLAG_STEP_F64 = tl.constexpr(L.FLAG_STEP_F64)
 _START = tl.constexpr(L.START)
 _COMP = tl.constexpr(L.COMP)
+
+
+def slots(n: int) -> tuple:
+    """Constexprs 0 .. n-1: an optimizer's hyperparameter slots, the last one
+    their count (its kernels index the float64 buffer with them)."""
+    return tuple(tl.constexpr(i) for i in range(n))
 
 @triton.jit
 def _load(ptr, offs, mask, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr):
@@ -76,6 +88,101 @@ def _store(ptr, offs, x, mask, IS_BF16: tl.constexpr, ELEM: tl.constexpr):
     else:
         y = x.to(ELEM)
     tl.store(ptr + offs, y, mask=mask)
+
+
+@triton.jit
+def _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr, counter_ptr,
+             ELEM: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+             ALIGNED: tl.constexpr, TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr,
+             STATES: tl.constexpr, NHYPER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+             HAS_FOUND_INF: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr):
+    """What every update program starts with: where it works, and the row's pointers.
+
+    The program's row and chunk come from the block map; the row's
+    addresses, as typed pointers, from the table: param, grad, the first
+    ``STATES`` state columns (the others: the param's pointer, unused) and
+    the Kahan compensation (if KAHAN; else the param's, unused).
+
+    Returns:
+        (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, s0_ptr, s1_ptr,
+        s2_ptr, c_ptr, k0, k1, start): ``offs`` the chunk's int64 element
+        offsets; ``bound`` the row's NUMEL, or 0 when GradScaler found
+        inf/NaN (a skipped step masks every lane: no memory traffic at
+        all); ``whole`` whether the chunk lies below ``bound`` (its block
+        then runs unmasked, so that accesses vectorize); ``inv_scale`` the
+        float32 reciprocal of the AMP scale in COMPUTE (1.0 without); the
+        stochastic-rounding keys and the row's first global element (if
+        SR; seed and salt in the hyperparameter slots from ``NHYPER``).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(map_ptr + 2 * pid).to(tl.int64)
+    chunk = tl.load(map_ptr + 2 * pid + 1).to(tl.int64)
+    row_base = table_ptr + row * _NCOLS
+    # Scalar conditions enter the mask through this bound, never as
+    # `mask & cond`: the triton 3.9 interpreter widens a broadcast int1
+    # scalar to int64 and then rejects the mask.
+    bound = tl.load(row_base + _NUMEL)
+    if HAS_FOUND_INF:
+        bound = tl.where(tl.load(found_inf_ptr) == 0, bound, 0)
+    if TAIL_ALIGNED:
+        bound = tl.multiple_of(bound, VEC)  # the launcher checked NUMEL; 0 is too
+    offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    whole = (chunk + 1) * BLOCK <= bound
+    inv_scale = 1.0
+    if HAS_GRAD_SCALE:
+        # 1/scale rounded once to float32, whatever the compute type, as
+        # GradScaler.unscale_ and the Numba backend
+        inv_scale = tl.div_rn(tl.full((), 1.0, tl.float32),
+                              tl.load(grad_scale_ptr).to(tl.float32)).to(COMPUTE)
+
+    PTR: tl.constexpr = tl.pointer_type(ELEM)
+    p_ptr = tl.load(row_base + _PARAM).to(PTR)
+    g_ptr = tl.load(row_base + _GRAD).to(PTR)
+    # a state a switch leaves off has address 0: loaded, never accessed
+    s0_ptr = tl.load(row_base + _STATE0).to(PTR)
+    s1_ptr = p_ptr
+    s2_ptr = p_ptr
+    if STATES > 1:
+        s1_ptr = tl.load(row_base + _STATE1).to(PTR)
+    if STATES > 2:
+        s2_ptr = tl.load(row_base + _STATE2).to(PTR)
+    c_ptr = p_ptr
+    if KAHAN:
+        c_ptr = tl.load(row_base + _COMP).to(PTR)
+    if ALIGNED:
+        # lets Triton vectorize through pointers it did not get as arguments
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        s0_ptr = tl.multiple_of(s0_ptr, 16)
+        s1_ptr = tl.multiple_of(s1_ptr, 16)
+        s2_ptr = tl.multiple_of(s2_ptr, 16)
+        c_ptr = tl.multiple_of(c_ptr, 16)
+    k0 = 0
+    k1 = 0
+    start = 0
+    if SR:
+        k0, k1 = _sr_keys(hyper_ptr, counter_ptr, NHYPER)
+        start = tl.load(row_base + _START)
+    return (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr,
+            c_ptr, k0, k1, start)
+
+
+@triton.jit
+def _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, decay, weight_decay,
+          IS_BF16: tl.constexpr, COMPUTE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    """A block's grad as every update starts from it, and its param as loaded.
+
+    The grad unscaled (AMP), negated where ``maximize``, and where ``decay``
+    plus ``weight_decay * param`` (``grad.add(param, alpha=wd)``; a select,
+    not ``fma(p, 0, g)``: an infinite param would make that NaN).
+    """
+    g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+    g = tl.where(maximize, -g, g)
+    p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
+    g = tl.where(decay, tl.fma(p, weight_decay, g), g)
+    return g, p
 
 
 @triton.jit
@@ -105,7 +212,7 @@ def _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
                  HAS_FOUND_INF: tl.constexpr):
     """Store what :func:`_read_steps` advanced, unless GradScaler found inf/NaN.
 
-    The flag enters through the row bound (see ``sgd._sgd_kernel`` on the
+    The flag enters through the row bound (see :func:`_program` on the
     interpreter and scalar masks).
     """
     limit = rows
@@ -165,65 +272,69 @@ def _sr_keys(hyper_ptr, counter_ptr, SLOT: tl.constexpr):
 def _store_param(p_ptr, c_ptr, offs, old, new, mask, k0, k1, start,
                  IS_BF16: tl.constexpr, ELEM: tl.constexpr, KAHAN: tl.constexpr,
                  SR: tl.constexpr):
-    """Store a float32 block ``new`` into a bfloat16/float16 param through the options.
+    """Store the block ``new`` into the param: rounded once, or through the options.
 
-    ``_precision.store_param`` bit for bit: ``old`` the param as loaded (in
-    float32), ``c_ptr`` the compensation buffer (if KAHAN), ``(k0, k1)`` the
-    stream keys and ``start`` the row's first global element index (if SR).
-    Called only with KAHAN or SR on; the compensation is stored rounded to
-    nearest, like every state.
+    Without KAHAN and SR, :func:`_store`. With them (bfloat16/float16
+    params, ``new`` in float32), ``_precision.store_param`` bit for bit:
+    ``old`` the param as loaded (in float32), ``c_ptr`` the compensation
+    buffer (if KAHAN), ``(k0, k1)`` the stream keys and ``start`` the row's
+    first global element index (if SR). The compensation is stored rounded
+    to nearest, like every state.
     """
-    if KAHAN:
-        y = (new - old) + _load(c_ptr, offs, mask, IS_BF16, tl.float32)
-        t = old + y
+    if not KAHAN and not SR:
+        _store(p_ptr, offs, new, mask, IS_BF16, ELEM)
     else:
-        t = new
-    u = t.to(tl.uint32, bitcast=True)
-    finite = (u & 0x7FFFFFFF) < 0x7F800000
-    if SR:
-        idx = start + offs
-        hi = (idx >> 32).to(tl.uint32)
-        r = _mix32(_mix32(idx.to(tl.uint32) ^ k0)
-                   ^ (k1 + hi * tl.full((), _GOLDEN, tl.uint32)))
-    if IS_BF16:
-        # round to nearest even (NaN -> the quiet 0x7FC0), as _store
-        h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        h = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, h)
+        if KAHAN:
+            y = (new - old) + _load(c_ptr, offs, mask, IS_BF16, tl.float32)
+            t = old + y
+        else:
+            t = new
+        u = t.to(tl.uint32, bitcast=True)
+        finite = (u & 0x7FFFFFFF) < 0x7F800000
         if SR:
-            # add 16 random bits below the kept ones and truncate
-            h = tl.where(finite, (u + (r & 0xFFFF)) >> 16, h)
-        h = h.to(tl.uint16)
-        s = (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        tl.store(p_ptr + offs, h, mask=mask)
-    else:
-        near = t.to(tl.float16)
-        s = near.to(tl.float32)
-        if SR:
-            a = tl.abs(t)
-            n16 = near.to(tl.uint16, bitcast=True) & 0x7FFF
-            # lo: the float16 neighbour at or below |t|; ulp from lo's binade
-            below = tl.abs(s) > a
-            lo_bits = tl.where(below, n16 - 1, n16)
-            lo = lo_bits.to(tl.float16, bitcast=True).to(tl.float32)
-            ex = (lo_bits.to(tl.uint32) >> 10) & 0x1F
-            ulp = tl.where(ex == 0, 5.960464477539063e-08,  # 2**-24
-                           ((ex + 102) << 23).to(tl.float32, bitcast=True))
-            # (a - lo) / ulp as a product: dividing by a power of two is exact
-            # here (no quotient is subnormal), and so is the product by its
-            # exact reciprocal 2**(25 - ex) (2**24 below 2**-14)
-            inv_ulp = tl.where(ex == 0, 16777216.0,
-                               ((152 - ex) << 23).to(tl.float32, bitcast=True))
-            frac = (a - lo) * inv_ulp
-            draw = (r >> 8).to(tl.float32) * 5.960464477539063e-08
-            mag = tl.where((draw < frac) & (a != lo), lo + ulp, lo)
-            # copysign: mag is not negative
-            out = (mag.to(tl.uint32, bitcast=True) | (u & 0x80000000)).to(tl.float32,
-                                                                          bitcast=True)
-            s = tl.where(finite, out, s)
-            near = s.to(ELEM)  # exact, or 2**16 -> inf as the reference's copy_
-        tl.store(p_ptr + offs, near, mask=mask)
-    if KAHAN:
-        c = y - (s - old)
-        cu = c.to(tl.uint32, bitcast=True)
-        c = tl.where((cu & 0x7FFFFFFF) < 0x7F800000, c, 0.0)
-        _store(c_ptr, offs, c, mask, IS_BF16, ELEM)
+            idx = start + offs
+            hi = (idx >> 32).to(tl.uint32)
+            r = _mix32(_mix32(idx.to(tl.uint32) ^ k0)
+                       ^ (k1 + hi * tl.full((), _GOLDEN, tl.uint32)))
+        if IS_BF16:
+            # round to nearest even (NaN -> the quiet 0x7FC0), as _store
+            h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            h = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, h)
+            if SR:
+                # add 16 random bits below the kept ones and truncate
+                h = tl.where(finite, (u + (r & 0xFFFF)) >> 16, h)
+            h = h.to(tl.uint16)
+            s = (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+            tl.store(p_ptr + offs, h, mask=mask)
+        else:
+            near = t.to(tl.float16)
+            s = near.to(tl.float32)
+            if SR:
+                a = tl.abs(t)
+                n16 = near.to(tl.uint16, bitcast=True) & 0x7FFF
+                # lo: the float16 neighbour at or below |t|; ulp from lo's binade
+                below = tl.abs(s) > a
+                lo_bits = tl.where(below, n16 - 1, n16)
+                lo = lo_bits.to(tl.float16, bitcast=True).to(tl.float32)
+                ex = (lo_bits.to(tl.uint32) >> 10) & 0x1F
+                ulp = tl.where(ex == 0, 5.960464477539063e-08,  # 2**-24
+                               ((ex + 102) << 23).to(tl.float32, bitcast=True))
+                # (a - lo) / ulp as a product: dividing by a power of two is exact
+                # here (no quotient is subnormal), and so is the product by its
+                # exact reciprocal 2**(25 - ex) (2**24 below 2**-14)
+                inv_ulp = tl.where(ex == 0, 16777216.0,
+                                   ((152 - ex) << 23).to(tl.float32, bitcast=True))
+                frac = (a - lo) * inv_ulp
+                draw = (r >> 8).to(tl.float32) * 5.960464477539063e-08
+                mag = tl.where((draw < frac) & (a != lo), lo + ulp, lo)
+                # copysign: mag is not negative
+                out = (mag.to(tl.uint32, bitcast=True) | (u & 0x80000000)).to(tl.float32,
+                                                                              bitcast=True)
+                s = tl.where(finite, out, s)
+                near = s.to(ELEM)  # exact, or 2**16 -> inf as the reference's copy_
+            tl.store(p_ptr + offs, near, mask=mask)
+        if KAHAN:
+            c = y - (s - old)
+            cu = c.to(tl.uint32, bitcast=True)
+            c = tl.where((cu & 0x7FFFFFFF) < 0x7F800000, c, 0.0)
+            _store(c_ptr, offs, c, mask, IS_BF16, ELEM)

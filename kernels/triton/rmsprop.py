@@ -1,18 +1,17 @@
 """RMSprop for the Triton backend: its kernels and launcher.
 
-The launch prologue and the per-alignment-class launches are shared (see the
-package's ``_prologue`` and ``_launch_updates``); ``_kernels`` has the
-load/store helpers and the table's column constexprs. The update kernel is
-built as ``adam._adam_kernel`` (same block map, raw-address pointers,
-unmasked whole blocks, float64 hyperparameter buffer, explicit ``tl.fma``
-exactly where torch's CPU kernels fuse and no other contraction, IEEE
-``div_rn``/``sqrt_rn`` for float32).
+The launcher's body is shared (``_launch.launch``), and so are the update
+kernel's prologue, loads and stores and the step counters' reads and writes
+(``_kernels``). The update kernel is built as ``adam._adam_kernel`` (same
+block map, raw-address pointers, unmasked whole blocks, float64
+hyperparameter buffer, explicit ``tl.fma`` exactly where torch's CPU kernels
+fuse and no other contraction, IEEE ``div_rn``/``sqrt_rn`` for float32).
 
 RMSprop's step counter is only counted, never read by the math: device-side
 counters are advanced by a small kernel of one lane per row
 (:func:`_rmsprop_steps_kernel`, skipped under ``found_inf`` without a host
 sync); host-side ones (torch's default CPU steps for CUDA params) by the host
-(``numba.rmsprop.advance_steps``).
+(``steps.advance_host_steps``).
 """
 
 from __future__ import annotations
@@ -20,30 +19,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import (NUM_WARPS, _check_host_steps, _device_context, _launch_lock,
-               _launch_updates, _precision_args, _prologue, _steps_on_device)
-from ._kernels import (_COMP, _GRAD, _NCOLS, _NUMEL, _PARAM, _START, _STATE0,
-                       _STATE1, _STATE2, _load, _read_steps, _sr_keys, _store,
-                       _store_param, _write_steps)
+from ..steps import advance_host_steps
+from ._kernels import (_grad, _load, _program, _read_steps, _store, _store_param,
+                       _write_steps, slots)
+from ._launch import launch
 
 __all__ = ["rmsprop"]
 
 # Slots of the float64 hyperparameter buffer; the launcher writes them in this
 # order. MAXIMIZE holds 1.0 or 0.0: a runtime switch, so that it adds no
 # compiled specialization.
-(RMSPROP_LR, RMSPROP_ALPHA, RMSPROP_OMA, RMSPROP_EPS, RMSPROP_WD, RMSPROP_MOMENTUM,
- RMSPROP_MAXIMIZE, RMSPROP_NHYPER) = range(8)
-_LR = tl.constexpr(RMSPROP_LR)
-_ALPHA = tl.constexpr(RMSPROP_ALPHA)
-_OMA = tl.constexpr(RMSPROP_OMA)
-_EPS = tl.constexpr(RMSPROP_EPS)
-_WD = tl.constexpr(RMSPROP_WD)
-_MOMENTUM = tl.constexpr(RMSPROP_MOMENTUM)
-_MAXIMIZE = tl.constexpr(RMSPROP_MAXIMIZE)
-_NHYPER = tl.constexpr(RMSPROP_NHYPER)
-
-#: rows per program of the step kernel
-_STEP_ROWS = 128
+(_LR, _ALPHA, _OMA, _EPS, _WD, _MOMENTUM, _MAXIMIZE, _NHYPER) = slots(8)
 
 
 @triton.jit
@@ -54,15 +40,9 @@ def _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, mask, lr,
                    CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr,
                    HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr):
     """The RMSprop update of one block (``mask`` None: a whole block)."""
-    g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
-    if HAS_GRAD_SCALE:
-        g = g * inv_scale
-    g = tl.where(maximize, -g, g)
-    p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
+    g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, has_wd, weight_decay,
+                 IS_BF16, COMPUTE, HAS_GRAD_SCALE)
     old = p  # the stored param, for the Kahan store
-    # grad.add(param, alpha=wd); a select, not fma(p, 0, g): an infinite
-    # param would make that NaN
-    g = tl.where(has_wd, tl.fma(p, weight_decay, g), g)
     # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
     sq = tl.fma(oma * g, g, _load(sq_ptr, offs, mask, IS_BF16, COMPUTE) * alpha)
     _store(sq_ptr, offs, sq, mask, IS_BF16, ELEM)
@@ -90,11 +70,7 @@ def _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, mask, lr,
             p = p + (-lr * g) / avg
         else:
             p = p + tl.div_rn(-lr * g, avg)
-    if KAHAN or SR:
-        _store_param(p_ptr, c_ptr, offs, old, p, mask, k0, k1, start, IS_BF16, ELEM,
-                     KAHAN, SR)
-    else:
-        _store(p_ptr, offs, p, mask, IS_BF16, ELEM)
+    _store_param(p_ptr, c_ptr, offs, old, p, mask, k0, k1, start, IS_BF16, ELEM, KAHAN, SR)
 
 
 @triton.jit
@@ -114,7 +90,7 @@ def _rmsprop_kernel(
             square_avg, STATE1 momentum_buffer (0 without momentum), STATE2
             grad_avg (0 unless centered).
         map_ptr: int32 ``[programs, 2]`` block map: (row, chunk index).
-        hyper_ptr: float64 hyperparameters (``RMSPROP_*`` slots), with the
+        hyper_ptr: float64 hyperparameters (the slots ``_LR`` ... above), with the
             runtime switches: MAXIMIZE as 1.0 or 0.0; weight decay where
             its float64 value is nonzero; and torch.lerp's side,
             |1 - alpha| < 0.5 in the compute type.
@@ -126,20 +102,12 @@ def _rmsprop_kernel(
         HAS_GRAD_SCALE, HAS_FOUND_INF: the AMP tensors are given (constexpr,
             as in ``sgd._sgd_kernel``).
         counter_ptr, KAHAN, SR: the param store's options, as in
-            ``sgd._sgd_kernel`` (seed and salt after ``RMSPROP_NHYPER``).
+            ``sgd._sgd_kernel`` (seed and salt after ``_NHYPER``).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(map_ptr + 2 * pid).to(tl.int64)
-    chunk = tl.load(map_ptr + 2 * pid + 1).to(tl.int64)
-    row_base = table_ptr + row * _NCOLS
-    # scalar conditions enter the mask through this bound (see _sgd_kernel)
-    bound = tl.load(row_base + _NUMEL)
-    if HAS_FOUND_INF:
-        bound = tl.where(tl.load(found_inf_ptr) == 0, bound, 0)
-    if TAIL_ALIGNED:
-        bound = tl.multiple_of(bound, VEC)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-
+    (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, k0,
+     k1, start) = _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
+                           counter_ptr, ELEM, COMPUTE, BLOCK, ALIGNED, TAIL_ALIGNED, VEC, 3,
+                           _NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR)
     lr = tl.load(hyper_ptr + _LR).to(COMPUTE)
     alpha = tl.load(hyper_ptr + _ALPHA).to(COMPUTE)
     oma = tl.load(hyper_ptr + _OMA).to(COMPUTE)
@@ -149,36 +117,10 @@ def _rmsprop_kernel(
     maximize = tl.load(hyper_ptr + _MAXIMIZE) != 0.0
     has_wd = tl.load(hyper_ptr + _WD) != 0.0  # float64, as the launcher's test was
     lerp_from_start = tl.abs(oma) < 0.5  # in COMPUTE, as torch.lerp tests its weight
-    inv_scale = 1.0
-    if HAS_GRAD_SCALE:
-        inv_scale = tl.div_rn(tl.full((), 1.0, tl.float32),
-                              tl.load(grad_scale_ptr).to(tl.float32)).to(COMPUTE)
+    # (STATE1, momentum_buffer, has address 0 without momentum; STATE2,
+    # grad_avg, unless centered)
 
-    PTR: tl.constexpr = tl.pointer_type(ELEM)
-    p_ptr = tl.load(row_base + _PARAM).to(PTR)
-    g_ptr = tl.load(row_base + _GRAD).to(PTR)
-    sq_ptr = tl.load(row_base + _STATE0).to(PTR)
-    buf_ptr = tl.load(row_base + _STATE1).to(PTR)  # 0 without momentum: unused
-    ga_ptr = tl.load(row_base + _STATE2).to(PTR)  # 0 unless centered: unused
-    if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        sq_ptr = tl.multiple_of(sq_ptr, 16)
-        buf_ptr = tl.multiple_of(buf_ptr, 16)
-        ga_ptr = tl.multiple_of(ga_ptr, 16)
-    c_ptr = p_ptr  # (unused without KAHAN)
-    if KAHAN:
-        c_ptr = tl.load(row_base + _COMP).to(PTR)
-        if ALIGNED:
-            c_ptr = tl.multiple_of(c_ptr, 16)
-    k0 = 0
-    k1 = 0
-    start = 0
-    if SR:
-        k0, k1 = _sr_keys(hyper_ptr, counter_ptr, _NHYPER)
-        start = tl.load(row_base + _START)
-
-    if (chunk + 1) * BLOCK <= bound:
+    if whole:
         _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, None, lr,
                        alpha, oma, eps, weight_decay, momentum, inv_scale, maximize,
                        has_wd, lerp_from_start, k0, k1, start, ELEM, IS_BF16, COMPUTE,
@@ -196,7 +138,7 @@ def _rmsprop_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr,
     """Advance device-side step counters by one: one lane per row.
 
     ``found_inf`` nonzero (if HAS_FOUND_INF) leaves every counter as it is;
-    it enters through the row bound (see ``sgd._sgd_kernel`` on the
+    it enters through the row bound (see ``_kernels._program`` on the
     interpreter and scalar masks).
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -229,34 +171,10 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
         kahan_sum, stochastic_round: how bfloat16/float16 params are
             stored, as in :func:`~fused_optim.kernels.triton.sgd`.
     """
-    if batch.table is None or batch.table.shape[0] == 0:
-        return
     use_momentum = momentum > 0
     hyper = [lr, alpha, 1.0 - alpha, eps, weight_decay, momentum if use_momentum else 0.0,
              float(bool(maximize))]
-    assert len(hyper) == RMSPROP_NHYPER
-    prec = _precision_args(batch, kahan_sum, stochastic_round)
-    hyper += prec.slots
-    device_steps = _steps_on_device(batch)
-    with _device_context(batch.device):
-        if not device_steps:
-            _check_host_steps(batch)
-            if found_inf is not None and bool(found_inf.reshape(-1)[0] != 0):
-                return  # skipped step: steps stay as they are
-            found_inf = None
-            from ..numba.rmsprop import advance_steps
-
-            advance_steps(batch.table)
-        pro = _prologue(batch, hyper, grad_scale, found_inf)
-        layout = pro.layout
-        with _launch_lock():
-            if device_steps:
-                # rows without elements count their step too: launched even
-                # when there is no update launch
-                _rmsprop_steps_kernel[(triton.cdiv(layout.rows, _STEP_ROWS),)](
-                    layout.table, pro.found_inf, layout.rows, BLOCK_R=_STEP_ROWS,
-                    HAS_FOUND_INF=pro.found_inf is not None, num_warps=NUM_WARPS)
-            _launch_updates(
-                _rmsprop_kernel, pro, batch, pro.hyper, pro.grad_scale, pro.found_inf,
-                counter_ptr=prec.counter, KAHAN=prec.kahan, SR=prec.sr,
-                CENTERED=bool(centered), USE_MOMENTUM=bool(use_momentum))
+    assert len(hyper) == _NHYPER.value
+    launch(_rmsprop_kernel, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_round,
+           steps_kernel=_rmsprop_steps_kernel, host_steps=advance_host_steps,
+           CENTERED=bool(centered), USE_MOMENTUM=bool(use_momentum))

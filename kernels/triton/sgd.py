@@ -1,31 +1,23 @@
 """SGD for the Triton backend: its kernel and launcher.
 
-The launch prologue and the per-alignment-class launches are shared (see the
-package's ``_prologue`` and ``_launch_updates``); ``_kernels`` has the
-load/store helpers and the table's column constexprs.
+The launcher's body is shared (``_launch.launch``), and so are the update
+kernel's prologue and loads and stores (``_kernels``).
 """
 
 import triton
 import triton.language as tl
 
-from . import _device_context, _launch_lock, _launch_updates, _precision_args, _prologue
-from ._kernels import (_COMP, _FLAG_ROW, _FLAGS, _GRAD, _NCOLS, _NUMEL, _PARAM, _STATE0,
-                       _START, _load, _sr_keys, _store, _store_param)
+from ._kernels import (_FLAG_ROW, _FLAGS, _NCOLS, _grad, _load, _program, _store,
+                       _store_param, slots)
+from ._launch import launch
 
 __all__ = ["sgd"]
 
 # Slots of the float64 hyperparameter buffer; the launcher writes them in this
 # order. NESTEROV and MAXIMIZE hold 1.0 or 0.0: runtime switches, so that
 # they add no compiled specialization (see the kernel's docstring).
-SGD_LR, SGD_WD, SGD_MOMENTUM, SGD_OMD, SGD_NESTEROV, SGD_MAXIMIZE, SGD_NHYPER = range(7)
-
-_SGD_LR = tl.constexpr(SGD_LR)
-_SGD_WD = tl.constexpr(SGD_WD)
-_SGD_MOMENTUM = tl.constexpr(SGD_MOMENTUM)
-_SGD_OMD = tl.constexpr(SGD_OMD)
-_SGD_NESTEROV = tl.constexpr(SGD_NESTEROV)
-_SGD_MAXIMIZE = tl.constexpr(SGD_MAXIMIZE)
-_SGD_NHYPER = tl.constexpr(SGD_NHYPER)
+(_SGD_LR, _SGD_WD, _SGD_MOMENTUM, _SGD_OMD, _SGD_NESTEROV, _SGD_MAXIMIZE,
+ _SGD_NHYPER) = slots(7)
 
 
 @triton.jit
@@ -35,13 +27,8 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, mask, lr, weight_decay, momentu
                USE_MOMENTUM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                KAHAN: tl.constexpr, SR: tl.constexpr):
     """The SGD update of one block (``mask`` None: a whole block); see ``_sgd_kernel``."""
-    g = _load(g_ptr, offs, mask, IS_BF16, COMPUTE)
-    if HAS_GRAD_SCALE:
-        g = g * inv_scale
-    g = tl.where(maximize, -g, g)
-    p = _load(p_ptr, offs, mask, IS_BF16, COMPUTE)
-    # a select, not fma(p, 0, g): an infinite param would make that NaN
-    g = tl.where(has_wd, tl.fma(p, weight_decay, g), g)
+    g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, has_wd, weight_decay,
+                 IS_BF16, COMPUTE, HAS_GRAD_SCALE)
     if USE_MOMENTUM:
         if not_fresh:
             b = tl.fma(g, omd, _load(b_ptr, offs, mask, IS_BF16, COMPUTE) * momentum)
@@ -51,11 +38,8 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, mask, lr, weight_decay, momentu
             b = g
         _store(b_ptr, offs, b, mask, IS_BF16, ELEM)
         g = tl.where(nesterov, tl.fma(b, momentum, g), b)
-    if KAHAN or SR:
-        _store_param(p_ptr, c_ptr, offs, p, tl.fma(g, -lr, p), mask, k0, k1, start,
-                     IS_BF16, ELEM, KAHAN, SR)
-    else:
-        _store(p_ptr, offs, tl.fma(g, -lr, p), mask, IS_BF16, ELEM)
+    _store_param(p_ptr, c_ptr, offs, p, tl.fma(g, -lr, p), mask, k0, k1, start, IS_BF16,
+                 ELEM, KAHAN, SR)
 
 
 @triton.jit
@@ -72,7 +56,7 @@ def _sgd_kernel(
     Args:
         table_ptr: int64 address table, ``[rows, NCOLS]`` (see ``layout``).
         map_ptr: int32 ``[programs, 2]`` block map: (row, chunk index).
-        hyper_ptr: float64 ``[SGD_NHYPER]``: lr, weight decay, momentum,
+        hyper_ptr: float64 ``[_SGD_NHYPER]``: lr, weight decay, momentum,
             1 - dampening, and the runtime switches NESTEROV (with
             momentum) and MAXIMIZE as 1.0 or 0.0. Weight decay applies
             where its float64 value is nonzero, as the launcher's test was.
@@ -100,28 +84,17 @@ def _sgd_kernel(
             launcher passed a dummy device buffer in place of None.
         counter_ptr: the int64 stochastic-rounding step counter (if SR),
             read here; seed and salt wait in the hyperparameter slots after
-            ``SGD_NHYPER``. It and the two switches below default to off,
+            ``_SGD_NHYPER``. It and the two switches below default to off,
             as launches written before them pass nothing.
         KAHAN: bfloat16/float16 params are stored with Kahan summation
             through their compensation buffers (the COMP column).
         SR: bfloat16/float16 params are rounded stochastically (see
             ``_kernels._store_param``).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(map_ptr + 2 * pid).to(tl.int64)
-    chunk = tl.load(map_ptr + 2 * pid + 1).to(tl.int64)
-    row_base = table_ptr + row * _NCOLS
-    # Scalar conditions enter the mask through this bound, never as
-    # `mask & cond`: the triton 3.9 interpreter widens a broadcast int1
-    # scalar to int64 and then rejects the mask.
-    bound = tl.load(row_base + _NUMEL)
-    if HAS_FOUND_INF:
-        # a skipped step masks every lane: no memory traffic at all
-        bound = tl.where(tl.load(found_inf_ptr) == 0, bound, 0)
-    if TAIL_ALIGNED:
-        bound = tl.multiple_of(bound, VEC)  # the launcher checked NUMEL; 0 is too
-    offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-
+    (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, b_ptr, _, _, c_ptr, k0, k1,
+     start) = _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
+                       counter_ptr, ELEM, COMPUTE, BLOCK, ALIGNED, TAIL_ALIGNED, VEC, 1,
+                       _SGD_NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR)
     lr = tl.load(hyper_ptr + _SGD_LR).to(COMPUTE)
     weight_decay = tl.load(hyper_ptr + _SGD_WD).to(COMPUTE)
     momentum = tl.load(hyper_ptr + _SGD_MOMENTUM).to(COMPUTE)
@@ -131,33 +104,10 @@ def _sgd_kernel(
     # float64, as the launcher's `weight_decay != 0`: a decay that rounds to
     # 0 in float32 still takes the fma, as before
     has_wd = tl.load(hyper_ptr + _SGD_WD) != 0.0
-    inv_scale = 1.0
-    if HAS_GRAD_SCALE:
-        # 1/scale rounded once to float32, whatever the compute type
-        inv_scale = tl.div_rn(tl.full((), 1.0, tl.float32),
-                              tl.load(grad_scale_ptr).to(tl.float32)).to(COMPUTE)
-    PTR: tl.constexpr = tl.pointer_type(ELEM)
-    p_ptr = tl.load(row_base + _PARAM).to(PTR)
-    g_ptr = tl.load(row_base + _GRAD).to(PTR)
-    b_ptr = tl.load(row_base + _STATE0).to(PTR)  # 0 without momentum: unused
-    if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        b_ptr = tl.multiple_of(b_ptr, 16)
-    not_fresh = (tl.load(row_base + _FLAGS) & _FLAG_ROW) == 0
-    c_ptr = p_ptr  # (unused without KAHAN)
-    if KAHAN:
-        c_ptr = tl.load(row_base + _COMP).to(PTR)
-        if ALIGNED:
-            c_ptr = tl.multiple_of(c_ptr, 16)
-    k0 = 0
-    k1 = 0
-    start = 0
-    if SR:
-        k0, k1 = _sr_keys(hyper_ptr, counter_ptr, _SGD_NHYPER)
-        start = tl.load(row_base + _START)
+    # (STATE0, the momentum buffer, has address 0 without momentum)
+    not_fresh = (tl.load(table_ptr + row * _NCOLS + _FLAGS) & _FLAG_ROW) == 0
 
-    if (chunk + 1) * BLOCK <= bound:
+    if whole:
         _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, None, lr, weight_decay, momentum,
                    omd, inv_scale, not_fresh, nesterov, maximize, has_wd, k0, k1, start,
                    ELEM, IS_BF16, COMPUTE, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR)
@@ -172,8 +122,8 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """SGD (torch semantics) over every row of ``batch.table``.
 
-    One launch per alignment class present (see :func:`alignment_classes`):
-    usually one.
+    One launch per alignment class present (see
+    ``_launch.alignment_classes``): usually one.
 
     Args:
         batch: a :class:`~fused_optim.kernels.batch.Batch` of CUDA tensors
@@ -191,18 +141,9 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
             None or ``(seed, counter, salt)``, ``counter`` a 0-dim int64
             tensor on the params' device, read by the kernel.
     """
-    if batch.table is None or batch.table.shape[0] == 0:
-        return
     use_momentum = momentum != 0
     hyper = [lr, weight_decay, momentum, 1.0 - dampening,
              float(bool(nesterov) and use_momentum), float(bool(maximize))]
-    assert len(hyper) == SGD_NHYPER
-    prec = _precision_args(batch, kahan_sum, stochastic_round)
-    with _device_context(batch.device):
-        pro = _prologue(batch, hyper + prec.slots, grad_scale, found_inf)
-        if not pro.layout.launches:
-            return
-        with _launch_lock():
-            _launch_updates(_sgd_kernel, pro, batch, pro.hyper, pro.grad_scale,
-                            pro.found_inf, counter_ptr=prec.counter, KAHAN=prec.kahan,
-                            SR=prec.sr, USE_MOMENTUM=use_momentum)
+    assert len(hyper) == _SGD_NHYPER.value
+    launch(_sgd_kernel, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_round,
+           USE_MOMENTUM=use_momentum)
