@@ -25,7 +25,7 @@ if os.environ.get("FUSED_OPTIM_TEST_DISPATCH") == "1":
 # hands each worker whole files, in this order). Measured on the cold run
 # of 2026-11-29: the stateful machines ~170 s, the precision tests ~950 s.
 _SLOW_FIRST = ("test_stateful.py", "test_precision_numba.py", "test_precision.py",
-               "test_reuse_cases.py", "test_parity.py", "test_cold_start.py",
+               "test_plan_cache.py", "test_parity.py", "test_cold_start.py",
                "test_bench.py", "test_triton_kernels.py", "test_examples.py")
 
 
@@ -80,7 +80,7 @@ _CHECK_SKIP_LAYOUTS = frozenset({"large", "many_tiny"})
 #: words in a test's name that put it outside the tier (Triton kernels,
 #: Numba's parallel entry points). Twenty reuse cases in the tier still take
 #: the parallel entry points, on purpose (aliased params, three threads,
-#: storage shrunk and regrown: test_reuse_cases.py), ~10 s warm.
+#: storage shrunk and regrown: test_plan_cache.py), ~10 s warm.
 _CHECK_SKIP_WORDS = ("triton", "parallel")
 
 
