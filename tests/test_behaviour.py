@@ -373,8 +373,8 @@ def test_option_switched_on_mid_training_creates_only_torchs_state(info, backend
 
 
 # ------------------------------------------ Tensor lr, Adagrad's sparse rows
-# (from tests/test_adagrad.py: a Tensor lr of each dtype on every optimizer;
-# Adagrad's sparse grads, whose rows run torch's own loop)
+# (a Tensor lr of each dtype on every optimizer; Adagrad's sparse grads, whose
+# rows run torch's own loop)
 
 
 #: torch's for-loop computes a Tensor lr's step size in the lr's dtype

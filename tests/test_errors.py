@@ -174,7 +174,6 @@ def test_wrong_shaped_state_never_reaches_a_kernel(name, key, backend):
 
 
 # ----------------------------------------------- one optimizer's own errors
-# (from tests/test_adagrad.py and tests/test_rmsprop.py)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -94,7 +94,7 @@ def test_torchs_class_driving_our_functional_gets_torchs_results(record, backend
 
 
 # ------------------------------------------------------ Adagrad's constructor
-# (from tests/test_adagrad.py)
+# (stricter than the general class-signature test for Adagrad)
 
 
 def _p(*shape):

@@ -75,7 +75,6 @@ def test_step_matches_with_torch_optimizer_code_disabled(name, kwargs, big, back
 
 
 # ------------------------------------------------ Numba's parallel entry point
-# (from tests/test_adagrad.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],

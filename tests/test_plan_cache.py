@@ -496,7 +496,6 @@ def test_optimizers_stepped_from_three_threads(name, backend):
 
 
 # -------------------------------------------------------------- the reuse rule, fact by fact
-# (was tests/test_reuse_rule.py)
 
 
 def f1_grad_layout(side):

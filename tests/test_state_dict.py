@@ -124,7 +124,6 @@ def test_loading_state_releases_the_replaced_state(info, key, backend):
 
 
 # -------------------------------------------- one optimizer's old checkpoints
-# (from tests/test_adagrad.py and tests/test_rmsprop.py)
 
 
 def _p(*shape):

@@ -130,8 +130,7 @@ def test_formerly_spilling_specializations(spec):
 
 
 # ------------------------------------------------ Adagrad's and RMSprop's kernels
-# (from tests/test_adagrad.py and tests/test_rmsprop.py; their whole matrices are
-# small enough to compile here, one subprocess each)
+# (their whole matrices are small enough to compile here, one subprocess each)
 
 
 _ADAGRAD_COMPILE = r"""

@@ -760,8 +760,7 @@ def test_capture_uploads_carve_fresh_slices():
 
 
 # ------------------------------------------------ Adagrad's and RMSprop's
-# (from tests/test_adagrad.py and tests/test_rmsprop.py: Triton's host-side
-# steps, and RMSprop's kernels bit for bit against Numba's)
+# (Triton's host-side steps, and RMSprop's kernels bit for bit against Numba's)
 
 
 def test_adagrad_host_side_steps(monkeypatch):
@@ -836,7 +835,8 @@ def test_rmsprop_host_side_steps(found_inf):
 
 
 _RMSPROP = "RMSprop"
-#: (tests/test_rmsprop.py's CONFIGS 0, 4, 5 and 6)
+#: the defaults and three of optim_db's RMSprop configs (momentum, centered,
+#: maximize, a Tensor lr, torch.lerp's other side)
 _RMSPROP_CONFIGS = [
     dict(),
     dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1),
