@@ -65,7 +65,7 @@ fuzz: $(STAMP)
 # spills, IEEE math, 128-bit accesses where aligned. No GPU needed (on the
 # 2-core dev VM, one job, cold Triton cache: the covering subset's 68 in
 # 26 s, all 388 in 129 s). Adagrad, RMSprop and the Kahan/SR builds have
-# covering subsets in test_adagrad.py, test_rmsprop.py, test_precision_triton.py.
+# covering subsets in test_triton_compile.py and test_precision_kernels.py.
 compile-check: $(STAMP)
 	$(PY) tests/_compile_matrix.py --full --check --archs 80,90
 

@@ -51,7 +51,7 @@ _STEPS_ARGS = {"table_ptr": "*i64", "hyper_ptr": "*fp64", "scal_ptr": "*fp64",
                "found_inf_ptr": "*fp32", "rows": "i32"}
 
 #: The constexpr switches each launcher passes besides the storage type's and
-#: ALIGNED (KAHAN and SR, off here, are checked in test_precision_triton.py).
+#: ALIGNED (KAHAN and SR, off here, are checked in test_precision_kernels.py).
 #: MAXIMIZE, NESTEROV, weight decay, DECOUPLED and lerp's side are runtime
 #: values in the hyperparameter buffer: not specializations.
 _SGD_SWITCHES = ("TAIL_ALIGNED", "USE_MOMENTUM", "HAS_GRAD_SCALE", "HAS_FOUND_INF")

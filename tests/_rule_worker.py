@@ -1,4 +1,4 @@
-"""Subprocess half of test_reuse_rule.py: a memory fact's scenario, that fact's check optional.
+"""Subprocess half of test_plan_cache.py's rule tests: a memory fact, its check optional.
 
     python _rule_worker.py FACT on|off
 

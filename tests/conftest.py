@@ -24,8 +24,8 @@ if os.environ.get("FUSED_OPTIM_TEST_DISPATCH") == "1":
 # that no worker starts one near the end while the other idles (make test
 # hands each worker whole files, in this order). Measured on the cold run
 # of 2026-11-29: the stateful machines ~170 s, the precision tests ~950 s.
-_SLOW_FIRST = ("test_stateful.py", "test_precision_numba.py", "test_precision.py",
-               "test_reuse_cases.py", "test_parity.py", "test_cold_start.py",
+_SLOW_FIRST = ("test_stateful.py", "test_precision_kernels.py", "test_precision.py",
+               "test_plan_cache.py", "test_parity.py", "test_cold_start.py",
                "test_bench.py", "test_triton_kernels.py", "test_examples.py")
 
 
@@ -55,12 +55,10 @@ _CHECK_SKIP_FILES = frozenset({
     "test_distributed.py",        # process groups in subprocesses, ~40 s
     "test_run.py",                # the console script in subprocesses, ~24 s
     "test_examples.py",           # the examples' training runs
-    "test_examples_precision.py",  # ~9 s
     "test_bench.py",              # the benchmark harness
     "test_gpu_check.py",          # benchmarks/gpu_check.py's time limits
     "test_cuda.py",               # GPU only
-    "test_triton_kernels.py", "test_triton_compile.py",
-    "test_precision_triton.py",   # Triton (interpreted here)
+    "test_triton_kernels.py", "test_triton_compile.py",  # Triton (interpreted here)
 })
 
 #: single tests left to `make test`: statistical runs and subprocesses
@@ -68,6 +66,9 @@ _CHECK_SKIP_TESTS = frozenset({
     "test_kahan_and_stochastic_rounding_track_a_float64_shadow",  # ~26 s
     "test_stochastic_rounding_is_unbiased",                        # ~7 s
     "test_functional_map_built_while_patched_is_repaired",         # subprocess, ~6 s
+    # examples/bf16_precision.py's 800-step run (test_precision.py), ~9 s
+    "test_options_stay_closer_to_fp32_than_plain_bf16",
+    "test_same_init_and_data_for_every_variant",
 })
 
 #: backends in the tier (a test without a backend parameter is in)
@@ -78,9 +79,10 @@ _CHECK_BACKENDS = frozenset({"torch", "numba"})
 _CHECK_SKIP_LAYOUTS = frozenset({"large", "many_tiny"})
 
 #: words in a test's name that put it outside the tier (Triton kernels,
-#: Numba's parallel entry points). Twenty reuse cases in the tier still take
+#: Numba's parallel entry points; test_precision_kernels.py names its Triton
+#: half test_triton_*). Twenty reuse cases in the tier still take
 #: the parallel entry points, on purpose (aliased params, three threads,
-#: storage shrunk and regrown: test_reuse_cases.py), ~10 s warm.
+#: storage shrunk and regrown: test_plan_cache.py), ~10 s warm.
 _CHECK_SKIP_WORDS = ("triton", "parallel")
 
 

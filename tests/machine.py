@@ -300,7 +300,7 @@ class Machine(RuleBasedStateMachine):
                     g = torch._neg_view(-v)
                 elif mode == "sparse" and p.dim() >= 1 and p.storage_offset() == 0:
                     # (torch's own dense.add_(sparse) writes at twice a view's
-                    # storage offset: see test_reuse_cases.py)
+                    # storage offset: see test_plan_cache.py)
                     g = v.to_sparse()
                 else:
                     g = v.contiguous()

@@ -16,6 +16,16 @@ import torch
 import optim_db
 
 
+def outcome(fn):
+    """What calling ``fn()`` came to: ``(type, message)`` of the exception it
+    raised, or ``(None, None)``; for comparing torch's outcome with ours."""
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - the type is what we compare
+        return type(err), str(err)
+    return None, None
+
+
 class Stop(Exception):
     """A step raised; the scenario ends there on both sides."""
 

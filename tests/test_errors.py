@@ -17,6 +17,7 @@ import fused_optim
 import optim_db
 from matrix import BACKENDS, skip_unless_runnable
 from sides import assert_same
+from sides import outcome as _outcome
 
 
 def _p(*shape):
@@ -27,14 +28,6 @@ def _error_params(error_on):
     return [pytest.param(info, e, id=f"{info.name}: {e.desc}")
             for info in optim_db.OPTIM_DB for e in info.all_error_inputs()
             if e.error_on == error_on]
-
-
-def _outcome(fn):
-    try:
-        fn()
-    except Exception as err:  # noqa: BLE001 - the type is what we compare
-        return type(err), str(err)
-    return None, None
 
 
 def _as_declared(outcome, e):
@@ -178,3 +171,40 @@ def test_wrong_shaped_state_never_reaches_a_kernel(name, key, backend):
 
     log = assert_same(scenario, backend)
     assert log[-1][0] == "raise"
+
+
+# ----------------------------------------------- one optimizer's own errors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adagrad_zero_denominator_raises_like_torch_and_changes_nothing(backend):
+    skip_unless_runnable(backend)
+    outs = []
+    for cls, kw in ((torch.optim.Adagrad, {}), (fused_optim.Adagrad, dict(backend=backend))):
+        p = _p(4)
+        opt = cls([p], lr=0.1, **kw)
+        p.grad = torch.ones(4)
+        opt.step()
+        opt.param_groups[0]["lr_decay"] = -1.0  # 1 + (2 - 1) * -1 == 0
+        before = p.detach().clone()
+        outs.append(_outcome(opt.step))
+        if cls is fused_optim.Adagrad:
+            assert torch.equal(p.detach(), before)
+            assert float(opt.state[p]["step"]) == 1
+    assert outs[0][0] is ZeroDivisionError and outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rmsprop_momentum_switched_on_later_raises_torchs_key_error(backend):
+    skip_unless_runnable(backend)
+    outcomes = []
+    for cls, extra in ((torch.optim.RMSprop, {}), (fused_optim.RMSprop, dict(backend=backend))):
+        p = torch.randn(3).requires_grad_()
+        p.grad = torch.ones(3)
+        opt = cls([p], **extra)
+        opt.step()
+        opt.param_groups[0]["momentum"] = 0.9
+        before = p.detach().clone()
+        outcomes.append(_outcome(opt.step))
+        assert torch.equal(p.detach(), before)
+    assert outcomes[0][0] is KeyError and outcomes[0] == outcomes[1]

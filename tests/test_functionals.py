@@ -11,6 +11,7 @@ import inspect
 import pytest
 import torch
 
+import fused_optim
 from fused_optim import _registry
 
 import matrix
@@ -90,3 +91,31 @@ def test_torchs_class_driving_our_functional_gets_torchs_results(record, backend
     for a, b in zip(ref, mine):
         for key, value in ref_opt.state[a].items():
             torch.testing.assert_close(opt.state[b][key], value, **tol)
+
+
+# ------------------------------------------------------ Adagrad's constructor
+# (stricter than the general class-signature test for Adagrad)
+
+
+def _p(*shape):
+    return torch.randn(*shape or (3,)).requires_grad_()
+
+
+def test_adagrad_constructor_signature_defaults_and_state_are_torchs():
+    """Exactly torch's parameters (the general test above also lets a class
+    add a keyword-only ``capturable``, as SGD does), and torch's state
+    made at construction."""
+    ours = inspect.signature(fused_optim.Adagrad.__init__).parameters
+    theirs = inspect.signature(torch.optim.Adagrad.__init__).parameters
+    assert list(ours)[:-3] == list(theirs)
+    assert list(ours)[-3:] == ["backend", "kahan_sum", "stochastic_round"]
+    for name, par in theirs.items():
+        assert ours[name].default == par.default and ours[name].kind == par.kind, name
+    p, q = _p(4), _p(4)
+    a = torch.optim.Adagrad([p], initial_accumulator_value=0.3)
+    b = fused_optim.Adagrad([q], initial_accumulator_value=0.3)
+    # torch makes the state at construction
+    assert set(a.state[p]) == set(b.state[q]) == {"step", "sum"}
+    assert torch.equal(a.state[p]["sum"], b.state[q]["sum"])
+    assert a.state[p]["step"].dtype == b.state[q]["step"].dtype
+    assert a.param_groups[0].keys() == b.param_groups[0].keys()

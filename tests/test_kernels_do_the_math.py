@@ -8,6 +8,7 @@ raise, and ``step()`` must still match torch's for-loop run beforehand.
 import pytest
 import torch
 
+import fused_optim
 import optim_db
 from matrix import (BACKENDS, CONFIG_PARAMS, REPRESENTATIVE_PARAMS, TOLERANCE,
                     assert_state_close, build_kwargs, clone_params, make,
@@ -71,3 +72,32 @@ def test_step_matches_with_torch_optimizer_code_disabled(name, kwargs, big, back
     # torch's several by an ulp, hence bf16's own tolerance for that one.
     assert_state_close(ref, opt, ref_params[:2], params[:2], **TOLERANCE[torch.float32])
     torch.testing.assert_close(params[2], ref_params[2], atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------ Numba's parallel entry point
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=str)
+def test_adagrad_numba_parallel_equals_serial(dtype, monkeypatch):
+    """The parallel kernel (blocked, prefetching walk) gives the serial one's bits."""
+    skip_unless_runnable("numba")
+    from fused_optim.kernels.numba import _walk
+
+    kw = dict(lr=0.1, lr_decay=0.02, weight_decay=0.01, initial_accumulator_value=0.1)
+    results = []
+    for serial_below in (1 << 40, 0):
+        # the launcher reads _walk's (the package's SERIAL_BELOW is a copy)
+        monkeypatch.setattr(_walk, "SERIAL_BELOW", serial_below)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(40_000, generator=gen).to(dtype).requires_grad_(),
+                  torch.randn(333, generator=gen).to(dtype).requires_grad_()]
+        opt = fused_optim.Adagrad(params, backend="numba", **kw)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        results.append([t.detach().clone() for p in params
+                        for t in (p, opt.state[p]["sum"], opt.state[p]["step"])])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -8,6 +8,7 @@ import weakref
 import pytest
 import torch
 
+import fused_optim
 import optim_db
 from matrix import (BACKENDS, CONFIG_PARAMS, TOLERANCE, assert_state_close,
                     clone_params, make, skip_unless_runnable)
@@ -120,3 +121,44 @@ def test_loading_state_releases_the_replaced_state(info, key, backend):
     opt.load_state_dict(saved)
     gc.collect()
     assert old() is None
+
+
+# -------------------------------------------- one optimizer's old checkpoints
+
+
+def _p(*shape):
+    return torch.randn(*shape or (3,)).requires_grad_()
+
+
+def test_adagrad_old_checkpoint_float_steps_and_missing_keys_are_filled_as_torch():
+    sds = []
+    for cls in (torch.optim.Adagrad, fused_optim.Adagrad):
+        p = _p(4)
+        opt = cls([p])
+        sd = opt.state_dict()
+        sd["state"][0]["step"] = 3.0
+        for key in ("foreach", "maximize", "differentiable", "fused"):
+            del sd["param_groups"][0][key]
+        opt.load_state_dict(sd)
+        sds.append(opt.state_dict())
+    assert sds[0]["param_groups"] == sds[1]["param_groups"]
+    a, b = sds[0]["state"][0]["step"], sds[1]["state"][0]["step"]
+    assert torch.is_tensor(b) and (a.dtype, float(a)) == (b.dtype, float(b))
+
+
+def test_rmsprop_setstate_fills_torchs_group_defaults_and_tensor_steps():
+    p = torch.randn(3).requires_grad_()
+    opt = fused_optim.RMSprop([p], backend="torch")
+    p.grad = torch.ones(3)
+    opt.step()
+    state = opt.__getstate__()
+    for key in ("momentum", "centered", "foreach", "maximize", "differentiable",
+                "capturable"):
+        del state["param_groups"][0][key]
+    state["state"][p]["step"] = 1.0  # an old checkpoint's float step
+    opt.__setstate__(state)
+    group = opt.param_groups[0]
+    assert (group["momentum"], group["centered"], group["foreach"], group["maximize"],
+            group["differentiable"], group["capturable"]) == (0, False, None, False,
+                                                              False, False)
+    assert torch.is_tensor(opt.state[p]["step"]) and float(opt.state[p]["step"]) == 1.0

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -126,3 +127,202 @@ def test_formerly_spilling_specializations(spec):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.splitlines()[-1])
     assert _compile_matrix.violations(result) == []
+
+
+# ------------------------------------------------ Adagrad's and RMSprop's kernels
+# (their whole matrices are small enough to compile here, one subprocess each)
+
+
+_ADAGRAD_COMPILE = r"""
+import json, re, sys, itertools
+sys.path.insert(0, sys.argv[1])
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fused_optim.kernels.triton import _launch
+from fused_optim.kernels.triton import adagrad as ka
+import _compile_matrix as cm
+
+PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64", "scal_ptr": "*fp64",
+        "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "rows": "i32"}
+
+def source(fn, const, absent):
+    sig = {}
+    for n in fn.arg_names:
+        if n in PTRS and not absent.get(n, False):
+            sig[n] = PTRS[n]
+        else:
+            sig[n] = "constexpr"
+            if n in PTRS:
+                const[n] = None
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in sig if sig[n].startswith("*")}
+    return ASTSource(fn, sig, const, attrs)
+
+jobs = []
+for cap in (80, 90):
+    for dname, dtype in cm.DTYPES.items():
+        for aligned in (True, False):
+            for on in (True, False):
+                sw = dict(TAIL_ALIGNED=aligned and on, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on)
+                const = dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+                             COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+                             IS_F64=dtype == torch.float64, BLOCK=_launch.BLOCK, ALIGNED=aligned,
+                             VEC=16 // torch.empty((), dtype=dtype).element_size(), **sw)
+                src = source(ka._adagrad_kernel, const,
+                             {"grad_scale_ptr": not on, "found_inf_ptr": not on})
+                warps = _launch.num_warps(dtype, aligned, sw["TAIL_ALIGNED"])
+                jobs.append(("adagrad", dname, aligned, sw, cap, src, warps))
+    for on in (True, False):
+        sw = dict(HAS_FOUND_INF=on)
+        src = source(ka._adagrad_steps_kernel, dict(BLOCK_R=_launch._STEP_ROWS, **sw),
+                     {"found_inf_ptr": not on})
+        jobs.append(("adagrad_steps", "float64", False, sw, cap, src, _launch.NUM_WARPS))
+for kernel, dname, aligned, sw, cap, src, warps in jobs:
+    c = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                       options={"num_warps": warps, "enable_fp_fusion": False})
+    ptx = c.asm["ptx"]
+    width = 64 if dname == "float64" else 32
+    lanes = 2 if dname == "float64" else 4
+    out = dict(kernel=kernel, dtype=dname, aligned=aligned, switches=sw, arch=cap,
+               inexact=sorted(k for k, pat in cm._INEXACT.items() if re.search(pat, ptx)),
+               vector_loads=len(re.findall(rf"ld\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
+               vector_stores=len(re.findall(rf"st\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
+               ieee_div=len(re.findall(r"\bdiv\.rn\.f(32|64)\b", ptx)),
+               ieee_sqrt=len(re.findall(r"\bsqrt\.rn\.f(32|64)\b", ptx)))
+    out.update(cm._ptxas_facts(ptx, cap))
+    print(json.dumps(out), flush=True)
+"""
+
+
+def test_adagrad_kernels_compile_for_sm80_and_sm90():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _ADAGRAD_COMPILE, str(HERE)], capture_output=True,
+                         text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 2 * (4 * 2 * 2 + 2)
+    for r in results:
+        assert r["inexact"] == [], r
+        assert not (r["stack_bytes"] or r["spill_store_bytes"] or r["spill_load_bytes"]), r
+        assert r["ieee_div"], r
+        if r["kernel"] == "adagrad":
+            assert r["ieee_sqrt"], r
+            if r["aligned"]:
+                paths = 2 if r["switches"]["TAIL_ALIGNED"] else 1
+                assert r["vector_loads"] >= 3 * paths and r["vector_stores"] >= 2 * paths, r
+
+
+_RMSPROP_SWITCHES = ("TAIL_ALIGNED", "CENTERED", "USE_MOMENTUM", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
+
+
+def _rmsprop_compile_facts(archs=(90,)):
+    """Compile the RMSprop kernels for real GPUs (no GPU needed); one dict each.
+
+    Per dtype and ALIGNED: every switch on (TAIL_ALIGNED where aligned) and
+    every switch off; and the step kernel with and without found_inf. Run
+    without TRITON_INTERPRET (see tests/_compile_matrix.py).
+    """
+    import re
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import _compile_matrix as cm
+    from fused_optim.kernels.triton import _launch
+    from fused_optim.kernels.triton import rmsprop as rk
+
+    out = []
+    for cap in archs:
+        for dname, aligned in ((d, a) for d in cm.DTYPES for a in (True, False)):
+            dtype = cm.DTYPES[dname]
+            for on in (True, False):
+                sw = {s: on for s in _RMSPROP_SWITCHES}
+                sw["TAIL_ALIGNED"] = on and aligned
+                fn = rk._rmsprop_kernel
+                const = dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+                             COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+                             IS_F64=dtype == torch.float64, BLOCK=_launch.BLOCK, ALIGNED=aligned,
+                             VEC=16 // torch.empty((), dtype=dtype).element_size(), **sw)
+                sig = {}
+                for name in fn.arg_names:
+                    if name in cm._SGD_PTRS and (on or name not in ("grad_scale_ptr",
+                                                                    "found_inf_ptr")):
+                        sig[name] = cm._SGD_PTRS[name]
+                    else:
+                        sig[name] = "constexpr"
+                        if name in cm._SGD_PTRS:
+                            const[name] = None
+                attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+                         for n in sig if sig[n].startswith("*")}
+                compiled = triton.compile(
+                    ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cap, 32),
+                    options={"num_warps": _launch.num_warps(dtype, aligned, sw["TAIL_ALIGNED"]),
+                             "enable_fp_fusion": False})
+                ptx = compiled.asm["ptx"]
+                width, lanes = (64, 2) if dname == "float64" else (32, 4)
+                r = dict(kernel="rmsprop", dtype=dname, aligned=aligned, switches=sw, arch=cap,
+                         vector_loads=len(re.findall(
+                             rf"ld\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
+                         vector_stores=len(re.findall(
+                             rf"st\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
+                         inexact=sorted(k for k, pat in cm._INEXACT.items()
+                                        if re.search(pat, ptx)),
+                         local=len(re.findall(r"\.local\b", ptx)),
+                         ieee_div=len(re.findall(r"\bdiv\.rn\.f(32|64)\b", ptx)),
+                         ieee_sqrt=len(re.findall(r"\bsqrt\.rn\.f(32|64)\b", ptx)))
+                r.update(cm._ptxas_facts(ptx, cap))
+                out.append(r)
+        for fi in (False, True):
+            fn = rk._rmsprop_steps_kernel
+            sig = {"table_ptr": "*i64", "found_inf_ptr": "*fp32" if fi else "constexpr",
+                   "rows": "i32", "BLOCK_R": "constexpr", "HAS_FOUND_INF": "constexpr"}
+            const = dict(BLOCK_R=_launch._STEP_ROWS, HAS_FOUND_INF=fi)
+            if not fi:
+                const["found_inf_ptr"] = None
+            compiled = triton.compile(ASTSource(fn, sig, const, {}),
+                                      target=GPUTarget("cuda", cap, 32),
+                                      options={"num_warps": _launch.NUM_WARPS})
+            r = dict(kernel="rmsprop_steps", switches={"HAS_FOUND_INF": fi}, arch=cap,
+                     local=len(re.findall(r"\.local\b", compiled.asm["ptx"])))
+            r.update(cm._ptxas_facts(compiled.asm["ptx"], cap))
+            out.append(r)
+    return out
+
+
+def _rmsprop_violations(r):
+    bad = []
+    if r["stack_bytes"] or r["spill_store_bytes"] or r["spill_load_bytes"] or r["local"]:
+        bad.append("local memory")
+    if r["kernel"] == "rmsprop_steps":
+        return bad
+    sw = r["switches"]
+    if r["inexact"]:
+        bad.append(f"non-IEEE float math: {r['inexact']}")
+    if not (r["ieee_sqrt"] and r["ieee_div"]):
+        bad.append("no sqrt.rn / div.rn")
+    streams = 3 + sw["USE_MOMENTUM"] + sw["CENTERED"]
+    paths = 2 if sw["TAIL_ALIGNED"] else 1
+    if r["aligned"] and (r["vector_loads"] < paths * streams
+                         or r["vector_stores"] < paths * (streams - 1)):
+        bad.append(f"ALIGNED but {r['vector_loads']} 128-bit loads, "
+                   f"{r['vector_stores']} stores ({streams} streams, {paths} paths)")
+    return bad
+
+
+def test_rmsprop_kernels_compile_offline_for_sm_90():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path.insert(0, %r); import test_triton_compile as t; "
+            "print(json.dumps(t._rmsprop_compile_facts()))" % str(HERE))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=900, cwd=str(HERE))
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.splitlines()[-1])
+    assert len(results) == 4 * 2 * 2 + 2
+    problems = {json.dumps([r["kernel"], r.get("dtype"), r.get("aligned"), r["switches"]]):
+                _rmsprop_violations(r) for r in results}
+    assert not {k: v for k, v in problems.items() if v}

@@ -30,6 +30,8 @@ from fused_optim.kernels import reference  # noqa: E402
 from fused_optim.kernels import contract  # noqa: E402
 from fused_optim.kernels import triton as tk  # noqa: E402
 from fused_optim.kernels.triton import _launch  # noqa: E402
+from matrix import (TOLERANCE, clone_params, config_id, make,  # noqa: E402
+                    skip_unless_runnable)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -758,3 +760,116 @@ def test_capture_uploads_carve_fresh_slices():
     assert _launch._carve(arena, np.zeros(17, dtype=np.uint8)) is None
     assert _launch._carve(None, np.zeros(1, dtype=np.uint8)) is None
     assert a.tolist() == list(range(5))  # untouched by later slices
+
+
+# ------------------------------------------------ Adagrad's and RMSprop's
+# (Triton's host-side steps, and RMSprop's kernels bit for bit against Numba's)
+
+
+def test_adagrad_host_side_steps(monkeypatch):
+    """Steps in host memory (torch's CPU steps of CUDA params): the host advances
+    them and uploads clr; a found_inf skip advances nothing. Forced on CPU
+    tensors by flagging the rows as the tables flag CUDA params' CPU steps."""
+    skip_unless_runnable("triton")
+    from fused_optim import _tables
+    from fused_optim.kernels import layout as L
+    from fused_optim.kernels.triton.adagrad import adagrad as tk_adagrad
+
+    torch.manual_seed(0)
+    ref_params = [torch.randn(1500), torch.randn(7, dtype=torch.float32)]
+    params = [p.clone() for p in ref_params]
+    sums = [torch.full_like(p, 0.1) for p in params]
+    steps = [torch.tensor(2.0), torch.tensor(0.0, dtype=torch.float64)]
+    ref_sums = [s.clone() for s in sums]
+    ref_steps = [s.clone() for s in steps]
+    grads = [torch.randn(p.shape) for p in params]
+    hyper = dict(lr=0.1, lr_decay=0.2, eps=1e-10, weight_decay=0.01, maximize=False)
+    from torch.optim.adagrad import adagrad as torch_adagrad
+    torch_adagrad(ref_params, [g.clone() for g in grads], ref_sums, ref_steps, foreach=False,
+                  lr=0.1, lr_decay=0.2, eps=1e-10, weight_decay=0.01, maximize=False)
+    for found_inf in (torch.tensor(1.0), None):
+        for batch, finish in _tables.pack(params, grads, [sums], ("sum",), steps=steps,
+                                   backend="triton"):
+            batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
+            tk_adagrad(batch, found_inf=found_inf, **hyper)
+            finish()
+        if found_inf is not None:
+            assert [float(s) for s in steps] == [2.0, 0.0]
+            assert torch.equal(sums[0], torch.full_like(sums[0], 0.1))
+    for a, b in zip(params + sums + steps, ref_params + ref_sums + ref_steps):
+        torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("found_inf", [None, 0.0, 1.0])
+def test_rmsprop_host_side_steps(found_inf):
+    """Steps flagged host-side (torch's CPU steps of CUDA params) are advanced
+    by the host, or not at all when found_inf is set; the update is the same."""
+    skip_unless_runnable("triton")
+    from fused_optim import _tables
+    from fused_optim.kernels import layout as L
+    from fused_optim.kernels.reference.rmsprop import rmsprop as ref_kernel
+    from fused_optim.kernels.triton.rmsprop import rmsprop as triton_kernel
+
+    torch.manual_seed(0)
+    hyper = dict(lr=0.01, alpha=0.9, eps=1e-8, weight_decay=0.1, momentum=0.5,
+                 centered=True, maximize=False)
+    sides = []
+    for kernel in (ref_kernel, triton_kernel):
+        torch.manual_seed(0)
+        params = [torch.randn(37), torch.randn(5, 3), torch.randn(0)]
+        grads = [torch.randn(p.shape) for p in params]
+        # square_avg above grad_avg**2, as any real history leaves them
+        states = [[torch.rand(p.shape) + k for p in params] for k in (1.0, 0.0, -0.5)]
+        steps = [torch.tensor(3.0), torch.tensor(3.0, dtype=torch.float64), torch.tensor(0.0)]
+        ((batch, finish),) = _tables.pack(params, grads, states,
+                                 ("square_avg", "momentum_buffer", "grad_avg"), steps=steps)
+        if kernel is triton_kernel:
+            batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
+        amp = {} if found_inf is None else dict(found_inf=torch.tensor(found_inf))
+        kernel(batch, **hyper, **amp)
+        finish()
+        sides.append((params, states, steps))
+    (p0, s0, t0), (p1, s1, t1) = sides
+    for a, b in zip(p0 + sum(s0, []), p1 + sum(s1, [])):
+        torch.testing.assert_close(b, a, **TOLERANCE[torch.float32])
+    assert [float(t) for t in t1] == [float(t) for t in t0] == (
+        [3.0, 3.0, 0.0] if found_inf == 1.0 else [4.0, 4.0, 1.0])
+    assert [t.dtype for t in t1] == [torch.float32, torch.float64, torch.float32]
+
+
+_RMSPROP = "RMSprop"
+#: the defaults and three of optim_db's RMSprop configs (momentum, centered,
+#: maximize, a Tensor lr, torch.lerp's other side)
+_RMSPROP_CONFIGS = [
+    dict(),
+    dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1),
+    dict(lr=0.01, maximize=True, weight_decay=0.05, eps=1e-3, momentum=0.5),
+    # 1 - alpha >= 0.5: torch.lerp's other side
+    dict(lr=lambda: torch.tensor(0.01), centered=True, alpha=0.3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kwargs", _RMSPROP_CONFIGS,
+                         ids=lambda c: config_id(_RMSPROP, c))
+def test_rmsprop_numba_and_triton_agree_bit_for_bit(kwargs, dtype):
+    """The two compiled backends round at the same places, FMAs included."""
+    skip_unless_runnable("numba")
+    skip_unless_runnable("triton")
+    torch.manual_seed(0)
+    base = [torch.randn(1031, dtype=dtype).requires_grad_(),
+            torch.randn(6, 5, dtype=dtype).requires_grad_()]
+    a, b = clone_params(base), clone_params(base)
+    oa = make(_RMSPROP, a, kwargs, fused_backend="numba")
+    ob = make(_RMSPROP, b, kwargs, fused_backend="triton")
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        for x, y in zip(a, b):
+            g = torch.randn(x.shape, generator=gen).to(dtype)
+            x.grad, y.grad = g, g.clone()
+        oa.step()
+        ob.step()
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+            for k in oa.state[x]:
+                assert torch.equal(oa.state[x][k], ob.state[y][k]), k
