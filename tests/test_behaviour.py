@@ -135,6 +135,43 @@ def test_profiler_sees_the_step(name):
     assert f"Optimizer.step#{name}.step" in {e.name for e in prof.events()}
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_cached_step_is_a_short_read(name):
+    """One step on a cached plan, from the hook wrapper to the kernel launch
+    and the reuse rule, runs at most 8 of the project's frames deep across
+    at most 4 files (issue 25: 17 deep across 5 files before; counted as
+    benchmarks/step_frames.py counts). A newcomer reads that chain to follow
+    a step; a new layer on it fails here."""
+    import os
+    import sys
+
+    roots = tuple(os.path.dirname(m.__file__) + os.sep
+                  for m in (fused_optim, fused_optim.kernels))
+    ref, opt, ref_params, params = _pair(name)
+    for s in range(3):
+        _grads(ref_params, params, s)
+        opt.step()
+    stack, deepest = [], []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(roots):
+            stack.append(frame.f_code)
+            if len(stack) > len(deepest):
+                deepest[:] = stack
+        elif event == "return" and stack and frame.f_code is stack[-1]:
+            stack.pop()
+
+    sys.setprofile(profile)
+    try:
+        opt.step()
+    finally:
+        sys.setprofile(None)
+    chain = [f"{os.path.basename(c.co_filename)}:{c.co_name}" for c in deepest]
+    assert chain[0].endswith(":wrapper") and ":step" in chain[1], chain
+    assert len(chain) <= 8, chain
+    assert len({c.co_filename for c in deepest}) <= 4, chain
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_backward_through_a_stepped_param_raises_as_torch(name, backend):
