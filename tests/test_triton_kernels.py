@@ -25,6 +25,7 @@ import triton.language as tl  # noqa: E402
 import fused_optim  # noqa: E402
 import optim_db  # noqa: E402
 from fused_optim import _tables  # noqa: E402
+from fused_optim.kernels import contract  # noqa: E402
 from fused_optim.kernels import layout as L  # noqa: E402
 from fused_optim.kernels import reference  # noqa: E402
 from fused_optim.kernels import triton as tk  # noqa: E402
@@ -63,14 +64,14 @@ def _assert_all_close(actual, expected, **kw):
 def _run_sgd(backend, params, grads, bufs, row_flags, **hyper):
     for packed in _tables.pack(params, grads, [bufs], ("momentum_buffer",),
                                row_flags=row_flags if hyper["momentum"] else None):
-        backend.sgd(packed.batch, **hyper)
+        contract.kernel(backend, "sgd")(packed.batch, **hyper)
         packed.finish()
 
 
 def _run_adam(backend, params, grads, states, steps, **hyper):
     for packed in _tables.pack(params, grads, states,
                                ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=steps):
-        backend.adam(packed.batch, **hyper)
+        contract.kernel(backend, "adam")(packed.batch, **hyper)
         packed.finish()
 
 
