@@ -21,13 +21,12 @@ Triton backend runs on the host for CUDA params whose steps live there.
 import math
 
 import numpy as np
-from numba import carray, njit
+from numba import njit
 
-from .. import layout as L
 from . import _stale
-from ._memory import address, fma, load, store
+from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import FIRST, grad, parallel, run, serial
+from ._walk import FIRST, advance_step, decayed_grad, parallel, run, serial
 
 __all__ = ["adagrad", "advance_host_steps", "LR_F64", "LR_F32", "LR_BF16", "LR_F16"]
 
@@ -81,14 +80,7 @@ def _adagrad_scalars(table, lr, lr_decay, lr_round, out):
     clr is computed in, as torch's loop does (``_clr``).
     """
     for row in range(table.shape[0]):
-        if table[row, L.FLAGS] & L.FLAG_STEP_F64:
-            s64 = carray(address(table[row, L.STEP]), (1,), np.float64)
-            s64[0] += 1.0
-            step = s64[0]
-        else:
-            s32 = carray(address(table[row, L.STEP]), (1,), np.float32)
-            s32[0] += np.float32(1.0)
-            step = np.float64(s32[0])
+        step = advance_step(table, row)
         out[row, 0] = _clr(lr, 1.0 + (step - 1.0) * lr_decay, lr_round)
 
 
@@ -100,10 +92,7 @@ def _adagrad_rows(table, h, rows):
 @njit(inline="always")
 def _adagrad_element(j, p, g, s, _s1, _s2, comp, sr, x, r):
     """Adagrad on element ``j`` (``s``: the ``sum`` state; ``r[0]``: the row's clr)."""
-    gj = grad(g, j, x)
-    pj = load(p, j)
-    if x[HAS_WD] != 0:
-        gj = fma(pj, x[WD], gj)
+    gj, pj = decayed_grad(g, p, j, x, x[HAS_WD], x[WD])
     sj = fma(gj, gj, load(s, j))  # addcmul(value=1)
     store(s, j, sj)
     std = np.sqrt(sj) + x[EPS]

@@ -11,13 +11,12 @@ Triton backend runs on the host for CUDA params whose steps live there.
 """
 
 import numpy as np
-from numba import carray, njit
+from numba import njit
 
-from .. import layout as L
 from . import _stale
-from ._memory import address, fma, load, store
+from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import FIRST, grad, parallel, run, serial
+from ._walk import FIRST, advance_step, decayed_grad, parallel, run, serial
 
 __all__ = ["adam", "advance_host_steps"]
 
@@ -48,14 +47,7 @@ def _adam_scalars(table, lr, beta1, beta2, out):
     """
     one = np.ones_like(out[0:1, 0])[0]
     for row in range(table.shape[0]):
-        if table[row, L.FLAGS] & L.FLAG_STEP_F64:
-            s64 = carray(address(table[row, L.STEP]), (1,), np.float64)
-            s64[0] += 1.0
-            step = s64[0]
-        else:
-            s32 = carray(address(table[row, L.STEP]), (1,), np.float32)
-            s32[0] += np.float32(1.0)
-            step = np.float64(s32[0])
+        step = advance_step(table, row)
         out[row, 0] = lr / (1.0 - beta1 ** step)  # step size
         out[row, 1] = (1.0 - beta2 ** step) ** 0.5  # sqrt of 2nd bias correction
         if out.shape[1] > 2:
@@ -99,11 +91,10 @@ def _adam_element(j, p, g, m, v, vmax, comp, sr, x, r):
     reciprocal (:func:`_adam_scalars`). L2 decay (``HAS_WD``) is skipped when
     off; decoupled decay multiplies by ``DECAY``, which is exactly 1.0 when off.
     """
-    gj = grad(g, j, x)
-    pj = old = load(p, j)
-    pj = pj * x[DECAY]
-    if x[HAS_WD] != 0:
-        gj = fma(pj, x[WD], gj)
+    # L2 decay (HAS_WD) and decoupled decay (DECAY not 1.0) never both act, so
+    # the L2 term's param is the stored one either way
+    gj, old = decayed_grad(g, p, j, x, x[HAS_WD], x[WD])
+    pj = old * x[DECAY]
     mj = load(m, j)
     # torch.lerp's two-sided formula, as its CPU kernel evaluates it
     mj = fma(x[LERP_W], gj - mj, gj if x[LERP_FROM_GRAD] != 0 else mj)

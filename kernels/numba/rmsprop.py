@@ -11,13 +11,12 @@ backend runs on the host for CUDA params whose steps live there.
 """
 
 import numpy as np
-from numba import carray, njit
+from numba import njit
 
-from .. import layout as L
 from . import _stale
-from ._memory import address, fma, load, store
+from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import FIRST, grad, parallel, run, serial
+from ._walk import FIRST, advance_step, decayed_grad, parallel, run, serial
 
 __all__ = ["rmsprop", "advance_steps"]
 
@@ -32,12 +31,7 @@ __all__ = ["rmsprop", "advance_steps"]
 def _advance(table):
     """Advance every row's step counter by one (rows with no elements too)."""
     for row in range(table.shape[0]):
-        if table[row, L.FLAGS] & L.FLAG_STEP_F64:
-            s64 = carray(address(table[row, L.STEP]), (1,), np.float64)
-            s64[0] += 1.0
-        else:
-            s32 = carray(address(table[row, L.STEP]), (1,), np.float32)
-            s32[0] += np.float32(1.0)  # a float32 add, as torch's step += 1
+        advance_step(table, row)
 
 
 @njit(inline="always")
@@ -49,10 +43,7 @@ def _rmsprop_rows(table, h, rows):
 def _rmsprop_element(j, p, g, sq, buf, gavg, comp, sr, x, r):
     """RMSprop on element ``j``: ``sq`` square_avg; ``buf`` None without
     momentum; ``gavg`` None unless centered."""
-    gj = grad(g, j, x)
-    pj = load(p, j)
-    if x[HAS_WD] != 0:
-        gj = fma(pj, x[WD], gj)  # grad.add(param, alpha=wd)
+    gj, pj = decayed_grad(g, p, j, x, x[HAS_WD], x[WD])
     # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
     sj = fma(x[ONE_MINUS_ALPHA] * gj, gj, load(sq, j) * x[ALPHA])
     store(sq, j, sj)
