@@ -1,21 +1,37 @@
 """What every reference kernel reads from a row and how it writes the row back.
 
-The parts of an update that are the same in every optimizer: whether a step
-writes at all (GradScaler's ``found_inf``), a row's compute dtype, param and
-gradient as the update rule takes them, and the param store through the
-bfloat16/float16 options.
+The parts of an update that are the same in every optimizer: which rows a
+step writes (none after GradScaler's ``found_inf``) and their step counters,
+a row's compute dtype, param and gradient as the update rule takes them, and
+the param store through the bfloat16/float16 options.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["skip", "inputs", "param_store"]
+__all__ = ["rows", "inputs", "param_store"]
 
 
-def skip(found_inf) -> bool:
-    """Whether GradScaler found an inf: then nothing is written, steps included."""
-    return found_inf is not None and bool(found_inf != 0)
+def rows(batch, found_inf):
+    """``(i, p, step)`` for each row of ``batch`` that an update writes.
+
+    None at all where ``found_inf`` is nonzero (GradScaler found an inf:
+    nothing is written, steps included). Otherwise every row's step counter, where the
+    optimizer keeps them (``batch.steps``), is advanced by one, in place,
+    empty rows' too; ``step`` is that 0-dim tensor (None without counters),
+    and rows without elements are passed over.
+    """
+    if found_inf is not None and bool(found_inf != 0):
+        return
+    for i, p in enumerate(batch.params):
+        step = None
+        if batch.steps:
+            step = batch.steps[i]
+            step += 1
+        if p.numel() == 0:
+            continue
+        yield i, p, step
 
 
 def compute_dtype(t):

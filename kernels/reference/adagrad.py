@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._io import inputs, param_store, skip
+from ._io import inputs, param_store, rows
 
 __all__ = ["adagrad"]
 
@@ -48,15 +48,9 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
 
     With ``found_inf`` nonzero nothing is written, steps included.
     """
-    if skip(found_inf):
-        return
     put = param_store(batch, kahan_sum, stochastic_round)
-    for i, p in enumerate(batch.params):
-        step_t = batch.steps[i]
-        step_t += 1
+    for i, p, step_t in rows(batch, found_inf):
         neg_clr = -clr(lr, lr_decay, float(step_t), lr_round)
-        if p.numel() == 0:
-            continue
         ct, p32, g = inputs(batch, i, grad_scale, maximize, weight_decay)
         s_t = batch.states[0][i]
         s = s_t.to(ct).addcmul(g, g, value=1)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._io import inputs, param_store, skip
+from ._io import inputs, param_store, rows
 
 __all__ = ["adam"]
 
@@ -35,15 +35,9 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
 
     With ``found_inf`` nonzero nothing is written, steps included.
     """
-    if skip(found_inf):
-        return
     put = param_store(batch, kahan_sum, stochastic_round)
-    for i, p in enumerate(batch.params):
-        step_t = batch.steps[i]
-        step_t += 1
+    for i, p, step_t in rows(batch, found_inf):
         step = float(step_t)
-        if p.numel() == 0:
-            continue
         step_size = _ieee_div(lr, 1.0 - beta1 ** step)
         bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
         ct, old, g = inputs(batch, i, grad_scale, maximize,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._io import inputs, param_store, skip
+from ._io import inputs, param_store, rows
 
 __all__ = ["rmsprop"]
 
@@ -25,15 +25,10 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
     ``momentum > 0``), ``[2]`` grad_avg (used when ``centered``). With
     ``found_inf`` nonzero nothing is written, steps included.
     """
-    if skip(found_inf):
-        return
     if torch.is_tensor(lr):  # capturable's device lr: read here, once
         lr = float(lr)
     put = param_store(batch, kahan_sum, stochastic_round)
-    for i, p in enumerate(batch.params):
-        batch.steps[i] += 1
-        if p.numel() == 0:
-            continue
+    for i, p, _ in rows(batch, found_inf):
         ct, p32, g = inputs(batch, i, grad_scale, maximize, weight_decay)
         sq_t = batch.states[0][i]
         sq = sq_t.to(ct).mul(alpha).addcmul(g, g, value=1.0 - alpha)

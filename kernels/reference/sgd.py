@@ -6,7 +6,7 @@ kernels keep.
 
 from __future__ import annotations
 
-from ._io import inputs, param_store, skip
+from ._io import inputs, param_store, rows
 
 __all__ = ["sgd"]
 
@@ -18,12 +18,8 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
     ``kahan_sum`` / ``stochastic_round`` (every kernel's last two keywords):
     how bfloat16/float16 params are stored, see ``_io.param_store``.
     """
-    if skip(found_inf):
-        return
     put = param_store(batch, kahan_sum, stochastic_round)
-    for i, p in enumerate(batch.params):
-        if p.numel() == 0:
-            continue
+    for i, p, _ in rows(batch, found_inf):
         ct, p32, g = inputs(batch, i, grad_scale, maximize, weight_decay)
         if momentum != 0:
             buf = batch.states[0][i]
