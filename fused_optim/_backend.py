@@ -61,18 +61,6 @@ def module(name: str):
     return mod
 
 
-def kernel(mod, name: str):
-    """Backend module ``mod``'s kernel ``name`` (a record's ``kernel``).
-
-    A kernel is the module's attribute of that name or, for optimizers added
-    as their own file, the function of that name in ``<backend>/<name>.py``,
-    imported on first use.
-    """
-    from fused_optim.kernels import contract
-
-    return contract.kernel(mod, name)
-
-
 @functools.lru_cache(maxsize=None)
 def declared(name: str) -> dict:
     """A backend's literal declarations (kernels/contract.py), without importing it."""

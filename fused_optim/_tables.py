@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import _backend, _facts
-from .kernels import Batch
+from .kernels import Batch, contract
 from .kernels import layout as L
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -403,7 +403,7 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
         for (device, dtype, _), rows in buckets.items():
             module = modules[(device, dtype)]
             units.append(_kernel_unit(cols, where, steps, row_flags, rows, device, module,
-                                      kernel_name and _backend.kernel(module, kernel_name)))
+                                      kernel_name and contract.kernel(module, kernel_name)))
         if torch_rows:
             units.append(TorchUnit(torch_rows))
 

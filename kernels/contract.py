@@ -10,6 +10,7 @@ import ast
 import importlib
 import inspect
 import os
+import pkgutil
 from typing import Optional, Protocol, runtime_checkable
 
 
@@ -30,15 +31,11 @@ class Backend(Protocol):
     #: ``device`` (the torch.device) and ``type`` (its type); None if DEVICES is
     DEVICE_HINT: Optional[str]
 
-    # Every kernel ends with ``kahan_sum=False, stochastic_round=None``: how
-    # bfloat16/float16 params are stored (``reference/_precision.py``).
-    def sgd(self, batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
-            grad_scale=None, found_inf=None, kahan_sum=False,
-            stochastic_round=None) -> None: ...
-
-    def adam(self, batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-             amsgrad, maximize, grad_scale=None, found_inf=None, kahan_sum=False,
-             stochastic_round=None) -> None: ...
+    # Kernels, one per optimizer, are found by kernel(): the function <name>
+    # of <backend>/<name>.py, with the keywords of the reference backend's
+    # (kernels/reference/<name>.py), which all end with ``kahan_sum=False,
+    # stochastic_round=None``: how bfloat16/float16 params are stored
+    # (reference/_precision.py).
 
 
 #: Written as literals in the module's source: the install hint is needed
@@ -54,15 +51,14 @@ def interpreted() -> bool:
 
 
 LITERALS = ("NAME", "DEVICES", "INTERPRETED_DEVICES", "INSTALL_HINT", "DEVICE_HINT")
-KERNELS = ("sgd", "adam")
 
 
 def kernel(module, name: str):
     """Backend ``module``'s kernel ``name``.
 
-    The module's attribute of that name or, for an optimizer added as its own
-    file, the function ``name`` in the submodule ``<backend>/<name>.py``
-    (imported on first use). Every backend's kernel ``name`` takes the same
+    The function ``name`` in the submodule ``<backend>/<name>.py``, imported
+    on first use (or the module's attribute of that name where one is set,
+    as a test's stand-in). Every backend's kernel ``name`` takes the same
     keywords as the reference backend's.
     """
     fn = getattr(module, name, None)
@@ -90,11 +86,20 @@ def declared(path: str) -> dict:
     return out
 
 
-def problems(module, kernels=KERNELS) -> list:
+def kernel_names() -> tuple:
+    """Every kernel's name: the reference backend's kernel files (``reference/<name>.py``)."""
+    from . import reference
+
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(reference.__path__)
+                        if not m.name.startswith("_")))
+
+
+def problems(module, kernels=None) -> list:
     """How ``module`` breaks the contract (empty if it keeps it).
 
     ``kernels``: the kernel names to check (the registry's, from the API
-    layer); each must take the reference backend's keywords.
+    layer; default :func:`kernel_names`); each must take the reference
+    backend's keywords.
     """
     out = []
     for name in Backend.__annotations__:
@@ -108,7 +113,7 @@ def problems(module, kernels=KERNELS) -> list:
     if getattr(module, "DEVICES", None) is not None and getattr(module, "DEVICE_HINT", None) is None:
         out.append("DEVICES is limited but there is no DEVICE_HINT")
     from . import reference
-    for name in kernels:
+    for name in kernel_names() if kernels is None else kernels:
         try:
             fn = kernel(module, name)
         except ImportError:
@@ -116,13 +121,8 @@ def problems(module, kernels=KERNELS) -> list:
         if not callable(fn):
             out.append(f"no kernel {name}")
             continue
-        if name in KERNELS:
-            want = inspect.signature(getattr(Backend, name))
-            want = want.replace(parameters=list(want.parameters.values())[1:],
-                                return_annotation=inspect.Signature.empty)
-        else:
-            want = inspect.signature(kernel(reference, name)).replace(
-                return_annotation=inspect.Signature.empty)
+        want = inspect.signature(kernel(reference, name)).replace(
+            return_annotation=inspect.Signature.empty)
         got = inspect.signature(fn).replace(return_annotation=inspect.Signature.empty)
         if str(got) != str(want):
             out.append(f"{name}{got} is not {name}{want}")

@@ -360,7 +360,7 @@ for cls in (caching.InTreeCacheLocator, caching.UserWideCacheLocator):
     cls.from_function = classmethod(lambda cls, f, p: None)
 import fused_optim.kernels.numba as nb
 print(numba.config.CACHE_DIR)
-print(nb._any_kernel._cache._cache_path)
+print(nb._cache_anchor._cache._cache_path)
 """
 
 

@@ -25,6 +25,7 @@ import triton.language as tl  # noqa: E402
 import fused_optim  # noqa: E402
 import optim_db  # noqa: E402
 from fused_optim import _tables  # noqa: E402
+from fused_optim.kernels import contract  # noqa: E402
 from fused_optim.kernels import layout as L  # noqa: E402
 from fused_optim.kernels import reference  # noqa: E402
 from fused_optim.kernels import contract  # noqa: E402

@@ -192,12 +192,13 @@ def _backend_problem(impl: str, spec: OptimizerSpec, dtype: torch.dtype,
                      device: torch.device) -> str | None:
     """Why a fused_optim backend cannot run this case, or None."""
     from .. import _backend
+    from ..kernels import contract
     # timing an interpreter measures nothing a user would run
     why = _backend.why_not(impl, device, dtype, interpreted=False)
     if why is not None:
         return why
     try:
-        _backend.kernel(_backend.module(impl), spec.kind)
+        contract.kernel(_backend.module(impl), spec.kind)
     except (ImportError, AttributeError):
         return f"the {impl} backend has no {spec.kind} kernel yet"
     return None

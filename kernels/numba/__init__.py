@@ -2,7 +2,7 @@
 
 The work split, row walk and spans are written once in ``_walk``; each
 optimizer's element update, jitted entry points and launcher live in its own
-file (``sgd.py``, ``adam.py``).
+file (``<name>.py``), imported on first use (``contract.kernel``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ._memory import VIEW_DTYPES  # noqa: E402
 # reads _walk.SERIAL_BELOW, so patch that one)
 from ._walk import SERIAL_BELOW, wait_for_background  # noqa: E402, F401
 
-__all__ = ["sgd", "adam", "SUPPORTED_DTYPES"]
+__all__ = ["SUPPORTED_DTYPES", "warm_numel"]
 
 # numba's SSA pass flags branches in our inlined helpers and bf16/fp16 overloads
 # ("variable ... is not in scope"); the code is right (the conversions are
@@ -47,13 +47,9 @@ def warm_numel(numel: int) -> int:
     return min(numel, _walk.SERIAL_BELOW)
 
 
-# Each optimizer's kernel lives in its own file (see ``_walk`` for what one
-# holds). Imported after the submodules, so that ``sgd`` and ``adam`` here are
-# the functions rather than the submodules of the same names.
-from .adam import adam  # noqa: E402
-from .sgd import sgd  # noqa: E402
-from .sgd import sgd_serial as _any_kernel  # noqa: E402
-
-# before any kernel is compiled or loaded from the disk cache (see _stale)
-_stale.seed(_any_kernel)
-_stale.check(_any_kernel)
+# before any kernel is compiled or loaded from the disk cache (see _stale);
+# the cache is found through a dispatcher of no optimizer's file, so that
+# importing the backend compiles, loads and imports no kernel
+_cache_anchor = _stale.anchor()
+_stale.seed(_cache_anchor)
+_stale.check(_cache_anchor)

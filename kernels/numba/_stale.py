@@ -113,6 +113,16 @@ def _probe():
     """A function of this file, for asking Numba's cache locators about it."""
 
 
+def anchor():
+    """A dispatcher (never compiled) whose cache directory is the one every
+    kernel of this package uses: Numba chooses it by the source file's
+    directory. For :func:`seed` and :func:`check`; made after
+    :func:`choose_location`, which that choice depends on."""
+    from numba import njit
+
+    return njit(cache=True)(_probe)
+
+
 def choose_location() -> str | None:
     """Before any kernel is decorated: make sure Numba has a writable cache.
 

@@ -74,7 +74,7 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .. import layout as L
 from ..reference._precision import keys
-from ._memory import (BLOCK, PREFETCH_BYTES, VIEW_DTYPES, address, load,
+from ._memory import (BLOCK, PREFETCH_BYTES, VIEW_DTYPES, address, fma, load,
                       prefetch_block)
 
 # ------------------------------------------------------------------ launchers
@@ -369,6 +369,21 @@ def grad(g, j, x):
     ``g * 1.0`` is ``g`` and ``g * -1.0`` is ``-g``, bit for bit.
     """
     return load(g, j) * x[INV_SCALE]
+
+
+@njit(inline="always")
+def decayed_grad(g, p, j, x, has_wd, wd):
+    """``(gj, pj)``: element ``j``'s gradient (:func:`grad`) and param.
+
+    Where ``has_wd`` is nonzero the gradient takes L2 weight decay,
+    ``grad.add(param, alpha=wd)``: a fused multiply-add, as in torch's CPU
+    kernel. ``has_wd`` and ``wd`` are the optimizer's batch scalars.
+    """
+    gj = grad(g, j, x)
+    pj = load(p, j)
+    if has_wd != 0:
+        gj = fma(pj, wd, gj)
+    return gj, pj
 
 
 @njit(inline="always")

@@ -22,7 +22,7 @@ from . import _stale
 from ..steps import LR_F64, adagrad_scalars
 from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import FIRST, grad, parallel, run, serial
+from ._walk import FIRST, decayed_grad, parallel, run, serial
 
 __all__ = ["adagrad"]
 
@@ -37,10 +37,7 @@ def _adagrad_rows(table, h, rows):
 @njit(inline="always")
 def _adagrad_element(j, p, g, s, _s1, _s2, comp, sr, x, r):
     """Adagrad on element ``j`` (``s``: the ``sum`` state; ``r[0]``: the row's clr)."""
-    gj = grad(g, j, x)
-    pj = load(p, j)
-    if x[HAS_WD] != 0:
-        gj = fma(pj, x[WD], gj)
+    gj, pj = decayed_grad(g, p, j, x, x[HAS_WD], x[WD])
     sj = fma(gj, gj, load(s, j))  # addcmul(value=1)
     store(s, j, sj)
     std = np.sqrt(sj) + x[EPS]

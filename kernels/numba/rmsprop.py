@@ -14,7 +14,7 @@ from . import _stale
 from ..steps import advance
 from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import FIRST, grad, parallel, run, serial
+from ._walk import FIRST, decayed_grad, parallel, run, serial
 
 __all__ = ["rmsprop"]
 
@@ -34,10 +34,7 @@ def _rmsprop_rows(table, h, rows):
 def _rmsprop_element(j, p, g, sq, buf, gavg, comp, sr, x, r):
     """RMSprop on element ``j``: ``sq`` square_avg; ``buf`` None without
     momentum; ``gavg`` None unless centered."""
-    gj = grad(g, j, x)
-    pj = load(p, j)
-    if x[HAS_WD] != 0:
-        gj = fma(pj, x[WD], gj)  # grad.add(param, alpha=wd)
+    gj, pj = decayed_grad(g, p, j, x, x[HAS_WD], x[WD])
     # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
     sj = fma(x[ONE_MINUS_ALPHA] * gj, gj, load(sq, j) * x[ALPHA])
     store(sq, j, sj)

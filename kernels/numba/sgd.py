@@ -23,7 +23,7 @@ from .. import layout as L
 from . import _stale
 from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import FIRST, grad, parallel, run, serial
+from ._walk import FIRST, decayed_grad, parallel, run, serial
 
 __all__ = ["sgd"]
 
@@ -46,10 +46,7 @@ def _sgd_rows(table, h, rows):
 @njit(inline="always")
 def _sgd_element(j, p, g, b, _s1, _s2, comp, sr, x, r):
     """SGD on element ``j``; ``b`` (the momentum buffer) is None without momentum."""
-    gj = grad(g, j, x)
-    pj = load(p, j)
-    if x[HAS_WD] != 0:
-        gj = fma(pj, x[WD], gj)
+    gj, pj = decayed_grad(g, p, j, x, x[HAS_WD], x[WD])
     if b is not None:
         bj = fma(gj, r[0], load(b, j) * r[1])  # a fresh row: g (module docstring)
         store(b, j, bj)

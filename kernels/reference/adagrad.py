@@ -12,24 +12,12 @@ import math
 
 import torch
 
-from . import param_store
+from ._io import inputs, param_store, rows
 
 __all__ = ["adagrad"]
 
 
-def _compute_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _unscale(g, grad_scale):
-    if grad_scale is None:
-        return g
-    # GradScaler.unscale_ multiplies by a float32 reciprocal; so do we
-    inv = grad_scale.double().reciprocal().float().to(g.device)
-    return g * inv.to(g.dtype)
-
-
-#: ``lr_round`` codes (kernels/numba/adagrad.py's LR_F64 ... LR_F16): the dtype
+#: ``lr_round`` codes (kernels/steps.py's LR_F64 ... LR_F16): the dtype
 #: of a Tensor lr, which torch's loop computes clr in
 _LR_DTYPES = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}
 
@@ -60,22 +48,10 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
 
     With ``found_inf`` nonzero nothing is written, steps included.
     """
-    if found_inf is not None and bool(found_inf != 0):
-        return
     put = param_store(batch, kahan_sum, stochastic_round)
-    for i, p in enumerate(batch.params):
-        step_t = batch.steps[i]
-        step_t += 1
+    for i, p, step_t in rows(batch, found_inf):
         neg_clr = -clr(lr, lr_decay, float(step_t), lr_round)
-        if p.numel() == 0:
-            continue
-        ct = _compute_dtype(p)
-        g = _unscale(batch.grads[i].to(ct), grad_scale)
-        if maximize:
-            g = -g
-        p32 = p.to(ct)
-        if weight_decay != 0:
-            g = g.add(p32, alpha=weight_decay)
+        ct, p32, g = inputs(batch, i, grad_scale, maximize, weight_decay)
         s_t = batch.states[0][i]
         s = s_t.to(ct).addcmul(g, g, value=1)
         s_t.copy_(s)

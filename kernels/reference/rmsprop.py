@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _compute_dtype, _skip, _unscale, param_store
+from ._io import inputs, param_store, rows
 
 __all__ = ["rmsprop"]
 
@@ -25,22 +25,11 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
     ``momentum > 0``), ``[2]`` grad_avg (used when ``centered``). With
     ``found_inf`` nonzero nothing is written, steps included.
     """
-    if _skip(found_inf):
-        return
     if torch.is_tensor(lr):  # capturable's device lr: read here, once
         lr = float(lr)
     put = param_store(batch, kahan_sum, stochastic_round)
-    for i, p in enumerate(batch.params):
-        batch.steps[i] += 1
-        if p.numel() == 0:
-            continue
-        ct = _compute_dtype(p)
-        g = _unscale(batch.grads[i].to(ct), grad_scale)
-        if maximize:
-            g = -g
-        p32 = p.to(ct)
-        if weight_decay != 0:
-            g = g.add(p32, alpha=weight_decay)
+    for i, p, _ in rows(batch, found_inf):
+        ct, p32, g = inputs(batch, i, grad_scale, maximize, weight_decay)
         sq_t = batch.states[0][i]
         sq = sq_t.to(ct).mul(alpha).addcmul(g, g, value=1.0 - alpha)
         sq_t.copy_(sq)

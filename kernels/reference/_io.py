@@ -1,0 +1,88 @@
+"""What every reference kernel reads from a row and how it writes the row back.
+
+The parts of an update that are the same in every optimizer: which rows a
+step writes (none after GradScaler's ``found_inf``) and their step counters,
+a row's compute dtype, param and gradient as the update rule takes them, and
+the param store through the bfloat16/float16 options.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["rows", "inputs", "param_store"]
+
+
+def rows(batch, found_inf):
+    """``(i, p, step)`` for each row of ``batch`` that an update writes.
+
+    None at all where ``found_inf`` is nonzero (GradScaler found an inf:
+    nothing is written, steps included). Otherwise every row's step counter, where the
+    optimizer keeps them (``batch.steps``), is advanced by one, in place,
+    empty rows' too; ``step`` is that 0-dim tensor (None without counters),
+    and rows without elements are passed over.
+    """
+    if found_inf is not None and bool(found_inf != 0):
+        return
+    for i, p in enumerate(batch.params):
+        step = None
+        if batch.steps:
+            step = batch.steps[i]
+            step += 1
+        if p.numel() == 0:
+            continue
+        yield i, p, step
+
+
+def compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def inputs(batch, i, grad_scale, maximize, weight_decay):
+    """``(ct, p, g)`` of row ``i``: its compute dtype, its param in that dtype,
+    and its gradient as the update rule takes it.
+
+    The gradient is unscaled (GradScaler's ``unscale_`` multiplies by a
+    float32 reciprocal; so does this), negated for ``maximize``, and, with
+    ``weight_decay`` nonzero, L2-decayed: ``g.add(p, alpha=weight_decay)``,
+    a fused multiply-add on CPU.
+    """
+    p = batch.params[i]
+    ct = compute_dtype(p)
+    g = batch.grads[i].to(ct)
+    if grad_scale is not None:
+        inv = grad_scale.double().reciprocal().float().to(g.device)
+        g = g * inv.to(g.dtype)
+    if maximize:
+        g = -g
+    p32 = p.to(ct)
+    if weight_decay != 0:
+        g = g.add(p32, alpha=weight_decay)
+    return ct, p32, g
+
+
+def param_store(batch, kahan_sum, stochastic_round):
+    """``put(i, p, old, new)``: store row ``i``'s result through the options.
+
+    ``old`` is the param's stored value and ``new`` the update's result, both
+    in the compute type. Kahan summation and stochastic rounding act on
+    bfloat16/float16 rows only (see ``_precision``); other rows, and rows
+    with the options off, take ``p.copy_(new)``. ``stochastic_round`` is
+    None or ``(seed, counter, salt)`` with ``counter`` a 0-dim int64 tensor.
+    """
+    from . import _precision as P
+
+    low = batch.dtype in P.LOW_PRECISION
+    kahan = kahan_sum and low
+    stream = None
+    if stochastic_round is not None and low:
+        seed, counter, salt = stochastic_round
+        stream = P.keys(int(seed), int(counter), int(salt))
+    if not kahan and stream is None:
+        return lambda i, p, old, new: p.copy_(new)
+    from .. import layout as L
+
+    def put(i, p, old, new):
+        P.store_param(p, old, new, batch.states[3][i] if kahan else None, stream,
+                      int(batch.table[i, L.START]))
+    return put
