@@ -253,10 +253,15 @@ class FusedOptimizer(Optimizer):
         the caller found that torch's loop raises (``torchs_raises``), torch's
         own loop runs first (``_torchs_init_group``): its lazy state, its error.
         """
-        all_state = self.state
-        states = [all_state[p] for p in with_grad]
-        if torchs_raises or not all(states):
+        if torchs_raises:
             self._torchs_init_group(group)
+        # (.get: a defaultdict entry made here for a param torch's loop never
+        # reaches would stay behind in state_dict() where that loop raises)
+        all_state = self.state
+        states = [all_state.get(p) for p in with_grad]
+        if not all(states):
+            self._torchs_init_group(group)
+            states = [all_state[p] for p in with_grad]
         try:
             return [state_values(states, key) for key in keys]
         except KeyError:
