@@ -88,3 +88,25 @@ def test_old_checkpoint_gets_torchs_defaults(record):
                 assert torch.equal(mine, value), key
             else:
                 assert mine == value, key
+
+
+@pytest.mark.parametrize("name,switch", [("Adam", "amsgrad"), ("AdamW", "amsgrad"),
+                                         ("RMSprop", "centered")])
+def test_option_switched_on_raises_torchs_key_error_and_leaves_torchs_state(name, switch):
+    """An option switched on mid-training: torch's loop raises KeyError at the
+    old param, and never reaches the new one after it. The state left is
+    torch's: no empty entry for the new param (an empty dict in state_dict())."""
+    outcomes = []
+    for cls in (_registry.get(name).torch_cls, _registry.get(name).cls):
+        old, new = _params()
+        opt = cls([old], foreach=False)
+        old.grad = torch.ones_like(old)
+        opt.step()
+        opt.param_groups[0]["params"].append(new)
+        opt.param_groups[0][switch] = True
+        new.grad = torch.ones_like(new)
+        with pytest.raises(KeyError) as err:
+            opt.step()
+        outcomes.append((str(err.value), {k: sorted(v) for k, v in
+                                          opt.state_dict()["state"].items()}))
+    assert outcomes[0] == outcomes[1]
