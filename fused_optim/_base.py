@@ -258,7 +258,10 @@ class FusedOptimizer(Optimizer):
         # (.get: a defaultdict entry made here for a param torch's loop never
         # reaches would stay behind in state_dict() where that loop raises)
         all_state = self.state
-        states = [all_state.get(p) for p in with_grad]
+        if torch.compiler.is_compiling():  # dynamo traces comprehensions, not bound-method maps
+            states = [all_state.get(p) for p in with_grad]
+        else:  # 161 params: 12 us, against 15 us for a comprehension of .get
+            states = list(map(all_state.get, with_grad))
         if not all(states):
             self._torchs_init_group(group)
             states = [all_state[p] for p in with_grad]
