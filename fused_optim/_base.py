@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not
 
@@ -93,6 +94,26 @@ class FusedOptimizer(Optimizer):
       and step counts) when an inf/NaN was found, with no host
       synchronisation; :attr:`last_step_skipped` tells which.
 
+    A class here derives from this and from torch's own class, in that
+    order (``class SGD(FusedOptimizer, torch.optim.SGD)``): torch's
+    ``__init__`` checks the arguments (its errors, in its order) and builds
+    the defaults, torch's ``__setstate__`` fills in old checkpoints' keys,
+    and torch's ``_init_group`` creates the lazy state; ``isinstance(opt,
+    torch.optim.SGD)`` holds. This class comes first, so its ``step`` (and
+    the subclass's ``_init_group``, a per-step fast path) run.
+
+    Every class here takes, besides torch's arguments, the keyword-only:
+
+    * ``backend`` (str, optional): ``"auto"``, ``"numba"``, ``"triton"`` or
+      ``"torch"``; None reads ``FUSED_OPTIM_BACKEND`` (default: None, i.e. auto)
+    * ``kahan_sum`` (bool, optional): Kahan summation for bfloat16/float16
+      params: a compensation buffer per param (state ``"kahan_comp"``, the
+      param's size again) carries each store's rounding error into the next
+      step (default: False)
+    * ``stochastic_round`` (bool, optional): round bfloat16/float16 param
+      stores stochastically (unbiased), from a stream seeded by torch's
+      generator and saved in ``state_dict`` (default: False)
+
     .. note::
         As with torch's ``fused=True`` optimizers, ``GradScaler.step`` then
         leaves ``p.grad`` scaled: call ``scaler.unscale_(optimizer)`` first
@@ -106,23 +127,28 @@ class FusedOptimizer(Optimizer):
 
     #: the class's whole-step operator (an ``_ops.UpdateOp``)
     STEP_OP = None
-    #: group keys torch's ``__setstate__`` fills in for old checkpoints
-    GROUP_DEFAULTS: dict = {}
+    #: keyword-only options of fused_optim's own that are group keys, set
+    #: only where on: a group without them is torch's, and so is its
+    #: checkpoint (see _precision)
+    OPTIONS = ("kahan_sum", "stochastic_round")
     #: whether torch's ``step`` runs the CUDA-graph capture health check
     CAPTURE_HEALTH_CHECK = False
 
-    def __init__(self, params, defaults, backend, kahan_sum=False, stochastic_round=False):
+    def __init__(self, params, *args, backend=None, **kwargs):
+        """The next class in the MRO's ``__init__`` (torch's) with ``args`` and
+        the ``kwargs`` that are not ``OPTIONS``: its checks, in its order, and
+        its defaults; then the options that are on become group keys."""
         self.backend = _backend.requested(backend)
         self._plans = _tables.PlanCache()  # group index -> validated _tables.Plan
         self._handle = _ops.register_optimizer(self)  # how the step operator finds _plans
-        # the options' group keys exist only where on: a group without them
-        # is torch's, and so is its checkpoint (see _precision)
-        if kahan_sum:
-            defaults["kahan_sum"] = True
-        if stochastic_round:
-            defaults["stochastic_round"] = True
-        super().__init__(params, defaults)
-        if stochastic_round:
+        on = {name: True for name in self.OPTIONS if kwargs.pop(name, False)}
+        super().__init__(params, *args, **kwargs)
+        if on:
+            self.defaults.update(on)  # (and so to add_param_group's groups)
+            for group in self.param_groups:
+                for name in on:
+                    group.setdefault(name, True)
+        if on.get("stochastic_round"):
             _precision._seed(self)  # drawn now, reproducibly after torch.manual_seed
         _warmup.start(self)  # compile the first step's kernels in the background
 
@@ -147,16 +173,13 @@ class FusedOptimizer(Optimizer):
         return state
 
     def __setstate__(self, state):
-        super().__setstate__(state)
+        super().__setstate__(state)  # torch's class's: old checkpoints' defaults
         if "backend" not in self.__dict__:
             self.backend = _backend.requested(None)
         # plans hold addresses of the tensors they were built for, and keep
         # their state storages alive: never copied, and dropped when
         # load_state_dict (which comes through here) replaces the state. What
         # captured CUDA graphs read stays (PlanCache.retain).
-        for group in self.param_groups:
-            for key, value in self.GROUP_DEFAULTS.items():
-                group.setdefault(key, value)
         old = self.__dict__.get("_plans")
         self._plans = _tables.PlanCache(getattr(old, "graph_owned", None))
         if "_handle" not in self.__dict__:  # unpickled or copied (load_state_dict keeps it)
@@ -197,22 +220,43 @@ class FusedOptimizer(Optimizer):
                 moved = torch.full((), float(s), dtype=s.dtype, device=p.device)
                 state[p]["step"] = state_steps[i] = moved
 
-    def _lazy_state(self, group, with_grad, states, needed) -> None:
-        """torch's lazy state creation for the params in ``with_grad`` that have none.
+    def _torchs_init_group(self, group) -> None:
+        """torch's own ``_init_group`` on ``group``, the lists it fills thrown away.
 
-        torch's loop creates a param's state just before reading its keys, so
-        a param whose state lacks a key (an option switched on mid-training)
-        raises before any later param gets state. Created in one pass here
-        for speed, so where some existing state lacks a key of ``needed``,
-        ``_raise_in_torchs_order`` runs torch's order instead and raises.
+        Creates the lazy state torch's loop creates and raises the error it
+        raises first, param by param, in its order: the cold path of the
+        subclasses' per-step ``_init_group`` (see ``_gather_state``).
         """
-        if all(states):
-            return
-        if any(state and not needed.issubset(state) for state in states):
-            self._raise_in_torchs_order(group)
-        for p, state in zip(with_grad, states):
-            if len(state) == 0:
-                self._init_state(group, state, p)
+        init_group = super()._init_group  # the torch class's, next in the MRO
+        lists = len(inspect.signature(init_group).parameters) - 1  # those after group
+        init_group(group, *[[] for _ in range(lists)])
+
+    def _gather_state(self, group, with_grad, keys, torchs_raises=False) -> list:
+        """``state[key]`` of every param of ``with_grad``, a list for each of ``keys``.
+
+        torch's ``_init_group`` does this in a Python loop, at every step for
+        every param; here one C-level map per key (benchmarks/step_overhead.py).
+        Where a param has no state yet, where a state lacks a key, or where
+        the caller found that torch's loop raises (``torchs_raises``), torch's
+        own loop runs first (``_torchs_init_group``): its lazy state, its error.
+        """
+        if torchs_raises:
+            self._torchs_init_group(group)
+        # (.get: a defaultdict entry made here for a param torch's loop never
+        # reaches would stay behind in state_dict() where that loop raises)
+        all_state = self.state
+        if torch.compiler.is_compiling():  # dynamo traces comprehensions, not bound-method maps
+            states = [all_state.get(p) for p in with_grad]
+        else:  # 161 params: 12 us, against 15 us for a comprehension of .get
+            states = list(map(all_state.get, with_grad))
+        if not all(states):
+            self._torchs_init_group(group)
+            states = [all_state[p] for p in with_grad]
+        try:
+            return [state_values(states, key) for key in keys]
+        except KeyError:
+            self._torchs_init_group(group)
+            raise
 
     @staticmethod
     def _traceable(hyper) -> bool:
@@ -412,20 +456,6 @@ def scalar(x, keep_tensor=False):
 
 def backend_name(backend) -> str:
     return backend if backend in _backend.BACKENDS else _backend.requested(backend)
-
-
-def check_fused_device_dtype(p) -> None:
-    """torch's ``fused=True`` rule: floating-point params on a fused device."""
-    try:
-        from torch.optim.optimizer import _get_fused_kernels_supported_devices
-        devices = _get_fused_kernels_supported_devices()
-    except ImportError:  # older torch
-        devices = ["mps", "cuda", "xpu", "hpu", "cpu"]
-    if not (p.device.type in devices and torch.is_floating_point(p)):
-        raise RuntimeError(
-            "`fused=True` requires all the params to be floating point Tensors of "
-            f"supported devices: {devices} but {p.dtype} and {p.device.type}"
-        )
 
 
 def check_foreach_autograd(group, params, without_params=False) -> None:

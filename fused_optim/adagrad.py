@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
+from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from . import _base, _ops, _tables
 from ._registry import Record
@@ -12,16 +12,13 @@ from ._registry import Record
 __all__ = ["Adagrad", "adagrad"]
 
 
-#: the state keys a step reads (torch's loop raises KeyError for a missing one)
-_KEYS = frozenset(("sum", "step"))
-
 #: the kernels' ``lr_round`` code of a Tensor lr's dtype: torch's loop computes
 #: ``lr / (1 + (step - 1) * lr_decay)`` in that dtype (float16/bfloat16: in
 #: float32, rounded to it); 0: float64, as for a float lr
 _LR_ROUND = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
-class Adagrad(_base.FusedOptimizer):
+class Adagrad(_base.FusedOptimizer, torch.optim.Adagrad):
     r"""Adagrad, fused.
 
     A drop-in replacement for :class:`torch.optim.Adagrad`: same arguments,
@@ -60,16 +57,8 @@ class Adagrad(_base.FusedOptimizer):
             torch's own for-loop step, not the kernels (default: False)
         fused (bool, optional): accepted for compatibility; the kernels are
             always fused (default: None)
-        backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
-            ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
-            (default: None, i.e. auto)
-        kahan_sum (bool, optional): keyword-only. Kahan summation for
-            bfloat16/float16 params: a compensation buffer per param (state
-            ``"kahan_comp"``, the param's size again) carries each store's
-            rounding error into the next step (default: False)
-        stochastic_round (bool, optional): keyword-only. Round bfloat16/float16
-            param stores stochastically (unbiased), from a stream seeded by
-            torch's generator and saved in ``state_dict`` (default: False)
+        backend, kahan_sum, stochastic_round: keyword-only, as for every
+            class here (see :class:`~fused_optim._base.FusedOptimizer`)
 
     .. note::
         Each param's ``clr`` is computed from its own ``step`` as torch's
@@ -97,110 +86,22 @@ class Adagrad(_base.FusedOptimizer):
         kahan_sum: bool = False,
         stochastic_round: bool = False,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= lr_decay:
-            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not 0.0 <= initial_accumulator_value:
-            raise ValueError(
-                f"Invalid initial_accumulator_value value: {initial_accumulator_value}"
-            )
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-
-        defaults = {
-            "lr": lr,
-            "lr_decay": lr_decay,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "initial_accumulator_value": initial_accumulator_value,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-            "fused": fused,
-        }
-        super().__init__(params, defaults, backend, kahan_sum, stochastic_round)
-
-        if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-            self._need_device_dtype_check_for_fused = True
-
-        # torch creates every param's state here, not lazily
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                state["step"] = (
-                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]),
-                                device=p.device)
-                    if group["fused"]
-                    else torch.tensor(0.0, dtype=_get_scalar_dtype())
-                )
-                init_value = (
-                    complex(initial_accumulator_value, initial_accumulator_value)
-                    if torch.is_complex(p)
-                    else initial_accumulator_value
-                )
-                state["sum"] = torch.full_like(p, init_value,
-                                               memory_format=torch.preserve_format)
-
-    GROUP_DEFAULTS = {"foreach": None, "maximize": False, "differentiable": False,
-                      "fused": None}
-
-    def __setstate__(self, state):
-        super().__setstate__(state)  # (GROUP_DEFAULTS filled in)
-        fused = None
-        for group in self.param_groups:
-            fused = group["fused"]
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    step_val = float(p_state["step"])
-                    p_state["step"] = (
-                        torch.tensor(step_val, dtype=_get_scalar_dtype(is_fused=fused),
-                                     device=p.device)
-                        if group["fused"]
-                        else torch.tensor(step_val, dtype=_get_scalar_dtype())
-                    )
-        state_values = list(self.state.values())
-        step_is_tensor = (len(state_values) != 0) and torch.is_tensor(
-            state_values[0]["step"])
-        if not step_is_tensor:
-            for s in state_values:
-                s["step"] = torch.tensor(float(s["step"]),
-                                         dtype=_get_scalar_dtype(is_fused=fused))
-
-    def share_memory(self) -> None:
-        """Calls tensor.share_memory_() on the state sum tensors."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                state["sum"].share_memory_()
+        # (torch's __init__ creates every param's state, not lazily)
+        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps,
+                         foreach, maximize=maximize, differentiable=differentiable,
+                         fused=fused, backend=backend, kahan_sum=kahan_sum,
+                         stochastic_round=stochastic_round)
 
     def _init_group(self, group, params_with_grad, grads, state_sums, state_steps):
-        # torch's loop, one C-level map per fact (this runs for every param
-        # at every step); where a state lacks a key, torch's order of KeyErrors
+        # not torch's: one C-level map per fact (see _base._gather_state);
+        # torch's __init__ made the state of the params given to it
         with_grad, their_grads = _base.params_with_grads(group["params"])
         if not with_grad:
             return False, False
         if group["fused"] and getattr(self, "_need_device_dtype_check_for_fused", True):
             _device_dtype_check_for_fused(with_grad[0])
             self._need_device_dtype_check_for_fused = False
-        all_state = self.state
-        states = [all_state[p] for p in with_grad]
-        self._lazy_state(group, with_grad, states, _KEYS)  # params added since construction
-        try:
-            sums = _base.state_values(states, "sum")
-            steps = _base.state_values(states, "step")
-        except KeyError:
-            self._raise_in_torchs_order(group)
-            raise
+        sums, steps = self._gather_state(group, with_grad, ("sum", "step"))
         params_with_grad.extend(with_grad)
         grads.extend(their_grads)
         state_sums.extend(sums)
@@ -214,36 +115,6 @@ class Adagrad(_base.FusedOptimizer):
         # kernels see each tensor's dtype
         has_complex = group["differentiable"] and any(map(torch.is_complex, with_grad))
         return has_sparse_grad, has_complex
-
-    def _raise_in_torchs_order(self, group):
-        """torch's ``_init_group`` loop, param by param: raises what it raises first.
-
-        Params before the one that raises get their lazy state, as in torch.
-        """
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if len(state) == 0:
-                self._init_state(group, state, p)
-            state["sum"], state["step"]  # noqa: B018 - KeyError, as torch
-
-    def _init_state(self, group, state, p):
-        if group["fused"]:
-            _device_dtype_check_for_fused(p)
-        state["step"] = (
-            torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
-            if group["fused"]
-            else torch.tensor(0.0, dtype=_get_scalar_dtype())
-        )
-        # (torch reads the constructor's value here, not the group's)
-        initial_accumulator_value = self.defaults["initial_accumulator_value"]
-        init_value = (
-            complex(initial_accumulator_value, initial_accumulator_value)
-            if torch.is_complex(p)
-            else initial_accumulator_value
-        )
-        state["sum"] = torch.full_like(p, init_value, memory_format=torch.preserve_format)
 
     def _group_job(self, group, found_inf):
         params: list[Tensor] = []

@@ -11,24 +11,7 @@ from ._registry import Record
 __all__ = ["Adam", "AdamW", "adam", "adamw"]
 
 
-def _scalar_dtype(is_fused=None):
-    if is_fused:
-        return torch.float32
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _to_scalar(x):
-    if isinstance(x, Tensor) and x.dim() != 0:
-        return x.squeeze()
-    return x
-
-
-#: the state keys a step reads (torch's loop raises KeyError for a missing one)
-_KEYS = frozenset(("step", "exp_avg", "exp_avg_sq"))
-_AMSGRAD_KEYS = _KEYS | {"max_exp_avg_sq"}
-
-
-class Adam(_base.FusedOptimizer):
+class Adam(_base.FusedOptimizer, torch.optim.Adam):
     r"""Adam, fused; with ``decoupled_weight_decay=True`` it is AdamW.
 
     A drop-in replacement for :class:`torch.optim.Adam`: same arguments,
@@ -81,16 +64,8 @@ class Adam(_base.FusedOptimizer):
             always fused (default: None)
         decoupled_weight_decay (bool, optional): decay the weights directly
             instead of through the gradient, i.e. AdamW (default: False)
-        backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
-            ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
-            (default: None, i.e. auto)
-        kahan_sum (bool, optional): keyword-only. Kahan summation for
-            bfloat16/float16 params: a compensation buffer per param (state
-            ``"kahan_comp"``, the param's size again) carries each store's
-            rounding error into the next step (default: False)
-        stochastic_round (bool, optional): keyword-only. Round bfloat16/float16
-            param stores stochastically (unbiased), from a stream seeded by
-            torch's generator and saved in ``state_dict`` (default: False)
+        backend, kahan_sum, stochastic_round: keyword-only, as for every
+            class here (see :class:`~fused_optim._base.FusedOptimizer`)
 
     .. note::
         Bias corrections are computed in float64 from each parameter's own
@@ -120,111 +95,35 @@ class Adam(_base.FusedOptimizer):
         kahan_sum: bool = False,
         stochastic_round: bool = False,
     ) -> None:
-        if isinstance(lr, Tensor):
-            if foreach and not capturable:
-                raise ValueError(
-                    "lr as a Tensor is not supported for capturable=False and foreach=True"
-                )
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not (
-            (isinstance(betas[0], float) and isinstance(betas[1], float))
-            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
-        ):
-            raise ValueError("betas must be either both floats or both Tensors")
-        for i in (0, 1):
-            if isinstance(betas[i], Tensor):
-                if not capturable and foreach:
-                    raise ValueError(
-                        f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True"
-                    )
-                if betas[i].numel() != 1:
-                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
-        betas = tuple(map(_to_scalar, betas))
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=decoupled_weight_decay, backend=backend,
+                         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "maximize": maximize,
-            "foreach": foreach,
-            "capturable": capturable,
-            "differentiable": differentiable,
-            "fused": fused,
-            "decoupled_weight_decay": decoupled_weight_decay,
-        }
-        super().__init__(params, defaults, backend, kahan_sum, stochastic_round)
-
-        if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            self._step_supports_amp_scaling = True
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-
-    GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None,
-                      "capturable": False, "differentiable": False,
-                      "decoupled_weight_decay": False, "fused": None}
     CAPTURE_HEALTH_CHECK = True
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            fused = group["fused"]
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    step_val = float(p_state["step"])
-                    p_state["step"] = (
-                        torch.tensor(step_val, dtype=_scalar_dtype(is_fused=fused), device=p.device)
-                        if group["capturable"] or group["fused"]
-                        else torch.tensor(step_val, dtype=_scalar_dtype())
-                    )
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs,
                     max_exp_avg_sqs, state_steps):
-        # torch's loop, one C-level map per fact (this runs for every param
-        # at every step; see benchmarks/, fixed-cost list). Where torch's loop
-        # raises, _raise_in_torchs_order raises what it raises first.
+        # not torch's: one C-level map per fact (see _base._gather_state)
         with_grad, their_grads = _base.params_with_grads(group["params"])
         if not with_grad:
             return False
-        if (_base.any_sparse(their_grads)
-                or (group["foreach"] and torch.is_tensor(group["lr"])
-                    and not group["capturable"])):
-            self._raise_in_torchs_order(group)
-        all_state = self.state
-        states = [all_state[p] for p in with_grad]
-        self._lazy_state(group, with_grad, states,
-                         _AMSGRAD_KEYS if group["amsgrad"] else _KEYS)
-        try:
-            found = [_base.state_values(states, "exp_avg"),
-                     _base.state_values(states, "exp_avg_sq"),
-                     _base.state_values(states, "max_exp_avg_sq") if group["amsgrad"] else [],
-                     _base.state_values(states, "step")]
-        except KeyError:
-            self._raise_in_torchs_order(group)
-            raise
-        if group["differentiable"] and any(s.requires_grad for s in found[3]):
-            self._raise_in_torchs_order(group)
+        amsgrad = group["amsgrad"]
+        found = self._gather_state(
+            group, with_grad,
+            ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if amsgrad else ()),
+            torchs_raises=_base.any_sparse(their_grads) or (
+                group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]))
+        if group["differentiable"] and any(s.requires_grad for s in found[2]):
+            self._torchs_init_group(group)
         params.extend(with_grad)
         grads.extend(their_grads)
         exp_avgs.extend(found[0])
         exp_avg_sqs.extend(found[1])
-        max_exp_avg_sqs.extend(found[2])
-        state_steps.extend(found[3])
+        state_steps.extend(found[2])
+        if amsgrad:
+            max_exp_avg_sqs.extend(found[3])
         # Only torch's own step, which adam() runs for differentiable or
         # capturable groups it cannot fuse, reads has_complex; the kernels
         # see each tensor's dtype. Elsewhere the ~55 us per 161 params that
@@ -232,50 +131,6 @@ class Adam(_base.FusedOptimizer):
         if group["differentiable"] or group["capturable"]:
             return any(map(torch.is_complex, with_grad))
         return False
-
-    def _raise_in_torchs_order(self, group):
-        """torch's ``_init_group`` loop, param by param: raises what it raises first.
-
-        Only reached where some param makes torch's loop raise; params before
-        that one get their lazy state, as in torch.
-        """
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    "Adam does not support sparse gradients, please consider SparseAdam instead"
-                )
-            state = self.state[p]
-            if len(state) == 0:
-                self._init_state(group, state, p)
-            state["exp_avg"], state["exp_avg_sq"]  # noqa: B018 - KeyError, as torch
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"]  # noqa: B018
-            if group["differentiable"] and state["step"].requires_grad:
-                raise RuntimeError(
-                    "`requires_grad` is not supported for `step` in differentiable mode"
-                )
-            if group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
-                raise RuntimeError(
-                    "lr as a Tensor is not supported for capturable=False and foreach=True"
-                )
-            state["step"]  # noqa: B018
-
-    @staticmethod
-    def _init_state(group, state, p):
-        if group["fused"]:
-            _base.check_fused_device_dtype(p)
-        # step lives on the CPU unless capturable or fused, as in torch
-        state["step"] = (
-            torch.zeros((), dtype=_scalar_dtype(is_fused=group["fused"]), device=p.device)
-            if group["capturable"] or group["fused"]
-            else torch.tensor(0.0, dtype=_scalar_dtype())
-        )
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _group_job(self, group, found_inf):
         params: list[Tensor] = []
@@ -313,7 +168,7 @@ def _check_foreach_capturable(group, params, state_steps):
                 f"{devices}.")
 
 
-class AdamW(Adam):
+class AdamW(Adam, torch.optim.AdamW):
     r"""AdamW, fused: Adam with weight decay applied to the weights directly.
 
     A drop-in replacement for :class:`torch.optim.AdamW` (same arguments,
@@ -336,14 +191,8 @@ class AdamW(Adam):
         capturable (bool, optional): see :class:`Adam` (default: False)
         differentiable (bool, optional): see :class:`Adam` (default: False)
         fused (bool, optional): accepted for compatibility (default: None)
-        backend (str, optional): keyword-only; see :class:`Adam` (default: None)
-        kahan_sum (bool, optional): keyword-only. Kahan summation for
-            bfloat16/float16 params: a compensation buffer per param (state
-            ``"kahan_comp"``, the param's size again) carries each store's
-            rounding error into the next step (default: False)
-        stochastic_round (bool, optional): keyword-only. Round bfloat16/float16
-            param stores stochastically (unbiased), from a stream seeded by
-            torch's generator and saved in ``state_dict`` (default: False)
+        backend, kahan_sum, stochastic_round: keyword-only, as for every
+            class here (see :class:`~fused_optim._base.FusedOptimizer`)
     """
 
     def __init__(
@@ -364,16 +213,12 @@ class AdamW(Adam):
         kahan_sum: bool = False,
         stochastic_round: bool = False,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
-                         foreach=foreach, maximize=maximize, capturable=capturable,
-                         differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend,
-                         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
+        # past Adam.__init__: torch's AdamW.__init__ passes decoupled_weight_decay
+        _base.FusedOptimizer.__init__(
+            self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable,
+            fused=fused, backend=backend, kahan_sum=kahan_sum,
+            stochastic_round=stochastic_round)
 
 
 def adam(

@@ -11,12 +11,7 @@ from ._registry import Record
 __all__ = ["RMSprop", "rmsprop"]
 
 
-def _scalar_dtype():
-    # torch.optim.optimizer._get_scalar_dtype()
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-class RMSprop(_base.FusedOptimizer):
+class RMSprop(_base.FusedOptimizer, torch.optim.RMSprop):
     r"""RMSprop, fused.
 
     A drop-in replacement for :class:`torch.optim.RMSprop`: same arguments,
@@ -64,16 +59,8 @@ class RMSprop(_base.FusedOptimizer):
         maximize (bool, optional): maximize the objective (default: False)
         differentiable (bool, optional): autograd through the step; runs
             torch's own for-loop step, not the kernels (default: False)
-        backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
-            ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
-            (default: None, i.e. auto)
-        kahan_sum (bool, optional): keyword-only. Kahan summation for
-            bfloat16/float16 params: a compensation buffer per param (state
-            ``"kahan_comp"``, the param's size again) carries each store's
-            rounding error into the next step (default: False)
-        stochastic_round (bool, optional): keyword-only. Round bfloat16/float16
-            param stores stochastically (unbiased), from a stream seeded by
-            torch's generator and saved in ``state_dict`` (default: False)
+        backend, kahan_sum, stochastic_round: keyword-only, as for every
+            class here (see :class:`~fused_optim._base.FusedOptimizer`)
 
     .. note::
         Element math runs in float32 (float64 for float64 tensors) with one
@@ -99,121 +86,37 @@ class RMSprop(_base.FusedOptimizer):
         kahan_sum: bool = False,
         stochastic_round: bool = False,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= momentum:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not 0.0 <= alpha:
-            raise ValueError(f"Invalid alpha value: {alpha}")
+        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable,
+                         foreach, maximize, differentiable, backend=backend,
+                         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "alpha": alpha,
-            "eps": eps,
-            "centered": centered,
-            "weight_decay": weight_decay,
-            "capturable": capturable,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-        }
-        super().__init__(params, defaults, backend, kahan_sum, stochastic_round)
-
-    GROUP_DEFAULTS = {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
-                      "differentiable": False, "capturable": False}
     CAPTURE_HEALTH_CHECK = True
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    step_val = float(p_state["step"])
-                    p_state["step"] = (
-                        torch.tensor(step_val, dtype=_scalar_dtype(), device=p.device)
-                        if group["capturable"]
-                        else torch.tensor(step_val, dtype=_scalar_dtype())
-                    )
 
     def _init_group(self, group, params, grads, square_avgs, momentum_buffer_list,
                     grad_avgs, state_steps):
-        # torch's loop, one C-level map per fact (see Adam._init_group).
-        # Where torch's loop raises, _raise_in_torchs_order raises what it
-        # raises first.
+        # not torch's: one C-level map per fact (see _base._gather_state)
         with_grad, their_grads = _base.params_with_grads(group["params"])
         if not with_grad:
             return False
-        if _base.any_sparse(their_grads):
-            self._raise_in_torchs_order(group)
-        all_state = self.state
-        states = [all_state[p] for p in with_grad]
-        needed = {"square_avg", "step"}
-        if group["momentum"] > 0:
-            needed.add("momentum_buffer")
-        if group["centered"]:
-            needed.add("grad_avg")
-        self._lazy_state(group, with_grad, states, needed)
-        try:
-            found = [_base.state_values(states, "square_avg"),
-                     _base.state_values(states, "step"),
-                     _base.state_values(states, "momentum_buffer")
-                     if group["momentum"] > 0 else [],
-                     _base.state_values(states, "grad_avg") if group["centered"] else []]
-        except KeyError:
-            self._raise_in_torchs_order(group)
-            raise
+        momentum, centered = group["momentum"] > 0, group["centered"]
+        found = self._gather_state(
+            group, with_grad,
+            ("square_avg", "step") + (("momentum_buffer",) if momentum else ())
+            + (("grad_avg",) if centered else ()),
+            torchs_raises=_base.any_sparse(their_grads))
         params.extend(with_grad)
         grads.extend(their_grads)
         square_avgs.extend(found[0])
         state_steps.extend(found[1])
-        momentum_buffer_list.extend(found[2])
-        grad_avgs.extend(found[3])
+        if momentum:
+            momentum_buffer_list.extend(found[2])
+        if centered:
+            grad_avgs.extend(found[-1])
         # only torch's own step (differentiable, or capturable CPU params)
         # reads has_complex; the kernels see each tensor's dtype
         if group["differentiable"] or group["capturable"]:
             return any(map(torch.is_complex, with_grad))
         return False
-
-    def _raise_in_torchs_order(self, group):
-        """torch's ``_init_group`` loop, param by param: raises what it raises first.
-
-        Params before the one that raises get their lazy state, as in torch.
-        """
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("RMSprop does not support sparse gradients")
-            state = self.state[p]
-            if len(state) == 0:
-                self._init_state(group, state, p)
-            state["square_avg"], state["step"]  # noqa: B018 - KeyError, as torch
-            if group["momentum"] > 0:
-                state["momentum_buffer"]  # noqa: B018
-            if group["centered"]:
-                state["grad_avg"]  # noqa: B018
-
-    @staticmethod
-    def _init_state(group, state, p):
-        # step lives on the CPU unless capturable, as in torch
-        state["step"] = (
-            torch.zeros((), dtype=_scalar_dtype(), device=p.device)
-            if group["capturable"]
-            else torch.zeros((), dtype=_scalar_dtype())
-        )
-        state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["momentum"] > 0:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["centered"]:
-            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _group_job(self, group, found_inf):
         params: list[Tensor] = []

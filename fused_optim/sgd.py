@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from . import _base, _ops, _tables
 from ._registry import Record
@@ -12,7 +13,7 @@ from ._registry import Record
 __all__ = ["SGD", "sgd"]
 
 
-class SGD(_base.FusedOptimizer):
+class SGD(_base.FusedOptimizer, torch.optim.SGD):
     r"""Stochastic gradient descent (optionally with momentum), fused.
 
     A drop-in replacement for :class:`torch.optim.SGD`: same arguments,
@@ -57,16 +58,8 @@ class SGD(_base.FusedOptimizer):
             Tensor ``lr`` on the device, so a whole step can be captured in a
             CUDA graph. The key appears in ``param_groups`` only when True, so
             default checkpoints stay torch's (default: False)
-        backend (str, optional): keyword-only. ``"auto"``, ``"numba"``,
-            ``"triton"`` or ``"torch"``; None reads ``FUSED_OPTIM_BACKEND``
-            (default: None, i.e. auto)
-        kahan_sum (bool, optional): keyword-only. Kahan summation for
-            bfloat16/float16 params: a compensation buffer per param (state
-            ``"kahan_comp"``, the param's size again) carries each store's
-            rounding error into the next step (default: False)
-        stochastic_round (bool, optional): keyword-only. Round bfloat16/float16
-            param stores stochastically (unbiased), from a stream seeded by
-            torch's generator and saved in ``state_dict`` (default: False)
+        backend, kahan_sum, stochastic_round: keyword-only, as for every
+            class here (see :class:`~fused_optim._base.FusedOptimizer`)
 
     Example:
         >>> optimizer = fused_optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -103,50 +96,20 @@ class SGD(_base.FusedOptimizer):
         kahan_sum: bool = False,
         stochastic_round: bool = False,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
+                         maximize=maximize, foreach=foreach, differentiable=differentiable,
+                         fused=fused, capturable=capturable, backend=backend,
+                         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-            "maximize": maximize,
-            "foreach": foreach,
-            "differentiable": differentiable,
-            "fused": fused,
-        }
-        if capturable:
-            defaults["capturable"] = True
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        super().__init__(params, defaults, backend, kahan_sum, stochastic_round)
-
-        if fused:
-            self._step_supports_amp_scaling = True
-            self._need_device_dtype_check_for_fused = True
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-
-    GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None,
-                      "differentiable": False, "fused": False}
+    OPTIONS = ("capturable",) + _base.FusedOptimizer.OPTIONS
 
     def _init_group(self, group, params, grads, momentum_buffer_list):
-        # torch's loop, one C-level map per fact (this runs for every param
-        # at every step; see benchmarks/, fixed-cost list)
+        # not torch's: its Python loop runs for every param at every step;
+        # one C-level map per fact here (benchmarks/step_overhead.py)
         with_grad, their_grads = _base.params_with_grads(group["params"])
         if (with_grad and group["fused"]
                 and getattr(self, "_need_device_dtype_check_for_fused", True)):
-            _base.check_fused_device_dtype(with_grad[0])
+            _device_dtype_check_for_fused(with_grad[0])
             self._need_device_dtype_check_for_fused = False
         if with_grad and group["fused"]:
             _check_fused_grads(with_grad, their_grads)
