@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fused_optim.bench.cases import shape_list  # noqa: E402
-from fused_optim.kernels import layout as L  # noqa: E402
+from fused_optim.kernels import columns as L  # noqa: E402
 from fused_optim.kernels.batch import Batch  # noqa: E402
 
 #: (optimizer, the launcher's keyword arguments, states present, per-row step)

@@ -39,7 +39,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 import fused_optim  # noqa: E402
-from fused_optim import _tables  # noqa: E402
+from fused_optim import _plan  # noqa: E402
 from fused_optim.bench import LISTS, shape_list  # noqa: E402
 from fused_optim.kernels import contract  # noqa: E402
 from fused_optim.kernels import triton as tk  # noqa: E402
@@ -105,7 +105,7 @@ def _setup(shapes, name, kw):
 def _launcher_call(opt, params, name, kw):
     """The launcher call of one step, on that step's own batch."""
     plan = opt._plans[0]
-    unit = next(u for u in plan.units if isinstance(u, _tables.KernelUnit))
+    unit = next(u for u in plan.units if isinstance(u, _plan.KernelUnit))
     grads = [p.grad for p in params]
     state = opt.state
     if name == "SGD":
@@ -121,7 +121,7 @@ def _launcher_call(opt, params, name, kw):
         hyper = dict(lr=kw["lr"], beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
                      decoupled_weight_decay=True, amsgrad=False, maximize=False)
         fn = contract.kernel(tk, "adam")
-    batch, _ = _tables.stage(unit, cols, plan.where, steps, plan.row_flags, plan.grad_ptrs,
+    batch, _ = _plan.stage(unit, cols, plan.where, steps, plan.row_flags, plan.grad_ptrs,
                              opt._plans.retain)
     return lambda: fn(batch, **hyper)
 

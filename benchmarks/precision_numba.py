@@ -26,7 +26,7 @@ import time
 import numba
 import torch
 
-from fused_optim import _tables
+from fused_optim import _plan
 from fused_optim.bench.cases import shape_list
 from fused_optim.kernels import contract
 from fused_optim.kernels import numba as nb
@@ -65,7 +65,7 @@ def _batches(name, dtype):
     steps = [torch.tensor(0.0) for _ in params] if name == "adam" else None
     out = []
     for c in ([None] * n, comps):
-        ((batch, _),) = _tables.pack(params, grads, [s0, s1, [None] * n, c], ROLES[name],
+        ((batch, _),) = _plan.pack(params, grads, [s0, s1, [None] * n, c], ROLES[name],
                                     steps=steps, backend="numba")
         out.append(batch)
     return out

@@ -3,14 +3,14 @@
 A fused_optim step on N tiny tensors is dominated by Python, not by the
 kernel. Most of that Python is reading tensors: gathering them as torch's
 ``_init_group`` does, and re-reading the facts that let a validated plan be
-reused safely (``fused_optim/_facts.py``, F1-F6). This script times,
+reused safely (``fused_optim/_reuse_rule.py``, F1-F6). This script times,
 interleaved in one process on the ``fixed-cost`` list (161 tensors of 64
 elements by default):
 
 * a whole ``step()`` of torch ``fused=True`` and of fused_optim (numba);
 * each gathering read, as the C-level ``map`` over a column that
   fused_optim issues;
-* each fact of the reuse rule, as the very function ``_facts.holds`` calls,
+* each fact of the reuse rule, as the very function ``_reuse_rule.holds`` calls,
   on the plan of a real optimizer;
 * their sums for SGD with momentum and for AdamW (``READS``).
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import fused_optim
-from fused_optim import _facts
+from fused_optim import _reuse_rule
 
 T = torch.Tensor
 
@@ -59,7 +59,7 @@ def _optimizer(kind, params, grads):
 
 
 def _rule_reads(opt, params):
-    """The fact checks of ``_facts.holds``, each as it runs on ``opt``'s plan."""
+    """The fact checks of ``_reuse_rule.holds``, each as it runs on ``opt``'s plan."""
     plan = opt._plans[0]
     grads = [p.grad for p in params]
     states = opt.state
@@ -69,16 +69,16 @@ def _rule_reads(opt, params):
         cols = [params, grads, [states[p]["exp_avg"] for p in params],
                 [states[p]["exp_avg_sq"] for p in params], [states[p]["step"] for p in params]]
     flat = tuple(chain.from_iterable(cols))
-    assert _facts.holds(plan, cols, plan.where, flat, plan.row_flags) is not None
+    assert _reuse_rule.holds(plan, cols, plan.where, flat, plan.row_flags) is not None
     grad_ptrs = np.fromiter(map(T.data_ptr, grads), np.int64, len(grads))
     moved = grad_ptrs + 64  # as if every grad were new: the overlap check runs
     return {
-        "F1 TensorGuards check": lambda: _facts.f1_metadata(plan, flat),
-        "F2 data_ptr": lambda: _facts.f2_addresses(plan, cols),
+        "F1 TensorGuards check": lambda: _reuse_rule.f1_metadata(plan, flat),
+        "F2 data_ptr": lambda: _reuse_rule.f2_addresses(plan, cols),
         "grad data_ptr": lambda: np.fromiter(map(T.data_ptr, grads), np.int64, len(grads)),
-        "F3 held storages": lambda: _facts.f3_held_storages(plan),
-        "F4 grad bounds": lambda: _facts.f4_grad_bounds(plan, grads),
-        "F5 grad overlaps": lambda: _facts.f5_grad_overlaps(plan, moved),
+        "F3 held storages": lambda: _reuse_rule.f3_held_storages(plan),
+        "F4 grad bounds": lambda: _reuse_rule.f4_grad_bounds(plan, grads),
+        "F5 grad overlaps": lambda: _reuse_rule.f5_grad_overlaps(plan, moved),
     }
 
 

@@ -5,8 +5,10 @@ classes, arguments, defaults, errors, state_dict and lr_scheduler; each
 ``step()`` runs one multi-tensor kernel per (device, dtype) bucket, on Numba
 for CPU tensors and Triton for CUDA tensors.
 
-The optimizers (SGD, Adam, AdamW, ...) and their functionals (``sgd``,
-``adam``, ...) are exported from their records (``fused_optim._registry``).
+The optimizer classes (SGD, Adam, AdamW, ...) are exported from their
+records (``fused_optim._registry``). As in torch.optim, the functionals stay
+in their modules (``from fused_optim.sgd import sgd``): ``fused_optim.sgd`` is
+the module, never also a function.
 """
 
 from torch.optim import Optimizer, lr_scheduler
@@ -22,8 +24,7 @@ def _export() -> list:
     names = []
     for record in _registry.records():
         globals()[record.name] = record.cls
-        globals()[record.functional] = record.function
-        names += [record.name, record.functional]
+        names.append(record.name)
     return names
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import optimizer as _optimizer_module
 
-from . import _backend, _ops, _precision, _tables, _warmup
+from . import _backend, _ops, _precision, _plan, _warmup
 
 
 @functools.cache
@@ -139,7 +139,7 @@ class FusedOptimizer(Optimizer):
         the ``kwargs`` that are not ``OPTIONS``: its checks, in its order, and
         its defaults; then the options that are on become group keys."""
         self.backend = _backend.requested(backend)
-        self._plans = _tables.PlanCache()  # group index -> validated _tables.Plan
+        self._plans = _plan.PlanCache()  # group index -> validated _plan.Plan
         self._handle = _ops.register_optimizer(self)  # how the step operator finds _plans
         on = {name: True for name in self.OPTIONS if kwargs.pop(name, False)}
         super().__init__(params, *args, **kwargs)
@@ -181,18 +181,40 @@ class FusedOptimizer(Optimizer):
         # load_state_dict (which comes through here) replaces the state. What
         # captured CUDA graphs read stays (PlanCache.retain).
         old = self.__dict__.get("_plans")
-        self._plans = _tables.PlanCache(getattr(old, "graph_owned", None))
+        self._plans = _plan.PlanCache(getattr(old, "graph_owned", None))
         if "_handle" not in self.__dict__:  # unpickled or copied (load_state_dict keeps it)
             self._handle = _ops.register_optimizer(self)
 
+    #: how many per-param lists the class's ``_init_group`` fills after
+    #: params and grads, in torch's order: the Job's state lists, the last
+    #: of them the step counters
+    STATE_LISTS = 0
+
     def _group_job(self, group, found_inf):
-        """One group's work for this step.
+        """One group's work for this step: torch's ``_init_group`` lists as a Job.
 
         Returns:
             ``(job, after)``: the group's ``_ops.Job`` (None when it has
             nothing to do) and a callable run after the update (None: none),
-            e.g. to store the state the update created.
+            e.g. to store the state the update created (SGD's buffers).
         """
+        params, grads = [], []
+        states = [[] for _ in range(self.STATE_LISTS)]
+        found = self._init_group(group, params, grads, *states)
+        self._check_foreach(group, params, states)
+        if found_inf is not None and not torch.compiler.is_compiling():
+            self._steps_to_device(params, states[-1])
+        return _ops.Job(params, grads, states, [], self._hyper(group, found)), None
+
+    def _check_foreach(self, group, params, states) -> None:
+        """What torch's foreach step checks before it writes (see
+        :func:`check_foreach_autograd`)."""
+        check_foreach_autograd(group, params)
+
+    @staticmethod
+    def _hyper(group, found) -> dict:
+        """The Job's hyperparameters from ``group`` and what ``_init_group``
+        returned (``found``: has_complex, has_sparse_grad)."""
         raise NotImplementedError
 
     def _steps_to_device(self, params, state_steps):
@@ -315,7 +337,7 @@ class FusedOptimizer(Optimizer):
                     # those are checked (nothing is written) before this one
                     # is raised
                     if jobs and not torch.compiler.is_compiling():
-                        _tables.validate(update, jobs, grad_scale, found_inf, self.backend,
+                        _plan.validate(update, jobs, grad_scale, found_inf, self.backend,
                                          self._plans)
                     raise
                 if job is not None:
@@ -328,7 +350,7 @@ class FusedOptimizer(Optimizer):
                     self.STEP_OP(jobs, grad_scale, found_inf, self.backend, self._handle,
                                  traceable=all([self._traceable(job.hyper) for job in jobs]))
                 else:
-                    _tables.run(update, jobs, grad_scale, found_inf, self.backend, self._plans)
+                    _plan.run(update, jobs, grad_scale, found_inf, self.backend, self._plans)
             for after in afters:
                 after()
             if rounded:

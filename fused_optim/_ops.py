@@ -7,9 +7,9 @@ dynamo and Inductor see a step as one opaque call: no tracing reaches Numba,
 NumPy or the address tables, and Inductor's re-inplacing hands the op the
 real params and state (its writes go nowhere else).
 
-Eager and compiled steps share one code path, :func:`fused_optim._tables.run`,
+Eager and compiled steps share one code path, :func:`fused_optim._plan.run`,
 which validates every group and then launches the kernels (see
-:func:`fused_optim._tables.prepare_update`). Under ``torch.compile`` the
+:func:`fused_optim._plan.prepare_update`). Under ``torch.compile`` the
 optimizer calls the operator, whose kernel decodes its arguments and calls
 ``run``. Eagerly, ``step()`` calls ``run`` directly: going through the dispatcher
 costs the boxing of every tensor twice. Measured on this 2-core machine
@@ -59,7 +59,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import _tables
+from . import _plan
 
 __all__ = ["Job", "UpdateOp", "DISPATCH_EAGER", "register_optimizer", "cache_of"]
 
@@ -71,7 +71,7 @@ try:
     # frame inside a compiled region, after a graph break (GradScaler.step,
     # which dynamo never traces, calls step() so). ``step()`` then calls
     # UpdateOp.__call__, a frame dynamo compiles on its own; elsewhere it
-    # calls ``_tables.run`` directly (one frame fewer). A C function: no
+    # calls ``_plan.run`` directly (one frame fewer). A C function: no
     # Python frame, ~50 ns. Private to torch: without it, every step takes
     # the __call__ frame.
     from torch._C._dynamo.eval_frame import get_eval_frame_callback as compile_active
@@ -137,7 +137,7 @@ class UpdateOp:
         update: ``update(job, key, grad_scale, found_inf, backend, cache,
             compiled)`` validates one job (``key``: its plan-cache key) and
             returns what writes it, or None (see
-            :func:`fused_optim._tables.run`). ``compiled``: dynamo traced the
+            :func:`fused_optim._plan.run`). ``compiled``: dynamo traced the
             step, so torch's compiled semantics apply (dynamo reads every
             group's ``capturable`` as True while tracing, CPU groups
             included, and torch's own step then skips its capturable device
@@ -165,7 +165,7 @@ class UpdateOp:
 
         ``traceable=False`` (autograd through the step, sparse grads: torch's
         own ops, which autograd must see) and jobs the operator cannot carry
-        call :func:`fused_optim._tables.run` itself (a graph break when
+        call :func:`fused_optim._plan.run` itself (a graph break when
         compiling). Either way ``run`` validates every tensor eagerly before
         any kernel writes: the operator adds no path around the address
         checks.
@@ -183,7 +183,7 @@ class UpdateOp:
                     for t, real in written_back:
                         torch.view_as_real(t).copy_(real)
         else:
-            _tables.run(self.update, jobs, grad_scale, found_inf, backend, cache_of(handle),
+            _plan.run(self.update, jobs, grad_scale, found_inf, backend, cache_of(handle),
                         compiling)
 
     def encodable(self, jobs) -> bool:
@@ -327,7 +327,7 @@ class UpdateOp:
             # (set by the traced step too, but dynamo 2.13 drops that store
             # on an optimizer: last_step_skipped read nothing after compiled steps)
             opt._last_found_inf = found_inf
-        _tables.run(self.update, jobs, grad_scale, found_inf, backend,
+        _plan.run(self.update, jobs, grad_scale, found_inf, backend,
                     None if opt is None else opt._plans, compiled)
 
 

@@ -42,7 +42,7 @@ class Record(NamedTuple):
 
     @property
     def function(self):
-        """fused_optim's functional (``fused_optim.adamw``)."""
+        """fused_optim's functional (``fused_optim.adam.adamw``)."""
         return getattr(importlib.import_module(f"fused_optim.{self.module}"),
                        self.functional)
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused
 
-from . import _base, _ops, _tables
+from . import _base, _ops, _plan
 from ._registry import Record
 
 __all__ = ["Adagrad", "adagrad"]
@@ -116,22 +116,17 @@ class Adagrad(_base.FusedOptimizer, torch.optim.Adagrad):
         has_complex = group["differentiable"] and any(map(torch.is_complex, with_grad))
         return has_sparse_grad, has_complex
 
-    def _group_job(self, group, found_inf):
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        state_sums: list[Tensor] = []
-        state_steps: list[Tensor] = []
-        has_sparse_grad, has_complex = self._init_group(group, params, grads, state_sums,
-                                                        state_steps)
+    STATE_LISTS = 2  # state_sums, state_steps
+
+    def _check_foreach(self, group, params, states) -> None:
         # (torch's _multi_tensor_adagrad checks before its empty-list return)
         _base.check_foreach_autograd(group, params, without_params=True)
-        if found_inf is not None and not torch.compiler.is_compiling():
-            self._steps_to_device(params, state_steps)
-        return _ops.Job(
-            params, grads, [state_sums, state_steps], [],
-            _hyper(group["lr"], group["lr_decay"], group["weight_decay"], group["eps"],
-                   group["maximize"], group["differentiable"], has_sparse_grad,
-                   has_complex)), None
+
+    @staticmethod
+    def _hyper(group, found) -> dict:
+        has_sparse_grad, has_complex = found
+        return _hyper(group["lr"], group["lr_decay"], group["weight_decay"], group["eps"],
+                      group["maximize"], group["differentiable"], has_sparse_grad, has_complex)
 
 
 def adagrad(
@@ -200,7 +195,7 @@ def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
                               has_complex=has_complex, lr=lr, weight_decay=weight_decay,
                               lr_decay=lr_decay, eps=eps, maximize=maximize)
 
-            _tables.with_sparse_grads_offset_free(run, list(params), list(grads),
+            _plan.with_sparse_grads_offset_free(run, list(params), list(grads),
                                                 [list(state_sums)], list(state_steps))
         return fallback
     if not params:
@@ -225,7 +220,7 @@ def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
                       weight_decay=weight_decay, lr_decay=lr_decay, eps=eps,
                       maximize=maximize)
 
-    return _tables.prepare_update("adagrad", name, params, grads, [state_sums], ("sum",),
+    return _plan.prepare_update("adagrad", name, params, grads, [state_sums], ("sum",),
                                 hyper, reference, steps=state_steps, cache=cache, key=key,
                                 precision=precision, dry_all=dry_all)
 

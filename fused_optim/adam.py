@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _base, _ops, _tables
+from . import _backend, _base, _ops, _plan
 from ._registry import Record
 
 __all__ = ["Adam", "AdamW", "adam", "adamw"]
@@ -132,27 +132,19 @@ class Adam(_base.FusedOptimizer, torch.optim.Adam):
             return any(map(torch.is_complex, with_grad))
         return False
 
-    def _group_job(self, group, found_inf):
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        exp_avgs: list[Tensor] = []
-        exp_avg_sqs: list[Tensor] = []
-        max_exp_avg_sqs: list[Tensor] = []
-        state_steps: list[Tensor] = []
-        beta1, beta2 = group["betas"]
-        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs,
-                                       max_exp_avg_sqs, state_steps)
+    STATE_LISTS = 4  # exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+
+    def _check_foreach(self, group, params, states) -> None:
         if group["differentiable"] and group["foreach"] and not group["fused"] and params:
-            _check_foreach_capturable(group, params, state_steps)
+            _check_foreach_capturable(group, params, states[-1])
             _base.check_foreach_autograd(group, params)
-        if found_inf is not None and not torch.compiler.is_compiling():
-            self._steps_to_device(params, state_steps)
-        return _ops.Job(
-            params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps], [],
-            _hyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                   group["amsgrad"], group["maximize"], group["capturable"],
-                   group["differentiable"], group["decoupled_weight_decay"],
-                   has_complex)), None
+
+    @staticmethod
+    def _hyper(group, has_complex) -> dict:
+        beta1, beta2 = group["betas"]
+        return _hyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                      group["amsgrad"], group["maximize"], group["capturable"],
+                      group["differentiable"], group["decoupled_weight_decay"], has_complex)
 
 
 def _check_foreach_capturable(group, params, state_steps):
@@ -334,7 +326,7 @@ def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
                    beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
                    maximize=maximize)
 
-    return _tables.prepare_update("adam", name, params, grads, states,
+    return _plan.prepare_update("adam", name, params, grads, states,
                                 ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, reference,
                                 steps=state_steps, cache=cache, key=key, precision=precision, dry_all=dry_all)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _base, _ops, _tables
+from . import _backend, _base, _ops, _plan
 from ._registry import Record
 
 __all__ = ["RMSprop", "rmsprop"]
@@ -118,23 +118,13 @@ class RMSprop(_base.FusedOptimizer, torch.optim.RMSprop):
             return any(map(torch.is_complex, with_grad))
         return False
 
-    def _group_job(self, group, found_inf):
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        square_avgs: list[Tensor] = []
-        momentum_buffer_list: list[Tensor] = []
-        grad_avgs: list[Tensor] = []
-        state_steps: list[Tensor] = []
-        has_complex = self._init_group(group, params, grads, square_avgs,
-                                       momentum_buffer_list, grad_avgs, state_steps)
-        _base.check_foreach_autograd(group, params)
-        if found_inf is not None and not torch.compiler.is_compiling():
-            self._steps_to_device(params, state_steps)
-        return _ops.Job(
-            params, grads, [square_avgs, momentum_buffer_list, grad_avgs, state_steps], [],
-            _hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
-                   group["momentum"], group["centered"], group["maximize"],
-                   group["capturable"], group["differentiable"], has_complex)), None
+    STATE_LISTS = 4  # square_avgs, momentum_buffer_list, grad_avgs, state_steps
+
+    @staticmethod
+    def _hyper(group, has_complex) -> dict:
+        return _hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
+                      group["momentum"], group["centered"], group["maximize"],
+                      group["capturable"], group["differentiable"], has_complex)
 
 
 def rmsprop(
@@ -236,7 +226,7 @@ def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
                       eps=eps, weight_decay=weight_decay, momentum=momentum,
                       centered=centered)
 
-    return _tables.prepare_update("rmsprop", name, params, grads, states,
+    return _plan.prepare_update("rmsprop", name, params, grads, states,
                                 ("square_avg", "momentum_buffer", "grad_avg"), hyper,
                                 reference, steps=state_steps, cache=cache, key=key, precision=precision)
 

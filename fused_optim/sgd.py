@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused
 
-from . import _base, _ops, _tables
+from . import _base, _ops, _plan
 from ._registry import Record
 
 __all__ = ["SGD", "sgd"]
@@ -271,7 +271,7 @@ def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
                           dampening=dampening, nesterov=nesterov, maximize=maximize)
 
             bufs = list(momentum_buffer_list)
-            _tables.with_sparse_grads_offset_free(run, list(params), d_p_list, [bufs])
+            _plan.with_sparse_grads_offset_free(run, list(params), d_p_list, [bufs])
             for i, b in enumerate(momentum_buffer_list):
                 if b is None:  # the buffers torch made
                     momentum_buffer_list[i] = bufs[i]
@@ -300,7 +300,7 @@ def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
                   dampening=dampening, nesterov=nesterov, maximize=maximize)
         return bufs if momentum != 0 else None
 
-    return _tables.prepare_update("sgd", _base.backend_name(backend), params, d_p_list, states,
+    return _plan.prepare_update("sgd", _base.backend_name(backend), params, d_p_list, states,
                                   ("momentum_buffer",), hyper, reference, row_flags=row_flags,
                                   cache=cache, key=key, precision=precision)
 

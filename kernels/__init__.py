@@ -1,12 +1,10 @@
 """Pure compute for fused_optim: optimizer update kernels, one module per backend.
 
-Installed as ``fused_optim.kernels``. Every backend module (``reference``,
-``numba``, ``triton``) exposes the same two functions::
-
-    sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
-        grad_scale=None, found_inf=None)
-    adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-         amsgrad, maximize, grad_scale=None, found_inf=None)
+Installed as ``fused_optim.kernels``. Every backend package (``reference``,
+``numba``, ``triton``) has one file per optimizer kernel, ``<backend>/<name>.py``,
+whose function ``<name>(batch, *, <hyperparameters>, grad_scale=None,
+found_inf=None, ...)`` takes the reference backend's keywords
+(``contract.kernel`` finds it, ``contract.problems`` checks it).
 
 ``batch`` is a :class:`~fused_optim.kernels.batch.Batch`: the tensors of one
 (device, dtype) bucket, already validated by the API layer, together with their
@@ -17,6 +15,6 @@ scale in the same pass, and a nonzero ``found_inf`` leaves everything
 """
 
 from .batch import Batch
-from . import layout
+from . import columns
 
-__all__ = ["Batch", "layout"]
+__all__ = ["Batch", "columns"]

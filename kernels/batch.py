@@ -9,7 +9,7 @@ import torch
 class Batch:
     """Tensors of one (device, dtype) bucket, validated and ready for a kernel.
 
-    Built by ``fused_optim._tables``; backends only read it. The compiled
+    Built by ``fused_optim._plan``; backends only read it. The compiled
     backends need only ``table``; the tensor lists, which the reference
     backend walks, are built on first access when the batch comes from a
     cached plan (``source``), since that costs ~2 us per tensor per step.

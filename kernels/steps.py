@@ -29,7 +29,8 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import layout as L
+from . import columns as L
+from ._numba_loads import light_loads
 
 __all__ = ["advance", "adam_scalars", "adagrad_scalars", "advance_host_steps",
            "adam_host_steps", "adagrad_host_steps", "LR_F64", "LR_F32", "LR_BF16", "LR_F16"]
@@ -135,9 +136,9 @@ def adagrad_scalars(table, lr, lr_decay, lr_round, out):
 # Numba keys a cached kernel on its own file alone, and the host entry points
 # bake in these table columns: a layout change must edit this line, which
 # makes their cache stale. (The Numba backend's kernels, which inline the
-# helpers above, are covered by its ``_stale``.)
+# helpers above, are covered by its ``_disk_cache``.)
 if (L.NCOLS, L.STEP, L.FLAGS, L.FLAG_STEP_F64) != (10, 5, 8, 2):
-    raise ImportError("kernels/layout.py changed the step columns: update kernels/steps.py")
+    raise ImportError("kernels/columns.py changed the step columns: update kernels/steps.py")
 
 
 def _host_entry(fn):
@@ -145,7 +146,7 @@ def _host_entry(fn):
         return njit(cache=True, error_model="numpy")(fn)
     except RuntimeError:
         # nowhere to cache (a read-only install without a writable home,
-        # before the Numba backend's _stale chose a directory): compiled per process
+        # before the Numba backend's _disk_cache chose a directory): compiled per process
         return njit(error_model="numpy")(fn)
 
 
@@ -183,3 +184,6 @@ def adagrad_host_steps(table, *, lr, lr_decay, lr_round=LR_F64) -> np.ndarray:
     out = np.empty((table.shape[0], 1), dtype=np.float64)
     _adagrad_host(table, float(lr), float(lr_decay), float(lr_round), out)
     return out
+
+
+light_loads(vars())  # warm-cache loads without Numba's full refresh

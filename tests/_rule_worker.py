@@ -18,7 +18,7 @@ import sys
 import torch
 
 import fused_optim
-from fused_optim import _facts
+from fused_optim import _reuse_rule
 
 
 def regrow_at_same_address(storage):
@@ -74,7 +74,7 @@ SCENARIOS = {"f3_held_storages": held_storage_regrown, "f4_grad_bounds": grad_st
 def main():
     fact, mode = sys.argv[1], sys.argv[2]
     if mode == "off":
-        setattr(_facts, fact, lambda *args: True)
+        setattr(_reuse_rule, fact, lambda *args: True)
     reached, refused = SCENARIOS[fact]()
     sys.stdout.write(json.dumps({"reached": reached, "refused": refused}) + "\n")
     sys.stdout.flush()

@@ -484,7 +484,7 @@ class Machine(RuleBasedStateMachine):
             # the clear error, or an earlier one torch raises too (a bad state
             # entry in an earlier group, beta1 edited to 1)
             assert "outside its storage" in str(err) or not isinstance(
-                err, fused_optim._tables.StateMismatchError), err
+                err, fused_optim._plan.OutsideStorageError), err
         else:
             raise AssertionError(
                 "a step over a shrunk storage was not refused: storage now "

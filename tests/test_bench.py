@@ -25,7 +25,7 @@ import torch
 import fused_optim
 from fused_optim import bench
 from fused_optim.__main__ import main
-from fused_optim.kernels.numba import _pattern
+from fused_optim.kernels.numba import _ceiling
 
 TINY = [[64, 32], [64], [1000], [3, 5, 7]]
 TINY_NUMEL = 64 * 32 + 64 + 1000 + 105
@@ -510,11 +510,11 @@ def test_pattern_kernel_reads_k_writes_k_minus_1(dtype, k):
     rows = [[torch.randint(-1000, 1000, (n,), generator=gen).to(dtype) for _ in range(k)]
             for n in sizes]
     before = [[a.clone() for a in row] for row in rows]
-    table = _pattern.make_table([[a.data_ptr() for a in row] for row in rows], sizes)
+    table = _ceiling.make_table([[a.data_ptr() for a in row] for row in rows], sizes)
     itemsize = rows[0][0].element_size()
     word = {2: torch.int16, 4: torch.int32}[itemsize]
     for chunks in (1, 3, 7):  # chunk edges inside rows and across them
-        _pattern.pattern(table, _pattern.split(sum(sizes), chunks), itemsize, k, k - 1)
+        _ceiling.pattern(table, _ceiling.split(sum(sizes), chunks), itemsize, k, k - 1)
         for row, old in zip(rows, before):
             x = old[-1].view(word)
             for a, b in zip(row[:-1], old[:-1]):
@@ -525,11 +525,11 @@ def test_pattern_kernel_reads_k_writes_k_minus_1(dtype, k):
 
 def test_pattern_rejects_other_patterns():
     with pytest.raises(ValueError, match="unsupported pattern"):
-        _pattern.pattern(np.zeros((1, _pattern.NCOLS), np.int64), _pattern.split(0), 4, 3, 1)
+        _ceiling.pattern(np.zeros((1, _ceiling.NCOLS), np.int64), _ceiling.split(0), 4, 3, 1)
 
 
 def test_split_is_even():
-    edges = _pattern.split(10, 3)
+    edges = _ceiling.split(10, 3)
     assert list(edges) == [0, 3, 6, 10]
 
 
@@ -812,7 +812,7 @@ def test_cuda_ceiling_kernel_odd_sizes(dtype, k):
     beyond the buffers changes, for sizes below, at and past a block, and
     several blocks with a tail."""
     device = _pattern_device()
-    from fused_optim.kernels.triton import _pattern as triton_pattern
+    from fused_optim.kernels.triton import _ceiling as triton_pattern
     itemsize = torch.empty((), dtype=dtype).element_size()
     word = {2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]
     gen = torch.Generator().manual_seed(k)
@@ -833,7 +833,7 @@ def test_cuda_ceiling_kernel_odd_sizes(dtype, k):
 
 def test_cuda_ceiling_kernel_default_block_with_a_tail():
     device = _pattern_device()
-    from fused_optim.kernels.triton import _pattern as triton_pattern
+    from fused_optim.kernels.triton import _ceiling as triton_pattern
     n = triton_pattern.BLOCK + 17
     gen = torch.Generator().manual_seed(0)
     bufs = [torch.randint(-2 ** 31, 2 ** 31, (n,), generator=gen, dtype=torch.int64)
@@ -851,7 +851,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fused_optim.kernels.triton import _pattern
+from fused_optim.kernels.triton import _ceiling
 
 @triton.jit
 def masked_everywhere(a, b, c, d, e, n, K: tl.constexpr, BLOCK: tl.constexpr):
@@ -864,15 +864,15 @@ def masked_everywhere(a, b, c, d, e, n, K: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(c + offs, tl.load(c + offs, mask=mask) ^ x, mask=mask)
 
 out = []
-for name, fn, word, k in [("ceiling", _pattern.pattern, "i32", 4),
-                          ("ceiling", _pattern.pattern, "i16", 3),
+for name, fn, word, k in [("ceiling", _ceiling.pattern, "i32", 4),
+                          ("ceiling", _ceiling.pattern, "i16", 3),
                           ("control", masked_everywhere, "i32", 4)]:
     # pointers 16-byte aligned (as the launcher specializes fresh
     # allocations); n an i32 with no divisibility: a count not divisible by 16
     sig = {p: "*" + word for p in "abcde"}
     sig.update(n="i32", K="constexpr", BLOCK="constexpr")
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-    src = ASTSource(fn, sig, {"K": k, "BLOCK": _pattern.BLOCK}, attrs)
+    src = ASTSource(fn, sig, {"K": k, "BLOCK": _ceiling.BLOCK}, attrs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     out.append({"name": name, "word": word, "k": k,
                 "v4_loads": len(re.findall(r"ld\.global[.\w]*\.v4\.", ptx)),
@@ -1217,7 +1217,7 @@ def test_step_overhead_script_counts_what_a_step_reads(capsys):
         assert set(keys) <= set(timed)
         assert timed[f"{kind} reads"] == pytest.approx(sum(timed[k] for k in keys))
     # every fact check the rule makes is timed
-    facts = {n for n in dir(mod._facts) if n[:1] == "f" and n[1:2].isdigit()} - {"f6_flags"}
+    facts = {n for n in dir(mod._reuse_rule) if n[:1] == "f" and n[1:2].isdigit()} - {"f6_flags"}
     assert len(facts) == len([n for n in mod._RULE if n.startswith("F")])
 
 

@@ -1,7 +1,7 @@
 """Cold start (issue 16): background compiles, warm-up, and the disk cache.
 
-What is promised (``fused_optim/_warmup.py``, ``kernels/numba/_walk.launch``,
-``kernels/numba/_stale.py``):
+What is promised (``fused_optim/_warmup.py``, ``kernels/numba/_launch.launch``,
+``kernels/numba/_disk_cache.py``):
 
 * a parallel batch whose kernel is not compiled yet runs the serial kernel
   (the same bits) while the parallel one compiles in the background;
@@ -66,31 +66,31 @@ class _FakeKernel:
 
 
 def test_parallel_batches_run_serially_until_their_kernel_is_compiled(monkeypatch):
-    from fused_optim.kernels.numba import _walk
+    from fused_optim.kernels.numba import _launch
 
-    monkeypatch.setenv(_walk.WARMUP_ENV, "1")
+    monkeypatch.setenv(_launch.WARMUP_ENV, "1")
     calls, gate = [], threading.Event()
     par, ser = _FakeKernel("parallel", calls, gate), _FakeKernel("serial", calls)
     args = (None, None, None, np.empty(0, np.float32), 1.5)
-    _walk.launch(par, ser, True, args)
-    _walk.launch(par, ser, True, args)
+    _launch.launch(par, ser, True, args)
+    _launch.launch(par, ser, True, args)
     assert calls == ["serial", "serial"]  # compiling behind, one thread only
-    assert len([k for k in _walk._PENDING if k[0] is par]) == 1
+    assert len([k for k in _launch._PENDING if k[0] is par]) == 1
     gate.set()
-    _walk.wait_for_background(10)
-    _walk.launch(par, ser, True, args)
-    _walk.launch(par, ser, False, args)
+    _launch.wait_for_background(10)
+    _launch.launch(par, ser, True, args)
+    _launch.launch(par, ser, False, args)
     assert calls == ["serial", "serial", "parallel", "serial"]
-    assert not [k for k in _walk._PENDING if k[0] is par]
+    assert not [k for k in _launch._PENDING if k[0] is par]
 
 
 def test_off_the_step_compiles_the_parallel_kernel_itself(monkeypatch):
-    from fused_optim.kernels.numba import _walk
+    from fused_optim.kernels.numba import _launch
 
-    monkeypatch.setenv(_walk.WARMUP_ENV, "0")
+    monkeypatch.setenv(_launch.WARMUP_ENV, "0")
     calls = []
     par, ser = _FakeKernel("parallel", calls), _FakeKernel("serial", calls)
-    _walk.launch(par, ser, True, (None, None, None, np.empty(0, np.float64), 2.0))
+    _launch.launch(par, ser, True, (None, None, None, np.empty(0, np.float64), 2.0))
     assert calls == ["parallel"]
 
 
@@ -377,22 +377,22 @@ def test_no_writable_cache_location_falls_back_to_a_temporary_one(tmp_path):
 
 def test_kernels_warmed_beside_the_sources_are_copied_to_the_cache_in_use(tmp_path,
                                                                          monkeypatch):
-    from fused_optim.kernels.numba import _stale
+    from fused_optim.kernels.numba import _disk_cache
 
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     beside, used = tmp_path / "beside", tmp_path / "used"
     beside.mkdir()
-    ours = ["sgd.sgd_serial-70.py311.nbi", "sgd.sgd_serial-70.py311.1.nbc", _stale._STAMP]
+    ours = ["sgd.sgd_serial-70.py311.nbi", "sgd.sgd_serial-70.py311.1.nbc", _disk_cache._STAMP]
     for name in ours + ["userlib.f-1.py311.nbi"]:
         (beside / name).write_text(name)
     used.mkdir()
     (used / ours[0]).write_text("newer")
     fake = types.SimpleNamespace(_cache=types.SimpleNamespace(_cache_path=str(used)))
-    assert _stale.seed(fake, beside=str(beside)) == 2
+    assert _disk_cache.seed(fake, beside=str(beside)) == 2
     assert sorted(p.name for p in used.iterdir()) == sorted(ours)
     assert (used / ours[0]).read_text() == "newer"  # never overwritten
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(used))
-    assert _stale.seed(fake, beside=str(beside)) == 0  # the user's own cache: as it is
+    assert _disk_cache.seed(fake, beside=str(beside)) == 0  # the user's own cache: as it is
 
 
 # ---------------------------------------------------------------- the cold-start report

@@ -24,7 +24,7 @@ import fused_optim
 import fused_optim.kernels.numba as numba_backend
 import matrix
 import optim_db
-from fused_optim import _ops, _tables
+from fused_optim import _ops, _plan
 from fused_optim.kernels import contract
 
 STEPS = 4
@@ -53,7 +53,7 @@ def _fresh_dynamo():
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts of the Numba backend's kernel launches and of ``_tables.run``
+    """Counts of the Numba backend's kernel launches and of ``_plan.run``
     calls, eager and through a traced graph."""
     seen = {"kernels": 0, "compiled_runs": 0, "eager_runs": 0}
 
@@ -69,7 +69,7 @@ def launches(monkeypatch):
         monkeypatch.setattr(numba_backend, kernel,
                             count_kernel(contract.kernel(numba_backend, kernel)))
 
-    original = _tables.run
+    original = _plan.run
 
     @torch.compiler.disable
     def run(update, jobs, grad_scale, found_inf, backend, cache, compiled=False):
@@ -77,7 +77,7 @@ def launches(monkeypatch):
         if compiled:  # what each compiled step's kernels were given
             seen.setdefault("compiled_hypers", []).append([job.hyper for job in jobs])
         return original(update, jobs, grad_scale, found_inf, backend, cache, compiled)
-    monkeypatch.setattr(_tables, "run", run)
+    monkeypatch.setattr(_plan, "run", run)
     return seen
 
 

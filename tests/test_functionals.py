@@ -1,4 +1,4 @@
-"""The public functionals (``fused_optim.sgd``, ``adam``, ...): torch's
+"""The public functionals (``fused_optim.sgd.sgd``, ``adam.adam``, ...): torch's
 signatures, and torch's results when torch's own class drives them.
 
 Parametrized over the optimizer registry, so every optimizer added there is
@@ -37,6 +37,19 @@ def test_signature_is_torchs_plus_backend(record):
 
 
 @pytest.mark.parametrize("record", RECORDS)
+def test_functionals_live_in_their_modules_as_torchs(record):
+    """``from fused_optim.<module> import <functional>``, as from torch.optim's
+    module; the package exports the class only, so ``fused_optim.sgd`` is
+    the module and never also a function (issue 25)."""
+    module = importlib.import_module(f"fused_optim.{record.module}")
+    assert getattr(module, record.functional) is record.function
+    assert record.functional not in fused_optim.__all__ and record.name in fused_optim.__all__
+    attr = getattr(fused_optim, record.functional, None)
+    assert attr is None or inspect.ismodule(attr)
+    assert inspect.ismodule(getattr(fused_optim, record.module))
+
+
+@pytest.mark.parametrize("record", RECORDS)
 def test_class_signature_is_torchs_plus_our_keywords(record):
     """torch's constructor, then the keyword-only ``backend``, ``kahan_sum``
     and ``stochastic_round`` (off by default). SGD also takes Adam's
@@ -63,7 +76,7 @@ def test_torchs_class_driving_our_functional_gets_torchs_results(record, backend
     matrix.skip_unless_runnable(backend)
     step_module = importlib.import_module(record.torch_cls.step.__module__)
     name = step_module.__name__.rsplit(".", 1)[-1]
-    ours = getattr(importlib.import_module("fused_optim"), name)
+    ours = getattr(importlib.import_module(f"fused_optim.{name}"), name)
     calls = []
 
     def through_ours(*args, **kwargs):

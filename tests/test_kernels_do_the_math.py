@@ -82,13 +82,13 @@ def test_step_matches_with_torch_optimizer_code_disabled(name, kwargs, big, back
 def test_adagrad_numba_parallel_equals_serial(dtype, monkeypatch):
     """The parallel kernel (blocked, prefetching walk) gives the serial one's bits."""
     skip_unless_runnable("numba")
-    from fused_optim.kernels.numba import _walk
+    from fused_optim.kernels.numba import _launch
 
     kw = dict(lr=0.1, lr_decay=0.02, weight_decay=0.01, initial_accumulator_value=0.1)
     results = []
     for serial_below in (1 << 40, 0):
-        # the launcher reads _walk's (the package's SERIAL_BELOW is a copy)
-        monkeypatch.setattr(_walk, "SERIAL_BELOW", serial_below)
+        # the launcher reads _launch's (the package's SERIAL_BELOW is a copy)
+        monkeypatch.setattr(_launch, "SERIAL_BELOW", serial_below)
         gen = torch.Generator().manual_seed(0)
         params = [torch.randn(40_000, generator=gen).to(dtype).requires_grad_(),
                   torch.randn(333, generator=gen).to(dtype).requires_grad_()]

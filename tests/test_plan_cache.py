@@ -1,4 +1,4 @@
-"""The plan cache (fused_optim/_tables.py) and its reuse rule (fused_optim/_facts.py).
+"""The plan cache (fused_optim/_plan.py) and its reuse rule (fused_optim/_reuse_rule.py).
 
 Two halves, one purpose: a cached plan is reused only when that gives
 torch's result.
@@ -35,7 +35,7 @@ import torch
 
 import fused_optim
 import optim_db
-from fused_optim import _facts
+from fused_optim import _reuse_rule
 from matrix import BACKENDS, skip_unless_runnable
 from sides import assert_same
 
@@ -567,13 +567,13 @@ def test_with_the_rule_the_scenario_matches_torch(fact, scenario, backend):
 
 @pytest.mark.parametrize("fact,scenario", CASES)
 def test_without_that_fact_the_scenario_goes_wrong(fact, scenario, monkeypatch):
-    monkeypatch.setattr(_facts, fact, lambda *args: True)
+    monkeypatch.setattr(_reuse_rule, fact, lambda *args: True)
     with pytest.raises(AssertionError):
         assert_same(scenario, "numba")
 
 
 def test_every_fact_of_the_rule_has_a_mutation_test():
-    facts = {n for n in dir(_facts) if n[:2] in {"f1", "f2", "f3", "f4", "f5", "f6"}
+    facts = {n for n in dir(_reuse_rule) if n[:2] in {"f1", "f2", "f3", "f4", "f5", "f6"}
              and n[2] == "_"}
     assert facts == set(SAFE) | set(MEMORY)
 

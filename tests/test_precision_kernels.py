@@ -1,7 +1,7 @@
 """Kahan summation and stochastic rounding in the compiled kernels (issue 15),
 bit for bit against the specification (``kernels/reference/_precision.py``).
 
-The kernels layer: each backend's kernels driven directly (``_tables.pack``),
+The kernels layer: each backend's kernels driven directly (``_plan.pack``),
 not through the optimizers (tests/test_precision.py is the options' layer:
 what the optimizers promise with them on, on every backend).
 
@@ -44,18 +44,18 @@ import numba
 import pytest
 import torch
 
-from fused_optim import _tables
+from fused_optim import _plan
 from fused_optim.kernels import contract, reference
 from fused_optim.kernels import numba as nb
 from fused_optim.kernels import reference as ref
-from fused_optim.kernels.numba import _walk
+from fused_optim.kernels.numba import _launch as nb_launch
 from fused_optim.kernels.reference import _precision as P
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:  # the Triton half's kernels (its tests skip without triton)
-    from fused_optim.kernels import layout as L
+    from fused_optim.kernels import columns as L
     from fused_optim.kernels import triton as tk
     from fused_optim.kernels.triton import _launch
 except ImportError:
@@ -174,7 +174,7 @@ def run(backend, name, hyper, inputs, steps=1, **options):
     fn = contract.kernel(module, name)
     roles = NUMBA_OPTIMIZERS[name][0] + ("kahan_comp",)
     for _ in range(steps):
-        for batch, finish in _tables.pack(params, grads, states, roles, steps=st,
+        for batch, finish in _plan.pack(params, grads, states, roles, steps=st,
                                    row_flags=flags, backend=backend):
             fn(batch, **hyper, **options)
             finish()
@@ -232,12 +232,12 @@ def expected(name, hyper, inputs, kahan, sr):
     up = clone(inputs)
     up = ([p.float() for p in up[0]], [g.float() for g in up[1]],
           [[None if t is None else t.float() for t in lst] for lst in up[2]], up[3], up[4])
-    saved = _walk.SERIAL_BELOW
-    _walk.SERIAL_BELOW = 1 << 62  # the serial float32 kernel (the same math)
+    saved = nb_launch.SERIAL_BELOW
+    nb_launch.SERIAL_BELOW = 1 << 62  # the serial float32 kernel (the same math)
     try:
         p32, _, s32, steps, _ = run("numba", name, hyper, up)
     finally:
-        _walk.SERIAL_BELOW = saved
+        nb_launch.SERIAL_BELOW = saved
     params, grads, states, _, flags = clone(inputs)
     stream = None
     if sr:
@@ -287,7 +287,7 @@ SERIAL = ([(n, torch.bfloat16, "both") for n in NUMBA_OPTIMIZERS]
                          ids=[f"{n}-{str(d)[6:]}-{o}" for n, d, o in SERIAL])
 def test_numba_serial_matches_reference_bit_for_bit(name, dtype, option):
     """Params, comps, state and steps equal to the specification's, 2 steps."""
-    assert sum(SMALL) < _walk.SERIAL_BELOW
+    assert sum(SMALL) < nb_launch.SERIAL_BELOW
     check(name, RICH[name], dtype, SMALL, option)
 
 
@@ -298,18 +298,18 @@ def test_numba_parallel_entry_point_keeps_the_global_index(monkeypatch):
     whatever the split). Its compile from a cold cache took 133 s on the
     2-core VM before issue 24, when this ran as chunked serial launches."""
     total = sum(BIG)
-    assert total >= _walk.SERIAL_BELOW
-    monkeypatch.setattr(_walk.numba, "get_num_threads", lambda: 2)
-    edges = _walk._bounds(total, 2)
+    assert total >= nb_launch.SERIAL_BELOW
+    monkeypatch.setattr(nb_launch.numba, "get_num_threads", lambda: 2)
+    edges = nb_launch._bounds(total, 2)
     assert len(edges) == 3 and 5 < edges[1] < 5 + 33001  # mid-row
     launched = []
-    real = _walk.launch
+    real = nb_launch.launch
 
     def spy(parallel_fn, serial_fn, parallel, args):
         launched.append((parallel, tuple(int(e) for e in args[1])))
         real(parallel_fn, serial_fn, parallel, args)
 
-    monkeypatch.setattr(_walk, "launch", spy)
+    monkeypatch.setattr(nb_launch, "launch", spy)
     check("sgd", RICH["sgd"], torch.bfloat16, BIG, "both")
     # (the specification side runs the float32 serial kernel: parallel False)
     assert {b for parallel, b in launched if parallel} == {tuple(int(e) for e in edges)}
@@ -525,7 +525,7 @@ class Run:
         roles = tuple(self.roles) + ("",) * (3 - len(self.roles)) + ("kahan_comp",)
         n = len(self.params)
         flags = [False] * n if self.name == "sgd" else None
-        packs = _tables.pack(self.params, self.grads[i], self.states + [self.comps], roles,
+        packs = _plan.pack(self.params, self.grads[i], self.states + [self.comps], roles,
                              steps=self.steps, row_flags=flags,
                              backend="triton" if backend is tk else "torch")
         for batch, finish in packs:
@@ -711,7 +711,7 @@ def test_triton_float32_ignores_the_options(name):
         plain.step(tk, i)
         opts.step(tk, i, **_options(True, True, counter))
     _assert_bit_equal(opts.tensors(), plain.tensors(), name)
-    ((batch, finish),) = _tables.pack(base.params, base.grads[0], base.states + [base.comps],
+    ((batch, finish),) = _plan.pack(base.params, base.grads[0], base.states + [base.comps],
                              tuple(TRITON_OPTIMIZERS[name][0]) + ("",) * (3 - len(
                                  TRITON_OPTIMIZERS[name][0])) + ("kahan_comp",),
                              steps=base.steps, backend="triton")
@@ -727,7 +727,7 @@ def test_triton_options_off_launch_as_before():
     specialization, whatever the dtype."""
     for dtype in LOW:
         run = Run("sgd", 0, dtype, kahan=False, edge=False)
-        ((batch, finish),) = _tables.pack(run.params, run.grads[0], run.states + [run.comps],
+        ((batch, finish),) = _plan.pack(run.params, run.grads[0], run.states + [run.comps],
                                  ("momentum_buffer", "", "", "kahan_comp"),
                                  row_flags=[False] * len(run.params), backend="triton")
         assert _launch._precision_args(batch, False, None) is _launch._OFF
@@ -739,7 +739,7 @@ def test_triton_options_off_launch_as_before():
 @_triton
 def test_triton_counter_must_live_with_the_params():
     run = Run("sgd", 0, torch.bfloat16, kahan=False, edge=False)
-    ((batch, finish),) = _tables.pack(run.params, run.grads[0], run.states + [run.comps],
+    ((batch, finish),) = _plan.pack(run.params, run.grads[0], run.states + [run.comps],
                              ("momentum_buffer", "", "", "kahan_comp"),
                              row_flags=[False] * len(run.params), backend="triton")
     with pytest.raises(ValueError, match="int64"):
@@ -772,7 +772,7 @@ def test_triton_rounding_matches_the_specification_across_binades(dtype):
     g[:2] = -torch.tensor([big, big], dtype=torch.float64).to(dtype) * 2.0 ** -12
     params, grads = [p.clone(), p[:37].clone()], [g.clone(), g[:37].clone()]
     counter = torch.tensor(77, dtype=torch.int64, device=DEVICE)
-    for batch, finish in _tables.pack(params, grads, [[None] * 2] * 4,
+    for batch, finish in _plan.pack(params, grads, [[None] * 2] * 4,
                                ("momentum_buffer", "", "", "kahan_comp"),
                                row_flags=[False] * 2, backend="triton"):
         contract.kernel(tk, "sgd")(batch, lr=1.0, weight_decay=0.0, momentum=0.0, dampening=0.0,

@@ -17,7 +17,7 @@ import numba
 import pytest
 import torch
 
-from fused_optim.kernels.numba import _walk
+from fused_optim.kernels.numba import _launch
 
 import optim_db
 from matrix import build_kwargs
@@ -48,7 +48,7 @@ def _needed(monkeypatch, mutate=None) -> set:
         seen.add((parallel_fn.py_func.__qualname__, types))
         seen.add((serial_fn.py_func.__qualname__, types))
 
-    monkeypatch.setattr(_walk, "launch", record)
+    monkeypatch.setattr(_launch, "launch", record)
     for info in optim_db.OPTIM_DB:
         for config in info.configs_for("cpu"):
             for dtype in (torch.float32, torch.bfloat16):

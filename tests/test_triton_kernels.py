@@ -24,9 +24,9 @@ import triton.language as tl  # noqa: E402
 
 import fused_optim  # noqa: E402
 import optim_db  # noqa: E402
-from fused_optim import _tables  # noqa: E402
+from fused_optim import _plan  # noqa: E402
 from fused_optim.kernels import contract  # noqa: E402
-from fused_optim.kernels import layout as L  # noqa: E402
+from fused_optim.kernels import columns as L  # noqa: E402
 from fused_optim.kernels import reference  # noqa: E402
 from fused_optim.kernels import contract  # noqa: E402
 from fused_optim.kernels import triton as tk  # noqa: E402
@@ -66,14 +66,14 @@ def _assert_all_close(actual, expected, **kw):
 
 
 def _run_sgd(backend, params, grads, bufs, row_flags, **hyper):
-    for batch, finish in _tables.pack(params, grads, [bufs], ("momentum_buffer",),
+    for batch, finish in _plan.pack(params, grads, [bufs], ("momentum_buffer",),
                                row_flags=row_flags if hyper["momentum"] else None):
         contract.kernel(backend, "sgd")(batch, **hyper)
         finish()
 
 
 def _run_adam(backend, params, grads, states, steps, **hyper):
-    for batch, finish in _tables.pack(params, grads, states,
+    for batch, finish in _plan.pack(params, grads, states,
                                ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=steps):
         contract.kernel(backend, "adam")(batch, **hyper)
         finish()
@@ -392,7 +392,7 @@ def test_grad_scale_unscales_in_the_kernel(dtype, optim):
         for step, gs in enumerate(grads):
             row_flags = [step == 0] * len(sizes)
             big = [g * 1024 for g in gs]
-            for batch, finish in _tables.pack(scaled.params, big, [scaled.bufs],
+            for batch, finish in _plan.pack(scaled.params, big, [scaled.bufs],
                                        ("momentum_buffer",), row_flags=row_flags):
                 contract.kernel(tk, "sgd")(batch, grad_scale=scale, found_inf=zero, **hyper)
                 finish()
@@ -404,7 +404,7 @@ def test_grad_scale_unscales_in_the_kernel(dtype, optim):
         plain = scaled.clone()
         for gs in grads:
             big = [g * 1024 for g in gs]
-            for batch, finish in _tables.pack(scaled.params, big, scaled.states(),
+            for batch, finish in _plan.pack(scaled.params, big, scaled.states(),
                                        ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
                                        steps=scaled.steps):
                 contract.kernel(tk, "adam")(batch, grad_scale=scale, found_inf=zero, **hyper)
@@ -425,7 +425,7 @@ def test_found_inf_skips_adam_entirely(monkeypatch, host_steps):
     gen = torch.Generator().manual_seed(11)
     grads = _randn(SIZES, torch.float32, gen)
     grads0 = _clone(grads)
-    for batch, finish in _tables.pack(state.params, grads, state.states(),
+    for batch, finish in _plan.pack(state.params, grads, state.states(),
                                ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
                                steps=state.steps):
         contract.kernel(tk, "adam")(batch, grad_scale=torch.tensor([4.0], device=DEVICE),
@@ -442,7 +442,7 @@ def test_a_batch_mixing_host_and_device_steps_is_refused():
     state = _AdamState(SIZES, torch.float32, 3, False)
     before = _clone(state.tensors())
     grads = _randn(SIZES, torch.float32, torch.Generator().manual_seed(4))
-    ((batch, finish),) = _tables.pack(state.params, grads, state.states(),
+    ((batch, finish),) = _plan.pack(state.params, grads, state.states(),
                              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
     batch.table[0, L.FLAGS] |= L.FLAG_STEP_HOST
     with pytest.raises(ValueError, match="mixes step counters"):
@@ -456,10 +456,10 @@ def test_host_steps_that_are_not_host_memory_are_refused(monkeypatch):
     monkeypatch.setattr(_launch, "_steps_on_device", lambda batch: False)
     state = _AdamState(SIZES, torch.float32, 3, False)
     grads = _randn(SIZES, torch.float32, torch.Generator().manual_seed(4))
-    ((batch, finish),) = _tables.pack(state.params, grads, state.states(),
+    ((batch, finish),) = _plan.pack(state.params, grads, state.states(),
                              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
     flags = batch.table[:, L.FLAGS]
-    assert ((flags & L.FLAG_STEP_CPU) != 0).all()  # as _tables writes them
+    assert ((flags & L.FLAG_STEP_CPU) != 0).all()  # as _plan writes them
     batch.table[1, L.FLAGS] &= ~L.FLAG_STEP_CPU  # as for a counter elsewhere
     with pytest.raises(ValueError, match="must be CPU tensors"):
         contract.kernel(tk, "adam")(batch, **_adam_hyper())
@@ -473,7 +473,7 @@ def test_found_inf_skips_sgd_entirely():
     gen = torch.Generator().manual_seed(14)
     grads = _randn(SIZES, torch.float32, gen)
     for row_flags in (False, True):
-        for batch, finish in _tables.pack(state.params, grads, [state.bufs],
+        for batch, finish in _plan.pack(state.params, grads, [state.bufs],
                                    ("momentum_buffer",), row_flags=[row_flags] * len(SIZES)):
             contract.kernel(tk, "sgd")(batch, found_inf=torch.tensor([1.0], device=DEVICE), **hyper)
         _assert_all_close(state.tensors(), before, rtol=0, atol=0)
@@ -772,8 +772,8 @@ def test_adagrad_host_side_steps(monkeypatch):
     them and uploads clr; a found_inf skip advances nothing. Forced on CPU
     tensors by flagging the rows as the tables flag CUDA params' CPU steps."""
     skip_unless_runnable("triton")
-    from fused_optim import _tables
-    from fused_optim.kernels import layout as L
+    from fused_optim import _plan
+    from fused_optim.kernels import columns as L
     from fused_optim.kernels.triton.adagrad import adagrad as tk_adagrad
 
     torch.manual_seed(0)
@@ -789,7 +789,7 @@ def test_adagrad_host_side_steps(monkeypatch):
     torch_adagrad(ref_params, [g.clone() for g in grads], ref_sums, ref_steps, foreach=False,
                   lr=0.1, lr_decay=0.2, eps=1e-10, weight_decay=0.01, maximize=False)
     for found_inf in (torch.tensor(1.0), None):
-        for batch, finish in _tables.pack(params, grads, [sums], ("sum",), steps=steps,
+        for batch, finish in _plan.pack(params, grads, [sums], ("sum",), steps=steps,
                                    backend="triton"):
             batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
             tk_adagrad(batch, found_inf=found_inf, **hyper)
@@ -806,8 +806,8 @@ def test_rmsprop_host_side_steps(found_inf):
     """Steps flagged host-side (torch's CPU steps of CUDA params) are advanced
     by the host, or not at all when found_inf is set; the update is the same."""
     skip_unless_runnable("triton")
-    from fused_optim import _tables
-    from fused_optim.kernels import layout as L
+    from fused_optim import _plan
+    from fused_optim.kernels import columns as L
     from fused_optim.kernels.reference.rmsprop import rmsprop as ref_kernel
     from fused_optim.kernels.triton.rmsprop import rmsprop as triton_kernel
 
@@ -822,7 +822,7 @@ def test_rmsprop_host_side_steps(found_inf):
         # square_avg above grad_avg**2, as any real history leaves them
         states = [[torch.rand(p.shape) + k for p in params] for k in (1.0, 0.0, -0.5)]
         steps = [torch.tensor(3.0), torch.tensor(3.0, dtype=torch.float64), torch.tensor(0.0)]
-        ((batch, finish),) = _tables.pack(params, grads, states,
+        ((batch, finish),) = _plan.pack(params, grads, states,
                                  ("square_avg", "momentum_buffer", "grad_avg"), steps=steps)
         if kernel is triton_kernel:
             batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST

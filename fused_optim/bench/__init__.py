@@ -32,8 +32,8 @@ How it measures, and why:
   The settings timed (``--optimizers``) are ``cases.SETTINGS``, and the
   class's defaults for an optimizer without one.
 * The ceiling is the same traffic with no arithmetic: on CPU the Numba kernel
-  in ``kernels/numba/_pattern.py`` over tensors of the same sizes, on CUDA
-  the Triton kernel in ``kernels/triton/_pattern.py`` over flat buffers. On
+  in ``kernels/numba/_ceiling.py`` over tensors of the same sizes, on CUDA
+  the Triton kernel in ``kernels/triton/_ceiling.py`` over flat buffers. On
   CPU a plain copy is the wrong yardstick: it writes lines it never read,
   and optimizer steps reach 1.4-2x its bandwidth.
 * On CUDA a copy is timed in the same rounds as a second reference: ``copy_``

@@ -272,11 +272,11 @@ def _set_numba_layer(name: str) -> None:
     """Select Numba's threading layer; it is fixed by the first parallel call."""
     import numba
 
-    from ..kernels.numba import _pattern
+    from ..kernels.numba import _ceiling
     numba.config.THREADING_LAYER = name
-    table = _pattern.make_table([[0, 0, 0]], [0])
+    table = _ceiling.make_table([[0, 0, 0]], [0])
     try:
-        _pattern._pattern(table, _pattern.split(0), 4, _pattern.word_dtype(4), 3)
+        _ceiling._pattern(table, _ceiling.split(0), 4, _ceiling.word_dtype(4), 3)
     except ValueError as err:
         raise BenchError(f"--numba-layer {name}: {str(err).splitlines()[0]}") from None
     if numba.threading_layer() != name:

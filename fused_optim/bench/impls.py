@@ -151,14 +151,14 @@ def _ceiling_runner(spec: OptimizerSpec, params, grads) -> Runner:
     # Real data in every array: an untouched calloc'd array maps the shared
     # zero page and its reads would never reach memory.
     if device.type == "cpu":
-        from ..kernels.numba import _pattern
+        from ..kernels.numba import _ceiling
         arrays = [[p.clone() for _ in range(k - 1)] + [g.clone()] for p, g in zip(params, grads)]
-        table = _pattern.make_table([[a.data_ptr() for a in row] for row in arrays],
+        table = _ceiling.make_table([[a.data_ptr() for a in row] for row in arrays],
                                     [p.numel() for p in params])
-        bounds = _pattern.split(int(table[:, _pattern.NUMEL].sum()))
+        bounds = _ceiling.split(int(table[:, _ceiling.NUMEL].sum()))
 
         def step():
-            _pattern.pattern(table, bounds, itemsize, k, m)
+            _ceiling.pattern(table, bounds, itemsize, k, m)
 
         return Runner(CEILING, step, (arrays, table, bounds))
     if device.type == "cuda":
@@ -167,7 +167,7 @@ def _ceiling_runner(spec: OptimizerSpec, params, grads) -> Runner:
         bufs = [flat_p.clone() for _ in range(k - 1)] + [flat_g]
         del flat_p
         try:
-            from ..kernels.triton import _pattern as triton_pattern
+            from ..kernels.triton import _ceiling as triton_pattern
         except ImportError as err:
             raise BenchError(f"the CUDA ceiling needs triton ({err})") from None
         return Runner(CEILING, triton_pattern.launcher(bufs, itemsize), bufs)

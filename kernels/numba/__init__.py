@@ -1,6 +1,7 @@
 """Numba CPU backend: one jitted call per batch updates every tensor in it.
 
-The work split, row walk and spans are written once in ``_walk``; each
+The row walk and spans are written once in ``_walk``, the work split and
+launch in ``_launch``; each
 optimizer's element update, jitted entry points and launcher live in its own
 file (``<name>.py``), imported on first use (``contract.kernel``).
 """
@@ -11,15 +12,15 @@ import warnings
 
 from numba.core.errors import NumbaIRAssumptionWarning
 
-from . import _stale
+from . import _disk_cache
 # before any kernel is decorated: Numba picks each one's cache directory then
-_stale.choose_location()
+_disk_cache.choose_location()
 from ._memory import VIEW_DTYPES  # noqa: E402
 # wait_for_background: fused_optim._warmup.wait joins the background compiles
 # through the backend module; SERIAL_BELOW: the size where the parallel entry
 # points start, for the tests and benchmarks to read (a copy: the launcher
-# reads _walk.SERIAL_BELOW, so patch that one)
-from ._walk import SERIAL_BELOW, wait_for_background  # noqa: E402, F401
+# reads _launch.SERIAL_BELOW, so patch that one)
+from ._launch import SERIAL_BELOW, wait_for_background  # noqa: E402, F401
 
 __all__ = ["SUPPORTED_DTYPES", "warm_numel"]
 
@@ -42,14 +43,14 @@ def warm_numel(numel: int) -> int:
     """How many elements a dummy batch needs to take the entry point (serial
     or parallel) that a batch of ``numel`` elements takes (fused_optim's
     warm-up steps one of that size)."""
-    from . import _walk
+    from . import _launch
 
-    return min(numel, _walk.SERIAL_BELOW)
+    return min(numel, _launch.SERIAL_BELOW)
 
 
-# before any kernel is compiled or loaded from the disk cache (see _stale);
+# before any kernel is compiled or loaded from the disk cache (see _disk_cache);
 # the cache is found through a dispatcher of no optimizer's file, so that
 # importing the backend compiles, loads and imports no kernel
-_cache_anchor = _stale.anchor()
-_stale.seed(_cache_anchor)
-_stale.check(_cache_anchor)
+_cache_anchor = _disk_cache.anchor()
+_disk_cache.seed(_cache_anchor)
+_disk_cache.check(_cache_anchor)

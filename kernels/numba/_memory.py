@@ -165,7 +165,7 @@ BLOCK = 64
 #: 0.89-0.90, 4 KiB 0.95 / 0.91, 8 KiB 0.98 / 0.94. BLOCK 32 or 128 instead
 #: of 64 (at 2 KiB): within noise. The hardware prefetchers alone keep too
 #: few lines in flight per core on this VM. The memory-pattern ceiling kernel
-#: (_pattern) uses the same loop, so it stays the best this access pattern
+#: (_ceiling) uses the same loop, so it stays the best this access pattern
 #: reaches.
 PREFETCH_BYTES = 2048
 _LINE = 64

@@ -18,11 +18,12 @@ compute type (torch's ``value=`` cast): ``kernels/steps.py``.
 import numpy as np
 from numba import njit
 
-from . import _stale
+from .._numba_loads import light_loads
 from ..steps import LR_F64, adagrad_scalars
 from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import FIRST, decayed_grad, parallel, run, serial
+from ._launch import run
+from ._walk import FIRST, decayed_grad, parallel, serial
 
 __all__ = ["adagrad"]
 
@@ -75,4 +76,4 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=LR_F64
         stochastic_round=stochastic_round)
 
 
-_stale.light_loads(vars())  # warm-cache loads without Numba's full refresh
+light_loads(vars())  # warm-cache loads without Numba's full refresh

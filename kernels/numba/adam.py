@@ -11,11 +11,12 @@ Each row's step and bias-corrected scalars: ``kernels/steps.py``.
 import numpy as np
 from numba import njit
 
-from . import _stale
+from .._numba_loads import light_loads
 from ..steps import adam_scalars
 from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import FIRST, grad, parallel, run, serial
+from ._launch import run
+from ._walk import FIRST, grad, parallel, serial
 
 __all__ = ["adam"]
 
@@ -130,4 +131,4 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
         found_inf=found_inf, kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 
-_stale.light_loads(vars())  # warm-cache loads without Numba's full refresh
+light_loads(vars())  # warm-cache loads without Numba's full refresh

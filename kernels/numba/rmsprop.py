@@ -10,11 +10,12 @@ fused multiply-add exactly where torch's CPU kernels use one (``addcmul``,
 import numpy as np
 from numba import njit
 
-from . import _stale
+from .._numba_loads import light_loads
 from ..steps import advance
 from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import FIRST, decayed_grad, parallel, run, serial
+from ._launch import run
+from ._walk import FIRST, decayed_grad, parallel, serial
 
 __all__ = ["rmsprop"]
 
@@ -90,4 +91,4 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
 
 
-_stale.light_loads(vars())  # warm-cache loads without Numba's full refresh
+light_loads(vars())  # warm-cache loads without Numba's full refresh

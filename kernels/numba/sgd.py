@@ -19,11 +19,12 @@ A per-row select instead cost 1% of bf16 SGD momentum's time.
 
 from numba import njit
 
-from .. import layout as L
-from . import _stale
+from .. import columns as L
+from .._numba_loads import light_loads
 from ._memory import fma, load, store
 from ._precision import store_param
-from ._walk import FIRST, decayed_grad, parallel, run, serial
+from ._launch import run
+from ._walk import FIRST, decayed_grad, parallel, serial
 
 __all__ = ["sgd"]
 
@@ -87,4 +88,4 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         stochastic_round=stochastic_round)
 
 
-_stale.light_loads(vars())  # warm-cache loads without Numba's full refresh
+light_loads(vars())  # warm-cache loads without Numba's full refresh

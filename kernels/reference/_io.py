@@ -80,7 +80,7 @@ def param_store(batch, kahan_sum, stochastic_round):
         stream = P.keys(int(seed), int(counter), int(salt))
     if not kahan and stream is None:
         return lambda i, p, old, new: p.copy_(new)
-    from .. import layout as L
+    from .. import columns as L
 
     def put(i, p, old, new):
         P.store_param(p, old, new, batch.states[3][i] if kahan else None, stream,

@@ -43,7 +43,7 @@ VM under other load).
 import triton
 import triton.language as tl
 
-from .. import layout as L
+from .. import columns as L
 
 _NCOLS = tl.constexpr(L.NCOLS)
 _PARAM = tl.constexpr(L.PARAM)

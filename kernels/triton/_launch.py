@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import layout as L
+from .. import columns as L
 from ..contract import interpreted
 
 #: Elements per program: the usual Triton elementwise choice, 4 warps x 32

@@ -36,8 +36,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .. import layout as L
-from . import _stale
+from .. import columns as L
+from .._numba_loads import light_loads
 from ._walk import no_rows, parallel
 
 __all__ = ["PATTERNS", "NUMEL", "START", "NCOLS", "make_table", "split", "pattern",
@@ -45,7 +45,7 @@ __all__ = ["PATTERNS", "NUMEL", "START", "NCOLS", "make_table", "split", "patter
 
 #: Supported (reads, writes).
 PATTERNS = ((2, 1), (3, 2), (4, 3), (5, 4))
-#: The optimizers' table layout (``kernels/layout.py``), walked by the same
+#: The optimizers' table layout (``kernels/columns.py``), walked by the same
 #: code (``_walk``): a row's read-only array sits where the walk finds the
 #: gradient, its written ones where it finds the param and the states.
 NUMEL = L.NUMEL
@@ -172,4 +172,4 @@ def pattern(table, bounds, itemsize: int, k: int, m: int) -> None:
              *(_PROTO[itemsize] if k > i else None for i in (2, 3, 4)))
 
 
-_stale.light_loads(vars())  # warm-cache loads without Numba's full refresh
+light_loads(vars())  # warm-cache loads without Numba's full refresh

@@ -1,6 +1,6 @@
 """Memory-traffic ceiling on CUDA: the optimizers' access pattern, no math.
 
-The counterpart of ``kernels/numba/_pattern.py`` for the benchmark's CUDA
+The counterpart of ``kernels/numba/_ceiling.py`` for the benchmark's CUDA
 runs, over flat buffers rather than a table of tensors: ``pattern`` reads
 the first ``K`` of five flat integer buffers and XORs the K-th into each of
 the others, over ``n`` elements: K reads and K-1 writes per element.

@@ -2,7 +2,7 @@
 
 Numba keys a cached kernel on its own file's modification time and size
 only. The kernels inline code from ``_walk``, ``_memory``, ``_precision``,
-the table layout (``kernels/layout.py``) and the step arithmetic
+the table layout (``kernels/columns.py``) and the step arithmetic
 (``kernels/steps.py``), so an edit there, or a ``git pull`` or editable
 install that rewrites only those files, left kernels
 compiled against the old code in the cache: seen here as a Kahan buffer that
@@ -44,7 +44,7 @@ _STAMP = "fused_optim_kernels.stamp"
 def sources() -> list:
     """Every file whose code the jitted kernels are compiled from."""
     return sorted(glob.glob(os.path.join(_HERE, "*.py"))) + [
-        os.path.join(os.path.dirname(_HERE), name) for name in ("layout.py", "steps.py")]
+        os.path.join(os.path.dirname(_HERE), name) for name in ("columns.py", "steps.py")]
 
 
 def digest() -> str:
@@ -186,36 +186,3 @@ def seed(dispatcher, beside: str | None = None) -> int:
             except OSError:
                 pass
     return copied
-
-
-def light_loads(namespace) -> None:
-    """Load this module's cached kernels without Numba's full context refresh.
-
-    Numba's ``load_overload`` first runs ``refresh()`` on the CPU target:
-    it imports and installs every lowering registry, which only compiling
-    needs (Numba's compiler refreshes before each compile anyway). A cached
-    kernel needs the runtime (NRT) initialised and its library rebuilt,
-    nothing more. Any failure falls back to Numba's own load. What it saves,
-    after issue 24's few kernels (``python benchmarks/warm_load.py --runs 5``,
-    a 4-layer 1024-wide MLP, Numba already imported, medians of 5 fresh
-    processes, 2-core VM, 2026-12-07): the warm-cache first step of AdamW
-    98 ms against 314 ms with Numba's own load, SGD with momentum 82 ms
-    against 357 ms. It follows Numba 0.68's private cache API.
-    """
-    from numba.core.dispatcher import Dispatcher
-    from numba.core.runtime import rtsys
-
-    for obj in list(namespace.values()):
-        cache = getattr(obj, "_cache", None)
-        impl = getattr(cache, "_load_overload", None)
-        if not isinstance(obj, Dispatcher) or impl is None:
-            continue
-
-        def load(sig, ctx, _impl=impl, _full=cache.load_overload):
-            try:
-                rtsys.initialize(ctx)
-                return _impl(sig, ctx)
-            except Exception:  # noqa: BLE001 - Numba's own path decides
-                return _full(sig, ctx)
-
-        cache.load_overload = load

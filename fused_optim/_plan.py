@@ -14,7 +14,7 @@ each a kernel launch of rows that share no byte, one after the other.
 
 Full validation (:func:`build`) costs ~15 us per tensor in Python, so its
 result is kept as a :class:`Plan` and reused while the facts it rests on
-hold; :mod:`fused_optim._facts` lists those facts and why each is re-read
+hold; :mod:`fused_optim._reuse_rule` lists those facts and why each is re-read
 or provably unchanged.
 """
 
@@ -30,9 +30,9 @@ from itertools import chain
 import numpy as np
 import torch
 
-from . import _backend, _facts
+from . import _backend, _reuse_rule
 from .kernels import Batch, contract
-from .kernels import layout as L
+from .kernels import columns as L
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_SET = frozenset(_PLAIN)
@@ -59,7 +59,7 @@ class PlanCache(dict):
         self.graph_owned.setdefault(id(obj), obj)
 
 
-class StateMismatchError(RuntimeError):
+class OutsideStorageError(RuntimeError):
     """A tensor lies outside its storage, where torch's own step is undefined."""
 
 
@@ -108,7 +108,7 @@ def _plain_strided(t) -> bool:
 
 
 def _in_storage(t) -> bool:
-    ext = _facts.extent(t)
+    ext = _reuse_rule.extent(t)
     if ext == 0:
         return True
     return t.storage_offset() * t.element_size() + ext <= t.untyped_storage().nbytes()
@@ -228,7 +228,7 @@ def stage(unit, cols, where, steps, row_flags, grad_ptrs, retain=None):
 class Plan:
     """A validated plan of one group's step, reusable while its facts hold.
 
-    Attributes (see :mod:`fused_optim._facts` for F1-F6):
+    Attributes (see :mod:`fused_optim._reuse_rule` for F1-F6):
         where: the table column of each tensor column.
         n: rows.
         guard: F1 over every tensor, columns in ``where`` order.
@@ -307,7 +307,7 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
         labels: per-param indices for error messages (default: row index).
 
     Raises:
-        StateMismatchError: a tensor lies outside its storage.
+        OutsideStorageError: a tensor lies outside its storage.
         RuntimeError: the backend cannot run these tensors (with a fix).
     """
     n = len(params)
@@ -340,7 +340,7 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
             for c, t in enumerate(row):
                 if not _in_storage(t):
                     # torch's own step would read (and write) past the allocation
-                    raise StateMismatchError(
+                    raise OutsideStorageError(
                         f"{whats[c]}parameter {label} lies outside its storage "
                         f"({t.untyped_storage().nbytes()} bytes); was its storage "
                         "freed or resized?")
@@ -368,12 +368,12 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
                                torch.float16, torch.complex64, torch.complex128):
                 torch_row = unusual = True
             for c, t in enumerate(row):
-                ext = _facts.extent(t)
+                ext = _reuse_rule.extent(t)
                 if ext:
                     ptr = t.data_ptr()
                     intervals.append((ptr, ptr + ext, i, c != 1))
             g = row[1]
-            grad_ext[i] = _facts.extent(g)
+            grad_ext[i] = _reuse_rule.extent(g)
             grad_isz[i] = g.element_size()
         kind[i] = "torch" if torch_row else "kernel"
         dry[i] = unusual
@@ -410,20 +410,20 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
     plan = Plan()
     plan.where = where
     plan.n = n
-    plan.guard = _facts.MetaGuard(tuple(chain.from_iterable(cols)))
+    plan.guard = _reuse_rule.MetaGuard(tuple(chain.from_iterable(cols)))
     rest = list(chain.from_iterable(cols[2:]))
     # (a tensor without storage, e.g. a sparse grad of a torch row, gets 0:
     # the cached path's own read of it raises, and the group is re-validated)
     plan.ptrs = np.fromiter(map(_ptr_or_0, chain(params, rest)), np.int64,
                             n + len(rest)).tobytes()
     plain_written = [t for t in chain(params, rest) if _plain_strided(t)]
-    plan.held = _facts.held_storages(plain_written)
-    plan.storages = _facts.storage_facts(plan.held)
+    plan.held = _reuse_rule.held_storages(plain_written)
+    plan.storages = _reuse_rule.storage_facts(plan.held)
     plan.grad_ext = grad_ext
     plan.grad_isz = grad_isz
     plan.grad_nonempty = None if grad_ext.all() else grad_ext > 0
     ws = [(a, b) for a, b, _, w in intervals if w]
-    plan.written = _facts.WrittenRanges([a for a, _ in ws], [b for _, b in ws])
+    plan.written = _reuse_rule.WrittenRanges([a for a, _ in ws], [b for _, b in ws])
     plan.grad_ptrs = np.fromiter(map(_ptr_or_0, grads), np.int64, n)
     plan.grad_ptr_bytes = plan.grad_ptrs.tobytes()
     hit = plan.written.hit(plan.grad_ptrs, plan.grad_ptrs + grad_ext)
@@ -567,7 +567,7 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
     ``kind`` is the optimizer record's ``kernel`` (``"sgd"``, ``"adam"``, ...).
 
     Everything that can raise is done here, before any tensor is written:
-    the reuse rule on the cached plan (:func:`fused_optim._facts.holds`)
+    the reuse rule on the cached plan (:func:`fused_optim._reuse_rule.holds`)
     or full validation (:func:`build`), the backends' choice, and torch's
     own step on stand-ins of the rows where torch may raise.
 
@@ -603,7 +603,7 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
     plan = cache.get(key) if cache is not None else None
     grad_ptrs = None
     if plan is not None:
-        grad_ptrs = _facts.holds(plan, cols, where, tuple(chain.from_iterable(cols)), flags)
+        grad_ptrs = _reuse_rule.holds(plan, cols, where, tuple(chain.from_iterable(cols)), flags)
     if grad_ptrs is None:
         plan = build(params, grads, states, roles, steps, flags, backend, kind)
         grad_ptrs = plan.grad_ptrs
@@ -732,7 +732,7 @@ def _stand_in(t):
         return t.clone()
     inference = t.is_inference() and not torch.is_inference_mode_enabled()
     with torch.inference_mode() if inference else contextlib.nullcontext():
-        span = _facts.extent(t) // t.element_size()
+        span = _reuse_rule.extent(t) // t.element_size()
         base = torch.zeros(max(span, 1), dtype=t.dtype, device=t.device)
         s = base.as_strided(t.shape, t.stride())
         if t.numel() == 1 and not (t.is_conj() or t.is_neg()):

@@ -1,7 +1,7 @@
 """The reuse rule: what a cached plan trusts between steps, and why.
 
-Full validation (:func:`fused_optim._tables.build`) turns one param group's
-tensors into a :class:`~fused_optim._tables.Plan`: which rows the kernels
+Full validation (:func:`fused_optim._plan.build`) turns one param group's
+tensors into a :class:`~fused_optim._plan.Plan`: which rows the kernels
 take and which run torch's own for-loop, which tensors are staged through
 scratch copies, the order of rows whose memory overlaps, and the address
 table. Every one of those decisions is a function of the facts below, read
