@@ -280,7 +280,7 @@ def holds(plan, cols, where, flat, row_flags):
     ``cols`` are the tensor columns (params, grads, state roles, steps),
     ``where`` their table columns and ``flat`` all of them in one list.
     Each ``f*`` above reads one fact of the table in the module docstring;
-    tests/test_reuse_rule.py switches each off in turn and shows a scenario
+    tests/test_plan_cache.py switches each off in turn and shows a scenario
     that then goes wrong.
     """
     if where != plan.where or len(cols[0]) != plan.n or not f6_flags(plan, row_flags):
