@@ -63,19 +63,31 @@ def test_shared_storage_view_params_match_torch(info, backend):
     torch.testing.assert_close(base, base_ref)
 
 
-def test_half_and_bfloat16_conversions_are_exact():
+@pytest.mark.parametrize("f16", ["soft", "hard"])
+def test_half_and_bfloat16_conversions_are_exact(f16):
+    """Every half and bfloat16 value decodes as torch's, and ~700k float32
+    values (random bits, half subnormals and overflows, edges) encode as
+    torch's. Both float16 forms: the kernels take the instruction ("hard")
+    where the CPU has it, else the integer ("soft") one."""
     numba = pytest.importorskip("numba")
     from fused_optim.kernels.numba import _memory as mem
+
+    if f16 == "hard" and not mem.F16_HARDWARE:
+        pytest.skip("this CPU has no float16 conversion instructions")
+    assert mem.f16_to_f32 is (mem._f16_to_f32_hard if mem.F16_HARDWARE
+                              else mem._f16_to_f32_soft)
+    to32 = getattr(mem, f"_f16_to_f32_{f16}")
+    to16 = getattr(mem, f"_f32_to_f16_{f16}")
 
     @numba.njit
     def decode(a, out, bf):
         for i in range(a.size):
-            out[i] = mem.bf16_to_f32(a[i]) if bf else mem.f16_to_f32(a[i])
+            out[i] = mem.bf16_to_f32(a[i]) if bf else to32(a[i])
 
     @numba.njit
     def encode16(x, out):
         for i in range(x.size):
-            out[i] = mem.f32_to_f16(x[i])
+            out[i] = to16(x[i])
 
     @numba.njit
     def encodebf(x, out):
