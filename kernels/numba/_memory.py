@@ -39,6 +39,17 @@ fp16``, paired against torch's fused step in one run):
   (128 bf16 elements) instead of 64 elements changed nothing (paired A/B
   ``benchmarks/ab_kernels.py``: 0.93-1.03); a block length that is not a
   compile-time constant lost vectorisation (fp32 SGD 1.56x torch fused).
+  A prefetch distance of 1 KiB or 4 KiB for 2-byte types instead of 2 KiB:
+  no change either (0.99-1.04).
+* Split, standalone loops over 8M elements per array (one thread, out of
+  cache; ``python benchmarks/bf16_split.py``, medians of 15 interleaved rounds): the
+  uint16 read-3-write-2 pattern with no conversions 1.72 ms; the same with
+  the bf16 conversions and no arithmetic 1.79 ms (conversions: +0-4% in two runs); bf16
+  SGD 2.28 ms (the arithmetic: +27-29%, one thread is compute-bound here); bf16
+  loads with plain float32 stores 3.97 ms (twice the bytes stored); fp32 SGD
+  5.71 ms. So the round-to-nearest-even store is cheap and the element math
+  is what one thread pays for; with two threads sharing the memory bus the
+  ratio to torch (above) is what counts.
 * bf16 AdamW (0.58-0.80x), Adagrad (0.34-0.80x) and RMSprop (0.15-0.38x of
   torch's fastest, its for-loop) were already below torch.
 """
