@@ -86,23 +86,19 @@ def specializations(full: bool):
         yield "adam_steps", "float64", False, {"HAS_FOUND_INF": found_inf}
 
 
-def _source(kernel: str, dname: str, aligned: bool, sw: dict) -> ASTSource:
-    if kernel == "adam_steps":
-        fn = _adam._adam_steps_kernel
-        const = dict(BLOCK_R=_launch._STEP_ROWS, **sw)
-        ptrs = dict(_STEPS_ARGS)
-        absent = {"found_inf_ptr": not sw["HAS_FOUND_INF"]}
-    else:
-        dtype = DTYPES[dname]
-        fn = _sgd._sgd_kernel if kernel == "sgd" else _adam._adam_kernel
-        ptrs = dict(_SGD_PTRS if kernel == "sgd" else _ADAM_PTRS)
-        # the launcher's own constexprs (see _common_args)
-        const = dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
-                     COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-                     IS_F64=dtype == torch.float64, BLOCK=_launch.BLOCK, ALIGNED=aligned,
-                     VEC=16 // torch.empty((), dtype=dtype).element_size(), **sw)
-        absent = {"grad_scale_ptr": not sw["HAS_GRAD_SCALE"],
-                  "found_inf_ptr": not sw["HAS_FOUND_INF"]}
+def launcher_consts(dtype, aligned: bool, sw: dict) -> dict:
+    """The constexprs an update kernel's launcher passes (see ``_launch``), besides
+    its switches ``sw``."""
+    return dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+                COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+                IS_F64=dtype == torch.float64, BLOCK=_launch.BLOCK, ALIGNED=aligned,
+                VEC=16 // torch.empty((), dtype=dtype).element_size(), **sw)
+
+
+def ast_source(fn, const: dict, ptrs: dict, absent: dict) -> ASTSource:
+    """``fn`` as a launch specializes it: the pointer arguments of ``ptrs``
+    typed (16-byte aligned, as torch's allocations are), those ``absent``
+    names and every other argument constexpr (absent pointers None)."""
     signature = {}
     for name in fn.arg_names:
         if name in ptrs and not absent.get(name, False):
@@ -111,10 +107,20 @@ def _source(kernel: str, dname: str, aligned: bool, sw: dict) -> ASTSource:
             signature[name] = "constexpr"
             if name in ptrs:
                 const[name] = None
-    # torch's allocations are 16-byte aligned: as the launch specializes them
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in signature if signature[n].startswith("*")}
     return ASTSource(fn, signature, const, attrs)
+
+
+def _source(kernel: str, dname: str, aligned: bool, sw: dict) -> ASTSource:
+    if kernel == "adam_steps":
+        return ast_source(_adam._adam_steps_kernel, dict(BLOCK_R=_launch._STEP_ROWS, **sw),
+                          _STEPS_ARGS, {"found_inf_ptr": not sw["HAS_FOUND_INF"]})
+    fn = _sgd._sgd_kernel if kernel == "sgd" else _adam._adam_kernel
+    return ast_source(fn, launcher_consts(DTYPES[dname], aligned, sw),
+                      _SGD_PTRS if kernel == "sgd" else _ADAM_PTRS,
+                      {"grad_scale_ptr": not sw["HAS_GRAD_SCALE"],
+                       "found_inf_ptr": not sw["HAS_FOUND_INF"]})
 
 
 def _ptxas_facts(ptx: str, cap: int) -> dict:
@@ -142,28 +148,37 @@ _INEXACT = {"div.full": r"\bdiv\.full\b", "div.approx": r"\bdiv\.approx\b",
             "sqrt.approx": r"\bsqrt\.approx\b", ".ftz": r"\.ftz\b"}
 
 
+def ptx_facts(ptx: str, dname: str, cap: int) -> dict:
+    """What the checks read off one kernel's PTX, and ptxas's registers,
+    stack and spills."""
+    width = 64 if dname == "float64" else 32
+    lanes = 2 if dname == "float64" else 4
+    out = {  # 128-bit accesses: v4 of 32-bit words, or v2 of 64-bit ones
+        "vector_loads": len(re.findall(rf"ld\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
+        "vector_stores": len(re.findall(rf"st\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
+        "inexact": sorted(k for k, pat in _INEXACT.items() if re.search(pat, ptx)),
+        "ftz_lines": len(re.findall(r"\.ftz\b", ptx)),
+        "exp2_range_checks": ptx.count(_EXP2_RANGE_CHECK),
+        "local": len(re.findall(r"\.local\b", ptx)),
+        "ieee_div": len(re.findall(r"\bdiv\.rn\.f(32|64)\b", ptx)),
+        "ieee_sqrt": len(re.findall(r"\bsqrt\.rn\.f(32|64)\b", ptx))}
+    out.update(_ptxas_facts(ptx, cap))
+    return out
+
+
+def compile_ptx(src: ASTSource, cap: int, warps: int) -> str:
+    """``src`` compiled for ``sm_<cap>`` as the launchers compile it."""
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                          options={"num_warps": warps, "enable_fp_fusion": False}).asm["ptx"]
+
+
 def facts(kernel: str, dname: str, aligned: bool, sw: dict, cap: int) -> dict:
-    src = _source(kernel, dname, aligned, sw)
     # as the launchers pass it
     warps = (_launch.NUM_WARPS if kernel == "adam_steps"
              else _launch.num_warps(DTYPES[dname], aligned, sw["TAIL_ALIGNED"]))
-    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                              options={"num_warps": warps, "enable_fp_fusion": False})
-    ptx = compiled.asm["ptx"]
-    width = 64 if dname == "float64" else 32
-    lanes = 2 if dname == "float64" else 4
-    out = {"kernel": kernel, "dtype": dname, "aligned": aligned, "switches": sw, "arch": cap,
-           # 128-bit accesses: v4 of 32-bit words, or v2 of 64-bit ones
-           "vector_loads": len(re.findall(rf"ld\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
-           "vector_stores": len(re.findall(rf"st\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
-           "inexact": sorted(k for k, pat in _INEXACT.items() if re.search(pat, ptx)),
-           "ftz_lines": len(re.findall(r"\.ftz\b", ptx)),
-           "exp2_range_checks": ptx.count(_EXP2_RANGE_CHECK),
-           "local": len(re.findall(r"\.local\b", ptx)),
-           "ieee_div": len(re.findall(r"\bdiv\.rn\.f(32|64)\b", ptx)),
-           "ieee_sqrt": len(re.findall(r"\bsqrt\.rn\.f(32|64)\b", ptx))}
-    out.update(_ptxas_facts(ptx, cap))
-    return out
+    ptx = compile_ptx(_source(kernel, dname, aligned, sw), cap, warps)
+    return {"kernel": kernel, "dtype": dname, "aligned": aligned, "switches": sw, "arch": cap,
+            **ptx_facts(ptx, dname, cap)}
 
 
 #: the one ``.ftz`` instruction allowed, in the step kernel only: libdevice's

@@ -134,64 +134,30 @@ def test_formerly_spilling_specializations(spec):
 
 
 _ADAGRAD_COMPILE = r"""
-import json, re, sys, itertools
+import json, sys
 sys.path.insert(0, sys.argv[1])
-import torch, triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from fused_optim.kernels.triton import _launch
 from fused_optim.kernels.triton import adagrad as ka
 import _compile_matrix as cm
 
-PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64", "scal_ptr": "*fp64",
-        "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "rows": "i32"}
-
-def source(fn, const, absent):
-    sig = {}
-    for n in fn.arg_names:
-        if n in PTRS and not absent.get(n, False):
-            sig[n] = PTRS[n]
-        else:
-            sig[n] = "constexpr"
-            if n in PTRS:
-                const[n] = None
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-             for n in sig if sig[n].startswith("*")}
-    return ASTSource(fn, sig, const, attrs)
-
-jobs = []
 for cap in (80, 90):
     for dname, dtype in cm.DTYPES.items():
         for aligned in (True, False):
             for on in (True, False):
                 sw = dict(TAIL_ALIGNED=aligned and on, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on)
-                const = dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
-                             COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-                             IS_F64=dtype == torch.float64, BLOCK=_launch.BLOCK, ALIGNED=aligned,
-                             VEC=16 // torch.empty((), dtype=dtype).element_size(), **sw)
-                src = source(ka._adagrad_kernel, const,
-                             {"grad_scale_ptr": not on, "found_inf_ptr": not on})
-                warps = _launch.num_warps(dtype, aligned, sw["TAIL_ALIGNED"])
-                jobs.append(("adagrad", dname, aligned, sw, cap, src, warps))
+                src = cm.ast_source(ka._adagrad_kernel, cm.launcher_consts(dtype, aligned, sw),
+                                    dict(cm._ADAM_PTRS, rows="i32"),
+                                    {"grad_scale_ptr": not on, "found_inf_ptr": not on})
+                ptx = cm.compile_ptx(src, cap, _launch.num_warps(dtype, aligned, sw["TAIL_ALIGNED"]))
+                print(json.dumps(dict(kernel="adagrad", dtype=dname, aligned=aligned, switches=sw,
+                                      arch=cap, **cm.ptx_facts(ptx, dname, cap))), flush=True)
     for on in (True, False):
         sw = dict(HAS_FOUND_INF=on)
-        src = source(ka._adagrad_steps_kernel, dict(BLOCK_R=_launch._STEP_ROWS, **sw),
-                     {"found_inf_ptr": not on})
-        jobs.append(("adagrad_steps", "float64", False, sw, cap, src, _launch.NUM_WARPS))
-for kernel, dname, aligned, sw, cap, src, warps in jobs:
-    c = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                       options={"num_warps": warps, "enable_fp_fusion": False})
-    ptx = c.asm["ptx"]
-    width = 64 if dname == "float64" else 32
-    lanes = 2 if dname == "float64" else 4
-    out = dict(kernel=kernel, dtype=dname, aligned=aligned, switches=sw, arch=cap,
-               inexact=sorted(k for k, pat in cm._INEXACT.items() if re.search(pat, ptx)),
-               vector_loads=len(re.findall(rf"ld\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
-               vector_stores=len(re.findall(rf"st\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
-               ieee_div=len(re.findall(r"\bdiv\.rn\.f(32|64)\b", ptx)),
-               ieee_sqrt=len(re.findall(r"\bsqrt\.rn\.f(32|64)\b", ptx)))
-    out.update(cm._ptxas_facts(ptx, cap))
-    print(json.dumps(out), flush=True)
+        src = cm.ast_source(ka._adagrad_steps_kernel, dict(BLOCK_R=_launch._STEP_ROWS, **sw),
+                            cm._STEPS_ARGS, {"found_inf_ptr": not on})
+        ptx = cm.compile_ptx(src, cap, _launch.NUM_WARPS)
+        print(json.dumps(dict(kernel="adagrad_steps", dtype="float64", aligned=False, switches=sw,
+                              arch=cap, **cm.ptx_facts(ptx, "float64", cap))), flush=True)
 """
 
 
@@ -224,13 +190,6 @@ def _rmsprop_compile_facts(archs=(90,)):
     every switch off; and the step kernel with and without found_inf. Run
     without TRITON_INTERPRET (see tests/_compile_matrix.py).
     """
-    import re
-
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     import _compile_matrix as cm
     from fused_optim.kernels.triton import _launch
     from fused_optim.kernels.triton import rmsprop as rk
@@ -242,54 +201,21 @@ def _rmsprop_compile_facts(archs=(90,)):
             for on in (True, False):
                 sw = {s: on for s in _RMSPROP_SWITCHES}
                 sw["TAIL_ALIGNED"] = on and aligned
-                fn = rk._rmsprop_kernel
-                const = dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
-                             COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-                             IS_F64=dtype == torch.float64, BLOCK=_launch.BLOCK, ALIGNED=aligned,
-                             VEC=16 // torch.empty((), dtype=dtype).element_size(), **sw)
-                sig = {}
-                for name in fn.arg_names:
-                    if name in cm._SGD_PTRS and (on or name not in ("grad_scale_ptr",
-                                                                    "found_inf_ptr")):
-                        sig[name] = cm._SGD_PTRS[name]
-                    else:
-                        sig[name] = "constexpr"
-                        if name in cm._SGD_PTRS:
-                            const[name] = None
-                attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-                         for n in sig if sig[n].startswith("*")}
-                compiled = triton.compile(
-                    ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cap, 32),
-                    options={"num_warps": _launch.num_warps(dtype, aligned, sw["TAIL_ALIGNED"]),
-                             "enable_fp_fusion": False})
-                ptx = compiled.asm["ptx"]
-                width, lanes = (64, 2) if dname == "float64" else (32, 4)
-                r = dict(kernel="rmsprop", dtype=dname, aligned=aligned, switches=sw, arch=cap,
-                         vector_loads=len(re.findall(
-                             rf"ld\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
-                         vector_stores=len(re.findall(
-                             rf"st\.global[.\w]*\.v{lanes}\.b{width}", ptx)),
-                         inexact=sorted(k for k, pat in cm._INEXACT.items()
-                                        if re.search(pat, ptx)),
-                         local=len(re.findall(r"\.local\b", ptx)),
-                         ieee_div=len(re.findall(r"\bdiv\.rn\.f(32|64)\b", ptx)),
-                         ieee_sqrt=len(re.findall(r"\bsqrt\.rn\.f(32|64)\b", ptx)))
-                r.update(cm._ptxas_facts(ptx, cap))
-                out.append(r)
+                src = cm.ast_source(rk._rmsprop_kernel, cm.launcher_consts(dtype, aligned, sw),
+                                    cm._SGD_PTRS,
+                                    {"grad_scale_ptr": not on, "found_inf_ptr": not on})
+                ptx = cm.compile_ptx(src, cap,
+                                     _launch.num_warps(dtype, aligned, sw["TAIL_ALIGNED"]))
+                out.append(dict(kernel="rmsprop", dtype=dname, aligned=aligned, switches=sw,
+                                arch=cap, **cm.ptx_facts(ptx, dname, cap)))
         for fi in (False, True):
-            fn = rk._rmsprop_steps_kernel
-            sig = {"table_ptr": "*i64", "found_inf_ptr": "*fp32" if fi else "constexpr",
-                   "rows": "i32", "BLOCK_R": "constexpr", "HAS_FOUND_INF": "constexpr"}
-            const = dict(BLOCK_R=_launch._STEP_ROWS, HAS_FOUND_INF=fi)
-            if not fi:
-                const["found_inf_ptr"] = None
-            compiled = triton.compile(ASTSource(fn, sig, const, {}),
-                                      target=GPUTarget("cuda", cap, 32),
-                                      options={"num_warps": _launch.NUM_WARPS})
-            r = dict(kernel="rmsprop_steps", switches={"HAS_FOUND_INF": fi}, arch=cap,
-                     local=len(re.findall(r"\.local\b", compiled.asm["ptx"])))
-            r.update(cm._ptxas_facts(compiled.asm["ptx"], cap))
-            out.append(r)
+            src = cm.ast_source(rk._rmsprop_steps_kernel,
+                                dict(BLOCK_R=_launch._STEP_ROWS, HAS_FOUND_INF=fi),
+                                {"table_ptr": "*i64", "found_inf_ptr": "*fp32", "rows": "i32"},
+                                {"found_inf_ptr": not fi})
+            ptx = cm.compile_ptx(src, cap, _launch.NUM_WARPS)
+            out.append(dict(kernel="rmsprop_steps", switches={"HAS_FOUND_INF": fi}, arch=cap,
+                            **cm.ptx_facts(ptx, "float64", cap)))
     return out
 
 
