@@ -323,8 +323,7 @@ class FusedOptimizer(Optimizer):
             for group in self.param_groups:
                 try:
                     job, after = self._group_job(group, found_inf)
-                    if job is not None and (group.get("kahan_sum")
-                                            or group.get("stochastic_round")):
+                    if job is not None and any(map(group.get, _precision.KEYS)):
                         more, made = _precision.attach(self, job, group)
                         job = more.pop()
                         jobs.extend(more)
@@ -338,7 +337,7 @@ class FusedOptimizer(Optimizer):
                     # is raised
                     if jobs and not torch.compiler.is_compiling():
                         _plan.validate(update, jobs, grad_scale, found_inf, self.backend,
-                                         self._plans)
+                                       self._plans)
                     raise
                 if job is not None:
                     jobs.append(job)

@@ -528,7 +528,7 @@ def run(update, jobs: list, grad_scale, found_inf, backend: str, cache,
     before any is written.
 
     ``update(job, key, grad_scale, found_inf, backend, cache, compiled)`` is
-    the optimizer's (its record's ``kernel`` module's ``update``): it
+    the optimizer's (its class module's ``_update``, ``STEP_OP.update``): it
     validates one job, ``key`` its plan-cache key, and returns what writes
     it (None: nothing to do). A bad tensor in the last group raises with the
     first untouched (torch's loop has updated the groups before it by then).

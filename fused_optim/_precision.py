@@ -96,10 +96,6 @@ def _counter(counters: dict, device) -> torch.Tensor:
     return c
 
 
-def enabled(group) -> bool:
-    return bool(group.get("kahan_sum") or group.get("stochastic_round"))
-
-
 def _seed(opt) -> int:
     seed = opt.__dict__.get("_sr_seed")
     if seed is None:
