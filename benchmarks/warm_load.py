@@ -1,4 +1,4 @@
-"""What ``kernels/_numba_loads.light_loads`` saves: a warm-cache first step.
+"""What ``kernels/_jit.light_loads`` saves: a warm-cache first step.
 
 Fresh processes, one after the other and alternating, each loading the
 kernels a first ``step()`` needs from a Numba cache that already holds them:

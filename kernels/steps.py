@@ -25,12 +25,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import carray, njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import carray, njit
 
 from . import columns as L
-from ._numba_loads import light_loads
+from ._jit import address, light_loads
 
 __all__ = ["advance", "adam_scalars", "adagrad_scalars", "advance_host_steps",
            "adam_host_steps", "adagrad_host_steps", "LR_F64", "LR_F32", "LR_BF16", "LR_F16"]
@@ -42,24 +40,14 @@ _BF16_MAX = 3.3895313892515355e38
 _F16_MAX = 65504.0
 
 
-@intrinsic
-def _pointer(typingctx, addr):
-    """int64 byte address -> void* (for ``numba.carray``)."""
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-    return types.voidptr(types.int64), codegen
-
-
 @njit(inline="always")
 def _advance_row(table, row):
     """Advance row ``row``'s counter by one; returns the new step as float64."""
     if table[row, L.FLAGS] & L.FLAG_STEP_F64:
-        s64 = carray(_pointer(table[row, L.STEP]), (1,), np.float64)
+        s64 = carray(address(table[row, L.STEP]), (1,), np.float64)
         s64[0] += 1.0
         return s64[0]
-    s32 = carray(_pointer(table[row, L.STEP]), (1,), np.float32)
+    s32 = carray(address(table[row, L.STEP]), (1,), np.float32)
     s32[0] += np.float32(1.0)
     return np.float64(s32[0])
 

@@ -37,7 +37,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .. import columns as L
-from .._numba_loads import light_loads
+from .._jit import light_loads
 from ._walk import no_rows, parallel
 
 __all__ = ["PATTERNS", "NUMEL", "START", "NCOLS", "make_table", "split", "pattern",

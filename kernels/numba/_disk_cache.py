@@ -2,7 +2,8 @@
 
 Numba keys a cached kernel on its own file's modification time and size
 only. The kernels inline code from ``_walk``, ``_memory``, ``_precision``,
-the table layout (``kernels/columns.py``) and the step arithmetic
+the table layout (``kernels/columns.py``), the raw-address intrinsic
+(``kernels/_jit.py``) and the step arithmetic
 (``kernels/steps.py``), so an edit there, or a ``git pull`` or editable
 install that rewrites only those files, left kernels
 compiled against the old code in the cache: seen here as a Kahan buffer that
@@ -44,7 +45,8 @@ _STAMP = "fused_optim_kernels.stamp"
 def sources() -> list:
     """Every file whose code the jitted kernels are compiled from."""
     return sorted(glob.glob(os.path.join(_HERE, "*.py"))) + [
-        os.path.join(os.path.dirname(_HERE), name) for name in ("columns.py", "steps.py")]
+        os.path.join(os.path.dirname(_HERE), name)
+        for name in ("columns.py", "steps.py", "_jit.py")]
 
 
 def digest() -> str:

@@ -70,17 +70,6 @@ VIEW_DTYPES = {
 
 
 @intrinsic
-def address(typingctx, addr):
-    """int64 byte address -> void* (for ``numba.carray``)."""
-    sig = types.voidptr(types.int64)
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-    return sig, codegen
-
-
-@intrinsic
 def _u32_to_f32(typingctx, x):
     sig = types.float32(types.uint32)
 

@@ -70,7 +70,8 @@ from numba.extending import overload
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .. import columns as L
-from ._memory import BLOCK, PREFETCH_BYTES, address, fma, load, prefetch_block
+from .._jit import address
+from ._memory import BLOCK, PREFETCH_BYTES, fma, load, prefetch_block
 
 #: The index of the batch scalar every kernel shares (``x``): the gradient's
 #: factor, GradScaler's inverse scale (1.0 without one), negated for

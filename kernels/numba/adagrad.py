@@ -18,7 +18,7 @@ compute type (torch's ``value=`` cast): ``kernels/steps.py``.
 import numpy as np
 from numba import njit
 
-from .._numba_loads import light_loads
+from .._jit import light_loads
 from ..steps import LR_F64, adagrad_scalars
 from ._memory import fma, load, store
 from ._precision import store_param

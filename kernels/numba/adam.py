@@ -11,7 +11,7 @@ Each row's step and bias-corrected scalars: ``kernels/steps.py``.
 import numpy as np
 from numba import njit
 
-from .._numba_loads import light_loads
+from .._jit import light_loads
 from ..steps import adam_scalars
 from ._memory import fma, load, store
 from ._precision import store_param

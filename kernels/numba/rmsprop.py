@@ -10,7 +10,7 @@ fused multiply-add exactly where torch's CPU kernels use one (``addcmul``,
 import numpy as np
 from numba import njit
 
-from .._numba_loads import light_loads
+from .._jit import light_loads
 from ..steps import advance
 from ._memory import fma, load, store
 from ._precision import store_param

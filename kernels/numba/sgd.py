@@ -20,7 +20,7 @@ A per-row select instead cost 1% of bf16 SGD momentum's time.
 from numba import njit
 
 from .. import columns as L
-from .._numba_loads import light_loads
+from .._jit import light_loads
 from ._memory import fma, load, store
 from ._precision import store_param
 from ._launch import run

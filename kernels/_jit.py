@@ -1,12 +1,28 @@
-"""Loading Numba's cached kernels without its full context refresh.
+"""The Numba pieces both backends use: raw addresses, and warm cache loads.
 
-For every module of ``kernels/`` that caches ``@njit`` functions: the
-Numba backend's kernel files and the host-side step arithmetic
-(``kernels/steps.py``, which the Triton backend runs too). Backend-neutral,
-so that neither backend imports the other for it.
+The Numba backend's kernels and the host-side step arithmetic
+(``kernels/steps.py``, which the Triton backend runs too) read memory
+through the address table's int64 addresses (:func:`address`) and load
+their cached code without Numba's full context refresh (:func:`light_loads`).
+Backend-neutral, so that neither backend imports the other for them.
 """
 
 from __future__ import annotations
+
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+@intrinsic
+def address(typingctx, addr):
+    """int64 byte address -> void* (for ``numba.carray``)."""
+    sig = types.voidptr(types.int64)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return sig, codegen
 
 
 def light_loads(namespace) -> None:
