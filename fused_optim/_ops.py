@@ -184,7 +184,7 @@ class UpdateOp:
                         torch.view_as_real(t).copy_(real)
         else:
             _plan.run(self.update, jobs, grad_scale, found_inf, backend, cache_of(handle),
-                        compiling)
+                      compiling)
 
     def encodable(self, jobs) -> bool:
         """Whether the operator can carry ``jobs`` as ``run`` receives them.
@@ -328,7 +328,7 @@ class UpdateOp:
             # on an optimizer: last_step_skipped read nothing after compiled steps)
             opt._last_found_inf = found_inf
         _plan.run(self.update, jobs, grad_scale, found_inf, backend,
-                    None if opt is None else opt._plans, compiled)
+                  None if opt is None else opt._plans, compiled)
 
 
 def _float_tensor(values: list, compiling: bool) -> torch.Tensor:

@@ -14,7 +14,7 @@ import functools
 import importlib
 import os
 import pkgutil
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 
 class Record(NamedTuple):

@@ -301,8 +301,8 @@ def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
         return bufs if momentum != 0 else None
 
     return _plan.prepare_update("sgd", _base.backend_name(backend), params, d_p_list, states,
-                                  ("momentum_buffer",), hyper, reference, row_flags=row_flags,
-                                  cache=cache, key=key, precision=precision)
+                                ("momentum_buffer",), hyper, reference, row_flags=row_flags,
+                                cache=cache, key=key, precision=precision)
 
 
 #: ``fused_optim::sgd_step``: a whole SGD step as one operator (see _ops)

@@ -20,7 +20,6 @@ import torch
 
 from ..reference._precision import keys
 from ._memory import VIEW_DTYPES
-from ._walk import INV_SCALE
 
 #: Batches smaller than this run on one thread: below it the parallel region's
 #: start-up costs more than the work. Provisional; measured in benchmarks/.
