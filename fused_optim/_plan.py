@@ -229,6 +229,9 @@ class Plan:
     """A validated plan of one group's step, reusable while its facts hold.
 
     Attributes (see :mod:`fused_optim._reuse_rule` for F1-F6):
+        backend: the backend name requested when it was built (its units'
+            modules and kernels were chosen for it; a plan is reused only
+            for the same name).
         where: the table column of each tensor column.
         n: rows.
         guard: F1 over every tensor, columns in ``where`` order.
@@ -243,7 +246,7 @@ class Plan:
             every step, because torch may raise there.
     """
 
-    __slots__ = ("where", "n", "guard", "ptrs", "held", "storages", "grad_ext",
+    __slots__ = ("backend", "where", "n", "guard", "ptrs", "held", "storages", "grad_ext",
                  "grad_isz", "grad_nonempty", "written", "grad_ptrs", "grad_ptr_bytes",
                  "grad_hits", "row_flags", "units", "dry_rows", "has_torch_rows")
 
@@ -408,6 +411,7 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
             units.append(TorchUnit(torch_rows))
 
     plan = Plan()
+    plan.backend = backend
     plan.where = where
     plan.n = n
     plan.guard = _reuse_rule.MetaGuard(tuple(chain.from_iterable(cols)))
@@ -602,7 +606,9 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
     flags = tuple(row_flags) if row_flags is not None else None
     plan = cache.get(key) if cache is not None else None
     grad_ptrs = None
-    if plan is not None:
+    # (the units' backend modules and kernels were chosen for the backend
+    # requested then: ``opt.backend`` may have been set since)
+    if plan is not None and plan.backend == backend:
         grad_ptrs = _reuse_rule.holds(plan, cols, where, tuple(chain.from_iterable(cols)), flags)
     if grad_ptrs is None:
         plan = build(params, grads, states, roles, steps, flags, backend, kind)

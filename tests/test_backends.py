@@ -84,3 +84,30 @@ def test_the_interpreter_runs_triton_on_cpu_only_when_asked_by_name(monkeypatch)
     assert _backend.can_run("triton", "cpu", torch.float32)
     assert not _backend.can_run("triton", "cpu", torch.float32, interpreted=False)
     assert not _backend.can_run("triton", "meta", torch.float32)
+
+
+def test_setting_backend_between_steps_is_seen_by_the_cached_plan():
+    """A plan keeps the modules and kernels of the backend it was built for;
+    an ``opt.backend`` set between steps must not reuse it (it did: the
+    numba kernel kept running after ``opt.backend = "torch"``)."""
+    import copy
+
+    import fused_optim
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9, backend="numba")
+    for _ in range(2):
+        p.grad = torch.randn(8)
+        opt.step()
+    assert opt._plans[0].units[0].module.NAME == "numba"
+    q = torch.nn.Parameter(p.detach().clone())
+    ref = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.backend = "torch"
+    p.grad = torch.randn(8)
+    q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    assert opt._plans[0].units[0].module.NAME == "torch"
+    torch.testing.assert_close(p, q)
