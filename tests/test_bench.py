@@ -420,14 +420,14 @@ def test_cli_no_baselines_and_defaults():
     assert settings["dtypes"] == list(bench.DEFAULT_DTYPES)
     assert settings["optimizers"] == list(bench.SIZES["full"].optimizers)
     # the default run: SGD and AdamW on a big list and many-small, against
-    # torch's default path on CPU and its fastest
+    # torch's fastest path and the ceiling
     cases, settings = bench.cli._plan(_parse([]))
     assert settings["size"] == "default"
     assert settings["lists"] == ["resnet50", "many-small"]
     assert settings["optimizers"] == ["sgd", "adamw"]
     assert settings["dtypes"] == ["fp32", "bf16"]
-    assert settings["baselines"] == ["for-loop", "fused"]
-    assert {tuple(c[4]) for c in cases} == {("numba", "for-loop", "fused", "ceiling")}
+    assert settings["baselines"] == ["fused"]
+    assert {tuple(c[4]) for c in cases} == {("numba", "fused", "ceiling")}
     assert settings["budget_s"] is not None
     _, settings = bench.cli._plan(_parse(["--quick"]))
     assert settings["lists"] == list(bench.SIZES["quick"].lists)
@@ -503,6 +503,25 @@ def _fake_case(name="tiny", optimizer="sgd", times=None, other_cores=0.0):
                             dtype="fp32", device="cpu", bytes_per_step=5 * 4 * TINY_NUMEL,
                             rounds=len(times["numba"]), warmup=1, times=times,
                             other_cores=other_cores)
+
+
+def test_answer_table_pairs_fused_optim_with_torchs_default_and_fastest_paths():
+    table = bench.format_table([_fake_case()])
+    answer = table[table.index("the answer"):].splitlines()
+    assert "and its default one" in answer[0]
+    head = answer[1].split()
+    assert head[:6] == ["list", "opt", "dtype", "fused_optim", "ms", "vs"]
+    row = answer[3].split()
+    # numba 1 ms, for-loop (torch's default on CPU) 3 ms, fused 2 ms, ceiling 0.9 ms
+    assert row[:5] == ["tiny", "sgd", "fp32", "numba", "1.000"]
+    assert row[5:9] == ["0.33x", "for-loop", "0.50x", "fused"]
+    assert row[9:12] == ["90", "45", "fused"]
+    assert len(row) == 12  # no flags: 4 steady rounds, nothing else running
+    # without torch's default path timed, no column for it
+    case = _fake_case()
+    del case.times["for-loop"]
+    answer = bench.format_table([case]).split("the answer")[1]
+    assert "vs torch default" not in answer and "vs torch fastest" in answer
 
 
 def test_plot_has_axes_labels_and_marks_flagged_figures(tmp_path):

@@ -339,9 +339,7 @@ class Size:
             its timed rounds at an equal share of what is left, so a slow
             (loaded) machine gets fewer rounds rather than a longer run.
         baselines: torch.optim paths timed when ``--baselines`` names none
-            (None: ``impls.DEFAULT_BASELINES``); ``impls.TORCH_DEFAULT``
-            stands for the path torch.optim takes by default on the case's
-            device.
+            (None: ``impls.DEFAULT_BASELINES``).
     """
 
     lists: tuple
@@ -356,25 +354,26 @@ class Size:
 
 SIZES: dict[str, Size] = {
     # What `make bench` runs: issue 30 asks for the answer within 5 minutes
-    # of a fresh clone on the 2-core machine, virtualenv included. The
-    # virtualenv took 95 s there at load 5-6 (60 s idle), the first calls'
-    # Numba compiles about 2.5 s per kernel (8 kernels and 4 ceiling
-    # patterns here). With warm caches at load 6, a 150 s budget took 155 s
-    # (the first calls and the minimum rounds of torch's stalled paths come
-    # on top of it), so 100 s; 4 rounds at least, the fewest whose spread is
-    # judged. Idle, the 60-round cap ends it in about a minute. resnet50
-    # rather than gpt2-small: a fifth of the bytes per step, so five times
-    # the rounds in the same time. torch's default path (the for-loop on CPU) is what
-    # most users run now, fused its fastest (every case of the 2026-11-28
-    # full run, benchmarks/results/cpu-2core.txt); foreach is in --full.
+    # of a fresh clone on the 2-core machine, virtualenv included. A fresh
+    # clone at load 8 (other processes on 1.5 of the 2 cores): 5:23 with
+    # torch's for-loop also timed, the bench 223 s of it, of which Numba's
+    # first calls 9-14 s per optimizer kernel and 4-6 s per ceiling
+    # pattern, and the for-loop's rounds 0.7-1.4 s each. So torch's fastest
+    # path only (fused: fastest in every case of the 2026-11-28 full run,
+    # benchmarks/results/cpu-2core.txt; the for-loop and foreach are in
+    # --full), 4 rounds at least (the fewest whose spread is judged) in a
+    # 100 s budget; idle, the 60-round cap ends it sooner. resnet50 rather
+    # than gpt2-small: a fifth of the bytes per step, so five times the
+    # rounds in the same time.
     "default": Size(("resnet50", "many-small"), ("sgd", "adamw"), 1, 4, 60, 10.0, 100.0,
-                    ("torch-default", "fused")),
+                    ("fused",)),
     # On the 2-core dev VM with warm Numba caches: 24 s wall when idle; 1-5
     # minutes while other tenants kept the load at 3-6 (torch's thread pool
     # stalls, see _warn_load), hence the budget.
     "quick": Size(("resnet50", "many-small"), ("sgd", "adamw"), 1, 3, 15, 1.5, 40.0,
-                  ("torch-default", "fused")),
-    # Every list, optimizer setting and torch path: half an hour on 2 cores.
+                  ("fused",)),
+    # Every list, optimizer setting and torch path: 48 cases took 28 minutes
+    # on the loaded 2-core machine (issue 30, cold Numba cache).
     "full": Size(("resnet50", "gpt2-small", "many-small", "fixed-cost"), tuple(OPTIMIZERS),
                  3, 10, 100, 15.0),
     "tiny": Size(("tiny",), ("sgd", "adamw"), 1, 3, 3, 0.0),

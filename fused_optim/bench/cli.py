@@ -19,8 +19,8 @@ from ..kernels.reference._precision import LOW_PRECISION
 from .cases import (DEFAULT_DTYPES, DTYPES, RESULTS_DIR, LISTS, OPTIMIZERS, SIZES, BenchError,
                     _public_lists, shape_list, shapes_from_json, shapes_from_model)
 from .impls import (BACKEND_IMPLS, BASELINE_IMPLS, CEILING, COMPILED, COPY,
-                    DEFAULT_BASELINES, PRECISIONS, TORCH_DEFAULT, _backend_device_ok,
-                    _backend_problem, available_impls, torch_default_path)
+                    DEFAULT_BASELINES, PRECISIONS, _backend_device_ok, _backend_problem,
+                    available_impls)
 from .machine import _loadavg, machine_info
 from .compare import format_compare, load
 from .measure import COMPETING_CORES, run_case
@@ -69,8 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     base = sel.add_mutually_exclusive_group()
     base.add_argument("--baselines", nargs="+", choices=BASELINE_IMPLS, metavar="NAME",
                       help="torch.optim paths: " + ", ".join(BASELINE_IMPLS)
-                      + " (default: torch's default path on the device, the for-loop "
-                      "on CPU, and its fastest, fused; --full and runs that name "
+                      + " (default: fused, torch's fastest; --full and runs that name "
                       "--lists or --optimizers: " + " ".join(DEFAULT_BASELINES) + "). compiled is "
                       "torch.optim's step under torch.compile, and also times each "
                       "fused_optim backend's step under torch.compile")
@@ -89,8 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "once Numba's cache is warm)")
     size.add_argument("--full", action="store_true",
                       help="every list, optimizer setting and torch path, 15 s of rounds "
-                      "per case (--lists/--optimizers/--dtypes narrow it); half an hour "
-                      "or more on 2 cores: the estimate is printed before it starts")
+                      "per case (--lists/--optimizers/--dtypes narrow it); 28 minutes "
+                      "on a loaded 2-core machine in issue 30: the estimate is printed "
+                      "before it starts")
     how.add_argument("--size", choices=tuple(SIZES), help=argparse.SUPPRESS)
     how.add_argument("--rounds", type=int, metavar="N",
                      help="timed interleaved rounds per case (default: auto, 4-60 "
@@ -266,8 +266,7 @@ def _estimate(cases: list, settings: dict) -> tuple[list, str]:
               else f"about {share:.0f} s of timed rounds each")
            + ", plus warm-up steps and data estimated from the bytes and tensors each "
            "implementation steps, at the speeds of the idle 2-core dev VM, and "
-           f"{_EST_COMPILE_S:g} s per Numba kernel compiled on first use; a loaded "
-           "machine takes longer")
+           f"{_EST_COMPILE_S:g} s per Numba kernel compiled on first use")
     return out, how
 
 
@@ -332,11 +331,8 @@ def _plan(args) -> tuple[list, dict]:
         _check_matplotlib()
 
     cases = []
-    resolved = {dev: list(dict.fromkeys(torch_default_path(dev) if b == TORCH_DEFAULT else b
-                                        for b in baselines)) for dev in devices}
     for dev, sl, opt, dt in itertools.product(devices, lists, optimizers, dtypes):
         spec = OPTIMIZERS[opt]
-        baselines = resolved[dev]
         if backends is None:
             wanted_backends = [b for b in ("numba", "triton", "torch")
                                if _backend_device_ok(b, dev)
@@ -365,7 +361,6 @@ def _plan(args) -> tuple[list, dict]:
                 if not _backend_device_ok(b, "cpu"):
                     skipped[b] = "needs a CUDA GPU and torch.cuda.is_available() is False"
         cases.append((sl, spec, dt, dev, impls, skipped))
-    baselines = list(dict.fromkeys(b for dev in devices for b in resolved[dev]))
     settings = {
         "size": size_name,
         "lists": [sl.name for sl in lists], "optimizers": optimizers, "dtypes": dtypes,
@@ -543,8 +538,9 @@ def _run(args, old: dict | None = None) -> list:
     if not args.no_progress:
         cores = _usable_cores()
         load = settings["load_average_start"]
-        busy = (f"; the 1-minute load is {load[0]:.1f} on {cores} cores now, so expect "
-                "longer" if load and cores and load[0] > cores + 0.5 else "")
+        busy = (f"; the 1-minute load is {load[0]:.1f} on {cores} cores now: expect longer"
+                if load and cores and load[0] > cores + 0.5
+                else "; a loaded machine takes longer")
         print(f"{len(cases)} cases, expected to take about {_clock(sum(estimates))} "
               f"({how}{busy})", file=sys.stderr, flush=True)
     progress = _Progress(estimates, not args.no_progress)

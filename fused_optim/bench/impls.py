@@ -24,9 +24,6 @@ COMPILED = "compiled"
 BASELINE_IMPLS = ("for-loop", "foreach", "fused", COMPILED)
 #: Baselines timed when none are named: compiling costs seconds per case.
 DEFAULT_BASELINES = ("for-loop", "foreach", "fused")
-#: In a run size's baselines (``cases.Size``): the path torch.optim takes
-#: when the constructor names none, on the case's device (``torch_default_path``).
-TORCH_DEFAULT = "torch-default"
 COMPILED_BACKENDS = tuple(f"{b}-compiled" for b in BACKEND_IMPLS)
 #: ``--precision`` names -> the keyword options a backend's optimizer is built
 #: with (``fused_optim/_precision.py``; they act on bfloat16/float16 params only).
