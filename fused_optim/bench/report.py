@@ -340,6 +340,11 @@ def make_figure(results: Sequence[CaseResult], doc: dict | None = None):
                 ax_c.barh(y, pct, height, **style)
                 ax_c.text(pct, y, f" {s['pct_ceiling']:.0f}%", va="center", fontsize=7)
     ax_t.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    # 1-2-5 steps in plain numbers: a step time reads as "20 ms", not 10^1.3
+    ax_t.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax_t.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_t.xaxis.set_minor_formatter(NullFormatter())
     lo = min(r.stats(i)["p25_s"] * 1e3 for r in results for i in bars if i in r.times)
     hi = max(r.stats(i)["p75_s"] * 1e3 for r in results for i in bars if i in r.times)
     ax_t.set_xlim(lo / 1.5, hi * 6)  # room for the labels right of the bars
