@@ -165,8 +165,7 @@ class _Progress:
                 # leave=False: the table follows on a clean line
                 self.bar = tqdm(total=self.total, unit="case", file=sys.stderr, leave=False,
                                 dynamic_ncols=True,
-                                bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}] "
-                                "{postfix}")
+                                bar_format="{n_fmt}/{total_fmt} |{bar:16}| {elapsed} {desc}")
 
     def eta(self) -> float:
         """Seconds left, from the estimates and the cases done so far."""
@@ -177,15 +176,22 @@ class _Progress:
                    if self.index > self.finished else 0.0)
         return current + scale * sum(self.estimates[self.index:])
 
+    def _eta_text(self) -> str:
+        """The ETA, as "more than" once the current case has run past its
+        estimate (then nothing says how much of it is left)."""
+        scale = (self.done_s / sum(self.estimates[:self.finished])
+                 if self.finished and sum(self.estimates[:self.finished]) > 0 else 1.0)
+        over = (self.index > self.finished and time.perf_counter() - self.case_t0
+                > scale * self.estimates[self.index - 1])
+        return ("more than " if over else "") + _clock(self.eta())
+
     def start(self, index: int, case: str) -> None:
         self.index, self.case, self.case_t0 = index, case, time.perf_counter()
-        if self.bar is not None:
-            self.bar.set_description(case, refresh=False)
-            self.update("starting")
+        self.update("starting")
 
     def update(self, status: str) -> None:
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{status} | ETA {_clock(self.eta())}")
+            self.bar.set_description_str(f"{self.case}: {status} | ETA {self._eta_text()}")
 
     def finish(self) -> None:
         """The current case is done."""
