@@ -1469,9 +1469,10 @@ BUSY_LOOP = "import sys; print('ready', flush=True)\nwhile True: pass\n"
 
 def test_a_case_run_while_other_processes_load_the_cores_is_flagged(capsys):
     """Two busy loops, one per core of the 2-core machine (as many as there
-    are usable cores), while a tiny case runs for about a second: other
-    processes' CPU time over the case is at least a core's worth, 4x the
-    flagging threshold, whatever else the machine runs."""
+    are usable cores), while a tiny case runs for about a second: even if
+    this process's threads took their full share of the cores, the loops
+    would get a core's worth, 4x the flagging threshold; the test asks for
+    2x, whatever else the machine runs."""
     cores = len(os.sched_getaffinity(0))
     procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdout=subprocess.PIPE,
                               text=True) for _ in range(cores)]
@@ -1486,7 +1487,7 @@ def test_a_case_run_while_other_processes_load_the_cores_is_flagged(capsys):
         for p in procs:
             p.kill()
             p.wait()
-    assert res.other_cores is not None and res.other_cores >= 4 * bench.measure.COMPETING_CORES
+    assert res.other_cores is not None and res.other_cores >= 2 * bench.measure.COMPETING_CORES
     assert res.competed and res.to_dict()["competed"] is True
     table = bench.format_table([res])
     rows = [line for line in table.splitlines() if line.startswith("tiny ")]
