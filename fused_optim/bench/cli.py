@@ -433,8 +433,9 @@ def _warn_load(settings: dict, results: Sequence = ()) -> None:
               "--threads 1 compares the kernels without them)", file=sys.stderr)
     busy = [r for r in results if r.competed]
     if busy:
-        print(f"warning: other processes used {min(r.other_cores for r in busy):.1f}-"
-              f"{max(r.other_cores for r in busy):.1f} cores while {len(busy)} of "
+        lo, hi = (f"{f(r.other_cores for r in busy):.1f}" for f in (min, max))
+        print(f"warning: other processes used {lo if lo == hi else f'{lo}-{hi}'} cores "
+              f"while {len(busy)} of "
               f"{len(results)} cases ran (at least {COMPETING_CORES:g} counts; marked "
               "'busy' in the table and the chart): their figures are not this machine's "
               "own", file=sys.stderr)
