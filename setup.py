@@ -28,7 +28,8 @@ setup(
     extras_require={
         "gpu": ["triton>=3.6"],
         "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark"],
-        "bench": ["tqdm"],
+        # tqdm: the progress bar; matplotlib: the chart (fused_optim/bench/report.py)
+        "bench": ["tqdm", "matplotlib"],
     },
     entry_points={"console_scripts": ["fused-optim=fused_optim.__main__:main"]},
 )

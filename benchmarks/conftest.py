@@ -21,7 +21,9 @@ Usage::
 
 Environment:
     FUSED_OPTIM_BENCH_SIZE: ``tiny`` (a 4K-param list, seconds), ``quick``
-        (resnet50 and many-small) or ``full`` (adds gpt2-small). Default:
+        or ``default`` (resnet50 and many-small; the CLI gives them different
+        time budgets, here they are the same) or ``full`` (adds gpt2-small
+        and fixed-cost). Default:
         ``quick`` with ``--benchmark-only``, else ``tiny``, so a plain
         ``pytest`` that collects this folder stays a smoke test.
     FUSED_OPTIM_BENCH_ROUNDS: timed rounds per benchmark (default per size).
@@ -51,7 +53,7 @@ ROUNDS_ENV = "FUSED_OPTIM_BENCH_ROUNDS"
 DTYPES_ENV = "FUSED_OPTIM_BENCH_DTYPES"
 
 #: (timed rounds, warm-up rounds) per size.
-ROUNDS = {"tiny": (3, 1), "quick": (10, 2), "full": (20, 3)}
+ROUNDS = {"tiny": (3, 1), "quick": (10, 2), "default": (10, 2), "full": (20, 3)}
 
 
 def _size(config) -> str:
@@ -130,7 +132,7 @@ def _cases(optimizers, size: str) -> list:
 def pytest_report_header(config):
     size = _size(config)
     return (f"fused_optim benchmarks: size={size} ({', '.join(bench.SIZES[size].lists)}), "
-            f"rounds={_rounds(size)[0]}; set {SIZE_ENV}=tiny|quick|full")
+            f"rounds={_rounds(size)[0]}; set {SIZE_ENV}=tiny|quick|default|full")
 
 
 def pytest_generate_tests(metafunc):

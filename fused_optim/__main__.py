@@ -102,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_code(exc.code)
     if args.command == "bench":
         from . import bench
+        args.command_line = [PROG, *argv]
         return bench.command(args, prog=f"{PROG} bench")
     if args.command == "warmup":
         return _warmup_command(args, parser)

@@ -39,8 +39,9 @@ def tiny_json(tmp_path):
 
 
 def _fast(*extra):
-    """Options for a run of a couple of seconds."""
-    return ["--dtypes", "fp32", "--rounds", "3", "--warmup", "1", "--no-progress", *extra]
+    """Options for a run of a couple of seconds that saves nothing unless told."""
+    return ["--dtypes", "fp32", "--rounds", "3", "--warmup", "1", "--no-progress",
+            "--no-save", *extra]
 
 
 # ------------------------------------------------------------------- lists
@@ -185,52 +186,92 @@ def test_fused_is_offered_where_torch_steps_it():
 
 
 def test_progress_without_a_terminal_is_a_line_per_case(capsys):
-    p = bench.cli._Progress(2, enabled=True)
+    p = bench.cli._Progress([2.0, 2.0], enabled=True)
     assert p.bar is None
     p.start(1, "tiny sgd fp32")
     p.update("round 1/3")
+    p.finish()
     p.start(2, "tiny adamw fp32")
-    p.close()
+    p.finish()
+    p.stop()
     err = capsys.readouterr().err.splitlines()
-    assert err[:2] == ["[1/2] tiny sgd fp32", "[2/2] tiny adamw fp32"]
-    assert err[2].startswith("done in") and len(err) == 3
+    assert len(err) == 2
+    assert err[0].startswith("[1/2] tiny sgd fp32: ") and "elapsed 0:00" in err[0]
+    assert err[1].startswith("[2/2] tiny adamw fp32: ") and err[1].endswith("about 0:00 left)")
 
 
-def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch, capsys):
+def test_progress_eta_scales_the_estimates_by_the_cases_done(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(bench.cli.time, "perf_counter", lambda: now[0])
+    p = bench.cli._Progress([10.0, 10.0, 20.0], enabled=False)
+    assert p.eta() == 40.0
+    p.start(1, "a")
+    now[0] = 4.0
+    assert p.eta() == 6.0 + 30.0  # no case done yet: the estimates as they are
+    now[0] = 20.0
+    p.finish()  # took twice its estimate: so will the others
+    assert p.eta() == 60.0
+    p.start(2, "b")
+    now[0] = 25.0
+    assert p.eta() == 15.0 + 40.0 and p._eta_text() == "0:55"
+    now[0] = 50.0  # past its 20 s: the rest is known to take longer
+    assert p.eta() == 40.0 and p._eta_text() == "more than 0:40"
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar_with_phase_and_eta(monkeypatch, capsys):
     tqdm = pytest.importorskip("tqdm")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    p = bench.cli._Progress(3, enabled=True)
+    p = bench.cli._Progress([1.0, 1.0, 1.0], enabled=True)
     assert isinstance(p.bar, tqdm.tqdm)
     p.start(1, "tiny sgd fp32")
+    p.finish()
     p.start(2, "tiny adamw fp32")
-    p.update("warm-up 1/1")
-    assert p.bar.n == 1 and p.bar.desc.startswith("tiny adamw fp32")
-    p.close()
+    p.update("first call, compiles if not cached: numba")
+    assert p.bar.n == 1
+    assert p.bar.desc.startswith("tiny adamw fp32: first call, compiles if not cached: "
+                                 "numba | ETA ")
+    p.stop()
     assert p.bar is None
-    err = capsys.readouterr().err
-    assert "[1/3]" not in err and "done in" in err
+    assert "[1/3]" not in capsys.readouterr().err
 
 
 def test_progress_on_a_terminal_without_tqdm_is_plain(monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import now fails
-    p = bench.cli._Progress(1, enabled=True)
+    p = bench.cli._Progress([1.0], enabled=True)
     assert p.bar is None
     p.start(1, "tiny sgd fp32")
     p.update("round 1")
-    p.close()
+    p.finish()
     err = capsys.readouterr().err
-    assert err.startswith("[1/1] tiny sgd fp32\n") and "\r" not in err and "#" not in err
+    assert err.startswith("[1/1] tiny sgd fp32: ") and "\r" not in err and "#" not in err
 
 
 def test_no_progress_is_silent(monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    p = bench.cli._Progress(1, enabled=False)
+    p = bench.cli._Progress([1.0], enabled=False)
     assert p.bar is None
     p.start(1, "x")
     p.update("y")
-    p.close()
+    p.finish()
+    p.stop()
     assert capsys.readouterr().err == ""
+
+
+def test_estimate_counts_rounds_warmup_data_and_compiles():
+    cases, settings = bench.cli._plan(_parse(["--lists", "tiny", "--optimizers", "sgd",
+                                              "--dtypes", "fp32", "bf16", "--rounds", "4",
+                                              "--warmup", "2"]))
+    est, how = bench.cli._estimate(cases, settings)
+    assert len(est) == 2 and "2 cases: 4 timed rounds each" in how
+    # each case: the first to need its Numba kernel and ceiling pattern
+    assert all(e > 2 * bench.cli._EST_COMPILE_S for e in est)
+    settings["rounds"] = 40
+    assert bench.cli._estimate(cases, settings)[0][0] > est[0]
+    # the default run's cases, within the budget the issue sets
+    cases, settings = bench.cli._plan(_parse([]))
+    assert settings["size"] == "default" and len(cases) == 8
+    assert sum(bench.cli._estimate(cases, settings)[0]) < settings["budget_s"]
 
 
 # ------------------------------------------------------------------ the CLI
@@ -375,13 +416,32 @@ def test_cli_names_take_several_values():
 def test_cli_no_baselines_and_defaults():
     _, settings = bench.cli._plan(_parse(["--lists", "tiny", "--no-baselines"]))
     assert settings["baselines"] == []
+    # cases named: --full's rounds and every torch path
     _, settings = bench.cli._plan(_parse(["--lists", "tiny"]))
+    assert settings["size"] == "full"
     assert settings["baselines"] == list(bench.DEFAULT_BASELINES)
     assert settings["dtypes"] == list(bench.DEFAULT_DTYPES)
     assert settings["optimizers"] == list(bench.SIZES["full"].optimizers)
+    # the default run: SGD and AdamW on a big list and many-small, against
+    # torch's fastest path and the ceiling
+    cases, settings = bench.cli._plan(_parse([]))
+    assert settings["size"] == "default"
+    assert settings["lists"] == ["resnet50", "many-small"]
+    assert settings["optimizers"] == ["sgd", "adamw"]
+    assert settings["dtypes"] == ["fp32", "bf16"]
+    assert settings["baselines"] == ["fused"]
+    assert {tuple(c[4]) for c in cases} == {("numba", "fused", "ceiling")}
+    assert settings["budget_s"] is not None
     _, settings = bench.cli._plan(_parse(["--quick"]))
     assert settings["lists"] == list(bench.SIZES["quick"].lists)
     assert settings["optimizers"] == list(bench.SIZES["quick"].optimizers)
+    assert settings["budget_s"] < bench.SIZES["default"].budget_s
+    cases, settings = bench.cli._plan(_parse(["--full"]))
+    assert settings["size"] == "full" and settings["budget_s"] is None
+    assert len(cases) == (len(bench.SIZES["full"].lists) * len(bench.OPTIMIZERS)
+                          * len(bench.DEFAULT_DTYPES))
+    with pytest.raises(SystemExit):
+        _parse(["--full", "--quick"])
 
 
 def test_help_lists_the_choices(capsys):
@@ -401,16 +461,114 @@ def test_cli_unavailable_backend_exits_2(capsys):
     assert "backend 'triton' cannot run here" in err and "CUDA" in err and "\n" not in err
 
 
-def test_cli_plot(tiny_json, tmp_path, capsys):
-    png = tmp_path / "out.png"
-    argv = ["bench", "--shapes", str(tiny_json), "--optimizers", "sgd", "--plot", str(png),
-            *_fast()]
+def test_cli_saves_json_and_chart_by_default(tiny_json, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", "--shapes", str(tiny_json), "--optimizers", "sgd",
+               "--dtypes", "fp32", "--rounds", "4", "--warmup", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    saved = sorted((tmp_path / bench.cases.RESULTS_DIR).iterdir())
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("wall time 0:")
+    json_path = [p for p in saved if p.suffix == ".json"]
+    assert len(json_path) == 1 and f"results: {bench.cases.RESULTS_DIR}/" in last
+    doc = json.loads(json_path[0].read_text())
+    assert doc["config"]["command_line"] == [
+        "fused-optim", "bench", "--shapes", str(tiny_json), "--optimizers", "sgd",
+        "--dtypes", "fp32", "--rounds", "4", "--warmup", "1", "--no-progress"]
+    assert doc["config"]["wall_s"] > 0
+    simd = doc["machine"]["simd"]
+    assert set(simd) == {"isa", "vector_bits", "llvm_cpu"}
+    assert "triton" in doc["machine"] and "numba_threads" in doc["machine"]
     if importlib.util.find_spec("matplotlib") is None:
-        assert main(argv) == 2
-        assert "matplotlib" in capsys.readouterr().err
+        assert [p.suffix for p in saved] == [".json"]
+        assert "no chart: matplotlib is not installed" in last and "[bench]" in last
     else:
-        assert main(argv) == 0
-        assert png.stat().st_size > 0
+        assert [p.suffix for p in saved] == [".json", ".png"]
+        assert saved[0].stem == saved[1].stem and f"chart: {saved[1].relative_to(tmp_path)}" in last
+
+
+def test_cli_plot_without_matplotlib_is_an_error(tiny_json, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now fails
+    argv = ["bench", "--shapes", str(tiny_json), "--optimizers", "sgd",
+            "--plot", str(tmp_path / "out.png"), *_fast()]
+    assert main(argv) == 2
+    assert "matplotlib" in capsys.readouterr().err
+
+
+def _fake_case(name="tiny", optimizer="sgd", times=None, other_cores=0.0):
+    """A CaseResult with given per-round times (seconds)."""
+    times = times or {"numba": [1e-3, 1.01e-3, 0.99e-3, 1e-3],
+                      "for-loop": [3e-3, 3.1e-3, 2.9e-3, 3e-3],
+                      "fused": [2e-3, 2.02e-3, 1.98e-3, 2e-3],
+                      "ceiling": [0.9e-3, 0.9e-3, 0.9e-3, 0.9e-3]}
+    return bench.CaseResult(list=name, tensors=4, params=TINY_NUMEL, optimizer=optimizer,
+                            dtype="fp32", device="cpu", bytes_per_step=5 * 4 * TINY_NUMEL,
+                            rounds=len(times["numba"]), warmup=1, times=times,
+                            other_cores=other_cores)
+
+
+def test_answer_table_pairs_fused_optim_with_torchs_default_and_fastest_paths():
+    table = bench.format_table([_fake_case()])
+    answer = table[table.index("the answer"):].splitlines()
+    assert "and its default one" in answer[0]
+    head = answer[1].split()
+    assert head[:6] == ["list", "opt", "dtype", "fused_optim", "ms", "vs"]
+    row = answer[3].split()
+    # numba 1 ms, for-loop (torch's default on CPU) 3 ms, fused 2 ms, ceiling 0.9 ms
+    assert row[:5] == ["tiny", "sgd", "fp32", "numba", "1.000"]
+    assert row[5:9] == ["0.33x", "for-loop", "0.50x", "fused"]
+    assert row[9:12] == ["90", "45", "fused"]
+    assert len(row) == 12  # no flags: 4 steady rounds, nothing else running
+    # without torch's default path timed, no column for it
+    case = _fake_case()
+    del case.times["for-loop"]
+    answer = bench.format_table([case]).split("the answer")[1]
+    assert "vs torch default" not in answer and "vs torch fastest" in answer
+
+
+def test_plot_has_axes_labels_and_marks_flagged_figures(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from matplotlib.image import imread
+    steady = _fake_case("steady")
+    noisy = _fake_case("noisy", "adamw", {"numba": [1e-3, 3e-3, 1e-3, 2e-3],
+                                          "fused": [2e-3, 2e-3, 2e-3, 2e-3],
+                                          "ceiling": [1e-3, 1e-3, 1e-3, 1e-3]},
+                       other_cores=1.5)
+    assert not steady.unstable("numba") and not steady.competed
+    assert noisy.unstable("numba") and noisy.competed
+    doc = {"machine": {"cpu_model": "Test CPU", "torch_threads": 2, "torch": "2.13"},
+           "created": "2026-12-07T17:00:00"}
+    fig = bench.make_figure([steady, noisy], doc)
+    try:
+        ax_time, ax_ceil = fig.axes
+        assert "ms" in ax_time.get_xlabel() and ax_time.get_xscale() == "log"
+        assert "% of the ceiling" in ax_ceil.get_xlabel()
+        ticks = [t.get_text() for t in ax_time.get_yticklabels()]
+        assert ticks[0].startswith("steady\nsgd fp32") and "busy" not in ticks[0]
+        assert ticks[1].startswith("noisy\nadamw fp32") and "busy (1.5 cores)" in ticks[1]
+        assert "Test CPU" in fig._suptitle.get_text()
+        legend = fig.legends[0]
+        assert [t.get_text() for t in legend.get_texts()] == [
+            "fused_optim numba", "torch for-loop", "torch fused"]
+        assert "hatched" in legend.get_title().get_text()
+        assert "busy" in legend.get_title().get_text()
+        # one bar per implementation and case in each panel (the ceiling is
+        # the yardstick of the right one, not a bar); only flagged ones hatched
+        bars = [p for p in ax_time.patches]
+        assert len(bars) == 5 and len(ax_ceil.patches) == 5
+        assert sum(bool(b.get_hatch()) for b in bars) == 1  # noisy numba (time ±)
+        texts = " ".join(t.get_text() for t in ax_time.texts)
+        assert "1 ms = 0.50 x torch fused" in texts  # steady numba, paired per round
+        pct = [t.get_text().strip() for t in ax_ceil.texts]
+        assert "90%" in pct and "45%" in pct
+    finally:
+        plt.close(fig)
+    png = tmp_path / "chart.png"
+    bench.write_plot([steady, noisy], png, doc)
+    image = imread(png)
+    assert image.shape[1] == 12 * 110 and image.shape[0] > 300
+    assert image[..., :3].std() > 0.05  # not blank
 
 
 def test_main_without_command_and_help(capsys):
@@ -1042,7 +1200,8 @@ def test_cli_precision_ratios_are_paired_per_round(monkeypatch, tmp_path, capsys
     rc = main(["bench", "--lists", "tiny", "--optimizers", "sgd", "--dtypes", "fp32", "bf16",
                "fp16", "--devices", "cpu", "--backends", "torch", "--all-backends",
                "--precision", "kahan", "sr", "kahan+sr", "--no-baselines", "--no-ceiling",
-               "--rounds", "3", "--warmup", "1", "--no-progress", "--json", str(out)])
+               "--rounds", "3", "--warmup", "1", "--no-progress", "--no-save", "--json",
+               str(out)])
     table = capsys.readouterr().out
     assert rc == 0
     assert made == ["torch"] + ["torch", "torch+kahan", "torch+sr", "torch+kahan+sr"] * 2
@@ -1089,7 +1248,7 @@ def test_cli_precision_real_run_on_the_torch_backend(tmp_path, capsys):
     rc = main(["bench", "--lists", "tiny", "--optimizers", "sgd", "--dtypes", "bf16",
                "--devices", "cpu", "--backends", "torch", "--all-backends", "--precision",
                "kahan", "sr", "kahan+sr", "--no-baselines", "--no-ceiling", "--rounds", "2",
-               "--warmup", "1", "--no-progress", "--json", str(out)])
+               "--warmup", "1", "--no-progress", "--no-save", "--json", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     (case,) = json.loads(out.read_text())["cases"]
@@ -1239,3 +1398,101 @@ def test_launcher_overhead_script_runs():
                         for what in ("step", "launcher")}
     assert all(us > 0 for us in out.values())
     assert mod.kernels() == kernels
+
+
+# ----------------------------------------------------- comparing two runs
+
+
+def _saved_run(tmp_path, name, times, other_cores=0.0):
+    """A run's JSON as --json writes it, from one fake case."""
+    case = _fake_case(times=times, other_cores=other_cores)
+    doc = bench.to_json([case], {"command_line": ["fused-optim", "bench"]})
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_compare_two_saved_runs(tmp_path, capsys):
+    old = _saved_run(tmp_path, "old", {"numba": [2e-3, 2e-3, 2e-3, 2e-3, 2e-3],
+                                       "fused": [2e-3, 2e-3, 2e-3, 2e-3, 2e-3],
+                                       "ceiling": [1e-3, 1e-3, 1e-3, 1e-3, 1e-3]})
+    # the machine got slower between the runs (fused and the ceiling 1.5x),
+    # and numba faster against fused in every round
+    new = _saved_run(tmp_path, "new", {"numba": [1.5e-3, 1.5e-3, 1.5e-3, 1.5e-3, 3e-3],
+                                       "fused": [3e-3, 3e-3, 3e-3, 3e-3, 6e-3],
+                                       "ceiling": [1.5e-3] * 5}, other_cores=1.0)
+    assert main(["bench", "--compare", str(old), str(new)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"change per case, {old}: ") and f"-> {new}: " in out
+
+    def row(label):
+        # after the label: old new time old-vs new-vs ratio old% new% flag
+        line, = [x for x in out.splitlines() if x.startswith("tiny ") and f" {label} " in x]
+        return line.split(f" {label} ")[1].split()
+
+    assert row("fused_optim numba") == ["2.000", "1.500", "-25%", "1.00x", "0.50x", "-50%",
+                                        "50", "100", "!"]
+    fused = row("torch fused")
+    assert fused[:5] == ["2.000", "3.000", "+50%", "1.00x", "1.00x"]
+    assert fused[5] == "-"  # torch's fastest path has no ratio to itself
+    assert fused[6:8] == ["50", "50"]
+    assert "Paired figures cancel drift" in out and "!: a figure" in out
+    # a file that is not a run
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    assert main(["bench", "--compare", str(old), str(bad)]) == 2
+    assert "not the JSON of a fused-optim bench run" in capsys.readouterr().err
+    assert main(["bench", "--compare", str(old), str(new), str(new)]) == 2
+
+
+def test_compare_a_run_with_a_saved_one(tmp_path, capsys):
+    old = tmp_path / "old.json"
+    argv = ["bench", "--lists", "tiny", "--optimizers", "sgd", "--backends", "numba",
+            "--baselines", "fused", *_fast()]
+    assert main([*argv, "--json", str(old)]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--compare", str(old)]) == 0
+    out = capsys.readouterr().out
+    part = out[out.index("change per case"):]
+    assert "-> this run: " in part
+    rows = [line for line in part.splitlines() if line.startswith("tiny ")]
+    assert len(rows) == 3
+    for row, label in zip(rows, ("fused_optim numba", "torch fused", "ceiling")):
+        assert f" {label} " in row
+
+
+# ------------------------------------------------ a competing process
+
+
+BUSY_LOOP = "import sys; print('ready', flush=True)\nwhile True: pass\n"
+
+
+def test_a_case_run_while_other_processes_load_the_cores_is_flagged(capsys):
+    """Two busy loops, one per core of the 2-core machine (as many as there
+    are usable cores), while a tiny case runs for about a second: even if
+    this process's threads took their full share of the cores, the loops
+    would get a core's worth, 4x the flagging threshold; the test asks for
+    2x, whatever else the machine runs."""
+    cores = len(os.sched_getaffinity(0))
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdout=subprocess.PIPE,
+                              text=True) for _ in range(cores)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        spec = bench.OPTIMIZERS["sgd"]
+        res = bench.run_case(bench.shape_list("tiny"), spec, "fp32", "cpu",
+                             ["numba", "fused", "ceiling"], rounds=None, warmup=1,
+                             min_rounds=5, max_rounds=100_000, target_s=1.0)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert res.other_cores is not None and res.other_cores >= 2 * bench.measure.COMPETING_CORES
+    assert res.competed and res.to_dict()["competed"] is True
+    table = bench.format_table([res])
+    rows = [line for line in table.splitlines() if line.startswith("tiny ")]
+    assert rows and all(line.rstrip().endswith("busy") for line in rows[:3])
+    assert f"busy {res.other_cores:.1f} cores" in table
+    assert f"busy cases: tiny sgd fp32 ({res.other_cores:.1f} cores)" in table
+    bench.cli._warn_load({}, [res])
+    assert "warning: other processes used" in capsys.readouterr().err

@@ -5,6 +5,16 @@ Run it as ``python -m fused_optim bench`` (or ``fused-optim bench``); see
 implementations, the interleaved timer) are public so that ``benchmarks/``
 (pytest-benchmark) reuses them.
 
+What it runs: by default (``make bench``) SGD with momentum and AdamW, fp32
+and bf16, on resnet50 and many-small, against torch.optim's default path
+(the for-loop on CPU) and its fastest (fused), and the ceiling, in about
+2 minutes on 2 cores (``cases.SIZES["default"]``); ``--full`` runs every list,
+optimizer setting and torch path, and says first how long that will take.
+It ends with the answer (fused_optim's time against torch's default and
+fastest paths, paired per round), saves the JSON and a chart
+(``bench-results/`` unless ``--json``/``--plot``), and ``--compare`` sets a
+run against a saved one (``compare.py``).
+
 How it measures, and why:
 
 * Every implementation in a case (fused_optim backends, torch.optim's for-loop,
@@ -49,11 +59,20 @@ How it measures, and why:
   leave such params alone. A variant's GB/s and % ceil count the plain
   step's bytes (not the Kahan buffer's read and write): they show its time,
   not extra traffic.
+* A figure is flagged when its rounds spread: interquartile range over median
+  of at least 10% (``measure.SPREAD_LIMIT``, torch.utils.benchmark's warning
+  threshold) for its step times, or for its per-round ratios to torch's
+  fastest path or to the ceiling (the rounds disagree), or when fewer than 4
+  rounds ran. A case is flagged "busy" when other processes used at least a
+  quarter of a core while it ran (``measure.COMPETING_CORES``, counted from
+  /proc/stat less this process's own CPU time): on a shared machine, thread
+  pools stall and the figures describe the neighbours, not the code.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 # Names beyond __all__ stay importable from here, as when this was one
@@ -68,7 +87,7 @@ from .impls import (BACKEND_IMPLS, BASELINE_IMPLS, CEILING, COMPILED, COMPILED_B
                     make_runner, precision_variant)
 from .machine import machine_info
 from .measure import CaseResult, run_case
-from .report import format_table, to_json, write_plot
+from .report import format_table, make_figure, to_json, write_plot
 from .timing import (CUDA_MAX_STEPS, CUDA_SAMPLE_S, CudaTimer, HostTimer, Timings,
                      calibrate_steps, interleaved, make_timer, synced_every)
 
@@ -77,7 +96,7 @@ __all__ = [
     "LISTS", "OPTIMIZERS", "DTYPES", "SIZES", "IMPLS",
     "shape_list", "shapes_from_json", "shapes_from_model", "make_data",
     "make_runner", "available_impls", "run_case", "run", "format_table",
-    "to_json", "write_plot", "machine_info", "add_arguments", "main",
+    "to_json", "write_plot", "make_figure", "machine_info", "add_arguments", "main",
     "HostTimer", "CudaTimer", "Timings", "calibrate_steps", "interleaved",
     "synced_every", "CUDA_SAMPLE_S", "CUDA_MAX_STEPS",
 ]
@@ -87,8 +106,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "fused-optim bench") -> 
     """``bench`` on its own: parse ``argv``, run, return the exit code."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    args.command_line = [*prog.split(), *argv]
     return command(args, prog)

@@ -16,13 +16,14 @@ from typing import Sequence
 import torch
 
 from ..kernels.reference._precision import LOW_PRECISION
-from .cases import (DEFAULT_DTYPES, DTYPES, LISTS, OPTIMIZERS, SIZES, BenchError,
+from .cases import (DEFAULT_DTYPES, DTYPES, RESULTS_DIR, LISTS, OPTIMIZERS, SIZES, BenchError,
                     _public_lists, shape_list, shapes_from_json, shapes_from_model)
 from .impls import (BACKEND_IMPLS, BASELINE_IMPLS, CEILING, COMPILED, COPY,
                     DEFAULT_BASELINES, PRECISIONS, _backend_device_ok, _backend_problem,
                     available_impls)
 from .machine import _loadavg, machine_info
-from .measure import run_case
+from .compare import format_compare, load
+from .measure import COMPETING_CORES, run_case
 from .report import _check_matplotlib, format_table, to_json, write_plot
 from .timing import CUDA_MAX_STEPS, CUDA_SAMPLE_S
 
@@ -37,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sel = p.add_argument_group("what to run")
     sel.add_argument("--lists", nargs="+", choices=tuple(LISTS), metavar="NAME",
                      help="parameter lists: " + ", ".join(_public_lists())
-                     + " (default: all of them; --quick: " + " ".join(SIZES["quick"].lists)
-                     + "; none with --shapes/--model)")
+                     + " (default: " + " ".join(SIZES["default"].lists) + "; --full: "
+                     + " ".join(SIZES["full"].lists) + "; none with --shapes/--model)")
     sel.add_argument("--shapes", metavar="FILE.json", action="append", default=[],
                      help="a list of shapes from JSON ([[768, 768], [768], ...] or "
                      "{\"name\": ..., \"shapes\": [...]}); repeatable")
@@ -47,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "repeatable")
     sel.add_argument("--optimizers", nargs="+", choices=tuple(OPTIMIZERS), metavar="NAME",
                      help="optimizer settings: " + ", ".join(OPTIMIZERS)
-                     + " (default: all of them; --quick: "
-                     + " ".join(SIZES["quick"].optimizers) + ")")
+                     + " (default: " + " ".join(SIZES["default"].optimizers)
+                     + "; --full: all of them)")
     sel.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), metavar="NAME",
                      help=", ".join(DTYPES) + " (default: " + " ".join(DEFAULT_DTYPES) + ")")
     sel.add_argument("--backends", nargs="+", choices=BACKEND_IMPLS, metavar="NAME",
@@ -68,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     base = sel.add_mutually_exclusive_group()
     base.add_argument("--baselines", nargs="+", choices=BASELINE_IMPLS, metavar="NAME",
                       help="torch.optim paths: " + ", ".join(BASELINE_IMPLS)
-                      + " (default: " + " ".join(DEFAULT_BASELINES) + "). compiled is "
+                      + " (default: fused, torch's fastest; --full and runs that name "
+                      "--lists or --optimizers: " + " ".join(DEFAULT_BASELINES) + "). compiled is "
                       "torch.optim's step under torch.compile, and also times each "
                       "fused_optim backend's step under torch.compile")
     base.add_argument("--no-baselines", action="store_true",
@@ -80,13 +82,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sel.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), metavar="NAME",
                      help="cpu, cuda (default: cpu, plus cuda when available)")
     how = p.add_argument_group("how")
-    how.add_argument("--quick", action="store_true",
-                     help="smaller default lists, fewer rounds (under a minute on 2 cores)")
+    size = how.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="the default cases in fewer rounds (about a minute on 2 cores "
+                      "once Numba's cache is warm)")
+    size.add_argument("--full", action="store_true",
+                      help="every list, optimizer setting and torch path, 15 s of rounds "
+                      "per case (--lists/--optimizers/--dtypes narrow it); 28 minutes "
+                      "on a loaded 2-core machine in issue 30: the estimate is printed "
+                      "before it starts")
     how.add_argument("--size", choices=tuple(SIZES), help=argparse.SUPPRESS)
     how.add_argument("--rounds", type=int, metavar="N",
-                     help="timed interleaved rounds per case (default: auto, "
-                     "about 15 s per case, 10-100; --quick: 3-15, within 40 s "
-                     "for all cases)")
+                     help="timed interleaved rounds per case (default: auto, 4-60 "
+                     "within a 100 s budget for all cases; --quick: 3-15 within 40 s; "
+                     "--full: about 15 s per case, 10-100)")
     how.add_argument("--warmup", type=int, metavar="N",
                      help="untimed rounds first (default: 3; --quick 1)")
     how.add_argument("--steps-per-sample", type=int, metavar="N",
@@ -112,21 +121,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="also run fused_optim's rows with this environment "
                       "(repeatable, e.g. FUSED_OPTIM_WARMUP=0)")
     out = p.add_argument_group("output")
-    out.add_argument("--json", metavar="FILE", help="write every number and the machine "
-                     "description as JSON")
-    out.add_argument("--plot", metavar="FILE.png", help="bar chart of GB/s (needs matplotlib)")
+    out.add_argument("--json", metavar="FILE", help="write every number, the machine's "
+                     f"description and the command line as JSON (default: {RESULTS_DIR}/"
+                     "<date>-<time>.json in the current directory)")
+    out.add_argument("--plot", metavar="FILE.png", help="the chart: per case, each "
+                     "implementation's step time and %% of the ceiling, untrustworthy "
+                     "figures marked (default: beside the JSON, as .png; needs matplotlib: "
+                     "pip install 'fused_optim[bench]')")
+    out.add_argument("--no-save", action="store_true",
+                     help="write neither the JSON nor the chart unless named")
+    out.add_argument("--compare", nargs="+", metavar="FILE.json",
+                     help="OLD.json: run, then print each case's change against that "
+                     "saved run; OLD.json NEW.json: compare two saved runs, run nothing")
     out.add_argument("--no-progress", action="store_true", help="no progress on stderr")
 
 
 class _Progress:
-    """Progress on stderr: a tqdm bar over the cases on a terminal when tqdm
-    is installed (``pip install fused_optim[bench]``), otherwise a line per
-    case (logs stay short); nothing with ``--no-progress``."""
+    """Progress on stderr, with the time left.
 
-    def __init__(self, total: int, enabled: bool):
-        self.total = total
+    On a terminal with tqdm (``pip install 'fused_optim[bench]'``): a bar
+    showing the case, its phase (allocating, each implementation's first
+    call, where Numba compiles, the rounds) and the ETA. Otherwise (a log,
+    or no tqdm): one line per finished case with its time, the run's and the
+    time left. Nothing with ``--no-progress``.
+
+    The time left is the remaining cases' estimates (:func:`_estimate`),
+    scaled by how long the finished cases took against theirs.
+    """
+
+    def __init__(self, estimates: Sequence[float], enabled: bool):
+        self.estimates = list(estimates)
+        self.total = len(self.estimates)
         self.enabled = enabled
-        self.t0 = time.perf_counter()
+        self.t0 = self.case_t0 = time.perf_counter()
+        self.index, self.finished, self.case, self.done_s = 0, 0, "", 0.0
         self.bar = None
         if enabled and sys.stderr.isatty():
             try:
@@ -135,21 +163,48 @@ class _Progress:
                 pass
             else:
                 # leave=False: the table follows on a clean line
-                self.bar = tqdm(total=total, unit="case", file=sys.stderr, leave=False,
-                                dynamic_ncols=True)
+                self.bar = tqdm(total=self.total, unit="case", file=sys.stderr, leave=False,
+                                dynamic_ncols=True,
+                                bar_format="{n_fmt}/{total_fmt} |{bar:16}| {elapsed} {desc}")
+
+    def eta(self) -> float:
+        """Seconds left, from the estimates and the cases done so far."""
+        now = time.perf_counter()
+        est_done = sum(self.estimates[:self.finished])
+        scale = self.done_s / est_done if self.finished and est_done > 0 else 1.0
+        current = (max(0.0, scale * self.estimates[self.index - 1] - (now - self.case_t0))
+                   if self.index > self.finished else 0.0)
+        return current + scale * sum(self.estimates[self.index:])
+
+    def _eta_text(self) -> str:
+        """The ETA, as "more than" once the current case has run past its
+        estimate (then nothing says how much of it is left)."""
+        scale = (self.done_s / sum(self.estimates[:self.finished])
+                 if self.finished and sum(self.estimates[:self.finished]) > 0 else 1.0)
+        over = (self.index > self.finished and time.perf_counter() - self.case_t0
+                > scale * self.estimates[self.index - 1])
+        return ("more than " if over else "") + _clock(self.eta())
 
     def start(self, index: int, case: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(case, refresh=False)
-            self.bar.set_postfix_str("", refresh=False)
-            self.bar.update(index - 1 - self.bar.n)
-            self.bar.refresh()
-        elif self.enabled:
-            print(f"[{index}/{self.total}] {case}", file=sys.stderr, flush=True)
+        self.index, self.case, self.case_t0 = index, case, time.perf_counter()
+        self.update("starting")
 
     def update(self, status: str) -> None:
         if self.bar is not None:
-            self.bar.set_postfix_str(status)
+            self.bar.set_description_str(f"{self.case}: {status} | ETA {self._eta_text()}")
+
+    def finish(self) -> None:
+        """The current case is done."""
+        now = time.perf_counter()
+        self.done_s += now - self.case_t0
+        self.finished = self.index
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled:
+            left = self.eta()
+            print(f"[{self.index}/{self.total}] {self.case}: {now - self.case_t0:.1f} s "
+                  f"(elapsed {_clock(now - self.t0)}, about {_clock(left)} left)",
+                  file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         """Take the bar off the terminal (also when the run fails)."""
@@ -157,10 +212,68 @@ class _Progress:
             self.bar.close()
             self.bar = None
 
-    def close(self) -> None:
-        self.stop()
-        if self.enabled:
-            print(f"done in {time.perf_counter() - self.t0:.1f}s", file=sys.stderr, flush=True)
+
+def _clock(seconds: float) -> str:
+    """``m:ss`` (``h:mm:ss`` from an hour)."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+#: For the estimate of a run's duration only (``_estimate``): each
+#: implementation's counted GB/s and seconds per tensor on the idle 2-core dev
+#: VM, read off benchmarks/results/cpu-2core.txt (2026-11-28: resnet50 and
+#: gpt2-small give the GB/s, many-small and fixed-cost the per-tensor cost).
+_EST_GBPS = {"numba": 35.0, "fused": 35.0, CEILING: 45.0, COPY: 45.0, "for-loop": 10.0,
+             "foreach": 8.0}
+_EST_PER_TENSOR_S = {"numba": 5e-6, "fused": 6e-6, CEILING: 1e-6, COPY: 0.0,
+                     "for-loop": 40e-6, "foreach": 20e-6}
+#: Seconds to draw one element of a case's data (two per param: p and g).
+_EST_DRAW_S = 20e-9
+#: Numba's compile of one kernel specialization on first use, 1.6-3.9 s on
+#: the 2-core dev VM at load 5-6 (each optimizer's kernel per dtype, and each
+#: ceiling pattern); counted for every one a run needs, cached or not.
+_EST_COMPILE_S = 2.5
+
+
+def _estimate(cases: list, settings: dict) -> tuple[list, str]:
+    """Expected seconds of each case, and how they were estimated.
+
+    A case's rounds each step every implementation once: a round's time is
+    the sum over implementations of counted bytes over the GB/s and tensors
+    times the seconds per tensor measured on the 2-core dev VM. The timed
+    rounds last ``target_s`` (or their share of ``budget_s``), at least
+    ``min_rounds`` rounds; the warm-up rounds, drawing the data and the
+    Numba compiles a case is the first to need come on top.
+    """
+    n = len(cases)
+    share = settings["target_s"]
+    if settings["budget_s"] is not None and n:
+        share = min(share, 0.5 * settings["budget_s"] / n)
+    seen, out = set(), []
+    for sl, spec, dt, dev, impls, _ in cases:
+        itemsize = torch.empty((), dtype=DTYPES[dt]).element_size()
+        nbytes = spec.bytes_per_step(sl.numel, itemsize)
+        round_s = sum(nbytes / 1e9 / _EST_GBPS.get(i, 10.0)
+                      + len(sl) * _EST_PER_TENSOR_S.get(i, 20e-6) for i in impls)
+        if settings["rounds"] is not None:
+            timed = settings["rounds"] * round_s
+        else:
+            timed = min(max(share, settings["min_rounds"] * round_s),
+                        settings["max_rounds"] * round_s)
+        new = {k for k in ((spec.kind, dt) if "numba" in impls else None,
+                           (spec.reads, spec.writes, itemsize) if CEILING in impls else None)
+               if k is not None and dev == "cpu"} - seen
+        seen |= new
+        out.append(timed + settings["warmup"] * round_s + 2 * sl.numel * _EST_DRAW_S
+                   + _EST_COMPILE_S * len(new))
+    how = (f"{n} case{'s' * (n != 1)}: "
+           + (f"{settings['rounds']} timed rounds each" if settings["rounds"] is not None
+              else f"about {share:.0f} s of timed rounds each")
+           + ", plus warm-up steps and data estimated from the bytes and tensors each "
+           "implementation steps, at the speeds of the idle 2-core dev VM, and "
+           f"{_EST_COMPILE_S:g} s per Numba kernel compiled on first use")
+    return out, how
 
 
 def _devices_of(backend: str):
@@ -191,7 +304,8 @@ def _devices(args, backends_explicit: list | None) -> list:
 
 def _plan(args) -> tuple[list, dict]:
     """Resolve the options into cases; raise BenchError for anything unusable."""
-    size = SIZES[args.size or ("quick" if args.quick else "full")]
+    size_name = _size_name(args)
+    size = SIZES[size_name]
     custom = [shapes_from_json(f) for f in args.shapes] + [shapes_from_model(m) for m in args.model]
     names = _names(args.lists)
     if names is None:
@@ -201,7 +315,8 @@ def _plan(args) -> tuple[list, dict]:
     dtypes = _names(args.dtypes) or list(DEFAULT_DTYPES)
     backends = _names(args.backends)
     precisions = _names(args.precision) or []
-    baselines = [] if args.no_baselines else _names(args.baselines) or list(DEFAULT_BASELINES)
+    baselines = ([] if args.no_baselines
+                 else _names(args.baselines) or list(size.baselines or DEFAULT_BASELINES))
     if backends is not None:
         for b in backends:
             if not _backend_device_ok(b, "cpu") and not torch.cuda.is_available():
@@ -253,7 +368,7 @@ def _plan(args) -> tuple[list, dict]:
                     skipped[b] = "needs a CUDA GPU and torch.cuda.is_available() is False"
         cases.append((sl, spec, dt, dev, impls, skipped))
     settings = {
-        "size": args.size or ("quick" if args.quick else "full"),
+        "size": size_name,
         "lists": [sl.name for sl in lists], "optimizers": optimizers, "dtypes": dtypes,
         "devices": devices, "backends": backends, "precision": precisions,
         "baselines": baselines,
@@ -266,6 +381,19 @@ def _plan(args) -> tuple[list, dict]:
         "optimizer_kwargs": {o: OPTIMIZERS[o].kwargs for o in optimizers},
     }
     return cases, settings
+
+
+def _size_name(args) -> str:
+    """The run size: --size, --quick, --full; else the default run, unless
+    cases are chosen (--lists, --optimizers, --shapes, --model): those get
+    --full's rounds and torch paths."""
+    if args.size:
+        return args.size
+    if args.quick:
+        return "quick"
+    if args.full or args.lists or args.optimizers or args.shapes or args.model:
+        return "full"
+    return "default"
 
 
 def _set_numba_layer(name: str) -> None:
@@ -284,8 +412,12 @@ def _set_numba_layer(name: str) -> None:
                          f"{numba.threading_layer()} layer")
 
 
-def _warn_load(settings: dict) -> None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def _usable_cores() -> int | None:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _warn_load(settings: dict, results: Sequence = ()) -> None:
+    cores = _usable_cores()
     loads = [la[0] for la in (settings.get("load_average_start"),
                               settings.get("load_average_end")) if la]
     # The run itself keeps about `cores` threads busy; more than that means
@@ -299,6 +431,14 @@ def _warn_load(settings: dict) -> None:
               "other processes competed for the CPU, so expect noisier numbers "
               "(thread-pool stalls hit steps with many parallel regions hardest; "
               "--threads 1 compares the kernels without them)", file=sys.stderr)
+    busy = [r for r in results if r.competed]
+    if busy:
+        lo, hi = (f"{f(r.other_cores for r in busy):.1f}" for f in (min, max))
+        print(f"warning: other processes used {lo if lo == hi else f'{lo}-{hi}'} cores "
+              f"while {len(busy)} of "
+              f"{len(results)} cases ran (at least {COMPETING_CORES:g} counts; marked "
+              "'busy' in the table and the chart): their figures are not this machine's "
+              "own", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> list:
@@ -312,11 +452,17 @@ def run(args: argparse.Namespace) -> list:
     """
     if getattr(args, "cold_start", False):
         return _cold(args)
+    if args.compare and len(args.compare) > 2:
+        raise BenchError("--compare takes OLD.json, or OLD.json NEW.json")
+    if args.compare and len(args.compare) == 2:
+        print(format_compare(load(args.compare[0]), load(args.compare[1])))
+        return []
+    old = load(args.compare[0]) if args.compare else None
     # timed steps never share the machine with a background compile
     saved = os.environ.get("FUSED_OPTIM_WARMUP")
     os.environ["FUSED_OPTIM_WARMUP"] = "0"
     try:
-        return _run(args)
+        return _run(args, old)
     finally:
         if saved is None:
             os.environ.pop("FUSED_OPTIM_WARMUP", None)
@@ -351,7 +497,33 @@ def _cold(args) -> list:
     return []
 
 
-def _run(args) -> list:
+def _outputs(args) -> tuple:
+    """(JSON path or None, PNG path or None, why no chart or None)."""
+    json_path = args.json
+    if json_path is None and not args.no_save:
+        json_path = str(Path(RESULTS_DIR) / (time.strftime("%Y-%m-%d-%H%M%S") + ".json"))
+    png, why = args.plot, None
+    if png is None and json_path is not None and not args.no_save:
+        try:
+            _check_matplotlib()
+        except BenchError:
+            why = ("no chart: matplotlib is not installed (pip install 'fused_optim[bench]', "
+                   "or pip install matplotlib)")
+        else:
+            png = str(Path(json_path).with_suffix(".png"))
+    return json_path, png, why
+
+
+def _write(path: str, text: str, what: str) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    except OSError as err:
+        raise BenchError(f"cannot write {what} {path!r}: {err.strerror}") from None
+
+
+def _run(args, old: dict | None = None) -> list:
+    t_start = time.perf_counter()
     if args.threads is not None:
         if args.threads < 1:
             raise BenchError("--threads must be at least 1")
@@ -364,10 +536,21 @@ def _run(args) -> list:
     if args.numba_layer:
         _set_numba_layer(args.numba_layer)
     cases, settings = _plan(args)
-    settings["load_average_start"] = _loadavg()
     if not cases:
         raise BenchError("nothing to run")
-    progress = _Progress(len(cases), not args.no_progress)
+    json_path, png, no_chart = _outputs(args)
+    settings["command_line"] = getattr(args, "command_line", None) or list(sys.argv)
+    settings["load_average_start"] = _loadavg()
+    estimates, how = _estimate(cases, settings)
+    if not args.no_progress:
+        cores = _usable_cores()
+        load = settings["load_average_start"]
+        busy = (f"; the 1-minute load is {load[0]:.1f} on {cores} cores now: expect longer"
+                if load and cores and load[0] > cores + 0.5
+                else "; a loaded machine takes longer")
+        print(f"{len(cases)} cases, expected to take about {_clock(sum(estimates))} "
+              f"({how}{busy})", file=sys.stderr, flush=True)
+    progress = _Progress(estimates, not args.no_progress)
     results = []
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         stack.callback(progress.stop)
@@ -391,18 +574,22 @@ def _run(args) -> list:
                            target_s=target, skipped=skipped,
                            progress=progress.update, steps=settings["steps_per_sample"])
             results.append(res)
-    progress.close()
+            progress.finish()
+    progress.stop()
     settings["load_average_end"] = _loadavg()
+    settings["wall_s"] = time.perf_counter() - t_start
     print(format_table(results), flush=True)
-    _warn_load(settings)
-    if args.json:
-        doc = to_json(results, settings)
-        try:
-            Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-        except OSError as err:
-            raise BenchError(f"cannot write --json {args.json!r}: {err.strerror}") from None
-    if args.plot:
-        write_plot(results, args.plot)
+    _warn_load(settings, results)
+    doc = to_json(results, settings)
+    if json_path:
+        _write(json_path, json.dumps(doc, indent=1) + "\n", "--json")
+    if png:
+        write_plot(results, png, doc)
+    if old is not None:
+        print("\n" + format_compare(old, doc, new_name="this run"), flush=True)
+    print(f"\nwall time {_clock(settings['wall_s'])} ({settings['wall_s']:.0f} s); "
+          f"results: {json_path or 'not saved'}; chart: {png or no_chart or 'not drawn'}",
+          flush=True)
     return results
 
 

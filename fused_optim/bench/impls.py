@@ -49,6 +49,26 @@ _LABELS = {"numba": "fused_optim numba", "triton": "fused_optim triton",
            **{f"{b}+{p}": f"fused_optim {b} +{p}" for b in BACKEND_IMPLS for p in PRECISIONS}}
 
 
+def torch_default_path(device) -> str:
+    """The path torch.optim's constructors take by default for params on
+    ``device`` (the for-loop on CPU, foreach on CUDA), asked of torch itself."""
+    device = torch.device(device)
+    try:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+        p = torch.empty(1, device=device)
+        fused, foreach = _default_to_fused_or_foreach([p], differentiable=False,
+                                                      use_fused=False)
+    except Exception:  # noqa: BLE001 - a torch without the helper: its documented default
+        fused, foreach = False, device.type == "cuda"
+    return "fused" if fused else "foreach" if foreach else "for-loop"
+
+
+def best_torch(impls) -> str | None:
+    """Which of ``impls`` (``{id: median seconds}``) is torch.optim's fastest path."""
+    timed = {i: t for i, t in impls.items() if i in BASELINE_IMPLS}
+    return min(timed, key=timed.get) if timed else None
+
+
 def precision_variant(impl: str) -> tuple[str, str] | None:
     """``(backend, precision)`` of a precision variant id (``"numba+kahan+sr"``
     -> ``("numba", "kahan+sr")``), or None for any other implementation."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +31,7 @@ def machine_info(device_types: Sequence[str] = ("cpu",)) -> dict:
         "numpy": np.__version__,
         "fused_optim": getattr(fused_optim, "__version__", None),
         "git_commit": _git_commit(),
+        "simd": _simd(),
         "torch_threads": torch.get_num_threads(),
         "numba_threads": numba.get_num_threads(),
         "numba_threading_layer": _numba_layer(),
@@ -58,6 +60,53 @@ def _loadavg() -> list | None:
     processes competed for the cores and timings are noisier."""
     text = _read_first("/proc/loadavg")
     return [float(x) for x in text.split()[:3]] if text else None
+
+
+def cpu_seconds() -> tuple[float, float, float] | None:
+    """(wall clock, CPU seconds every process used, CPU seconds this process
+    used), or None where the system's total is not readable (no /proc/stat).
+
+    The system's total counts user, nice, system, irq, softirq and steal
+    time (steal: other virtual machines on the same host) over all cores.
+    """
+    text = _read_first("/proc/stat")
+    if not text or not text.startswith("cpu "):
+        return None
+    ticks = [int(x) for x in text.splitlines()[0].split()[1:]]
+    busy = sum(ticks[i] for i in (0, 1, 2, 5, 6, 7) if i < len(ticks))
+    own = os.times()
+    return (time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system)
+
+
+def others_cores(before, after) -> float | None:
+    """Cores' worth of CPU that other processes used between two
+    :func:`cpu_seconds` samples (0: this process had the machine to itself)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others / (after[0] - before[0]))
+
+
+def _simd() -> dict:
+    """The widest vector extension the CPU reports, and LLVM's name for the
+    CPU Numba compiles for (its kernels use that width)."""
+    flags = set()
+    for line in (_read_first("/proc/cpuinfo") or "").splitlines():
+        if line.startswith(("flags", "Features")):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    isa, bits = None, None
+    for name, width in (("avx512f", 512), ("avx2", 256), ("avx", 256), ("sve", None),
+                        ("asimd", 128), ("sse2", 128)):
+        if name in flags:
+            isa, bits = name, width
+            break
+    try:
+        import llvmlite.binding as llvm
+        cpu = llvm.get_host_cpu_name()
+    except Exception:  # noqa: BLE001 - only a description
+        cpu = None
+    return {"isa": isa, "vector_bits": bits, "llvm_cpu": cpu}
 
 
 def _cpu_model() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -13,11 +14,31 @@ import torch
 
 from .cases import DTYPES, BenchError, OptimizerSpec, ShapeList, make_data
 from .impls import (_LABELS, CEILING, COMPILED, COMPILED_BACKENDS, COPY, PRECISIONS,
-                    REFERENCE, _ordered, fresh_compile_caches, make_runner,
+                    REFERENCE, _ordered, best_torch, fresh_compile_caches, make_runner,
                     precision_variant)
-from .machine import _fmt_bytes, _meminfo
+from .machine import _fmt_bytes, _meminfo, cpu_seconds, others_cores
 from .timing import (CUDA_MAX_STEPS, CUDA_SAMPLE_S, _report_failure, interleaved,
                      make_timer)
+
+
+#: A figure is flagged as untrustworthy when the interquartile range of its
+#: rounds is at least this share of their median: of an implementation's
+#: step times (its spread), or of its per-round ratios to torch's fastest
+#: path or to the ceiling (the rounds disagree). torch.utils.benchmark warns
+#: at the same 10% ("could indicate system fluctuation").
+SPREAD_LIMIT = 0.10
+#: A case is flagged as competed for when other processes used at least this
+#: many cores' worth of CPU, on average, while its rounds ran.
+COMPETING_CORES = 0.25
+
+
+def _spread(values) -> float | None:
+    """Interquartile range over median, or None for fewer than 4 values
+    (torch.utils.benchmark shows no IQR below 4 either)."""
+    if len(values) < 4:
+        return None
+    q25, q50, q75 = np.percentile(values, [25, 50, 75])
+    return float((q75 - q25) / q50) if q50 > 0 else None
 
 
 @dataclass
@@ -41,6 +62,12 @@ class CaseResult:
             CPU, calibrated on CUDA).
         timing: ``"perf_counter"`` (one step per sample) or
             ``"cuda-events"`` (``steps_per_sample`` steps per sample).
+        first_call_s: per implementation, its first (warm-up) call: Numba
+            compiling, or state being allocated.
+        other_cores: cores' worth of CPU other processes used, on average,
+            while the rounds ran (None where unknown, see
+            ``machine.cpu_seconds``).
+        wall_s: the case's wall time, data and warm-up included.
     """
 
     list: str
@@ -59,6 +86,9 @@ class CaseResult:
     host_times: dict = field(default_factory=dict)
     steps_per_sample: dict = field(default_factory=dict)
     timing: str = "perf_counter"
+    first_call_s: dict = field(default_factory=dict)
+    other_cores: float | None = None
+    wall_s: float | None = None
 
     @property
     def copy_bytes(self) -> int:
@@ -70,8 +100,34 @@ class CaseResult:
         return statistics.median(self.times[impl])
 
     def paired(self, impl: str, ref: str) -> list:
-        """Per-round time ratios ``impl / ref``."""
-        return [a / b for a, b in zip(self.times[impl], self.times[ref]) if b > 0]
+        """Per-round time ratios ``impl / ref``: only rounds that timed both
+        (an implementation that failed mid-run has no rounds left)."""
+        a, b = self.times[impl], self.times[ref]
+        if len(a) != len(b):
+            return []
+        return [x / y for x, y in zip(a, b) if y > 0]
+
+    @property
+    def best_torch(self) -> str | None:
+        """torch.optim's fastest path in this case, by median time."""
+        return best_torch({i: self.median(i) for i in self.times if self.times[i]})
+
+    @property
+    def competed(self) -> bool:
+        """Whether other processes used the cores while the rounds ran."""
+        return self.other_cores is not None and self.other_cores >= COMPETING_CORES
+
+    def unstable(self, impl: str) -> list:
+        """Why ``impl``'s figures cannot be trusted (empty: they can)."""
+        s = self.stats(impl)
+        why = []
+        if len(self.times[impl]) < 4:
+            why.append(f"only {len(self.times[impl])} rounds")
+        for key, name in (("spread", "time"), ("ratio_vs_best_spread", "vs best"),
+                          ("pct_ceiling_spread", "% ceil")):
+            if s[key] is not None and s[key] >= SPREAD_LIMIT:
+                why.append(f"{name} ±{100 * s[key]:.0f}%")
+        return why
 
     def copy_gbps(self) -> float | None:
         """The copy reference's bandwidth (read + write) from its median, or
@@ -96,7 +152,14 @@ class CaseResult:
             "min_s": float(t.min()),
             "params_per_s": self.params / med if med > 0 and impl != COPY else None,
             "gb_per_s": nbytes / med / 1e9 if med > 0 else None,
+            "spread": _spread(t),
             "pct_ceiling": None,
+            "pct_ceiling_spread": None,
+            "best_torch": None,
+            "ratio_vs_best": None,
+            "ratio_vs_best_p25": None,
+            "ratio_vs_best_p75": None,
+            "ratio_vs_best_spread": None,
             "pct_copy": None,
             "ratio_vs_fused": None,
             "ratio_vs_fused_p25": None,
@@ -111,15 +174,28 @@ class CaseResult:
             "host_times_s": [float(x) for x in host] if host else None,
             "times_s": [float(x) for x in t],
         }
-        if CEILING in self.times:
+        if CEILING in self.times and self.paired(CEILING, impl):
             # ceiling time / impl time, paired per round: the share of the
             # attainable bandwidth this implementation reached.
-            out["pct_ceiling"] = 100.0 * statistics.median(self.paired(CEILING, impl))
+            r = self.paired(CEILING, impl)
+            out["pct_ceiling"] = 100.0 * statistics.median(r)
+            if impl != CEILING:
+                out["pct_ceiling_spread"] = _spread(r)
+        best = self.best_torch
+        if best is not None and impl != best and self.paired(impl, best):
+            r = self.paired(impl, best)
+            out["best_torch"] = best
+            out["ratio_vs_best"] = statistics.median(r)
+            out["ratio_vs_best_p25"] = float(np.percentile(r, 25))
+            out["ratio_vs_best_p75"] = float(np.percentile(r, 75))
+            out["ratio_vs_best_spread"] = _spread(r)
+        elif best is not None and impl == best:
+            out["best_torch"], out["ratio_vs_best"] = best, 1.0
         if COPY in self.times and self.copy_bytes > 0:
             # (nbytes / impl time) / (copy bytes / copy time), paired per round
             scale = nbytes / self.copy_bytes
             out["pct_copy"] = 100.0 * scale * statistics.median(self.paired(COPY, impl))
-        if REFERENCE in self.times:
+        if REFERENCE in self.times and self.paired(impl, REFERENCE):
             r = self.paired(impl, REFERENCE)
             out["ratio_vs_fused"] = statistics.median(r)
             out["ratio_vs_fused_p25"] = float(np.percentile(r, 25))
@@ -142,7 +218,10 @@ class CaseResult:
              if k not in ("times", "host_times")}
         d["copy_bytes"] = self.copy_bytes if COPY in self.times else None
         d["copy_gbps"] = self.copy_gbps()
-        d["results"] = [self.stats(i) for i in _ordered(self.times)]
+        d["results"] = [dict(self.stats(i), unstable=self.unstable(i))
+                        for i in _ordered(self.times)]
+        d["best_torch"] = self.best_torch
+        d["competed"] = self.competed
         return d
 
 
@@ -185,6 +264,7 @@ def run_case(shapes: ShapeList, spec: OptimizerSpec, dtype_name: str, device,
     Raises:
         BenchError: the case would not fit in memory.
     """
+    t0 = time.perf_counter()
     device = torch.device(device)
     dtype = DTYPES[dtype_name]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -210,10 +290,12 @@ def run_case(shapes: ShapeList, spec: OptimizerSpec, dtype_name: str, device,
     del params, grads
     compile_s = {r.impl: r.compile_s for r in runners if r.compile_s is not None}
     timer = timer or make_timer(device)
+    cpu_before = cpu_seconds()
     timed = interleaved(runners, rounds, warmup, device=device, seed=seed,
                         min_rounds=min_rounds, max_rounds=max_rounds,
                         target_s=target_s, progress=progress, failed=failed,
                         timer=timer, steps=steps, sample_s=sample_s, max_steps=max_steps)
+    other_cores = others_cores(cpu_before, cpu_seconds())
     del runners
     gc.collect()
     times = timed.times
@@ -224,4 +306,6 @@ def run_case(shapes: ShapeList, spec: OptimizerSpec, dtype_name: str, device,
         rounds=max((len(t) for t in times.values()), default=0), warmup=warmup,
         times=times, skipped=dict(skipped or {}), failed=failed, compile_s=compile_s,
         host_times=timed.host, steps_per_sample=timed.steps,
-        timing="cuda-events" if timer.batched else "perf_counter")
+        timing="cuda-events" if timer.batched else "perf_counter",
+        first_call_s=timed.first_s or {}, other_cores=other_cores,
+        wall_s=time.perf_counter() - t0)

@@ -140,11 +140,14 @@ class Timings:
         host: {impl: [host seconds per step, one per timed round]}; empty
             unless the timer is batched (CUDA).
         steps: {impl: steps per sample}.
+        first_s: {impl: seconds of its first warm-up call}: where Numba
+            compiles, or the first step allocates state.
     """
 
     times: dict
     host: dict
     steps: dict
+    first_s: dict = None
 
 
 def interleaved(runners: Sequence[Runner], rounds: int | None, warmup: int, *,
@@ -199,12 +202,17 @@ def interleaved(runners: Sequence[Runner], rounds: int | None, warmup: int, *,
             drop(r, err)
             return None
 
+    first = {}
     for w in range(warmup):
         if progress:
             progress(f"warm-up {w + 1}/{warmup}")
         rng.shuffle(order)
         for r in list(order):
-            attempt(r, 1)
+            if w == 0 and progress:
+                progress(f"first call, compiles if not cached: {r.impl}")
+            t0 = time.perf_counter()
+            if attempt(r, 1) is not None and w == 0:
+                first[r.impl] = time.perf_counter() - t0
     if timer.batched:
         if progress:
             progress("calibrating steps per sample")
@@ -240,7 +248,7 @@ def interleaved(runners: Sequence[Runner], rounds: int | None, warmup: int, *,
     finally:
         if gc_was:
             gc.enable()
-    return Timings(times, host, counts)
+    return Timings(times, host, counts, {i: t for i, t in first.items() if i in times})
 
 
 def _report_failure(failed: dict, impl: str, err: BaseException) -> None:
