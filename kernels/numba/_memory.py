@@ -52,6 +52,21 @@ fp16``, paired against torch's fused step in one run):
   ratio to torch (above) is what counts.
 * bf16 AdamW (0.58-0.80x), Adagrad (0.34-0.80x) and RMSprop (0.15-0.38x of
   torch's fastest, its for-loop) were already below torch.
+* Vector width: every serial kernel (four optimizers x bf16/fp16/fp32)
+  uses 512-bit registers on this AVX-512 host, and 256-bit ones, none
+  wider, when built for an AVX2 CPU on the same host
+  (``benchmarks/vector_width.py``; results/vector-width-2026-12-07.txt).
+  No code path depends on the CPU except ``F16_HARDWARE``, whose two forms
+  are both tested here.
+* What is left for bf16 SGD is memory, not conversions (quiet machine,
+  2026-12-07, the issue's bench command): bf16 SGD 0.98x (resnet50) and
+  1.06x (gpt2-small) torch fused, fp16 0.99x and 0.87x; the ceiling kernel
+  was 0.82x and 0.95x torch fused in the same rounds, so 0.90x on gpt2-small
+  needs a faster memory pattern than the ceiling's. On one flat 256 MiB
+  array per role (``benchmarks/stream_bound.py``) torch's fused step moved
+  its bytes 1.10x as fast as the ceiling in one run and 0.88x in the next
+  (a plain two-chunk loop without prefetching: the ceiling's speed, within
+  2%): this VM's bandwidth moves by more between runs than the gap.
 """
 
 import numpy as np
