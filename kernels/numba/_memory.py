@@ -280,6 +280,8 @@ def prefetch_block(a, start, n):  # pragma: no cover - replaced by the overload 
 def _prefetch_block_impl(a, start, n):
     if isinstance(a, types.NoneType):
         return lambda a, start, n: None
+    if isinstance(a, types.BaseTuple):  # a stochastically rounded state (_walk.rounded)
+        return lambda a, start, n: prefetch_block(a[0], start, n)
 
     def impl(a, start, n):
         if start < n:
@@ -305,6 +307,8 @@ def store(a, i, v):  # pragma: no cover
 def _load_impl(a, i):
     if isinstance(a, types.NoneType):
         return lambda a, i: np.float32(0.0)
+    if isinstance(a, types.BaseTuple):  # a stochastically rounded bfloat16 state
+        return lambda a, i: bf16_to_f32(a[0][i])
     dt = a.dtype
     if dt == types.float32 or dt == types.float64:
         return lambda a, i: a[i]
@@ -319,6 +323,14 @@ def _load_impl(a, i):
 def _store_impl(a, i, v):
     if isinstance(a, types.NoneType):
         return lambda a, i, v: None
+    if isinstance(a, types.BaseTuple):
+        # a bfloat16 state view with its stream, ``(view, k0, k1, base, shift)``
+        # (_walk.rounded): stochastically rounded, reference._precision.state_bits
+        from ._precision import bits, sr_bf16
+
+        def impl(a, i, v):
+            a[0][i] = sr_bf16(np.float32(v), np.uint32(bits(a[1], a[2], a[3] + i) >> a[4]))
+        return impl
     dt = a.dtype
     if dt == types.float32 or dt == types.float64:
         def impl(a, i, v):
