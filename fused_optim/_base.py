@@ -151,6 +151,9 @@ class FusedOptimizer(Optimizer):
         if state_dtype is not None:
             on["state_dtype"] = state_dtype
         super().__init__(params, *args, **kwargs)
+        if state_dtype is not None and self.defaults.get("differentiable"):
+            # (torch's own step, which autograd needs, keeps torch's state)
+            raise ValueError("state_dtype does not combine with differentiable=True")
         if on:
             self.defaults.update(on)  # (and so to add_param_group's groups)
             for group in self.param_groups:

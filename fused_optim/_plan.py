@@ -255,8 +255,8 @@ class Plan:
             every step, because torch may raise there.
     """
 
-    __slots__ = ("backend", "state_dtype", "where", "n", "guard", "ptrs", "held", "storages", "grad_ext",
-                 "grad_isz", "grad_nonempty", "written", "grad_ptrs", "grad_ptr_bytes",
+    __slots__ = ("backend", "state_dtype", "where", "n", "guard", "ptrs", "held", "storages",
+                 "grad_ext", "grad_isz", "grad_nonempty", "written", "grad_ptrs", "grad_ptr_bytes",
                  "grad_hits", "row_flags", "units", "dry_rows", "has_torch_rows")
 
 
@@ -641,7 +641,7 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
             cache[key] = plan
     dry = range(len(params)) if dry_all else plan.dry_rows
     if dry:
-        _dry_run(dry, params, grads, states, steps, row_flags, reference)
+        _dry_run(dry, params, grads, states, steps, row_flags, _widening(reference, state_dtype))
     retain = cache.retain if isinstance(cache, PlanCache) else None
     return functools.partial(execute, plan, cols, grad_ptrs, params, grads, states, steps,
                              row_flags, hyper, reference, retain, precision, key or 0)
@@ -662,7 +662,8 @@ def execute(plan, cols, grad_ptrs, params, grads, states, steps, row_flags, hype
     for u, unit in enumerate(plan.units):
         if isinstance(unit, TorchUnit):
             if torch_grads is not None:
-                _torch_rows(unit.rows, params, torch_grads, states, steps, row_flags, reference)
+                _torch_rows(unit.rows, params, torch_grads, states, steps, row_flags,
+                            _widening(reference, precision and precision.state_dtype))
             continue
         batch, writeback = stage(unit, cols, plan.where, steps, plan.row_flags, grad_ptrs,
                                  retain)
@@ -698,6 +699,42 @@ def _subset(rows, params, grads, states, steps, row_flags):
              for s in states],
             None if steps is None else [steps[i] for i in rows],
             None if row_flags is None else [row_flags[i] for i in rows])
+
+
+def _widening(reference, state_dtype):
+    """``reference`` (torch's for-loop on some rows), for the ``state_dtype`` option.
+
+    torch's loop takes state in its param's dtype only: each state role the
+    option stores otherwise is widened to the param's dtype for it, and the
+    result stored back rounded to nearest (rows the kernels do not take, and
+    the stand-ins that let torch raise first). Without the option, or for
+    state of any other dtype, torch's loop gets the state as it is.
+    """
+    if state_dtype is None:
+        return reference
+
+    def widened(ps, gs, ss, *rest):
+        back = []
+        wide = []
+        for k, lst in enumerate(ss):
+            if lst is None or k >= 3:  # (the fourth role: Kahan buffers, param dtype)
+                wide.append(lst)
+                continue
+            out = []
+            for p, t in zip(ps, lst):
+                if (isinstance(t, torch.Tensor) and isinstance(p, torch.Tensor)
+                        and t.dtype == stored_dtype(p.dtype, state_dtype) != p.dtype):
+                    w = t.to(p.dtype)
+                    back.append((t, w))
+                    t = w
+                out.append(t)
+            wide.append(out)
+        made = reference(ps, gs, wide, *rest)
+        with torch.no_grad():
+            for t, w in back:
+                t.copy_(w)
+        return made
+    return widened
 
 
 def _torch_rows(rows, params, grads, states, steps, row_flags, reference):
