@@ -160,7 +160,7 @@ class FusedOptimizer(Optimizer):
                 for name, value in on.items():
                     group.setdefault(name, value)
         if on.get("stochastic_round") or state_dtype is not None:
-            _precision._seed(self)  # drawn now, reproducibly after torch.manual_seed
+            _precision.start_stream(self)  # seeded now, reproducibly after torch.manual_seed
         _warmup.start(self)  # compile the first step's kernels in the background
 
     def state_dict(self):

@@ -146,6 +146,20 @@ def _seed(opt) -> int:
     return seed
 
 
+def start_stream(opt) -> None:
+    """Draw the stream's seed and make a counter per device of the params, now.
+
+    At construction, eagerly: a step traced by torch.compile that first made
+    them would not keep them (dynamo's ``__dict__.setdefault`` made a fresh
+    dict at every call, and the stream never advanced).
+    """
+    _seed(opt)
+    counters = opt.__dict__.setdefault("_sr_counters", {})
+    for group in opt.param_groups:
+        for p in group["params"]:
+            _counter(counters, p.device)
+
+
 def _split(job, keep):
     """The rows ``keep`` (bools) of ``job``, as a job of their own."""
     def pick(lst):

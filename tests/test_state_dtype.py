@@ -416,25 +416,31 @@ def test_gradscaler_unscales_and_skips(backend):
         assert all(torch.equal(oa.state[a][k], ob.state[b][k]) for k in oa.state[a])
 
 
-def test_compiled_step_equals_the_eager_one():
+@pytest.mark.parametrize("dtype,options", [(torch.float32, BF16),
+                                           (torch.bfloat16, dict(stochastic_round=True))],
+                         ids=["state_dtype", "stochastic_round"])
+def test_compiled_step_equals_the_eager_one(dtype, options):
     """Under torch.compile the step runs eagerly behind a graph break (the
-    step operator's schema does not carry the options): the eager bits."""
+    step operator's schema does not carry the options): the eager bits, the
+    stream advancing at every step (it did not, for either option, while the
+    first traced step made the stream's counters)."""
     runs = []
     for compiled in (False, True):
-        params = _params(SHAPES)
+        params = _params(SHAPES, dtype)
         torch.manual_seed(0)
-        opt = fused_optim.AdamW(params, lr=1e-2, backend="numba", **BF16)
+        opt = fused_optim.AdamW(params, lr=1e-2, backend="numba", **options)
 
         def step():
             opt.step()
         fn = torch.compile(step) if compiled else step
         for grads in _grads(SHAPES, 3):
             for p, g in zip(params, grads):
-                p.grad = g
+                p.grad = g.to(dtype)
             fn()
         runs.append((params, opt))
     torch._dynamo.reset()
     (pa, oa), (pb, ob) = runs
+    assert ob.state_dict()["stochastic_round"]["counter"] == 3
     for a, b in zip(pa, pb):
         assert torch.equal(a.detach(), b.detach())
         assert all(torch.equal(oa.state[a][k], ob.state[b][k]) for k in oa.state[a])

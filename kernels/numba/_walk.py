@@ -31,13 +31,15 @@ the per-row scalars differ. An optimizer's kernel file
    made by a factory, or taking the element as an argument, was never found
    in the disk cache, and the latter cost 6 us a call to dispatch);
 5. the launcher, ``<name>(batch, *, <torch's hyperparameters>, grad_scale=None,
-   found_inf=None, kahan_sum=False, stochastic_round=None)``: one call of
-   :func:`_launch.run` with ``(parallel, serial, NX)``, the scalars, the host tuple
-   and which states exist.
+   found_inf=None, kahan_sum=False, stochastic_round=None, state_round=None)``:
+   one call of :func:`_launch.run` with ``(parallel, serial, NX)``, the
+   scalars, the host tuple and which states exist.
 
-What is compiled: one specialization per storage type, per set of state
-arrays present (``has0..2``), per param-store option (Kahan, stochastic
-rounding) and per path (serial, parallel): what changes which arrays are
+What is compiled: one specialization per storage type (of the params, and of
+the state: ``has0..2`` carry its dtype), per set of state arrays present
+(``has0..2``), per param-store option (Kahan, stochastic rounding), per
+state store (``state_keys``: bfloat16 state rounded stochastically, see
+:func:`rounded`) and per path (serial, parallel): what changes which arrays are
 streamed or how they are stored. Everything else is a run-time value that
 keeps torch's bits: a switch tests a loop-invariant scalar, which LLVM
 if-converts to a select or unswitches, and a disabled part is skipped, never
