@@ -511,3 +511,97 @@ def test_a_plan_is_reused_only_under_its_option():
     with pytest.raises(RuntimeError):
         opt.step()  # torch's loop: a bfloat16 exp_avg for a float32 param
     assert opt._plans.get(0) is not plan
+
+
+# ------------------------------------------------------------------ offline Triton compile
+
+_COMPILE = r"""
+import json, re, sys, importlib
+sys.path.insert(0, sys.argv[1])
+import torch, triton.language as tl
+import _compile_matrix as m
+from fused_optim.kernels.triton import _launch
+
+_PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64",
+         "scal_ptr": "*fp64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+         "counter_ptr": "*i64"}
+_ON = {"sgd": dict(USE_MOMENTUM=True), "adam": dict(AMSGRAD=True), "adagrad": {},
+       "rmsprop": dict(CENTERED=True, USE_MOMENTUM=True)}
+for kernel in ("sgd", "adam", "adagrad", "rmsprop"):
+    fn = getattr(importlib.import_module(f"fused_optim.kernels.triton.{kernel}"),
+                 f"_{kernel}_kernel")
+    sw = dict(TAIL_ALIGNED=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, KAHAN=False,
+              SR=False, S_ELEM=_launch._ELEM[torch.bfloat16], S_IS_BF16=True, SSR=True,
+              **_ON[kernel])
+    const = m.launcher_consts(torch.float32, True, sw)
+    for cap in map(int, sys.argv[2].split(",")):
+        ptx = m.compile_ptx(m.ast_source(fn, dict(const), _PTRS, {}), cap,
+                            _launch.num_warps(torch.float32, True, True))
+        body = ptx.split(".section")[0]
+        out = dict(kernel=kernel, arch=cap, **m.ptx_facts(ptx, "float32", cap),
+                   int_mul=len(re.findall(r"\bmul\.lo\.[su]32\b", body)))
+        print(json.dumps(out), flush=True)
+"""
+
+#: streams each kernel reads and writes with every switch on (params, grads, states)
+_STREAMS = {"sgd": (3, 2), "adam": (5, 4), "adagrad": (3, 2), "rmsprop": (5, 4)}
+
+
+def test_triton_bf16_state_specializations_compile_cleanly():
+    """Each kernel with float32 params and stochastically rounded bfloat16 state
+    (every switch on, aligned with the tail hint), offline for sm_80 and
+    sm_90: no local memory or spills, IEEE float math, a 128-bit access per
+    stream on the whole-block path and per float32 stream (param, grad) on
+    the masked one too, and the hash's multiplies."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE, str(here), "80,90"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [__import__("json").loads(line) for line in out.stdout.splitlines()
+               if line.startswith("{")]
+    assert len(results) == 4 * 2
+    bad = {}
+    for r in results:
+        reads, writes = _STREAMS[r["kernel"]]
+        why = []
+        if r["stack_bytes"] or r["spill_store_bytes"] or r["spill_load_bytes"] or r["local"]:
+            why.append("local memory")
+        if r["inexact"]:
+            why.append(f"non-IEEE {r['inexact']}")
+        # (the masked path's bfloat16 state is 64-bit: TAIL_ALIGNED promises
+        # 16 bytes of float32, 4 elements, which is 8 bytes of bfloat16)
+        if r["vector_loads"] < reads + 2 or r["vector_stores"] < writes + 1:
+            why.append(f"{r['vector_loads']} v4 loads, {r['vector_stores']} v4 stores")
+        if r["int_mul"] < 4:
+            why.append("no integer mixing")
+        if why:
+            bad[f"{r['kernel']} sm_{r['arch']}"] = why
+    assert not bad, bad
+
+
+# ------------------------------------------------------------------ the example
+
+def test_example_halves_the_state_and_keeps_the_loss():
+    """examples/bf16_state.py, shortened to 800 steps: 8 bytes of state per
+    param in float32, 4 in bfloat16, the same init and data, and bfloat16
+    state's final loss within 1% of float32 state's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "bf16_state.py"
+    spec = importlib.util.spec_from_file_location("bf16_state", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    fp32 = ex.train("fp32 state", steps=800, backend="numba", tail=200)
+    bf16 = ex.train("bf16 state", steps=800, backend="numba", tail=200)
+    assert fp32["state_bytes"] == 8.0 and bf16["state_bytes"] == 4.0
+    assert fp32["losses"][0] == bf16["losses"][0]  # same init, same first batch
+    assert abs(bf16["final"] / fp32["final"] - 1) < 0.01
+    assert abs(bf16["eval"] / fp32["eval"] - 1) < 0.01
