@@ -324,13 +324,7 @@ def _store_impl(a, i, v):
     if isinstance(a, types.NoneType):
         return lambda a, i, v: None
     if isinstance(a, types.BaseTuple):
-        # a bfloat16 state view with its stream, ``(view, k0, k1, base, shift)``
-        # (_walk.rounded): stochastically rounded, reference._precision.state_bits
-        from ._precision import bits, sr_bf16
-
-        def impl(a, i, v):
-            a[0][i] = sr_bf16(np.float32(v), np.uint32(bits(a[1], a[2], a[3] + i) >> a[4]))
-        return impl
+        return None  # a stochastically rounded state: _precision's overload
     dt = a.dtype
     if dt == types.float32 or dt == types.float64:
         def impl(a, i, v):

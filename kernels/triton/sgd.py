@@ -92,6 +92,11 @@ def _sgd_kernel(
             through their compensation buffers (the COMP column).
         SR: bfloat16/float16 params are rounded stochastically (see
             ``_kernels._store_param``).
+        S_ELEM, S_IS_BF16: the state's storage element type and whether it
+            is bfloat16: the param's, unless the ``state_dtype`` option
+            stores it in bfloat16 (every kernel takes these three).
+        SSR: bfloat16 state stores round stochastically (``state_round``;
+            ``_kernels._store_state``).
     """
     (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, b_ptr, _, _, c_ptr, k0, k1,
      start) = _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
