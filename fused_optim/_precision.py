@@ -34,8 +34,9 @@ dtype (a torch.optim checkpoint, a state set by hand) is converted to
 bfloat16 (rounded to nearest) when loaded and at the step that finds it.
 The group key ``state_dtype`` travels in checkpoints like the other two.
 
-Kahan summation and stochastic rounding act on bfloat16/float16 params only (the kernels' float32 math already
-holds every float32/float64 result exactly as stored). Where a group mixes
+Kahan summation and stochastic rounding act on bfloat16/float16 params only
+(the kernels' float32 math already holds every float32/float64 result
+exactly as stored). Where a group mixes
 low-precision params with others under ``kahan_sum``, its job is split in two,
 so that the compensation role is present on every row of a plan (the address
 tables' invariant) without buffers for float32 params. Rows that run torch's

@@ -9,12 +9,14 @@ params keep torch's state; off, nothing changes. Checkpoints save what is
 stored, load back bit for bit, convert to and from torch.optim's, and a
 bad one is refused with nothing changed.
 
-Numba specializations this file adds (tests/test_specializations.py counts
-them): the four kernels' serial entry points for float32 params with
-bfloat16 state (each optimizer's ``full_state_example``: every state column
-present), Adam's parallel one (``test_parallel_path_equals_the_reference``)
-and Adam's serial one for bfloat16 params with Kahan and bfloat16 state
-(``test_combines_with_bf16_params_and_kahan``): 6.
+Numba specializations this file adds to CI's compile (tests/
+test_specializations.py counts every configuration's): the four kernels'
+serial entry points for float32 params with bfloat16 state (each
+optimizer's ``full_state_example``: every state column present), AdamW's
+without amsgrad (the other tests), its parallel one
+(``test_parallel_path_equals_the_reference``) and its serial one for
+bfloat16 params with Kahan and bfloat16 state
+(``test_combines_with_bf16_params_and_kahan``): 7, one of them parallel.
 """
 
 from __future__ import annotations
