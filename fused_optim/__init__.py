@@ -16,6 +16,7 @@ from torch.optim import Optimizer, lr_scheduler
 from . import _registry
 from ._backend import BACKENDS, ENV_VAR
 from ._patch import patch_torch
+from ._precision import for_torch as state_dict_for_torch
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,4 @@ def _export() -> list:
 
 
 __all__ = [*_export(), "Optimizer", "lr_scheduler", "BACKENDS", "ENV_VAR",
-           "patch_torch", "__version__"]
+           "patch_torch", "state_dict_for_torch", "__version__"]

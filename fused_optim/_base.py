@@ -113,6 +113,11 @@ class FusedOptimizer(Optimizer):
     * ``stochastic_round`` (bool, optional): round bfloat16/float16 param
       stores stochastically (unbiased), from a stream seeded by torch's
       generator and saved in ``state_dict`` (default: False)
+    * ``state_dtype`` (torch.dtype, optional): None (torch's state), or
+      ``torch.bfloat16``: the state of float32 and bfloat16 params (Adam's
+      moments, momentum buffers, ...) is stored in bfloat16, each store
+      rounded stochastically from the same stream; math stays float32
+      (default: None)
 
     .. note::
         As with torch's ``fused=True`` optimizers, ``GradScaler.step`` then
@@ -142,14 +147,20 @@ class FusedOptimizer(Optimizer):
         self._plans = _plan.PlanCache()  # group index -> validated _plan.Plan
         self._handle = _ops.register_optimizer(self)  # how the step operator finds _plans
         on = {name: True for name in self.OPTIONS if kwargs.pop(name, False)}
+        state_dtype = _precision.check_state_dtype(kwargs.pop("state_dtype", None))
+        if state_dtype is not None:
+            on["state_dtype"] = state_dtype
         super().__init__(params, *args, **kwargs)
+        if state_dtype is not None and self.defaults.get("differentiable"):
+            # (torch's own step, which autograd needs, keeps torch's state)
+            raise ValueError("state_dtype does not combine with differentiable=True")
         if on:
             self.defaults.update(on)  # (and so to add_param_group's groups)
             for group in self.param_groups:
-                for name in on:
-                    group.setdefault(name, True)
-        if on.get("stochastic_round"):
-            _precision._seed(self)  # drawn now, reproducibly after torch.manual_seed
+                for name, value in on.items():
+                    group.setdefault(name, value)
+        if on.get("stochastic_round") or state_dtype is not None:
+            _precision.start_stream(self)  # seeded now, reproducibly after torch.manual_seed
         _warmup.start(self)  # compile the first step's kernels in the background
 
     def state_dict(self):
@@ -329,7 +340,8 @@ class FusedOptimizer(Optimizer):
                         jobs.extend(more)
                         if made is not None:
                             afters.append(made)
-                        rounded = rounded or group.get("stochastic_round", False)
+                        rounded = rounded or bool(group.get("stochastic_round")) or (
+                            group.get("state_dtype") is not None)
                 except Exception:
                     # torch's loop steps each group before it reads the next,
                     # so an error in an earlier group's update comes first:

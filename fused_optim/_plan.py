@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import _backend, _reuse_rule
+from ._precision import stored_dtype
 from .kernels import Batch, contract
 from .kernels import columns as L
 
@@ -40,6 +41,8 @@ _STEP_DTYPES = (torch.float32, torch.float64)
 #: the state roles' columns: an optimizer's own roles, in order, then the
 #: Kahan compensation buffer (``kahan_sum``), always the fourth role
 _STATE_COLS = (L.STATE0, L.STATE1, L.STATE2, L.COMP)
+#: the optimizer's own state roles, stored in ``state_dtype`` where it is on
+_ROLE_COLS = (L.STATE0, L.STATE1, L.STATE2)
 
 
 class PlanCache(dict):
@@ -161,6 +164,10 @@ class KernelUnit:
     grad_rows: np.ndarray
     staged: list
     whole: bool
+    #: the dtype of every row's state roles (STATE0..2), read from the
+    #: validated tensors (F1 re-reads it): the kernels' view of them; None
+    #: where the unit has no state role
+    state_dtype: object = None
     #: the backend's, for these rows (Batch.cache)
     device_cache: dict = field(default_factory=dict)
 
@@ -219,7 +226,7 @@ def stage(unit, cols, where, steps, row_flags, grad_ptrs, retain=None):
                     row_flags=[row_flags[i] for i in rows] if row_flags is not None else [])
 
     batch = Batch(unit.device, unit.dtype, table, unit.numel, source=lists,
-                  cache=unit.device_cache, retain=retain)
+                  cache=unit.device_cache, retain=retain, state_dtype=unit.state_dtype)
     return batch, writeback
 
 
@@ -232,6 +239,8 @@ class Plan:
         backend: the backend name requested when it was built (its units'
             modules and kernels were chosen for it; a plan is reused only
             for the same name).
+        state_dtype: the ``state_dtype`` option it was validated for (a plan
+            is reused only under the same option).
         where: the table column of each tensor column.
         n: rows.
         guard: F1 over every tensor, columns in ``where`` order.
@@ -246,8 +255,8 @@ class Plan:
             every step, because torch may raise there.
     """
 
-    __slots__ = ("backend", "where", "n", "guard", "ptrs", "held", "storages", "grad_ext",
-                 "grad_isz", "grad_nonempty", "written", "grad_ptrs", "grad_ptr_bytes",
+    __slots__ = ("backend", "state_dtype", "where", "n", "guard", "ptrs", "held", "storages",
+                 "grad_ext", "grad_isz", "grad_nonempty", "written", "grad_ptrs", "grad_ptr_bytes",
                  "grad_hits", "row_flags", "units", "dry_rows", "has_torch_rows")
 
 
@@ -290,7 +299,7 @@ def _generations(n, edges):
 
 
 def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=None,
-          labels=None):
+          labels=None, state_dtype=None):
     """Fully validate one group's tensors into a :class:`Plan`.
 
     Args:
@@ -308,6 +317,10 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
         kernel_name: the optimizer record's ``kernel`` (``"sgd"``, ...),
             whose function each kernel unit keeps (None: none).
         labels: per-param indices for error messages (default: row index).
+        state_dtype: the ``state_dtype`` option (None: off): the dtype the
+            optimizer's own state roles (not the Kahan buffers) must have,
+            for the params it acts on (``_precision.stored_dtype``); a row
+            whose state has another dtype runs torch's own step.
 
     Raises:
         OutsideStorageError: a tensor lies outside its storage.
@@ -350,8 +363,10 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
         torch_row = not plain
         unusual = not plain
         if plain:
-            for t in row[1:1 + 1 + nstate]:
-                if t.dtype != p.dtype or t.shape != p.shape or t.device != p.device:
+            want = stored_dtype(p.dtype, state_dtype)
+            for c, t in enumerate(row[1:1 + 1 + nstate], 1):
+                if (t.dtype != (want if where[c] in _ROLE_COLS else p.dtype)
+                        or t.shape != p.shape or t.device != p.device):
                     torch_row = unusual = True
             if steps is not None:
                 st = row[-1]
@@ -402,8 +417,9 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
                 # device address (a group can mix both after a "move the
                 # state to the device" loop).
                 host_step = steps is not None and steps[i].device != params[i].device
-                buckets[(params[i].device, params[i].dtype, host_step)].append(i)
-        for (device, dtype, _), rows in buckets.items():
+                buckets[(params[i].device, params[i].dtype,
+                         stored_dtype(params[i].dtype, state_dtype), host_step)].append(i)
+        for (device, dtype, _, _), rows in buckets.items():
             module = modules[(device, dtype)]
             units.append(_kernel_unit(cols, where, steps, row_flags, rows, device, module,
                                       kernel_name and contract.kernel(module, kernel_name)))
@@ -412,6 +428,7 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
 
     plan = Plan()
     plan.backend = backend
+    plan.state_dtype = state_dtype
     plan.where = where
     plan.n = n
     plan.guard = _reuse_rule.MetaGuard(tuple(chain.from_iterable(cols)))
@@ -490,14 +507,19 @@ def _kernel_unit(cols, where, steps, row_flags, rows, device, module, kernel):
                 staged.append((r, col, i, c, c != 1, shape, strides))
                 if c == 1:
                     direct_grad[r] = False
+    role = [c for c in range(2, len(cols)) if where[c] in _ROLE_COLS]
+    state_dtype = cols[role[0]][rows[0]].dtype if role else None
+    if state_dtype is not None and state_dtype.is_complex:
+        state_dtype = state_dtype.to_real()
     rows = np.array(rows, dtype=np.int64)
     every = direct_grad.all()
     return KernelUnit(device, dtype, module, kernel, rows, table, start,
                       None if every else direct_grad, rows if every else rows[direct_grad],
-                      staged, bool(every and m == len(cols[0])))
+                      staged, bool(every and m == len(cols[0])), state_dtype)
 
 
-def pack(params, grads, states, roles, steps=None, row_flags=None, backend="auto"):
+def pack(params, grads, states, roles, steps=None, row_flags=None, backend="auto",
+         state_dtype=None):
     """Validate and stage tensors into kernel batches (no cache, no torch rows).
 
     For driving a backend directly: every row must be one the kernels take.
@@ -507,7 +529,7 @@ def pack(params, grads, states, roles, steps=None, row_flags=None, backend="auto
         ``finish()`` after the kernel to write staged params and state back.
     """
     flags = tuple(row_flags) if row_flags is not None else None
-    plan = build(params, grads, states, roles, steps, flags, backend)
+    plan = build(params, grads, states, roles, steps, flags, backend, state_dtype=state_dtype)
     cols, _ = _columns(params, grads, states, steps)
     out = []
     for unit in plan.units:
@@ -608,16 +630,18 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
     grad_ptrs = None
     # (the units' backend modules and kernels were chosen for the backend
     # requested then: ``opt.backend`` may have been set since)
-    if plan is not None and plan.backend == backend:
+    state_dtype = precision.state_dtype if precision is not None else None
+    if plan is not None and plan.backend == backend and plan.state_dtype == state_dtype:
         grad_ptrs = _reuse_rule.holds(plan, cols, where, tuple(chain.from_iterable(cols)), flags)
     if grad_ptrs is None:
-        plan = build(params, grads, states, roles, steps, flags, backend, kind)
+        plan = build(params, grads, states, roles, steps, flags, backend, kind,
+                     state_dtype=state_dtype)
         grad_ptrs = plan.grad_ptrs
         if cache is not None:
             cache[key] = plan
     dry = range(len(params)) if dry_all else plan.dry_rows
     if dry:
-        _dry_run(dry, params, grads, states, steps, row_flags, reference)
+        _dry_run(dry, params, grads, states, steps, row_flags, _widening(reference, state_dtype))
     retain = cache.retain if isinstance(cache, PlanCache) else None
     return functools.partial(execute, plan, cols, grad_ptrs, params, grads, states, steps,
                              row_flags, hyper, reference, retain, precision, key or 0)
@@ -638,7 +662,8 @@ def execute(plan, cols, grad_ptrs, params, grads, states, steps, row_flags, hype
     for u, unit in enumerate(plan.units):
         if isinstance(unit, TorchUnit):
             if torch_grads is not None:
-                _torch_rows(unit.rows, params, torch_grads, states, steps, row_flags, reference)
+                _torch_rows(unit.rows, params, torch_grads, states, steps, row_flags,
+                            _widening(reference, precision and precision.state_dtype))
             continue
         batch, writeback = stage(unit, cols, plan.where, steps, plan.row_flags, grad_ptrs,
                                  retain)
@@ -674,6 +699,42 @@ def _subset(rows, params, grads, states, steps, row_flags):
              for s in states],
             None if steps is None else [steps[i] for i in rows],
             None if row_flags is None else [row_flags[i] for i in rows])
+
+
+def _widening(reference, state_dtype):
+    """``reference`` (torch's for-loop on some rows), for the ``state_dtype`` option.
+
+    torch's loop takes state in its param's dtype only: each state role the
+    option stores otherwise is widened to the param's dtype for it, and the
+    result stored back rounded to nearest (rows the kernels do not take, and
+    the stand-ins that let torch raise first). Without the option, or for
+    state of any other dtype, torch's loop gets the state as it is.
+    """
+    if state_dtype is None:
+        return reference
+
+    def widened(ps, gs, ss, *rest):
+        back = []
+        wide = []
+        for k, lst in enumerate(ss):
+            if lst is None or k >= 3:  # (the fourth role: Kahan buffers, param dtype)
+                wide.append(lst)
+                continue
+            out = []
+            for p, t in zip(ps, lst):
+                if (isinstance(t, torch.Tensor) and isinstance(p, torch.Tensor)
+                        and t.dtype == stored_dtype(p.dtype, state_dtype) != p.dtype):
+                    w = t.to(p.dtype)
+                    back.append((t, w))
+                    t = w
+                out.append(t)
+            wide.append(out)
+        made = reference(ps, gs, wide, *rest)
+        with torch.no_grad():
+            for t, w in back:
+                t.copy_(w)
+        return made
+    return widened
 
 
 def _torch_rows(rows, params, grads, states, steps, row_flags, reference):

@@ -1,4 +1,5 @@
-"""Opt-in Kahan summation and stochastic rounding of bfloat16/float16 params.
+"""Opt-in Kahan summation and stochastic rounding of bfloat16/float16 params,
+and optimizer state stored in bfloat16.
 
 The API side of the two keyword options every optimizer takes,
 ``kahan_sum`` and ``stochastic_round`` (the kernels' side, and the exact
@@ -21,8 +22,21 @@ State, and what a checkpoint holds:
   key torch.optim's ``load_state_dict`` ignores; a resumed run continues the
   same stream.
 
-Both act on bfloat16/float16 params only (the kernels' float32 math already
-holds every float32/float64 result exactly as stored). Where a group mixes
+``state_dtype=torch.bfloat16`` stores the optimizer's floating-point state
+(its record's ``state`` keys: Adam's moments, SGD's momentum buffer, ...)
+of float32 and bfloat16 params in bfloat16, every store rounded
+stochastically from the same stream (``kernels/reference/_precision.py``,
+"Stochastically rounded state"). Round to nearest would freeze Adam's
+``exp_avg_sq`` at beta2 = 0.999: a 0.1% decay is under half a bfloat16
+ulp, so it never decays (measured in ``examples/bf16_state.py``). Other
+params (float16, float64, complex) keep torch's state. State of another
+dtype (a torch.optim checkpoint, a state set by hand) is converted to
+bfloat16 (rounded to nearest) when loaded and at the step that finds it.
+The group key ``state_dtype`` travels in checkpoints like the other two.
+
+Kahan summation and stochastic rounding act on bfloat16/float16 params only
+(the kernels' float32 math already holds every float32/float64 result
+exactly as stored). Where a group mixes
 low-precision params with others under ``kahan_sum``, its job is split in two,
 so that the compensation role is present on every row of a plan (the address
 tables' invariant) without buffers for float32 params. Rows that run torch's
@@ -32,6 +46,7 @@ does; their buffers are left as they are.
 
 from __future__ import annotations
 
+import functools
 from itertools import repeat
 from operator import attrgetter
 from typing import NamedTuple
@@ -40,10 +55,29 @@ import torch
 
 from .kernels.reference._precision import LOW_PRECISION
 
-__all__ = ["KEYS", "Precision", "attach", "advance", "save", "load"]
+__all__ = ["KEYS", "Precision", "attach", "advance", "save", "load", "stored_dtype",
+           "check_state_dtype", "for_torch"]
 
-#: the group keys of the two options (absent means off)
-KEYS = ("kahan_sum", "stochastic_round")
+#: the group keys of the options (absent means off)
+KEYS = ("kahan_sum", "stochastic_round", "state_dtype")
+#: the ``state_dtype`` values there are kernels for
+STATE_DTYPES = (torch.bfloat16,)
+#: the param dtypes whose state ``state_dtype`` stores (others keep torch's)
+_STATE_PARAMS = (torch.float32, torch.bfloat16)
+
+
+def check_state_dtype(state_dtype):
+    """``state_dtype`` if it is None or one of STATE_DTYPES, else ValueError."""
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None or torch.bfloat16, not {state_dtype!r}")
+    return state_dtype
+
+
+def stored_dtype(param_dtype, state_dtype):
+    """The dtype a param of ``param_dtype`` keeps its state in under ``state_dtype``."""
+    if state_dtype is None or param_dtype not in _STATE_PARAMS:
+        return param_dtype
+    return state_dtype
 #: the top-level state_dict key of the stochastic-rounding stream
 SD_KEY = "stochastic_round"
 
@@ -62,19 +96,29 @@ class Precision(NamedTuple):
     comps: list | None
     seed: int | None
     counters: dict | None
+    #: stochastic rounding of low-precision params (``stochastic_round``)
+    round_params: bool = True
+    #: the ``state_dtype`` option (its state stores round stochastically)
+    state_dtype: object = None
 
     def kernel_args(self, unit, key: int, index: int) -> dict:
         """The kernel keywords for one kernel unit of the job with plan key ``key``."""
-        if unit.dtype not in LOW_PRECISION:
-            return {}
+        low = unit.dtype in LOW_PRECISION
+        params = low and self.round_params and self.seed is not None
+        state = self.state_dtype is not None and unit.state_dtype == self.state_dtype
         out = {}
-        if self.comps is not None:
+        if low and self.comps is not None:
             out["kahan_sum"] = True
-        if self.seed is not None:
+        if params or state:
             # no two calls of one step share a stream: the group's job and
-            # the unit within its plan
+            # the unit within its plan (the state's bits differ from the
+            # param's: reference._precision.state_bits)
             salt = ((key & 0xFFFF) << 16) | (index & 0xFFFF)
-            out["stochastic_round"] = (self.seed, _counter(self.counters, unit.device), salt)
+            stream = (self.seed, _counter(self.counters, unit.device), salt)
+            if params:
+                out["stochastic_round"] = stream
+            if state:
+                out["state_round"] = stream
         return out
 
 
@@ -103,6 +147,20 @@ def _seed(opt) -> int:
     return seed
 
 
+def start_stream(opt) -> None:
+    """Draw the stream's seed and make a counter per device of the params, now.
+
+    At construction, eagerly: a step traced by torch.compile that first made
+    them would not keep them (dynamo's ``__dict__.setdefault`` made a fresh
+    dict at every call, and the stream never advanced).
+    """
+    _seed(opt)
+    counters = opt.__dict__.setdefault("_sr_counters", {})
+    for group in opt.param_groups:
+        for p in group["params"]:
+            _counter(counters, p.device)
+
+
 def _split(job, keep):
     """The rows ``keep`` (bools) of ``job``, as a job of their own."""
     def pick(lst):
@@ -119,22 +177,31 @@ def attach(opt, job, group) -> list:
         step made into ``opt.state``, once the step went through.
     """
     kahan = bool(group.get("kahan_sum"))
+    sr = bool(group.get("stochastic_round"))
+    state_dtype = group.get("state_dtype")
     seed = counters = None
-    if group.get("stochastic_round"):
+    if sr or state_dtype is not None:
         seed = _seed(opt)
         counters = opt.__dict__.setdefault("_sr_counters", {})
         for p in job.params:
-            if p.dtype in LOW_PRECISION:
+            if p.dtype in LOW_PRECISION or state_dtype is not None:
                 _counter(counters, p.device)
                 break
+    converted = None
+    if state_dtype is not None:
+        converted = _convert_state(opt, job, check_state_dtype(state_dtype))
+
+    def precision(comps):
+        return Precision(comps, seed, counters, sr, state_dtype)
+
     if not kahan:
-        return ([job._replace(precision=Precision(None, seed, counters))] if seed is not None
-                else [job]), None
+        return ([job._replace(precision=precision(None))] if seed is not None
+                else [job]), converted
     dtypes = list(map(_DTYPE, job.params))
     low = [d in LOW_PRECISION for d in dtypes]
     if not any(low):
-        return ([job._replace(precision=Precision(None, seed, counters))] if seed is not None
-                else [job]), None
+        return ([job._replace(precision=precision(None))] if seed is not None
+                else [job]), converted
     params = [p for p, is_low in zip(job.params, low) if is_low] if not all(low) \
         else job.params
     state = opt.state
@@ -158,12 +225,77 @@ def attach(opt, job, group) -> list:
             def after():
                 for p, c in made:
                     state[p]["kahan_comp"] = c
+    after = _both(after, converted)
     if all(low):
-        return [job._replace(precision=Precision(comps, seed, counters))], after
+        return [job._replace(precision=precision(comps))], after
     rest = _split(job, [not x for x in low])
-    return [_split(job, low)._replace(precision=Precision(comps, seed, counters)),
-            rest._replace(precision=Precision(None, seed, counters)) if seed is not None
+    return [_split(job, low)._replace(precision=precision(comps)),
+            rest._replace(precision=precision(None)) if seed is not None
             else rest], after
+
+
+def _both(a, b):
+    if a is None or b is None:
+        return a or b
+
+    def both():
+        a()
+        b()
+    return both
+
+
+@functools.cache
+def _state_names(cls) -> tuple:
+    """The state keys of ``cls``'s record (in job order), for its closest
+    fused_optim class: a user's subclass keeps its base's state."""
+    from ._registry import records
+
+    by_class = {r.cls: r.state for r in records()}
+    for c in cls.__mro__:
+        if c in by_class:
+            return by_class[c]
+    return ()
+
+
+def _convert_state(opt, job, state_dtype):
+    """Make every state tensor of ``job`` that ``state_dtype`` acts on that dtype.
+
+    Each step compares dtypes with C-level maps; where one differs (the
+    state torch's ``_init_group`` just made in the param's dtype, a
+    checkpoint loaded by torch's code, a state set by hand) the job gets a
+    converted copy (rounded to nearest), which the returned callable puts
+    into ``opt.state`` once the step went through (a step that raises
+    changes no state). Returns None where nothing differs.
+    """
+    names = _state_names(type(opt))
+    lists = [lst for lst in job.states[:len(names)] if lst]
+    if not lists:
+        return None
+    want = [stored_dtype(d, state_dtype) for d in map(_DTYPE, job.params)]
+    if all(list(map(_DTYPE_OR_NONE, lst)) == want for lst in lists):
+        return None
+    made = []
+    state = opt.state
+    for name, lst in zip(names, job.states):
+        for i, t in enumerate(lst):
+            if (isinstance(t, torch.Tensor) and t.dtype != want[i] and t.is_floating_point()
+                    and want[i] != job.params[i].dtype):
+                new = t.detach().to(want[i])
+                lst[i] = new
+                made.append((job.params[i], name, t, new))
+    if not made:
+        return None
+
+    def after():
+        for p, name, old, new in made:
+            own = state.get(p)
+            if own is not None and own.get(name) is old:
+                own[name] = new
+    return after
+
+
+def _DTYPE_OR_NONE(t):
+    return t.dtype if isinstance(t, torch.Tensor) else None
 
 
 def advance(opt, found_inf) -> None:
@@ -193,8 +325,14 @@ def load(opt, state_dict: dict, load_torch) -> None:
 
     A saved group without an option's key (a torch.optim checkpoint) keeps
     the option as this optimizer's group has it; the stream's seed and
-    counter are restored where saved.
+    counter are restored where saved. A saved ``state_dict`` that is not
+    None or bfloat16 raises ValueError before anything is loaded; state
+    that torch's loader cast to the param's dtype goes back to the
+    ``state_dtype`` it is kept in (bit for bit: bfloat16 values are float32
+    values).
     """
+    for g in state_dict["param_groups"]:
+        check_state_dtype(g.get("state_dtype"))
     saved = state_dict.get(SD_KEY)
     if saved is not None:
         state_dict = {k: v for k, v in state_dict.items() if k != SD_KEY}
@@ -214,3 +352,50 @@ def load(opt, state_dict: dict, load_torch) -> None:
             with torch.inference_mode(False):
                 counters[torch.device("cpu")] = torch.tensor(int(saved["counter"]),
                                                              dtype=torch.int64)
+    _convert_loaded(opt)
+
+
+def _convert_loaded(opt) -> None:
+    """Every state tensor a group's ``state_dtype`` acts on, in that dtype."""
+    names = _state_names(type(opt))
+    for group in opt.param_groups:
+        state_dtype = group.get("state_dtype")
+        if state_dtype is None:
+            continue
+        for p in group["params"]:
+            own = opt.state.get(p)
+            want = stored_dtype(p.dtype, state_dtype)
+            if not own:
+                continue
+            for name in names:
+                t = own.get(name)
+                if (isinstance(t, torch.Tensor) and t.is_floating_point()
+                        and t.dtype != want):
+                    own[name] = t.detach().to(want)
+
+
+def for_torch(opt) -> dict:
+    """``opt.state_dict()`` as torch.optim's own class would save it.
+
+    Every state tensor in its param's dtype (bfloat16 state widened exactly),
+    and none of fused_optim's own keys: the groups' options, the Kahan
+    buffers, the stochastic-rounding stream.
+    """
+    sd = opt.state_dict()
+    sd.pop(SD_KEY, None)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    names = _state_names(type(opt))
+    state = {}
+    for index, own in sd["state"].items():
+        p = params[index]
+        out = {}
+        for name, t in own.items():
+            if name == "kahan_comp":
+                continue
+            if (name in names and isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and t.dtype != p.dtype and not p.is_complex()):
+                t = t.to(p.dtype)
+            out[name] = t
+        state[index] = out
+    groups = [{k: v for k, v in g.items() if k not in KEYS} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}

@@ -57,7 +57,7 @@ class Adagrad(_base.FusedOptimizer, torch.optim.Adagrad):
             torch's own for-loop step, not the kernels (default: False)
         fused (bool, optional): accepted for compatibility; the kernels are
             always fused (default: None)
-        backend, kahan_sum, stochastic_round: keyword-only, as for every
+        backend, kahan_sum, stochastic_round, state_dtype: keyword-only, as for every
             class here (see :class:`~fused_optim._base.FusedOptimizer`)
 
     .. note::
@@ -85,12 +85,14 @@ class Adagrad(_base.FusedOptimizer, torch.optim.Adagrad):
         backend: str | None = None,
         kahan_sum: bool = False,
         stochastic_round: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         # (torch's __init__ creates every param's state, not lazily)
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps,
                          foreach, maximize=maximize, differentiable=differentiable,
                          fused=fused, backend=backend, kahan_sum=kahan_sum,
-                         stochastic_round=stochastic_round)
+                         stochastic_round=stochastic_round,
+            state_dtype=state_dtype)
 
     def _init_group(self, group, params_with_grad, grads, state_sums, state_steps):
         # not torch's: one C-level map per fact (see _base._gather_state);

@@ -64,7 +64,7 @@ class Adam(_base.FusedOptimizer, torch.optim.Adam):
             always fused (default: None)
         decoupled_weight_decay (bool, optional): decay the weights directly
             instead of through the gradient, i.e. AdamW (default: False)
-        backend, kahan_sum, stochastic_round: keyword-only, as for every
+        backend, kahan_sum, stochastic_round, state_dtype: keyword-only, as for every
             class here (see :class:`~fused_optim._base.FusedOptimizer`)
 
     .. note::
@@ -94,12 +94,14 @@ class Adam(_base.FusedOptimizer, torch.optim.Adam):
         backend: str | None = None,
         kahan_sum: bool = False,
         stochastic_round: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay, backend=backend,
-                         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
+                         kahan_sum=kahan_sum, stochastic_round=stochastic_round,
+            state_dtype=state_dtype)
 
     CAPTURE_HEALTH_CHECK = True
 
@@ -183,7 +185,7 @@ class AdamW(Adam, torch.optim.AdamW):
         capturable (bool, optional): see :class:`Adam` (default: False)
         differentiable (bool, optional): see :class:`Adam` (default: False)
         fused (bool, optional): accepted for compatibility (default: None)
-        backend, kahan_sum, stochastic_round: keyword-only, as for every
+        backend, kahan_sum, stochastic_round, state_dtype: keyword-only, as for every
             class here (see :class:`~fused_optim._base.FusedOptimizer`)
     """
 
@@ -204,13 +206,15 @@ class AdamW(Adam, torch.optim.AdamW):
         backend: str | None = None,
         kahan_sum: bool = False,
         stochastic_round: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         # past Adam.__init__: torch's AdamW.__init__ passes decoupled_weight_decay
         _base.FusedOptimizer.__init__(
             self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable,
             fused=fused, backend=backend, kahan_sum=kahan_sum,
-            stochastic_round=stochastic_round)
+            stochastic_round=stochastic_round,
+            state_dtype=state_dtype)
 
 
 def adam(

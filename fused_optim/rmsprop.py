@@ -59,7 +59,7 @@ class RMSprop(_base.FusedOptimizer, torch.optim.RMSprop):
         maximize (bool, optional): maximize the objective (default: False)
         differentiable (bool, optional): autograd through the step; runs
             torch's own for-loop step, not the kernels (default: False)
-        backend, kahan_sum, stochastic_round: keyword-only, as for every
+        backend, kahan_sum, stochastic_round, state_dtype: keyword-only, as for every
             class here (see :class:`~fused_optim._base.FusedOptimizer`)
 
     .. note::
@@ -85,10 +85,12 @@ class RMSprop(_base.FusedOptimizer, torch.optim.RMSprop):
         backend: str | None = None,
         kahan_sum: bool = False,
         stochastic_round: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable,
                          foreach, maximize, differentiable, backend=backend,
-                         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
+                         kahan_sum=kahan_sum, stochastic_round=stochastic_round,
+            state_dtype=state_dtype)
 
     CAPTURE_HEALTH_CHECK = True
 

@@ -58,7 +58,7 @@ class SGD(_base.FusedOptimizer, torch.optim.SGD):
             Tensor ``lr`` on the device, so a whole step can be captured in a
             CUDA graph. The key appears in ``param_groups`` only when True, so
             default checkpoints stay torch's (default: False)
-        backend, kahan_sum, stochastic_round: keyword-only, as for every
+        backend, kahan_sum, stochastic_round, state_dtype: keyword-only, as for every
             class here (see :class:`~fused_optim._base.FusedOptimizer`)
 
     Example:
@@ -95,11 +95,13 @@ class SGD(_base.FusedOptimizer, torch.optim.SGD):
         backend: str | None = None,
         kahan_sum: bool = False,
         stochastic_round: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
                          maximize=maximize, foreach=foreach, differentiable=differentiable,
                          fused=fused, capturable=capturable, backend=backend,
-                         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
+                         kahan_sum=kahan_sum, stochastic_round=stochastic_round,
+            state_dtype=state_dtype)
 
     OPTIONS = ("capturable",) + _base.FusedOptimizer.OPTIONS
 

@@ -16,8 +16,10 @@ class Batch:
 
     Attributes:
         device: the device of every tensor in the batch.
-        dtype: storage dtype of every tensor in the batch (complex params are
-            already viewed as real).
+        dtype: storage dtype of every param and grad in the batch (complex
+            params are already viewed as real), and of the Kahan buffers.
+        state_dtype: storage dtype of every state tensor (STATE0..2): ``dtype``
+            unless the ``state_dtype`` option stores them otherwise.
         table: int64 array ``[rows, layout.NCOLS]`` of addresses and sizes.
         numel: total elements over all rows.
         params: params, in table row order.
@@ -42,8 +44,9 @@ class Batch:
 
     def __init__(self, device: torch.device, dtype: torch.dtype, table: np.ndarray,
                  numel: int, params=None, grads=None, states=None, steps=None,
-                 row_flags=None, source=None, cache=None, retain=None):
+                 row_flags=None, source=None, cache=None, retain=None, state_dtype=None):
         self.device = device
+        self.state_dtype = dtype if state_dtype is None else state_dtype
         self.cache = cache
         self.retain = retain
         self.dtype = dtype

@@ -34,8 +34,9 @@ class Backend(Protocol):
     # Kernels, one per optimizer, are found by kernel(): the function <name>
     # of <backend>/<name>.py, with the keywords of the reference backend's
     # (kernels/reference/<name>.py), which all end with ``kahan_sum=False,
-    # stochastic_round=None``: how bfloat16/float16 params are stored
-    # (reference/_precision.py).
+    # stochastic_round=None, state_round=None``: how bfloat16/float16 params
+    # are stored, and whether bfloat16 state (``batch.state_dtype``) rounds
+    # stochastically (reference/_precision.py).
 
 
 #: Written as literals in the module's source: the install hint is needed

@@ -89,10 +89,13 @@ def specializations(full: bool):
 def launcher_consts(dtype, aligned: bool, sw: dict) -> dict:
     """The constexprs an update kernel's launcher passes (see ``_launch``), besides
     its switches ``sw``."""
-    return dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
-                COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-                IS_F64=dtype == torch.float64, BLOCK=_launch.BLOCK, ALIGNED=aligned,
-                VEC=16 // torch.empty((), dtype=dtype).element_size(), **sw)
+    out = dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+               S_ELEM=_launch._ELEM[dtype], S_IS_BF16=dtype == torch.bfloat16,
+               COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+               IS_F64=dtype == torch.float64, BLOCK=_launch.BLOCK, ALIGNED=aligned,
+               VEC=16 // torch.empty((), dtype=dtype).element_size())
+    out.update(sw)  # (the state_dtype option's S_ELEM/S_IS_BF16 among them)
+    return out
 
 
 def ast_source(fn, const: dict, ptrs: dict, absent: dict) -> ASTSource:

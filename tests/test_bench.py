@@ -1103,6 +1103,32 @@ def test_cli_precision_plans_variants_for_bf16_and_fp16_only():
     assert all(f"{b}+kahan" in impls for b in ("numba", "triton", "torch") if b in impls)
 
 
+def test_cli_state_plans_bf16_state_variants_for_fp32_and_bf16():
+    """--state bf16 adds <backend>+state-bf16 for every backend of a float32 or
+    bfloat16 case (state_dtype acts on those), none for fp16/fp64; --state
+    fp32 is the plain backend; the runner's optimizer has the option."""
+    args = _parse(["--lists", "tiny", "--optimizers", "adamw", "--devices", "cpu",
+                   "--dtypes", "fp32", "bf16", "fp16", "fp64", "--backends", "numba", "torch",
+                   "--state", "fp32", "bf16", "--baselines", "fused"])
+    cases, settings = bench.cli._plan(args)
+    assert settings["precision"] == ["state-bf16"]
+    by_dtype = {c[2]: c for c in cases}
+    for dt in ("fp32", "bf16"):
+        assert by_dtype[dt][4][:4] == ["numba", "torch", "numba+state-bf16",
+                                       "torch+state-bf16"], dt
+    for dt in ("fp16", "fp64"):
+        assert not any("+" in i for i in by_dtype[dt][4]), dt
+    cases, settings = bench.cli._plan(_parse(["--lists", "tiny", "--dtypes", "fp32",
+                                              "--state", "fp32"]))
+    assert settings["precision"] == [] and all("+" not in i for c in cases for i in c[4])
+    spec = bench.OPTIMIZERS["adamw"]
+    params, grads = bench.make_data(bench.ShapeList("t", ((8, 4), (3,))), torch.float32, "cpu")
+    runner = bench.make_runner("torch+state-bf16", spec, params, grads)
+    opt, leaves = runner.keep
+    runner.step()
+    assert opt.state[leaves[0]]["exp_avg"].dtype == torch.bfloat16
+
+
 def test_available_impls_and_runners_for_variants():
     """A variant runs where its backend does, in bf16/fp16 only, and its
     optimizer is built with the options (and no others)."""

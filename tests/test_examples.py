@@ -19,7 +19,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = sorted(p.stem for p in EXAMPLES_DIR.glob("*.py"))
 #: examples of fused_optim's own options (torch.optim has no counterpart to
 #: run them against); each has its own test file
-OWN_OPTIONS = {"bf16_precision"}  # tests/test_precision.py (its last section)
+OWN_OPTIONS = {"bf16_precision", "bf16_state"}  # tests/test_precision.py, test_state_dtype.py
 WORKFLOWS = [name for name in EXAMPLES if name not in OWN_OPTIONS]
 
 

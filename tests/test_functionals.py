@@ -51,16 +51,17 @@ def test_functionals_live_in_their_modules_as_torchs(record):
 
 @pytest.mark.parametrize("record", RECORDS)
 def test_class_signature_is_torchs_plus_our_keywords(record):
-    """torch's constructor, then the keyword-only ``backend``, ``kahan_sum``
-    and ``stochastic_round`` (off by default). SGD also takes Adam's
-    keyword-only ``capturable`` (a CUDA-graph step), which torch's SGD lacks."""
+    """torch's constructor, then the keyword-only ``backend``, ``kahan_sum``,
+    ``stochastic_round`` and ``state_dtype`` (off by default). SGD also takes
+    Adam's keyword-only ``capturable`` (a CUDA-graph step), which torch's SGD
+    lacks."""
     ours = _shape(inspect.signature(record.cls.__init__))
     theirs = _shape(inspect.signature(record.torch_cls.__init__))
     kw = inspect.Parameter.KEYWORD_ONLY
-    assert [x for x in ours[:-3] if x in theirs] == theirs
-    assert [x for x in ours[:-3] if x not in theirs] in ([], [("capturable", kw, False)])
-    assert ours[-3:] == [("backend", kw, None), ("kahan_sum", kw, False),
-                         ("stochastic_round", kw, False)]
+    assert [x for x in ours[:-4] if x in theirs] == theirs
+    assert [x for x in ours[:-4] if x not in theirs] in ([], [("capturable", kw, False)])
+    assert ours[-4:] == [("backend", kw, None), ("kahan_sum", kw, False),
+                         ("stochastic_round", kw, False), ("state_dtype", kw, None)]
 
 
 @pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
@@ -120,8 +121,8 @@ def test_adagrad_constructor_signature_defaults_and_state_are_torchs():
     made at construction."""
     ours = inspect.signature(fused_optim.Adagrad.__init__).parameters
     theirs = inspect.signature(torch.optim.Adagrad.__init__).parameters
-    assert list(ours)[:-3] == list(theirs)
-    assert list(ours)[-3:] == ["backend", "kahan_sum", "stochastic_round"]
+    assert list(ours)[:-4] == list(theirs)
+    assert list(ours)[-4:] == ["backend", "kahan_sum", "stochastic_round", "state_dtype"]
     for name, par in theirs.items():
         assert ours[name].default == par.default and ours[name].kind == par.kind, name
     p, q = _p(4), _p(4)

@@ -815,6 +815,7 @@ def facts(kernel, dname, cap):
                  f"_{kernel}_kernel")
     dtype = m.DTYPES[dname]
     const = dict(ELEM=_launch._ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+                 S_ELEM=_launch._ELEM[dtype], S_IS_BF16=dtype == torch.bfloat16,
                  COMPUTE=tl.float32, IS_F64=False, BLOCK=_launch.BLOCK, ALIGNED=True,
                  TAIL_ALIGNED=True, VEC=8, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True,
                  KAHAN=True, SR=True, **_ON[kernel])

@@ -23,8 +23,10 @@ import optim_db
 from matrix import build_kwargs
 
 #: Storage variants counted per (optimizer, state arrays present): float32,
-#: and bfloat16 plain, with kahan_sum, with stochastic_round and with both.
-VARIANTS = 5
+#: and bfloat16 plain, with kahan_sum, with stochastic_round and with both;
+#: float32 and bfloat16 with state_dtype=bfloat16 (bfloat16 state, rounded
+#: stochastically: one more each).
+VARIANTS = 7
 #: The (optimizer, state arrays present) combinations the configurations
 #: reach: SGD with and without momentum, Adam/AdamW with and without
 #: amsgrad (one kernel), Adagrad, RMSprop with momentum and centered on or
@@ -34,7 +36,8 @@ STATE_COMBINATIONS = 2 + 2 + 1 + 4
 CAP = STATE_COMBINATIONS * VARIANTS * 2
 
 _OPTIONS = ({}, dict(kahan_sum=True), dict(stochastic_round=True),
-            dict(kahan_sum=True, stochastic_round=True))
+            dict(kahan_sum=True, stochastic_round=True), dict(state_dtype=torch.bfloat16))
+_FP32_OPTIONS = ({}, dict(state_dtype=torch.bfloat16))
 
 
 def _needed(monkeypatch, mutate=None) -> set:
@@ -52,7 +55,7 @@ def _needed(monkeypatch, mutate=None) -> set:
     for info in optim_db.OPTIM_DB:
         for config in info.configs_for("cpu"):
             for dtype in (torch.float32, torch.bfloat16):
-                for options in (_OPTIONS if dtype == torch.bfloat16 else ({},)):
+                for options in (_OPTIONS if dtype == torch.bfloat16 else _FP32_OPTIONS):
                     p = torch.randn(8, dtype=dtype, requires_grad=True)
                     opt = info.cls([p], backend="numba", **build_kwargs(config), **options)
                     for _ in range(2):  # a fresh momentum buffer, then an old one

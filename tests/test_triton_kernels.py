@@ -334,8 +334,8 @@ def test_int64_offsets_beyond_2_31():
     hyper = torch.tensor([0.5, 0.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64, device=DEVICE)
     importlib.import_module(f"{tk.__name__}.sgd")._sgd_kernel[(1,)](
         torch.from_numpy(table).to(DEVICE), bmap, hyper, None, None,
-        ELEM=tl.float32, IS_BF16=False, COMPUTE=tl.float32, IS_F64=False,
-        BLOCK=block, ALIGNED=False, TAIL_ALIGNED=False, VEC=4, USE_MOMENTUM=False,
+        ELEM=tl.float32, IS_BF16=False, S_ELEM=tl.float32, S_IS_BF16=False,
+        COMPUTE=tl.float32, IS_F64=False, BLOCK=block, ALIGNED=False, TAIL_ALIGNED=False, VEC=4, USE_MOMENTUM=False,
         HAS_GRAD_SCALE=False, HAS_FOUND_INF=False)
     torch.testing.assert_close(p[:100], p0[:100] - 0.5 * g[:100])
     assert torch.equal(p[100:], p0[100:])

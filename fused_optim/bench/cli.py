@@ -19,7 +19,7 @@ from ..kernels.reference._precision import LOW_PRECISION
 from .cases import (DEFAULT_DTYPES, DTYPES, RESULTS_DIR, LISTS, OPTIMIZERS, SIZES, BenchError,
                     _public_lists, shape_list, shapes_from_json, shapes_from_model)
 from .impls import (BACKEND_IMPLS, BASELINE_IMPLS, CEILING, COMPILED, COPY,
-                    DEFAULT_BASELINES, PRECISIONS, _backend_device_ok, _backend_problem,
+                    DEFAULT_BASELINES, PRECISIONS, STATES, _backend_device_ok, _backend_problem,
                     available_impls)
 from .machine import _loadavg, machine_info
 from .compare import format_compare, load
@@ -66,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "reported with their paired per-round time ratio to it (vs "
                      "plain). bf16/fp16 cases only: the options do nothing to "
                      "fp32/fp64 params, so those cases do not time them (default: none)")
+    sel.add_argument("--state", nargs="+", choices=tuple(STATES), metavar="NAME",
+                     help="optimizer state storage: fp32 (torch's, the plain backend) "
+                     "and/or bf16 (state_dtype=torch.bfloat16, timed as <backend>+state-bf16 "
+                     "in the same rounds, with its paired ratio to the plain backend); "
+                     "float32/bfloat16 params (default: fp32)")
     base = sel.add_mutually_exclusive_group()
     base.add_argument("--baselines", nargs="+", choices=BASELINE_IMPLS, metavar="NAME",
                       help="torch.optim paths: " + ", ".join(BASELINE_IMPLS)
@@ -315,6 +320,9 @@ def _plan(args) -> tuple[list, dict]:
     dtypes = _names(args.dtypes) or list(DEFAULT_DTYPES)
     backends = _names(args.backends)
     precisions = _names(args.precision) or []
+    for name in _names(args.state) or ():
+        if STATES[name] is not None and STATES[name] not in precisions:
+            precisions.append(STATES[name])
     baselines = ([] if args.no_baselines
                  else _names(args.baselines) or list(size.baselines or DEFAULT_BASELINES))
     if backends is not None:
@@ -354,10 +362,12 @@ def _plan(args) -> tuple[list, dict]:
                   + ([] if args.no_ceiling else [CEILING])
                   + ([COPY] if dev == "cuda" and not args.no_copy else []))
         impls, skipped = available_impls(spec, DTYPES[dt], dev, wanted)
-        if precisions and DTYPES[dt] in LOW_PRECISION:
+        here = [p for p in precisions
+                if DTYPES[dt] in LOW_PRECISION or "state_dtype" in PRECISIONS[p]]
+        if here:
             # the variants of every backend that runs this case, right after it
             runnable = [b for b in wanted_backends if b in impls]
-            variants = [f"{b}+{p}" for b in runnable for p in precisions]
+            variants = [f"{b}+{p}" for b in runnable for p in here]
             ok, why = available_impls(spec, DTYPES[dt], dev, variants)
             skipped.update(why)
             at = impls.index(runnable[-1]) + 1 if runnable else 0

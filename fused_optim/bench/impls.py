@@ -28,7 +28,12 @@ COMPILED_BACKENDS = tuple(f"{b}-compiled" for b in BACKEND_IMPLS)
 #: ``--precision`` names -> the keyword options a backend's optimizer is built
 #: with (``fused_optim/_precision.py``; they act on bfloat16/float16 params only).
 PRECISIONS = {"kahan": dict(kahan_sum=True), "sr": dict(stochastic_round=True),
-              "kahan+sr": dict(kahan_sum=True, stochastic_round=True)}
+              "kahan+sr": dict(kahan_sum=True, stochastic_round=True),
+              "state-bf16": dict(state_dtype=torch.bfloat16)}
+#: the ``--state`` names -> their PRECISIONS entry (fp32: the plain backend);
+#: ``state_dtype`` acts on float32 and bfloat16 params
+STATES = {"fp32": None, "bf16": "state-bf16"}
+_STATE_PARAMS = (torch.float32, torch.bfloat16)
 #: A backend built with a precision option: ``"<backend>+<precision>"``
 #: (``numba+kahan``, ``torch+kahan+sr``), reported right after its plain backend.
 PRECISION_IMPLS = tuple(f"{b}+{p}" for b in BACKEND_IMPLS for p in PRECISIONS)
@@ -289,7 +294,11 @@ def available_impls(spec: OptimizerSpec, dtype: torch.dtype, device,
             why = _backend_problem(impl.removesuffix("-compiled"), spec, dtype, device)
         elif variant is not None:
             why = _backend_problem(variant[0], spec, dtype, device)
-            if why is None and dtype not in LOW_PRECISION:
+            if "state_dtype" in PRECISIONS[variant[1]]:
+                if why is None and dtype not in _STATE_PARAMS:
+                    why = (f"--state acts on float32/bfloat16 params only, "
+                           f"not {str(dtype).removeprefix('torch.')}")
+            elif why is None and dtype not in LOW_PRECISION:
                 why = (f"--precision {variant[1]} acts on bfloat16/float16 params only, "
                        f"not {str(dtype).removeprefix('torch.')}")
         elif impl in BASELINE_IMPLS:

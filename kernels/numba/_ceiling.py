@@ -144,9 +144,10 @@ _NO_X = np.empty(0, dtype=np.float32)  # the batch scalars: none
 @njit(parallel=True, cache=True)
 def _pattern(table, bounds, itemsize, word, rows, has0, has1, has2):
     # word: an empty array of the word type (cheap for numba to type); the
-    # param store's options (Kahan, stochastic rounding) stay None
+    # param store's options (Kahan, stochastic rounding) and the state's
+    # stochastic rounding stay None
     parallel(no_rows, _xor_element, 0, table, bounds, itemsize, word, (), _NO_X, rows, has0,
-             has1, has2, None, None)
+             has1, has2, None, None, None)
 
 
 def pattern(table, bounds, itemsize: int, k: int, m: int) -> None:

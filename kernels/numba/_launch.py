@@ -18,7 +18,7 @@ import numba
 import numpy as np
 import torch
 
-from ..reference._precision import keys
+from ..reference._precision import STATE_KEYS, keys
 from ._memory import VIEW_DTYPES
 
 #: Batches smaller than this run on one thread: below it the parallel region's
@@ -216,6 +216,19 @@ def _store_options(batch, kahan_sum, stochastic_round):
     return (_STORAGE[batch.dtype][0] if kahan_sum else None), sr_keys
 
 
+def _state_keys(batch, state_round):
+    """None, or ``(k0 ^ STATE_KEYS[0], k0 ^ STATE_KEYS[1], k1)`` (uint32) of
+    ``state_round = (seed, counter, salt)``: the keys of the bfloat16 state
+    stores' stochastic rounding (``_walk.rounded``)."""
+    if state_round is None:
+        return None
+    if batch.state_dtype != torch.bfloat16:
+        raise ValueError(f"state_round stores bfloat16 state, not {batch.state_dtype}")
+    seed, counter, salt = state_round
+    k0, k1 = keys(int(seed), int(counter), int(salt))
+    return (np.uint32(k0 ^ STATE_KEYS[0]), np.uint32(k0 ^ STATE_KEYS[1]), np.uint32(k1))
+
+
 def _amp(grad_scale, found_inf):
     """(skip?, inverse scale) from GradScaler's CPU tensors; no device sync here.
 
@@ -230,7 +243,8 @@ def _amp(grad_scale, found_inf):
 
 
 def run(batch, kernel, scalars, *, maximize, host=(), states=(False, False, False),
-        grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None) -> None:
+        grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
+        state_round=None) -> None:
     """Launch one optimizer's kernel over every row of ``batch``, in place.
 
     ``kernel`` is its ``(parallel, serial, NX)``: the entry points and the
@@ -239,7 +253,8 @@ def run(batch, kernel, scalars, *, maximize, host=(), states=(False, False, Fals
     floats its prologue reads (an int among them would type the tuple
     otherwise and compile a specialization of its own); ``states`` which of STATE0..2 exist (the
     compile-time part). With ``found_inf`` nonzero nothing is written, steps
-    included.
+    included. The state views take ``batch.state_dtype``; ``state_round``
+    rounds their stores stochastically (:func:`_state_keys`).
     """
     skip, inv_scale = _amp(grad_scale, found_inf)
     if skip or batch.table is None or batch.table.shape[0] == 0:
@@ -254,10 +269,11 @@ def run(batch, kernel, scalars, *, maximize, host=(), states=(False, False, Fals
     if len(x) != kernel[2]:
         raise ValueError(f"{len(x)} batch scalars for a kernel that takes {kernel[2]}")
     s0, s1, s2 = states
+    state = _STORAGE[batch.state_dtype][0]
     launch(kernel[0], kernel[1], par, (
         batch.table, bounds, itemsize, view_dtype, host, x,
-        np.empty((batch.table.shape[0], 3), dtype=c), view_dtype if s0 else None,
-        view_dtype if s1 else None, view_dtype if s2 else None,
-        *_store_options(batch, kahan_sum, stochastic_round)))
+        np.empty((batch.table.shape[0], 3), dtype=c), state if s0 else None,
+        state if s1 else None, state if s2 else None,
+        *_store_options(batch, kahan_sum, stochastic_round), _state_keys(batch, state_round)))
 
 

@@ -295,6 +295,8 @@ def prefetch_block(a, start, n):  # pragma: no cover - replaced by the overload 
 def _prefetch_block_impl(a, start, n):
     if isinstance(a, types.NoneType):
         return lambda a, start, n: None
+    if isinstance(a, types.BaseTuple):  # a stochastically rounded state (_walk.rounded)
+        return lambda a, start, n: prefetch_block(a[0], start, n)
 
     def impl(a, start, n):
         if start < n:
@@ -320,6 +322,8 @@ def store(a, i, v):  # pragma: no cover
 def _load_impl(a, i):
     if isinstance(a, types.NoneType):
         return lambda a, i: np.float32(0.0)
+    if isinstance(a, types.BaseTuple):  # a stochastically rounded bfloat16 state
+        return lambda a, i: bf16_to_f32(a[0][i])
     dt = a.dtype
     if dt == types.float32 or dt == types.float64:
         return lambda a, i: a[i]
@@ -334,6 +338,8 @@ def _load_impl(a, i):
 def _store_impl(a, i, v):
     if isinstance(a, types.NoneType):
         return lambda a, i, v: None
+    if isinstance(a, types.BaseTuple):
+        return None  # a stochastically rounded state: _precision's overload
     dt = a.dtype
     if dt == types.float32 or dt == types.float64:
         def impl(a, i, v):

@@ -195,3 +195,16 @@ def _store_param_impl(p, j, old, new, comp, sr):
     off = (isinstance(comp, types.NoneType), isinstance(sr, types.NoneType))
     return {(True, True): _plain_store, (True, False): _sr_store,
             (False, True): _kahan_store, (False, False): _kahan_sr_store}[off]
+
+
+@overload(store, inline="always")
+def _store_rounded_state(a, i, v):
+    """``_memory.store`` into a bfloat16 state view with its stream, ``(view, k0,
+    k1, base, shift)`` (``_walk.rounded``): stochastically rounded with the bits
+    of ``reference._precision.state_bits``."""
+    if not isinstance(a, types.BaseTuple):
+        return None
+
+    def impl(a, i, v):
+        a[0][i] = sr_bf16(np.float32(v), np.uint32(bits(a[1], a[2], a[3] + i) >> a[4]))
+    return impl

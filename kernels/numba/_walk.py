@@ -31,13 +31,15 @@ the per-row scalars differ. An optimizer's kernel file
    made by a factory, or taking the element as an argument, was never found
    in the disk cache, and the latter cost 6 us a call to dispatch);
 5. the launcher, ``<name>(batch, *, <torch's hyperparameters>, grad_scale=None,
-   found_inf=None, kahan_sum=False, stochastic_round=None)``: one call of
-   :func:`_launch.run` with ``(parallel, serial, NX)``, the scalars, the host tuple
-   and which states exist.
+   found_inf=None, kahan_sum=False, stochastic_round=None, state_round=None)``:
+   one call of :func:`_launch.run` with ``(parallel, serial, NX)``, the
+   scalars, the host tuple and which states exist.
 
-What is compiled: one specialization per storage type, per set of state
-arrays present (``has0..2``), per param-store option (Kahan, stochastic
-rounding) and per path (serial, parallel): what changes which arrays are
+What is compiled: one specialization per storage type (of the params, and of
+the state: ``has0..2`` carry its dtype), per set of state arrays present
+(``has0..2``), per param-store option (Kahan, stochastic rounding), per
+state store (``state_keys``: bfloat16 state rounded stochastically, see
+:func:`rounded`) and per path (serial, parallel): what changes which arrays are
 streamed or how they are stored. Everything else is a run-time value that
 keeps torch's bits: a switch tests a loop-invariant scalar, which LLVM
 if-converts to a select or unswitches, and a disabled part is skipped, never
@@ -90,17 +92,43 @@ def view(table, row, col, off, n, itemsize, view_dtype):
     return carray(address(table[row, col] + off * itemsize), (n,), view_dtype.dtype)
 
 
-def optional_view(table, row, col, off, n, itemsize, view_dtype, present):  # pragma: no cover
-    """:func:`view`, or None where ``present`` is None: chosen by type (the overload)."""
+def optional_view(table, row, col, off, n, present):  # pragma: no cover
+    """The state view of column ``col``, or None where ``present`` is None.
+
+    ``present`` is the state's prototype array: the view takes its dtype and
+    itemsize, so a state stored otherwise than its param (the ``state_dtype``
+    option) is a specialization only where it is used. Chosen by type (the
+    overload).
+    """
     raise NotImplementedError
 
 
 @overload(optional_view, inline="always")
-def _optional_view_impl(table, row, col, off, n, itemsize, view_dtype, present):
+def _optional_view_impl(table, row, col, off, n, present):
     if isinstance(present, types.NoneType):
-        return lambda table, row, col, off, n, itemsize, view_dtype, present: None
-    return lambda table, row, col, off, n, itemsize, view_dtype, present: view(
-        table, row, col, off, n, itemsize, view_dtype)
+        return lambda table, row, col, off, n, present: None
+    return lambda table, row, col, off, n, present: view(
+        table, row, col, off, n, present.itemsize, present)
+
+
+def rounded(v, state_keys, base, col):  # pragma: no cover
+    """State view ``v`` as stochastic-rounding stores see it, or ``v`` itself.
+
+    Where ``state_keys`` (``(k0 ^ STATE_KEYS[0], k0 ^ STATE_KEYS[1], k1)``)
+    is not None, the tuple ``(v, k0', k1, base, shift)`` that
+    ``_memory.load``/``store`` take: stores round stochastically with the 16
+    bits ``bits(k0', k1, base + j) >> shift`` (``reference._precision.state_bits``).
+    """
+    raise NotImplementedError
+
+
+@overload(rounded, inline="always")
+def _rounded_impl(v, state_keys, base, col):
+    if isinstance(v, types.NoneType) or isinstance(state_keys, types.NoneType):
+        return lambda v, state_keys, base, col: v
+    return lambda v, state_keys, base, col: (
+        v, state_keys[0] if col < 2 else state_keys[1], state_keys[2], base,
+        np.uint32(16 * (col % 2)))
 
 
 def stream(sr_keys, base):  # pragma: no cover
@@ -183,7 +211,7 @@ def blocked(element, n, p, g, s0, s1, s2, comp, sr, x, r):
 
 @njit(inline="always")
 def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1, has2,
-         kahan, sr_keys):
+         kahan, sr_keys, state_keys):
     """Elements ``[lo, hi)`` of the global range, row by row, as slice views.
 
     The rows' elements are laid end to end in ``[0, numel)`` (column START),
@@ -191,7 +219,8 @@ def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1
     overlap of the chunk with a row is processed as views starting at
     element 0 of the overlap: ``span(element, n, p, g, s0, s1, s2, comp, sr,
     x, r)``. ``s0..s2`` are the STATE0..2 views where ``has0..2`` is not
-    None, ``comp`` the COMP view where ``kahan`` is not, ``sr`` is ``(k0, k1,
+    None (of their prototypes' dtype; :func:`rounded` where ``state_keys``
+    is not None), ``comp`` the COMP view where ``kahan`` is not, ``sr`` is ``(k0, k1,
     START + off)`` where ``sr_keys`` is not (the global index of the slice's
     element 0, so that stochastic rounding draws the same bits whatever the
     thread split), each None otherwise. (A ``range(lo, hi)`` loop with a
@@ -210,10 +239,13 @@ def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1
         n = min(hi, end) - lo
         p = view(table, row, L.PARAM, off, n, itemsize, view_dtype)
         g = view(table, row, L.GRAD, off, n, itemsize, view_dtype)
-        s0 = optional_view(table, row, L.STATE0, off, n, itemsize, view_dtype, has0)
-        s1 = optional_view(table, row, L.STATE1, off, n, itemsize, view_dtype, has1)
-        s2 = optional_view(table, row, L.STATE2, off, n, itemsize, view_dtype, has2)
-        comp = optional_view(table, row, L.COMP, off, n, itemsize, view_dtype, kahan)
+        s0 = rounded(optional_view(table, row, L.STATE0, off, n, has0), state_keys,
+                     start + off, 0)
+        s1 = rounded(optional_view(table, row, L.STATE1, off, n, has1), state_keys,
+                     start + off, 1)
+        s2 = rounded(optional_view(table, row, L.STATE2, off, n, has2), state_keys,
+                     start + off, 2)
+        comp = optional_view(table, row, L.COMP, off, n, kahan)
         sr = stream(sr_keys, start + off)
         span(element, n, p, g, s0, s1, s2, comp, sr, x, (rows[row, 0], rows[row, 1],
                                                          rows[row, 2]))
@@ -223,7 +255,7 @@ def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1
 
 @njit(inline="always")
 def parallel(prologue, element, nx, table, bounds, itemsize, view_dtype, h, xa, rows, has0,
-             has1, has2, kahan, sr_keys):
+             has1, has2, kahan, sr_keys, state_keys):
     """A parallel entry point's body: the prologue, then one chunk per thread.
 
     ``nx`` (a module constant) is the length of the batch scalars ``xa``,
@@ -234,17 +266,17 @@ def parallel(prologue, element, nx, table, bounds, itemsize, view_dtype, h, xa, 
     prologue(table, h, rows)
     for c in prange(len(bounds) - 1):
         walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, blocked, element, x,
-             rows, has0, has1, has2, kahan, sr_keys)
+             rows, has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 @njit(inline="always")
 def serial(prologue, element, nx, table, bounds, itemsize, view_dtype, h, xa, rows, has0,
-           has1, has2, kahan, sr_keys):
+           has1, has2, kahan, sr_keys, state_keys):
     """A serial entry point's body: the prologue, then the whole range."""
     x = to_fixed_tuple(xa, nx)
     prologue(table, h, rows)
     walk(table, bounds[0], bounds[-1], itemsize, view_dtype, plain, element, x, rows,
-         has0, has1, has2, kahan, sr_keys)
+         has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 @njit(inline="always")

@@ -47,20 +47,20 @@ def _adagrad_element(j, p, g, s, _s1, _s2, comp, sr, x, r):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def adagrad_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
-                     kahan, sr_keys):
+                     kahan, sr_keys, state_keys):
     parallel(_adagrad_rows, _adagrad_element, NX, table, bounds, itemsize, view_dtype, h, x,
-             rows, has0, has1, has2, kahan, sr_keys)
+             rows, has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 @njit(cache=True, error_model="numpy")
 def adagrad_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
-                   kahan, sr_keys):
+                   kahan, sr_keys, state_keys):
     serial(_adagrad_rows, _adagrad_element, NX, table, bounds, itemsize, view_dtype, h, x, rows,
-           has0, has1, has2, kahan, sr_keys)
+           has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=LR_F64,
-            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None, state_round=None):
     """Adagrad (torch semantics) over every row, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included; grads are
@@ -73,7 +73,7 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=LR_F64
         eps, weight_decay, weight_decay != 0), maximize=maximize,
         host=(float(lr), float(lr_decay), float(lr_round)), states=(True, False, False),
         grad_scale=grad_scale, found_inf=found_inf, kahan_sum=kahan_sum,
-        stochastic_round=stochastic_round)
+        stochastic_round=stochastic_round, state_round=state_round)
 
 
 light_loads(vars())  # warm-cache loads without Numba's full refresh

@@ -96,21 +96,21 @@ def _adam_element(j, p, g, m, v, vmax, comp, sr, x, r):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def adam_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
-                  sr_keys):
+                  sr_keys, state_keys):
     parallel(_adam_rows, _adam_element, NX, table, bounds, itemsize, view_dtype, h, x, rows,
-             has0, has1, has2, kahan, sr_keys)
+             has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 @njit(cache=True, error_model="numpy")
 def adam_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
-                sr_keys):
+                sr_keys, state_keys):
     serial(_adam_rows, _adam_element, NX, table, bounds, itemsize, view_dtype, h, x, rows, has0,
-           has1, has2, kahan, sr_keys)
+           has1, has2, kahan, sr_keys, state_keys)
 
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
          amsgrad, maximize, grad_scale=None, found_inf=None, kahan_sum=False,
-         stochastic_round=None):
+         stochastic_round=None, state_round=None):
     """Adam / AdamW (torch semantics) over every row, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included.
@@ -128,7 +128,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
 
     run(batch, (adam_parallel, adam_serial, NX), scalars, maximize=maximize,
         host=(float(lr), float(beta1), float(beta2)), states=(True, True, amsgrad), grad_scale=grad_scale,
-        found_inf=found_inf, kahan_sum=kahan_sum, stochastic_round=stochastic_round)
+        found_inf=found_inf, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_round=state_round)
 
 
 light_loads(vars())  # warm-cache loads without Numba's full refresh

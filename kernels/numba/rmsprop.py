@@ -57,20 +57,20 @@ def _rmsprop_element(j, p, g, sq, buf, gavg, comp, sr, x, r):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def rmsprop_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
-                     kahan, sr_keys):
+                     kahan, sr_keys, state_keys):
     parallel(_rmsprop_rows, _rmsprop_element, NX, table, bounds, itemsize, view_dtype, h, x,
-             rows, has0, has1, has2, kahan, sr_keys)
+             rows, has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 @njit(cache=True, error_model="numpy")
 def rmsprop_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
-                   kahan, sr_keys):
+                   kahan, sr_keys, state_keys):
     serial(_rmsprop_rows, _rmsprop_element, NX, table, bounds, itemsize, view_dtype, h, x, rows,
-           has0, has1, has2, kahan, sr_keys)
+           has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None, state_round=None):
     """RMSprop (torch semantics) over every row, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included; grads are
@@ -88,7 +88,7 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
 
     run(batch, (rmsprop_parallel, rmsprop_serial, NX), scalars, maximize=maximize,
         states=(True, use_momentum, centered), grad_scale=grad_scale, found_inf=found_inf,
-        kahan_sum=kahan_sum, stochastic_round=stochastic_round)
+        kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_round=state_round)
 
 
 light_loads(vars())  # warm-cache loads without Numba's full refresh

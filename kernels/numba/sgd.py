@@ -60,20 +60,20 @@ def _sgd_element(j, p, g, b, _s1, _s2, comp, sr, x, r):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def sgd_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
-                 sr_keys):
+                 sr_keys, state_keys):
     parallel(_sgd_rows, _sgd_element, NX, table, bounds, itemsize, view_dtype, h, x, rows, has0,
-             has1, has2, kahan, sr_keys)
+             has1, has2, kahan, sr_keys, state_keys)
 
 
 @njit(cache=True, error_model="numpy")
 def sgd_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2, kahan,
-               sr_keys):
+               sr_keys, state_keys):
     serial(_sgd_rows, _sgd_element, NX, table, bounds, itemsize, view_dtype, h, x, rows, has0,
-           has1, has2, kahan, sr_keys)
+           has1, has2, kahan, sr_keys, state_keys)
 
 
 def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
-        grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
+        grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None, state_round=None):
     """SGD (torch semantics) over every row of ``batch.table``, in place.
 
     With ``found_inf`` nonzero nothing is written; grads are multiplied by
@@ -85,7 +85,7 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
         maximize=maximize, host=(1.0 - dampening, float(momentum)),
         states=(momentum != 0, False, False),
         grad_scale=grad_scale, found_inf=found_inf, kahan_sum=kahan_sum,
-        stochastic_round=stochastic_round)
+        stochastic_round=stochastic_round, state_round=state_round)
 
 
 light_loads(vars())  # warm-cache loads without Numba's full refresh

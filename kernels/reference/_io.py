@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rows", "inputs", "param_store"]
+__all__ = ["rows", "inputs", "param_store", "state_store"]
 
 
 def rows(batch, found_inf):
@@ -85,4 +85,27 @@ def param_store(batch, kahan_sum, stochastic_round):
     def put(i, p, old, new):
         P.store_param(p, old, new, batch.states[3][i] if kahan else None, stream,
                       int(batch.table[i, L.START]))
+    return put
+
+
+def state_store(batch, state_round):
+    """``put(i, c, s, new)``: store row ``i``'s state column ``c`` (tensor ``s``).
+
+    ``new`` is in the compute type. Without ``state_round``, ``s.copy_(new)``
+    (rounded to nearest to the state's dtype); with it (``(seed, counter,
+    salt)``, the ``state_dtype`` option's stream; bfloat16 state only),
+    stochastically rounded (``_precision.store_state``).
+    """
+    if state_round is None:
+        return lambda i, c, s, new: s.copy_(new)
+    from . import _precision as P
+    from .. import columns as L
+
+    seed, counter, salt = state_round
+    stream = P.keys(int(seed), int(counter), int(salt))
+
+    def put(i, c, s, new):
+        if s.dtype != torch.bfloat16:
+            raise ValueError(f"state_round stores bfloat16 state, not {s.dtype}")
+        P.store_state(s, new, stream, c, int(batch.table[i, L.START]))
     return put

@@ -38,6 +38,14 @@ a run is reproducible from the seed, and a resumed run continues it.
   binade (2**-24 below 2**-14); round up iff ``(r >> 8) * 2**-24 < (|t| - lo)
   / ulp`` with ``r`` the 32 random bits. Inf and NaN round to nearest.
 
+Stochastically rounded state (``state_round``, for the ``state_dtype``
+option): every store of a bfloat16 state tensor rounds as a bfloat16 param
+does under ``stochastic_round``, with its own bits: element ``idx`` of state
+column ``c`` (0, 1, 2: STATE0..2) takes the 16 bits ``(r >> 16 * (c % 2)) &
+0xFFFF`` of ``r = bits(k0 ^ STATE_KEYS[c // 2], k1, idx)`` (:func:`state_bits`),
+``(k0, k1)`` the keys of the call's ``(seed, counter, salt)``: one word per
+element serves two state columns, and no state shares the param's bits.
+
 ``M`` is Wellons' ``lowbias32`` 32-bit integer mixer (a bijection with low
 avalanche bias): two keyed rounds per element are cheap enough for the CPU
 kernels (a Philox-4x32-10 per element is ~20 wide multiplies) and give each
@@ -48,8 +56,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["LOW_PRECISION", "mix32", "keys", "bits", "round_bf16", "round_f16",
-           "store_param"]
+__all__ = ["LOW_PRECISION", "mix32", "keys", "bits", "state_bits", "round_bf16", "round_f16",
+           "store_param", "STATE_KEYS"]
 
 #: storage dtypes the options act on; other params are stored as without them
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -59,6 +67,10 @@ GOLDEN = 0x9E3779B9
 C2 = 0x85EBCA6B
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B
+#: what a state word's ``k0`` is XORed with (state columns 0-1, 2): the
+#: fractional bits of sqrt(2) and sqrt(3), so that no state shares the
+#: param's stream
+STATE_KEYS = (0x6A09E667, 0xBB67AE85)
 
 
 def mix32(x):
@@ -91,6 +103,12 @@ def bits(k0: int, k1: int, idx: torch.Tensor) -> torch.Tensor:
     lo = idx & _MASK
     hi = idx >> 32
     return mix32(mix32(lo ^ k0) ^ ((k1 + hi * GOLDEN) & _MASK))
+
+
+def state_bits(k0: int, k1: int, idx: torch.Tensor, col: int) -> torch.Tensor:
+    """The 16 random bits (int64) per element index ``idx`` of state column ``col``."""
+    r = bits(k0 ^ STATE_KEYS[col // 2], k1, idx)
+    return (r >> (16 * (col % 2))) & 0xFFFF
 
 
 def _f32_bits(x):
@@ -148,6 +166,23 @@ def _dense(shape, strides) -> bool:
     return True
 
 
+def _indices(p, start):
+    """The global element indices of ``p``'s elements (int64, ``p``'s shape).
+
+    The kernels walk a row in address order (a dense tensor with its own
+    strides, a transposed one included; others are staged contiguous).
+    """
+    idx = torch.arange(start, start + p.numel(), dtype=torch.int64, device=p.device)
+    return (idx.as_strided(p.shape, p.stride()) if _dense(p.shape, p.stride())
+            else idx.view(p.shape))
+
+
+def store_state(s: torch.Tensor, new: torch.Tensor, stream, col: int, start: int) -> None:
+    """Store ``new`` (compute type) into the bfloat16 state ``s``, stochastically
+    rounded with :func:`state_bits` of ``stream`` (``(k0, k1)``) and ``col``."""
+    s.copy_(round_bf16(new.float(), state_bits(stream[0], stream[1], _indices(s, start), col)))
+
+
 def store_param(p: torch.Tensor, old: torch.Tensor, new: torch.Tensor, comp=None,
                 stream=None, start: int = 0) -> None:
     """Store ``new`` (compute type) into low-precision ``p`` through the options.
@@ -162,12 +197,7 @@ def store_param(p: torch.Tensor, old: torch.Tensor, new: torch.Tensor, comp=None
     """
     r = None
     if stream is not None:
-        # the kernels walk a row in address order (a dense param with its own
-        # strides, a transposed one included; others are staged contiguous)
-        idx = torch.arange(start, start + p.numel(), dtype=torch.int64, device=p.device)
-        idx = (idx.as_strided(p.shape, p.stride()) if _dense(p.shape, p.stride())
-               else idx.view(p.shape))
-        r = bits(stream[0], stream[1], idx)
+        r = bits(stream[0], stream[1], _indices(p, start))
     rnd = round_bf16 if p.dtype == torch.bfloat16 else round_f16
     if comp is None:
         p.copy_(rnd(new, r))

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._io import inputs, param_store, rows
+from ._io import inputs, param_store, rows, state_store
 
 __all__ = ["adagrad"]
 
@@ -43,17 +43,19 @@ def clr(lr: float, lr_decay: float, step: float, lr_round: int = 0) -> float:
 
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
-            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
+        state_round=None):
     """Adagrad (torch semantics) over every tensor, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included.
     """
     put = param_store(batch, kahan_sum, stochastic_round)
+    put_state = state_store(batch, state_round)
     for i, p, step_t in rows(batch, found_inf):
         neg_clr = -clr(lr, lr_decay, float(step_t), lr_round)
         ct, p32, g = inputs(batch, i, grad_scale, maximize, weight_decay)
         s_t = batch.states[0][i]
         s = s_t.to(ct).addcmul(g, g, value=1)
-        s_t.copy_(s)
+        put_state(i, 0, s_t, s)
         std = s.sqrt().add(eps)
         put(i, p, p32, p32.addcdiv(g, std, value=neg_clr))

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._io import inputs, param_store, rows
+from ._io import inputs, param_store, rows, state_store
 
 __all__ = ["adam"]
 
@@ -30,12 +30,13 @@ def _ieee_div(a: float, b: float) -> float:
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
          amsgrad, maximize, grad_scale=None, found_inf=None, kahan_sum=False,
-         stochastic_round=None):
+         stochastic_round=None, state_round=None):
     """Adam / AdamW (torch semantics) over every tensor, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included.
     """
     put = param_store(batch, kahan_sum, stochastic_round)
+    put_state = state_store(batch, state_round)
     for i, p, step_t in rows(batch, found_inf):
         step = float(step_t)
         step_size = _ieee_div(lr, 1.0 - beta1 ** step)
@@ -48,11 +49,11 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
         m_t, v_t = batch.states[0][i], batch.states[1][i]
         m = torch.lerp(m_t.to(ct), g, 1.0 - beta1)  # two-sided formula, as torch's
         v = v_t.to(ct).mul(beta2).addcmul(g, g, value=1.0 - beta2)
-        m_t.copy_(m)
-        v_t.copy_(v)
+        put_state(i, 0, m_t, m)
+        put_state(i, 1, v_t, v)
         if amsgrad:
             vmax_t = batch.states[2][i]
             v = torch.maximum(vmax_t.to(ct), v)
-            vmax_t.copy_(v)
+            put_state(i, 2, vmax_t, v)
         denom = v.sqrt() / bc2_sqrt + eps
         put(i, p, old, p32.addcdiv(m, denom, value=-step_size))

@@ -95,13 +95,17 @@ def _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr, count
              ELEM: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
              ALIGNED: tl.constexpr, TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr,
              STATES: tl.constexpr, NHYPER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-             HAS_FOUND_INF: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr):
+             HAS_FOUND_INF: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr,
+             S_ELEM: tl.constexpr, SSR: tl.constexpr):
     """What every update program starts with: where it works, and the row's pointers.
 
     The program's row and chunk come from the block map; the row's
     addresses, as typed pointers, from the table: param, grad, the first
-    ``STATES`` state columns (the others: the param's pointer, unused) and
-    the Kahan compensation (if KAHAN; else the param's, unused).
+    ``STATES`` state columns as ``S_ELEM`` pointers (the state's storage
+    type: ELEM unless the ``state_dtype`` option stores it otherwise; the
+    other columns: the param's pointer, unused) and the Kahan compensation
+    (if KAHAN; else the param's, unused). The stream's keys are read where
+    the param (SR) or the state (SSR) rounds stochastically.
 
     Returns:
         (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, s0_ptr, s1_ptr,
@@ -136,16 +140,17 @@ def _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr, count
                               tl.load(grad_scale_ptr).to(tl.float32)).to(COMPUTE)
 
     PTR: tl.constexpr = tl.pointer_type(ELEM)
+    S_PTR: tl.constexpr = tl.pointer_type(S_ELEM)
     p_ptr = tl.load(row_base + _PARAM).to(PTR)
     g_ptr = tl.load(row_base + _GRAD).to(PTR)
     # a state a switch leaves off has address 0: loaded, never accessed
-    s0_ptr = tl.load(row_base + _STATE0).to(PTR)
-    s1_ptr = p_ptr
-    s2_ptr = p_ptr
+    s0_ptr = tl.load(row_base + _STATE0).to(S_PTR)
+    s1_ptr = s0_ptr
+    s2_ptr = s0_ptr
     if STATES > 1:
-        s1_ptr = tl.load(row_base + _STATE1).to(PTR)
+        s1_ptr = tl.load(row_base + _STATE1).to(S_PTR)
     if STATES > 2:
-        s2_ptr = tl.load(row_base + _STATE2).to(PTR)
+        s2_ptr = tl.load(row_base + _STATE2).to(S_PTR)
     c_ptr = p_ptr
     if KAHAN:
         c_ptr = tl.load(row_base + _COMP).to(PTR)
@@ -160,7 +165,7 @@ def _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr, count
     k0 = 0
     k1 = 0
     start = 0
-    if SR:
+    if SR or SSR:
         k0, k1 = _sr_keys(hyper_ptr, counter_ptr, NHYPER)
         start = tl.load(row_base + _START)
     return (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr,
@@ -338,3 +343,32 @@ def _store_param(p_ptr, c_ptr, offs, old, new, mask, k0, k1, start,
             cu = c.to(tl.uint32, bitcast=True)
             c = tl.where((cu & 0x7FFFFFFF) < 0x7F800000, c, 0.0)
             _store(c_ptr, offs, c, mask, IS_BF16, ELEM)
+
+
+_STATE_KEY0 = tl.constexpr(0x6A09E667)  # reference._precision.STATE_KEYS
+_STATE_KEY1 = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def _store_state(ptr, offs, x, mask, k0, k1, start, COL: tl.constexpr,
+                 IS_BF16: tl.constexpr, ELEM: tl.constexpr, SSR: tl.constexpr):
+    """Store a block of state column ``COL`` (0-2): :func:`_store`, or with SSR
+    (the ``state_dtype`` option, bfloat16 state) stochastically rounded with
+    ``_precision.state_bits`` of the stream ``(k0, k1)``, bit for bit."""
+    if SSR:
+        u = x.to(tl.uint32, bitcast=True)
+        idx = start + offs
+        hi = (idx >> 32).to(tl.uint32)
+        if COL < 2:
+            kw = k0 ^ tl.full((), _STATE_KEY0, tl.uint32)
+        else:
+            kw = k0 ^ tl.full((), _STATE_KEY1, tl.uint32)
+        r = _mix32(_mix32(idx.to(tl.uint32) ^ kw) ^ (k1 + hi * tl.full((), _GOLDEN, tl.uint32)))
+        if COL % 2 == 1:
+            r = r >> 16
+        h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        h = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, h)
+        h = tl.where((u & 0x7FFFFFFF) < 0x7F800000, (u + (r & 0xFFFF)) >> 16, h)
+        tl.store(ptr + offs, h.to(tl.uint16), mask=mask)
+    else:
+        _store(ptr, offs, x, mask, IS_BF16, ELEM)

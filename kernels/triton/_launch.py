@@ -335,10 +335,11 @@ def _device_context(device):
 
 
 def _common_args(batch):
-    """Constexprs fixed by the batch's storage type."""
+    """Constexprs fixed by the batch's storage types (params, state)."""
     dtype = batch.dtype
     is_f64 = dtype == torch.float64
     return dict(ELEM=_ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+                S_ELEM=_ELEM[batch.state_dtype], S_IS_BF16=batch.state_dtype == torch.bfloat16,
                 COMPUTE=tl.float64 if is_f64 else tl.float32, IS_F64=is_f64,
                 BLOCK=BLOCK, VEC=16 // _ITEMSIZE[dtype])
 
@@ -429,11 +430,12 @@ _MASK32 = 0xFFFFFFFF
 class _Precision:
     """How an update launch stores params (``kahan_sum`` / ``stochastic_round``)."""
 
-    __slots__ = ("kahan", "sr", "counter", "slots")
+    __slots__ = ("kahan", "sr", "ssr", "counter", "slots")
 
-    def __init__(self, kahan, sr, counter, slots):
+    def __init__(self, kahan, sr, counter, slots, ssr=False):
         self.kahan = kahan  # the KAHAN constexpr
         self.sr = sr  # the SR constexpr
+        self.ssr = ssr  # the SSR constexpr (state stores, ``state_round``)
         self.counter = counter  # the kernel's counter_ptr: None unless SR
         self.slots = slots  # hyperparameter values to append: [] unless SR
 
@@ -441,7 +443,7 @@ class _Precision:
 _OFF = _Precision(False, False, None, [])
 
 
-def _precision_args(batch, kahan_sum, stochastic_round) -> _Precision:
+def _precision_args(batch, kahan_sum, stochastic_round, state_round=None) -> _Precision:
     """The kernel arguments of the two param-store options for ``batch``.
 
     Both act on bfloat16/float16 batches only; for other batches (and with
@@ -451,14 +453,26 @@ def _precision_args(batch, kahan_sum, stochastic_round) -> _Precision:
     hyperparameters (float64 holds them exactly; a buffer cached on its
     bytes, rule R1), and the counter, a 0-dim int64 tensor on the params'
     device, is passed as a pointer: the kernel reads it (no host sync, and a
-    CUDA graph replays with the live value).
+    CUDA graph replays with the live value). ``state_round`` (bfloat16
+    state only) rounds the state stores stochastically from a stream of the
+    same form; with ``stochastic_round`` too, it must be the same stream
+    (the kernels read one: the state's bits differ from the param's by their
+    keys, ``_precision.state_bits``).
     """
+    ssr = state_round is not None
+    if ssr and batch.state_dtype != torch.bfloat16:
+        raise ValueError(f"state_round stores bfloat16 state, not {batch.state_dtype}")
     if batch.dtype not in (torch.bfloat16, torch.float16):
-        return _OFF
+        kahan_sum, stochastic_round = False, None
     kahan = bool(kahan_sum)
-    if stochastic_round is None:
+    if stochastic_round is None and not ssr:
         return _Precision(True, False, None, []) if kahan else _OFF
-    seed, counter, salt = stochastic_round
+    if ssr and stochastic_round is not None and not (
+            int(state_round[0]) == int(stochastic_round[0])
+            and state_round[1] is stochastic_round[1]
+            and int(state_round[2]) == int(stochastic_round[2])):
+        raise ValueError("state_round and stochastic_round must be the same stream")
+    seed, counter, salt = stochastic_round if stochastic_round is not None else state_round
     if not torch.is_tensor(counter) or counter.dtype != torch.int64 or counter.numel() != 1:
         raise ValueError("stochastic_round's counter must be a 1-element int64 tensor")
     if counter.device != batch.device:
@@ -466,22 +480,25 @@ def _precision_args(batch, kahan_sum, stochastic_round) -> _Precision:
                          f"on {batch.device}: the kernel reads it on the params' device")
     seed = int(seed)
     slots = [float(seed & _MASK32), float((seed >> 32) & _MASK32), float(int(salt) & _MASK32)]
-    return _Precision(kahan, True, counter.detach().reshape(-1), slots)
+    return _Precision(kahan, stochastic_round is not None, counter.detach().reshape(-1), slots,
+                      ssr)
 
 
 def launch(update, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_round, *,
-           steps_kernel=None, host_steps=None, width=0, **switches) -> None:
+           state_round=None, steps_kernel=None, host_steps=None, width=0,
+           **switches) -> None:
     """One optimizer step over ``batch``: every launcher's body.
 
     Args:
         update: the ``@triton.jit`` update kernel, called as
             ``update[(programs,)](table, block map, hyper, [scalars,]
             grad_scale, found_inf, ALIGNED=, TAIL_ALIGNED=, <the prologue's
-            constexprs>, counter_ptr=, KAHAN=, SR=, **switches)``.
+            constexprs>, counter_ptr=, KAHAN=, SR=, SSR=, **switches)``.
         hyper: the optimizer's hyperparameter slots (floats, or a device
             Tensor for a capturable lr); the precision options' slots are
             appended here.
-        grad_scale, found_inf, kahan_sum, stochastic_round: as the launchers'.
+        grad_scale, found_inf, kahan_sum, stochastic_round, state_round: as
+            the launchers'.
         steps_kernel: for an optimizer with step counters, the kernel that
             advances device-side ones (one lane per row, ``_STEP_ROWS`` rows
             a program), called as ``steps_kernel[grid](table, [hyper,
@@ -496,7 +513,7 @@ def launch(update, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_ro
     """
     if batch.table is None or batch.table.shape[0] == 0:
         return
-    prec = _precision_args(batch, kahan_sum, stochastic_round)
+    prec = _precision_args(batch, kahan_sum, stochastic_round, state_round)
     hyper = list(hyper) + prec.slots
     device = batch.device
     on_device = steps_kernel is None or _steps_on_device(batch)
@@ -534,4 +551,4 @@ def launch(update, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_ro
                     enable_fp_fusion=False)
             _launch_updates(update, pro, batch, *args, pro.grad_scale, pro.found_inf,
                             counter_ptr=prec.counter, KAHAN=prec.kahan, SR=prec.sr,
-                            **switches)
+                            SSR=prec.ssr, **switches)

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ..steps import adagrad_host_steps
-from ._kernels import (_grad, _load, _program, _read_steps, _store, _store_param,
-                       _write_steps, slots)
+from ._kernels import (_grad, _load, _program, _read_steps, slots, _store_param, _store_state,
+                       _write_steps)
 from ._launch import launch
 
 __all__ = ["adagrad"]
@@ -35,12 +35,13 @@ __all__ = ["adagrad"]
 def _adagrad_block(p_ptr, g_ptr, s_ptr, c_ptr, offs, mask, neg_clr, eps, weight_decay,
                    inv_scale, maximize, has_wd, k0, k1, start, ELEM: tl.constexpr,
                    IS_BF16: tl.constexpr, COMPUTE: tl.constexpr, IS_F64: tl.constexpr,
-                   HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr):
+                   HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr,
+        S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
     """The Adagrad update of one block (``mask`` None: a whole block)."""
     g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, has_wd, weight_decay,
                  IS_BF16, COMPUTE, HAS_GRAD_SCALE)
-    s = tl.fma(g, g, _load(s_ptr, offs, mask, IS_BF16, COMPUTE))  # addcmul(value=1)
-    _store(s_ptr, offs, s, mask, IS_BF16, ELEM)
+    s = tl.fma(g, g, _load(s_ptr, offs, mask, S_IS_BF16, COMPUTE))  # addcmul(value=1)
+    _store_state(s_ptr, offs, s, mask, k0, k1, start, 0, S_IS_BF16, S_ELEM, SSR)
     # torch's addcdiv: param + (value * grad) / std
     if IS_F64:
         std = tl.sqrt(s) + eps  # sqrt.rn.f64, div.rn.f64 already
@@ -60,6 +61,7 @@ def _adagrad_kernel(
     TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
+    S_ELEM: tl.constexpr = None, S_IS_BF16: tl.constexpr = False, SSR: tl.constexpr = False,
 ):
     """Adagrad on one ``BLOCK`` chunk of one row (torch semantics, in place).
 
@@ -71,7 +73,8 @@ def _adagrad_kernel(
     (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, s_ptr, _, _, c_ptr, k0, k1,
      start) = _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
                        counter_ptr, ELEM, COMPUTE, BLOCK, ALIGNED, TAIL_ALIGNED, VEC, 1,
-                       _AG_NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR)
+                       _AG_NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR,
+                           S_ELEM, SSR)
     neg_clr = -(tl.load(scal_ptr + row).to(COMPUTE))
     eps = tl.load(hyper_ptr + _AG_EPS).to(COMPUTE)
     weight_decay = tl.load(hyper_ptr + _AG_WD).to(COMPUTE)
@@ -81,11 +84,11 @@ def _adagrad_kernel(
     if whole:
         _adagrad_block(p_ptr, g_ptr, s_ptr, c_ptr, offs, None, neg_clr, eps,
                        weight_decay, inv_scale, maximize, has_wd, k0, k1, start, ELEM,
-                       IS_BF16, COMPUTE, IS_F64, HAS_GRAD_SCALE, KAHAN, SR)
+                       IS_BF16, COMPUTE, IS_F64, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
     else:
         _adagrad_block(p_ptr, g_ptr, s_ptr, c_ptr, offs, offs < bound, neg_clr, eps,
                        weight_decay, inv_scale, maximize, has_wd, k0, k1, start, ELEM,
-                       IS_BF16, COMPUTE, IS_F64, HAS_GRAD_SCALE, KAHAN, SR)
+                       IS_BF16, COMPUTE, IS_F64, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
 
 
 @triton.jit
@@ -121,7 +124,8 @@ def _adagrad_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
 
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
-            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
+        state_round=None):
     """Adagrad (torch semantics) over every row; advances steps.
 
     As the Adam launcher: device-side steps are advanced by a first kernel
@@ -131,6 +135,7 @@ def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
     hyper = [lr, lr_decay, eps, weight_decay, float(bool(maximize)), float(lr_round)]
     assert len(hyper) == _AG_NHYPER.value
     launch(_adagrad_kernel, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_round,
+           state_round=state_round,
            steps_kernel=_adagrad_steps_kernel, width=1,
            host_steps=lambda table: adagrad_host_steps(table, lr=lr, lr_decay=lr_decay,
                                                        lr_round=lr_round))

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from ..steps import adam_host_steps
-from ._kernels import (_grad, _load, _program, _read_steps, _store, _store_param,
-                       _write_steps, slots)
+from ._kernels import (_grad, _load, _program, _read_steps, slots, _store_param, _store_state,
+                       _write_steps)
 from ._launch import launch
 
 __all__ = ["adam"]
@@ -31,23 +31,24 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, mask, step_si
                 inv_scale, maximize, decay_grad, decay_param, lerp_from_start, k0, k1,
                 start, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
                 COMPUTE: tl.constexpr, IS_F64: tl.constexpr, AMSGRAD: tl.constexpr,
-                HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr):
+                HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr,
+        S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
     """The Adam update of one block (``mask`` None: a whole block); see ``_adam_kernel``."""
     g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, decay_grad, weight_decay,
                  IS_BF16, COMPUTE, HAS_GRAD_SCALE)
     old = p  # the stored param, for the Kahan store
     # a select, as _grad's for the grad
     p = tl.where(decay_param, p * decay, p)
-    m = _load(m_ptr, offs, mask, IS_BF16, COMPUTE)
+    m = _load(m_ptr, offs, mask, S_IS_BF16, COMPUTE)
     # torch.lerp's two-sided formula, as its CPU kernel evaluates it
     m = tl.where(lerp_from_start, tl.fma(omb1, g - m, m), tl.fma(omb1 - 1.0, g - m, g))
-    v = tl.fma(omb2 * g, g, _load(v_ptr, offs, mask, IS_BF16, COMPUTE) * beta2)
-    _store(m_ptr, offs, m, mask, IS_BF16, ELEM)
-    _store(v_ptr, offs, v, mask, IS_BF16, ELEM)
+    v = tl.fma(omb2 * g, g, _load(v_ptr, offs, mask, S_IS_BF16, COMPUTE) * beta2)
+    _store_state(m_ptr, offs, m, mask, k0, k1, start, 0, S_IS_BF16, S_ELEM, SSR)
+    _store_state(v_ptr, offs, v, mask, k0, k1, start, 1, S_IS_BF16, S_ELEM, SSR)
     if AMSGRAD:
-        vmax = _load(vmax_ptr, offs, mask, IS_BF16, COMPUTE)
+        vmax = _load(vmax_ptr, offs, mask, S_IS_BF16, COMPUTE)
         v = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-        _store(vmax_ptr, offs, v, mask, IS_BF16, ELEM)
+        _store_state(vmax_ptr, offs, v, mask, k0, k1, start, 2, S_IS_BF16, S_ELEM, SSR)
     # torch's addcdiv: param + (value * exp_avg) / denom
     if IS_F64:
         denom = tl.sqrt(v) / bc2_sqrt + eps  # sqrt.rn.f64, div.rn.f64 already
@@ -67,6 +68,7 @@ def _adam_kernel(
     TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
+    S_ELEM: tl.constexpr = None, S_IS_BF16: tl.constexpr = False, SSR: tl.constexpr = False,
 ):
     """Adam / AdamW on one ``BLOCK`` chunk of one row (torch semantics).
 
@@ -98,7 +100,8 @@ def _adam_kernel(
     (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, k0,
      k1, start) = _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
                            counter_ptr, ELEM, COMPUTE, BLOCK, ALIGNED, TAIL_ALIGNED, VEC, 3,
-                           _ADAM_NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR)
+                           _ADAM_NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR,
+                           S_ELEM, SSR)
     step_size = tl.load(scal_ptr + 2 * row).to(COMPUTE)
     bc2_sqrt = tl.load(scal_ptr + 2 * row + 1).to(COMPUTE)
     beta1 = tl.load(hyper_ptr + _ADAM_BETA1).to(COMPUTE)
@@ -121,13 +124,13 @@ def _adam_kernel(
                     bc2_sqrt, beta1, beta2, omb1, omb2, eps, weight_decay, decay,
                     inv_scale, maximize, decay_grad, decay_param, lerp_from_start, k0,
                     k1, start, ELEM, IS_BF16, COMPUTE, IS_F64, AMSGRAD, HAS_GRAD_SCALE,
-                    KAHAN, SR)
+                    KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
     else:
         _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, offs < bound,
                     step_size, bc2_sqrt, beta1, beta2, omb1, omb2, eps,
                     weight_decay, decay, inv_scale, maximize, decay_grad, decay_param,
                     lerp_from_start, k0, k1, start, ELEM, IS_BF16, COMPUTE, IS_F64,
-                    AMSGRAD, HAS_GRAD_SCALE, KAHAN, SR)
+                    AMSGRAD, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
 
 
 @triton.jit
@@ -176,7 +179,7 @@ def _adam_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
 
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
          amsgrad, maximize, grad_scale=None, found_inf=None, kahan_sum=False,
-         stochastic_round=None):
+         stochastic_round=None, state_round=None):
     """Adam / AdamW (torch semantics) over every row; advances steps.
 
     Step counters on the params' device are read and advanced by a first
@@ -207,6 +210,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
              float(bool(decoupled_weight_decay))]
     assert len(hyper) == _ADAM_NHYPER.value
     launch(_adam_kernel, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_round,
+           state_round=state_round,
            steps_kernel=_adam_steps_kernel, width=2,
            host_steps=lambda table: adam_host_steps(table, lr=lr, beta1=beta1, beta2=beta2),
            AMSGRAD=bool(amsgrad))

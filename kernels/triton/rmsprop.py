@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ..steps import advance_host_steps
-from ._kernels import (_grad, _load, _program, _read_steps, _store, _store_param,
-                       _write_steps, slots)
+from ._kernels import (_grad, _load, _program, _read_steps, slots, _store_param, _store_state,
+                       _write_steps)
 from ._launch import launch
 
 __all__ = ["rmsprop"]
@@ -38,19 +38,20 @@ def _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, mask, lr,
                    lerp_from_start, k0, k1, start, ELEM: tl.constexpr,
                    IS_BF16: tl.constexpr, COMPUTE: tl.constexpr, IS_F64: tl.constexpr,
                    CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr,
-                   HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr):
+                   HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr,
+        S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
     """The RMSprop update of one block (``mask`` None: a whole block)."""
     g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, has_wd, weight_decay,
                  IS_BF16, COMPUTE, HAS_GRAD_SCALE)
     old = p  # the stored param, for the Kahan store
     # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-    sq = tl.fma(oma * g, g, _load(sq_ptr, offs, mask, IS_BF16, COMPUTE) * alpha)
-    _store(sq_ptr, offs, sq, mask, IS_BF16, ELEM)
+    sq = tl.fma(oma * g, g, _load(sq_ptr, offs, mask, S_IS_BF16, COMPUTE) * alpha)
+    _store_state(sq_ptr, offs, sq, mask, k0, k1, start, 0, S_IS_BF16, S_ELEM, SSR)
     if CENTERED:
-        ga = _load(ga_ptr, offs, mask, IS_BF16, COMPUTE)
+        ga = _load(ga_ptr, offs, mask, S_IS_BF16, COMPUTE)
         # grad_avg.lerp_(grad, 1 - alpha): torch.lerp's two-sided formula
         ga = tl.where(lerp_from_start, tl.fma(oma, g - ga, ga), tl.fma(oma - 1.0, g - ga, g))
-        _store(ga_ptr, offs, ga, mask, IS_BF16, ELEM)
+        _store_state(ga_ptr, offs, ga, mask, k0, k1, start, 2, S_IS_BF16, S_ELEM, SSR)
         sq = tl.fma(-ga, ga, sq)  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
     if IS_F64:
         avg = tl.sqrt(sq) + eps  # sqrt.rn.f64 already
@@ -59,10 +60,10 @@ def _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, mask, lr,
     if USE_MOMENTUM:
         # buf.mul_(momentum).addcdiv_(grad, avg); param.add_(buf, alpha=-lr)
         if IS_F64:
-            b = _load(buf_ptr, offs, mask, IS_BF16, COMPUTE) * momentum + g / avg
+            b = _load(buf_ptr, offs, mask, S_IS_BF16, COMPUTE) * momentum + g / avg
         else:
-            b = _load(buf_ptr, offs, mask, IS_BF16, COMPUTE) * momentum + tl.div_rn(g, avg)
-        _store(buf_ptr, offs, b, mask, IS_BF16, ELEM)
+            b = _load(buf_ptr, offs, mask, S_IS_BF16, COMPUTE) * momentum + tl.div_rn(g, avg)
+        _store_state(buf_ptr, offs, b, mask, k0, k1, start, 1, S_IS_BF16, S_ELEM, SSR)
         p = tl.fma(b, -lr, p)
     else:
         # param.addcdiv_(grad, avg, value=-lr): param + (-lr * grad) / avg
@@ -82,6 +83,7 @@ def _rmsprop_kernel(
     CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
+    S_ELEM: tl.constexpr = None, S_IS_BF16: tl.constexpr = False, SSR: tl.constexpr = False,
 ):
     """RMSprop on one ``BLOCK`` chunk of one row (torch semantics, in place).
 
@@ -107,7 +109,8 @@ def _rmsprop_kernel(
     (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, k0,
      k1, start) = _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
                            counter_ptr, ELEM, COMPUTE, BLOCK, ALIGNED, TAIL_ALIGNED, VEC, 3,
-                           _NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR)
+                           _NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR,
+                           S_ELEM, SSR)
     lr = tl.load(hyper_ptr + _LR).to(COMPUTE)
     alpha = tl.load(hyper_ptr + _ALPHA).to(COMPUTE)
     oma = tl.load(hyper_ptr + _OMA).to(COMPUTE)
@@ -124,12 +127,12 @@ def _rmsprop_kernel(
         _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, None, lr,
                        alpha, oma, eps, weight_decay, momentum, inv_scale, maximize,
                        has_wd, lerp_from_start, k0, k1, start, ELEM, IS_BF16, COMPUTE,
-                       IS_F64, CENTERED, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR)
+                       IS_F64, CENTERED, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
     else:
         _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, offs < bound,
                        lr, alpha, oma, eps, weight_decay, momentum, inv_scale, maximize,
                        has_wd, lerp_from_start, k0, k1, start, ELEM, IS_BF16, COMPUTE,
-                       IS_F64, CENTERED, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR)
+                       IS_F64, CENTERED, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
 
 
 @triton.jit
@@ -148,7 +151,8 @@ def _rmsprop_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr,
 
 
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
+        state_round=None):
     """RMSprop (torch semantics) over every row; advances steps.
 
     Step counters on the params' device are advanced by a first small
@@ -176,5 +180,6 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
              float(bool(maximize))]
     assert len(hyper) == _NHYPER.value
     launch(_rmsprop_kernel, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_round,
+           state_round=state_round,
            steps_kernel=_rmsprop_steps_kernel, host_steps=advance_host_steps,
            CENTERED=bool(centered), USE_MOMENTUM=bool(use_momentum))

@@ -7,8 +7,8 @@ kernel's prologue and loads and stores (``_kernels``).
 import triton
 import triton.language as tl
 
-from ._kernels import (_FLAG_ROW, _FLAGS, _NCOLS, _grad, _load, _program, _store,
-                       _store_param, slots)
+from ._kernels import (_FLAG_ROW, _FLAGS, _grad, _load, _NCOLS, _program, slots, _store_param,
+                       _store_state)
 from ._launch import launch
 
 __all__ = ["sgd"]
@@ -25,18 +25,19 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, mask, lr, weight_decay, momentu
                inv_scale, not_fresh, nesterov, maximize, has_wd, k0, k1, start,
                ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
                USE_MOMENTUM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-               KAHAN: tl.constexpr, SR: tl.constexpr):
+               KAHAN: tl.constexpr, SR: tl.constexpr,
+        S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
     """The SGD update of one block (``mask`` None: a whole block); see ``_sgd_kernel``."""
     g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, has_wd, weight_decay,
                  IS_BF16, COMPUTE, HAS_GRAD_SCALE)
     if USE_MOMENTUM:
         if not_fresh:
-            b = tl.fma(g, omd, _load(b_ptr, offs, mask, IS_BF16, COMPUTE) * momentum)
+            b = tl.fma(g, omd, _load(b_ptr, offs, mask, S_IS_BF16, COMPUTE) * momentum)
         else:
             # torch: the first buffer is the gradient itself, undampened; the
             # fresh buffer is uninitialised memory and is not even read
             b = g
-        _store(b_ptr, offs, b, mask, IS_BF16, ELEM)
+        _store_state(b_ptr, offs, b, mask, k0, k1, start, 0, S_IS_BF16, S_ELEM, SSR)
         g = tl.where(nesterov, tl.fma(b, momentum, g), b)
     _store_param(p_ptr, c_ptr, offs, p, tl.fma(g, -lr, p), mask, k0, k1, start, IS_BF16,
                  ELEM, KAHAN, SR)
@@ -50,6 +51,7 @@ def _sgd_kernel(
     TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr, USE_MOMENTUM: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
+    S_ELEM: tl.constexpr = None, S_IS_BF16: tl.constexpr = False, SSR: tl.constexpr = False,
 ):
     """SGD on one ``BLOCK`` chunk of one row (torch semantics, in place).
 
@@ -90,11 +92,17 @@ def _sgd_kernel(
             through their compensation buffers (the COMP column).
         SR: bfloat16/float16 params are rounded stochastically (see
             ``_kernels._store_param``).
+        S_ELEM, S_IS_BF16: the state's storage element type and whether it
+            is bfloat16: the param's, unless the ``state_dtype`` option
+            stores it in bfloat16 (every kernel takes these three).
+        SSR: bfloat16 state stores round stochastically (``state_round``;
+            ``_kernels._store_state``).
     """
     (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, b_ptr, _, _, c_ptr, k0, k1,
      start) = _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
                        counter_ptr, ELEM, COMPUTE, BLOCK, ALIGNED, TAIL_ALIGNED, VEC, 1,
-                       _SGD_NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR)
+                       _SGD_NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR,
+                           S_ELEM, SSR)
     lr = tl.load(hyper_ptr + _SGD_LR).to(COMPUTE)
     weight_decay = tl.load(hyper_ptr + _SGD_WD).to(COMPUTE)
     momentum = tl.load(hyper_ptr + _SGD_MOMENTUM).to(COMPUTE)
@@ -110,16 +118,17 @@ def _sgd_kernel(
     if whole:
         _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, None, lr, weight_decay, momentum,
                    omd, inv_scale, not_fresh, nesterov, maximize, has_wd, k0, k1, start,
-                   ELEM, IS_BF16, COMPUTE, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR)
+                   ELEM, IS_BF16, COMPUTE, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
     else:
         _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, offs < bound, lr, weight_decay,
                    momentum, omd, inv_scale, not_fresh, nesterov, maximize, has_wd, k0,
                    k1, start, ELEM, IS_BF16, COMPUTE, USE_MOMENTUM, HAS_GRAD_SCALE,
-                   KAHAN, SR)
+                   KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
 
 
 def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
-        grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
+        grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
+        state_round=None):
     """SGD (torch semantics) over every row of ``batch.table``.
 
     One launch per alignment class present (see
@@ -146,4 +155,5 @@ def sgd(batch, *, lr, weight_decay, momentum, dampening, nesterov, maximize,
              float(bool(nesterov) and use_momentum), float(bool(maximize))]
     assert len(hyper) == _SGD_NHYPER.value
     launch(_sgd_kernel, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_round,
+           state_round=state_round,
            USE_MOMENTUM=use_momentum)

@@ -1,0 +1,172 @@
+"""AdamW with its state in bfloat16: half the state memory, float32's loss.
+
+The teacher-student regression of ``examples/bf16_precision.py`` (a random
+32-64-8 Tanh MLP is the teacher, a 32-256-8 student learns its outputs plus
+label noise of std 0.1: the best reachable MSE is 0.01), float32 params,
+trained three ways from the same init and the same batches with
+``fused_optim.AdamW(lr=1e-3)`` and torch's default betas (0.9, 0.999):
+
+* ``fp32 state``: torch's state (the reference);
+* ``bf16 state``: ``state_dtype=torch.bfloat16``: ``exp_avg`` and
+  ``exp_avg_sq`` stored in bfloat16, each store rounded stochastically;
+* ``bf16 state, nearest``: the same state rounded to nearest instead
+  (emulated: float32 state rounded to bfloat16 values after every step),
+  what the option would do without stochastic rounding.
+
+It prints each variant's bytes of optimizer state per parameter, its final
+loss (the mean training loss over the last 500 steps, and the loss on a
+held-out batch of 4096) and its gap to fp32's; ``--plot FILE.png`` draws the
+loss curves (needs matplotlib).
+
+Why stochastic rounding. With beta2 = 0.999 each step moves ``exp_avg_sq``
+by 0.1% of itself plus 0.1% of ``g**2``; bfloat16 keeps 8 significant bits,
+so a relative change under 2**-9 (0.2%) rounds back to the old value:
+rounded to nearest, ``exp_avg_sq`` can never decay (only a gradient with
+``g**2`` above about 3x it moves it up) and it stays at early, large values,
+which shrinks the steps. Rounded stochastically, each store is right on
+average and the decay goes through.
+
+With the defaults (``--steps 4000 --seed 0``; 2-core VM under load, about 90
+s): state 8.0 bytes per param in float32, 4.0 in bfloat16; final training
+loss 0.010921 (fp32 state), 0.010915 (bf16 state, -0.05%), 0.012083
+(nearest, +10.6%); held-out 0.010769, 0.010767 (-0.02%), 0.011843 (+10.0%).
+
+    python examples/bf16_state.py [--steps N] [--lr LR] [--seed S]
+        [--backend numba|torch] [--plot loss.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fused_optim
+
+_spec = importlib.util.spec_from_file_location(
+    "bf16_precision", Path(__file__).with_name("bf16_precision.py"))
+task = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(task)  # the MLP, the teacher and the batches
+
+VARIANTS = ("fp32 state", "bf16 state", "bf16 state, nearest")
+STEPS, LR, TAIL = 4000, 1e-3, 500
+
+
+def state_bytes_per_param(opt) -> float:
+    """Bytes of per-element optimizer state (every state tensor but ``step``)
+    per parameter element."""
+    numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    size = sum(t.numel() * t.element_size() for st in opt.state.values()
+               for k, t in st.items() if k != "step" and torch.is_tensor(t))
+    return size / numel
+
+
+def train(variant, *, steps=STEPS, lr=LR, seed=0, backend=None, tail=TAIL):
+    teacher = task.MLP(seed + 1, hidden=task.TEACHER_HIDDEN)
+    model = task.MLP(seed + 2)
+    torch.manual_seed(seed)  # the stochastic-rounding stream's seed
+    kw = {"state_dtype": torch.bfloat16} if variant == "bf16 state" else {}
+    opt = fused_optim.AdamW(model.parameters(), lr=lr, backend=backend, **kw)
+    data = torch.Generator().manual_seed(seed + 3)
+    x_eval, y_eval = task.make_batch(teacher, torch.Generator().manual_seed(seed + 4),
+                                     task.HELD_OUT, "cpu")
+    losses = []
+    for _ in range(steps):
+        x, y = task.make_batch(teacher, data, task.BATCH, "cpu")
+        loss = F.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if variant == "bf16 state, nearest":
+            with torch.no_grad():
+                for st in opt.state.values():
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        st[k].copy_(st[k].to(torch.bfloat16))
+        losses.append(loss.item())
+    with torch.no_grad():
+        eval_loss = F.mse_loss(model(x_eval), y_eval).item()
+    nbytes = state_bytes_per_param(opt)
+    if variant == "bf16 state, nearest":
+        nbytes /= 2  # stored as float32 here; the values are bfloat16's
+    tail_losses = losses[-tail:]
+    return {"losses": losses, "final": sum(tail_losses) / len(tail_losses),
+            "eval": eval_loss, "state_bytes": nbytes}
+
+
+def compare(*, steps=STEPS, lr=LR, seed=0, backend=None, tail=TAIL, log=print):
+    results = {}
+    for name in VARIANTS:
+        start = time.perf_counter()
+        results[name] = train(name, steps=steps, lr=lr, seed=seed, backend=backend,
+                              tail=min(tail, steps))
+        log(f"  {name:<21} {time.perf_counter() - start:5.1f} s")
+    return results
+
+
+def table(results, tail=TAIL):
+    ref = results["fp32 state"]
+    lines = [f"{'variant':<21} {'state B/param':>13} {f'train loss (last {tail})':>24} "
+             f"{'vs fp32':>9} {'held-out loss':>14} {'vs fp32':>9}"]
+    for name, r in results.items():
+        lines.append(f"{name:<21} {r['state_bytes']:>13.1f} {r['final']:>24.6f} "
+                     f"{r['final'] / ref['final'] - 1:>+9.2%} {r['eval']:>14.6f} "
+                     f"{r['eval'] / ref['eval'] - 1:>+9.2%}")
+    return "\n".join(lines)
+
+
+def plot(results, path, window=50):
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, r in results.items():
+        losses = torch.tensor(r["losses"], dtype=torch.float64)
+        smooth = losses.unfold(0, window, 1).mean(1) if len(losses) >= window else losses
+        steps = torch.arange(len(losses) - len(smooth) + 1, len(losses) + 1)
+        ax.plot(steps.numpy(), smooth.numpy(), label=name, linewidth=1.2)
+    ax.axhline(task.NOISE ** 2, color="gray", linewidth=0.8, linestyle=":", label="noise floor")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training MSE (running mean of {window})")
+    ax.set_title("AdamW, float32 params: optimizer state in float32 vs bfloat16", fontsize=9)
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--lr", type=float, default=LR)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=("auto", "numba", "torch"), default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--plot", metavar="FILE.png", help="write the loss curves here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    backend = None if args.backend in (None, "auto") else args.backend
+    tail = min(TAIL, args.steps)
+    print(f"teacher-student MLP, AdamW(lr={args.lr:g}), {args.steps} steps, "
+          f"batch {task.BATCH}, seed {args.seed}", flush=True)
+    start = time.perf_counter()
+    results = compare(steps=args.steps, lr=args.lr, seed=args.seed, backend=backend,
+                      tail=tail, log=lambda line: print(line, flush=True))
+    print(f"\n{table(results, tail)}\n\n{time.perf_counter() - start:.1f} s in all")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
