@@ -78,6 +78,8 @@ def stored_dtype(param_dtype, state_dtype):
     if state_dtype is None or param_dtype not in _STATE_PARAMS:
         return param_dtype
     return state_dtype
+
+
 #: the top-level state_dict key of the stochastic-rounding stream
 SD_KEY = "stochastic_round"
 

@@ -92,7 +92,7 @@ class Adagrad(_base.FusedOptimizer, torch.optim.Adagrad):
                          foreach, maximize=maximize, differentiable=differentiable,
                          fused=fused, backend=backend, kahan_sum=kahan_sum,
                          stochastic_round=stochastic_round,
-            state_dtype=state_dtype)
+                         state_dtype=state_dtype)
 
     def _init_group(self, group, params_with_grad, grads, state_sums, state_steps):
         # not torch's: one C-level map per fact (see _base._gather_state);

@@ -101,7 +101,7 @@ class Adam(_base.FusedOptimizer, torch.optim.Adam):
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay, backend=backend,
                          kahan_sum=kahan_sum, stochastic_round=stochastic_round,
-            state_dtype=state_dtype)
+                         state_dtype=state_dtype)
 
     CAPTURE_HEALTH_CHECK = True
 
@@ -332,7 +332,8 @@ def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
 
     return _plan.prepare_update("adam", name, params, grads, states,
                                 ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper, reference,
-                                steps=state_steps, cache=cache, key=key, precision=precision, dry_all=dry_all)
+                                steps=state_steps, cache=cache, key=key, precision=precision,
+                                 dry_all=dry_all)
 
 
 def adamw(

@@ -90,7 +90,7 @@ class RMSprop(_base.FusedOptimizer, torch.optim.RMSprop):
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable,
                          foreach, maximize, differentiable, backend=backend,
                          kahan_sum=kahan_sum, stochastic_round=stochastic_round,
-            state_dtype=state_dtype)
+                         state_dtype=state_dtype)
 
     CAPTURE_HEALTH_CHECK = True
 
@@ -230,7 +230,8 @@ def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
 
     return _plan.prepare_update("rmsprop", name, params, grads, states,
                                 ("square_avg", "momentum_buffer", "grad_avg"), hyper,
-                                reference, steps=state_steps, cache=cache, key=key, precision=precision)
+                                reference, steps=state_steps, cache=cache, key=key,
+                                 precision=precision)
 
 
 #: ``fused_optim::rmsprop_step``: a whole RMSprop step as one operator (see _ops)

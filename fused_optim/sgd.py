@@ -101,7 +101,7 @@ class SGD(_base.FusedOptimizer, torch.optim.SGD):
                          maximize=maximize, foreach=foreach, differentiable=differentiable,
                          fused=fused, capturable=capturable, backend=backend,
                          kahan_sum=kahan_sum, stochastic_round=stochastic_round,
-            state_dtype=state_dtype)
+                         state_dtype=state_dtype)
 
     OPTIONS = ("capturable",) + _base.FusedOptimizer.OPTIONS
 

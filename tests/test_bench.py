@@ -350,7 +350,7 @@ def test_cli_compiled_baseline(tmp_path, capsys):
         assert word in table
     (case,) = json.loads(out.read_text())["cases"]
     assert {r["impl"] for r in case["results"]} == {"numba", "numba-compiled", "fused",
-                                                   "compiled"}
+                                                    "compiled"}
     assert set(case["compile_s"]) == {"numba-compiled", "compiled"}
     assert all(s > 0 for s in case["compile_s"].values())
     assert not case["failed"]

@@ -67,7 +67,7 @@ def test_class_signature_is_torchs_plus_our_keywords(record):
 @pytest.mark.parametrize("backend", ["numba", "triton", "torch"])
 @pytest.mark.parametrize("record", RECORDS)
 def test_torchs_class_driving_our_functional_gets_torchs_results(record, backend,
-                                                                  monkeypatch):
+                                                                 monkeypatch):
     """torch's class with its step's functional replaced by ours.
 
     torch's ``step`` calls the functional of the module that defines it

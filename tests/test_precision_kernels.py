@@ -175,7 +175,7 @@ def run(backend, name, hyper, inputs, steps=1, **options):
     roles = NUMBA_OPTIMIZERS[name][0] + ("kahan_comp",)
     for _ in range(steps):
         for batch, finish in _plan.pack(params, grads, states, roles, steps=st,
-                                   row_flags=flags, backend=backend):
+                                        row_flags=flags, backend=backend):
             fn(batch, **hyper, **options)
             finish()
         flags = None if flags is None else [False] * len(flags)
@@ -212,8 +212,8 @@ RICH = {"sgd": 1, "adam": 1, "adagrad": 1, "rmsprop": 1}
 #: the configs benchmarks/precision_numba.py times (their compiles are shared)
 BENCH = {"sgd": 0, "adam": 3}
 NUMBA_OPTIMIZERS["adam"][2].append(dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                                  weight_decay=0.01, decoupled_weight_decay=True,
-                                  amsgrad=False, maximize=False))
+                                        weight_decay=0.01, decoupled_weight_decay=True,
+                                        amsgrad=False, maximize=False))
 OPTIONS = {"off": (False, False), "kahan": (True, False), "sr": (False, True),
            "both": (True, True)}
 
@@ -444,6 +444,8 @@ TRITON_OPTIMIZERS = {
 }
 
 #: the states each config uses (roles a config leaves off are absent)
+
+
 def _triton_used(name, hyper):
     if name == "sgd":
         return (hyper["momentum"] != 0,)
@@ -526,8 +528,8 @@ class Run:
         n = len(self.params)
         flags = [False] * n if self.name == "sgd" else None
         packs = _plan.pack(self.params, self.grads[i], self.states + [self.comps], roles,
-                             steps=self.steps, row_flags=flags,
-                             backend="triton" if backend is tk else "torch")
+                           steps=self.steps, row_flags=flags,
+                           backend="triton" if backend is tk else "torch")
         for batch, finish in packs:
             if host_steps and backend is tk:
                 batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
@@ -543,8 +545,8 @@ class Run:
 
 def _bits(t):
     return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32 if
-                                                                       t.element_size() == 4
-                                                                       else torch.int64)
+                                                                    t.element_size() == 4
+                                                                    else torch.int64)
 
 
 def _assert_bit_equal(actual, expected, what):
@@ -712,7 +714,7 @@ def test_triton_float32_ignores_the_options(name):
         opts.step(tk, i, **_options(True, True, counter))
     _assert_bit_equal(opts.tensors(), plain.tensors(), name)
     ((batch, finish),) = _plan.pack(base.params, base.grads[0], base.states + [base.comps],
-                             tuple(TRITON_OPTIMIZERS[name][0]) + ("",) * (3 - len(
+                                    tuple(TRITON_OPTIMIZERS[name][0]) + ("",) * (3 - len(
                                  TRITON_OPTIMIZERS[name][0])) + ("kahan_comp",),
                              steps=base.steps, backend="triton")
     for kahan, sr in ((True, True), (True, False), (False, True)):
@@ -728,8 +730,8 @@ def test_triton_options_off_launch_as_before():
     for dtype in LOW:
         run = Run("sgd", 0, dtype, kahan=False, edge=False)
         ((batch, finish),) = _plan.pack(run.params, run.grads[0], run.states + [run.comps],
-                                 ("momentum_buffer", "", "", "kahan_comp"),
-                                 row_flags=[False] * len(run.params), backend="triton")
+                                        ("momentum_buffer", "", "", "kahan_comp"),
+                                        row_flags=[False] * len(run.params), backend="triton")
         assert _launch._precision_args(batch, False, None) is _launch._OFF
         on = _launch._precision_args(batch, True, (-1, torch.tensor(0), 2**40 + 3))
         assert (on.kahan, on.sr) == (True, True)
@@ -740,8 +742,8 @@ def test_triton_options_off_launch_as_before():
 def test_triton_counter_must_live_with_the_params():
     run = Run("sgd", 0, torch.bfloat16, kahan=False, edge=False)
     ((batch, finish),) = _plan.pack(run.params, run.grads[0], run.states + [run.comps],
-                             ("momentum_buffer", "", "", "kahan_comp"),
-                             row_flags=[False] * len(run.params), backend="triton")
+                                    ("momentum_buffer", "", "", "kahan_comp"),
+                                    row_flags=[False] * len(run.params), backend="triton")
     with pytest.raises(ValueError, match="int64"):
         _launch._precision_args(batch, False, (1, torch.tensor(0.0), 2))
     if DEVICE.type == "cpu":
@@ -773,10 +775,10 @@ def test_triton_rounding_matches_the_specification_across_binades(dtype):
     params, grads = [p.clone(), p[:37].clone()], [g.clone(), g[:37].clone()]
     counter = torch.tensor(77, dtype=torch.int64, device=DEVICE)
     for batch, finish in _plan.pack(params, grads, [[None] * 2] * 4,
-                               ("momentum_buffer", "", "", "kahan_comp"),
-                               row_flags=[False] * 2, backend="triton"):
+                                    ("momentum_buffer", "", "", "kahan_comp"),
+                                    row_flags=[False] * 2, backend="triton"):
         contract.kernel(tk, "sgd")(batch, lr=1.0, weight_decay=0.0, momentum=0.0, dampening=0.0,
-               nesterov=False, maximize=False, stochastic_round=(99, counter, 4))
+                                   nesterov=False, maximize=False, stochastic_round=(99, counter, 4))
         finish()
     k0, k1 = P.keys(99, 77, 4)
     rnd = P.round_bf16 if dtype == torch.bfloat16 else P.round_f16

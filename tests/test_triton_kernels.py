@@ -67,14 +67,14 @@ def _assert_all_close(actual, expected, **kw):
 
 def _run_sgd(backend, params, grads, bufs, row_flags, **hyper):
     for batch, finish in _plan.pack(params, grads, [bufs], ("momentum_buffer",),
-                               row_flags=row_flags if hyper["momentum"] else None):
+                                    row_flags=row_flags if hyper["momentum"] else None):
         contract.kernel(backend, "sgd")(batch, **hyper)
         finish()
 
 
 def _run_adam(backend, params, grads, states, steps, **hyper):
     for batch, finish in _plan.pack(params, grads, states,
-                               ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=steps):
+                                    ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=steps):
         contract.kernel(backend, "adam")(batch, **hyper)
         finish()
 
@@ -393,7 +393,7 @@ def test_grad_scale_unscales_in_the_kernel(dtype, optim):
             row_flags = [step == 0] * len(sizes)
             big = [g * 1024 for g in gs]
             for batch, finish in _plan.pack(scaled.params, big, [scaled.bufs],
-                                       ("momentum_buffer",), row_flags=row_flags):
+                                            ("momentum_buffer",), row_flags=row_flags):
                 contract.kernel(tk, "sgd")(batch, grad_scale=scale, found_inf=zero, **hyper)
                 finish()
             _assert_all_close(big, [g * 1024 for g in gs], rtol=0, atol=0)  # untouched
@@ -405,8 +405,8 @@ def test_grad_scale_unscales_in_the_kernel(dtype, optim):
         for gs in grads:
             big = [g * 1024 for g in gs]
             for batch, finish in _plan.pack(scaled.params, big, scaled.states(),
-                                       ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-                                       steps=scaled.steps):
+                                            ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                                            steps=scaled.steps):
                 contract.kernel(tk, "adam")(batch, grad_scale=scale, found_inf=zero, **hyper)
                 finish()
             _assert_all_close(big, [g * 1024 for g in gs], rtol=0, atol=0)
@@ -426,10 +426,10 @@ def test_found_inf_skips_adam_entirely(monkeypatch, host_steps):
     grads = _randn(SIZES, torch.float32, gen)
     grads0 = _clone(grads)
     for batch, finish in _plan.pack(state.params, grads, state.states(),
-                               ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-                               steps=state.steps):
+                                    ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                                    steps=state.steps):
         contract.kernel(tk, "adam")(batch, grad_scale=torch.tensor([4.0], device=DEVICE),
-                found_inf=torch.tensor([1.0], device=DEVICE), **hyper)
+                                    found_inf=torch.tensor([1.0], device=DEVICE), **hyper)
     _assert_all_close(state.tensors(), before, rtol=0, atol=0)
     _assert_all_close(grads, grads0, rtol=0, atol=0)
     assert [float(s) for s in state.steps] == [1.0] * len(SIZES)
@@ -443,7 +443,7 @@ def test_a_batch_mixing_host_and_device_steps_is_refused():
     before = _clone(state.tensors())
     grads = _randn(SIZES, torch.float32, torch.Generator().manual_seed(4))
     ((batch, finish),) = _plan.pack(state.params, grads, state.states(),
-                             ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
+                                    ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
     batch.table[0, L.FLAGS] |= L.FLAG_STEP_HOST
     with pytest.raises(ValueError, match="mixes step counters"):
         contract.kernel(tk, "adam")(batch, **hyper)
@@ -457,7 +457,7 @@ def test_host_steps_that_are_not_host_memory_are_refused(monkeypatch):
     state = _AdamState(SIZES, torch.float32, 3, False)
     grads = _randn(SIZES, torch.float32, torch.Generator().manual_seed(4))
     ((batch, finish),) = _plan.pack(state.params, grads, state.states(),
-                             ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
+                                    ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), steps=state.steps)
     flags = batch.table[:, L.FLAGS]
     assert ((flags & L.FLAG_STEP_CPU) != 0).all()  # as _plan writes them
     batch.table[1, L.FLAGS] &= ~L.FLAG_STEP_CPU  # as for a counter elsewhere
@@ -474,7 +474,7 @@ def test_found_inf_skips_sgd_entirely():
     grads = _randn(SIZES, torch.float32, gen)
     for row_flags in (False, True):
         for batch, finish in _plan.pack(state.params, grads, [state.bufs],
-                                   ("momentum_buffer",), row_flags=[row_flags] * len(SIZES)):
+                                        ("momentum_buffer",), row_flags=[row_flags] * len(SIZES)):
             contract.kernel(tk, "sgd")(batch, found_inf=torch.tensor([1.0], device=DEVICE), **hyper)
         _assert_all_close(state.tensors(), before, rtol=0, atol=0)
 
@@ -790,7 +790,7 @@ def test_adagrad_host_side_steps(monkeypatch):
                   lr=0.1, lr_decay=0.2, eps=1e-10, weight_decay=0.01, maximize=False)
     for found_inf in (torch.tensor(1.0), None):
         for batch, finish in _plan.pack(params, grads, [sums], ("sum",), steps=steps,
-                                   backend="triton"):
+                                        backend="triton"):
             batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
             tk_adagrad(batch, found_inf=found_inf, **hyper)
             finish()
@@ -823,7 +823,7 @@ def test_rmsprop_host_side_steps(found_inf):
         states = [[torch.rand(p.shape) + k for p in params] for k in (1.0, 0.0, -0.5)]
         steps = [torch.tensor(3.0), torch.tensor(3.0, dtype=torch.float64), torch.tensor(0.0)]
         ((batch, finish),) = _plan.pack(params, grads, states,
-                                 ("square_avg", "momentum_buffer", "grad_avg"), steps=steps)
+                                        ("square_avg", "momentum_buffer", "grad_avg"), steps=steps)
         if kernel is triton_kernel:
             batch.table[:, L.FLAGS] |= L.FLAG_STEP_HOST
         amp = {} if found_inf is None else dict(found_inf=torch.tensor(found_inf))

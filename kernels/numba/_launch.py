@@ -275,5 +275,3 @@ def run(batch, kernel, scalars, *, maximize, host=(), states=(False, False, Fals
         np.empty((batch.table.shape[0], 3), dtype=c), state if s0 else None,
         state if s1 else None, state if s2 else None,
         *_store_options(batch, kahan_sum, stochastic_round), _state_keys(batch, state_round)))
-
-

@@ -30,6 +30,7 @@ __all__ = ["adagrad"]
 # the batch scalars x[FIRST:] (NX: the length of x); HAS_WD is 1.0 (on) or 0.0
 EPS, WD, HAS_WD, NX = range(FIRST, FIRST + 4)
 
+
 @njit(inline="always")
 def _adagrad_rows(table, h, rows):
     adagrad_scalars(table, h[0], h[1], h[2], rows)
@@ -60,7 +61,8 @@ def adagrad_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, 
 
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=LR_F64,
-            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None, state_round=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
+            state_round=None):
     """Adagrad (torch semantics) over every row, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included; grads are

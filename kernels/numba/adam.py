@@ -26,6 +26,7 @@ __all__ = ["adam"]
 LERP_W, LERP_FROM_GRAD, BETA2, ONE_MINUS_BETA2, EPS, WD, HAS_WD, DECAY, NX = range(
     FIRST, FIRST + 9)
 
+
 @njit(inline="always")
 def _nanmax(a, b):
     if a != a:
@@ -127,8 +128,9 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                 1.0 - lr * weight_decay if decoupled else 1.0)
 
     run(batch, (adam_parallel, adam_serial, NX), scalars, maximize=maximize,
-        host=(float(lr), float(beta1), float(beta2)), states=(True, True, amsgrad), grad_scale=grad_scale,
-        found_inf=found_inf, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_round=state_round)
+        host=(float(lr), float(beta1), float(beta2)), states=(True, True, amsgrad),
+        grad_scale=grad_scale, found_inf=found_inf, kahan_sum=kahan_sum,
+        stochastic_round=stochastic_round, state_round=state_round)
 
 
 light_loads(vars())  # warm-cache loads without Numba's full refresh

@@ -70,7 +70,8 @@ def rmsprop_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, 
 
 
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None, state_round=None):
+            grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
+            state_round=None):
     """RMSprop (torch semantics) over every row, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included; grads are

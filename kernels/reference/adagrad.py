@@ -44,7 +44,7 @@ def clr(lr: float, lr_decay: float, step: float, lr_round: int = 0) -> float:
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
             grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
-        state_round=None):
+            state_round=None):
     """Adagrad (torch semantics) over every tensor, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included.

@@ -19,7 +19,7 @@ __all__ = ["rmsprop"]
 
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
             grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
-        state_round=None):
+            state_round=None):
     """RMSprop (torch semantics) over every tensor of ``batch``, in place; advances steps.
 
     States: ``batch.states[0]`` square_avg, ``[1]`` momentum_buffer (used when

@@ -65,6 +65,7 @@ def slots(n: int) -> tuple:
     their count (its kernels index the float64 buffer with them)."""
     return tuple(tl.constexpr(i) for i in range(n))
 
+
 @triton.jit
 def _load(ptr, offs, mask, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr):
     """Load a block (``mask`` None: unmasked) and widen it to the compute type."""

@@ -36,7 +36,7 @@ def _adagrad_block(p_ptr, g_ptr, s_ptr, c_ptr, offs, mask, neg_clr, eps, weight_
                    inv_scale, maximize, has_wd, k0, k1, start, ELEM: tl.constexpr,
                    IS_BF16: tl.constexpr, COMPUTE: tl.constexpr, IS_F64: tl.constexpr,
                    HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr,
-        S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
+                   S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
     """The Adagrad update of one block (``mask`` None: a whole block)."""
     g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, has_wd, weight_decay,
                  IS_BF16, COMPUTE, HAS_GRAD_SCALE)
@@ -74,7 +74,7 @@ def _adagrad_kernel(
      start) = _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
                        counter_ptr, ELEM, COMPUTE, BLOCK, ALIGNED, TAIL_ALIGNED, VEC, 1,
                        _AG_NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR,
-                           S_ELEM, SSR)
+                       S_ELEM, SSR)
     neg_clr = -(tl.load(scal_ptr + row).to(COMPUTE))
     eps = tl.load(hyper_ptr + _AG_EPS).to(COMPUTE)
     weight_decay = tl.load(hyper_ptr + _AG_WD).to(COMPUTE)
@@ -125,7 +125,7 @@ def _adagrad_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
 
 def adagrad(batch, *, lr, lr_decay, eps, weight_decay, maximize, lr_round=0,
             grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
-        state_round=None):
+            state_round=None):
     """Adagrad (torch semantics) over every row; advances steps.
 
     As the Adam launcher: device-side steps are advanced by a first kernel

@@ -32,7 +32,7 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, mask, step_si
                 start, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
                 COMPUTE: tl.constexpr, IS_F64: tl.constexpr, AMSGRAD: tl.constexpr,
                 HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr,
-        S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
+                S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
     """The Adam update of one block (``mask`` None: a whole block); see ``_adam_kernel``."""
     g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, decay_grad, weight_decay,
                  IS_BF16, COMPUTE, HAS_GRAD_SCALE)

@@ -39,7 +39,7 @@ def _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, mask, lr,
                    IS_BF16: tl.constexpr, COMPUTE: tl.constexpr, IS_F64: tl.constexpr,
                    CENTERED: tl.constexpr, USE_MOMENTUM: tl.constexpr,
                    HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr,
-        S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
+                   S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
     """The RMSprop update of one block (``mask`` None: a whole block)."""
     g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, has_wd, weight_decay,
                  IS_BF16, COMPUTE, HAS_GRAD_SCALE)
@@ -127,12 +127,14 @@ def _rmsprop_kernel(
         _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, None, lr,
                        alpha, oma, eps, weight_decay, momentum, inv_scale, maximize,
                        has_wd, lerp_from_start, k0, k1, start, ELEM, IS_BF16, COMPUTE,
-                       IS_F64, CENTERED, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
+                       IS_F64, CENTERED, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM,
+                       S_IS_BF16, SSR)
     else:
         _rmsprop_block(p_ptr, g_ptr, sq_ptr, buf_ptr, ga_ptr, c_ptr, offs, offs < bound,
                        lr, alpha, oma, eps, weight_decay, momentum, inv_scale, maximize,
                        has_wd, lerp_from_start, k0, k1, start, ELEM, IS_BF16, COMPUTE,
-                       IS_F64, CENTERED, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
+                       IS_F64, CENTERED, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM,
+                       S_IS_BF16, SSR)
 
 
 @triton.jit
@@ -152,7 +154,7 @@ def _rmsprop_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr,
 
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
             grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
-        state_round=None):
+            state_round=None):
     """RMSprop (torch semantics) over every row; advances steps.
 
     Step counters on the params' device are advanced by a first small

@@ -26,7 +26,7 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, mask, lr, weight_decay, momentu
                ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
                USE_MOMENTUM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                KAHAN: tl.constexpr, SR: tl.constexpr,
-        S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
+               S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
     """The SGD update of one block (``mask`` None: a whole block); see ``_sgd_kernel``."""
     g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, has_wd, weight_decay,
                  IS_BF16, COMPUTE, HAS_GRAD_SCALE)
@@ -102,7 +102,7 @@ def _sgd_kernel(
      start) = _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
                        counter_ptr, ELEM, COMPUTE, BLOCK, ALIGNED, TAIL_ALIGNED, VEC, 1,
                        _SGD_NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR,
-                           S_ELEM, SSR)
+                       S_ELEM, SSR)
     lr = tl.load(hyper_ptr + _SGD_LR).to(COMPUTE)
     weight_decay = tl.load(hyper_ptr + _SGD_WD).to(COMPUTE)
     momentum = tl.load(hyper_ptr + _SGD_MOMENTUM).to(COMPUTE)
@@ -118,7 +118,8 @@ def _sgd_kernel(
     if whole:
         _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, None, lr, weight_decay, momentum,
                    omd, inv_scale, not_fresh, nesterov, maximize, has_wd, k0, k1, start,
-                   ELEM, IS_BF16, COMPUTE, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
+                   ELEM, IS_BF16, COMPUTE, USE_MOMENTUM, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM,
+                   S_IS_BF16, SSR)
     else:
         _sgd_block(p_ptr, g_ptr, b_ptr, c_ptr, offs, offs < bound, lr, weight_decay,
                    momentum, omd, inv_scale, not_fresh, nesterov, maximize, has_wd, k0,
