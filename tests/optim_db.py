@@ -358,6 +358,15 @@ def _rmsprop_strategy():
                                   "maximize": st.booleans()})
 
 
+def _adadelta_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-3, 1.0),
+                                  "rho": st.sampled_from([0.9, 0.5, 0.0, 1.0]),
+                                  "eps": st.sampled_from([1e-6, 1e-3]),
+                                  "weight_decay": st.sampled_from([0.0, 1e-2]),
+                                  "maximize": st.booleans()})
+
+
 _ADAM_EDITS = (
     ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
     ("betas", (0.8, 0.95)), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
@@ -537,6 +546,33 @@ OPTIM_DB = (
         scale_sensitive=dict(eps=0.1),
         # torch's RMSprop has no _fused_rmsprop
         torch_functions=("rmsprop", "_single_tensor_rmsprop", "_multi_tensor_rmsprop"),
+    ),
+    OptimInfo(
+        name="Adadelta",
+        # each option in at least one config, combined to keep CI's budget
+        configs=(
+            dict(lr=1.0),
+            dict(lr=0.5, rho=0.5, eps=1e-3, weight_decay=0.1),
+            dict(lr=0.5, maximize=True, weight_decay=0.05, rho=0.95),
+            dict(lr=lambda: torch.tensor(0.5), rho=0.3),
+            dict(lr=1.0, capturable=True, weight_decay=0.1),
+        ),
+        example=dict(lr=1.0),
+        state_config={},  # square_avg, acc_delta and step exist after every step
+        error_inputs=(
+            ErrorInput("rho above 1", lambda: dict(rho=1.5), ValueError, "Invalid rho value"),
+            ErrorInput("negative eps", lambda: dict(eps=-1e-6), ValueError,
+                       "Invalid epsilon value"),
+        ),
+        kwargs_strategy=_adadelta_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.3), ("rho", 0.5), ("rho", 1.0), ("rho", 0.0), ("eps", 0.0),
+            ("weight_decay", 0.0), ("weight_decay", 0.1), ("maximize", True),
+            ("maximize", False)),
+        supports_capturable=True,
+        scale_sensitive=dict(eps=0.1),
+        # torch's Adadelta has no _fused_adadelta
+        torch_functions=("adadelta", "_single_tensor_adadelta", "_multi_tensor_adadelta"),
     ),
 )
 
