@@ -367,6 +367,14 @@ def _adadelta_strategy():
                                   "maximize": st.booleans()})
 
 
+def _rprop_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1),
+                                  "etas": st.sampled_from([(0.5, 1.2), (0.3, 1.5), (0.9, 1.01)]),
+                                  "step_sizes": st.sampled_from([(1e-6, 50.0), (1e-3, 0.05)]),
+                                  "maximize": st.booleans()})
+
+
 _ADAM_EDITS = (
     ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
     ("betas", (0.8, 0.95)), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
@@ -573,6 +581,36 @@ OPTIM_DB = (
         scale_sensitive=dict(eps=0.1),
         # torch's Adadelta has no _fused_adadelta
         torch_functions=("adadelta", "_single_tensor_adadelta", "_multi_tensor_adadelta"),
+    ),
+    OptimInfo(
+        name="Rprop",
+        # each option in at least one config, combined to keep CI's budget
+        configs=(
+            dict(lr=0.01),
+            # both clamps bind: step sizes leave [1e-3, 0.05] within a few steps
+            dict(lr=0.02, etas=(0.3, 1.5), step_sizes=(1e-3, 0.05)),
+            dict(lr=0.01, maximize=True, etas=(0.9, 1.01)),
+            dict(lr=lambda: torch.tensor(0.02)),  # read once, for the first step sizes
+            dict(lr=0.01, capturable=True, maximize=True),
+        ),
+        example=dict(lr=0.01),
+        state_config={},  # prev, step_size and step exist after every step
+        error_inputs=(
+            ErrorInput("etaminus above 1", lambda: dict(etas=(1.5, 1.2)), ValueError,
+                       "Invalid eta values: 1.5, 1.2"),
+            ErrorInput("etaplus below 1", lambda: dict(etas=(0.5, 0.9)), ValueError,
+                       "Invalid eta values: 0.5, 0.9"),
+        ),
+        kwargs_strategy=_rprop_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.3),  # torch reads lr only when it creates the step sizes
+            ("etas", (0.4, 1.3)), ("etas", (1.5, 1.2)),  # not checked at step time
+            ("step_sizes", (1e-4, 0.02)), ("maximize", True), ("maximize", False)),
+        supports_capturable=True,
+        bit_exact=frozenset({torch.float32, torch.float64}),
+        # torch's Rprop has no _fused_rprop
+        torch_functions=("rprop", "_single_tensor_rprop", "_multi_tensor_rprop"),
+        skip_common_errors=("negative weight_decay",),  # Rprop has no weight_decay
     ),
 )
 
