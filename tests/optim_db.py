@@ -81,6 +81,10 @@ Capabilities (defaults in brackets):
     RMSprop/Adagrad have no ``_fused_``: list the names that exist).
 ``skip_common_errors`` [()]
     descriptions of COMMON_ERROR_INPUTS torch's class does not raise for.
+``shadow_kwargs`` [{}]
+    kwargs added to ``full_state_example`` in test_precision's float64-shadow
+    runs, which need every update proportional to ``lr`` (Rprop: an etaplus
+    near 1, else its step sizes grow geometrically from lr).
 
 ``with_capability(cap)`` selects entries by: ``"fused"``, ``"capturable"``,
 ``"complex"``, ``"bit_exact"``, ``"creates_state_lazily"``, ``"has_step"``,
@@ -238,6 +242,7 @@ class OptimInfo:
     scale_sensitive: dict = dataclasses.field(default_factory=dict)
     torch_functions: tuple | None = None
     skip_common_errors: tuple = ()
+    shadow_kwargs: dict = dataclasses.field(default_factory=dict)
 
     # ------------------------------------------------------------ derived
 
@@ -611,6 +616,7 @@ OPTIM_DB = (
         # torch's Rprop has no _fused_rprop
         torch_functions=("rprop", "_single_tensor_rprop", "_multi_tensor_rprop"),
         skip_common_errors=("negative weight_decay",),  # Rprop has no weight_decay
+        shadow_kwargs=dict(etas=(0.5, 1.001)),
     ),
 )
 
