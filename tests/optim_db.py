@@ -81,6 +81,11 @@ Capabilities (defaults in brackets):
     RMSprop/Adagrad have no ``_fused_``: list the names that exist).
 ``skip_common_errors`` [()]
     descriptions of COMMON_ERROR_INPUTS torch's class does not raise for.
+``torch_steps_dtensor`` [True]
+    torch's for-loop step runs on FSDP2's sharded DTensor params (Rprop's
+    does not in torch 2.13: ``sign[sign.gt(0)] = etaplus`` is an
+    ``index_put_`` DTensor refuses); test_distributed's FSDP2 case and its
+    checkpoint cases across kinds then check that torch's step raises.
 ``shadow_kwargs`` [{}]
     kwargs added to ``full_state_example`` in test_precision's float64-shadow
     runs, which need every update proportional to ``lr`` (Rprop: an etaplus
@@ -243,6 +248,7 @@ class OptimInfo:
     torch_functions: tuple | None = None
     skip_common_errors: tuple = ()
     shadow_kwargs: dict = dataclasses.field(default_factory=dict)
+    torch_steps_dtensor: bool = True
 
     # ------------------------------------------------------------ derived
 
@@ -617,6 +623,7 @@ OPTIM_DB = (
         torch_functions=("rprop", "_single_tensor_rprop", "_multi_tensor_rprop"),
         skip_common_errors=("negative weight_decay",),  # Rprop has no weight_decay
         shadow_kwargs=dict(etas=(0.5, 1.001)),
+        torch_steps_dtensor=False,
     ),
 )
 

@@ -12,12 +12,10 @@ other value is exact, so the param's one rounding is torch's too. torch's
 whose NaN goes to ``prev``. The step is only counted (``steps.advance``).
 """
 
-import functools
-
-import torch
 from numba import njit
 
 from .._jit import light_loads
+from ..reference.rprop import as_stored
 from ..steps import advance
 from ._memory import fma, load, rounded, store
 from ._precision import store_param
@@ -71,12 +69,6 @@ def rprop_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, ha
            has0, has1, has2, kahan, sr_keys)
 
 
-@functools.lru_cache(maxsize=64)
-def stored(dtype, v: float) -> float:
-    """``v`` as a tensor of ``dtype`` holds it (torch's Scalar conversion)."""
-    return float(torch.tensor(v, dtype=dtype))
-
-
 def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
           grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """Rprop (torch semantics) over every row, in place; advances steps.
@@ -87,8 +79,8 @@ def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
     stored (``_precision.store_param``).
     """
     dt = batch.dtype
-    values = (stored(dt, etaplus), stored(dt, etaminus), stored(dt, step_size_min),
-              stored(dt, step_size_max), 1.0, 0.0)
+    values = (as_stored(dt, etaplus), as_stored(dt, etaminus), as_stored(dt, step_size_min),
+              as_stored(dt, step_size_max), 1.0, 0.0)
 
     run(batch, (rprop_parallel, rprop_serial, NX), lambda c: values, maximize=maximize,
         states=(True, True, False), grad_scale=grad_scale, found_inf=found_inf,

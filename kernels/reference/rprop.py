@@ -11,9 +11,30 @@ kernels keep.
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from ._io import compute_dtype, param_store, rows
 
-__all__ = ["rprop"]
+__all__ = ["rprop", "as_stored"]
+
+
+def as_stored(dtype, v) -> float:
+    """``v`` as a tensor of ``dtype`` holds it: torch's Scalar conversion (to
+    float32, then to nearest even bfloat16/float16), on the host without a
+    tensor (a capturable step reads nothing on the host). The compiled
+    kernels take etas and step-size bounds so."""
+    if dtype == torch.float64:
+        return float(v)
+    f = np.float32(v)
+    if dtype == torch.float16:
+        with np.errstate(over="ignore"):  # beyond 65519.99: inf, as torch's
+            return float(np.float16(f))
+    if dtype == torch.bfloat16 and np.isfinite(f):
+        u = int(f.view(np.uint32))
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+        return float(np.array(u & 0xFFFFFFFF, dtype=np.uint32).view(np.float32))
+    return float(f)
 
 
 def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,

@@ -11,10 +11,10 @@ counted, as RMSprop's.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
+from ..reference.rprop import as_stored
 from ..steps import advance_host_steps
 from ._kernels import (_grad, _load, _program, _read_steps, _store, _store_param,
                        _write_steps, slots)
@@ -117,11 +117,6 @@ def _rprop_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr,
                  HAS_FOUND_INF)
 
 
-def _stored(dtype, v) -> float:
-    """``v`` as a tensor of ``dtype`` holds it (torch's Scalar conversion)."""
-    return float(torch.tensor(float(v), dtype=dtype))
-
-
 def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
           grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
     """Rprop (torch semantics) over every row; advances steps.
@@ -132,8 +127,8 @@ def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
     ``stochastic_round`` as every launcher's.
     """
     dt = batch.dtype
-    hyper = [_stored(dt, etaplus), _stored(dt, etaminus), _stored(dt, step_size_min),
-             _stored(dt, step_size_max), float(bool(maximize))]
+    hyper = [as_stored(dt, etaplus), as_stored(dt, etaminus), as_stored(dt, step_size_min),
+             as_stored(dt, step_size_max), float(bool(maximize))]
     assert len(hyper) == _NHYPER.value
     launch(_rprop_kernel, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_round,
            steps_kernel=_rprop_steps_kernel, host_steps=advance_host_steps)
