@@ -52,7 +52,7 @@ class Adadelta(_base.FusedOptimizer, torch.optim.Adadelta):
         maximize (bool, optional): maximize the objective (default: False)
         differentiable (bool, optional): autograd through the step; runs
             torch's own for-loop step, not the kernels (default: False)
-        backend, kahan_sum, stochastic_round: keyword-only, as for every
+        backend, kahan_sum, stochastic_round, state_dtype: keyword-only, as for every
             class here (see :class:`~fused_optim._base.FusedOptimizer`)
 
     .. note::
@@ -76,10 +76,12 @@ class Adadelta(_base.FusedOptimizer, torch.optim.Adadelta):
         backend: str | None = None,
         kahan_sum: bool = False,
         stochastic_round: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(params, lr, rho, eps, weight_decay, foreach, capturable=capturable,
                          maximize=maximize, differentiable=differentiable, backend=backend,
-                         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
+                         kahan_sum=kahan_sum, stochastic_round=stochastic_round,
+                         state_dtype=state_dtype)
 
     CAPTURE_HEALTH_CHECK = True
 

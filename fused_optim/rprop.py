@@ -53,7 +53,7 @@ class Rprop(_base.FusedOptimizer, torch.optim.Rprop):
         maximize (bool, optional): maximize the objective (default: False)
         differentiable (bool, optional): autograd through the step; runs
             torch's own for-loop step, not the kernels (default: False)
-        backend, kahan_sum, stochastic_round: keyword-only, as for every
+        backend, kahan_sum, stochastic_round, state_dtype: keyword-only, as for every
             class here (see :class:`~fused_optim._base.FusedOptimizer`)
 
     .. note::
@@ -62,7 +62,11 @@ class Rprop(_base.FusedOptimizer, torch.optim.Rprop):
         rounded to it (bfloat16/float16 products that underflow count as
         zero, as in torch), ``etas`` and ``step_sizes`` as that dtype holds
         them. ``p.grad`` is never written. Only the param store takes
-        ``kahan_sum`` / ``stochastic_round``.
+        ``kahan_sum`` / ``stochastic_round``. With ``state_dtype=torch.bfloat16``
+        the step size is computed in the compute type and both states are
+        rounded once, stochastically; the next step reads only ``prev``'s
+        sign, which that rounding keeps (a nonzero below bfloat16's smallest
+        subnormal may become zero: its step size then stays).
     """
 
     def __init__(
@@ -79,10 +83,12 @@ class Rprop(_base.FusedOptimizer, torch.optim.Rprop):
         backend: str | None = None,
         kahan_sum: bool = False,
         stochastic_round: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(params, lr, etas, step_sizes, capturable=capturable, foreach=foreach,
                          maximize=maximize, differentiable=differentiable, backend=backend,
-                         kahan_sum=kahan_sum, stochastic_round=stochastic_round)
+                         kahan_sum=kahan_sum, stochastic_round=stochastic_round,
+                         state_dtype=state_dtype)
 
     CAPTURE_HEALTH_CHECK = True
 

@@ -364,7 +364,11 @@ def rounded(a, v):  # pragma: no cover - replaced by the overload below
 def _rounded_impl(a, v):
     """``v`` rounded to nearest even to ``a``'s storage type, in the compute type:
     what :func:`store` then :func:`load` give, without the memory (a value
-    torch computes in the storage dtype and tests before it stores it)."""
+    torch computes in the storage dtype and tests before it stores it). A
+    stochastically rounded state (a tuple, ``_walk.rounded``): ``v`` itself,
+    its one rounding the store's."""
+    if isinstance(a, types.BaseTuple):
+        return lambda a, v: v
     dt = a.dtype
     if dt == types.float32:
         return lambda a, v: np.float32(v)

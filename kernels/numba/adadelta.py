@@ -46,20 +46,20 @@ def _adadelta_element(j, p, g, sq, ad, unused, comp, sr, x, r):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def adadelta_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
-                      kahan, sr_keys):
+                      kahan, sr_keys, state_keys):
     parallel(_adadelta_rows, _adadelta_element, NX, table, bounds, itemsize, view_dtype, h,
-             x, rows, has0, has1, has2, kahan, sr_keys)
+             x, rows, has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 @njit(cache=True, error_model="numpy")
 def adadelta_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
-                    kahan, sr_keys):
+                    kahan, sr_keys, state_keys):
     serial(_adadelta_rows, _adadelta_element, NX, table, bounds, itemsize, view_dtype, h, x,
-           rows, has0, has1, has2, kahan, sr_keys)
+           rows, has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 def adadelta(batch, *, lr, rho, eps, weight_decay, maximize, grad_scale=None,
-             found_inf=None, kahan_sum=False, stochastic_round=None):
+             found_inf=None, kahan_sum=False, stochastic_round=None, state_round=None):
     """Adadelta (torch semantics) over every row, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included; grads are
@@ -72,7 +72,7 @@ def adadelta(batch, *, lr, rho, eps, weight_decay, maximize, grad_scale=None,
 
     run(batch, (adadelta_parallel, adadelta_serial, NX), scalars, maximize=maximize,
         states=(True, True, False), grad_scale=grad_scale, found_inf=found_inf,
-        kahan_sum=kahan_sum, stochastic_round=stochastic_round)
+        kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_round=state_round)
 
 
 light_loads(vars())  # warm-cache loads without Numba's full refresh

@@ -9,7 +9,12 @@ and step-size bounds as that type holds them (rounded on the host). The
 step size takes torch's two roundings (``mul_`` then ``clamp_``); every
 other value is exact, so the param's one rounding is torch's too. torch's
 ``sign`` is ``(0 < a) - (a < 0)``: 0 for a NaN, whose param then stays and
-whose NaN goes to ``prev``. The step is only counted (``steps.advance``).
+whose NaN goes to ``prev``. With bfloat16 state (``state_dtype``) the
+step size stays in the compute type until its store, and both states are
+rounded once, stochastically, by their stores (the sign of ``prev``, all
+the next step reads of it, survives that rounding unless it lands on zero
+from below bfloat16's smallest subnormal). The step is only counted
+(``steps.advance``).
 """
 
 from numba import njit
@@ -45,7 +50,7 @@ def _rprop_element(j, p, g, prev, size, unused, comp, sr, x, r):
     d = rounded(p, gj * load(prev, j))
     f = x[ETAPLUS] if d > x[ZERO] else (x[ETAMINUS] if d < x[ZERO] else x[ONE])
     # step_size.mul_(sign).clamp_(step_size_min, step_size_max): std::min(std::max(...))
-    s = rounded(p, load(size, j) * f)
+    s = rounded(size, load(size, j) * f)  # (bfloat16 state: rounded once, by its store)
     s = x[SIZE_MIN] if s < x[SIZE_MIN] else s
     s = x[SIZE_MAX] if x[SIZE_MAX] < s else s
     store(size, j, s)
@@ -57,20 +62,21 @@ def _rprop_element(j, p, g, prev, size, unused, comp, sr, x, r):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def rprop_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
-                   kahan, sr_keys):
+                   kahan, sr_keys, state_keys):
     parallel(_rprop_rows, _rprop_element, NX, table, bounds, itemsize, view_dtype, h, x,
-             rows, has0, has1, has2, kahan, sr_keys)
+             rows, has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 @njit(cache=True, error_model="numpy")
 def rprop_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
-                 kahan, sr_keys):
+                 kahan, sr_keys, state_keys):
     serial(_rprop_rows, _rprop_element, NX, table, bounds, itemsize, view_dtype, h, x, rows,
-           has0, has1, has2, kahan, sr_keys)
+           has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
-          grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
+          grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
+          state_round=None):
     """Rprop (torch semantics) over every row, in place; advances steps.
 
     With ``found_inf`` nonzero nothing is written, steps included; grads are
@@ -84,7 +90,7 @@ def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
 
     run(batch, (rprop_parallel, rprop_serial, NX), lambda c: values, maximize=maximize,
         states=(True, True, False), grad_scale=grad_scale, found_inf=found_inf,
-        kahan_sum=kahan_sum, stochastic_round=stochastic_round)
+        kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_round=state_round)
 
 
 light_loads(vars())  # warm-cache loads without Numba's full refresh

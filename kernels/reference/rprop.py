@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._io import compute_dtype, param_store, rows
+from ._io import compute_dtype, param_store, rows, state_store
 
 __all__ = ["rprop", "as_stored"]
 
@@ -38,7 +38,8 @@ def as_stored(dtype, v) -> float:
 
 
 def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
-          grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None):
+          grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
+          state_round=None):
     """Rprop (torch semantics) over every tensor of ``batch``, in place; advances steps.
 
     States: ``batch.states[0]`` prev, ``[1]`` step_size. The grad is
@@ -47,6 +48,8 @@ def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
     included.
     """
     put = param_store(batch, kahan_sum, stochastic_round)
+    put_state = state_store(batch, state_round)
+    bounds = (as_stored(batch.dtype, step_size_min), as_stored(batch.dtype, step_size_max))
     for i, p, _ in rows(batch, found_inf):
         ct = compute_dtype(p)
         g = batch.grads[i]
@@ -56,13 +59,22 @@ def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
         if maximize:
             g = -g
         prev, step_size = batch.states[0][i], batch.states[1][i]
-        sign = g.mul(prev).sign()
+        # the sign cases in the grad's dtype (bfloat16 state: widened to it)
+        sign = g.mul(prev.to(g.dtype)).sign()
         sign[sign.gt(0)] = etaplus
         sign[sign.lt(0)] = etaminus
         sign[sign.eq(0)] = 1
-        step_size.mul_(sign).clamp_(step_size_min, step_size_max)
+        if state_round is None:
+            step_size.mul_(sign).clamp_(step_size_min, step_size_max)
+            size = step_size.to(ct)
+        else:  # the step size in the compute type, its one rounding the state's store
+            size = step_size.to(ct).mul(sign.to(ct)).clamp_(*bounds)
+            put_state(i, 1, step_size, size)
         g = g.clone()
         g[sign.eq(etaminus)] = 0
         p32 = p.to(ct)
-        put(i, p, p32, p32.addcmul(g.sign().to(ct), step_size.to(ct), value=-1))
-        prev.copy_(g)
+        put(i, p, p32, p32.addcmul(g.sign().to(ct), size, value=-1))
+        if state_round is None:
+            prev.copy_(g)
+        else:
+            put_state(i, 0, prev, g.to(ct))

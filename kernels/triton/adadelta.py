@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..steps import advance_host_steps
-from ._kernels import (_grad, _load, _program, _read_steps, _store, _store_param,
+from ._kernels import (_grad, _load, _program, _read_steps, _store_param, _store_state,
                        _write_steps, slots)
 from ._launch import launch
 
@@ -30,22 +30,24 @@ def _adadelta_block(p_ptr, g_ptr, sq_ptr, ad_ptr, c_ptr, offs, mask, lr, rho, om
                     weight_decay, inv_scale, maximize, has_wd, k0, k1, start,
                     ELEM: tl.constexpr, IS_BF16: tl.constexpr, COMPUTE: tl.constexpr,
                     IS_F64: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                    KAHAN: tl.constexpr, SR: tl.constexpr):
+                    KAHAN: tl.constexpr, SR: tl.constexpr, S_ELEM: tl.constexpr,
+                    S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
     """The Adadelta update of one block (``mask`` None: a whole block)."""
     g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, has_wd, weight_decay,
                  IS_BF16, COMPUTE, HAS_GRAD_SCALE)
     old = p  # the stored param, for the Kahan store
     # square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
-    sq = tl.fma(omr * g, g, _load(sq_ptr, offs, mask, IS_BF16, COMPUTE) * rho)
-    _store(sq_ptr, offs, sq, mask, IS_BF16, ELEM)
-    ad = _load(ad_ptr, offs, mask, IS_BF16, COMPUTE)
+    sq = tl.fma(omr * g, g, _load(sq_ptr, offs, mask, S_IS_BF16, COMPUTE) * rho)
+    _store_state(sq_ptr, offs, sq, mask, k0, k1, start, 0, S_IS_BF16, S_ELEM, SSR)
+    ad = _load(ad_ptr, offs, mask, S_IS_BF16, COMPUTE)
     # std = square_avg.add(eps).sqrt_(); delta = acc_delta.add(eps).sqrt_().div_(std).mul_(grad)
     if IS_F64:
         d = (tl.sqrt(ad + eps) / tl.sqrt(sq + eps)) * g  # sqrt.rn.f64, div.rn.f64 already
     else:
         d = tl.div_rn(tl.sqrt_rn(ad + eps), tl.sqrt_rn(sq + eps)) * g
     # acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
-    _store(ad_ptr, offs, tl.fma(omr * d, d, ad * rho), mask, IS_BF16, ELEM)
+    _store_state(ad_ptr, offs, tl.fma(omr * d, d, ad * rho), mask, k0, k1, start, 1,
+                 S_IS_BF16, S_ELEM, SSR)
     p = tl.fma(d, -lr, p)  # param.add_(delta, alpha=-lr)
     _store_param(p_ptr, c_ptr, offs, old, p, mask, k0, k1, start, IS_BF16, ELEM, KAHAN, SR)
 
@@ -58,6 +60,7 @@ def _adadelta_kernel(
     TAIL_ALIGNED: tl.constexpr, VEC: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
+    S_ELEM: tl.constexpr = None, S_IS_BF16: tl.constexpr = False, SSR: tl.constexpr = False,
 ):
     """Adadelta on one ``BLOCK`` chunk of one row (torch semantics, in place).
 
@@ -70,12 +73,14 @@ def _adadelta_kernel(
             its float64 value is nonzero.
         grad_scale_ptr, found_inf_ptr, ELEM, IS_BF16, COMPUTE, IS_F64, BLOCK,
             ALIGNED, TAIL_ALIGNED, VEC, HAS_GRAD_SCALE, HAS_FOUND_INF,
-            counter_ptr, KAHAN, SR: as in ``rmsprop._rmsprop_kernel``.
+            counter_ptr, KAHAN, SR, S_ELEM, S_IS_BF16, SSR: as in
+            ``rmsprop._rmsprop_kernel``.
     """
     (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, sq_ptr, ad_ptr, _s2, c_ptr, k0,
      k1, start) = _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
                            counter_ptr, ELEM, COMPUTE, BLOCK, ALIGNED, TAIL_ALIGNED, VEC, 2,
-                           _NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR)
+                           _NHYPER, HAS_GRAD_SCALE, HAS_FOUND_INF, KAHAN, SR,
+                           S_ELEM, SSR)
     lr = tl.load(hyper_ptr + _LR).to(COMPUTE)
     rho = tl.load(hyper_ptr + _RHO).to(COMPUTE)
     omr = tl.load(hyper_ptr + _OMR).to(COMPUTE)
@@ -87,11 +92,13 @@ def _adadelta_kernel(
     if whole:
         _adadelta_block(p_ptr, g_ptr, sq_ptr, ad_ptr, c_ptr, offs, None, lr, rho, omr, eps,
                         weight_decay, inv_scale, maximize, has_wd, k0, k1, start, ELEM,
-                        IS_BF16, COMPUTE, IS_F64, HAS_GRAD_SCALE, KAHAN, SR)
+                        IS_BF16, COMPUTE, IS_F64, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM,
+                        S_IS_BF16, SSR)
     else:
         _adadelta_block(p_ptr, g_ptr, sq_ptr, ad_ptr, c_ptr, offs, offs < bound, lr, rho,
                         omr, eps, weight_decay, inv_scale, maximize, has_wd, k0, k1, start,
-                        ELEM, IS_BF16, COMPUTE, IS_F64, HAS_GRAD_SCALE, KAHAN, SR)
+                        ELEM, IS_BF16, COMPUTE, IS_F64, HAS_GRAD_SCALE, KAHAN, SR,
+                        S_ELEM, S_IS_BF16, SSR)
 
 
 @triton.jit
@@ -105,16 +112,17 @@ def _adadelta_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr
 
 
 def adadelta(batch, *, lr, rho, eps, weight_decay, maximize, grad_scale=None,
-             found_inf=None, kahan_sum=False, stochastic_round=None):
+             found_inf=None, kahan_sum=False, stochastic_round=None, state_round=None):
     """Adadelta (torch semantics) over every row; advances steps.
 
     Step counters as in :func:`~fused_optim.kernels.triton.rmsprop`; then one
     update launch per alignment class present. ``lr`` ... ``maximize`` as
     ``torch.optim.Adadelta`` (a Tensor ``lr``, capturable, is read on the
     device); ``grad_scale``, ``found_inf``, ``kahan_sum``,
-    ``stochastic_round`` as every launcher's.
+    ``stochastic_round``, ``state_round`` as every launcher's.
     """
     hyper = [lr, rho, 1.0 - rho, eps, weight_decay, float(bool(maximize))]
     assert len(hyper) == _NHYPER.value
     launch(_adadelta_kernel, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_round,
+           state_round=state_round,
            steps_kernel=_adadelta_steps_kernel, host_steps=advance_host_steps)
