@@ -58,6 +58,19 @@ def _torch_step(info, kwargs, params, our_opt, grads):
     unrounded float32 result, and torch's params."""
     ps = [p.detach().clone().requires_grad_() for p in params]
     ref = info.oracle(ps, **build_kwargs(kwargs))
+    init = ref._init_group
+
+    def fresh_as_converted(group, *lists):
+        # a fresh state our step reads converted, rounded to nearest (README,
+        # "State of another dtype"): Rprop's lr-filled step_size, say; zeros
+        # and the state loaded from ours below stay as they are
+        out = init(group, *lists)
+        for p in group["params"]:
+            for name, t in ref.state[p].items():
+                if name != "step" and torch.is_tensor(t) and t.is_floating_point():
+                    t.copy_(t.to(torch.bfloat16))
+        return out
+    ref._init_group = fresh_as_converted
     # (a deep copy: torch's state_dict shares the step counters, which its
     # step advances in place)
     ref.load_state_dict(copy.deepcopy(fused_optim.state_dict_for_torch(our_opt)))
