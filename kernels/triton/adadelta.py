@@ -38,13 +38,15 @@ def _adadelta_block(p_ptr, g_ptr, sq_ptr, ad_ptr, c_ptr, offs, mask, lr, rho, om
     old = p  # the stored param, for the Kahan store
     # square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
     sq = tl.fma(omr * g, g, _load(sq_ptr, offs, mask, S_IS_BF16, COMPUTE) * rho)
-    _store_state(sq_ptr, offs, sq, mask, k0, k1, start, 0, S_IS_BF16, S_ELEM, SSR)
     ad = _load(ad_ptr, offs, mask, S_IS_BF16, COMPUTE)
     # std = square_avg.add(eps).sqrt_(); delta = acc_delta.add(eps).sqrt_().div_(std).mul_(grad)
     if IS_F64:
         d = (tl.sqrt(ad + eps) / tl.sqrt(sq + eps)) * g  # sqrt.rn.f64, div.rn.f64 already
     else:
         d = tl.div_rn(tl.sqrt_rn(ad + eps), tl.sqrt_rn(sq + eps)) * g
+    # (stored after delta: before it, float32 params with stochastically rounded
+    # bfloat16 state spilled on sm_80, 16 bytes of stack; test_state_dtype)
+    _store_state(sq_ptr, offs, sq, mask, k0, k1, start, 0, S_IS_BF16, S_ELEM, SSR)
     # acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
     _store_state(ad_ptr, offs, tl.fma(omr * d, d, ad * rho), mask, k0, k1, start, 1,
                  S_IS_BF16, S_ELEM, SSR)
