@@ -560,7 +560,6 @@ for kernel in sorted({r.kernel for r in _registry.records()}):
 """
 
 
-
 def _streams(kernel):
     """The streams ``kernel`` reads and writes with every switch on: param,
     grad and each state it keeps (the record's), param and those states."""
