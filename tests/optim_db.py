@@ -81,6 +81,15 @@ Capabilities (defaults in brackets):
     RMSprop/Adagrad have no ``_fused_``: list the names that exist).
 ``skip_common_errors`` [()]
     descriptions of COMMON_ERROR_INPUTS torch's class does not raise for.
+``torch_steps_dtensor`` [True]
+    torch's for-loop step runs on FSDP2's sharded DTensor params (Rprop's
+    does not in torch 2.13: ``sign[sign.gt(0)] = etaplus`` is an
+    ``index_put_`` DTensor refuses); test_distributed's FSDP2 case and its
+    checkpoint cases across kinds then check that torch's step raises.
+``shadow_kwargs`` [{}]
+    kwargs added to ``full_state_example`` in test_precision's float64-shadow
+    runs, which need every update proportional to ``lr`` (Rprop: an etaplus
+    near 1, else its step sizes grow geometrically from lr).
 
 ``with_capability(cap)`` selects entries by: ``"fused"``, ``"capturable"``,
 ``"complex"``, ``"bit_exact"``, ``"creates_state_lazily"``, ``"has_step"``,
@@ -238,6 +247,8 @@ class OptimInfo:
     scale_sensitive: dict = dataclasses.field(default_factory=dict)
     torch_functions: tuple | None = None
     skip_common_errors: tuple = ()
+    shadow_kwargs: dict = dataclasses.field(default_factory=dict)
+    torch_steps_dtensor: bool = True
 
     # ------------------------------------------------------------ derived
 
@@ -355,6 +366,23 @@ def _rmsprop_strategy():
                                   "momentum": st.sampled_from([0.0, 0.5, 0.9]),
                                   "centered": st.booleans(),
                                   "weight_decay": st.sampled_from([0.0, 1e-2]),
+                                  "maximize": st.booleans()})
+
+
+def _adadelta_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-3, 1.0),
+                                  "rho": st.sampled_from([0.9, 0.5, 0.0, 1.0]),
+                                  "eps": st.sampled_from([1e-6, 1e-3]),
+                                  "weight_decay": st.sampled_from([0.0, 1e-2]),
+                                  "maximize": st.booleans()})
+
+
+def _rprop_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1),
+                                  "etas": st.sampled_from([(0.5, 1.2), (0.3, 1.5), (0.9, 1.01)]),
+                                  "step_sizes": st.sampled_from([(1e-6, 50.0), (1e-3, 0.05)]),
                                   "maximize": st.booleans()})
 
 
@@ -537,6 +565,65 @@ OPTIM_DB = (
         scale_sensitive=dict(eps=0.1),
         # torch's RMSprop has no _fused_rmsprop
         torch_functions=("rmsprop", "_single_tensor_rmsprop", "_multi_tensor_rmsprop"),
+    ),
+    OptimInfo(
+        name="Adadelta",
+        # each option in at least one config, combined to keep CI's budget
+        configs=(
+            dict(lr=1.0),
+            dict(lr=0.5, rho=0.5, eps=1e-3, weight_decay=0.1),
+            dict(lr=0.5, maximize=True, weight_decay=0.05, rho=0.95),
+            dict(lr=lambda: torch.tensor(0.5), rho=0.3),
+            dict(lr=1.0, capturable=True, weight_decay=0.1),
+        ),
+        example=dict(lr=1.0),
+        state_config={},  # square_avg, acc_delta and step exist after every step
+        error_inputs=(
+            ErrorInput("rho above 1", lambda: dict(rho=1.5), ValueError, "Invalid rho value"),
+            ErrorInput("negative eps", lambda: dict(eps=-1e-6), ValueError,
+                       "Invalid epsilon value"),
+        ),
+        kwargs_strategy=_adadelta_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.3), ("rho", 0.5), ("rho", 1.0), ("rho", 0.0), ("eps", 0.0),
+            ("weight_decay", 0.0), ("weight_decay", 0.1), ("maximize", True),
+            ("maximize", False)),
+        supports_capturable=True,
+        scale_sensitive=dict(eps=0.1),
+        # torch's Adadelta has no _fused_adadelta
+        torch_functions=("adadelta", "_single_tensor_adadelta", "_multi_tensor_adadelta"),
+    ),
+    OptimInfo(
+        name="Rprop",
+        # each option in at least one config, combined to keep CI's budget
+        configs=(
+            dict(lr=0.01),
+            # both clamps bind: step sizes leave [1e-3, 0.05] within a few steps
+            dict(lr=0.02, etas=(0.3, 1.5), step_sizes=(1e-3, 0.05)),
+            dict(lr=0.01, maximize=True, etas=(0.9, 1.01)),
+            dict(lr=lambda: torch.tensor(0.02)),  # read once, for the first step sizes
+            dict(lr=0.01, capturable=True, maximize=True),
+        ),
+        example=dict(lr=0.01),
+        state_config={},  # prev, step_size and step exist after every step
+        error_inputs=(
+            ErrorInput("etaminus above 1", lambda: dict(etas=(1.5, 1.2)), ValueError,
+                       "Invalid eta values: 1.5, 1.2"),
+            ErrorInput("etaplus below 1", lambda: dict(etas=(0.5, 0.9)), ValueError,
+                       "Invalid eta values: 0.5, 0.9"),
+        ),
+        kwargs_strategy=_rprop_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.3),  # torch reads lr only when it creates the step sizes
+            ("etas", (0.4, 1.3)), ("etas", (1.5, 1.2)),  # not checked at step time
+            ("step_sizes", (1e-4, 0.02)), ("maximize", True), ("maximize", False)),
+        supports_capturable=True,
+        bit_exact=frozenset({torch.float32, torch.float64}),
+        # torch's Rprop has no _fused_rprop
+        torch_functions=("rprop", "_single_tensor_rprop", "_multi_tensor_rprop"),
+        skip_common_errors=("negative weight_decay",),  # Rprop has no weight_decay
+        shadow_kwargs=dict(etas=(0.5, 1.001)),
+        torch_steps_dtensor=False,
     ),
 )
 

@@ -11,6 +11,8 @@ step that raises must also have written nothing at all.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 import optim_db
@@ -84,20 +86,36 @@ class Side:
         except Exception as err:  # noqa: BLE001 - compared with torch's
             if self.fused:
                 after = snapshot(opt, params)
-                _assert_unwritten(before, after)
+                _assert_unwritten(before, after, opt, params)
             self.log.append(("raise", type(err), str(err)))
             raise Stop from err
         self.log.append(("ok", snapshot(opt, params)))
 
 
-def _assert_unwritten(before, after):
+def _torchs_fresh_state(opt, p) -> dict:
+    """The state torch's own ``_init_group`` makes for a copy of ``p`` in its group."""
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    q = p.detach().clone().requires_grad_()
+    q.grad = torch.zeros_like(q)
+    torchs = optim_db.get(type(opt).__name__).record.torch_cls([q])
+    torchs.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+    lists = len(inspect.signature(torchs._init_group).parameters) - 1  # those after group
+    torchs._init_group(torchs.param_groups[0], *[[] for _ in range(lists)])
+    return torchs.state.get(q, {})
+
+
+def _assert_unwritten(before, after, opt=None, params=()):
     for a, b in zip(before[0], after[0]):
         assert same_bits(a, b), "a param was written by a step that raised"
-    for sa, sb in zip(before[1], after[1]):
+    for p, sa, sb in zip(params or [None] * len(before[1]), before[1], after[1]):
         if not sa and sb:
             # torch's _init_group creates a new param's state before the loop
-            # that raises; it must be the untouched initial state
-            assert all(not torch.is_tensor(v) or not v.any() for v in sb.values()), sb
+            # that raises; it must be the untouched initial state: torch's
+            # (zeros, or Rprop's lr-filled step sizes), zeros for our own keys
+            fresh = _torchs_fresh_state(opt, p) if p is not None else {}
+            assert all(not torch.is_tensor(v) or (same_bits(v, fresh[k]) if k in fresh
+                                                  else not v.any())
+                       for k, v in sb.items()), sb
             continue
         assert set(sa) == set(sb), "state entries changed by a step that raised"
         for k in sa:

@@ -1,6 +1,8 @@
 """GradScaler hands grad_scale/found_inf to the optimizer; the kernels unscale
 in the same pass, or skip the update entirely on inf/NaN."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -11,6 +13,18 @@ from matrix import (BACKENDS, TOLERANCE, assert_state_close, build_kwargs, confi
 def _model(seed):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+
+def _fresh_state(info, kwargs, params):
+    """The state torch's ``_init_group`` makes for copies of ``params``, per param."""
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    torchs = info.oracle(copies, **build_kwargs(kwargs))
+    for q in copies:
+        q.grad = torch.zeros_like(q)
+    group = torchs.param_groups[0]
+    lists = len(inspect.signature(torchs._init_group).parameters) - 1  # those after group
+    torchs._init_group(group, *[[] for _ in range(lists)])
+    return [torchs.state.get(q, {}) for q in copies]
 
 
 def _amp_configs():
@@ -60,12 +74,14 @@ def test_grad_scaler_matches_torch_and_skips_on_inf(name, kwargs, backend):
             # (Adagrad's): ours must be the same, bit for bit
             assert_state_close(ref, opt, ref_params, params, rtol=0, atol=0)
         elif it == 0:
-            # torch skipped its step; ours ran and left only fresh state behind
-            for p, rp in zip(params, ref_params):
+            # torch skipped its step; ours ran and left only fresh state behind:
+            # what torch's own _init_group makes (zeros, or Rprop's lr-filled step sizes)
+            fresh = _fresh_state(info, kwargs, ref_params)
+            for p, rp, t in zip(params, ref_params, fresh):
                 s = opt.state.get(p, {})
                 assert not set(info.lazy_state) & set(s)  # made from a grad: none yet
                 assert float(s.get("step", 0)) == 0
-                assert all(not v.any() for k, v in s.items() if k != "step")
+                assert all(torch.equal(v, t[k]) for k, v in s.items() if k != "step")
                 assert torch.equal(p, rp)
         else:
             assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])

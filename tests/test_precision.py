@@ -161,7 +161,7 @@ def _shadow_errors(info, backend, dtype, steps, n, option_sets):
     ulp = torch.finfo(dtype).eps  # the ulp of [1, 2)
     grads = [[(0.5 + 0.5 * torch.randn(s, generator=gen, dtype=torch.float64))
               .to(dtype).double() for s in shapes] for _ in range(steps)]
-    kwargs = dict(info.full_state_example)
+    kwargs = dict(info.full_state_example, **info.shadow_kwargs)
 
     def shadow(lr, k):
         ref = [p.double().requires_grad_() for p in init]

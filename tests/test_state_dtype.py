@@ -58,6 +58,19 @@ def _torch_step(info, kwargs, params, our_opt, grads):
     unrounded float32 result, and torch's params."""
     ps = [p.detach().clone().requires_grad_() for p in params]
     ref = info.oracle(ps, **build_kwargs(kwargs))
+    init = ref._init_group
+
+    def fresh_as_converted(group, *lists):
+        # a fresh state our step reads converted, rounded to nearest (README,
+        # "State of another dtype"): Rprop's lr-filled step_size, say; zeros
+        # and the state loaded from ours below stay as they are
+        out = init(group, *lists)
+        for p in group["params"]:
+            for name, t in ref.state[p].items():
+                if name != "step" and torch.is_tensor(t) and t.is_floating_point():
+                    t.copy_(t.to(torch.bfloat16))
+        return out
+    ref._init_group = fresh_as_converted
     # (a deep copy: torch's state_dict shares the step counters, which its
     # step advances in place)
     ref.load_state_dict(copy.deepcopy(fused_optim.state_dict_for_torch(our_opt)))
@@ -522,6 +535,7 @@ import json, re, sys, importlib
 sys.path.insert(0, sys.argv[1])
 import torch, triton.language as tl
 import _compile_matrix as m
+from fused_optim import _registry
 from fused_optim.kernels.triton import _launch
 
 _PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64",
@@ -529,12 +543,12 @@ _PTRS = {"table_ptr": "*i64", "map_ptr": "*i32", "hyper_ptr": "*fp64",
          "counter_ptr": "*i64"}
 _ON = {"sgd": dict(USE_MOMENTUM=True), "adam": dict(AMSGRAD=True), "adagrad": {},
        "rmsprop": dict(CENTERED=True, USE_MOMENTUM=True)}
-for kernel in ("sgd", "adam", "adagrad", "rmsprop"):
+for kernel in sorted({r.kernel for r in _registry.records()}):
     fn = getattr(importlib.import_module(f"fused_optim.kernels.triton.{kernel}"),
                  f"_{kernel}_kernel")
     sw = dict(TAIL_ALIGNED=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, KAHAN=False,
               SR=False, S_ELEM=_launch._ELEM[torch.bfloat16], S_IS_BF16=True, SSR=True,
-              **_ON[kernel])
+              **_ON.get(kernel, {}))
     const = m.launcher_consts(torch.float32, True, sw)
     for cap in map(int, sys.argv[2].split(",")):
         ptx = m.compile_ptx(m.ast_source(fn, dict(const), _PTRS, {}), cap,
@@ -545,8 +559,13 @@ for kernel in ("sgd", "adam", "adagrad", "rmsprop"):
         print(json.dumps(out), flush=True)
 """
 
-#: streams each kernel reads and writes with every switch on (params, grads, states)
-_STREAMS = {"sgd": (3, 2), "adam": (5, 4), "adagrad": (3, 2), "rmsprop": (5, 4)}
+
+def _streams(kernel):
+    """The streams ``kernel`` reads and writes with every switch on: param,
+    grad and each state it keeps (the record's), param and those states."""
+    from fused_optim import _registry
+    n = {r.kernel: len(r.state) for r in _registry.records()}[kernel]
+    return 2 + n, 1 + n
 
 
 def test_triton_bf16_state_specializations_compile_cleanly():
@@ -568,10 +587,11 @@ def test_triton_bf16_state_specializations_compile_cleanly():
     assert out.returncode == 0, out.stderr[-3000:]
     results = [__import__("json").loads(line) for line in out.stdout.splitlines()
                if line.startswith("{")]
-    assert len(results) == 4 * 2
+    from fused_optim import _registry
+    assert len(results) == len({r.kernel for r in _registry.records()}) * 2
     bad = {}
     for r in results:
-        reads, writes = _STREAMS[r["kernel"]]
+        reads, writes = _streams(r["kernel"])
         why = []
         if r["stack_bytes"] or r["spill_store_bytes"] or r["spill_load_bytes"] or r["local"]:
             why.append("local memory")

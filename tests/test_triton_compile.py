@@ -252,3 +252,79 @@ def test_rmsprop_kernels_compile_offline_for_sm_90():
     problems = {json.dumps([r["kernel"], r.get("dtype"), r.get("aligned"), r["switches"]]):
                 _rmsprop_violations(r) for r in results}
     assert not {k: v for k, v in problems.items() if v}
+
+
+# ------------------------------------------------ Adadelta's and Rprop's kernels
+# (two state streams, a counted step and no switch of their own: the RMSprop
+# subset per dtype and ALIGNED, all on and all off, and the step kernel)
+
+_COUNTED_SWITCHES = ("TAIL_ALIGNED", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
+#: kernel -> (streams loaded: param, grad and its states; needs IEEE div and sqrt)
+_COUNTED = {"adadelta": (4, True), "rprop": (4, False)}
+
+
+def _counted_compile_facts(name, archs=(90,)):
+    """Compile kernel ``name``'s update and step kernels for real GPUs; one dict each."""
+    import importlib
+
+    import _compile_matrix as cm
+    from fused_optim.kernels.triton import _launch
+
+    mod = importlib.import_module(f"fused_optim.kernels.triton.{name}")
+    out = []
+    for cap in archs:
+        for dname, aligned in ((d, a) for d in cm.DTYPES for a in (True, False)):
+            dtype = cm.DTYPES[dname]
+            for on in (True, False):
+                sw = {s: on for s in _COUNTED_SWITCHES}
+                sw["TAIL_ALIGNED"] = on and aligned
+                src = cm.ast_source(getattr(mod, f"_{name}_kernel"),
+                                    cm.launcher_consts(dtype, aligned, sw), cm._SGD_PTRS,
+                                    {"grad_scale_ptr": not on, "found_inf_ptr": not on})
+                ptx = cm.compile_ptx(src, cap,
+                                     _launch.num_warps(dtype, aligned, sw["TAIL_ALIGNED"]))
+                out.append(dict(kernel=name, dtype=dname, aligned=aligned, switches=sw,
+                                arch=cap, **cm.ptx_facts(ptx, dname, cap)))
+        for fi in (False, True):
+            src = cm.ast_source(getattr(mod, f"_{name}_steps_kernel"),
+                                dict(BLOCK_R=_launch._STEP_ROWS, HAS_FOUND_INF=fi),
+                                {"table_ptr": "*i64", "found_inf_ptr": "*fp32", "rows": "i32"},
+                                {"found_inf_ptr": not fi})
+            ptx = cm.compile_ptx(src, cap, _launch.NUM_WARPS)
+            out.append(dict(kernel=f"{name}_steps", switches={"HAS_FOUND_INF": fi}, arch=cap,
+                            **cm.ptx_facts(ptx, "float64", cap)))
+    return out
+
+
+def _counted_violations(name, r):
+    bad = []
+    if r["stack_bytes"] or r["spill_store_bytes"] or r["spill_load_bytes"] or r["local"]:
+        bad.append("local memory")
+    if r["kernel"] != name:
+        return bad
+    streams, ieee = _COUNTED[name]
+    if r["inexact"]:
+        bad.append(f"non-IEEE float math: {r['inexact']}")
+    if ieee and not (r["ieee_sqrt"] and r["ieee_div"]):
+        bad.append("no sqrt.rn / div.rn")
+    paths = 2 if r["switches"]["TAIL_ALIGNED"] else 1
+    if r["aligned"] and (r["vector_loads"] < paths * streams
+                         or r["vector_stores"] < paths * (streams - 1)):
+        bad.append(f"ALIGNED but {r['vector_loads']} 128-bit loads, "
+                   f"{r['vector_stores']} stores ({streams} streams, {paths} paths)")
+    return bad
+
+
+@pytest.mark.parametrize("name", sorted(_COUNTED))
+def test_counted_step_kernels_compile_offline_for_sm_90(name):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path.insert(0, %r); import test_triton_compile as t; "
+            "print(json.dumps(t._counted_compile_facts(%r)))" % (str(HERE), name))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=900, cwd=str(HERE))
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.splitlines()[-1])
+    assert len(results) == len(_compile_matrix.DTYPES) * 2 * 2 + 2
+    problems = {json.dumps([r["kernel"], r.get("dtype"), r.get("aligned"), r["switches"]]):
+                _counted_violations(name, r) for r in results}
+    assert not {k: v for k, v in problems.items() if v}

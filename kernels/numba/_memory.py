@@ -354,3 +354,28 @@ def _store_impl(a, i, v):
             a[i] = f32_to_f16(np.float32(v))
         return impl
     return None
+
+
+def rounded(a, v):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(rounded, inline="always")
+def _rounded_impl(a, v):
+    """``v`` rounded to nearest even to ``a``'s storage type, in the compute type:
+    what :func:`store` then :func:`load` give, without the memory (a value
+    torch computes in the storage dtype and tests before it stores it). A
+    stochastically rounded state (a tuple, ``_walk.rounded``): ``v`` itself,
+    its one rounding the store's."""
+    if isinstance(a, types.BaseTuple):
+        return lambda a, v: v
+    dt = a.dtype
+    if dt == types.float32:
+        return lambda a, v: np.float32(v)
+    if dt == types.float64:
+        return lambda a, v: np.float64(v)
+    if dt == types.uint16:
+        return lambda a, v: bf16_to_f32(f32_to_bf16(np.float32(v)))
+    if dt == types.int16:
+        return lambda a, v: f16_to_f32(f32_to_f16(np.float32(v)))
+    return None
