@@ -172,8 +172,7 @@ def _update(job, key, grad_scale, found_inf, backend, cache, compiled):
         h = _base.compiled_semantics(h, params)
     step_size_min, step_size_max, etaminus, etaplus = (
         h["step_size_min"], h["step_size_max"], h["etaminus"], h["etaplus"])
-    maximize, capturable, differentiable, has_complex = (
-        h["maximize"], h["capturable"], h["differentiable"], h["has_complex"])
+    maximize, capturable, differentiable = h["maximize"], h["capturable"], h["differentiable"]
     name = _base.backend_name(backend)
     cpu_capturable = capturable and any(p.device.type == "cpu" for p in params)
 
