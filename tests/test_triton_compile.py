@@ -192,6 +192,7 @@ def _rmsprop_compile_facts(archs=(90,)):
     """
     import _compile_matrix as cm
     from fused_optim.kernels.triton import _launch
+    from fused_optim.kernels.triton import _kernels as tk_kernels
     from fused_optim.kernels.triton import rmsprop as rk
 
     out = []
@@ -209,12 +210,12 @@ def _rmsprop_compile_facts(archs=(90,)):
                 out.append(dict(kernel="rmsprop", dtype=dname, aligned=aligned, switches=sw,
                                 arch=cap, **cm.ptx_facts(ptx, dname, cap)))
         for fi in (False, True):
-            src = cm.ast_source(rk._rmsprop_steps_kernel,
+            src = cm.ast_source(tk_kernels.count_steps_kernel,
                                 dict(BLOCK_R=_launch._STEP_ROWS, HAS_FOUND_INF=fi),
                                 {"table_ptr": "*i64", "found_inf_ptr": "*fp32", "rows": "i32"},
                                 {"found_inf_ptr": not fi})
             ptx = cm.compile_ptx(src, cap, _launch.NUM_WARPS)
-            out.append(dict(kernel="rmsprop_steps", switches={"HAS_FOUND_INF": fi}, arch=cap,
+            out.append(dict(kernel="count_steps", switches={"HAS_FOUND_INF": fi}, arch=cap,
                             **cm.ptx_facts(ptx, "float64", cap)))
     return out
 
@@ -223,7 +224,7 @@ def _rmsprop_violations(r):
     bad = []
     if r["stack_bytes"] or r["spill_store_bytes"] or r["spill_load_bytes"] or r["local"]:
         bad.append("local memory")
-    if r["kernel"] == "rmsprop_steps":
+    if r["kernel"] == "count_steps":
         return bad
     sw = r["switches"]
     if r["inexact"]:
@@ -256,7 +257,8 @@ def test_rmsprop_kernels_compile_offline_for_sm_90():
 
 # ------------------------------------------------ Adadelta's and Rprop's kernels
 # (two state streams, a counted step and no switch of their own: the RMSprop
-# subset per dtype and ALIGNED, all on and all off, and the step kernel)
+# subset per dtype and ALIGNED, all on and all off; their step kernel is
+# RMSprop's, _kernels.count_steps_kernel, compiled with RMSprop's)
 
 _COUNTED_SWITCHES = ("TAIL_ALIGNED", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
 #: kernel -> (streams loaded: param, grad and its states; needs IEEE div and sqrt)
@@ -264,7 +266,7 @@ _COUNTED = {"adadelta": (4, True), "rprop": (4, False)}
 
 
 def _counted_compile_facts(name, archs=(90,)):
-    """Compile kernel ``name``'s update and step kernels for real GPUs; one dict each."""
+    """Compile kernel ``name``'s update kernel for real GPUs; one dict each."""
     import importlib
 
     import _compile_matrix as cm
@@ -285,14 +287,6 @@ def _counted_compile_facts(name, archs=(90,)):
                                      _launch.num_warps(dtype, aligned, sw["TAIL_ALIGNED"]))
                 out.append(dict(kernel=name, dtype=dname, aligned=aligned, switches=sw,
                                 arch=cap, **cm.ptx_facts(ptx, dname, cap)))
-        for fi in (False, True):
-            src = cm.ast_source(getattr(mod, f"_{name}_steps_kernel"),
-                                dict(BLOCK_R=_launch._STEP_ROWS, HAS_FOUND_INF=fi),
-                                {"table_ptr": "*i64", "found_inf_ptr": "*fp32", "rows": "i32"},
-                                {"found_inf_ptr": not fi})
-            ptx = cm.compile_ptx(src, cap, _launch.NUM_WARPS)
-            out.append(dict(kernel=f"{name}_steps", switches={"HAS_FOUND_INF": fi}, arch=cap,
-                            **cm.ptx_facts(ptx, "float64", cap)))
     return out
 
 
@@ -316,7 +310,7 @@ def _counted_violations(name, r):
 
 
 @pytest.mark.parametrize("name", sorted(_COUNTED))
-def test_counted_step_kernels_compile_offline_for_sm_90(name):
+def test_counted_update_kernels_compile_offline_for_sm_90(name):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path.insert(0, %r); import test_triton_compile as t; "
             "print(json.dumps(t._counted_compile_facts(%r)))" % (str(HERE), name))
@@ -324,7 +318,7 @@ def test_counted_step_kernels_compile_offline_for_sm_90(name):
                          env=env, timeout=900, cwd=str(HERE))
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.splitlines()[-1])
-    assert len(results) == len(_compile_matrix.DTYPES) * 2 * 2 + 2
+    assert len(results) == len(_compile_matrix.DTYPES) * 2 * 2
     problems = {json.dumps([r["kernel"], r.get("dtype"), r.get("aligned"), r["switches"]]):
                 _counted_violations(name, r) for r in results}
     assert not {k: v for k, v in problems.items() if v}

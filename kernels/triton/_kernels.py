@@ -229,6 +229,21 @@ def _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
     tl.store(s32_ptr, s32, mask=advance & is32)
 
 
+@triton.jit
+def count_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr,
+                       HAS_FOUND_INF: tl.constexpr):
+    """Advance device-side step counters by one: one lane per row.
+
+    The steps kernel of every optimizer whose per-row scalars need nothing
+    but the count (RMSprop, Adadelta, Rprop). ``found_inf`` nonzero (if
+    HAS_FOUND_INF) leaves every counter as it is.
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    _, s64_ptr, s32_ptr, s64, s32, is64, is32 = _read_steps(table_ptr, r, rows)
+    _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
+                 HAS_FOUND_INF)
+
+
 # ------------------------------------------------ Kahan summation, stochastic rounding
 #
 # The param store of bfloat16/float16 batches under ``kahan_sum`` /

@@ -9,7 +9,7 @@ fuse and no other contraction, IEEE ``div_rn``/``sqrt_rn`` for float32).
 
 RMSprop's step counter is only counted, never read by the math: device-side
 counters are advanced by a small kernel of one lane per row
-(:func:`_rmsprop_steps_kernel`, skipped under ``found_inf`` without a host
+(:func:`._kernels.count_steps_kernel`, skipped under ``found_inf`` without a host
 sync); host-side ones (torch's default CPU steps for CUDA params) by the host
 (``steps.advance_host_steps``).
 """
@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ..steps import advance_host_steps
-from ._kernels import (_grad, _load, _program, _read_steps, slots, _store_param, _store_state,
-                       _write_steps)
+from ._kernels import (_grad, _load, _program, _store_param, _store_state,
+                       count_steps_kernel, slots)
 from ._launch import launch
 
 __all__ = ["rmsprop"]
@@ -137,21 +137,6 @@ def _rmsprop_kernel(
                        S_IS_BF16, SSR)
 
 
-@triton.jit
-def _rmsprop_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr,
-                          HAS_FOUND_INF: tl.constexpr):
-    """Advance device-side step counters by one: one lane per row.
-
-    ``found_inf`` nonzero (if HAS_FOUND_INF) leaves every counter as it is;
-    it enters through the row bound (see ``_kernels._program`` on the
-    interpreter and scalar masks).
-    """
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    _, s64_ptr, s32_ptr, s64, s32, is64, is32 = _read_steps(table_ptr, r, rows)
-    _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
-                 HAS_FOUND_INF)
-
-
 def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
             grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
             state_round=None):
@@ -183,5 +168,5 @@ def rmsprop(batch, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
     assert len(hyper) == _NHYPER.value
     launch(_rmsprop_kernel, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_round,
            state_round=state_round,
-           steps_kernel=_rmsprop_steps_kernel, host_steps=advance_host_steps,
+           steps_kernel=count_steps_kernel, host_steps=advance_host_steps,
            CENTERED=bool(centered), USE_MOMENTUM=bool(use_momentum))

@@ -16,8 +16,8 @@ import triton.language as tl
 
 from ..reference.rprop import as_stored
 from ..steps import advance_host_steps
-from ._kernels import (_grad, _load, _program, _read_steps, _store_param, _store_state,
-                       _write_steps, slots)
+from ._kernels import (_grad, _load, _program, _store_param, _store_state,
+                       count_steps_kernel, slots)
 from ._launch import launch
 
 __all__ = ["rprop"]
@@ -114,16 +114,6 @@ def _rprop_kernel(
                      IS_BF16, COMPUTE, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
 
 
-@triton.jit
-def _rprop_steps_kernel(table_ptr, found_inf_ptr, rows, BLOCK_R: tl.constexpr,
-                        HAS_FOUND_INF: tl.constexpr):
-    """Advance device-side step counters by one: one lane per row (as RMSprop's)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    _, s64_ptr, s32_ptr, s64, s32, is64, is32 = _read_steps(table_ptr, r, rows)
-    _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
-                 HAS_FOUND_INF)
-
-
 def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
           grad_scale=None, found_inf=None, kahan_sum=False, stochastic_round=None,
           state_round=None):
@@ -140,4 +130,4 @@ def rprop(batch, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
     assert len(hyper) == _NHYPER.value
     launch(_rprop_kernel, batch, hyper, grad_scale, found_inf, kahan_sum, stochastic_round,
            state_round=state_round,
-           steps_kernel=_rprop_steps_kernel, host_steps=advance_host_steps)
+           steps_kernel=count_steps_kernel, host_steps=advance_host_steps)
