@@ -1,15 +1,20 @@
 """What bfloat16 optimizer state costs on CPU, rounded to nearest or stochastically.
 
-float32 AdamW (decoupled decay 1e-2) over the resnet50-shaped list, the Numba
-kernel driven directly (``_plan.pack``, no optimizer around it), three ways
-interleaved in each round: float32 state, bfloat16 state rounded to nearest
+AdamW (decoupled decay 1e-2; float32 params, or bfloat16 with ``--params
+bf16``) over the resnet50-shaped list, the Numba kernel driven directly
+(``_plan.pack``, no optimizer around it), three ways interleaved in each
+round: torch's state (the param's dtype), bfloat16 state rounded to nearest
 (``state_round=None``: what ``state_dtype`` would cost without stochastic
-rounding), and bfloat16 state rounded stochastically (``state_dtype``'s
+rounding) and bfloat16 state rounded stochastically (``state_dtype``'s
 stores). Prints the median time per step and the median of the per-round
-ratios to float32 state. Compiles the two bfloat16 specializations on a cold
+ratios to torch's state. For bfloat16 params the first two are one layout,
+and the third is the cost of the rounding alone. Compiles the two bfloat16 specializations on a cold
 cache (tens of seconds).
 
-    python benchmarks/state_rounding.py [--rounds N] [--list NAME]
+    python benchmarks/state_rounding.py [--rounds N] [--list NAME] [--params fp32|bf16]
+
+The figures before and after the state stream went from two lowbias32
+rounds to one are in ``kernels/reference/_precision.py``'s docstring.
 """
 
 from __future__ import annotations
@@ -28,15 +33,16 @@ HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
              decoupled_weight_decay=True, amsgrad=False, maximize=False)
 
 
-def batch(shapes, state_dtype):
-    params = [torch.randn(s) for s in shapes]
-    grads = [torch.randn(s) for s in shapes]
+def batch(shapes, state_dtype, dtype):
+    """A packed AdamW batch of ``dtype`` params with ``state_dtype`` moments."""
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, dtype=dtype) for s in shapes]
     m = [torch.zeros(s, dtype=state_dtype) for s in shapes]
     v = [torch.zeros(s, dtype=state_dtype) for s in shapes]
     steps = [torch.zeros((), dtype=torch.float32) for _ in shapes]
     (b, _), = _plan.pack(params, grads, [m, v, [None] * len(shapes)],
                          ("exp_avg", "exp_avg_sq", ""), steps=steps, backend="numba",
-                         state_dtype=None if state_dtype == torch.float32 else state_dtype)
+                         state_dtype=None if state_dtype == dtype else state_dtype)
     return b, (params, grads, m, v, steps)  # (the tensors the table points into)
 
 
@@ -44,13 +50,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--list", default="resnet50")
+    ap.add_argument("--params", choices=("fp32", "bf16"), default="fp32")
     args = ap.parse_args(argv)
+    dtype = torch.float32 if args.params == "fp32" else torch.bfloat16
     torch.manual_seed(0)
     shapes = shape_list(args.list).shapes
     counter = torch.zeros((), dtype=torch.int64)
-    variants = {"fp32 state": (batch(shapes, torch.float32), None),
-                "bf16 state, nearest": (batch(shapes, torch.bfloat16), None),
-                "bf16 state, stochastic": (batch(shapes, torch.bfloat16), (12345, counter, 0))}
+    own = "fp32 state" if dtype == torch.float32 else "bf16 state (torch's)"
+    variants = {own: (batch(shapes, dtype, dtype), None),
+                "bf16 state, nearest": (batch(shapes, torch.bfloat16, dtype), None),
+                "bf16 state, stochastic": (batch(shapes, torch.bfloat16, dtype),
+                                           (12345, counter, 0))}
     for (b, _), sr in variants.values():
         for _ in range(3):  # compile, warm up
             adam(b, **HYPER, state_round=sr)
@@ -60,12 +70,12 @@ def main(argv=None):
             t = time.perf_counter()
             adam(b, **HYPER, state_round=sr)
             times[name].append(time.perf_counter() - t)
-    print(f"float32 AdamW, {args.list}, Numba, {torch.get_num_threads()} threads, "
+    print(f"AdamW, {args.params} params, {args.list}, Numba, {torch.get_num_threads()} threads, "
           f"{args.rounds} interleaved rounds")
     for name in variants:
-        ratio = statistics.median(a / b for a, b in zip(times[name], times["fp32 state"]))
+        ratio = statistics.median(a / b for a, b in zip(times[name], times[own]))
         print(f"{name:<24} {statistics.median(times[name]) * 1e3:8.2f} ms   "
-              f"vs fp32 state {ratio:.2f}x")
+              f"vs {own} {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import numba
 import numpy as np
 import torch
 
-from ..reference._precision import STATE_KEYS, keys
+from ..reference._precision import keys, state_key
 from ._memory import VIEW_DTYPES
 
 #: Batches smaller than this run on one thread: below it the parallel region's
@@ -217,16 +217,16 @@ def _store_options(batch, kahan_sum, stochastic_round):
 
 
 def _state_keys(batch, state_round):
-    """None, or ``(k0 ^ STATE_KEYS[0], k0 ^ STATE_KEYS[1], k1)`` (uint32) of
-    ``state_round = (seed, counter, salt)``: the keys of the bfloat16 state
-    stores' stochastic rounding (``_walk.rounded``)."""
+    """None, or the keys (uint32) of state columns 0-1 and 2 of ``state_round =
+    (seed, counter, salt)``: the bfloat16 state stores' stochastic rounding
+    (``_walk.rounded``, ``reference._precision.state_key``)."""
     if state_round is None:
         return None
     if batch.state_dtype != torch.bfloat16:
         raise ValueError(f"state_round stores bfloat16 state, not {batch.state_dtype}")
     seed, counter, salt = state_round
     k0, k1 = keys(int(seed), int(counter), int(salt))
-    return (np.uint32(k0 ^ STATE_KEYS[0]), np.uint32(k0 ^ STATE_KEYS[1]), np.uint32(k1))
+    return np.uint32(state_key(k0, k1, 0)), np.uint32(state_key(k0, k1, 2))
 
 
 def _amp(grad_scale, found_inf):

@@ -199,12 +199,21 @@ def _store_param_impl(p, j, old, new, comp, sr):
 
 @overload(store, inline="always")
 def _store_rounded_state(a, i, v):
-    """``_memory.store`` into a bfloat16 state view with its stream, ``(view, k0,
-    k1, base, shift)`` (``_walk.rounded``): stochastically rounded with the bits
-    of ``reference._precision.state_bits``."""
+    """``_memory.store`` into a bfloat16 state view with its stream, ``(view,
+    key, base, shift)`` (``_walk.rounded``; ``base`` the view's element 0's
+    global index mod 2**32): stochastically rounded with the bits of
+    ``reference._precision.state_bits``.
+
+    :func:`sr_bf16` without its finite test: adding fewer than 2**16 to the
+    bits of an infinity cannot carry, so only NaN (to 0x7FC0, as
+    ``f32_to_bf16``) needs a select.
+    """
     if not isinstance(a, types.BaseTuple):
         return None
 
     def impl(a, i, v):
-        a[0][i] = sr_bf16(np.float32(v), np.uint32(bits(a[1], a[2], a[3] + i) >> a[4]))
+        t = np.float32(v)
+        r = np.uint32(mix32(np.uint32(np.uint32(a[2] + np.uint32(i)) ^ a[1])) >> a[3])
+        up = np.uint32(_f32_to_u32(t) + np.uint32(r & np.uint32(0xFFFF))) >> np.uint32(16)
+        a[0][i] = np.uint16(up if t == t else np.uint32(0x7FC0))
     return impl

@@ -114,10 +114,11 @@ def _optional_view_impl(table, row, col, off, n, present):
 def rounded(v, state_keys, base, col):  # pragma: no cover
     """State view ``v`` as stochastic-rounding stores see it, or ``v`` itself.
 
-    Where ``state_keys`` (``(k0 ^ STATE_KEYS[0], k0 ^ STATE_KEYS[1], k1)``)
-    is not None, the tuple ``(v, k0', k1, base, shift)`` that
-    ``_memory.load``/``store`` take: stores round stochastically with the 16
-    bits ``bits(k0', k1, base + j) >> shift`` (``reference._precision.state_bits``).
+    Where ``state_keys`` (the keys of state columns 0-1 and 2,
+    ``reference._precision.state_key``) is not None, the tuple ``(v, key,
+    base mod 2**32, shift)`` that ``_memory.load``/``store`` take: stores
+    round stochastically with the 16 bits ``mix32((base + j) ^ key) >> shift``
+    (``reference._precision.state_bits``).
     """
     raise NotImplementedError
 
@@ -127,7 +128,7 @@ def _rounded_impl(v, state_keys, base, col):
     if isinstance(v, types.NoneType) or isinstance(state_keys, types.NoneType):
         return lambda v, state_keys, base, col: v
     return lambda v, state_keys, base, col: (
-        v, state_keys[0] if col < 2 else state_keys[1], state_keys[2], base,
+        v, state_keys[0] if col < 2 else state_keys[1], np.uint32(base & 0xFFFFFFFF),
         np.uint32(16 * (col % 2)))
 
 

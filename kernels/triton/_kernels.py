@@ -374,12 +374,11 @@ def _store_state(ptr, offs, x, mask, k0, k1, start, COL: tl.constexpr,
     if SSR:
         u = x.to(tl.uint32, bitcast=True)
         idx = start + offs
-        hi = (idx >> 32).to(tl.uint32)
         if COL < 2:
-            kw = k0 ^ tl.full((), _STATE_KEY0, tl.uint32)
+            key = _mix32(k0 ^ tl.full((), _STATE_KEY0, tl.uint32)) ^ k1
         else:
-            kw = k0 ^ tl.full((), _STATE_KEY1, tl.uint32)
-        r = _mix32(_mix32(idx.to(tl.uint32) ^ kw) ^ (k1 + hi * tl.full((), _GOLDEN, tl.uint32)))
+            key = _mix32(k0 ^ tl.full((), _STATE_KEY1, tl.uint32)) ^ k1
+        r = _mix32(idx.to(tl.uint32) ^ key)
         if COL % 2 == 1:
             r = r >> 16
         h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
