@@ -20,7 +20,9 @@ arena element outside a live param or state tensor must be bit for bit what
 it was before the step (grads included: they are read-only).
 
 With ``precision=True`` (``run(..., precision=True)``) the machine checks the
-opt-in ``kahan_sum``/``stochastic_round`` stores instead: params are also
+opt-in ``kahan_sum``/``stochastic_round`` stores and ``state_dtype=torch.bfloat16``
+(bfloat16 state, alone: its combinations with the others are
+test_state_dtype.py's, and each is one more compile) instead: params are also
 bfloat16 (float16 shares its code paths; test_precision*.py cover it), each
 machine draws its options (and rules toggle them
 per group), and the first world is fused_optim's pure-torch reference
@@ -239,7 +241,8 @@ class Machine(RuleBasedStateMachine):
                 alias=st.sampled_from(["none", "none", "duplicate", "overlap"]),
                 seed=st.integers(0, 2 ** 16),
                 options=st.sampled_from([dict(kahan_sum=True), dict(stochastic_round=True),
-                                         dict(kahan_sum=True, stochastic_round=True)]))
+                                         dict(kahan_sum=True, stochastic_round=True),
+                                         dict(state_dtype=torch.bfloat16)]))
     @counted
     def build(self, config, specs, alias, seed, options):
         self.name, kw = config
@@ -330,7 +333,7 @@ class Machine(RuleBasedStateMachine):
             except Exception as err:  # noqa: BLE001 - compared with torch's
                 outcomes.append((type(err), str(err)))
                 if w.backend is not None:
-                    before.assert_unwritten(w)
+                    before.assert_unwritten(w, self.info.fresh_state)
             if w.backend is not None:
                 before.assert_guards(w)
         theirs, ours = outcomes
@@ -647,14 +650,21 @@ class _Snapshot:
                        if arenas and a.buf.untyped_storage().nbytes()]
         self.live = w.tensors()
 
-    def assert_unwritten(self, w):
+    def assert_unwritten(self, w, fills):
+        """``fills``: the OptimInfo's ``fresh_state``."""
         for i, p in enumerate(w.all_params()):
             assert torch.equal(bits(p), self.params[i]), f"param {i} written by a step that raised"
             s = w.opt.state.get(p, {})
             before = self.state[i]
             if not before:
-                # torch's _init_group makes a new param's state before it raises
-                assert all(not torch.is_tensor(v) or not v.any() for v in s.values())
+                # torch's _init_group makes a new param's state before it raises:
+                # zeros, or the OptimInfo's fresh_state fill (Rprop's step_size)
+                group = next(g for g in w.opt.param_groups if any(q is p for q in g["params"]))
+                for k, v in s.items():
+                    if torch.is_tensor(v):
+                        fill = fills[k](group) if k in fills else 0
+                        assert torch.equal(bits(v), bits(torch.full_like(v, float(fill)))), \
+                            f"new state {k!r} of param {i} written by a step that raised"
                 continue
             assert set(s) == set(before)
             for k, v in before.items():

@@ -71,6 +71,11 @@ Capabilities (defaults in brackets):
 ``lazy_state`` [()]
     state keys created from the first grad rather than as zeros (SGD's
     ``momentum_buffer``); ``with_capability("creates_state_lazily")``.
+``fresh_state`` [{}]
+    state keys whose fresh tensor (``_init_group``'s, before any update) is
+    not zeros: key -> the fill, a function of the param's group (Rprop's
+    ``step_size`` is ``lr``). The stateful machine checks a step that raised
+    left a new param only its fresh state.
 ``scale_sensitive`` [{}]
     kwargs under which a missing GradScaler unscale would show in the result
     (Adam normalises the grad away unless ``eps`` is large: ``eps=0.1``).
@@ -244,6 +249,7 @@ class OptimInfo:
     bit_exact: frozenset = frozenset()
     sparse_grads: str = "error"
     lazy_state: tuple = ()
+    fresh_state: dict = dataclasses.field(default_factory=dict)
     scale_sensitive: dict = dataclasses.field(default_factory=dict)
     torch_functions: tuple | None = None
     skip_common_errors: tuple = ()
@@ -606,6 +612,7 @@ OPTIM_DB = (
         ),
         example=dict(lr=0.01),
         state_config={},  # prev, step_size and step exist after every step
+        fresh_state={"step_size": lambda group: group["lr"]},
         error_inputs=(
             ErrorInput("etaminus above 1", lambda: dict(etas=(1.5, 1.2)), ValueError,
                        "Invalid eta values: 1.5, 1.2"),
