@@ -26,10 +26,11 @@ rounded to nearest, ``exp_avg_sq`` can never decay (only a gradient with
 which shrinks the steps. Rounded stochastically, each store is right on
 average and the decay goes through.
 
-With the defaults (``--steps 4000 --seed 0``; 2-core VM under load, about 90
+With the defaults (``--steps 4000 --seed 0``; 2-core VM under load, about 60
 s): state 8.0 bytes per param in float32, 4.0 in bfloat16; final training
-loss 0.010921 (fp32 state), 0.010915 (bf16 state, -0.05%), 0.012083
-(nearest, +10.6%); held-out 0.010769, 0.010767 (-0.02%), 0.011843 (+10.0%).
+loss 0.010921 (fp32 state), 0.010925 (bf16 state, +0.04%), 0.012083
+(nearest, +10.6%); held-out 0.010769, 0.010770 (+0.01%), 0.011843 (+10.0%).
+With ``--seed 1``: 0.010661, 0.010661 (+0.00%) and 0.011379 (+6.7%).
 
     python examples/bf16_state.py [--steps N] [--lr LR] [--seed S]
         [--backend numba|torch] [--plot loss.png]
