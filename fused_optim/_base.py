@@ -150,10 +150,17 @@ class FusedOptimizer(Optimizer):
         state_dtype = _precision.check_state_dtype(kwargs.pop("state_dtype", None))
         if state_dtype is not None:
             on["state_dtype"] = state_dtype
+        state_bits = _precision.check_state_bits(kwargs.pop("state_bits", None))
+        if state_bits is not None:
+            if state_dtype is not None:
+                raise ValueError("state_bits and state_dtype do not combine: choose one")
+            on["state_bits"] = state_bits
         super().__init__(params, *args, **kwargs)
         if state_dtype is not None and self.defaults.get("differentiable"):
             # (torch's own step, which autograd needs, keeps torch's state)
             raise ValueError("state_dtype does not combine with differentiable=True")
+        if state_bits is not None and self.defaults.get("differentiable"):
+            raise ValueError("state_bits does not combine with differentiable=True")
         if on:
             self.defaults.update(on)  # (and so to add_param_group's groups)
             for group in self.param_groups:
