@@ -216,6 +216,10 @@ def _store_options(batch, kahan_sum, stochastic_round):
     return (_STORAGE[batch.dtype][0] if kahan_sum else None), sr_keys
 
 
+#: the prototype of 8-bit state (``state_bits=8``): uint8 codes, see ``_blockwise``
+_CODES = np.empty(0, dtype=np.uint8)
+
+
 def _state_keys(batch, state_round):
     """None, or ``(k0 ^ STATE_KEYS[0], k0 ^ STATE_KEYS[1], k1)`` (uint32) of
     ``state_round = (seed, counter, salt)``: the keys of the bfloat16 state
@@ -269,7 +273,7 @@ def run(batch, kernel, scalars, *, maximize, host=(), states=(False, False, Fals
     if len(x) != kernel[2]:
         raise ValueError(f"{len(x)} batch scalars for a kernel that takes {kernel[2]}")
     s0, s1, s2 = states
-    state = _STORAGE[batch.state_dtype][0]
+    state = _CODES if batch.state_dtype == torch.uint8 else _STORAGE[batch.state_dtype][0]
     launch(kernel[0], kernel[1], par, (
         batch.table, bounds, itemsize, view_dtype, host, x,
         np.empty((batch.table.shape[0], 3), dtype=c), state if s0 else None,

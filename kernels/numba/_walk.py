@@ -73,6 +73,7 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .. import columns as L
 from .._jit import address
+from ._blockwise import block_len, blocks, buffers, is_quantized, quantized
 from ._memory import BLOCK, PREFETCH_BYTES, fma, load, prefetch_block
 
 #: The index of the batch scalar every kernel shares (``x``): the gradient's
@@ -170,6 +171,49 @@ def decayed_grad(g, p, j, x, has_wd, wd):
 
 @njit(inline="always")
 def plain(element, n, p, g, s0, s1, s2, comp, sr, x, r):
+    """The serial kernels' span: :func:`plain_loop`, or ``_blockwise.blocks``
+    where the state is 8-bit (chosen by type)."""
+    _plain_span(element, n, p, g, s0, s1, s2, comp, sr, x, r)
+
+
+@njit(inline="always")
+def blocked(element, n, p, g, s0, s1, s2, comp, sr, x, r):
+    """The parallel kernels' span: :func:`blocked_loop`, or
+    ``_blockwise.blocks`` where the state is 8-bit (chosen by type)."""
+    _blocked_span(element, n, p, g, s0, s1, s2, comp, sr, x, r)
+
+
+def _plain_span(element, n, p, g, s0, s1, s2, comp, sr, x, r):  # pragma: no cover
+    raise NotImplementedError
+
+
+def _blocked_span(element, n, p, g, s0, s1, s2, comp, sr, x, r):  # pragma: no cover
+    raise NotImplementedError
+
+
+# (the loops are globals here, not arguments: a dispatcher passed to an
+# overload that leaves it unused is lowered as a run-time address, which
+# Numba's disk cache refuses)
+@overload(_plain_span, inline="always")
+def _plain_span_impl(element, n, p, g, s0, s1, s2, comp, sr, x, r):
+    if is_quantized(s0):
+        return lambda element, n, p, g, s0, s1, s2, comp, sr, x, r: blocks(
+            element, n, p, g, s0, s1, s2, comp, sr, x, r)
+    return lambda element, n, p, g, s0, s1, s2, comp, sr, x, r: plain_loop(
+        element, n, p, g, s0, s1, s2, comp, sr, x, r)
+
+
+@overload(_blocked_span, inline="always")
+def _blocked_span_impl(element, n, p, g, s0, s1, s2, comp, sr, x, r):
+    if is_quantized(s0):
+        return lambda element, n, p, g, s0, s1, s2, comp, sr, x, r: blocks(
+            element, n, p, g, s0, s1, s2, comp, sr, x, r)
+    return lambda element, n, p, g, s0, s1, s2, comp, sr, x, r: blocked_loop(
+        element, n, p, g, s0, s1, s2, comp, sr, x, r)
+
+
+@njit(inline="always")
+def plain_loop(element, n, p, g, s0, s1, s2, comp, sr, x, r):
     """``element`` over ``n`` elements, one plain loop (the serial kernels' span).
 
     Absent arrays are literal Nones, so each combination compiles to a loop
@@ -182,8 +226,8 @@ def plain(element, n, p, g, s0, s1, s2, comp, sr, x, r):
 
 
 @njit(inline="always")
-def blocked(element, n, p, g, s0, s1, s2, comp, sr, x, r):
-    """:func:`plain` in blocks of ``BLOCK`` elements (the parallel kernels' span).
+def blocked_loop(element, n, p, g, s0, s1, s2, comp, sr, x, r):
+    """:func:`plain_loop` in blocks of ``BLOCK`` elements (the parallel kernels' span).
 
     Each block first prefetches the block ``PREFETCH_BYTES`` ahead in every
     array present (see ``_memory``); the block loop's fixed trip count is
@@ -223,12 +267,16 @@ def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1
     is not None), ``comp`` the COMP view where ``kahan`` is not, ``sr`` is ``(k0, k1,
     START + off)`` where ``sr_keys`` is not (the global index of the slice's
     element 0, so that stochastic rounding draws the same bits whatever the
-    thread split), each None otherwise. (A ``range(lo, hi)`` loop with a
+    thread split), each None otherwise. Where the state is 8-bit codes
+    (``has0`` a uint8 prototype, ``state_bits=8``), a thread takes whole
+    blocks and the span is ``_blockwise.blocks`` (see there). (A ``range(lo, hi)`` loop with a
     computed ``lo`` inside ``prange`` ran about 3x slower in the prototype
     than ``range(n)`` over a slice.)
     """
     starts = table[:, L.START]
     row = np.searchsorted(starts, lo, side="right") - 1
+    qb = block_len(has0)  # 1 (a constant LLVM folds away) but for 8-bit state
+    bufs = buffers(has0)
     while lo < hi:
         start = table[row, L.START]
         end = start + table[row, L.NUMEL]
@@ -236,20 +284,26 @@ def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1
             row += 1
             continue
         off = lo - start
-        n = min(hi, end) - lo
-        p = view(table, row, L.PARAM, off, n, itemsize, view_dtype)
-        g = view(table, row, L.GRAD, off, n, itemsize, view_dtype)
-        s0 = rounded(optional_view(table, row, L.STATE0, off, n, has0), state_keys,
-                     start + off, 0)
-        s1 = rounded(optional_view(table, row, L.STATE1, off, n, has1), state_keys,
-                     start + off, 1)
-        s2 = rounded(optional_view(table, row, L.STATE2, off, n, has2), state_keys,
-                     start + off, 2)
-        comp = optional_view(table, row, L.COMP, off, n, kahan)
-        sr = stream(sr_keys, start + off)
-        span(element, n, p, g, s0, s1, s2, comp, sr, x, (rows[row, 0], rows[row, 1],
-                                                         rows[row, 2]))
-        lo += n
+        stop = min(hi, end) - start
+        if qb > 1:
+            # 8-bit state: whole blocks, each in the chunk its first element is in
+            off = (off + qb - 1) // qb * qb
+            stop = min((stop + qb - 1) // qb * qb, end - start)
+        n = stop - off
+        if n > 0:
+            p = view(table, row, L.PARAM, off, n, itemsize, view_dtype)
+            g = view(table, row, L.GRAD, off, n, itemsize, view_dtype)
+            s0 = quantized(rounded(optional_view(table, row, L.STATE0, off, n, has0),
+                                   state_keys, start + off, 0), table, row, 0, off, n, bufs)
+            s1 = quantized(rounded(optional_view(table, row, L.STATE1, off, n, has1),
+                                   state_keys, start + off, 1), table, row, 1, off, n, bufs)
+            s2 = quantized(rounded(optional_view(table, row, L.STATE2, off, n, has2),
+                                   state_keys, start + off, 2), table, row, 2, off, n, bufs)
+            comp = optional_view(table, row, L.COMP, off, n, kahan)
+            sr = stream(sr_keys, start + off)
+            span(element, n, p, g, s0, s1, s2, comp, sr, x,
+                 (rows[row, 0], rows[row, 1], rows[row, 2]))
+        lo = min(hi, end)
         row += 1
 
 
