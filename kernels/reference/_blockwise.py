@@ -80,7 +80,9 @@ def _magnitudes(e_bits: int) -> np.ndarray:
         out.append(f * 2.0 ** (lo - M) if f_field == 0
                    else (2 ** M + f) * 2.0 ** (lo + f_field - 1 - M))
     assert out[-1] == YMAX
-    return np.array(out, dtype=np.float64) / YMAX
+    # each magnitude is exact in float32; divided in float32, correctly
+    # rounded, as the Triton kernel decodes arithmetically
+    return np.array(out, dtype=np.float32) / np.float32(YMAX)
 
 
 def _table(code) -> np.ndarray:
@@ -88,8 +90,8 @@ def _table(code) -> np.ndarray:
     mags = _magnitudes(e_bits)
     if signed:
         mags = np.concatenate([mags, -mags])
-    assert len(mags) == 256
-    return mags.astype(np.float32)
+    assert len(mags) == 256 and mags.dtype == np.float32
+    return mags
 
 
 #: code -> value / absmax (float32), per code: DECODE[SIGNED], DECODE[UNSIGNED]
