@@ -166,7 +166,7 @@ class FusedOptimizer(Optimizer):
             for group in self.param_groups:
                 for name, value in on.items():
                     group.setdefault(name, value)
-        if on.get("stochastic_round") or state_dtype is not None:
+        if on.get("stochastic_round") or state_dtype is not None or state_bits is not None:
             _precision.start_stream(self)  # seeded now, reproducibly after torch.manual_seed
         _warmup.start(self)  # compile the first step's kernels in the background
 
@@ -348,7 +348,8 @@ class FusedOptimizer(Optimizer):
                         if made is not None:
                             afters.append(made)
                         rounded = rounded or bool(group.get("stochastic_round")) or (
-                            group.get("state_dtype") is not None)
+                            group.get("state_dtype") is not None) or (
+                            group.get("state_bits") is not None)
                 except Exception:
                     # torch's loop steps each group before it reads the next,
                     # so an error in an earlier group's update comes first:

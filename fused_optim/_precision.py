@@ -144,7 +144,8 @@ class Precision(NamedTuple):
     #: stochastic rounding of low-precision params (``stochastic_round``)
     round_params: bool = True
     #: the ``state_dtype`` option (its state stores round stochastically),
-    #: or QUANTIZED (``state_bits=8``; every row of the job is quantized)
+    #: or QUANTIZED (``state_bits=8``; every row of the job is quantized; its
+    #: second moments round stochastically from the same stream)
     state_dtype: object = None
     #: ``state_bits=8``: per state role (STATE0..2), the rows' float32 block
     #: scales, a list of None where the role is absent; else None
@@ -154,8 +155,7 @@ class Precision(NamedTuple):
         """The kernel keywords for one kernel unit of the job with plan key ``key``."""
         low = unit.dtype in LOW_PRECISION
         params = low and self.round_params and self.seed is not None
-        state = (self.state_dtype is not None and self.state_dtype != QUANTIZED
-                 and unit.state_dtype == self.state_dtype)
+        state = self.state_dtype is not None and unit.state_dtype == self.state_dtype
         out = {}
         if low and self.comps is not None:
             out["kahan_sum"] = True
@@ -310,12 +310,13 @@ def _attach(opt, job, group) -> list:
     kahan = bool(group.get("kahan_sum"))
     sr = bool(group.get("stochastic_round"))
     state_dtype = group.get("state_dtype")
+    stream_state = state_dtype is not None or group.get("state_bits") is not None
     seed = counters = None
-    if sr or state_dtype is not None:
+    if sr or stream_state:
         seed = _seed(opt)
         counters = opt.__dict__.setdefault("_sr_counters", {})
         for p in job.params:
-            if p.dtype in LOW_PRECISION or state_dtype is not None:
+            if p.dtype in LOW_PRECISION or stream_state:
                 _counter(counters, p.device)
                 break
     converted = None

@@ -23,6 +23,7 @@ from .. import columns as L
 from .._jit import address
 from ..reference._blockwise import BLOCK, DECODE, M, SIGNED, UNSIGNED, YMAX
 from ._memory import _f32_to_u32, _u32_to_f32
+from ._precision import bits
 
 __all__ = ["BLOCK", "block_len", "blocks", "buffers", "is_quantized", "quantized"]
 
@@ -41,7 +42,7 @@ def _is_codes(t) -> bool:
 
 def is_quantized(s) -> bool:
     """Whether state view type ``s`` is :func:`quantized`'s tuple (typing time)."""
-    return isinstance(s, types.BaseTuple) and len(s) == 4 and _is_codes(s.types[0])
+    return isinstance(s, types.BaseTuple) and len(s) == 6 and _is_codes(s.types[0])
 
 
 def block_len(has0):  # pragma: no cover - the overload below
@@ -68,24 +69,35 @@ def _buffers_impl(has0):
     return lambda has0: None
 
 
-def quantized(v, table, row, k, off, n, bufs):  # pragma: no cover
+def quantized(v, table, row, k, off, n, bufs, state_keys, base):  # pragma: no cover
     """State view ``v`` of column STATE``k`` (elements ``[off, off + n)`` of the
     row, ``off`` a block edge) as :func:`blocks` takes it: ``(codes, scales,
-    buffer, decode table)``, the scales from column SCALE``k``; ``v`` itself
-    where it is not 8-bit codes (or None)."""
+    buffer, decode table, stream, base)``, the scales from column SCALE``k``;
+    ``v`` itself where it is not 8-bit codes (or None). ``stream`` is None
+    (round to nearest) or ``(key, k1, shift)`` (``_walk.rounded``'s keys of
+    ``state_keys``), for columns 1 and 2; ``base`` the global index of the
+    view's element 0."""
     raise NotImplementedError
 
 
 @overload(quantized, inline="always")
-def _quantized_impl(v, table, row, k, off, n, bufs):
+def _quantized_impl(v, table, row, k, off, n, bufs, state_keys, base):
     if not _is_codes(v):
-        return lambda v, table, row, k, off, n, bufs: v
+        return lambda v, table, row, k, off, n, bufs, state_keys, base: v
+    if isinstance(state_keys, types.NoneType):
+        def impl(v, table, row, k, off, n, bufs, state_keys, base):
+            scales = carray(address(table[row, L.SCALE0 + k] + (off // BLOCK) * 4),
+                            ((n + BLOCK - 1) // BLOCK,), np.float32)
+            return (v, scales, bufs[k], _DEC_S if k == 0 else _DEC_U, None, base)
+        return impl
 
-    def impl(v, table, row, k, off, n, bufs):
+    def impl_keys(v, table, row, k, off, n, bufs, state_keys, base):
         scales = carray(address(table[row, L.SCALE0 + k] + (off // BLOCK) * 4),
                         ((n + BLOCK - 1) // BLOCK,), np.float32)
-        return (v, scales, bufs[k], _DEC_S if k == 0 else _DEC_U)
-    return impl
+        stream = (state_keys[0] if k < 2 else state_keys[1], state_keys[2],
+                  np.uint32(16 * (k % 2)))
+        return (v, scales, bufs[k], _DEC_S if k == 0 else _DEC_U, stream, base)
+    return impl_keys
 
 
 def decoded(s, o, m, b):  # pragma: no cover
@@ -110,7 +122,8 @@ def _decoded_impl(s, o, m, b):
 def encoded(s, f, o, m, b, col):  # pragma: no cover
     """The new values ``f`` (the buffer) of block ``b`` of ``s``: its absmax
     into the scale, the values encoded into the codes (``reference._blockwise``:
-    signed for column 0)."""
+    signed and to nearest for column 0; with a stream, the others
+    stochastically)."""
     raise NotImplementedError
 
 
@@ -141,11 +154,32 @@ def _encoded_impl(s, f, o, m, b, col):
             e = np.int32(_f32_to_u32(y) >> np.uint32(23)) - 127
             e = min(max(e, lo), 0)
             scale = _u32_to_f32(np.uint32(127 + M - e) << np.uint32(23))
-            c = (e - lo) * 8 + np.int32(np.rint(y * scale))
+            c = (e - lo) * 8 + np.int32(_rounded(y * scale, s, o + k, col))
             c = min(max(c, 0), cmax)
             if signed and x < 0:
                 c += 128
             codes[o + k] = np.uint8(c)
+    return impl
+
+
+def _rounded(t, s, j, col):  # pragma: no cover
+    """``t`` (a code's fraction, exact) rounded: to nearest even, or for
+    columns 1 and 2 with a stream stochastically, with the 16 bits of the
+    element's global index ``s[5] + j`` (``reference._precision.state_bits``)."""
+    raise NotImplementedError
+
+
+@overload(_rounded, inline="always")
+def _rounded_impl(t, s, j, col):
+    if isinstance(s.types[4], types.NoneType):
+        return lambda t, s, j, col: np.rint(t)
+
+    def impl(t, s, j, col):
+        if col == 0:
+            return np.rint(t)
+        key, k1, shift = s[4]
+        r = (bits(key, k1, s[5] + j) >> shift) & np.uint32(0xFFFF)
+        return np.floor(t + np.float32(r) * np.float32(2.0 ** -16))
     return impl
 
 

@@ -226,8 +226,8 @@ def _state_keys(batch, state_round):
     stores' stochastic rounding (``_walk.rounded``)."""
     if state_round is None:
         return None
-    if batch.state_dtype != torch.bfloat16:
-        raise ValueError(f"state_round stores bfloat16 state, not {batch.state_dtype}")
+    if batch.state_dtype not in (torch.bfloat16, torch.uint8):
+        raise ValueError(f"state_round stores bfloat16 or 8-bit state, not {batch.state_dtype}")
     seed, counter, salt = state_round
     k0, k1 = keys(int(seed), int(counter), int(salt))
     return (np.uint32(k0 ^ STATE_KEYS[0]), np.uint32(k0 ^ STATE_KEYS[1]), np.uint32(k1))

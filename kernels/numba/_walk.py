@@ -125,7 +125,8 @@ def rounded(v, state_keys, base, col):  # pragma: no cover
 
 @overload(rounded, inline="always")
 def _rounded_impl(v, state_keys, base, col):
-    if isinstance(v, types.NoneType) or isinstance(state_keys, types.NoneType):
+    if (isinstance(v, types.NoneType) or isinstance(state_keys, types.NoneType)
+            or v.dtype == types.uint8):  # (8-bit codes take the keys in _blockwise)
         return lambda v, state_keys, base, col: v
     return lambda v, state_keys, base, col: (
         v, state_keys[0] if col < 2 else state_keys[1], state_keys[2], base,
@@ -294,11 +295,14 @@ def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1
             p = view(table, row, L.PARAM, off, n, itemsize, view_dtype)
             g = view(table, row, L.GRAD, off, n, itemsize, view_dtype)
             s0 = quantized(rounded(optional_view(table, row, L.STATE0, off, n, has0),
-                                   state_keys, start + off, 0), table, row, 0, off, n, bufs)
+                                   state_keys, start + off, 0), table, row, 0, off, n, bufs,
+                             state_keys, start + off)
             s1 = quantized(rounded(optional_view(table, row, L.STATE1, off, n, has1),
-                                   state_keys, start + off, 1), table, row, 1, off, n, bufs)
+                                   state_keys, start + off, 1), table, row, 1, off, n, bufs,
+                             state_keys, start + off)
             s2 = quantized(rounded(optional_view(table, row, L.STATE2, off, n, has2),
-                                   state_keys, start + off, 2), table, row, 2, off, n, bufs)
+                                   state_keys, start + off, 2), table, row, 2, off, n, bufs,
+                             state_keys, start + off)
             comp = optional_view(table, row, L.COMP, off, n, kahan)
             sr = stream(sr_keys, start + off)
             span(element, n, p, g, s0, s1, s2, comp, sr, x,

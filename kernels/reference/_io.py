@@ -110,9 +110,18 @@ def state_store(batch, state_round):
     """
     if batch.state_dtype == torch.uint8:
         from . import _blockwise
+        from . import _precision as P
+        from .. import columns as L
+
+        stream = None if state_round is None else P.keys(*map(int, state_round))
 
         def encode(i, c, s, new):
-            _blockwise.quantize(new, c, codes=s, absmax=batch.states[4 + c][i])
+            rbits = None
+            if stream is not None and c > 0:  # the second moments: stochastically
+                start = int(batch.table[i, L.START])
+                idx = torch.arange(start, start + s.numel(), device=s.device)
+                rbits = P.state_bits(*stream, idx, c)
+            _blockwise.quantize(new, c, codes=s, absmax=batch.states[4 + c][i], rbits=rbits)
         return encode
     if state_round is None:
         return lambda i, c, s, new: s.copy_(new)

@@ -435,13 +435,17 @@ def _load_q(ptr, sc_ptr, offs, mask, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _store_q(ptr, sc_ptr, offs, x, mask, bound, first, BLOCK: tl.constexpr,
-             SIGNED: tl.constexpr):
-    """Encode a block's new float32 values ``x`` with their blocks' absmax.
+def _store_q(ptr, sc_ptr, offs, x, mask, bound, first, k0, k1, start, COL: tl.constexpr,
+             BLOCK: tl.constexpr, SSR: tl.constexpr):
+    """Encode a block's new float32 values ``x`` of state column ``COL`` with
+    their blocks' absmax: signed and to nearest for column 0, else unsigned,
+    and stochastically with SSR (the bits of ``_precision.state_bits``, as
+    :func:`_store_state` draws them; keep the two alike).
 
     ``first`` is the program's first element in the row (a multiple of
     BLOCK); lanes from ``bound`` on are none of the row's.
     """
+    SIGNED: tl.constexpr = COL == 0
     NQ: tl.constexpr = BLOCK // _QBLOCK
     a = tl.reshape(tl.where(offs < bound, tl.abs(x), 0.0), (NQ, _QBLOCK))
     amax = tl.max(a, axis=1)
@@ -462,8 +466,20 @@ def _store_q(ptr, sc_ptr, offs, x, mask, bound, first, BLOCK: tl.constexpr,
     e = (y.to(tl.uint32, bitcast=True) >> 23).to(tl.int32) - 127
     e = tl.minimum(tl.maximum(e, lo), 0)
     t = y * ((130 - e) << 23).to(tl.float32, bitcast=True)  # times 2**(3 - e), exact
-    r = tl.floor(t + 0.5)
-    r = tl.where(((r - t) == 0.5) & ((r.to(tl.int32) & 1) == 1), r - 1.0, r)  # ties to even
+    if SSR and COL > 0:
+        idx = start + offs
+        hi = (idx >> 32).to(tl.uint32)
+        if COL < 2:
+            kw = k0 ^ tl.full((), _STATE_KEY0, tl.uint32)
+        else:
+            kw = k0 ^ tl.full((), _STATE_KEY1, tl.uint32)
+        rb = _mix32(_mix32(idx.to(tl.uint32) ^ kw) ^ (k1 + hi * tl.full((), _GOLDEN, tl.uint32)))
+        if COL % 2 == 1:
+            rb = rb >> 16
+        r = tl.floor(t + (rb & 0xFFFF).to(tl.float32) * (1.0 / 65536.0))
+    else:
+        r = tl.floor(t + 0.5)
+        r = tl.where(((r - t) == 0.5) & ((r.to(tl.int32) & 1) == 1), r - 1.0, r)  # to even
     c = tl.minimum(tl.maximum((e - lo) * 8 + r.to(tl.int32), 0), cmax)
     if SIGNED:
         c = tl.where(x < 0, c + 128, c)

@@ -464,8 +464,8 @@ def _precision_args(batch, kahan_sum, stochastic_round, state_round=None) -> _Pr
     keys, ``_precision.state_bits``).
     """
     ssr = state_round is not None
-    if ssr and batch.state_dtype != torch.bfloat16:
-        raise ValueError(f"state_round stores bfloat16 state, not {batch.state_dtype}")
+    if ssr and batch.state_dtype not in (torch.bfloat16, torch.uint8):
+        raise ValueError(f"state_round stores bfloat16 or 8-bit state, not {batch.state_dtype}")
     if batch.dtype not in (torch.bfloat16, torch.float16):
         kahan_sum, stochastic_round = False, None
     kahan = bool(kahan_sum)

@@ -51,8 +51,8 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, mask, step_si
     m = tl.where(lerp_from_start, tl.fma(omb1, g - m, m), tl.fma(omb1 - 1.0, g - m, g))
     v = tl.fma(omb2 * g, g, v_old * beta2)
     if S_Q:
-        _store_q(m_ptr, sc0_ptr, offs, m, mask, bound, first, BLOCK, True)
-        _store_q(v_ptr, sc1_ptr, offs, v, mask, bound, first, BLOCK, False)
+        _store_q(m_ptr, sc0_ptr, offs, m, mask, bound, first, k0, k1, start, 0, BLOCK, SSR)
+        _store_q(v_ptr, sc1_ptr, offs, v, mask, bound, first, k0, k1, start, 1, BLOCK, SSR)
     else:
         _store_state(m_ptr, offs, m, mask, k0, k1, start, 0, S_IS_BF16, S_ELEM, SSR)
         _store_state(v_ptr, offs, v, mask, k0, k1, start, 1, S_IS_BF16, S_ELEM, SSR)
@@ -63,7 +63,8 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, mask, step_si
             vmax = _load(vmax_ptr, offs, mask, S_IS_BF16, COMPUTE)
         v = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
         if S_Q:
-            _store_q(vmax_ptr, sc2_ptr, offs, v, mask, bound, first, BLOCK, False)
+            _store_q(vmax_ptr, sc2_ptr, offs, v, mask, bound, first, k0, k1, start, 2, BLOCK,
+                     SSR)
         else:
             _store_state(vmax_ptr, offs, v, mask, k0, k1, start, 2, S_IS_BF16, S_ELEM, SSR)
     # torch's addcdiv: param + (value * exp_avg) / denom
