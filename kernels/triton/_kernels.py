@@ -476,11 +476,12 @@ def _store_q(ptr, sc_ptr, offs, x, mask, bound, first, k0, k1, start, COL: tl.co
         rb = _mix32(_mix32(idx.to(tl.uint32) ^ kw) ^ (k1 + hi * tl.full((), _GOLDEN, tl.uint32)))
         if COL % 2 == 1:
             rb = rb >> 16
-        r = tl.floor(t + (rb & 0xFFFF).to(tl.float32) * (1.0 / 65536.0))
+        # (floor of a value >= 0 as a truncating conversion: tl.floor is cvt.rmi.ftz)
+        r = (t + (rb & 0xFFFF).to(tl.float32) * (1.0 / 65536.0)).to(tl.int32)
     else:
-        r = tl.floor(t + 0.5)
-        r = tl.where(((r - t) == 0.5) & ((r.to(tl.int32) & 1) == 1), r - 1.0, r)  # to even
-    c = tl.minimum(tl.maximum((e - lo) * 8 + r.to(tl.int32), 0), cmax)
+        r = (t + 0.5).to(tl.int32)
+        r = tl.where(((r.to(tl.float32) - t) == 0.5) & ((r & 1) == 1), r - 1, r)  # to even
+    c = tl.minimum(tl.maximum((e - lo) * 8 + r, 0), cmax)
     if SIGNED:
         c = tl.where(x < 0, c + 128, c)
     tl.store(ptr + offs, c.to(tl.uint8), mask=mask)
