@@ -25,7 +25,7 @@ from ..reference._blockwise import BLOCK, DECODE, M, SIGNED, UNSIGNED, YMAX
 from ._memory import _f32_to_u32, _u32_to_f32
 from ._precision import bits
 
-__all__ = ["BLOCK", "block_len", "blocks", "buffers", "is_quantized", "quantized"]
+__all__ = ["BLOCK", "block_len", "blocks", "buffers", "quantized"]
 
 _DEC_S = DECODE[SIGNED]
 _DEC_U = DECODE[UNSIGNED]
@@ -38,11 +38,6 @@ _YMAX = np.float32(YMAX)
 
 def _is_codes(t) -> bool:
     return isinstance(t, types.Array) and t.dtype == types.uint8
-
-
-def is_quantized(s) -> bool:
-    """Whether state view type ``s`` is :func:`quantized`'s tuple (typing time)."""
-    return isinstance(s, types.BaseTuple) and len(s) == 6 and _is_codes(s.types[0])
 
 
 def block_len(has0):  # pragma: no cover - the overload below

@@ -73,7 +73,7 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .. import columns as L
 from .._jit import address
-from ._blockwise import block_len, blocks, buffers, is_quantized, quantized
+from ._blockwise import block_len, blocks, buffers, quantized
 from ._memory import BLOCK, PREFETCH_BYTES, fma, load, prefetch_block
 
 #: The index of the batch scalar every kernel shares (``x``): the gradient's
@@ -172,49 +172,6 @@ def decayed_grad(g, p, j, x, has_wd, wd):
 
 @njit(inline="always")
 def plain(element, n, p, g, s0, s1, s2, comp, sr, x, r):
-    """The serial kernels' span: :func:`plain_loop`, or ``_blockwise.blocks``
-    where the state is 8-bit (chosen by type)."""
-    _plain_span(element, n, p, g, s0, s1, s2, comp, sr, x, r)
-
-
-@njit(inline="always")
-def blocked(element, n, p, g, s0, s1, s2, comp, sr, x, r):
-    """The parallel kernels' span: :func:`blocked_loop`, or
-    ``_blockwise.blocks`` where the state is 8-bit (chosen by type)."""
-    _blocked_span(element, n, p, g, s0, s1, s2, comp, sr, x, r)
-
-
-def _plain_span(element, n, p, g, s0, s1, s2, comp, sr, x, r):  # pragma: no cover
-    raise NotImplementedError
-
-
-def _blocked_span(element, n, p, g, s0, s1, s2, comp, sr, x, r):  # pragma: no cover
-    raise NotImplementedError
-
-
-# (the loops are globals here, not arguments: a dispatcher passed to an
-# overload that leaves it unused is lowered as a run-time address, which
-# Numba's disk cache refuses)
-@overload(_plain_span, inline="always")
-def _plain_span_impl(element, n, p, g, s0, s1, s2, comp, sr, x, r):
-    if is_quantized(s0):
-        return lambda element, n, p, g, s0, s1, s2, comp, sr, x, r: blocks(
-            element, n, p, g, s0, s1, s2, comp, sr, x, r)
-    return lambda element, n, p, g, s0, s1, s2, comp, sr, x, r: plain_loop(
-        element, n, p, g, s0, s1, s2, comp, sr, x, r)
-
-
-@overload(_blocked_span, inline="always")
-def _blocked_span_impl(element, n, p, g, s0, s1, s2, comp, sr, x, r):
-    if is_quantized(s0):
-        return lambda element, n, p, g, s0, s1, s2, comp, sr, x, r: blocks(
-            element, n, p, g, s0, s1, s2, comp, sr, x, r)
-    return lambda element, n, p, g, s0, s1, s2, comp, sr, x, r: blocked_loop(
-        element, n, p, g, s0, s1, s2, comp, sr, x, r)
-
-
-@njit(inline="always")
-def plain_loop(element, n, p, g, s0, s1, s2, comp, sr, x, r):
     """``element`` over ``n`` elements, one plain loop (the serial kernels' span).
 
     Absent arrays are literal Nones, so each combination compiles to a loop
@@ -227,8 +184,8 @@ def plain_loop(element, n, p, g, s0, s1, s2, comp, sr, x, r):
 
 
 @njit(inline="always")
-def blocked_loop(element, n, p, g, s0, s1, s2, comp, sr, x, r):
-    """:func:`plain_loop` in blocks of ``BLOCK`` elements (the parallel kernels' span).
+def blocked(element, n, p, g, s0, s1, s2, comp, sr, x, r):
+    """:func:`plain` in blocks of ``BLOCK`` elements (the parallel kernels' span).
 
     Each block first prefetches the block ``PREFETCH_BYTES`` ahead in every
     array present (see ``_memory``); the block loop's fixed trip count is
@@ -270,7 +227,7 @@ def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1
     element 0, so that stochastic rounding draws the same bits whatever the
     thread split), each None otherwise. Where the state is 8-bit codes
     (``has0`` a uint8 prototype, ``state_bits=8``), a thread takes whole
-    blocks and the span is ``_blockwise.blocks`` (see there). (A ``range(lo, hi)`` loop with a
+    blocks (and the span is ``_blockwise.blocks``: :func:`serial_blocks`). (A ``range(lo, hi)`` loop with a
     computed ``lo`` inside ``prange`` ran about 3x slower in the prototype
     than ``range(n)`` over a slice.)
     """
@@ -334,6 +291,32 @@ def serial(prologue, element, nx, table, bounds, itemsize, view_dtype, h, xa, ro
     x = to_fixed_tuple(xa, nx)
     prologue(table, h, rows)
     walk(table, bounds[0], bounds[-1], itemsize, view_dtype, plain, element, x, rows,
+         has0, has1, has2, kahan, sr_keys, state_keys)
+
+
+@njit(inline="always")
+def parallel_blocks(prologue, element, nx, table, bounds, itemsize, view_dtype, h, xa, rows,
+                    has0, has1, has2, kahan, sr_keys, state_keys):
+    """:func:`parallel` for 8-bit state (``state_bits=8``): the span is
+    ``_blockwise.blocks``. Entry points of their own (an optimizer's
+    ``<name>_blocks_parallel``/``_serial``), chosen by the launcher: a span
+    chosen by type inside the walk (an overload) lost the Kahan buffer's
+    stores of the other kernels (numba 0.68; seen in
+    tests/test_precision_kernels.py)."""
+    x = to_fixed_tuple(xa, nx)
+    prologue(table, h, rows)
+    for c in prange(len(bounds) - 1):
+        walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, blocks, element, x,
+             rows, has0, has1, has2, kahan, sr_keys, state_keys)
+
+
+@njit(inline="always")
+def serial_blocks(prologue, element, nx, table, bounds, itemsize, view_dtype, h, xa, rows,
+                  has0, has1, has2, kahan, sr_keys, state_keys):
+    """:func:`serial` for 8-bit state (see :func:`parallel_blocks`)."""
+    x = to_fixed_tuple(xa, nx)
+    prologue(table, h, rows)
+    walk(table, bounds[0], bounds[-1], itemsize, view_dtype, blocks, element, x, rows,
          has0, has1, has2, kahan, sr_keys, state_keys)
 
 
