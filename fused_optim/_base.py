@@ -118,6 +118,10 @@ class FusedOptimizer(Optimizer):
       moments, momentum buffers, ...) is stored in bfloat16, each store
       rounded stochastically from the same stream; math stays float32
       (default: None)
+    * ``state_bits`` (int, optional; Adam and AdamW): None (torch's state), or
+      8: blockwise 8-bit moments for float32/bfloat16 params of 4096
+      elements or more (``kernels/reference/_blockwise.py``); not with
+      ``state_dtype`` (default: None)
 
     .. note::
         As with torch's ``fused=True`` optimizers, ``GradScaler.step`` then

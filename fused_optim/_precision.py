@@ -579,8 +579,9 @@ def for_torch(opt) -> dict:
     """``opt.state_dict()`` as torch.optim's own class would save it.
 
     Every state tensor in its param's dtype (bfloat16 state widened exactly,
-    8-bit state dequantized, its scales left out), and none of fused_optim's own keys: the groups' options, the Kahan
-    buffers, the stochastic-rounding stream.
+    8-bit state dequantized, its scales left out), and none of fused_optim's
+    own keys: the groups' options, the Kahan buffers, the stochastic-rounding
+    stream.
     """
     sd = opt.state_dict()
     sd.pop(SD_KEY, None)

@@ -227,7 +227,8 @@ def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1
     element 0, so that stochastic rounding draws the same bits whatever the
     thread split), each None otherwise. Where the state is 8-bit codes
     (``has0`` a uint8 prototype, ``state_bits=8``), a thread takes whole
-    blocks (and the span is ``_blockwise.blocks``: :func:`serial_blocks`). (A ``range(lo, hi)`` loop with a
+    blocks (and the span is ``_blockwise.blocks``: :func:`serial_blocks`).
+    (A ``range(lo, hi)`` loop with a
     computed ``lo`` inside ``prange`` ran about 3x slower in the prototype
     than ``range(n)`` over a slice.)
     """
