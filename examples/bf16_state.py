@@ -1,4 +1,5 @@
-"""AdamW with its state in bfloat16: half the state memory, float32's loss.
+"""AdamW with its state in bfloat16 or 8 bits: a half or a quarter of the state
+memory, float32's loss.
 
 The teacher-student regression of ``examples/bf16_precision.py`` (a random
 32-64-8 Tanh MLP is the teacher, a 32-256-8 student learns its outputs plus
@@ -11,7 +12,12 @@ trained three ways from the same init and the same batches with
   ``exp_avg_sq`` stored in bfloat16, each store rounded stochastically;
 * ``bf16 state, nearest``: the same state rounded to nearest instead
   (emulated: float32 state rounded to bfloat16 values after every step),
-  what the option would do without stochastic rounding.
+  what the option would do without stochastic rounding;
+* ``8-bit state``: ``state_bits=8``: the moments of every weight of 4096
+  elements or more as blockwise 8-bit codes with a float32 scale per 256
+  (with the default ``--hidden 256`` that is the 32x256 layer only: the
+  256x8 output layer, 2048 elements, keeps float32 state; ``--hidden 512``
+  makes both weight matrices 8-bit).
 
 It prints each variant's bytes of optimizer state per parameter, its final
 loss (the mean training loss over the last 500 steps, and the loss on a
@@ -31,8 +37,18 @@ s): state 8.0 bytes per param in float32, 4.0 in bfloat16; final training
 loss 0.010921 (fp32 state), 0.010925 (bf16 state, +0.04%), 0.012083
 (nearest, +10.6%); held-out 0.010769, 0.010770 (+0.01%), 0.011843 (+10.0%).
 With ``--seed 1``: 0.010661, 0.010661 (+0.00%) and 0.011379 (+6.7%).
+(Measured before the 8-bit variant was added; its runs follow the others'
+and change none of them.)
 
-    python examples/bf16_state.py [--steps N] [--lr LR] [--seed S]
+With ``--hidden 512 --backend numba`` (2026-12-07, under load, about 130
+s): state 8.00, 4.00, 4.00 and 2.18 bytes per param; final training loss
+0.011015 (fp32), 0.011016 (bf16, +0.01%), 0.011065 (nearest, +0.45%),
+0.011028 (8-bit, +0.12%); held-out 0.010950, 0.010951 (+0.01%), 0.010942
+(-0.07%), 0.010971 (+0.19%). Rounding the 8-bit second moments to nearest
+instead ended +6.6% / +6.5% (``examples/bf16_state_8bit.png`` is the run
+above).
+
+    python examples/bf16_state.py [--steps N] [--lr LR] [--seed S] [--hidden H]
         [--backend numba|torch] [--plot loss.png]
 """
 
@@ -53,7 +69,9 @@ _spec = importlib.util.spec_from_file_location(
 task = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(task)  # the MLP, the teacher and the batches
 
-VARIANTS = ("fp32 state", "bf16 state", "bf16 state, nearest")
+VARIANTS = ("fp32 state", "bf16 state", "bf16 state, nearest", "8-bit state")
+#: each variant's optimizer keywords
+OPTIONS = {"bf16 state": {"state_dtype": torch.bfloat16}, "8-bit state": {"state_bits": 8}}
 STEPS, LR, TAIL = 4000, 1e-3, 500
 
 
@@ -66,12 +84,13 @@ def state_bytes_per_param(opt) -> float:
     return size / numel
 
 
-def train(variant, *, steps=STEPS, lr=LR, seed=0, backend=None, tail=TAIL):
+def train(variant, *, steps=STEPS, lr=LR, seed=0, backend=None, tail=TAIL,
+          hidden=task.HIDDEN):
     teacher = task.MLP(seed + 1, hidden=task.TEACHER_HIDDEN)
-    model = task.MLP(seed + 2)
+    model = task.MLP(seed + 2, hidden=hidden)
     torch.manual_seed(seed)  # the stochastic-rounding stream's seed
-    kw = {"state_dtype": torch.bfloat16} if variant == "bf16 state" else {}
-    opt = fused_optim.AdamW(model.parameters(), lr=lr, backend=backend, **kw)
+    opt = fused_optim.AdamW(model.parameters(), lr=lr, backend=backend,
+                            **OPTIONS.get(variant, {}))
     data = torch.Generator().manual_seed(seed + 3)
     x_eval, y_eval = task.make_batch(teacher, torch.Generator().manual_seed(seed + 4),
                                      task.HELD_OUT, "cpu")
@@ -98,12 +117,13 @@ def train(variant, *, steps=STEPS, lr=LR, seed=0, backend=None, tail=TAIL):
             "eval": eval_loss, "state_bytes": nbytes}
 
 
-def compare(*, steps=STEPS, lr=LR, seed=0, backend=None, tail=TAIL, log=print):
+def compare(*, steps=STEPS, lr=LR, seed=0, backend=None, tail=TAIL, log=print,
+            hidden=task.HIDDEN):
     results = {}
     for name in VARIANTS:
         start = time.perf_counter()
         results[name] = train(name, steps=steps, lr=lr, seed=seed, backend=backend,
-                              tail=min(tail, steps))
+                              tail=min(tail, steps), hidden=hidden)
         log(f"  {name:<21} {time.perf_counter() - start:5.1f} s")
     return results
 
@@ -113,7 +133,7 @@ def table(results, tail=TAIL):
     lines = [f"{'variant':<21} {'state B/param':>13} {f'train loss (last {tail})':>24} "
              f"{'vs fp32':>9} {'held-out loss':>14} {'vs fp32':>9}"]
     for name, r in results.items():
-        lines.append(f"{name:<21} {r['state_bytes']:>13.1f} {r['final']:>24.6f} "
+        lines.append(f"{name:<21} {r['state_bytes']:>13.2f} {r['final']:>24.6f} "
                      f"{r['final'] / ref['final'] - 1:>+9.2%} {r['eval']:>14.6f} "
                      f"{r['eval'] / ref['eval'] - 1:>+9.2%}")
     return "\n".join(lines)
@@ -137,7 +157,8 @@ def plot(results, path, window=50):
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(f"training MSE (running mean of {window})")
-    ax.set_title("AdamW, float32 params: optimizer state in float32 vs bfloat16", fontsize=9)
+    ax.set_title("AdamW, float32 params: optimizer state in float32, bfloat16, 8 bits",
+                 fontsize=9)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -150,6 +171,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=task.HIDDEN, help="the student's width")
     parser.add_argument("--backend", choices=("auto", "numba", "torch"), default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--plot", metavar="FILE.png", help="write the loss curves here")
@@ -157,11 +179,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     backend = None if args.backend in (None, "auto") else args.backend
     tail = min(TAIL, args.steps)
-    print(f"teacher-student MLP, AdamW(lr={args.lr:g}), {args.steps} steps, "
-          f"batch {task.BATCH}, seed {args.seed}", flush=True)
+    print(f"teacher-student MLP (student 32-{args.hidden}-8), AdamW(lr={args.lr:g}), "
+          f"{args.steps} steps, batch {task.BATCH}, seed {args.seed}", flush=True)
     start = time.perf_counter()
     results = compare(steps=args.steps, lr=args.lr, seed=args.seed, backend=backend,
-                      tail=tail, log=lambda line: print(line, flush=True))
+                      tail=tail, log=lambda line: print(line, flush=True), hidden=args.hidden)
     print(f"\n{table(results, tail)}\n\n{time.perf_counter() - start:.1f} s in all")
     if args.plot:
         plot(results, args.plot)

@@ -118,6 +118,10 @@ class FusedOptimizer(Optimizer):
       moments, momentum buffers, ...) is stored in bfloat16, each store
       rounded stochastically from the same stream; math stays float32
       (default: None)
+    * ``state_bits`` (int, optional; Adam and AdamW): None (torch's state), or
+      8: blockwise 8-bit moments for float32/bfloat16 params of 4096
+      elements or more (``kernels/reference/_blockwise.py``); not with
+      ``state_dtype`` (default: None)
 
     .. note::
         As with torch's ``fused=True`` optimizers, ``GradScaler.step`` then
@@ -150,16 +154,23 @@ class FusedOptimizer(Optimizer):
         state_dtype = _precision.check_state_dtype(kwargs.pop("state_dtype", None))
         if state_dtype is not None:
             on["state_dtype"] = state_dtype
+        state_bits = _precision.check_state_bits(kwargs.pop("state_bits", None))
+        if state_bits is not None:
+            if state_dtype is not None:
+                raise ValueError("state_bits and state_dtype do not combine: choose one")
+            on["state_bits"] = state_bits
         super().__init__(params, *args, **kwargs)
         if state_dtype is not None and self.defaults.get("differentiable"):
             # (torch's own step, which autograd needs, keeps torch's state)
             raise ValueError("state_dtype does not combine with differentiable=True")
+        if state_bits is not None and self.defaults.get("differentiable"):
+            raise ValueError("state_bits does not combine with differentiable=True")
         if on:
             self.defaults.update(on)  # (and so to add_param_group's groups)
             for group in self.param_groups:
                 for name, value in on.items():
                     group.setdefault(name, value)
-        if on.get("stochastic_round") or state_dtype is not None:
+        if on.get("stochastic_round") or state_dtype is not None or state_bits is not None:
             _precision.start_stream(self)  # seeded now, reproducibly after torch.manual_seed
         _warmup.start(self)  # compile the first step's kernels in the background
 
@@ -341,7 +352,8 @@ class FusedOptimizer(Optimizer):
                         if made is not None:
                             afters.append(made)
                         rounded = rounded or bool(group.get("stochastic_round")) or (
-                            group.get("state_dtype") is not None)
+                            group.get("state_dtype") is not None) or (
+                            group.get("state_bits") is not None)
                 except Exception:
                     # torch's loop steps each group before it reads the next,
                     # so an error in an earlier group's update comes first:

@@ -33,6 +33,7 @@ import torch
 from . import _backend, _reuse_rule
 from ._precision import stored_dtype
 from .kernels import Batch, contract
+from .kernels.reference import _blockwise
 from .kernels import columns as L
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -40,7 +41,11 @@ _PLAIN_SET = frozenset(_PLAIN)
 _STEP_DTYPES = (torch.float32, torch.float64)
 #: the state roles' columns: an optimizer's own roles, in order, then the
 #: Kahan compensation buffer (``kahan_sum``), always the fourth role
-_STATE_COLS = (L.STATE0, L.STATE1, L.STATE2, L.COMP)
+_STATE_COLS = (L.STATE0, L.STATE1, L.STATE2, L.COMP, L.SCALE0, L.SCALE1, L.SCALE2)
+#: the block scales of 8-bit state roles (``state_bits=8``), roles 4..6: a
+#: float32 vector of ``_blockwise.blocks(numel)`` elements each, not the
+#: param's shape
+_SCALE_COLS = (L.SCALE0, L.SCALE1, L.SCALE2)
 #: the optimizer's own state roles, stored in ``state_dtype`` where it is on
 _ROLE_COLS = (L.STATE0, L.STATE1, L.STATE2)
 
@@ -363,10 +368,21 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
         torch_row = not plain
         unusual = not plain
         if plain:
-            want = stored_dtype(p.dtype, state_dtype)
+            want = stored_dtype(p.dtype, state_dtype, p.numel())
             for c, t in enumerate(row[1:1 + 1 + nstate], 1):
-                if (t.dtype != (want if where[c] in _ROLE_COLS else p.dtype)
+                if where[c] in _SCALE_COLS:
+                    # one float32 per block, in the codes' memory order
+                    if (t.dtype != torch.float32 or t.shape != (_blockwise.blocks(p.numel()),)
+                            or t.device != p.device or want != torch.uint8):
+                        torch_row = unusual = True
+                elif (t.dtype != (want if where[c] in _ROLE_COLS else p.dtype)
                         or t.shape != p.shape or t.device != p.device):
+                    torch_row = unusual = True
+                elif t.dtype == torch.uint8 and not (
+                        _dense(p.shape, p.stride()) and not (p.is_conj() or p.is_neg())
+                        and _layout(t.shape, t.stride()) == _layout(p.shape, p.stride())):
+                    # 8-bit codes are never staged: a scratch copy in another
+                    # memory order would cut other blocks than their scales'
                     torch_row = unusual = True
             if steps is not None:
                 st = row[-1]
@@ -418,7 +434,8 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
                 # state to the device" loop).
                 host_step = steps is not None and steps[i].device != params[i].device
                 buckets[(params[i].device, params[i].dtype,
-                         stored_dtype(params[i].dtype, state_dtype), host_step)].append(i)
+                         stored_dtype(params[i].dtype, state_dtype, params[i].numel()),
+                         host_step)].append(i)
         for (device, dtype, _, _), rows in buckets.items():
             module = modules[(device, dtype)]
             units.append(_kernel_unit(cols, where, steps, row_flags, rows, device, module,
@@ -498,6 +515,9 @@ def _kernel_unit(cols, where, steps, row_flags, rows, device, module, kernel):
         for c in range(1, len(cols)):
             col = where[c]
             if col == L.STEP:
+                continue
+            if col in _SCALE_COLS:
+                table[r, col] = cols[c][i].data_ptr()  # (build: a dense float32 vector)
                 continue
             t = cols[c][i]
             if _layout(t.shape, t.stride()) == key and not (t.is_conj() or t.is_neg()):
@@ -620,6 +640,11 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
         n = len(params)
         states = [*states, *([[None] * n] * (3 - len(states))), precision.comps]
         roles = (*roles, *(("",) * (3 - len(roles))), "kahan_comp")
+    if precision is not None and precision.scales is not None:
+        n = len(params)
+        states = [*states, *([[None] * n] * (4 - len(states))), *precision.scales]
+        roles = (*roles, *(("",) * (4 - len(roles))),
+                 *(_blockwise.absmax_key(r) for r in roles[:3]))
     if not _PLAIN_SET.issuperset(map(type, params)):
         params, grads = _local(params), _local(grads)
         states = [_local(s) for s in states]
@@ -712,6 +737,8 @@ def _widening(reference, state_dtype):
     """
     if state_dtype is None:
         return reference
+    if state_dtype == torch.uint8:
+        return _dequantizing(reference)
 
     def widened(ps, gs, ss, *rest):
         back = []
@@ -735,6 +762,34 @@ def _widening(reference, state_dtype):
                 t.copy_(w)
         return made
     return widened
+
+
+def _dequantizing(reference):
+    """``reference`` for rows with 8-bit state (``state_bits=8``): torch's loop
+    gets each role's codes dequantized to the param's dtype (roles 4..6 hold
+    their scales), and the result is quantized back into the same codes and
+    scales (``reference._blockwise``)."""
+    def dequantized(ps, gs, ss, *rest):
+        back = []
+        wide = list(ss)
+        for k in range(min(3, len(ss))):
+            lst = ss[k]
+            if lst is None or len(ss) <= 4 + k or ss[4 + k] is None:
+                continue
+            out = []
+            for p, t, a in zip(ps, lst, ss[4 + k]):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.uint8:
+                    w = _blockwise.dequantize(t, a, k, dtype=p.dtype)
+                    back.append((w, k, t, a))
+                    t = w
+                out.append(t)
+            wide[k] = out
+        made = reference(ps, gs, wide, *rest)
+        with torch.no_grad():
+            for w, k, t, a in back:
+                _blockwise.quantize(w, k, codes=t, absmax=a)
+        return made
+    return dequantized
 
 
 def _torch_rows(rows, params, grads, states, steps, row_flags, reference):

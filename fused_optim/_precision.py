@@ -34,6 +34,22 @@ dtype (a torch.optim checkpoint, a state set by hand) is converted to
 bfloat16 (rounded to nearest) when loaded and at the step that finds it.
 The group key ``state_dtype`` travels in checkpoints like the other two.
 
+``state_bits=8`` (Adam and AdamW) stores the moments of float32 and
+bfloat16 params of at least ``MIN_NUMEL`` (4096) elements as blockwise
+8-bit codes: ``state[name]`` a uint8 tensor of the param's shape and
+strides, ``state[name + "_absmax"]`` its float32 block scales (one per 256
+elements in memory order); ``kernels/reference/_blockwise.py`` is the
+specification. Internally the option is the state "dtype" ``QUANTIZED``
+(torch.uint8): the plan validates and buckets rows by it as it does
+bfloat16 state, and a job's quantized rows carry their scales
+(``Precision.scales``), which join the plan as the roles of columns
+SCALE0..2. Smaller and other params keep torch's state, in a job of their
+own. State of another dtype (torch's fresh state, a torch.optim checkpoint)
+is quantized when loaded and at the step that finds it. The group key
+``state_bits`` travels in checkpoints; torch's ``load_state_dict``, which
+casts state to its param's dtype, never sees the codes and scales (see
+:func:`load`).
+
 Kahan summation and stochastic rounding act on bfloat16/float16 params only
 (the kernels' float32 math already holds every float32/float64 result
 exactly as stored). Where a group mixes
@@ -53,17 +69,20 @@ from typing import NamedTuple
 
 import torch
 
+from .kernels.reference import _blockwise
 from .kernels.reference._precision import LOW_PRECISION
 
 __all__ = ["KEYS", "Precision", "attach", "advance", "save", "load", "stored_dtype",
-           "check_state_dtype", "for_torch"]
+           "check_state_dtype", "check_state_bits", "state_format", "quantized", "for_torch"]
 
 #: the group keys of the options (absent means off)
-KEYS = ("kahan_sum", "stochastic_round", "state_dtype")
+KEYS = ("kahan_sum", "stochastic_round", "state_dtype", "state_bits")
 #: the ``state_dtype`` values there are kernels for
 STATE_DTYPES = (torch.bfloat16,)
 #: the param dtypes whose state ``state_dtype`` stores (others keep torch's)
 _STATE_PARAMS = (torch.float32, torch.bfloat16)
+#: ``state_bits=8`` as the plan and the kernels see it: the dtype of the codes
+QUANTIZED = torch.uint8
 
 
 def check_state_dtype(state_dtype):
@@ -73,9 +92,33 @@ def check_state_dtype(state_dtype):
     return state_dtype
 
 
-def stored_dtype(param_dtype, state_dtype):
-    """The dtype a param of ``param_dtype`` keeps its state in under ``state_dtype``."""
+def check_state_bits(state_bits):
+    """``state_bits`` if it is None or 8, else ValueError."""
+    if state_bits is not None and (isinstance(state_bits, bool) or state_bits != 8):
+        raise ValueError(f"state_bits must be None or 8, not {state_bits!r}")
+    return state_bits
+
+
+def state_format(group):
+    """The group's state option as the plan sees it: None, torch.bfloat16
+    (``state_dtype``) or QUANTIZED (``state_bits=8``)."""
+    state_dtype = group.get("state_dtype")
+    if state_dtype is not None:
+        return state_dtype
+    return QUANTIZED if group.get("state_bits") is not None else None
+
+
+def quantized(param) -> bool:
+    """Whether ``state_bits=8`` stores this param's state in 8 bits."""
+    return param.dtype in _STATE_PARAMS and param.numel() >= _blockwise.MIN_NUMEL
+
+
+def stored_dtype(param_dtype, state_dtype, numel=0):
+    """The dtype a param of ``param_dtype`` (and ``numel`` elements) keeps its
+    state in under ``state_dtype`` (QUANTIZED: ``state_bits=8``)."""
     if state_dtype is None or param_dtype not in _STATE_PARAMS:
+        return param_dtype
+    if state_dtype == QUANTIZED and numel < _blockwise.MIN_NUMEL:
         return param_dtype
     return state_dtype
 
@@ -100,8 +143,13 @@ class Precision(NamedTuple):
     counters: dict | None
     #: stochastic rounding of low-precision params (``stochastic_round``)
     round_params: bool = True
-    #: the ``state_dtype`` option (its state stores round stochastically)
+    #: the ``state_dtype`` option (its state stores round stochastically),
+    #: or QUANTIZED (``state_bits=8``; every row of the job is quantized; its
+    #: second moments round stochastically from the same stream)
     state_dtype: object = None
+    #: ``state_bits=8``: per state role (STATE0..2), the rows' float32 block
+    #: scales, a list of None where the role is absent; else None
+    scales: object = None
 
     def kernel_args(self, unit, key: int, index: int) -> dict:
         """The kernel keywords for one kernel unit of the job with plan key ``key``."""
@@ -167,11 +215,92 @@ def _split(job, keep):
     """The rows ``keep`` (bools) of ``job``, as a job of their own."""
     def pick(lst):
         return [x for x, k in zip(lst, keep) if k] if lst else lst
+    precision = job.precision
+    if precision is not None and precision.comps is not None:
+        precision = precision._replace(comps=pick(precision.comps))
     return job._replace(params=pick(job.params), grads=pick(job.grads),
-                        states=[pick(s) for s in job.states], row_flags=pick(job.row_flags))
+                        states=[pick(s) for s in job.states], row_flags=pick(job.row_flags),
+                        precision=precision)
 
 
 def attach(opt, job, group) -> list:
+    """``job`` with the group's options attached: one job or several.
+
+    Returns:
+        ``(jobs, after)``: ``after`` (or None) puts the state this step made
+        (Kahan buffers, converted or quantized state) into ``opt.state``,
+        once the step went through.
+    """
+    jobs, after = _attach(opt, job, group)
+    if group.get("state_bits") is None:
+        return jobs, after
+    out = []
+    for j in jobs:
+        keep = list(map(quantized, j.params))
+        if not any(keep):
+            out.append(j)
+            continue
+        q = j if all(keep) else _split(j, keep)
+        scales, made = _quantized_state(opt, q)
+        precision = q.precision if q.precision is not None else Precision(None, None, None, False)
+        out.append(q._replace(precision=precision._replace(state_dtype=QUANTIZED,
+                                                           scales=scales)))
+        if not all(keep):
+            out.append(_split(j, [not k for k in keep]))
+        after = _both(after, made)
+    return out, after
+
+
+def _quantized_state(opt, job):
+    """``(scales, after)`` for a job of quantized rows (``state_bits=8``).
+
+    Each state role's codes stay in the job's lists; ``scales`` holds, per
+    role (STATE0..2), the rows' ``<name>_absmax`` tensors (a list of None for
+    an absent role). A float state (torch's fresh state, a torch.optim
+    checkpoint, a state set by hand) is quantized into new codes and scales
+    in the job; ``after`` puts them into ``opt.state`` once the step went
+    through (None where nothing was quantized).
+    """
+    names = _state_names(type(opt))
+    n = len(job.params)
+    state = opt.state
+    scales, made = [], []
+    for k in range(3):
+        lst = job.states[k] if k < len(names) else None
+        if not lst or lst[0] is None:
+            scales.append([None] * n)
+            continue
+        name = names[k]
+        key = _blockwise.absmax_key(name)
+        out = []
+        for i, (p, t) in enumerate(zip(job.params, lst)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"state {name!r} of a parameter is not a tensor: {type(t)}")
+            if t.dtype == QUANTIZED:
+                a = state[p].get(key)
+                if not isinstance(a, torch.Tensor):
+                    raise ValueError(f"state {name!r} of a parameter holds 8-bit codes without "
+                                     f"its block scales {key!r}")
+                out.append(a)
+                continue
+            codes, a = _blockwise.quantize(t.detach(), k, like=p)
+            lst[i] = codes
+            out.append(a)
+            made.append((p, name, t, codes, key, a))
+        scales.append(out)
+    if not made:
+        return scales, None
+
+    def after():
+        for p, name, old, codes, key, a in made:
+            own = state.get(p)
+            if own is not None and own.get(name) is old:
+                own[name] = codes
+                own[key] = a
+    return scales, after
+
+
+def _attach(opt, job, group) -> list:
     """``job`` with the group's options attached: one job, or two where split.
 
     Returns:
@@ -181,12 +310,13 @@ def attach(opt, job, group) -> list:
     kahan = bool(group.get("kahan_sum"))
     sr = bool(group.get("stochastic_round"))
     state_dtype = group.get("state_dtype")
+    stream_state = state_dtype is not None or group.get("state_bits") is not None
     seed = counters = None
-    if sr or state_dtype is not None:
+    if sr or stream_state:
         seed = _seed(opt)
         counters = opt.__dict__.setdefault("_sr_counters", {})
         for p in job.params:
-            if p.dtype in LOW_PRECISION or state_dtype is not None:
+            if p.dtype in LOW_PRECISION or stream_state:
                 _counter(counters, p.device)
                 break
     converted = None
@@ -335,6 +465,10 @@ def load(opt, state_dict: dict, load_torch) -> None:
     """
     for g in state_dict["param_groups"]:
         check_state_dtype(g.get("state_dtype"))
+        check_state_bits(g.get("state_bits"))
+    codes = _take_codes(opt, state_dict)
+    if codes:
+        state_dict = {**state_dict, "state": codes[1]}
     saved = state_dict.get(SD_KEY)
     if saved is not None:
         state_dict = {k: v for k, v in state_dict.items() if k != SD_KEY}
@@ -345,6 +479,9 @@ def load(opt, state_dict: dict, load_torch) -> None:
         for k in keys:
             if k in own:
                 g[k] = own[k]
+    if codes:
+        for (p, key), t in codes[0].items():
+            opt.state[p][key] = t.to(p.device)
     if saved is not None:
         opt._sr_seed = int(saved["seed"])
         counters = opt.__dict__.setdefault("_sr_counters", {})
@@ -357,11 +494,61 @@ def load(opt, state_dict: dict, load_torch) -> None:
     _convert_loaded(opt)
 
 
+def _take_codes(opt, state_dict):
+    """The 8-bit codes and scales of a ``state_bits=8`` checkpoint, out of it.
+
+    torch's loader would cast them to their params' dtypes (uint8 codes to
+    float values; a bfloat16 param's float32 scales rounded): returns
+    ``(codes, state)``, ``codes`` ``{(param, key): tensor}`` to put back after
+    it, ``state`` the checkpoint's state without them; None where there are
+    none. Raises ValueError, before anything is loaded, where a group of
+    this optimizer without ``state_bits`` would get them.
+    """
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        return None  # (torch's loader raises its own error)
+    for saved, own in zip(saved_groups, opt.param_groups):
+        if saved.get("state_bits") is not None and own.get("state_bits") is None:
+            raise ValueError(
+                "this checkpoint was saved with state_bits=8 (8-bit optimizer state) and a "
+                "param group of this optimizer has no state_bits: construct the optimizer "
+                "with state_bits=8, or convert the checkpoint with "
+                "fused_optim.state_dict_for_torch")
+    taken, state = {}, {}
+    params = {}
+    for saved, own in zip(saved_groups, opt.param_groups):
+        for index, p in zip(saved["params"], own["params"]):
+            params[index] = (p, own)
+    for index, st in state_dict["state"].items():
+        keep = {}
+        for key, v in st.items():
+            if (key != "step" and isinstance(v, torch.Tensor)
+                    and (v.dtype == QUANTIZED or key.endswith("_absmax"))):
+                if index not in params:
+                    return None
+                p, own = params[index]
+                if own.get("state_bits") is None:
+                    raise ValueError(
+                        f"this checkpoint holds 8-bit optimizer state ({key!r}, saved with "
+                        "state_bits=8) for a param group without state_bits: construct the "
+                        "optimizer with state_bits=8, or convert the checkpoint with "
+                        "fused_optim.state_dict_for_torch")
+                taken[(p, key)] = v
+            else:
+                keep[key] = v
+        state[index] = keep
+    return (taken, state) if taken else None
+
+
 def _convert_loaded(opt) -> None:
-    """Every state tensor a group's ``state_dtype`` acts on, in that dtype."""
+    """Every state tensor a group's ``state_dtype`` acts on, in that dtype;
+    under ``state_bits=8``, every float state of a quantized param quantized."""
     names = _state_names(type(opt))
     for group in opt.param_groups:
         state_dtype = group.get("state_dtype")
+        if group.get("state_bits") is not None:
+            _quantize_loaded(opt, group, names)
+            continue
         if state_dtype is None:
             continue
         for p in group["params"]:
@@ -376,12 +563,25 @@ def _convert_loaded(opt) -> None:
                     own[name] = t.detach().to(want)
 
 
+def _quantize_loaded(opt, group, names) -> None:
+    for p in group["params"]:
+        own = opt.state.get(p)
+        if not own or not quantized(p):
+            continue
+        for k, name in enumerate(names):
+            t = own.get(name)
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                own[name], own[_blockwise.absmax_key(name)] = _blockwise.quantize(
+                    t.detach(), k, like=p)
+
+
 def for_torch(opt) -> dict:
     """``opt.state_dict()`` as torch.optim's own class would save it.
 
-    Every state tensor in its param's dtype (bfloat16 state widened exactly),
-    and none of fused_optim's own keys: the groups' options, the Kahan
-    buffers, the stochastic-rounding stream.
+    Every state tensor in its param's dtype (bfloat16 state widened exactly,
+    8-bit state dequantized, its scales left out), and none of fused_optim's
+    own keys: the groups' options, the Kahan buffers, the stochastic-rounding
+    stream.
     """
     sd = opt.state_dict()
     sd.pop(SD_KEY, None)
@@ -392,8 +592,12 @@ def for_torch(opt) -> dict:
         p = params[index]
         out = {}
         for name, t in own.items():
-            if name == "kahan_comp":
+            if name == "kahan_comp" or (name.endswith("_absmax")
+                                        and name[:-len("_absmax")] in names):
                 continue
+            if isinstance(t, torch.Tensor) and t.dtype == QUANTIZED and name in names:
+                t = _blockwise.dequantize(t, own[_blockwise.absmax_key(name)],
+                                          names.index(name), dtype=p.dtype)
             if (name in names and isinstance(t, torch.Tensor) and t.is_floating_point()
                     and t.dtype != p.dtype and not p.is_complex()):
                 t = t.to(p.dtype)

@@ -66,6 +66,10 @@ class Adam(_base.FusedOptimizer, torch.optim.Adam):
             instead of through the gradient, i.e. AdamW (default: False)
         backend, kahan_sum, stochastic_round, state_dtype: keyword-only, as for every
             class here (see :class:`~fused_optim._base.FusedOptimizer`)
+        state_bits (int, optional): keyword-only; 8 stores the moments of
+            float32/bfloat16 params of 4096 elements or more as blockwise
+            8-bit codes with a float32 scale per 256 elements (README,
+            "Optimizer state in 8 bits") (default: None, torch's state)
 
     .. note::
         Bias corrections are computed in float64 from each parameter's own
@@ -95,13 +99,14 @@ class Adam(_base.FusedOptimizer, torch.optim.Adam):
         kahan_sum: bool = False,
         stochastic_round: bool = False,
         state_dtype: torch.dtype | None = None,
+        state_bits: int | None = None,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay, backend=backend,
                          kahan_sum=kahan_sum, stochastic_round=stochastic_round,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, state_bits=state_bits)
 
     CAPTURE_HEALTH_CHECK = True
 
@@ -112,6 +117,8 @@ class Adam(_base.FusedOptimizer, torch.optim.Adam):
         if not with_grad:
             return False
         amsgrad = group["amsgrad"]
+        if group.get("state_bits") is not None:
+            _init_quantized(self.state, group, with_grad)
         found = self._gather_state(
             group, with_grad,
             ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if amsgrad else ()),
@@ -147,6 +154,30 @@ class Adam(_base.FusedOptimizer, torch.optim.Adam):
         return _hyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                       group["amsgrad"], group["maximize"], group["capturable"],
                       group["differentiable"], group["decoupled_weight_decay"], has_complex)
+
+
+def _init_quantized(state, group, params):
+    """``state_bits=8``: the lazy state of new quantized params made as codes
+    and scales, never as torch's float32 zeros first (the peak memory of the
+    first step); the rest is left to torch's ``_init_group``."""
+    if group["capturable"] or group["fused"] or group["differentiable"]:
+        return
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    from ._precision import quantized
+    from .kernels.reference._blockwise import absmax_key, blocks
+
+    names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+    for p in params:
+        if state.get(p) or not quantized(p):
+            continue
+        own = state[p]
+        own["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        for name in names:
+            own[name] = torch.zeros_like(p, dtype=torch.uint8,
+                                         memory_format=torch.preserve_format)
+            own[absmax_key(name)] = torch.zeros(blocks(p.numel()), dtype=torch.float32,
+                                                device=p.device)
 
 
 def _check_foreach_capturable(group, params, state_steps):
@@ -187,6 +218,10 @@ class AdamW(Adam, torch.optim.AdamW):
         fused (bool, optional): accepted for compatibility (default: None)
         backend, kahan_sum, stochastic_round, state_dtype: keyword-only, as for every
             class here (see :class:`~fused_optim._base.FusedOptimizer`)
+        state_bits (int, optional): keyword-only; 8 stores the moments of
+            float32/bfloat16 params of 4096 elements or more as blockwise
+            8-bit codes with a float32 scale per 256 elements (README,
+            "Optimizer state in 8 bits") (default: None, torch's state)
     """
 
     def __init__(
@@ -207,6 +242,7 @@ class AdamW(Adam, torch.optim.AdamW):
         kahan_sum: bool = False,
         stochastic_round: bool = False,
         state_dtype: torch.dtype | None = None,
+        state_bits: int | None = None,
     ) -> None:
         # past Adam.__init__: torch's AdamW.__init__ passes decoupled_weight_decay
         _base.FusedOptimizer.__init__(
@@ -214,7 +250,7 @@ class AdamW(Adam, torch.optim.AdamW):
             foreach=foreach, capturable=capturable, differentiable=differentiable,
             fused=fused, backend=backend, kahan_sum=kahan_sum,
             stochastic_round=stochastic_round,
-            state_dtype=state_dtype)
+            state_dtype=state_dtype, state_bits=state_bits)
 
 
 def adam(

@@ -24,6 +24,9 @@ FLAGS      FLAG_ROW (the optimizer's own per-row switch), and the STEP
            counter's placement: FLAG_STEP_F64, FLAG_STEP_HOST, FLAG_STEP_CPU
 COMP       the Kahan compensation buffer (``kahan_sum``; bfloat16/float16
            rows only), 0 if none
+SCALE0..2  the float32 block scales of STATE0..2 where they are stored in
+           8 bits (``state_bits=8``: uint8 codes, one scale per
+           ``reference._blockwise.BLOCK`` elements), 0 otherwise
 =========  ===============================================================
 
 ``START`` is the prefix sum of ``NUMEL``; the compiled kernels split the global
@@ -40,7 +43,10 @@ NUMEL = 6
 START = 7
 FLAGS = 8
 COMP = 9
-NCOLS = 10
+SCALE0 = 10
+SCALE1 = 11
+SCALE2 = 12
+NCOLS = 13
 
 #: The optimizer's own per-row switch (``row_flags`` of the API's tables).
 #: SGD: the momentum buffer was created this step and takes the gradient as is.

@@ -125,7 +125,7 @@ def adagrad_scalars(table, lr, lr_decay, lr_round, out):
 # bake in these table columns: a layout change must edit this line, which
 # makes their cache stale. (The Numba backend's kernels, which inline the
 # helpers above, are covered by its ``_disk_cache``.)
-if (L.NCOLS, L.STEP, L.FLAGS, L.FLAG_STEP_F64) != (10, 5, 8, 2):
+if (L.NCOLS, L.STEP, L.FLAGS, L.FLAG_STEP_F64) != (13, 5, 8, 2):
     raise ImportError("kernels/columns.py changed the step columns: update kernels/steps.py")
 
 

@@ -13,6 +13,8 @@ bfloat16, bfloat16 with and without each precision option, and records the
 argument types each launch would compile for, without compiling anything.
 """
 
+import inspect
+
 import numba
 import pytest
 import torch
@@ -32,12 +34,31 @@ VARIANTS = 7
 #: amsgrad (one kernel), Adagrad, RMSprop with momentum and centered on or
 #: off (4), Adadelta, Rprop.
 STATE_COMBINATIONS = 2 + 2 + 1 + 4 + 1 + 1
+#: state_bits=8 (blockwise 8-bit state, Adam/AdamW's params of MIN_NUMEL
+#: elements or more): float32 params, and bfloat16 plain, with kahan_sum,
+#: with stochastic_round and with both (the 8-bit views, and the stream its
+#: second moments round with, are types of their own).
+QUANTIZED_VARIANTS = 5
+#: the combinations that take it: Adam/AdamW with and without amsgrad
+QUANTIZED_COMBINATIONS = 2
 #: Each specialization compiles twice: the serial and the parallel entry point.
-CAP = STATE_COMBINATIONS * VARIANTS * 2
+CAP = (STATE_COMBINATIONS * VARIANTS + QUANTIZED_COMBINATIONS * QUANTIZED_VARIANTS) * 2
 
 _OPTIONS = ({}, dict(kahan_sum=True), dict(stochastic_round=True),
             dict(kahan_sum=True, stochastic_round=True), dict(state_dtype=torch.bfloat16))
 _FP32_OPTIONS = ({}, dict(state_dtype=torch.bfloat16))
+_8BIT = dict(state_bits=8)
+_8BIT_OPTIONS = tuple({**o, **_8BIT} for o in _OPTIONS[:4])
+
+
+def _options(info, dtype):
+    """``(numel, options)`` of each run of ``info``'s configurations in ``dtype``."""
+    runs = [(8, o) for o in (_OPTIONS if dtype == torch.bfloat16 else _FP32_OPTIONS)]
+    if "state_bits" in inspect.signature(info.cls).parameters:
+        from fused_optim.kernels.reference._blockwise import MIN_NUMEL
+        runs += [(MIN_NUMEL, o) for o in (_8BIT_OPTIONS if dtype == torch.bfloat16
+                                           else (_8BIT,))]
+    return runs
 
 
 def _needed(monkeypatch, mutate=None) -> set:
@@ -55,8 +76,8 @@ def _needed(monkeypatch, mutate=None) -> set:
     for info in optim_db.OPTIM_DB:
         for config in info.configs_for("cpu"):
             for dtype in (torch.float32, torch.bfloat16):
-                for options in (_OPTIONS if dtype == torch.bfloat16 else _FP32_OPTIONS):
-                    p = torch.randn(8, dtype=dtype, requires_grad=True)
+                for numel, options in _options(info, dtype):
+                    p = torch.randn(numel, dtype=dtype, requires_grad=True)
                     opt = info.cls([p], backend="numba", **build_kwargs(config), **options)
                     for _ in range(2):  # a fresh momentum buffer, then an old one
                         p.grad = torch.randn_like(p)
@@ -70,7 +91,7 @@ def test_every_configuration_compiles_at_most_the_cap(monkeypatch):
     # every kernel took part (a launcher that stopped launching would pass the cap)
     assert {k[0] for k in needed} == {
         f"{info.record.kernel}_{path}" for info in optim_db.OPTIM_DB
-        for path in ("parallel", "serial")}
+        for path in ("parallel", "serial")} | {"adam_blocks_parallel", "adam_blocks_serial"}
 
 
 def test_a_value_switch_made_compile_time_goes_over_the_cap(monkeypatch):

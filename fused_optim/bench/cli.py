@@ -20,7 +20,7 @@ from .cases import (DEFAULT_DTYPES, DTYPES, RESULTS_DIR, LISTS, OPTIMIZERS, SIZE
                     _public_lists, shape_list, shapes_from_json, shapes_from_model)
 from .impls import (BACKEND_IMPLS, BASELINE_IMPLS, CEILING, COMPILED, COPY,
                     DEFAULT_BASELINES, PRECISIONS, STATES, _backend_device_ok, _backend_problem,
-                    available_impls)
+                    available_impls, is_state_option)
 from .machine import _loadavg, machine_info
 from .compare import format_compare, load
 from .measure import COMPETING_CORES, run_case
@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sel.add_argument("--state", nargs="+", choices=tuple(STATES), metavar="NAME",
                      help="optimizer state storage: fp32 (torch's, the plain backend) "
                      "and/or bf16 (state_dtype=torch.bfloat16, timed as <backend>+state-bf16 "
-                     "in the same rounds, with its paired ratio to the plain backend); "
+                     "in the same rounds, with its paired ratio to the plain backend) "
+                     "and/or 8bit (state_bits=8, <backend>+state-8bit; Adam/AdamW); "
                      "float32/bfloat16 params (default: fp32)")
     base = sel.add_mutually_exclusive_group()
     base.add_argument("--baselines", nargs="+", choices=BASELINE_IMPLS, metavar="NAME",
@@ -363,7 +364,7 @@ def _plan(args) -> tuple[list, dict]:
                   + ([COPY] if dev == "cuda" and not args.no_copy else []))
         impls, skipped = available_impls(spec, DTYPES[dt], dev, wanted)
         here = [p for p in precisions
-                if DTYPES[dt] in LOW_PRECISION or "state_dtype" in PRECISIONS[p]]
+                if DTYPES[dt] in LOW_PRECISION or is_state_option(p)]
         if here:
             # the variants of every backend that runs this case, right after it
             runnable = [b for b in wanted_backends if b in impls]

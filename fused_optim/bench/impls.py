@@ -29,10 +29,17 @@ COMPILED_BACKENDS = tuple(f"{b}-compiled" for b in BACKEND_IMPLS)
 #: with (``fused_optim/_precision.py``; they act on bfloat16/float16 params only).
 PRECISIONS = {"kahan": dict(kahan_sum=True), "sr": dict(stochastic_round=True),
               "kahan+sr": dict(kahan_sum=True, stochastic_round=True),
-              "state-bf16": dict(state_dtype=torch.bfloat16)}
+              "state-bf16": dict(state_dtype=torch.bfloat16),
+              "state-8bit": dict(state_bits=8)}
 #: the ``--state`` names -> their PRECISIONS entry (fp32: the plain backend);
-#: ``state_dtype`` acts on float32 and bfloat16 params
-STATES = {"fp32": None, "bf16": "state-bf16"}
+#: ``state_dtype`` and ``state_bits`` act on float32 and bfloat16 params
+#: (``state_bits`` on Adam/AdamW's, of 4096 elements or more)
+STATES = {"fp32": None, "bf16": "state-bf16", "8bit": "state-8bit"}
+
+
+def is_state_option(precision: str) -> bool:
+    """Whether a PRECISIONS entry is a state storage option (``--state``)."""
+    return "state_dtype" in PRECISIONS[precision] or "state_bits" in PRECISIONS[precision]
 _STATE_PARAMS = (torch.float32, torch.bfloat16)
 #: A backend built with a precision option: ``"<backend>+<precision>"``
 #: (``numba+kahan``, ``torch+kahan+sr``), reported right after its plain backend.
@@ -294,10 +301,13 @@ def available_impls(spec: OptimizerSpec, dtype: torch.dtype, device,
             why = _backend_problem(impl.removesuffix("-compiled"), spec, dtype, device)
         elif variant is not None:
             why = _backend_problem(variant[0], spec, dtype, device)
-            if "state_dtype" in PRECISIONS[variant[1]]:
+            if is_state_option(variant[1]):
                 if why is None and dtype not in _STATE_PARAMS:
                     why = (f"--state acts on float32/bfloat16 params only, "
                            f"not {str(dtype).removeprefix('torch.')}")
+                if (why is None and "state_bits" in PRECISIONS[variant[1]]
+                        and "state_bits" not in inspect.signature(spec.record.cls).parameters):
+                    why = f"--state 8bit is for Adam/AdamW, not {spec.cls}"
             elif why is None and dtype not in LOW_PRECISION:
                 why = (f"--precision {variant[1]} acts on bfloat16/float16 params only, "
                        f"not {str(dtype).removeprefix('torch.')}")

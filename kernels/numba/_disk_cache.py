@@ -46,7 +46,8 @@ def sources() -> list:
     """Every file whose code the jitted kernels are compiled from."""
     return sorted(glob.glob(os.path.join(_HERE, "*.py"))) + [
         os.path.join(os.path.dirname(_HERE), name)
-        for name in ("columns.py", "steps.py", "_jit.py")]
+        for name in ("columns.py", "steps.py", "_jit.py",
+                     os.path.join("reference", "_blockwise.py"))]
 
 
 def digest() -> str:

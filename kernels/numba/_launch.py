@@ -216,14 +216,18 @@ def _store_options(batch, kahan_sum, stochastic_round):
     return (_STORAGE[batch.dtype][0] if kahan_sum else None), sr_keys
 
 
+#: the prototype of 8-bit state (``state_bits=8``): uint8 codes, see ``_blockwise``
+_CODES = np.empty(0, dtype=np.uint8)
+
+
 def _state_keys(batch, state_round):
     """None, or the keys (uint32) of state columns 0-1 and 2 of ``state_round =
     (seed, counter, salt)``: the bfloat16 state stores' stochastic rounding
     (``_walk.rounded``, ``reference._precision.state_key``)."""
     if state_round is None:
         return None
-    if batch.state_dtype != torch.bfloat16:
-        raise ValueError(f"state_round stores bfloat16 state, not {batch.state_dtype}")
+    if batch.state_dtype not in (torch.bfloat16, torch.uint8):
+        raise ValueError(f"state_round stores bfloat16 or 8-bit state, not {batch.state_dtype}")
     seed, counter, salt = state_round
     k0, k1 = keys(int(seed), int(counter), int(salt))
     return np.uint32(state_key(k0, k1, 0)), np.uint32(state_key(k0, k1, 2))
@@ -269,7 +273,7 @@ def run(batch, kernel, scalars, *, maximize, host=(), states=(False, False, Fals
     if len(x) != kernel[2]:
         raise ValueError(f"{len(x)} batch scalars for a kernel that takes {kernel[2]}")
     s0, s1, s2 = states
-    state = _STORAGE[batch.state_dtype][0]
+    state = _CODES if batch.state_dtype == torch.uint8 else _STORAGE[batch.state_dtype][0]
     launch(kernel[0], kernel[1], par, (
         batch.table, bounds, itemsize, view_dtype, host, x,
         np.empty((batch.table.shape[0], 3), dtype=c), state if s0 else None,

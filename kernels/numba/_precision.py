@@ -63,6 +63,15 @@ def bits(k0, k1, idx):
 
 
 @njit(inline="always")
+def state_bits(key, lo, shift):
+    """``reference._precision.state_bits``: the 16 random bits (uint32) of the
+    element whose global index is ``lo`` mod 2**32 (uint32), for the state
+    column whose stream key is ``key`` (``reference._precision.state_key``)
+    and ``shift`` ``16 * (col % 2)``."""
+    return np.uint32(mix32(np.uint32(lo ^ key)) >> shift) & np.uint32(0xFFFF)
+
+
+@njit(inline="always")
 def sr_bf16(t, r):
     """float32 ``t`` stochastically rounded with bits ``r``: the bfloat16 bits
     (uint16). Non-finite ``t`` rounds to nearest."""
@@ -213,7 +222,7 @@ def _store_rounded_state(a, i, v):
 
     def impl(a, i, v):
         t = np.float32(v)
-        r = np.uint32(mix32(np.uint32(np.uint32(a[2] + np.uint32(i)) ^ a[1])) >> a[3])
-        up = np.uint32(_f32_to_u32(t) + np.uint32(r & np.uint32(0xFFFF))) >> np.uint32(16)
+        r = state_bits(a[1], np.uint32(a[2] + np.uint32(i)), a[3])
+        up = np.uint32(_f32_to_u32(t) + r) >> np.uint32(16)
         a[0][i] = np.uint16(up if t == t else np.uint32(0x7FC0))
     return impl

@@ -73,6 +73,7 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .. import columns as L
 from .._jit import address
+from ._blockwise import block_len, blocks, buffers, quantized
 from ._memory import BLOCK, PREFETCH_BYTES, fma, load, prefetch_block
 
 #: The index of the batch scalar every kernel shares (``x``): the gradient's
@@ -125,7 +126,8 @@ def rounded(v, state_keys, base, col):  # pragma: no cover
 
 @overload(rounded, inline="always")
 def _rounded_impl(v, state_keys, base, col):
-    if isinstance(v, types.NoneType) or isinstance(state_keys, types.NoneType):
+    if (isinstance(v, types.NoneType) or isinstance(state_keys, types.NoneType)
+            or v.dtype == types.uint8):  # (8-bit codes take the keys in _blockwise)
         return lambda v, state_keys, base, col: v
     return lambda v, state_keys, base, col: (
         v, state_keys[0] if col < 2 else state_keys[1], np.uint32(base & 0xFFFFFFFF),
@@ -224,12 +226,17 @@ def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1
     is not None), ``comp`` the COMP view where ``kahan`` is not, ``sr`` is ``(k0, k1,
     START + off)`` where ``sr_keys`` is not (the global index of the slice's
     element 0, so that stochastic rounding draws the same bits whatever the
-    thread split), each None otherwise. (A ``range(lo, hi)`` loop with a
+    thread split), each None otherwise. Where the state is 8-bit codes
+    (``has0`` a uint8 prototype, ``state_bits=8``), a thread takes whole
+    blocks (and the span is ``_blockwise.blocks``: :func:`serial_blocks`).
+    (A ``range(lo, hi)`` loop with a
     computed ``lo`` inside ``prange`` ran about 3x slower in the prototype
     than ``range(n)`` over a slice.)
     """
     starts = table[:, L.START]
     row = np.searchsorted(starts, lo, side="right") - 1
+    qb = block_len(has0)  # 1 (a constant LLVM folds away) but for 8-bit state
+    bufs = buffers(has0)
     while lo < hi:
         start = table[row, L.START]
         end = start + table[row, L.NUMEL]
@@ -237,20 +244,29 @@ def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1
             row += 1
             continue
         off = lo - start
-        n = min(hi, end) - lo
-        p = view(table, row, L.PARAM, off, n, itemsize, view_dtype)
-        g = view(table, row, L.GRAD, off, n, itemsize, view_dtype)
-        s0 = rounded(optional_view(table, row, L.STATE0, off, n, has0), state_keys,
-                     start + off, 0)
-        s1 = rounded(optional_view(table, row, L.STATE1, off, n, has1), state_keys,
-                     start + off, 1)
-        s2 = rounded(optional_view(table, row, L.STATE2, off, n, has2), state_keys,
-                     start + off, 2)
-        comp = optional_view(table, row, L.COMP, off, n, kahan)
-        sr = stream(sr_keys, start + off)
-        span(element, n, p, g, s0, s1, s2, comp, sr, x, (rows[row, 0], rows[row, 1],
-                                                         rows[row, 2]))
-        lo += n
+        stop = min(hi, end) - start
+        if qb > 1:
+            # 8-bit state: whole blocks, each in the chunk its first element is in
+            off = (off + qb - 1) // qb * qb
+            stop = min((stop + qb - 1) // qb * qb, end - start)
+        n = stop - off
+        if n > 0:
+            p = view(table, row, L.PARAM, off, n, itemsize, view_dtype)
+            g = view(table, row, L.GRAD, off, n, itemsize, view_dtype)
+            s0 = quantized(rounded(optional_view(table, row, L.STATE0, off, n, has0),
+                                   state_keys, start + off, 0), table, row, 0, off, n, bufs,
+                             state_keys, start + off)
+            s1 = quantized(rounded(optional_view(table, row, L.STATE1, off, n, has1),
+                                   state_keys, start + off, 1), table, row, 1, off, n, bufs,
+                             state_keys, start + off)
+            s2 = quantized(rounded(optional_view(table, row, L.STATE2, off, n, has2),
+                                   state_keys, start + off, 2), table, row, 2, off, n, bufs,
+                             state_keys, start + off)
+            comp = optional_view(table, row, L.COMP, off, n, kahan)
+            sr = stream(sr_keys, start + off)
+            span(element, n, p, g, s0, s1, s2, comp, sr, x,
+                 (rows[row, 0], rows[row, 1], rows[row, 2]))
+        lo = min(hi, end)
         row += 1
 
 
@@ -277,6 +293,32 @@ def serial(prologue, element, nx, table, bounds, itemsize, view_dtype, h, xa, ro
     x = to_fixed_tuple(xa, nx)
     prologue(table, h, rows)
     walk(table, bounds[0], bounds[-1], itemsize, view_dtype, plain, element, x, rows,
+         has0, has1, has2, kahan, sr_keys, state_keys)
+
+
+@njit(inline="always")
+def parallel_blocks(prologue, element, nx, table, bounds, itemsize, view_dtype, h, xa, rows,
+                    has0, has1, has2, kahan, sr_keys, state_keys):
+    """:func:`parallel` for 8-bit state (``state_bits=8``): the span is
+    ``_blockwise.blocks``. Entry points of their own (an optimizer's
+    ``<name>_blocks_parallel``/``_serial``), chosen by the launcher: a span
+    chosen by type inside the walk (an overload) lost the Kahan buffer's
+    stores of the other kernels (numba 0.68; seen in
+    tests/test_precision_kernels.py)."""
+    x = to_fixed_tuple(xa, nx)
+    prologue(table, h, rows)
+    for c in prange(len(bounds) - 1):
+        walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, blocks, element, x,
+             rows, has0, has1, has2, kahan, sr_keys, state_keys)
+
+
+@njit(inline="always")
+def serial_blocks(prologue, element, nx, table, bounds, itemsize, view_dtype, h, xa, rows,
+                  has0, has1, has2, kahan, sr_keys, state_keys):
+    """:func:`serial` for 8-bit state (see :func:`parallel_blocks`)."""
+    x = to_fixed_tuple(xa, nx)
+    prologue(table, h, rows)
+    walk(table, bounds[0], bounds[-1], itemsize, view_dtype, blocks, element, x, rows,
          has0, has1, has2, kahan, sr_keys, state_keys)
 
 

@@ -9,6 +9,7 @@ Each row's step and bias-corrected scalars: ``kernels/steps.py``.
 """
 
 import numpy as np
+import torch
 from numba import njit
 
 from .._jit import light_loads
@@ -16,7 +17,7 @@ from ..steps import adam_scalars
 from ._memory import fma, load, store
 from ._precision import store_param
 from ._launch import run
-from ._walk import FIRST, grad, parallel, serial
+from ._walk import FIRST, grad, parallel, parallel_blocks, serial, serial_blocks
 
 __all__ = ["adam"]
 
@@ -109,6 +110,20 @@ def adam_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has
            has1, has2, kahan, sr_keys, state_keys)
 
 
+@njit(parallel=True, cache=True, error_model="numpy")
+def adam_blocks_parallel(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
+                         kahan, sr_keys, state_keys):
+    parallel_blocks(_adam_rows, _adam_element, NX, table, bounds, itemsize, view_dtype, h, x,
+                    rows, has0, has1, has2, kahan, sr_keys, state_keys)
+
+
+@njit(cache=True, error_model="numpy")
+def adam_blocks_serial(table, bounds, itemsize, view_dtype, h, x, rows, has0, has1, has2,
+                       kahan, sr_keys, state_keys):
+    serial_blocks(_adam_rows, _adam_element, NX, table, bounds, itemsize, view_dtype, h, x,
+                  rows, has0, has1, has2, kahan, sr_keys, state_keys)
+
+
 def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
          amsgrad, maximize, grad_scale=None, found_inf=None, kahan_sum=False,
          stochastic_round=None, state_round=None):
@@ -127,7 +142,9 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                 weight_decay, weight_decay != 0 and not decoupled,
                 1.0 - lr * weight_decay if decoupled else 1.0)
 
-    run(batch, (adam_parallel, adam_serial, NX), scalars, maximize=maximize,
+    entries = ((adam_blocks_parallel, adam_blocks_serial) if batch.state_dtype == torch.uint8
+               else (adam_parallel, adam_serial))  # (8-bit state: state_bits=8)
+    run(batch, (*entries, NX), scalars, maximize=maximize,
         host=(float(lr), float(beta1), float(beta2)), states=(True, True, amsgrad),
         grad_scale=grad_scale, found_inf=found_inf, kahan_sum=kahan_sum,
         stochastic_round=stochastic_round, state_round=state_round)

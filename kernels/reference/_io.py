@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rows", "inputs", "param_store", "state_store"]
+__all__ = ["rows", "inputs", "param_store", "state_load", "state_store"]
 
 
 def rows(batch, found_inf):
@@ -88,14 +88,41 @@ def param_store(batch, kahan_sum, stochastic_round):
     return put
 
 
+def state_load(batch):
+    """``get(i, c, s, ct)``: row ``i``'s state column ``c`` (tensor ``s``) in the
+    compute type ``ct``; 8-bit codes (``batch.state_dtype`` uint8) decoded
+    with their block scales (``_blockwise.dequantize``)."""
+    if batch.state_dtype != torch.uint8:
+        return lambda i, c, s, ct: s.to(ct)
+    from . import _blockwise
+
+    return lambda i, c, s, ct: _blockwise.dequantize(s, batch.states[4 + c][i], c)
+
+
 def state_store(batch, state_round):
     """``put(i, c, s, new)``: store row ``i``'s state column ``c`` (tensor ``s``).
 
     ``new`` is in the compute type. Without ``state_round``, ``s.copy_(new)``
     (rounded to nearest to the state's dtype); with it (``(seed, counter,
     salt)``, the ``state_dtype`` option's stream; bfloat16 state only),
-    stochastically rounded (``_precision.store_state``).
+    stochastically rounded (``_precision.store_state``). 8-bit codes are
+    encoded with new block scales (``_blockwise.quantize``).
     """
+    if batch.state_dtype == torch.uint8:
+        from . import _blockwise
+        from . import _precision as P
+        from .. import columns as L
+
+        stream = None if state_round is None else P.keys(*map(int, state_round))
+
+        def encode(i, c, s, new):
+            rbits = None
+            if stream is not None and c > 0:  # the second moments: stochastically
+                start = int(batch.table[i, L.START])
+                idx = torch.arange(start, start + s.numel(), device=s.device)
+                rbits = P.state_bits(*stream, idx, c)
+            _blockwise.quantize(new, c, codes=s, absmax=batch.states[4 + c][i], rbits=rbits)
+        return encode
     if state_round is None:
         return lambda i, c, s, new: s.copy_(new)
     from . import _precision as P

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._io import inputs, param_store, rows, state_store
+from ._io import inputs, param_store, rows, state_load, state_store
 
 __all__ = ["adam"]
 
@@ -37,6 +37,7 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
     """
     put = param_store(batch, kahan_sum, stochastic_round)
     put_state = state_store(batch, state_round)
+    get_state = state_load(batch)
     for i, p, step_t in rows(batch, found_inf):
         step = float(step_t)
         step_size = _ieee_div(lr, 1.0 - beta1 ** step)
@@ -47,13 +48,13 @@ def adam(batch, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
         if decoupled_weight_decay and weight_decay != 0:
             p32 = p32 * (1.0 - lr * weight_decay)
         m_t, v_t = batch.states[0][i], batch.states[1][i]
-        m = torch.lerp(m_t.to(ct), g, 1.0 - beta1)  # two-sided formula, as torch's
-        v = v_t.to(ct).mul(beta2).addcmul(g, g, value=1.0 - beta2)
+        m = torch.lerp(get_state(i, 0, m_t, ct), g, 1.0 - beta1)  # two-sided, as torch's
+        v = get_state(i, 1, v_t, ct).mul(beta2).addcmul(g, g, value=1.0 - beta2)
         put_state(i, 0, m_t, m)
         put_state(i, 1, v_t, v)
         if amsgrad:
             vmax_t = batch.states[2][i]
-            v = torch.maximum(vmax_t.to(ct), v)
+            v = torch.maximum(get_state(i, 2, vmax_t, ct), v)
             put_state(i, 2, vmax_t, v)
         denom = v.sqrt() / bc2_sqrt + eps
         put(i, p, old, p32.addcdiv(m, denom, value=-step_size))

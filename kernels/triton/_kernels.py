@@ -58,6 +58,7 @@ _FLAG_ROW = tl.constexpr(L.FLAG_ROW)
 _FLAG_STEP_F64 = tl.constexpr(L.FLAG_STEP_F64)
 _START = tl.constexpr(L.START)
 _COMP = tl.constexpr(L.COMP)
+_SCALE0 = tl.constexpr(L.SCALE0)
 
 
 def slots(n: int) -> tuple:
@@ -366,6 +367,21 @@ _STATE_KEY1 = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
+def _state_bits(k0, k1, idx, COL: tl.constexpr):
+    """``_precision.state_bits`` of global indices ``idx`` (int64) for state
+    column ``COL`` in the call keyed ``(k0, k1)``: its 16 bits are the low
+    ones (callers mask)."""
+    if COL < 2:
+        key = _mix32(k0 ^ tl.full((), _STATE_KEY0, tl.uint32)) ^ k1
+    else:
+        key = _mix32(k0 ^ tl.full((), _STATE_KEY1, tl.uint32)) ^ k1
+    r = _mix32(idx.to(tl.uint32) ^ key)
+    if COL % 2 == 1:
+        r = r >> 16
+    return r
+
+
+@triton.jit
 def _store_state(ptr, offs, x, mask, k0, k1, start, COL: tl.constexpr,
                  IS_BF16: tl.constexpr, ELEM: tl.constexpr, SSR: tl.constexpr):
     """Store a block of state column ``COL`` (0-2): :func:`_store`, or with SSR
@@ -373,17 +389,98 @@ def _store_state(ptr, offs, x, mask, k0, k1, start, COL: tl.constexpr,
     ``_precision.state_bits`` of the stream ``(k0, k1)``, bit for bit."""
     if SSR:
         u = x.to(tl.uint32, bitcast=True)
-        idx = start + offs
-        if COL < 2:
-            key = _mix32(k0 ^ tl.full((), _STATE_KEY0, tl.uint32)) ^ k1
-        else:
-            key = _mix32(k0 ^ tl.full((), _STATE_KEY1, tl.uint32)) ^ k1
-        r = _mix32(idx.to(tl.uint32) ^ key)
-        if COL % 2 == 1:
-            r = r >> 16
+        r = _state_bits(k0, k1, start + offs, COL)
         h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
         h = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, h)
         h = tl.where((u & 0x7FFFFFFF) < 0x7F800000, (u + (r & 0xFFFF)) >> 16, h)
         tl.store(ptr + offs, h.to(tl.uint16), mask=mask)
     else:
         _store(ptr, offs, x, mask, IS_BF16, ELEM)
+
+
+# ------------------------------------------------ blockwise 8-bit state
+#
+# ``state_bits=8`` (``kernels/reference/_blockwise.py`` is the specification,
+# bit for bit): uint8 codes through ``S_ELEM = tl.uint8`` pointers and a
+# float32 scale per QBLOCK elements of the row (table columns SCALE0..2).
+# A program's BLOCK (a multiple of QBLOCK; chunks start on a row's multiples
+# of BLOCK) holds whole blocks of its row: it decodes them, and encodes the
+# new values with the absmax of each block, which a reshape to
+# ``[BLOCK // QBLOCK, QBLOCK]`` and a row reduction give before any code is
+# stored. The codes decode arithmetically (no table on the device).
+
+_QBLOCK = tl.constexpr(256)
+_YMAX = tl.constexpr(1.875)
+_LO_S = tl.constexpr(-14)  # 2 - 2**4: signed E4M3
+_LO_U = tl.constexpr(-30)  # 2 - 2**5: unsigned E5M3
+
+
+@triton.jit
+def _scales_ptr(table_ptr, row, k: tl.constexpr):
+    """Row ``row``'s float32 block scales of state column ``k``."""
+    return tl.load(table_ptr + row * _NCOLS + _SCALE0 + k).to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def _load_q(ptr, sc_ptr, offs, mask, SIGNED: tl.constexpr):
+    """Decode a block of 8-bit state (``mask`` None: unmasked) to float32."""
+    c = tl.load(ptr + offs, mask=mask).to(tl.int32)
+    neg = c >= 128
+    if SIGNED:
+        c = c & 127
+        lo: tl.constexpr = _LO_S
+    else:
+        lo: tl.constexpr = _LO_U
+    f_field = c >> 3
+    f = c & 7
+    mant = tl.where(f_field == 0, f, f + 8).to(tl.float32)
+    pw = ((tl.maximum(f_field - 1, 0) + (124 + lo)) << 23).to(tl.float32, bitcast=True)
+    d = tl.div_rn(mant * pw, tl.full((), _YMAX, tl.float32))
+    if SIGNED:
+        d = tl.where(neg, -d, d)
+    return d * tl.load(sc_ptr + offs // _QBLOCK, mask=mask)
+
+
+@triton.jit
+def _store_q(ptr, sc_ptr, offs, x, mask, bound, first, k0, k1, start, COL: tl.constexpr,
+             BLOCK: tl.constexpr, SSR: tl.constexpr):
+    """Encode a block's new float32 values ``x`` of state column ``COL`` with
+    their blocks' absmax: signed and to nearest for column 0, else unsigned,
+    and stochastically with SSR (the bits of ``_precision.state_bits``, as
+    :func:`_store_state` draws them; keep the two alike).
+
+    ``first`` is the program's first element in the row (a multiple of
+    BLOCK); lanes from ``bound`` on are none of the row's.
+    """
+    SIGNED: tl.constexpr = COL == 0
+    NQ: tl.constexpr = BLOCK // _QBLOCK
+    a = tl.reshape(tl.where(offs < bound, tl.abs(x), 0.0), (NQ, _QBLOCK))
+    amax = tl.max(a, axis=1)
+    nan = tl.max((a != a).to(tl.int32), axis=1)
+    amax = tl.where(nan != 0, float("nan"), amax)
+    q = first // _QBLOCK + tl.arange(0, NQ).to(tl.int64)
+    tl.store(sc_ptr + q, amax, mask=q * _QBLOCK < bound)
+    inv = tl.where(amax > 0, tl.div_rn(tl.full((NQ,), _YMAX, tl.float32), amax), 0.0)
+    inv = tl.reshape(tl.broadcast_to(inv[:, None], (NQ, _QBLOCK)), (BLOCK,))
+    y = tl.abs(x) * inv
+    y = tl.where(y <= _YMAX, y, tl.where(y == y, _YMAX, 0.0))
+    if SIGNED:
+        lo: tl.constexpr = _LO_S
+        cmax: tl.constexpr = 127
+    else:
+        lo: tl.constexpr = _LO_U
+        cmax: tl.constexpr = 255
+    e = (y.to(tl.uint32, bitcast=True) >> 23).to(tl.int32) - 127
+    e = tl.minimum(tl.maximum(e, lo), 0)
+    t = y * ((130 - e) << 23).to(tl.float32, bitcast=True)  # times 2**(3 - e), exact
+    if SSR and COL > 0:
+        rb = _state_bits(k0, k1, start + offs, COL)
+        # (floor of a value >= 0 as a truncating conversion: tl.floor is cvt.rmi.ftz)
+        r = (t + (rb & 0xFFFF).to(tl.float32) * (1.0 / 65536.0)).to(tl.int32)
+    else:
+        r = (t + 0.5).to(tl.int32)
+        r = tl.where(((r.to(tl.float32) - t) == 0.5) & ((r & 1) == 1), r - 1, r)  # to even
+    c = tl.minimum(tl.maximum((e - lo) * 8 + r, 0), cmax)
+    if SIGNED:
+        c = tl.where(x < 0, c + 128, c)
+    tl.store(ptr + offs, c.to(tl.uint8), mask=mask)

@@ -66,6 +66,7 @@ _ELEM = {
     torch.float32: tl.float32,
     torch.float16: tl.float16,
     torch.bfloat16: tl.uint16,
+    torch.uint8: tl.uint8,  # 8-bit state's codes (state_bits=8)
 }
 
 
@@ -338,10 +339,13 @@ def _common_args(batch):
     """Constexprs fixed by the batch's storage types (params, state)."""
     dtype = batch.dtype
     is_f64 = dtype == torch.float64
-    return dict(ELEM=_ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
-                S_ELEM=_ELEM[batch.state_dtype], S_IS_BF16=batch.state_dtype == torch.bfloat16,
-                COMPUTE=tl.float64 if is_f64 else tl.float32, IS_F64=is_f64,
-                BLOCK=BLOCK, VEC=16 // _ITEMSIZE[dtype])
+    const = dict(ELEM=_ELEM[dtype], IS_BF16=dtype == torch.bfloat16,
+                 S_ELEM=_ELEM[batch.state_dtype], S_IS_BF16=batch.state_dtype == torch.bfloat16,
+                 COMPUTE=tl.float64 if is_f64 else tl.float32, IS_F64=is_f64,
+                 BLOCK=BLOCK, VEC=16 // _ITEMSIZE[dtype])
+    if batch.state_dtype == torch.uint8:
+        const["S_Q"] = True  # (only kernels with 8-bit state take it: Adam's)
+    return const
 
 
 class _Prologue:
@@ -460,8 +464,8 @@ def _precision_args(batch, kahan_sum, stochastic_round, state_round=None) -> _Pr
     keys, ``_precision.state_bits``).
     """
     ssr = state_round is not None
-    if ssr and batch.state_dtype != torch.bfloat16:
-        raise ValueError(f"state_round stores bfloat16 state, not {batch.state_dtype}")
+    if ssr and batch.state_dtype not in (torch.bfloat16, torch.uint8):
+        raise ValueError(f"state_round stores bfloat16 or 8-bit state, not {batch.state_dtype}")
     if batch.dtype not in (torch.bfloat16, torch.float16):
         kahan_sum, stochastic_round = False, None
     kahan = bool(kahan_sum)

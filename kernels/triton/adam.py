@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from ..steps import adam_host_steps
-from ._kernels import (_grad, _load, _program, _read_steps, slots, _store_param, _store_state,
-                       _write_steps)
+from ._kernels import (_grad, _load, _load_q, _program, _read_steps, _scales_ptr, slots,
+                       _store_param, _store_q, _store_state, _write_steps)
 from ._launch import launch
 
 __all__ = ["adam"]
@@ -32,23 +32,41 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, mask, step_si
                 start, ELEM: tl.constexpr, IS_BF16: tl.constexpr,
                 COMPUTE: tl.constexpr, IS_F64: tl.constexpr, AMSGRAD: tl.constexpr,
                 HAS_GRAD_SCALE: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr,
-                S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr):
+                S_ELEM: tl.constexpr, S_IS_BF16: tl.constexpr, SSR: tl.constexpr,
+                sc0_ptr, sc1_ptr, sc2_ptr, bound, first, BLOCK: tl.constexpr,
+                S_Q: tl.constexpr):
     """The Adam update of one block (``mask`` None: a whole block); see ``_adam_kernel``."""
     g, p = _grad(g_ptr, p_ptr, offs, mask, inv_scale, maximize, decay_grad, weight_decay,
                  IS_BF16, COMPUTE, HAS_GRAD_SCALE)
     old = p  # the stored param, for the Kahan store
     # a select, as _grad's for the grad
     p = tl.where(decay_param, p * decay, p)
-    m = _load(m_ptr, offs, mask, S_IS_BF16, COMPUTE)
+    if S_Q:
+        m = _load_q(m_ptr, sc0_ptr, offs, mask, True)
+        v_old = _load_q(v_ptr, sc1_ptr, offs, mask, False)
+    else:
+        m = _load(m_ptr, offs, mask, S_IS_BF16, COMPUTE)
+        v_old = _load(v_ptr, offs, mask, S_IS_BF16, COMPUTE)
     # torch.lerp's two-sided formula, as its CPU kernel evaluates it
     m = tl.where(lerp_from_start, tl.fma(omb1, g - m, m), tl.fma(omb1 - 1.0, g - m, g))
-    v = tl.fma(omb2 * g, g, _load(v_ptr, offs, mask, S_IS_BF16, COMPUTE) * beta2)
-    _store_state(m_ptr, offs, m, mask, k0, k1, start, 0, S_IS_BF16, S_ELEM, SSR)
-    _store_state(v_ptr, offs, v, mask, k0, k1, start, 1, S_IS_BF16, S_ELEM, SSR)
+    v = tl.fma(omb2 * g, g, v_old * beta2)
+    if S_Q:
+        _store_q(m_ptr, sc0_ptr, offs, m, mask, bound, first, k0, k1, start, 0, BLOCK, SSR)
+        _store_q(v_ptr, sc1_ptr, offs, v, mask, bound, first, k0, k1, start, 1, BLOCK, SSR)
+    else:
+        _store_state(m_ptr, offs, m, mask, k0, k1, start, 0, S_IS_BF16, S_ELEM, SSR)
+        _store_state(v_ptr, offs, v, mask, k0, k1, start, 1, S_IS_BF16, S_ELEM, SSR)
     if AMSGRAD:
-        vmax = _load(vmax_ptr, offs, mask, S_IS_BF16, COMPUTE)
+        if S_Q:
+            vmax = _load_q(vmax_ptr, sc2_ptr, offs, mask, False)
+        else:
+            vmax = _load(vmax_ptr, offs, mask, S_IS_BF16, COMPUTE)
         v = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-        _store_state(vmax_ptr, offs, v, mask, k0, k1, start, 2, S_IS_BF16, S_ELEM, SSR)
+        if S_Q:
+            _store_q(vmax_ptr, sc2_ptr, offs, v, mask, bound, first, k0, k1, start, 2, BLOCK,
+                     SSR)
+        else:
+            _store_state(vmax_ptr, offs, v, mask, k0, k1, start, 2, S_IS_BF16, S_ELEM, SSR)
     # torch's addcdiv: param + (value * exp_avg) / denom
     if IS_F64:
         denom = tl.sqrt(v) / bc2_sqrt + eps  # sqrt.rn.f64, div.rn.f64 already
@@ -69,6 +87,7 @@ def _adam_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     counter_ptr=None, KAHAN: tl.constexpr = False, SR: tl.constexpr = False,
     S_ELEM: tl.constexpr = None, S_IS_BF16: tl.constexpr = False, SSR: tl.constexpr = False,
+    S_Q: tl.constexpr = False,
 ):
     """Adam / AdamW on one ``BLOCK`` chunk of one row (torch semantics).
 
@@ -96,6 +115,8 @@ def _adam_kernel(
             as in ``_sgd_kernel``).
         counter_ptr, KAHAN, SR: the param store's options, as in
             ``_sgd_kernel`` (seed and salt after ``_ADAM_NHYPER``).
+        S_Q: the state is blockwise 8-bit (``state_bits=8``; ``_kernels``,
+            "blockwise 8-bit state"): codes in STATE0..2, scales in SCALE0..2.
     """
     (row, offs, bound, whole, inv_scale, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, k0,
      k1, start) = _program(table_ptr, map_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr,
@@ -118,19 +139,31 @@ def _adam_kernel(
     decay_grad = has_wd & (decoupled == 0)
     lerp_from_start = omb1 < 0.5  # in COMPUTE, as torch.lerp tests its weight
     # (STATE2, max_exp_avg_sq, has address 0 without amsgrad)
+    sc0_ptr = scal_ptr  # (unused unless S_Q)
+    sc1_ptr = scal_ptr
+    sc2_ptr = scal_ptr
+    first = 0  # (unused unless S_Q)
+    if S_Q:
+        sc0_ptr = _scales_ptr(table_ptr, row, 0)
+        sc1_ptr = _scales_ptr(table_ptr, row, 1)
+        if AMSGRAD:
+            sc2_ptr = _scales_ptr(table_ptr, row, 2)
+        first = tl.load(map_ptr + 2 * tl.program_id(0).to(tl.int64) + 1).to(tl.int64) * BLOCK
 
     if whole:
         _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, None, step_size,
                     bc2_sqrt, beta1, beta2, omb1, omb2, eps, weight_decay, decay,
                     inv_scale, maximize, decay_grad, decay_param, lerp_from_start, k0,
                     k1, start, ELEM, IS_BF16, COMPUTE, IS_F64, AMSGRAD, HAS_GRAD_SCALE,
-                    KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
+                    KAHAN, SR, S_ELEM, S_IS_BF16, SSR, sc0_ptr, sc1_ptr, sc2_ptr, bound,
+                    first, BLOCK, S_Q)
     else:
         _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, offs, offs < bound,
                     step_size, bc2_sqrt, beta1, beta2, omb1, omb2, eps,
                     weight_decay, decay, inv_scale, maximize, decay_grad, decay_param,
                     lerp_from_start, k0, k1, start, ELEM, IS_BF16, COMPUTE, IS_F64,
-                    AMSGRAD, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
+                    AMSGRAD, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR, sc0_ptr,
+                    sc1_ptr, sc2_ptr, bound, first, BLOCK, S_Q)
 
 
 @triton.jit
