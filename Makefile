@@ -47,10 +47,13 @@ $(BENCH_STAMP): setup.py
 
 # Test processes (pytest-xdist): most of a cold run is Numba compiling
 # kernels, one specialization at a time per process; whole files go to one
-# worker (--dist loadfile) so a file's tests never race each other.
+# worker (--dist loadfile) so a file's tests never race each other, in the
+# order tests/conftest.py gives them (slowest first): pytest-xdist 3.8 would
+# otherwise hand out the files with the most tests first, which left the
+# model-based machines (6 tests, minutes of subprocesses) to the end.
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 	FUSED_OPTIM_BENCH_SIZE=tiny $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 
 # The fast tier (40 s warm on the idle 2-core dev VM, README "Tests"): the

@@ -12,6 +12,17 @@ if not torch.cuda.is_available():
 # (fused_optim/_warmup.py); tests/test_cold_start.py turns it on where tested.
 os.environ.setdefault("FUSED_OPTIM_WARMUP", "0")
 
+# Under pytest-xdist the workers already fill the cores: torch's own intra-op
+# threads on top (one per core in each worker) only oversubscribe them, and
+# its OpenMP threads spin while they wait. Measured (2-core VM, 2026-12-07,
+# load 5-9 from other work): parity's large and many_tiny layouts on the
+# reference backend took 66 s of CPU with torch's default 2 threads and 35 s
+# with 1. Numba's thread count is its own (NUMBA_NUM_THREADS): the parallel
+# entry points still split every batch over the cores.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _workers:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 # FUSED_OPTIM_TEST_DISPATCH=1 runs every eager step through the step
 # operators (fused_optim/_ops.py), the way compiled steps run them.
 if os.environ.get("FUSED_OPTIM_TEST_DISPATCH") == "1":
