@@ -27,7 +27,7 @@ setup(
     install_requires=["torch>=2.10", "numba>=0.59", "numpy"],
     extras_require={
         "gpu": ["triton>=3.6"],
-        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark"],
+        "test": ["pytest", "pytest-xdist>=3.8", "hypothesis", "pytest-benchmark"],  # 3.8: --no-loadscope-reorder
         # tqdm: the progress bar; matplotlib: the chart (fused_optim/bench/report.py)
         "bench": ["tqdm", "matplotlib"],
     },
