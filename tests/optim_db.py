@@ -59,6 +59,8 @@ Capabilities (defaults in brackets):
 ``supports_capturable`` [False]
     torch's class takes ``capturable=True`` (on CPU torch's step then
     raises; the error input is added for the numba and torch backends).
+``capturable_error`` [AssertionError, "If capturable=True, params and state_steps ..."]
+    (type, regex) torch's step raises for capturable CPU params.
 ``supports_complex`` [True]
     complex params are optimized as real views, like torch.
 ``bit_exact`` [frozenset()]
@@ -202,12 +204,11 @@ _FOREACH_DIFFERENTIABLE_ERROR_INPUTS = (
                AssertionError, "_foreach ops don't support autograd", error_on=STEP),
 )
 
-_CAPTURABLE_ERROR_INPUTS = (
+def _capturable_on_cpu(error):
     # (interpreted Triton lets CPU tensors stand in for CUDA, where it is valid)
-    ErrorInput("capturable on CPU", lambda: dict(capturable=True), AssertionError,
-               "If capturable=True, params and state_steps must be on supported devices",
-               error_on=STEP, backends=("numba", "torch")),
-)
+    error_type, error_regex = error
+    return ErrorInput("capturable on CPU", lambda: dict(capturable=True), error_type,
+                      error_regex, error_on=STEP, backends=("numba", "torch"))
 
 _SPARSE_ERROR_INPUTS = (
     ErrorInput("sparse grad", _no_kwargs, RuntimeError, "does not support sparse gradients",
@@ -231,6 +232,8 @@ class OptimInfo:
         RuntimeError, "`fused=True` requires all the params to be floating point")
     foreach_differentiable: str = "error"
     supports_capturable: bool = False
+    capturable_error: tuple = (
+        AssertionError, "If capturable=True, params and state_steps must be on supported devices")
     supports_complex: bool = True
     bit_exact: frozenset = frozenset()
     sparse_grads: str = "error"
@@ -309,7 +312,7 @@ class OptimInfo:
         if self.foreach_differentiable == "error":
             out += _FOREACH_DIFFERENTIABLE_ERROR_INPUTS
         if self.supports_capturable:
-            out += _CAPTURABLE_ERROR_INPUTS
+            out.append(_capturable_on_cpu(self.capturable_error))
         if self.sparse_grads == "error":
             out += _SPARSE_ERROR_INPUTS
         return tuple(out)
@@ -358,10 +361,50 @@ def _rmsprop_strategy():
                                   "maximize": st.booleans()})
 
 
+def _adamax_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1),
+                                  "betas": st.tuples(st.floats(0.0, 0.99),
+                                                     st.floats(0.0, 0.999)),
+                                  "eps": st.sampled_from([1e-8, 1e-3]),
+                                  "weight_decay": st.sampled_from([0.0, 0.1]),
+                                  "maximize": st.booleans()})
+
+
+def _radam_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1),
+                                  "betas": st.tuples(st.floats(0.0, 0.99),
+                                                     st.floats(0.0, 0.999)),
+                                  "weight_decay": st.sampled_from([0.0, 0.1]),
+                                  "decoupled_weight_decay": st.booleans(),
+                                  "maximize": st.booleans()})
+
+
+def _nadam_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1),
+                                  "betas": st.tuples(st.floats(0.0, 0.99),
+                                                     st.floats(0.0, 0.999)),
+                                  "momentum_decay": st.sampled_from([4e-3, 0.0, 0.5]),
+                                  "weight_decay": st.sampled_from([0.0, 0.1]),
+                                  "decoupled_weight_decay": st.booleans(),
+                                  "maximize": st.booleans()})
+
+
 _ADAM_EDITS = (
     ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
     ("betas", (0.8, 0.95)), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
     ("betas", (-0.5, 0.99)), ("eps", 0.0), ("maximize", True), ("maximize", False))
+
+#: torch's __init__ checks shared by Adamax, RAdam and NAdam
+_BETAS_EPS_ERRORS = (
+    ErrorInput("negative eps", lambda: dict(eps=-1e-8), ValueError, "Invalid epsilon value"),
+    ErrorInput("beta0 = 1", lambda: dict(betas=(1.0, 0.999)), ValueError,
+               "Invalid beta parameter at index 0"),
+    ErrorInput("beta1 < 0", lambda: dict(betas=(0.9, -0.1)), ValueError,
+               "Invalid beta parameter at index 1"),
+)
 
 _ADAM_ERRORS = (
     ErrorInput("negative eps", lambda: dict(eps=-1e-8), ValueError, "Invalid epsilon value"),
@@ -537,6 +580,87 @@ OPTIM_DB = (
         scale_sensitive=dict(eps=0.1),
         # torch's RMSprop has no _fused_rmsprop
         torch_functions=("rmsprop", "_single_tensor_rmsprop", "_multi_tensor_rmsprop"),
+    ),
+    OptimInfo(
+        name="Adamax",
+        # each option in at least one config, combined to keep CI's budget
+        configs=(
+            dict(lr=0.01),
+            dict(lr=0.01, weight_decay=0.1, maximize=True, eps=1e-3),
+            # 1 - beta1 >= 0.5: torch.lerp's other side; torch divides in float32
+            dict(lr=lambda: torch.tensor(0.01), betas=(0.3, 0.99)),
+            dict(lr=0.01, capturable=True, weight_decay=0.1),
+        ),
+        example=dict(lr=0.01),
+        state_config={},
+        error_inputs=_BETAS_EPS_ERRORS,
+        kwargs_strategy=_adamax_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
+            ("betas", (0.8, 0.95)),
+            ("betas", (1.0, 0.999)),  # 1 - beta1**step == 0: ZeroDivisionError
+            ("betas", (-0.5, 0.99)), ("eps", 0.0), ("maximize", True), ("maximize", False)),
+        supports_capturable=True,
+        scale_sensitive=dict(eps=0.1),
+        # torch's Adamax has no _fused_adamax
+        torch_functions=("adamax", "_single_tensor_adamax", "_multi_tensor_adamax"),
+    ),
+    OptimInfo(
+        name="RAdam",
+        # each option in at least one config, combined to keep CI's budget;
+        # beta2 = 0.9 rectifies from step 6 on, 0.999 from step 7: parity's
+        # steps cross the switch (rho_t > 5)
+        configs=(
+            dict(lr=0.01, betas=(0.9, 0.9)),
+            dict(lr=0.01, weight_decay=0.1, maximize=True, eps=1e-3),
+            dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, betas=(0.3, 0.5)),
+            dict(lr=lambda: torch.tensor(0.01), betas=(0.8, 0.9)),
+            dict(lr=0.01, capturable=True, weight_decay=0.1, betas=(0.9, 0.9)),
+        ),
+        example=dict(lr=0.01),
+        state_config={},
+        error_inputs=_BETAS_EPS_ERRORS,
+        kwargs_strategy=_radam_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
+            ("decoupled_weight_decay", True), ("betas", (0.8, 0.9)),
+            ("betas", (0.9, 1.0)),  # 2 / (1 - beta2): ZeroDivisionError
+            ("betas", (-0.5, 0.99)), ("eps", 0.0), ("maximize", True), ("maximize", False)),
+        supports_capturable=True,
+        scale_sensitive=dict(eps=0.1, betas=(0.9, 0.5)),
+        # torch's RAdam has no _fused_radam
+        torch_functions=("radam", "_single_tensor_radam", "_multi_tensor_radam"),
+    ),
+    OptimInfo(
+        name="NAdam",
+        # each option in at least one config, combined to keep CI's budget
+        configs=(
+            dict(lr=0.01),
+            dict(lr=0.01, weight_decay=0.1, maximize=True, eps=1e-3, momentum_decay=0.3),
+            dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, betas=(0.3, 0.9)),
+            dict(lr=lambda: torch.tensor(0.01), momentum_decay=0.0),
+            dict(lr=0.01, capturable=True, weight_decay=0.1),
+        ),
+        example=dict(lr=0.01),
+        state_config={},
+        error_inputs=(
+            *_BETAS_EPS_ERRORS,
+            ErrorInput("negative momentum_decay", lambda: dict(momentum_decay=-0.1),
+                       ValueError, "Invalid momentum_decay value"),
+        ),
+        kwargs_strategy=_nadam_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
+            ("decoupled_weight_decay", True), ("momentum_decay", 0.1),
+            ("betas", (0.8, 0.95)),
+            ("betas", (2.0, 0.999)),  # beta1 outside [0, 1): dry runs on every row
+            ("betas", (0.9, 1.0)), ("eps", 0.0), ("maximize", True), ("maximize", False)),
+        supports_capturable=True,
+        capturable_error=(AssertionError, "If capturable=True, params, mu_products and "
+                          "state_steps must be on supported devices"),
+        scale_sensitive=dict(eps=0.1),
+        # torch's NAdam has no _fused_nadam
+        torch_functions=("nadam", "_single_tensor_nadam", "_multi_tensor_nadam"),
     ),
 )
 
