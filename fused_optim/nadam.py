@@ -128,6 +128,28 @@ class NAdam(_base.FusedOptimizer, torch.optim.NAdam):
 
     STATE_LISTS = 4  # exp_avgs, exp_avg_sqs, mu_products, state_steps
 
+    def _steps_to_device(self, params, state_steps):
+        """Under GradScaler, CPU counters of CUDA params move to their device
+        (``FusedOptimizer._steps_to_device``), and their mu_products with
+        them: the kernels take a row whose mu_product is placed as its step."""
+        super()._steps_to_device(params, state_steps)
+        if not _on_accelerator(params):
+            return
+        state = self.state
+        for p, s in zip(params, state_steps):
+            m = state[p]["mu_product"]
+            if m.device != s.device and m.device.type == "cpu" and not m.requires_grad:
+                state[p]["mu_product"] = torch.full((), float(m), dtype=m.dtype,
+                                                    device=s.device)
+
+    def _group_job(self, group, found_inf):
+        job, after = super()._group_job(group, found_inf)
+        if (found_inf is not None and _on_accelerator(job.params)
+                and not torch.compiler.is_compiling()):
+            # (the moves above replace state entries; the job lists the new ones)
+            job.states[2][:] = [self.state[p]["mu_product"] for p in job.params]
+        return job, after
+
     @staticmethod
     def _hyper(group, has_complex) -> dict:
         beta1, beta2 = group["betas"]
@@ -135,6 +157,11 @@ class NAdam(_base.FusedOptimizer, torch.optim.NAdam):
                       group["momentum_decay"], group["decoupled_weight_decay"],
                       group["maximize"], group["capturable"], group["differentiable"],
                       has_complex)
+
+
+def _on_accelerator(params) -> bool:
+    # first and last only, as FusedOptimizer._steps_to_device looks
+    return bool(params) and (params[0].device.type != "cpu" or params[-1].device.type != "cpu")
 
 
 def nadam(
