@@ -81,6 +81,10 @@ Capabilities (defaults in brackets):
     test_kernels_do_the_math makes them raise. Default: the functional and
     its ``_single_tensor_``/``_multi_tensor_``/``_fused_`` variants (torch's
     RMSprop/Adagrad have no ``_fused_``: list the names that exist).
+``initial_state`` [{}]
+    state values torch's ``_init_group`` creates that are not zeros (NAdam:
+    ``{"mu_product": 1.0}``), for tests that check a step left only fresh
+    state behind.
 ``skip_common_errors`` [()]
     descriptions of COMMON_ERROR_INPUTS torch's class does not raise for.
 
@@ -241,6 +245,7 @@ class OptimInfo:
     scale_sensitive: dict = dataclasses.field(default_factory=dict)
     torch_functions: tuple | None = None
     skip_common_errors: tuple = ()
+    initial_state: dict = dataclasses.field(default_factory=dict)
 
     # ------------------------------------------------------------ derived
 
@@ -658,6 +663,7 @@ OPTIM_DB = (
         supports_capturable=True,
         capturable_error=(AssertionError, "If capturable=True, params, mu_products and "
                           "state_steps must be on supported devices"),
+        initial_state={"mu_product": 1.0},
         scale_sensitive=dict(eps=0.1),
         # torch's NAdam has no _fused_nadam
         torch_functions=("nadam", "_single_tensor_nadam", "_multi_tensor_nadam"),

@@ -60,12 +60,19 @@ def test_grad_scaler_matches_torch_and_skips_on_inf(name, kwargs, backend):
             # (Adagrad's): ours must be the same, bit for bit
             assert_state_close(ref, opt, ref_params, params, rtol=0, atol=0)
         elif it == 0:
-            # torch skipped its step; ours ran and left only fresh state behind
-            for p, rp in zip(params, ref_params):
-                s = opt.state.get(p, {})
+            # torch skipped its step; ours ran and left only fresh state
+            # behind: what torch's _init_group makes before a first step
+            # (zeros; NAdam's mu_product 1)
+            clones = [p.detach().clone().requires_grad_() for p in params]
+            for c, p in zip(clones, params):
+                c.grad = torch.zeros_like(c)
+            fresh = info.cls(clones, **build_kwargs(kwargs))
+            fresh._torchs_init_group(fresh.param_groups[0])
+            for p, rp, c in zip(params, ref_params, clones):
+                s, f = opt.state.get(p, {}), fresh.state.get(c, {})
                 assert not set(info.lazy_state) & set(s)  # made from a grad: none yet
                 assert float(s.get("step", 0)) == 0
-                assert all(not v.any() for k, v in s.items() if k != "step")
+                assert all(torch.equal(v, f[k]) for k, v in s.items() if k != "step")
                 assert torch.equal(p, rp)
         else:
             assert_state_close(ref, opt, ref_params, params, **TOLERANCE[torch.float32])
