@@ -298,3 +298,47 @@ def test_threads_alive_before_the_run_do_not_keep_the_patch(tmp_path):
     finally:
         release.set()
         bystander.join()
+
+
+NADAM_SCRIPT = """
+    import sys
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.NAdam(model.parameters(), lr=0.01, weight_decay=0.01)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    for _ in range(20):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    torch.save([p.detach() for p in model.parameters()], sys.argv[1])
+    print(type(opt).__module__)
+"""
+
+#: fused_optim's runner, in a process where torch's own NAdam step raises:
+#: the script ends only if fused_optim's kernels did every step
+_RUN_WITHOUT_TORCHS_STEP = """
+import sys
+import torch.optim.nadam as n
+
+def torchs_step(*args, **kwargs):
+    raise AssertionError("torch's NAdam step ran")
+
+n._single_tensor_nadam = n._multi_tensor_nadam = torchs_step
+import fused_optim._run as r
+sys.exit(r.main(sys.argv[1:]))
+"""
+
+
+def test_unmodified_nadam_script_ends_with_torchs_weights(tmp_path):
+    script = _write(tmp_path / "train.py", NADAM_SCRIPT)
+    plain = _subprocess([sys.executable, str(script), "torch.pt"], cwd=tmp_path)
+    assert plain.returncode == 0 and plain.stdout == "torch.optim.nadam\n", plain.stderr
+    fused = _subprocess([sys.executable, "-c", _RUN_WITHOUT_TORCHS_STEP, str(script),
+                         "fused.pt"], cwd=tmp_path, timeout=300)
+    assert fused.returncode == 0 and fused.stdout == "fused_optim.nadam\n", fused.stderr
+    theirs, ours = torch.load(tmp_path / "torch.pt"), torch.load(tmp_path / "fused.pt")
+    assert len(ours) == len(theirs) == 4
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
