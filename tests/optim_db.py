@@ -85,6 +85,16 @@ Capabilities (defaults in brackets):
     state values torch's ``_init_group`` creates that are not zeros (NAdam:
     ``{"mu_product": 1.0}``), for tests that check a step left only fresh
     state behind.
+``cast_on_load`` [()]
+    state keys torch keeps in float32 but its ``load_state_dict`` casts to
+    the param's dtype (NAdam's ``mu_product``): a resumed bf16 run is then
+    not the uninterrupted one, in torch too.
+``compiled_tolerance`` [None]
+    ``assert_close`` tolerances of fused_optim's compiled step against
+    torch's compiled step, where torch's (traced with capturable's float32
+    tensor arithmetic for its scalars) strays from its own for-loop by more
+    than ``matrix.TOLERANCE`` (None: that tolerance); False: torch's
+    compiled step is no reference at all (checked against its for-loop only).
 ``skip_common_errors`` [()]
     descriptions of COMMON_ERROR_INPUTS torch's class does not raise for.
 
@@ -246,6 +256,8 @@ class OptimInfo:
     torch_functions: tuple | None = None
     skip_common_errors: tuple = ()
     initial_state: dict = dataclasses.field(default_factory=dict)
+    cast_on_load: tuple = ()
+    compiled_tolerance: dict | bool | None = None
 
     # ------------------------------------------------------------ derived
 
@@ -622,7 +634,11 @@ OPTIM_DB = (
             dict(lr=lambda: torch.tensor(0.01), betas=(0.8, 0.9)),
             dict(lr=0.01, capturable=True, weight_decay=0.1, betas=(0.9, 0.9)),
         ),
-        example=dict(lr=0.01),
+        # rectified from step 6 on; with the default beta2 (rectified from step 7,
+        # by a tiny term at first) the first six steps dwarf the rest, and
+        # test_precision's shadow run, whose steps must be a tenth of an ulp
+        # each, could not be made
+        example=dict(lr=0.01, betas=(0.9, 0.9)),
         state_config={},
         error_inputs=_BETAS_EPS_ERRORS,
         kwargs_strategy=_radam_strategy,
@@ -632,6 +648,9 @@ OPTIM_DB = (
             ("betas", (0.9, 1.0)),  # 2 / (1 - beta2): ZeroDivisionError
             ("betas", (-0.5, 0.99)), ("eps", 0.0), ("maximize", True), ("maximize", False)),
         supports_capturable=True,
+        # measured: 1.8e-5 absolute, 5.4e-5 relative from torch's for-loop
+        # after OneCycleLR's steps (test_compile)
+        compiled_tolerance=dict(rtol=2e-4, atol=1e-4),
         scale_sensitive=dict(eps=0.1, betas=(0.9, 0.5)),
         # torch's RAdam has no _fused_radam
         torch_functions=("radam", "_single_tensor_radam", "_multi_tensor_radam"),
@@ -664,6 +683,11 @@ OPTIM_DB = (
         capturable_error=(AssertionError, "If capturable=True, params, mu_products and "
                           "state_steps must be on supported devices"),
         initial_state={"mu_product": 1.0},
+        cast_on_load=("mu_product",),
+        # torch's own compiled NAdam ends 0.097 (30% relative) away from its
+        # for-loop after test_compile's OneCycleLR schedule (torch 2.13,
+        # 2026-12-07); fused_optim's compiled step matches the for-loop
+        compiled_tolerance=False,
         scale_sensitive=dict(eps=0.1),
         # torch's NAdam has no _fused_nadam
         torch_functions=("nadam", "_single_tensor_nadam", "_multi_tensor_nadam"),
