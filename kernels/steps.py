@@ -30,8 +30,10 @@ from numba import carray, njit
 from . import columns as L
 from ._jit import address, light_loads
 
-__all__ = ["advance", "adam_scalars", "adagrad_scalars", "advance_host_steps",
-           "adam_host_steps", "adagrad_host_steps", "LR_F64", "LR_F32", "LR_BF16", "LR_F16"]
+__all__ = ["advance", "adam_scalars", "adagrad_scalars", "adamax_scalars", "radam_scalars",
+           "nadam_scalars", "advance_host_steps", "adam_host_steps", "adagrad_host_steps",
+           "adamax_host_steps", "radam_host_steps", "nadam_host_steps", "LR_F64", "LR_F32",
+           "LR_BF16", "LR_F16"]
 
 #: ``lr_round``: the dtype torch's loop computes Adagrad's clr in (a Tensor
 #: lr's dtype); LR_F64 also for a float lr
@@ -121,6 +123,68 @@ def adagrad_scalars(table, lr, lr_decay, lr_round, out):
         out[row, 0] = _clr(lr, 1.0 + (step - 1.0) * lr_decay, lr_round)
 
 
+@njit(inline="always")
+def adamax_scalars(table, lr, beta1, lr_round, out):
+    """Advance every row's step; ``out[row, 0]`` = Adamax's ``clr = lr / (1 - beta1**step)``.
+
+    In the dtype ``lr_round`` names, as torch's loop computes it (``_clr``).
+    """
+    for row in range(table.shape[0]):
+        step = _advance_row(table, row)
+        out[row, 0] = _clr(lr, 1.0 - beta1 ** step, lr_round)
+
+
+@njit(inline="always")
+def radam_scalars(table, beta1, beta2, out):
+    """Advance every row's step; RAdam's per-row scalars, as torch's loop computes them.
+
+    ``out[row]``: the first bias correction, the square root of the second,
+    and the rectification term where torch's ``rho_t > 5`` holds for the
+    row's step (positive), else -1.0: the per-step switch, per row.
+    """
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    for row in range(table.shape[0]):
+        step = _advance_row(table, row)
+        b2_pow = beta2 ** step
+        bc2 = 1.0 - b2_pow
+        out[row, 0] = 1.0 - beta1 ** step
+        out[row, 1] = bc2 ** 0.5
+        rho_t = rho_inf - 2.0 * step * b2_pow / bc2
+        if rho_t > 5.0:
+            out[row, 2] = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                           / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)) ** 0.5
+        else:
+            out[row, 2] = -1.0
+
+
+@njit(inline="always")
+def nadam_scalars(table, lr, beta1, beta2, momentum_decay, col, out):
+    """Advance every row's step and ``mu_product``; NAdam's per-row scalars.
+
+    ``mu_product`` is the row's 0-dim scalar state in column ``col``
+    (float64 where ``FLAG_SCALAR_F64``, else float32): multiplied by ``mu``
+    in its own dtype, as torch's ``mu_product *= mu``. ``out[row]``: the
+    second bias correction and the two ``addcdiv`` values of torch's loop,
+    ``-lr * (1 - mu) / (1 - mu_product)`` and ``-lr * mu_next / (1 -
+    mu_product * mu_next)``, in float64 from the advanced step.
+    """
+    for row in range(table.shape[0]):
+        step = _advance_row(table, row)
+        mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+        mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1.0) * momentum_decay)))
+        if table[row, L.FLAGS] & L.FLAG_SCALAR_F64:
+            m64 = carray(address(table[row, col]), (1,), np.float64)
+            m64[0] *= mu
+            prod = m64[0]
+        else:
+            m32 = carray(address(table[row, col]), (1,), np.float32)
+            m32[0] *= np.float32(mu)
+            prod = np.float64(m32[0])
+        out[row, 0] = 1.0 - beta2 ** step
+        out[row, 1] = -lr * (1.0 - mu) / (1.0 - prod)
+        out[row, 2] = (-lr * mu_next) / (1.0 - prod * mu_next)
+
+
 # Numba keys a cached kernel on its own file alone, and the host entry points
 # bake in these table columns: a layout change must edit this line, which
 # makes their cache stale. (The Numba backend's kernels, which inline the
@@ -153,6 +217,21 @@ def _adagrad_host(table, lr, lr_decay, lr_round, out):
     adagrad_scalars(table, lr, lr_decay, lr_round, out)
 
 
+@_host_entry
+def _adamax_host(table, lr, beta1, lr_round, out):
+    adamax_scalars(table, lr, beta1, lr_round, out)
+
+
+@_host_entry
+def _radam_host(table, beta1, beta2, out):
+    radam_scalars(table, beta1, beta2, out)
+
+
+@_host_entry
+def _nadam_host(table, lr, beta1, beta2, momentum_decay, col, out):
+    nadam_scalars(table, lr, beta1, beta2, momentum_decay, col, out)
+
+
 def advance_host_steps(table) -> None:
     """Advance every row's step counter (host memory) by one, in place."""
     _advance_host(table)
@@ -171,6 +250,30 @@ def adagrad_host_steps(table, *, lr, lr_decay, lr_round=LR_F64) -> np.ndarray:
     Adagrad's clr."""
     out = np.empty((table.shape[0], 1), dtype=np.float64)
     _adagrad_host(table, float(lr), float(lr_decay), float(lr_round), out)
+    return out
+
+
+def adamax_host_steps(table, *, lr, beta1, lr_round=LR_F64) -> np.ndarray:
+    """Advance every row's counter (host memory); float64 ``[rows, 1]``: Adamax's clr."""
+    out = np.empty((table.shape[0], 1), dtype=np.float64)
+    _adamax_host(table, float(lr), float(beta1), float(lr_round), out)
+    return out
+
+
+def radam_host_steps(table, *, beta1, beta2) -> np.ndarray:
+    """Advance every row's counter (host memory); float64 ``[rows, 3]``:
+    RAdam's per-row scalars (:func:`radam_scalars`)."""
+    out = np.empty((table.shape[0], 3), dtype=np.float64)
+    _radam_host(table, float(beta1), float(beta2), out)
+    return out
+
+
+def nadam_host_steps(table, *, lr, beta1, beta2, momentum_decay, col) -> np.ndarray:
+    """Advance every row's counter and ``mu_product`` (host memory, column
+    ``col``); float64 ``[rows, 3]``: NAdam's per-row scalars (:func:`nadam_scalars`)."""
+    out = np.empty((table.shape[0], 3), dtype=np.float64)
+    _nadam_host(table, float(lr), float(beta1), float(beta2), float(momentum_decay),
+                int(col), out)
     return out
 
 

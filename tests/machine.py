@@ -49,6 +49,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import fused_optim
 import matrix
 import optim_db
+from sides import torchs_fresh_state
 
 # ---------------------------------------------------------------- arenas
 
@@ -653,8 +654,13 @@ class _Snapshot:
             s = w.opt.state.get(p, {})
             before = self.state[i]
             if not before:
-                # torch's _init_group makes a new param's state before it raises
-                assert all(not torch.is_tensor(v) or not v.any() for v in s.values())
+                # torch's _init_group makes a new param's state before it raises:
+                # torch's fresh state (zeros, Rprop's lr-filled step sizes, NAdam's
+                # mu_product 1), zeros for our own keys
+                fresh = torchs_fresh_state(w.opt, p)
+                assert all(not torch.is_tensor(v) or (torch.equal(bits(v), bits(fresh[k]))
+                                                      if k in fresh else not v.any())
+                           for k, v in s.items())
                 continue
             assert set(s) == set(before)
             for k, v in before.items():

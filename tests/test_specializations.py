@@ -28,10 +28,13 @@ from matrix import build_kwargs
 #: stochastically: one more each).
 VARIANTS = 7
 #: The (optimizer, state arrays present) combinations the configurations
-#: reach: SGD with and without momentum, Adam/AdamW with and without
-#: amsgrad (one kernel), Adagrad, RMSprop with momentum and centered on or
-#: off (4), Adadelta, Rprop.
-STATE_COMBINATIONS = 2 + 2 + 1 + 4 + 1 + 1
+#: reach, per kernel: SGD with and without momentum, Adam/AdamW with and
+#: without amsgrad (one kernel), Adagrad, RMSprop with momentum and centered
+#: on or off (4), and one each for the kernels whose state is fixed.
+STATE_COMBINATIONS_BY_KERNEL = {"sgd": 2, "adam": 2, "adagrad": 1, "rmsprop": 4,
+                                "adadelta": 1, "rprop": 1, "nadam": 1, "radam": 1,
+                                "adamax": 1}
+STATE_COMBINATIONS = sum(STATE_COMBINATIONS_BY_KERNEL.values())
 #: Each specialization compiles twice: the serial and the parallel entry point.
 CAP = STATE_COMBINATIONS * VARIANTS * 2
 
