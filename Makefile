@@ -80,8 +80,8 @@ fuzz: $(STAMP)
 	FUSED_OPTIM_FUZZ_RANDOM=1 $(PY) -m pytest tests/test_stateful.py -q -s -p no:cacheprovider
 
 # Every Triton specialization the launchers of tests/_compile_matrix.py's
-# kernels (SGD, Adam, NAdam, RAdam, Adamax) can produce without Kahan/SR
-# (`python tests/_compile_matrix.py --full --count`: 344 per arch; 194 for
+# kernels (SGD, Adam, NAdam, RAdam, Adamax, ASGD) can produce without
+# Kahan/SR (`python tests/_compile_matrix.py --full --count`: 394 per arch; 194 for
 # SGD and Adam alone, 2,114 before their arithmetic-only flags became
 # runtime values), compiled offline for sm_80 and sm_90 and checked: no
 # spills, IEEE math, 128-bit accesses where aligned. No GPU needed (on the

@@ -125,6 +125,10 @@ UPDATE_KERNELS = {
                           reads=lambda sw: 4, writes=lambda sw: 3, thin=True),
     "adamax": UpdateKernel("adamax", "_adamax_kernel", _ADAM_PTRS, _PLAIN_SWITCHES,
                            reads=lambda sw: 4, writes=lambda sw: 3, sqrt=False, thin=True),
+    # param, grad and ax (loaded where it averages), param and ax stored
+    "asgd": UpdateKernel("asgd", "_asgd_kernel", _ADAM_PTRS, _PLAIN_SWITCHES,
+                         reads=lambda sw: 3, writes=lambda sw: 2, sqrt=False,
+                         divides=lambda sw: sw["HAS_GRAD_SCALE"], thin=True),
 }
 
 #: The thin covering subset of a ``thin`` update kernel: each dtype once,
@@ -141,6 +145,8 @@ STEPS_KERNELS = {
     "radam_steps": StepsKernel("radam", "_radam_steps_kernel", _STEPS_ARGS, thin=True),
     "adamax_steps": StepsKernel("adamax", "_adamax_steps_kernel", _STEPS_ARGS, sqrt=False,
                                 thin=True),
+    "asgd_steps": StepsKernel("asgd", "_asgd_steps_kernel", _STEPS_ARGS, sqrt=False,
+                              thin=True),
 }
 
 

@@ -433,6 +433,15 @@ def _nadam_strategy():
                                   "maximize": st.booleans()})
 
 
+def _asgd_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1),
+                                  "lambd": st.sampled_from([1e-4, 0.0, 0.1]),
+                                  "alpha": st.sampled_from([0.75, 0.5, 1.0]),
+                                  "t0": st.sampled_from([1e6, 0.0, 1.5]),
+                                  "weight_decay": st.sampled_from([0.0, 0.1]),
+                                  "maximize": st.booleans()})
+
 _ADAM_EDITS = (
     ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
     ("betas", (0.8, 0.95)), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
@@ -773,6 +782,35 @@ OPTIM_DB = (
         scale_sensitive=dict(eps=0.1),
         # torch's NAdam has no _fused_nadam
         torch_functions=("nadam", "_single_tensor_nadam", "_multi_tensor_nadam"),
+    ),
+    OptimInfo(
+        name="ASGD",
+        # each option in at least one config, combined to keep CI's budget;
+        # t0 = 0 averages from the third step on (mu = 1 / (step - t0)), the
+        # default t0 copies the param into ax at every step (torch's mu == 1 branch)
+        configs=(
+            dict(lr=0.01),
+            dict(lr=0.01, t0=0.0, lambd=0.01, alpha=0.5, weight_decay=0.1),
+            dict(lr=0.01, t0=1.5, maximize=True, lambd=0.1),
+            dict(lr=lambda: torch.tensor(0.01), t0=0.0),
+            dict(lr=0.01, capturable=True, t0=0.0, weight_decay=0.1),
+        ),
+        example=dict(lr=0.01, t0=0.0),
+        state_config={},  # ax, mu, eta and step exist after every step
+        error_inputs=(),  # (torch's ASGD checks lr and weight_decay only: the common ones)
+        kwargs_strategy=_asgd_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.3), ("lambd", 1e-3), ("alpha", 0.5), ("t0", 0.0), ("t0", 1e6),
+            ("lambd", -1e-4),  # lambd * lr < 0: torch's own loop runs it
+            ("weight_decay", 0.0), ("weight_decay", 0.1), ("maximize", True),
+            ("maximize", False)),
+        supports_capturable=True,
+        capturable_error=(AssertionError, "If capturable=True, params, mus, etas, and "
+                          "state_steps must be on supported devices"),
+        cast_on_load=("mu", "eta"),
+        bit_exact=frozenset({torch.float32, torch.float64}),
+        # torch's ASGD has no _fused_asgd
+        torch_functions=("asgd", "_single_tensor_asgd", "_multi_tensor_asgd"),
     ),
 )
 

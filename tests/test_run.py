@@ -304,6 +304,7 @@ def test_threads_alive_before_the_run_do_not_keep_the_patch(tmp_path):
 SCRIPTS = {
     ("rprop", True): "opt = torch.optim.Rprop(model.parameters(), lr=0.01, etas=(0.4, 1.3))",
     ("nadam", False): "opt = torch.optim.NAdam(model.parameters(), lr=0.01, weight_decay=0.01)",
+    ("asgd", False): "opt = torch.optim.ASGD(model.parameters(), lr=0.01, t0=2.0)",
 }
 
 SCRIPT = """

@@ -33,7 +33,7 @@ VARIANTS = 7
 #: on or off (4), and one each for the kernels whose state is fixed.
 STATE_COMBINATIONS_BY_KERNEL = {"sgd": 2, "adam": 2, "adagrad": 1, "rmsprop": 4,
                                 "adadelta": 1, "rprop": 1, "nadam": 1, "radam": 1,
-                                "adamax": 1}
+                                "adamax": 1, "asgd": 1}
 STATE_COMBINATIONS = sum(STATE_COMBINATIONS_BY_KERNEL.values())
 #: Each specialization compiles twice: the serial and the parallel entry point.
 CAP = STATE_COMBINATIONS * VARIANTS * 2

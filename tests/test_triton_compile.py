@@ -5,8 +5,8 @@ the interpreter, a covering subset of the specializations the launchers can
 produce (per kernel, dtype and ALIGNED: every switch on and every switch off;
 and each step kernel) for sm_80 and sm_90, and reads facts off the PTX and
 ``ptxas -v``. ``make compile-check`` runs all of them (``python
-tests/_compile_matrix.py --full --count`` says how many: 344 per arch with
-NAdam's, RAdam's and Adamax's kernels, 194 before them; 2,114 before the
+tests/_compile_matrix.py --full --count`` says how many: 394 per arch with
+NAdam's, RAdam's, Adamax's and ASGD's kernels, 194 before them; 2,114 before the
 flags that change only the arithmetic became runtime values). A kernel
 joins both through one entry of ``_compile_matrix.UPDATE_KERNELS`` or
 ``STEPS_KERNELS``; the counts the tests expect are derived from those. The
