@@ -123,8 +123,8 @@ def _asgd_steps_kernel(table_ptr, hyper_ptr, scal_ptr, found_inf_ptr, rows,
     if eta_round == 2.0:  # float32 tensor arithmetic (steps.asgd_scalars)
         lr32 = lr.to(tl.float32)
         base = (lr32 * lambd.to(tl.float32)) * step.to(tl.float32) + 1.0
-        new_eta = (lr32 / tl.exp2(alpha * tl.log2(base.to(tl.float64))).to(tl.float32))
-        new_eta = new_eta.to(tl.float64)
+        pw = tl.exp2(alpha * tl.log2(base.to(tl.float64))).to(tl.float32)
+        new_eta = tl.div_rn(lr32, pw).to(tl.float64)
     else:
         new_eta = lr / tl.exp2(alpha * tl.log2(1.0 + lambd * lr * step))
         if eta_round == 1.0:  # torch.as_tensor's default dtype, float32
