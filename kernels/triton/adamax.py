@@ -93,7 +93,8 @@ def _adamax_kernel(
     if whole:
         _adamax_block(p_ptr, g_ptr, m_ptr, u_ptr, c_ptr, offs, None, neg_clr, beta2, omb1,
                       eps, weight_decay, inv_scale, maximize, has_wd, lerp_from_start, k0,
-                      k1, start, ELEM, IS_BF16, COMPUTE, IS_F64, HAS_GRAD_SCALE, KAHAN, SR, S_ELEM, S_IS_BF16, SSR)
+                      k1, start, ELEM, IS_BF16, COMPUTE, IS_F64, HAS_GRAD_SCALE, KAHAN, SR,
+                      S_ELEM, S_IS_BF16, SSR)
     else:
         _adamax_block(p_ptr, g_ptr, m_ptr, u_ptr, c_ptr, offs, offs < bound, neg_clr, beta2,
                       omb1, eps, weight_decay, inv_scale, maximize, has_wd,
