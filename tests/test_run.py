@@ -307,7 +307,7 @@ SCRIPTS = {
     ("asgd", False): "opt = torch.optim.ASGD(model.parameters(), lr=0.01, t0=2.0)",
 }
 
-SCRIPT = """
+OPTIMIZER_SCRIPT = """
     import sys
     import torch
 
@@ -332,7 +332,7 @@ def test_unmodified_script_ends_with_torchs_weights_through_the_kernels(
     from fused_optim.kernels import numba as numba_backend
 
     script = _write(tmp_path / "train.py",
-                    SCRIPT.format(optimizer=SCRIPTS[kernel_name, exact]))
+                    OPTIMIZER_SCRIPT.format(optimizer=SCRIPTS[kernel_name, exact]))
     monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "torch.pt")])
     runpy.run_path(str(script), run_name="__main__")  # plain torch.optim
     kernel, calls = contract.kernel(numba_backend, kernel_name), []
