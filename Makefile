@@ -82,13 +82,16 @@ fuzz: $(STAMP)
 	FUSED_OPTIM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUSED_OPTIM_FUZZ_STEPS=$(FUZZ_STEPS) \
 	FUSED_OPTIM_FUZZ_RANDOM=1 $(PY) -m pytest tests/test_stateful.py -q -s -p no:cacheprovider
 
-# Every Triton specialization the SGD and Adam launchers can produce without
-# Kahan/SR (194 per arch; 2,114 before their arithmetic-only flags became
+# Every Triton specialization the launchers of tests/_compile_matrix.py's
+# kernels (SGD, Adam, NAdam, RAdam, Adamax, ASGD) can produce without
+# Kahan/SR (`python tests/_compile_matrix.py --full --count`: 394 per arch; 194 for
+# SGD and Adam alone, 2,114 before their arithmetic-only flags became
 # runtime values), compiled offline for sm_80 and sm_90 and checked: no
 # spills, IEEE math, 128-bit accesses where aligned. No GPU needed (on the
-# 2-core dev VM, one job, cold Triton cache: the covering subset's 68 in
-# 26 s, all 388 in 129 s). Adagrad, RMSprop and the Kahan/SR builds have
-# covering subsets in test_triton_compile.py and test_precision_kernels.py.
+# 2-core dev VM, one job, cold Triton cache, SGD and Adam alone: the
+# covering subset's 68 in 26 s, all 388 in 129 s). Adagrad, RMSprop and the
+# Kahan/SR builds have covering subsets in test_triton_compile.py and
+# test_precision_kernels.py.
 compile-check: $(STAMP)
 	$(PY) tests/_compile_matrix.py --full --check --archs 80,90
 

@@ -32,21 +32,21 @@ rounded to nearest, ``exp_avg_sq`` can never decay (only a gradient with
 which shrinks the steps. Rounded stochastically, each store is right on
 average and the decay goes through.
 
-With the defaults (``--steps 4000 --seed 0``; 2-core VM under load, about 60
-s): state 8.0 bytes per param in float32, 4.0 in bfloat16; final training
-loss 0.010921 (fp32 state), 0.010925 (bf16 state, +0.04%), 0.012083
-(nearest, +10.6%); held-out 0.010769, 0.010770 (+0.01%), 0.011843 (+10.0%).
-With ``--seed 1``: 0.010661, 0.010661 (+0.00%) and 0.011379 (+6.7%).
-(Measured before the 8-bit variant was added; its runs follow the others'
-and change none of them.)
+With the defaults (``--steps 4000 --seed 0``, student 32-256-8; 2-core VM
+under load, about 20 s): state 8.0 bytes per param in float32, 4.0 in
+bfloat16, 3.35 in 8 bits (the params under 4096 elements keep float32
+state); final training loss 0.010921 (fp32 state), 0.010925 (bf16 state,
++0.04%), 0.012083 (nearest, +10.6%), 0.010920 (8-bit, -0.01%); held-out
+0.010769, 0.010770 (+0.01%), 0.011843 (+10.0%), 0.010785 (+0.15%).
 
-With ``--hidden 512 --backend numba`` (2026-12-07, under load, about 130
-s): state 8.00, 4.00, 4.00 and 2.18 bytes per param; final training loss
-0.011015 (fp32), 0.011016 (bf16, +0.01%), 0.011065 (nearest, +0.45%),
-0.011028 (8-bit, +0.12%); held-out 0.010950, 0.010951 (+0.01%), 0.010942
-(-0.07%), 0.010971 (+0.19%). Rounding the 8-bit second moments to nearest
-instead ended +6.6% / +6.5% (``examples/bf16_state_8bit.png`` is the run
-above).
+With ``--hidden 512 --backend numba`` (both weight matrices 8-bit): state
+8.00, 4.00, 4.00 and 2.18 bytes per param; final training loss 0.011015
+(fp32), 0.011015 (bf16, +0.00%), 0.011065 (nearest, +0.45%), 0.011028
+(8-bit, +0.12%); held-out 0.010950, 0.010949 (-0.01%), 0.010942 (-0.07%),
+0.010982 (+0.29%); with ``--seed 1`` +0.03%, -0.80%, +0.20% (held-out
++0.01%, -0.73%, +0.25%). Rounding the 8-bit second moments to nearest
+instead ended +6.6% / +6.5% (before the one-round stream;
+``examples/bf16_state_8bit.png`` is the seed-0 run above).
 
     python examples/bf16_state.py [--steps N] [--lr LR] [--seed S] [--hidden H]
         [--backend numba|torch] [--plot loss.png]

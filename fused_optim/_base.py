@@ -225,7 +225,7 @@ class FusedOptimizer(Optimizer):
         found = self._init_group(group, params, grads, *states)
         self._check_foreach(group, params, states)
         if found_inf is not None and not torch.compiler.is_compiling():
-            self._steps_to_device(params, states[-1])
+            self._steps_to_device(params, states)
         return _ops.Job(params, grads, states, [], self._hyper(group, found)), None
 
     def _check_foreach(self, group, params, states) -> None:
@@ -239,7 +239,11 @@ class FusedOptimizer(Optimizer):
         returned (``found``: has_complex, has_sparse_grad)."""
         raise NotImplementedError
 
-    def _steps_to_device(self, params, state_steps):
+    #: per-param scalar state placed as the step counter (NAdam's mu_product),
+    #: as ``(key, index of its list in _init_group's lists)``: it moves with it
+    SCALAR_STATE: tuple = ()
+
+    def _steps_to_device(self, params, states):
         """Under GradScaler, move CPU step counters of CUDA params to their device.
 
         Whether a step counts depends on ``found_inf``, which lives on the
@@ -252,8 +256,11 @@ class FusedOptimizer(Optimizer):
         host, where it is). Only the first and last counters are looked at
         each step (a full scan costs about 0.2 us per param): a group that
         mixes placements otherwise keeps the host path, which reads
-        found_inf (correct, one sync).
+        found_inf (correct, one sync). ``states`` are the job's state lists,
+        the counters last; the ``SCALAR_STATE`` move with their counter (the
+        kernels take a row whose scalars are placed as its step).
         """
+        state_steps = states[-1]
         if not state_steps or not any(
                 s.device.type == "cpu" and p.device.type == "cuda"
                 for p, s in ((params[0], state_steps[0]), (params[-1], state_steps[-1]))):
@@ -263,6 +270,11 @@ class FusedOptimizer(Optimizer):
             if s.device.type == "cpu" and p.device.type == "cuda" and not s.requires_grad:
                 moved = torch.full((), float(s), dtype=s.dtype, device=p.device)
                 state[p]["step"] = state_steps[i] = moved
+                for key, k in self.SCALAR_STATE:
+                    t = states[k][i]
+                    if t.device.type == "cpu" and not t.requires_grad:
+                        state[p][key] = states[k][i] = torch.full(
+                            (), float(t), dtype=t.dtype, device=p.device)
 
     def _torchs_init_group(self, group) -> None:
         """torch's own ``_init_group`` on ``group``, the lists it fills thrown away.

@@ -303,8 +303,14 @@ def _generations(n, edges):
     return gen
 
 
+def _scalar_cols(where, scalars):
+    """The tensor columns (indices into ``cols``) of the scalar state roles ``scalars``."""
+    cols = {_STATE_COLS[k] for k in scalars}
+    return frozenset(c for c, w in enumerate(where) if w in cols)
+
+
 def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=None,
-          labels=None, state_dtype=None):
+          labels=None, state_dtype=None, scalars=()):
     """Fully validate one group's tensors into a :class:`Plan`.
 
     Args:
@@ -326,6 +332,13 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
             optimizer's own state roles (not the Kahan buffers) must have,
             for the params it acts on (``_precision.stored_dtype``); a row
             whose state has another dtype runs torch's own step.
+        scalars: indices of the state roles that are per-row scalars, not
+            per-element state: 1-element float32/float64 tensors placed as
+            the row's step counter (on the host or on the param's device),
+            which the kernels' step prologue reads and writes through the
+            role's column (NAdam's ``mu_product``). Any other such tensor
+            makes its row torch's. All of a row's scalars share a dtype
+            (``FLAG_SCALAR_F64``).
 
     Raises:
         OutsideStorageError: a tensor lies outside its storage.
@@ -334,6 +347,7 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
     n = len(params)
     cols, where = _columns(params, grads, states, steps)
     nstate = sum(1 for c in where if c in _STATE_COLS)
+    scalar_cols = _scalar_cols(where, scalars)
     written_cols = [0] + list(range(2, len(cols)))  # params, states, steps
     in_inference = torch.is_inference_mode_enabled()
     whats = ["", "gradient of ", *(f"state {r!r} of " for r, lst in zip(roles, states)
@@ -374,6 +388,13 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
                     # one float32 per block, in the codes' memory order
                     if (t.dtype != torch.float32 or t.shape != (_blockwise.blocks(p.numel()),)
                             or t.device != p.device or want != torch.uint8):
+                        torch_row = unusual = True
+                elif c in scalar_cols:
+                    # placed as the step counter: both on the host, or both on the
+                    # param's device (never in state_dtype: torch's dtype)
+                    home = steps[i].device if steps is not None else p.device
+                    if not (t.numel() == 1 and t.dtype in _STEP_DTYPES and t.device == home
+                            and t.dtype == row[min(scalar_cols)].dtype):
                         torch_row = unusual = True
                 elif (t.dtype != (want if where[c] in _ROLE_COLS else p.dtype)
                         or t.shape != p.shape or t.device != p.device):
@@ -439,7 +460,8 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
         for (device, dtype, _, _), rows in buckets.items():
             module = modules[(device, dtype)]
             units.append(_kernel_unit(cols, where, steps, row_flags, rows, device, module,
-                                      kernel_name and contract.kernel(module, kernel_name)))
+                                      kernel_name and contract.kernel(module, kernel_name),
+                                      scalar_cols))
         if torch_rows:
             units.append(TorchUnit(torch_rows))
 
@@ -473,7 +495,8 @@ def build(params, grads, states, roles, steps, row_flags, backend, kernel_name=N
     return plan
 
 
-def _kernel_unit(cols, where, steps, row_flags, rows, device, module, kernel):
+def _kernel_unit(cols, where, steps, row_flags, rows, device, module, kernel,
+                 scalar_cols=frozenset()):
     """A :class:`KernelUnit` for ``rows`` (validated kernel rows of one bucket)."""
     m = len(rows)
     table = np.zeros((m, L.NCOLS), dtype=np.int64)
@@ -500,6 +523,11 @@ def _kernel_unit(cols, where, steps, row_flags, rows, device, module, kernel):
                 flags |= L.FLAG_STEP_CPU
         if row_flags is not None and row_flags[i]:
             flags |= L.FLAG_ROW
+        for c in scalar_cols:  # (rows without elements advance theirs too)
+            t = cols[c][i]
+            table[r, where[c]] = t.data_ptr()
+            if t.dtype == torch.float64:
+                flags |= L.FLAG_SCALAR_F64
         table[r, L.FLAGS] = flags
         if elems == 0:
             direct_grad[r] = False  # no address is ever read
@@ -514,7 +542,7 @@ def _kernel_unit(cols, where, steps, row_flags, rows, device, module, kernel):
         key = _layout(shape, strides)
         for c in range(1, len(cols)):
             col = where[c]
-            if col == L.STEP:
+            if col == L.STEP or c in scalar_cols:
                 continue
             if col in _SCALE_COLS:
                 table[r, col] = cols[c][i].data_ptr()  # (build: a dense float32 vector)
@@ -527,7 +555,7 @@ def _kernel_unit(cols, where, steps, row_flags, rows, device, module, kernel):
                 staged.append((r, col, i, c, c != 1, shape, strides))
                 if c == 1:
                     direct_grad[r] = False
-    role = [c for c in range(2, len(cols)) if where[c] in _ROLE_COLS]
+    role = [c for c in range(2, len(cols)) if where[c] in _ROLE_COLS and c not in scalar_cols]
     state_dtype = cols[role[0]][rows[0]].dtype if role else None
     if state_dtype is not None and state_dtype.is_complex:
         state_dtype = state_dtype.to_real()
@@ -539,7 +567,7 @@ def _kernel_unit(cols, where, steps, row_flags, rows, device, module, kernel):
 
 
 def pack(params, grads, states, roles, steps=None, row_flags=None, backend="auto",
-         state_dtype=None):
+         state_dtype=None, scalars=()):
     """Validate and stage tensors into kernel batches (no cache, no torch rows).
 
     For driving a backend directly: every row must be one the kernels take.
@@ -549,7 +577,8 @@ def pack(params, grads, states, roles, steps=None, row_flags=None, backend="auto
         ``finish()`` after the kernel to write staged params and state back.
     """
     flags = tuple(row_flags) if row_flags is not None else None
-    plan = build(params, grads, states, roles, steps, flags, backend, state_dtype=state_dtype)
+    plan = build(params, grads, states, roles, steps, flags, backend, state_dtype=state_dtype,
+                 scalars=scalars)
     cols, _ = _columns(params, grads, states, steps)
     out = []
     for unit in plan.units:
@@ -607,7 +636,7 @@ def validate(update, jobs: list, grad_scale, found_inf, backend: str, cache,
 
 def prepare_update(kind, backend, params, grads, states, roles, hyper, reference,
                    steps=None, row_flags=None, cache=None, key=None, dry_all=False,
-                   precision=None):
+                   precision=None, scalars=()):
     """Validate one group's update by kernel ``kind``; return what writes it.
 
     ``kind`` is the optimizer record's ``kernel`` (``"sgd"``, ``"adam"``, ...).
@@ -632,6 +661,8 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
         precision: the job's ``_precision.Precision`` (None: round to
             nearest). Its Kahan compensation buffers join the plan as the
             fourth state role (column COMP), validated like any state.
+        scalars: indices of the state roles that are per-row scalars (see
+            :func:`build`).
 
     Returns:
         A callable with no arguments that carries out the update.
@@ -660,7 +691,7 @@ def prepare_update(kind, backend, params, grads, states, roles, hyper, reference
         grad_ptrs = _reuse_rule.holds(plan, cols, where, tuple(chain.from_iterable(cols)), flags)
     if grad_ptrs is None:
         plan = build(params, grads, states, roles, steps, flags, backend, kind,
-                     state_dtype=state_dtype)
+                     state_dtype=state_dtype, scalars=scalars)
         grad_ptrs = plan.grad_ptrs
         if cache is not None:
             cache[key] = plan

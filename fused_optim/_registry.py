@@ -35,6 +35,9 @@ class Record(NamedTuple):
     state: tuple
     #: whether each param has a ``state["step"]`` counter the kernels advance
     has_step: bool
+    #: per-param scalar state (1-element tensors placed as ``step``: NAdam's
+    #: ``mu_product``), in table order after ``state``; never ``state_dtype``'s
+    scalars: tuple = ()
 
     @property
     def cls(self) -> type:

@@ -16,12 +16,16 @@ GRAD       grad
 STATE0..2  the optimizer's state tensors, in its record's order, 0 where a
            role is absent (SGD: momentum_buffer; Adam/AdamW: exp_avg,
            exp_avg_sq, max_exp_avg_sq (amsgrad); Adagrad: sum; RMSprop:
-           square_avg, momentum_buffer, grad_avg)
+           square_avg, momentum_buffer, grad_avg). A role may be a per-row
+           scalar instead (a 0-dim float32/float64 state, placed as the STEP
+           counter: NAdam's mu_product), which only the step prologue reads
+           and writes; the element walk never views its column
 STEP       the per-row step counter (float32 or float64 0-dim), 0 if none
 NUMEL      elements in the row
 START      first global element index
-FLAGS      FLAG_ROW (the optimizer's own per-row switch), and the STEP
-           counter's placement: FLAG_STEP_F64, FLAG_STEP_HOST, FLAG_STEP_CPU
+FLAGS      FLAG_ROW (the optimizer's own per-row switch), the STEP
+           counter's placement: FLAG_STEP_F64, FLAG_STEP_HOST, FLAG_STEP_CPU,
+           and FLAG_SCALAR_F64 (the row's scalar state roles are float64)
 COMP       the Kahan compensation buffer (``kahan_sum``; bfloat16/float16
            rows only), 0 if none
 SCALE0..2  the float32 block scales of STATE0..2 where they are stored in
@@ -59,4 +63,6 @@ FLAG_STEP_HOST = 4
 #: The step counter is a CPU tensor (the only host memory a backend may
 #: read a FLAG_STEP_HOST counter from).
 FLAG_STEP_CPU = 8
-
+#: The row's per-row scalar state roles (0-dim state tensors in STATE
+#: columns, e.g. NAdam's mu_product) are float64, else float32.
+FLAG_SCALAR_F64 = 16

@@ -15,6 +15,7 @@ stdout. tests/test_triton_compile.py runs a covering subset in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import itertools
 import json
@@ -35,9 +36,6 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fused_optim.kernels.triton import _launch  # noqa: E402
 
-# each optimizer's kernels, in kernels/triton/<name>.py
-_adam = importlib.import_module("fused_optim.kernels.triton.adam")
-_sgd = importlib.import_module("fused_optim.kernels.triton.sgd")
 DTYPES = {"float64": torch.float64, "float32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,6 +54,102 @@ _STEPS_ARGS = {"table_ptr": "*i64", "hyper_ptr": "*fp64", "scal_ptr": "*fp64",
 #: values in the hyperparameter buffer: not specializations.
 _SGD_SWITCHES = ("TAIL_ALIGNED", "USE_MOMENTUM", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
 _ADAM_SWITCHES = ("TAIL_ALIGNED", "AMSGRAD", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
+#: an update kernel whose only switches are the tail hint and AMP's
+_PLAIN_SWITCHES = ("TAIL_ALIGNED", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateKernel:
+    """One optimizer's update kernel in the matrix: what it is and what its
+    code must show.
+
+    ``module``/``fn``: ``kernels/triton/<module>.py``'s ``@triton.jit``
+    kernel; ``ptrs``: its pointer arguments; ``switches``: the constexpr
+    switches its launcher passes (TAIL_ALIGNED first); ``reads``/``writes``:
+    the tensor streams it loads and stores per element, given the switches
+    (each a 128-bit access where ALIGNED); ``sqrt``: its float math has a
+    square root (sqrt.rn); ``divides``: given the switches, it divides
+    (div.rn).
+    """
+
+    module: str
+    fn: str
+    ptrs: dict
+    switches: tuple
+    reads: object
+    writes: object
+    sqrt: bool = True
+    divides: object = lambda sw: True
+    #: ``make test`` compiles it in the thin subset (:data:`THIN`), not all
+    #: on and all off per dtype and ALIGNED (CI's compile budget)
+    thin: bool = False
+
+    @property
+    def kernel(self):
+        return getattr(importlib.import_module(f"fused_optim.kernels.triton.{self.module}"),
+                       self.fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepsKernel:
+    """An optimizer's step kernel (device-side counters and per-row scalars):
+    compiled once per found_inf switch, as float64 (it reads no tensor of
+    the batch's dtype). ``sqrt``: its math has a square root; ``thin``:
+    ``make test`` compiles it with found_inf only; ``log2``: it takes a
+    float64 ``tl.log2`` (see :data:`_LOG2_SEED`)."""
+
+    module: str
+    fn: str
+    ptrs: dict
+    sqrt: bool = True
+    thin: bool = False
+    log2: bool = False
+
+    @property
+    def kernel(self):
+        return getattr(importlib.import_module(f"fused_optim.kernels.triton.{self.module}"),
+                       self.fn)
+
+
+#: The update kernels the matrix compiles: adding an optimizer's kernel to
+#: it (and to ``make test``'s covering subset) is one entry here.
+UPDATE_KERNELS = {
+    "sgd": UpdateKernel("sgd", "_sgd_kernel", _SGD_PTRS, _SGD_SWITCHES,
+                        reads=lambda sw: 2 + sw["USE_MOMENTUM"],
+                        writes=lambda sw: 1 + sw["USE_MOMENTUM"], sqrt=False,
+                        divides=lambda sw: sw["HAS_GRAD_SCALE"]),
+    "adam": UpdateKernel("adam", "_adam_kernel", _ADAM_PTRS, _ADAM_SWITCHES,
+                         reads=lambda sw: 4 + sw["AMSGRAD"],
+                         writes=lambda sw: 3 + sw["AMSGRAD"]),
+    "nadam": UpdateKernel("nadam", "_nadam_kernel", _ADAM_PTRS, _PLAIN_SWITCHES,
+                          reads=lambda sw: 4, writes=lambda sw: 3, thin=True),
+    "radam": UpdateKernel("radam", "_radam_kernel", _ADAM_PTRS, _PLAIN_SWITCHES,
+                          reads=lambda sw: 4, writes=lambda sw: 3, thin=True),
+    "adamax": UpdateKernel("adamax", "_adamax_kernel", _ADAM_PTRS, _PLAIN_SWITCHES,
+                           reads=lambda sw: 4, writes=lambda sw: 3, sqrt=False, thin=True),
+    # param, grad and ax (loaded where it averages), param and ax stored
+    "asgd": UpdateKernel("asgd", "_asgd_kernel", _ADAM_PTRS, _PLAIN_SWITCHES,
+                         reads=lambda sw: 3, writes=lambda sw: 2, sqrt=False,
+                         divides=lambda sw: sw["HAS_GRAD_SCALE"], thin=True),
+}
+
+#: The thin covering subset of a ``thin`` update kernel: each dtype once,
+#: ALIGNED (with the tail hint) and not, each with every switch on and off:
+#: (dtype, ALIGNED, switches on)
+THIN = (("float64", True, True), ("float32", False, True), ("bfloat16", True, False),
+        ("float16", False, False))
+
+#: The step kernels the matrix compiles (see :class:`StepsKernel`).
+STEPS_KERNELS = {
+    "adam_steps": StepsKernel("adam", "_adam_steps_kernel", _STEPS_ARGS),
+    "nadam_steps": StepsKernel("nadam", "_nadam_steps_kernel", _STEPS_ARGS, sqrt=False,
+                               thin=True),
+    "radam_steps": StepsKernel("radam", "_radam_steps_kernel", _STEPS_ARGS, thin=True),
+    "adamax_steps": StepsKernel("adamax", "_adamax_steps_kernel", _STEPS_ARGS, sqrt=False,
+                                thin=True),
+    "asgd_steps": StepsKernel("asgd", "_asgd_steps_kernel", _STEPS_ARGS, sqrt=False,
+                              thin=True, log2=True),
+}
 
 
 def _possible(kernel: str, aligned: bool, sw: dict) -> bool:
@@ -66,13 +160,20 @@ def _possible(kernel: str, aligned: bool, sw: dict) -> bool:
 def specializations(full: bool):
     """(kernel, dtype name, ALIGNED, switches) the launchers can produce.
 
-    ``full``: every one. Else a covering subset for CI: per kernel, dtype and
-    ALIGNED, every switch on (TAIL_ALIGNED where aligned), and every switch
-    off.
-    The step kernel (``adam_steps``) reads no tensor of the batch's dtype:
-    listed once per found_inf switch, as float64 (its own math).
+    ``full``: every one. Else a covering subset for CI: per update kernel,
+    dtype and ALIGNED, every switch on (TAIL_ALIGNED where aligned), and
+    every switch off; a ``thin`` kernel's :data:`THIN` only. Each step
+    kernel reads no tensor of the batch's dtype: listed once per found_inf
+    switch, as float64 (its own math); a ``thin`` one with found_inf only.
     """
-    for kernel, names in (("sgd", _SGD_SWITCHES), ("adam", _ADAM_SWITCHES)):
+    for kernel, entry in UPDATE_KERNELS.items():
+        names = entry.switches
+        if entry.thin and not full:
+            for dname, aligned, on in THIN:
+                sw = {n: on for n in names}
+                sw["TAIL_ALIGNED"] = on and aligned
+                yield kernel, dname, aligned, sw
+            continue
         for dname, aligned in itertools.product(DTYPES, (True, False)):
             if full:
                 combos = itertools.product((False, True), repeat=len(names))
@@ -82,8 +183,25 @@ def specializations(full: bool):
                 sw = dict(zip(names, combo))
                 if _possible(kernel, aligned, sw):
                     yield kernel, dname, aligned, sw
-    for found_inf in (False, True):
-        yield "adam_steps", "float64", False, {"HAS_FOUND_INF": found_inf}
+    for kernel, entry in STEPS_KERNELS.items():
+        for found_inf in (False, True):
+            if found_inf or full or not entry.thin:
+                yield kernel, "float64", False, {"HAS_FOUND_INF": found_inf}
+
+
+def counts(full: bool) -> dict:
+    """Specializations per arch and kernel, derived from the entries alone
+    (what :func:`specializations` must yield): per dtype, ALIGNED with or
+    without the tail hint or neither, times every other switch on or off
+    (``full``), or all on and all off per dtype and ALIGNED (a ``thin``
+    kernel: :data:`THIN`); two per step kernel (a ``thin`` one: one)."""
+    out = {}
+    for kernel, entry in UPDATE_KERNELS.items():
+        per_dtype = 3 * 2 ** (len(entry.switches) - 1) if full else 2 * 2
+        out[kernel] = len(THIN) if entry.thin and not full else len(DTYPES) * per_dtype
+    for kernel, entry in STEPS_KERNELS.items():
+        out[kernel] = 1 if entry.thin and not full else 2
+    return out
 
 
 def launcher_consts(dtype, aligned: bool, sw: dict) -> dict:
@@ -116,12 +234,12 @@ def ast_source(fn, const: dict, ptrs: dict, absent: dict) -> ASTSource:
 
 
 def _source(kernel: str, dname: str, aligned: bool, sw: dict) -> ASTSource:
-    if kernel == "adam_steps":
-        return ast_source(_adam._adam_steps_kernel, dict(BLOCK_R=_launch._STEP_ROWS, **sw),
-                          _STEPS_ARGS, {"found_inf_ptr": not sw["HAS_FOUND_INF"]})
-    fn = _sgd._sgd_kernel if kernel == "sgd" else _adam._adam_kernel
-    return ast_source(fn, launcher_consts(DTYPES[dname], aligned, sw),
-                      _SGD_PTRS if kernel == "sgd" else _ADAM_PTRS,
+    if kernel in STEPS_KERNELS:
+        entry = STEPS_KERNELS[kernel]
+        return ast_source(entry.kernel, dict(BLOCK_R=_launch._STEP_ROWS, **sw),
+                          entry.ptrs, {"found_inf_ptr": not sw["HAS_FOUND_INF"]})
+    entry = UPDATE_KERNELS[kernel]
+    return ast_source(entry.kernel, launcher_consts(DTYPES[dname], aligned, sw), entry.ptrs,
                       {"grad_scale_ptr": not sw["HAS_GRAD_SCALE"],
                        "found_inf_ptr": not sw["HAS_FOUND_INF"]})
 
@@ -162,6 +280,7 @@ def ptx_facts(ptx: str, dname: str, cap: int) -> dict:
         "inexact": sorted(k for k, pat in _INEXACT.items() if re.search(pat, ptx)),
         "ftz_lines": len(re.findall(r"\.ftz\b", ptx)),
         "exp2_range_checks": ptx.count(_EXP2_RANGE_CHECK),
+        "log2_seeds": ptx.count(_LOG2_SEED),
         "local": len(re.findall(r"\.local\b", ptx)),
         "ieee_div": len(re.findall(r"\bdiv\.rn\.f(32|64)\b", ptx)),
         "ieee_sqrt": len(re.findall(r"\bsqrt\.rn\.f(32|64)\b", ptx))}
@@ -177,7 +296,7 @@ def compile_ptx(src: ASTSource, cap: int, warps: int) -> str:
 
 def facts(kernel: str, dname: str, aligned: bool, sw: dict, cap: int) -> dict:
     # as the launchers pass it
-    warps = (_launch.NUM_WARPS if kernel == "adam_steps"
+    warps = (_launch.NUM_WARPS if kernel in STEPS_KERNELS
              else _launch.num_warps(DTYPES[dname], aligned, sw["TAIL_ALIGNED"]))
     ptx = compile_ptx(_source(kernel, dname, aligned, sw), cap, warps)
     return {"kernel": kernel, "dtype": dname, "aligned": aligned, "switches": sw, "arch": cap,
@@ -189,6 +308,10 @@ def facts(kernel: str, dname: str, aligned: bool, sw: dict, cap: int) -> dict:
 #: argument's range with ``abs.ftz.f32`` on the high word's bits; a bare
 #: ``tl.exp2`` of a float64 compiles to the same. No float32 math is there.
 _EXP2_RANGE_CHECK = "abs.ftz.f32"
+#: and in a ``log2`` step kernel (ASGD's ``(1 + lambd * lr * step) ** alpha``
+#: as exp2 of a log2): libdevice's float64 log2 seeds its Newton iteration,
+#: refined to full precision, with an approximate reciprocal
+_LOG2_SEED = "rcp.approx.ftz.f64"
 
 
 def violations(r: dict) -> list:
@@ -199,23 +322,21 @@ def violations(r: dict) -> list:
         bad.append(f"local memory: stack {r['stack_bytes']} B, spill stores "
                    f"{r['spill_store_bytes']} B, loads {r['spill_load_bytes']} B, "
                    f"{r['local']} .local in PTX")
+    steps = STEPS_KERNELS.get(r["kernel"])
+    seeds = r.get("log2_seeds", 0) if steps is not None and steps.log2 else 0
     inexact = [k for k in r["inexact"]
-               if not (k == ".ftz" and r["ftz_lines"] == r["exp2_range_checks"]
-                       and r["kernel"] == "adam_steps")]
+               if not (k == ".ftz" and r["ftz_lines"] == r["exp2_range_checks"] + seeds
+                       and steps is not None)]
     if inexact:
         bad.append(f"non-IEEE float math: {inexact}")
-    if r["kernel"] == "adam_steps":
-        if not (r["ieee_div"] and r["ieee_sqrt"]):
+    if steps is not None:
+        if not r["ieee_div"] or (steps.sqrt and not r["ieee_sqrt"]):
             bad.append("no div.rn or sqrt.rn")
         return bad
-    if r["kernel"] == "sgd":
-        reads, writes = 2 + sw["USE_MOMENTUM"], 1 + sw["USE_MOMENTUM"]
-        divides = sw["HAS_GRAD_SCALE"]
-    else:
-        reads, writes = 4 + sw["AMSGRAD"], 3 + sw["AMSGRAD"]
-        divides = True
-        if not r["ieee_sqrt"]:
-            bad.append("no sqrt.rn")
+    entry = UPDATE_KERNELS[r["kernel"]]
+    reads, writes, divides = entry.reads(sw), entry.writes(sw), entry.divides(sw)
+    if entry.sqrt and not r["ieee_sqrt"]:
+        bad.append("no sqrt.rn")
     if divides and not r["ieee_div"]:
         bad.append("no div.rn")
     # the whole-block path, and with TAIL_ALIGNED the masked one too
@@ -247,7 +368,7 @@ def main(argv=None) -> int:
     archs = [int(a) for a in args.archs.split(",")]
     dtypes = args.dtypes.split(",")
     specs = [spec for spec in specializations(args.full)
-             if spec[0] == "adam_steps" or spec[1] in dtypes]
+             if spec[0] in STEPS_KERNELS or spec[1] in dtypes]
     if args.count:
         kernels = {}
         for spec in specs:

@@ -51,6 +51,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import fused_optim
 import matrix
 import optim_db
+from sides import torchs_fresh_state
 
 # ---------------------------------------------------------------- arenas
 
@@ -333,7 +334,7 @@ class Machine(RuleBasedStateMachine):
             except Exception as err:  # noqa: BLE001 - compared with torch's
                 outcomes.append((type(err), str(err)))
                 if w.backend is not None:
-                    before.assert_unwritten(w, self.info.fresh_state)
+                    before.assert_unwritten(w)
             if w.backend is not None:
                 before.assert_guards(w)
         theirs, ours = outcomes
@@ -650,21 +651,19 @@ class _Snapshot:
                        if arenas and a.buf.untyped_storage().nbytes()]
         self.live = w.tensors()
 
-    def assert_unwritten(self, w, fills):
-        """``fills``: the OptimInfo's ``fresh_state``."""
+    def assert_unwritten(self, w):
         for i, p in enumerate(w.all_params()):
             assert torch.equal(bits(p), self.params[i]), f"param {i} written by a step that raised"
             s = w.opt.state.get(p, {})
             before = self.state[i]
             if not before:
                 # torch's _init_group makes a new param's state before it raises:
-                # zeros, or the OptimInfo's fresh_state fill (Rprop's step_size)
-                group = next(g for g in w.opt.param_groups if any(q is p for q in g["params"]))
-                for k, v in s.items():
-                    if torch.is_tensor(v):
-                        fill = fills[k](group) if k in fills else 0
-                        assert torch.equal(bits(v), bits(torch.full_like(v, float(fill)))), \
-                            f"new state {k!r} of param {i} written by a step that raised"
+                # torch's fresh state (zeros, Rprop's lr-filled step sizes, NAdam's
+                # mu_product 1), zeros for our own keys
+                fresh = torchs_fresh_state(w.opt, p)
+                assert all(not torch.is_tensor(v) or (torch.equal(bits(v), bits(fresh[k]))
+                                                      if k in fresh else not v.any())
+                           for k, v in s.items())
                 continue
             assert set(s) == set(before)
             for k, v in before.items():

@@ -59,6 +59,8 @@ Capabilities (defaults in brackets):
 ``supports_capturable`` [False]
     torch's class takes ``capturable=True`` (on CPU torch's step then
     raises; the error input is added for the numba and torch backends).
+``capturable_error`` [AssertionError, "If capturable=True, params and state_steps ..."]
+    (type, regex) torch's step raises for capturable CPU params.
 ``supports_complex`` [True]
     complex params are optimized as real views, like torch.
 ``bit_exact`` [frozenset()]
@@ -71,11 +73,6 @@ Capabilities (defaults in brackets):
 ``lazy_state`` [()]
     state keys created from the first grad rather than as zeros (SGD's
     ``momentum_buffer``); ``with_capability("creates_state_lazily")``.
-``fresh_state`` [{}]
-    state keys whose fresh tensor (``_init_group``'s, before any update) is
-    not zeros: key -> the fill, a function of the param's group (Rprop's
-    ``step_size`` is ``lr``). The stateful machine checks a step that raised
-    left a new param only its fresh state.
 ``scale_sensitive`` [{}]
     kwargs under which a missing GradScaler unscale would show in the result
     (Adam normalises the grad away unless ``eps`` is large: ``eps=0.1``).
@@ -84,6 +81,16 @@ Capabilities (defaults in brackets):
     test_kernels_do_the_math makes them raise. Default: the functional and
     its ``_single_tensor_``/``_multi_tensor_``/``_fused_`` variants (torch's
     RMSprop/Adagrad have no ``_fused_``: list the names that exist).
+``cast_on_load`` [()]
+    state keys torch keeps in float32 but its ``load_state_dict`` casts to
+    the param's dtype (NAdam's ``mu_product``): a resumed bf16 run is then
+    not the uninterrupted one, in torch too.
+``compiled_tolerance`` [None]
+    ``assert_close`` tolerances of fused_optim's compiled step against
+    torch's compiled step, where torch's (traced with capturable's float32
+    tensor arithmetic for its scalars) strays from its own for-loop by more
+    than ``matrix.TOLERANCE`` (None: that tolerance); False: torch's
+    compiled step is no reference at all (checked against its for-loop only).
 ``skip_common_errors`` [()]
     descriptions of COMMON_ERROR_INPUTS torch's class does not raise for.
 ``torch_steps_dtensor`` [True]
@@ -216,12 +223,11 @@ _FOREACH_DIFFERENTIABLE_ERROR_INPUTS = (
                AssertionError, "_foreach ops don't support autograd", error_on=STEP),
 )
 
-_CAPTURABLE_ERROR_INPUTS = (
+def _capturable_on_cpu(error):
     # (interpreted Triton lets CPU tensors stand in for CUDA, where it is valid)
-    ErrorInput("capturable on CPU", lambda: dict(capturable=True), AssertionError,
-               "If capturable=True, params and state_steps must be on supported devices",
-               error_on=STEP, backends=("numba", "torch")),
-)
+    error_type, error_regex = error
+    return ErrorInput("capturable on CPU", lambda: dict(capturable=True), error_type,
+                      error_regex, error_on=STEP, backends=("numba", "torch"))
 
 _SPARSE_ERROR_INPUTS = (
     ErrorInput("sparse grad", _no_kwargs, RuntimeError, "does not support sparse gradients",
@@ -245,16 +251,19 @@ class OptimInfo:
         RuntimeError, "`fused=True` requires all the params to be floating point")
     foreach_differentiable: str = "error"
     supports_capturable: bool = False
+    capturable_error: tuple = (
+        AssertionError, "If capturable=True, params and state_steps must be on supported devices")
     supports_complex: bool = True
     bit_exact: frozenset = frozenset()
     sparse_grads: str = "error"
     lazy_state: tuple = ()
-    fresh_state: dict = dataclasses.field(default_factory=dict)
     scale_sensitive: dict = dataclasses.field(default_factory=dict)
     torch_functions: tuple | None = None
     skip_common_errors: tuple = ()
     shadow_kwargs: dict = dataclasses.field(default_factory=dict)
     torch_steps_dtensor: bool = True
+    cast_on_load: tuple = ()
+    compiled_tolerance: dict | bool | None = None
 
     # ------------------------------------------------------------ derived
 
@@ -268,7 +277,8 @@ class OptimInfo:
 
     @property
     def state_keys(self) -> tuple:
-        return self.record.state
+        """The record's state keys, its per-param scalars last."""
+        return self.record.state + self.record.scalars
 
     @property
     def has_step(self) -> bool:
@@ -326,7 +336,7 @@ class OptimInfo:
         if self.foreach_differentiable == "error":
             out += _FOREACH_DIFFERENTIABLE_ERROR_INPUTS
         if self.supports_capturable:
-            out += _CAPTURABLE_ERROR_INPUTS
+            out.append(_capturable_on_cpu(self.capturable_error))
         if self.sparse_grads == "error":
             out += _SPARSE_ERROR_INPUTS
         return tuple(out)
@@ -392,10 +402,59 @@ def _rprop_strategy():
                                   "maximize": st.booleans()})
 
 
+def _adamax_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1),
+                                  "betas": st.tuples(st.floats(0.0, 0.99),
+                                                     st.floats(0.0, 0.999)),
+                                  "eps": st.sampled_from([1e-8, 1e-3]),
+                                  "weight_decay": st.sampled_from([0.0, 0.1]),
+                                  "maximize": st.booleans()})
+
+
+def _radam_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1),
+                                  "betas": st.tuples(st.floats(0.0, 0.99),
+                                                     st.floats(0.0, 0.999)),
+                                  "weight_decay": st.sampled_from([0.0, 0.1]),
+                                  "decoupled_weight_decay": st.booleans(),
+                                  "maximize": st.booleans()})
+
+
+def _nadam_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1),
+                                  "betas": st.tuples(st.floats(0.0, 0.99),
+                                                     st.floats(0.0, 0.999)),
+                                  "momentum_decay": st.sampled_from([4e-3, 0.0, 0.5]),
+                                  "weight_decay": st.sampled_from([0.0, 0.1]),
+                                  "decoupled_weight_decay": st.booleans(),
+                                  "maximize": st.booleans()})
+
+
+def _asgd_strategy():
+    st = _st()
+    return st.fixed_dictionaries({"lr": st.floats(1e-4, 0.1),
+                                  "lambd": st.sampled_from([1e-4, 0.0, 0.1]),
+                                  "alpha": st.sampled_from([0.75, 0.5, 1.0]),
+                                  "t0": st.sampled_from([1e6, 0.0, 1.5]),
+                                  "weight_decay": st.sampled_from([0.0, 0.1]),
+                                  "maximize": st.booleans()})
+
 _ADAM_EDITS = (
     ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
     ("betas", (0.8, 0.95)), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
     ("betas", (-0.5, 0.99)), ("eps", 0.0), ("maximize", True), ("maximize", False))
+
+#: torch's __init__ checks shared by Adamax, RAdam and NAdam
+_BETAS_EPS_ERRORS = (
+    ErrorInput("negative eps", lambda: dict(eps=-1e-8), ValueError, "Invalid epsilon value"),
+    ErrorInput("beta0 = 1", lambda: dict(betas=(1.0, 0.999)), ValueError,
+               "Invalid beta parameter at index 0"),
+    ErrorInput("beta1 < 0", lambda: dict(betas=(0.9, -0.1)), ValueError,
+               "Invalid beta parameter at index 1"),
+)
 
 _ADAM_ERRORS = (
     ErrorInput("negative eps", lambda: dict(eps=-1e-8), ValueError, "Invalid epsilon value"),
@@ -612,7 +671,6 @@ OPTIM_DB = (
         ),
         example=dict(lr=0.01),
         state_config={},  # prev, step_size and step exist after every step
-        fresh_state={"step_size": lambda group: group["lr"]},
         error_inputs=(
             ErrorInput("etaminus above 1", lambda: dict(etas=(1.5, 1.2)), ValueError,
                        "Invalid eta values: 1.5, 1.2"),
@@ -631,6 +689,128 @@ OPTIM_DB = (
         skip_common_errors=("negative weight_decay",),  # Rprop has no weight_decay
         shadow_kwargs=dict(etas=(0.5, 1.001)),
         torch_steps_dtensor=False,
+    ),
+    OptimInfo(
+        name="Adamax",
+        # each option in at least one config, combined to keep CI's budget
+        configs=(
+            dict(lr=0.01),
+            dict(lr=0.01, weight_decay=0.1, maximize=True, eps=1e-3),
+            # 1 - beta1 >= 0.5: torch.lerp's other side; torch divides in float32
+            dict(lr=lambda: torch.tensor(0.01), betas=(0.3, 0.99)),
+            dict(lr=0.01, capturable=True, weight_decay=0.1),
+        ),
+        example=dict(lr=0.01),
+        state_config={},
+        error_inputs=_BETAS_EPS_ERRORS,
+        kwargs_strategy=_adamax_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
+            ("betas", (0.8, 0.95)),
+            ("betas", (1.0, 0.999)),  # 1 - beta1**step == 0: ZeroDivisionError
+            ("betas", (-0.5, 0.99)), ("eps", 0.0), ("maximize", True), ("maximize", False)),
+        supports_capturable=True,
+        scale_sensitive=dict(eps=0.1),
+        # torch's Adamax has no _fused_adamax
+        torch_functions=("adamax", "_single_tensor_adamax", "_multi_tensor_adamax"),
+    ),
+    OptimInfo(
+        name="RAdam",
+        # each option in at least one config, combined to keep CI's budget;
+        # beta2 = 0.9 rectifies from step 6 on, 0.999 from step 7: parity's
+        # steps cross the switch (rho_t > 5)
+        configs=(
+            dict(lr=0.01, betas=(0.9, 0.9)),
+            dict(lr=0.01, weight_decay=0.1, maximize=True, eps=1e-3),
+            dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, betas=(0.3, 0.5)),
+            dict(lr=lambda: torch.tensor(0.01), betas=(0.8, 0.9)),
+            dict(lr=0.01, capturable=True, weight_decay=0.1, betas=(0.9, 0.9)),
+        ),
+        # rectified from step 6 on; with the default beta2 (rectified from step 7,
+        # by a tiny term at first) the first six steps dwarf the rest, and
+        # test_precision's shadow run, whose steps must be a tenth of an ulp
+        # each, could not be made
+        example=dict(lr=0.01, betas=(0.9, 0.9)),
+        state_config={},
+        error_inputs=_BETAS_EPS_ERRORS,
+        kwargs_strategy=_radam_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
+            ("decoupled_weight_decay", True), ("betas", (0.8, 0.9)),
+            ("betas", (0.9, 1.0)),  # 2 / (1 - beta2): ZeroDivisionError
+            ("betas", (-0.5, 0.99)), ("eps", 0.0), ("maximize", True), ("maximize", False)),
+        supports_capturable=True,
+        # measured: 1.8e-5 absolute, 5.4e-5 relative from torch's for-loop
+        # after OneCycleLR's steps (test_compile)
+        compiled_tolerance=dict(rtol=2e-4, atol=1e-4),
+        scale_sensitive=dict(eps=0.1, betas=(0.9, 0.5)),
+        # torch's RAdam has no _fused_radam
+        torch_functions=("radam", "_single_tensor_radam", "_multi_tensor_radam"),
+    ),
+    OptimInfo(
+        name="NAdam",
+        # each option in at least one config, combined to keep CI's budget
+        configs=(
+            dict(lr=0.01),
+            dict(lr=0.01, weight_decay=0.1, maximize=True, eps=1e-3, momentum_decay=0.3),
+            dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, betas=(0.3, 0.9)),
+            dict(lr=lambda: torch.tensor(0.01), momentum_decay=0.0),
+            dict(lr=0.01, capturable=True, weight_decay=0.1),
+        ),
+        example=dict(lr=0.01),
+        state_config={},
+        error_inputs=(
+            *_BETAS_EPS_ERRORS,
+            ErrorInput("negative momentum_decay", lambda: dict(momentum_decay=-0.1),
+                       ValueError, "Invalid momentum_decay value"),
+        ),
+        kwargs_strategy=_nadam_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.003), ("weight_decay", 0.0), ("weight_decay", 0.3),
+            ("decoupled_weight_decay", True), ("momentum_decay", 0.1),
+            ("betas", (0.8, 0.95)),
+            ("betas", (2.0, 0.999)),  # beta1 outside [0, 1): dry runs on every row
+            ("betas", (0.9, 1.0)), ("eps", 0.0), ("maximize", True), ("maximize", False)),
+        supports_capturable=True,
+        capturable_error=(AssertionError, "If capturable=True, params, mu_products and "
+                          "state_steps must be on supported devices"),
+        cast_on_load=("mu_product",),
+        # torch's own compiled NAdam ends 0.097 (30% relative) away from its
+        # for-loop after test_compile's OneCycleLR schedule (torch 2.13,
+        # 2026-12-07); fused_optim's compiled step matches the for-loop
+        compiled_tolerance=False,
+        scale_sensitive=dict(eps=0.1),
+        # torch's NAdam has no _fused_nadam
+        torch_functions=("nadam", "_single_tensor_nadam", "_multi_tensor_nadam"),
+    ),
+    OptimInfo(
+        name="ASGD",
+        # each option in at least one config, combined to keep CI's budget;
+        # t0 = 0 averages from the third step on (mu = 1 / (step - t0)), the
+        # default t0 copies the param into ax at every step (torch's mu == 1 branch)
+        configs=(
+            dict(lr=0.01),
+            dict(lr=0.01, t0=0.0, lambd=0.01, alpha=0.5, weight_decay=0.1),
+            dict(lr=0.01, t0=1.5, maximize=True, lambd=0.1),
+            dict(lr=lambda: torch.tensor(0.01), t0=0.0),
+            dict(lr=0.01, capturable=True, t0=0.0, weight_decay=0.1),
+        ),
+        example=dict(lr=0.01, t0=0.0),
+        state_config={},  # ax, mu, eta and step exist after every step
+        error_inputs=(),  # (torch's ASGD checks lr and weight_decay only: the common ones)
+        kwargs_strategy=_asgd_strategy,
+        hyperparameter_edits=(
+            ("lr", 0.3), ("lambd", 1e-3), ("alpha", 0.5), ("t0", 0.0), ("t0", 1e6),
+            ("lambd", -1e-4),  # lambd * lr < 0: torch's own loop runs it
+            ("weight_decay", 0.0), ("weight_decay", 0.1), ("maximize", True),
+            ("maximize", False)),
+        supports_capturable=True,
+        capturable_error=(AssertionError, "If capturable=True, params, mus, etas, and "
+                          "state_steps must be on supported devices"),
+        cast_on_load=("mu", "eta"),
+        bit_exact=frozenset({torch.float32, torch.float64}),
+        # torch's ASGD has no _fused_asgd
+        torch_functions=("asgd", "_single_tensor_asgd", "_multi_tensor_asgd"),
     ),
 )
 

@@ -92,7 +92,7 @@ class Side:
         self.log.append(("ok", snapshot(opt, params)))
 
 
-def _torchs_fresh_state(opt, p) -> dict:
+def torchs_fresh_state(opt, p) -> dict:
     """The state torch's own ``_init_group`` makes for a copy of ``p`` in its group."""
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
     q = p.detach().clone().requires_grad_()
@@ -112,7 +112,7 @@ def _assert_unwritten(before, after, opt=None, params=()):
             # torch's _init_group creates a new param's state before the loop
             # that raises; it must be the untouched initial state: torch's
             # (zeros, or Rprop's lr-filled step sizes), zeros for our own keys
-            fresh = _torchs_fresh_state(opt, p) if p is not None else {}
+            fresh = torchs_fresh_state(opt, p) if p is not None else {}
             assert all(not torch.is_tensor(v) or (same_bits(v, fresh[k]) if k in fresh
                                                   else not v.any())
                        for k, v in sb.items()), sb

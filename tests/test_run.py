@@ -300,13 +300,20 @@ def test_threads_alive_before_the_run_do_not_keep_the_patch(tmp_path):
         bystander.join()
 
 
-RPROP_SCRIPT = """
+#: Unmodified torch.optim scripts: (kernel, exact) -> the optimizer's line
+SCRIPTS = {
+    ("rprop", True): "opt = torch.optim.Rprop(model.parameters(), lr=0.01, etas=(0.4, 1.3))",
+    ("nadam", False): "opt = torch.optim.NAdam(model.parameters(), lr=0.01, weight_decay=0.01)",
+    ("asgd", False): "opt = torch.optim.ASGD(model.parameters(), lr=0.01, t0=2.0)",
+}
+
+OPTIMIZER_SCRIPT = """
     import sys
     import torch
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    opt = torch.optim.Rprop(model.parameters(), lr=0.01, etas=(0.4, 1.3))
+    {optimizer}
     x, y = torch.randn(32, 8), torch.randn(32, 1)
     for _ in range(8):
         opt.zero_grad()
@@ -316,25 +323,28 @@ RPROP_SCRIPT = """
 """
 
 
-def test_unmodified_rprop_script_ends_with_torchs_weights_through_the_kernels(
-        tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel_name, exact", list(SCRIPTS), ids=[k for k, _ in SCRIPTS])
+def test_unmodified_script_ends_with_torchs_weights_through_the_kernels(
+        tmp_path, monkeypatch, kernel_name, exact):
     import runpy
 
     from fused_optim.kernels import contract
     from fused_optim.kernels import numba as numba_backend
 
-    script = _write(tmp_path / "train.py", RPROP_SCRIPT)
+    script = _write(tmp_path / "train.py",
+                    OPTIMIZER_SCRIPT.format(optimizer=SCRIPTS[kernel_name, exact]))
     monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "torch.pt")])
     runpy.run_path(str(script), run_name="__main__")  # plain torch.optim
-    kernel, calls = contract.kernel(numba_backend, "rprop"), []
+    kernel, calls = contract.kernel(numba_backend, kernel_name), []
 
     def counted(batch, **kw):
         calls.append(batch.numel)
         return kernel(batch, **kw)
 
-    monkeypatch.setattr(numba_backend, "rprop", counted)
+    monkeypatch.setattr(numba_backend, kernel_name, counted)
     monkeypatch.setenv("FUSED_OPTIM_BACKEND", "numba")
     assert _run.main([str(script), str(tmp_path / "fused.pt")]) == 0
     assert calls == [8 * 16 + 16 + 16 + 1] * 8  # one launch per step, every param in it
+    tol = {"rtol": 0, "atol": 0} if exact else {}
     torch.testing.assert_close(torch.load(tmp_path / "fused.pt"),
-                               torch.load(tmp_path / "torch.pt"), rtol=0, atol=0)
+                               torch.load(tmp_path / "torch.pt"), **tol)

@@ -30,10 +30,13 @@ from matrix import build_kwargs
 #: stochastically: one more each).
 VARIANTS = 7
 #: The (optimizer, state arrays present) combinations the configurations
-#: reach: SGD with and without momentum, Adam/AdamW with and without
-#: amsgrad (one kernel), Adagrad, RMSprop with momentum and centered on or
-#: off (4), Adadelta, Rprop.
-STATE_COMBINATIONS = 2 + 2 + 1 + 4 + 1 + 1
+#: reach, per kernel: SGD with and without momentum, Adam/AdamW with and
+#: without amsgrad (one kernel), Adagrad, RMSprop with momentum and centered
+#: on or off (4), and one each for the kernels whose state is fixed.
+STATE_COMBINATIONS_BY_KERNEL = {"sgd": 2, "adam": 2, "adagrad": 1, "rmsprop": 4,
+                                "adadelta": 1, "rprop": 1, "nadam": 1, "radam": 1,
+                                "adamax": 1, "asgd": 1}
+STATE_COMBINATIONS = sum(STATE_COMBINATIONS_BY_KERNEL.values())
 #: state_bits=8 (blockwise 8-bit state, Adam/AdamW's params of MIN_NUMEL
 #: elements or more): float32 params, and bfloat16 plain, with kahan_sum,
 #: with stochastic_round and with both (the 8-bit views, and the stream its

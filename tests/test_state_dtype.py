@@ -67,7 +67,8 @@ def _torch_step(info, kwargs, params, our_opt, grads):
         out = init(group, *lists)
         for p in group["params"]:
             for name, t in ref.state[p].items():
-                if name != "step" and torch.is_tensor(t) and t.is_floating_point():
+                if (name != "step" and name not in info.record.scalars and torch.is_tensor(t)
+                        and t.is_floating_point()):
                     t.copy_(t.to(torch.bfloat16))
         return out
     ref._init_group = fresh_as_converted
@@ -119,7 +120,11 @@ def test_each_state_is_torchs_float32_result_rounded_once(info, backend):
         opt.step()
         for p, rp, w in zip(params, ref_params, want):
             torch.testing.assert_close(p.detach(), rp.detach(), rtol=1.3e-6, atol=1e-5)
-            assert set(w) == {k for k in opt.state[p] if k != "step"}
+            scalars = info.record.scalars  # (torch's dtype and values, as the step counter)
+            assert set(w) == {k for k in opt.state[p] if k != "step" and k not in scalars}
+            for name in scalars:
+                torch.testing.assert_close(opt.state[p][name], ref.state[rp][name], rtol=0,
+                                           atol=0)
             for name, expected in w.items():
                 got = opt.state[p][name]
                 assert got.dtype == torch.bfloat16, name
@@ -312,7 +317,8 @@ def test_a_torch_checkpoint_loads_into_bf16_state(info):
     assert opt.param_groups[0]["state_dtype"] == torch.bfloat16
     for p in params:
         for k, v in ref.state[p].items():
-            if k == "step":
+            if k == "step" or k in info.record.scalars:  # (kept as torch has them)
+                assert torch.equal(opt.state[p][k], v), k
                 continue
             assert torch.equal(opt.state[p][k], v.to(torch.bfloat16)), k
 

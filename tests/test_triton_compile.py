@@ -3,9 +3,17 @@
 No GPU is needed: tests/_compile_matrix.py compiles, in a subprocess without
 the interpreter, a covering subset of the specializations the launchers can
 produce (per kernel, dtype and ALIGNED: every switch on and every switch off;
-and the step kernel) for sm_80 and sm_90, and reads facts off the PTX and
-``ptxas -v``. ``make compile-check`` runs all of them (194 per arch; 2,114
-before the flags that change only the arithmetic became runtime values).
+and each step kernel) for sm_80 and sm_90, and reads facts off the PTX and
+``ptxas -v``. ``make compile-check`` runs all of them (``python
+tests/_compile_matrix.py --full --count`` says how many: 394 per arch with
+NAdam's, RAdam's, Adamax's and ASGD's kernels, 194 before them; 2,114 before the
+flags that change only the arithmetic became runtime values). A kernel
+joins both through one entry of ``_compile_matrix.UPDATE_KERNELS`` or
+``STEPS_KERNELS``; the counts the tests expect are derived from those. The
+kernels added since SGD's and Adam's are ``thin``: here, four
+specializations each (``_compile_matrix.THIN``: every dtype once, aligned
+and not, switches on and off) and their step kernel with found_inf, to keep
+CI's compile time; ``make compile-check`` compiles their full matrix.
 """
 
 import json
@@ -37,15 +45,20 @@ def results():
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-_UPDATE_SWITCHES = {"sgd": _compile_matrix._SGD_SWITCHES,
-                    "adam": _compile_matrix._ADAM_SWITCHES}
+def _per_kernel(specs) -> dict:
+    out = {}
+    for spec in specs:
+        out[spec[0]] = out.get(spec[0], 0) + 1
+    return out
 
 
 def test_every_covering_specialization_compiled(results):
     subset = list(_compile_matrix.specializations(full=False))
-    # per update kernel, dtype and ALIGNED: all on and all off; the step kernel twice
-    assert len(subset) == len(_UPDATE_SWITCHES) * len(_compile_matrix.DTYPES) * 2 * 2 + 2
+    # per update kernel, dtype and ALIGNED: all on and all off; each step kernel twice
+    assert _per_kernel(subset) == _compile_matrix.counts(full=False)
     assert len(results) == len(subset) * len(ARCHS)
+    assert {r["kernel"] for r in results} == (set(_compile_matrix.UPDATE_KERNELS)
+                                              | set(_compile_matrix.STEPS_KERNELS))
     seen = {(r["kernel"], r["dtype"], r["aligned"], json.dumps(r["switches"], sort_keys=True),
              r["arch"]) for r in results}
     assert len(seen) == len(results)
@@ -56,17 +69,18 @@ def test_full_matrix_is_what_the_launchers_can_produce():
     # per dtype: (ALIGNED with or without the tail hint, or neither) x every
     # other switch of the kernel, on or off; and the step kernel with and
     # without found_inf
-    per_dtype = {k: 3 * 2 ** (len(names) - 1) for k, names in _UPDATE_SWITCHES.items()}
-    assert len(full) == len(_compile_matrix.DTYPES) * sum(per_dtype.values()) + 2
+    assert _per_kernel(full) == _compile_matrix.counts(full=True)
+    updates = _compile_matrix.UPDATE_KERNELS
     for kernel, _, aligned, sw in full:
-        if kernel != "adam_steps":
-            assert tuple(sw) == _UPDATE_SWITCHES[kernel]
+        if kernel in updates:
+            assert tuple(sw) == updates[kernel].switches
             assert aligned or not sw["TAIL_ALIGNED"]
     # the runtime flags are not kernel arguments: a launch cannot specialize on them
-    for kernel, fn in (("sgd", _compile_matrix._sgd._sgd_kernel),
-                       ("adam", _compile_matrix._adam._adam_kernel)):
+    for kernel, entry in updates.items():
         runtime = {"MAXIMIZE", "HAS_WD", "NESTEROV", "DECOUPLED", "LERP_FROM_START"}
-        assert not runtime & set(fn.arg_names), kernel
+        assert not runtime & set(entry.kernel.arg_names), kernel
+        # every constexpr switch of the kernel is one the matrix varies
+        assert set(entry.switches) <= set(entry.kernel.arg_names), kernel
 
 
 @pytest.mark.parametrize("arch", ARCHS)

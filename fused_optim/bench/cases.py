@@ -291,6 +291,9 @@ SETTINGS: dict[str, tuple] = {
     "adamw": ("AdamW", dict(lr=1e-3, weight_decay=0.01)),
     "adagrad": ("Adagrad", dict(lr=0.01)),
     "rmsprop": ("RMSprop", dict(lr=1e-3)),
+    # averaging from the third step on: the default t0 (1e6) copies the param
+    # into ax, reading one stream less than the traffic count assumes
+    "asgd": ("ASGD", dict(lr=0.01, t0=0.0)),
 }
 
 

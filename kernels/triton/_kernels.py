@@ -56,6 +56,7 @@ _NUMEL = tl.constexpr(L.NUMEL)
 _FLAGS = tl.constexpr(L.FLAGS)
 _FLAG_ROW = tl.constexpr(L.FLAG_ROW)
 _FLAG_STEP_F64 = tl.constexpr(L.FLAG_STEP_F64)
+_FLAG_SCALAR_F64 = tl.constexpr(L.FLAG_SCALAR_F64)
 _START = tl.constexpr(L.START)
 _COMP = tl.constexpr(L.COMP)
 _SCALE0 = tl.constexpr(L.SCALE0)
@@ -90,6 +91,19 @@ def _store(ptr, offs, x, mask, IS_BF16: tl.constexpr, ELEM: tl.constexpr):
     else:
         y = x.to(ELEM)
     tl.store(ptr + offs, y, mask=mask)
+
+
+@triton.jit
+def _rounded(x, IS_BF16: tl.constexpr, ELEM: tl.constexpr):
+    """``x`` rounded to nearest even to the storage type, back in the compute type
+    (``_store`` then ``_load``, without the memory)."""
+    if IS_BF16:
+        u = x.to(tl.uint32, bitcast=True)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, r)
+        return r.to(tl.float32, bitcast=True)
+    else:
+        return x.to(ELEM).to(x.dtype)
 
 
 @triton.jit
@@ -228,6 +242,37 @@ def _write_steps(r, rows, s64_ptr, s32_ptr, s64, s32, is64, is32, found_inf_ptr,
     advance = r < limit
     tl.store(s64_ptr, s64, mask=advance & is64)
     tl.store(s32_ptr, s32, mask=advance & is32)
+
+
+@triton.jit
+def _scalar_state(table_ptr, r, rows, COL: tl.constexpr):
+    """The per-row scalar state in column ``COL`` of rows ``r`` (lanes past
+    ``rows`` masked): float64 where ``FLAG_SCALAR_F64``, else float32.
+
+    Returns (its float64 and float32 pointers and which is live), for
+    :func:`_load_scalar` and :func:`_store_scalar`.
+    """
+    live = r < rows
+    base = table_ptr + r.to(tl.int64) * _NCOLS
+    flags = tl.load(base + _FLAGS, mask=live, other=0)
+    addr = tl.load(base + COL, mask=live, other=0)
+    m64 = live & ((flags & _FLAG_SCALAR_F64) != 0)
+    m32 = live & ((flags & _FLAG_SCALAR_F64) == 0)
+    return addr.to(tl.pointer_type(tl.float64)), addr.to(tl.pointer_type(tl.float32)), m64, m32
+
+
+@triton.jit
+def _load_scalar(p64_ptr, p32_ptr, m64, m32):
+    """A scalar state (:func:`_scalar_state`) as float64."""
+    return tl.where(m64, tl.load(p64_ptr, mask=m64, other=0.0),
+                    tl.load(p32_ptr, mask=m32, other=0.0).to(tl.float64))
+
+
+@triton.jit
+def _store_scalar(p64_ptr, p32_ptr, m64, m32, value, advance):
+    """Store float64 ``value`` into a scalar state, in its dtype, where ``advance``."""
+    tl.store(p64_ptr, value, mask=advance & m64)
+    tl.store(p32_ptr, value.to(tl.float32), mask=advance & m32)
 
 
 @triton.jit

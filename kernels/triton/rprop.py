@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..reference.rprop import as_stored
 from ..steps import advance_host_steps
-from ._kernels import (_grad, _load, _program, _store_param, _store_state,
+from ._kernels import (_grad, _load, _program, _rounded, _store_param, _store_state,
                        count_steps_kernel, slots)
 from ._launch import launch
 
@@ -25,19 +25,6 @@ __all__ = ["rprop"]
 # Slots of the float64 hyperparameter buffer; the launcher writes them in this
 # order. MAXIMIZE holds 1.0 or 0.0: a runtime switch.
 (_ETAPLUS, _ETAMINUS, _SIZE_MIN, _SIZE_MAX, _MAXIMIZE, _NHYPER) = slots(6)
-
-
-@triton.jit
-def _rounded(x, IS_BF16: tl.constexpr, ELEM: tl.constexpr):
-    """``x`` rounded to nearest even to the storage type, back in the compute type
-    (``_store`` then ``_load``, without the memory)."""
-    if IS_BF16:
-        u = x.to(tl.uint32, bitcast=True)
-        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, r)
-        return r.to(tl.float32, bitcast=True)
-    else:
-        return x.to(ELEM).to(x.dtype)
 
 
 @triton.jit
