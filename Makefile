@@ -50,11 +50,14 @@ $(BENCH_STAMP): setup.py
 # worker (--dist loadfile) so a file's tests never race each other, in the
 # order tests/conftest.py gives them (slowest first): pytest-xdist 3.8 would
 # otherwise hand out the files with the most tests first, which left the
-# model-based machines (6 tests, minutes of subprocesses) to the end.
+# model-based machines (6 tests, minutes of subprocesses) to the end. The
+# benchmark smoke run after it (every bench case once, tiny sizes) is one
+# file, so its tests are dealt out one by one (--dist load): in one process
+# it took 1:39 of the 17-minute cold CI run of 1e6d2e6.
 TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
-	FUSED_OPTIM_BENCH_SIZE=tiny $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
+	FUSED_OPTIM_BENCH_SIZE=tiny $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable -n $(TEST_WORKERS) --dist load
 
 # The fast tier (40 s warm on the idle 2-core dev VM, README "Tests"): the
 # tests marked `check` by the rules in tests/conftest.py, every optimizer on
