@@ -259,7 +259,13 @@ def walk(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1
 @njit(inline="always")
 def walk_blocks(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1,
                 has2, kahan, sr_keys, state_keys):
-    """Elements ``[lo, hi)`` of the global range, row by row, as slice views.
+    """:func:`walk` for 8-bit state: each chunk's edges move to block edges
+    and the state views are ``_blockwise.quantized``. A copy, not a switch in
+    :func:`walk`: with this logic inside it every plain kernel's parallel
+    entry ran 2-4x slower (AdamW over 24 x 1M float32 elements, 51 ms
+    against 27 ms, 2 threads, 2026-12-07).
+
+    Elements ``[lo, hi)`` of the global range, row by row, as slice views.
 
     The rows' elements are laid end to end in ``[0, numel)`` (column START),
     which the launcher's ``bounds`` cuts into one chunk per thread. Each
