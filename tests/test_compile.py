@@ -29,17 +29,40 @@ from fused_optim.kernels import contract
 
 STEPS = 4
 
+#: (optimizer, kwargs, backend): the first seven and ASGD (per-param
+#: scalar state, the operator's scalar lists) through Inductor; the other
+#: five new optimizers (issue 28) through aot_eager, which traces the same
+#: operator encoding through AOT functionalization at a fraction of
+#: Inductor's compile time (Inductor's lowering of that encoding is shared
+#: by every optimizer and covered by the others).
 CASES = [
     pytest.param("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
-                 id="SGD-nesterov"),
-    pytest.param("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3), id="SGD-dampening"),
-    pytest.param("SGD", dict(lr=0.1), id="SGD-plain"),
-    pytest.param("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1), id="Adam-amsgrad"),
-    pytest.param("AdamW", dict(lr=0.01, weight_decay=0.1, maximize=True), id="AdamW-maximize"),
+                 "inductor", id="SGD-nesterov"),
+    pytest.param("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3), "inductor",
+                 id="SGD-dampening"),
+    pytest.param("SGD", dict(lr=0.1), "inductor", id="SGD-plain"),
+    pytest.param("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1), "inductor",
+                 id="Adam-amsgrad"),
+    pytest.param("AdamW", dict(lr=0.01, weight_decay=0.1, maximize=True), "inductor",
+                 id="AdamW-maximize"),
     pytest.param("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.1,
-                                 initial_accumulator_value=0.1), id="Adagrad-decays"),
+                                 initial_accumulator_value=0.1), "inductor",
+                 id="Adagrad-decays"),
     pytest.param("RMSprop", dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1),
-                 id="RMSprop-centered-momentum"),
+                 "inductor", id="RMSprop-centered-momentum"),
+    pytest.param("ASGD", dict(lr=0.01, lambd=1e-3, alpha=0.75, t0=2, weight_decay=0.1),
+                 "inductor", id="ASGD-t0"),
+    pytest.param("NAdam", dict(lr=0.01, weight_decay=0.1, momentum_decay=0.3,
+                               decoupled_weight_decay=True), "aot_eager",
+                 id="NAdam-decoupled"),
+    pytest.param("RAdam", dict(lr=0.01, weight_decay=0.1, maximize=True), "aot_eager",
+                 id="RAdam-maximize"),
+    pytest.param("Adamax", dict(lr=0.01, weight_decay=0.1, maximize=True), "aot_eager",
+                 id="Adamax-maximize"),
+    pytest.param("Adadelta", dict(lr=0.5, rho=0.8, weight_decay=0.1), "aot_eager",
+                 id="Adadelta-decay"),
+    pytest.param("Rprop", dict(lr=0.01, etas=(0.4, 1.3), step_sizes=(1e-5, 1.0),
+                               maximize=True), "aot_eager", id="Rprop-maximize"),
 ]
 
 
@@ -101,7 +124,9 @@ def _params():
 
 def _groups(params, kwargs):
     """Two groups: the config, and a second with half the lr and no decay."""
-    second = dict(lr=kwargs["lr"] * 0.5, weight_decay=0.0)
+    second = dict(lr=kwargs["lr"] * 0.5)
+    if "weight_decay" in kwargs:
+        second["weight_decay"] = 0.0
     return [{"params": params[:3]}, {"params": params[3:], **second}]
 
 
@@ -154,15 +179,15 @@ def test_compiled_model_with_eager_optimizer():
         torch.testing.assert_close(b, a)
 
 
-@pytest.mark.parametrize("name,kwargs", CASES)
-def test_compiled_step_matches_eager_fullgraph(name, kwargs, launches):
+@pytest.mark.parametrize("name,kwargs,backend", CASES)
+def test_compiled_step_matches_eager_fullgraph(name, kwargs, backend, launches):
     """``@torch.compile(fullgraph=True) def step(): opt.step()``: no graph
     break, the kernels run, and the results are eager fused_optim's, bit
     for bit, params and every state tensor."""
     params_e, eager = _make(name, kwargs)
     params_c, opt = _make(name, kwargs)
 
-    @torch.compile(fullgraph=True)
+    @torch.compile(fullgraph=True, backend=backend)
     def step():
         opt.step()
 
@@ -293,7 +318,8 @@ def test_operators_are_kept_out_of_cuda_graphs():
         assert torch.Tag.cudagraph_unsafe in op.tags
 
 
-@pytest.mark.parametrize("name,kwargs", CASES)
+@pytest.mark.parametrize("name,kwargs", [pytest.param(*case.values[:2], id=case.id)
+                                         for case in CASES])
 def test_opcheck(name, kwargs, monkeypatch):
     """torch.library.opcheck on a real step: the writes match the schema,
     the fake implementation matches the real one, and AOT dispatch works."""
@@ -476,6 +502,14 @@ def _complex_params():
             torch.randn(4, dtype=torch.complex128, generator=gen)]
 
 
+#: optimizers whose complex-param test compiles with Inductor, whose
+#: decomposition the real views are for; the others with aot_eager, which
+#: traces the same ``UpdateOp`` encoding (one for every optimizer) for 1/17
+#: of the time (128 s against 7 s for the eleven, 2 cores shared with other
+#: jobs, 2026-12-07). SGD: an optional state list; Adam: step tensors.
+COMPLEX_INDUCTOR = ("SGD", "Adam")
+
+
 @pytest.mark.parametrize("info", optim_db.with_capability("complex"),
                          ids=lambda info: info.name)
 def test_compiled_step_complex_params(info, launches):
@@ -496,7 +530,8 @@ def test_compiled_step_complex_params(info, launches):
     params_e, eager = build(info.cls, backend="numba")
     params_c, opt = build(info.cls, backend="numba")
 
-    @torch.compile(fullgraph=True)
+    @torch.compile(fullgraph=True,
+                   backend="inductor" if info.name in COMPLEX_INDUCTOR else "aot_eager")
     def step():
         opt.step()
 
@@ -527,6 +562,13 @@ SCHEDULE_STEPS = 20
 #: exists; the floats that changed have become dynamic, as dynamo does for
 #: torch's own classes)
 SCHEDULE_WARMUP = 2
+#: what these tests ask (recompilations, graph counts, the floats the
+#: operator is given) dynamo decides before any backend runs, and
+#: aot_eager still traces the operator through AOT functionalization.
+#: Inductor's code for torch's own steps took 333 of test_compile's 617 s
+#: (2 cores shared with other jobs, 2026-12-07); Inductor's lowering of the operator is the
+#: fullgraph and complex-param tests' subject.
+SCHEDULE_BACKEND = "aot_eager"
 
 
 def _lambda_lr(opt):
@@ -565,7 +607,7 @@ def _compiled_schedule_run(make, schedule, fail_after=None, compile=True):
         opt.step()
 
     if compile:
-        step = torch.compile(step)
+        step = torch.compile(step, backend=SCHEDULE_BACKEND)
     seen = []
     for s in range(SCHEDULE_STEPS):
         gen = torch.Generator().manual_seed(300 + s)
@@ -609,8 +651,8 @@ def _check_schedule_graphs(info, schedule, launches):
                 assert type(hyper[key]) is float and hyper[key] == value, (key, hyper[key])
     # torch's results: its eager for-loop's (bit for bit where the OptimInfo
     # claims it; the kernels got every value exactly), and its compiled
-    # step's within matrix.TOLERANCE (Inductor's code for torch's SGD rounds
-    # differently from torch's eager SGD in the last bit)
+    # step's within matrix.TOLERANCE (its traced step does its scalars'
+    # arithmetic in float32 tensors, not Python floats: compiled_tolerance)
     _assert_torchs(info, eager, params_e, opt, params_c)
     for pr, pc in zip(params_r, params_c):
         if info.compiled_tolerance is not False:
