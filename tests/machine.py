@@ -20,9 +20,11 @@ arena element outside a live param or state tensor must be bit for bit what
 it was before the step (grads included: they are read-only).
 
 With ``precision=True`` (``run(..., precision=True)``) the machine checks the
-opt-in ``kahan_sum``/``stochastic_round`` stores and ``state_dtype=torch.bfloat16``
-(bfloat16 state, alone: its combinations with the others are
-test_state_dtype.py's, and each is one more compile) instead: params are also
+opt-in ``kahan_sum``/``stochastic_round`` stores, ``state_dtype=torch.bfloat16``
+and, where the class takes it, ``state_bits=8`` with one param large enough
+for it (each alone: their combinations with the others are
+test_state_dtype.py's and test_state_bits.py's, and each is one more
+compile) instead: params are also
 bfloat16 (float16 shares its code paths; test_precision*.py cover it), each
 machine draws its options (and rules toggle them
 per group), and the first world is fused_optim's pure-torch reference
@@ -39,6 +41,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import inspect
 import os
 import sys
 import warnings
@@ -51,6 +54,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import fused_optim
 import matrix
 import optim_db
+from fused_optim.kernels.reference import _blockwise
 from sides import torchs_fresh_state
 
 # ---------------------------------------------------------------- arenas
@@ -216,6 +220,20 @@ def then_step(fn):
     return wrapper
 
 
+#: the opt-in options the precision machine draws from, one set per machine
+PRECISION_OPTIONS = (dict(kahan_sum=True), dict(stochastic_round=True),
+                     dict(kahan_sum=True, stochastic_round=True),
+                     dict(state_dtype=torch.bfloat16))
+#: params from this many elements up get 8-bit state (``state_bits=8``)
+QUANTIZE_AT = _blockwise.MIN_NUMEL
+
+
+def precision_options(name):
+    """PRECISION_OPTIONS, and ``state_bits=8`` where the class takes it."""
+    takes = "state_bits" in inspect.signature(optim_db.get(name).cls).parameters
+    return PRECISION_OPTIONS + ((dict(state_bits=8),) if takes else ())
+
+
 class Machine(RuleBasedStateMachine):
     """Two worlds and the rules that mutate both (see the module docstring)."""
 
@@ -223,6 +241,7 @@ class Machine(RuleBasedStateMachine):
     big = False  # add one param over numba's serial threshold (parallel path)
     configs = CONFIGS  # what build draws from (run: one optimizer's at a time)
     precision = False  # check kahan_sum/stochastic_round against the reference backend
+    options = PRECISION_OPTIONS  # what build draws when precision (run: per optimizer)
     dtypes = (torch.float32, torch.float64)
 
     def __init__(self):
@@ -241,9 +260,7 @@ class Machine(RuleBasedStateMachine):
                                min_size=1, max_size=5),
                 alias=st.sampled_from(["none", "none", "duplicate", "overlap"]),
                 seed=st.integers(0, 2 ** 16),
-                options=st.sampled_from([dict(kahan_sum=True), dict(stochastic_round=True),
-                                         dict(kahan_sum=True, stochastic_round=True),
-                                         dict(state_dtype=torch.bfloat16)]))
+                options=st.runner().flatmap(lambda m: st.sampled_from(m.options)))
     @counted
     def build(self, config, specs, alias, seed, options):
         self.name, kw = config
@@ -252,6 +269,10 @@ class Machine(RuleBasedStateMachine):
         self.worlds = [World("torch" if self.precision else None), World(self.backend)]
         if self.big:
             specs = specs + [((40_000,), "contiguous", torch.float32, 3)]
+        if self.precision and "state_bits" in options:
+            # one param 8-bit state applies to (QUANTIZE_AT elements and up),
+            # its last block partial, in the first param's dtype
+            specs = specs + [((QUANTIZE_AT + 4,), "contiguous", specs[0][2], 3)]
         for w in self.worlds:
             gen = torch.Generator().manual_seed(seed)
             for shape, layout, dtype, gap in specs:
@@ -738,8 +759,8 @@ def run(backend, big=False, precision=False):
             continue
         COUNTS.clear()
         STEPS.clear()
-        extra = ({"precision": True, "dtypes": (torch.bfloat16, torch.float32)}
-                 if precision else {})
+        extra = ({"precision": True, "dtypes": (torch.bfloat16, torch.float32),
+                  "options": precision_options(name)} if precision else {})
         cls = type(f"Machine_{backend}_{name}", (Machine,),
                    {"backend": backend, "big": big, "configs": configs, **extra})
         cls.TestCase.settings = settings(
