@@ -131,34 +131,8 @@ def pytest_itemcollected(item):
 
 
 # ------------------------------------------------ where CI's compile time goes
-# FUSED_OPTIM_COMPILE_LOG=<prefix> appends one line per Numba compilation
-# (test id, kernel, argument types, seconds) to <prefix>.<worker>.tsv: a
-# cold `make test` with it says which tests compile which specializations
-# (README "Tests": CI's time is mostly compiling).
+# FUSED_OPTIM_COMPILE_LOG=<prefix>: tests/compile_log.py
 if os.environ.get("FUSED_OPTIM_COMPILE_LOG"):
-    import time
+    import compile_log
 
-    from numba.core import event
-
-    class _CompileLog(event.Listener):
-        depth = 0
-
-        def on_start(self, ev):
-            self.depth += 1
-            if self.depth == 1:
-                self.t0 = time.perf_counter()
-
-        def on_end(self, ev):
-            self.depth -= 1
-            if self.depth:
-                return
-            data = ev.data or {}
-            name = getattr(data.get("dispatcher"), "__name__", "?")
-            test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
-            path = "%s.%s.tsv" % (os.environ["FUSED_OPTIM_COMPILE_LOG"],
-                                  os.environ.get("PYTEST_XDIST_WORKER", "main"))
-            with open(path, "a") as f:
-                f.write("%s\t%s\t%s\t%.2f\n" % (test, name, data.get("args", ""),
-                                                time.perf_counter() - self.t0))
-
-    event.register("numba:compile", _CompileLog())
+    compile_log.install()

@@ -752,6 +752,11 @@ def run(backend, big=False, precision=False):
     falsifying example. ``precision``: the options' machine (module docstring)."""
     examples, steps, random = budget()
     names = optimizer_names()
+    if os.environ.get("FUSED_OPTIM_COMPILE_LOG"):
+        import compile_log
+
+        os.environ["FUSED_OPTIM_COMPILE_LOG_SUB"] = f"machine-{backend}-{int(big)}{int(precision)}"
+        compile_log.install()
     problems = []
     for name in names:
         configs = [c for c in CONFIGS if c[0] == name]
