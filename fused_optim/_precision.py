@@ -446,10 +446,11 @@ class _FreshState(torch.overrides.TorchFunctionMode):
             want = stored_dtype(like.dtype, self.state_dtype)
             if want != like.dtype:
                 if func is torch.full_like:
-                    # the fill as a tensor of ``like``'s dtype holds it, then
-                    # rounded to ``want``: what converting that tensor gives
+                    # the fill (a number, or a 0-dim Tensor lr) as a tensor of
+                    # ``like``'s dtype holds it, then rounded to ``want``: what
+                    # converting that tensor gives
                     fill = args[1] if len(args) > 1 else kwargs.pop("fill_value")
-                    fill = torch.tensor(fill, dtype=like.dtype).to(want).item()
+                    fill = torch.as_tensor(fill, dtype=like.dtype).to(want).item()
                     args = (like, fill) + tuple(args[2:])
                 kwargs = {**kwargs, "dtype": want}
         return func(*args, **kwargs)
