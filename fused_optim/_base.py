@@ -159,7 +159,8 @@ class FusedOptimizer(Optimizer):
             if state_dtype is not None:
                 raise ValueError("state_bits and state_dtype do not combine: choose one")
             on["state_bits"] = state_bits
-        super().__init__(params, *args, **kwargs)
+        with _precision.fresh_state(state_dtype):  # (Adagrad makes its state here)
+            super().__init__(params, *args, **kwargs)
         if state_dtype is not None and self.defaults.get("differentiable"):
             # (torch's own step, which autograd needs, keeps torch's state)
             raise ValueError("state_dtype does not combine with differentiable=True")
@@ -285,7 +286,8 @@ class FusedOptimizer(Optimizer):
         """
         init_group = super()._init_group  # the torch class's, next in the MRO
         lists = len(inspect.signature(init_group).parameters) - 1  # those after group
-        init_group(group, *[[] for _ in range(lists)])
+        with _precision.fresh_state(group.get("state_dtype")):
+            init_group(group, *[[] for _ in range(lists)])
 
     def _gather_state(self, group, with_grad, keys, torchs_raises=False) -> list:
         """``state[key]`` of every param of ``with_grad``, a list for each of ``keys``.

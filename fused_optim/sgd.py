@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from . import _base, _ops, _plan
+from ._precision import stored_dtype
 from ._registry import Record
 
 __all__ = ["SGD", "sgd"]
@@ -136,7 +137,8 @@ class SGD(_base.FusedOptimizer, torch.optim.SGD):
                        group.get("capturable", False), group["differentiable"],
                        has_sparse_grad)
         missing = [i for i, b in enumerate(momentum_buffer_list) if b is None]
-        job = _job(params, grads, momentum_buffer_list, hyper, found_inf)
+        job = _job(params, grads, momentum_buffer_list, hyper, found_inf,
+                   group.get("state_dtype"))
         if job is None or not missing:
             return job, None
 
@@ -219,7 +221,7 @@ def _check_fused_grads(params, grads):
                     f"\"fused_sgd_kernel\" not implemented for '{_C10_COMPLEX[dtype]}'")
 
 
-def _job(params, grads, momentum_buffer_list, hyper, found_inf):
+def _job(params, grads, momentum_buffer_list, hyper, found_inf, state_dtype=None):
     """A group's :class:`~fused_optim._ops.Job`, its new momentum buffers made.
 
     The buffers torch's loop would create this step (None entries, filled in
@@ -228,7 +230,8 @@ def _job(params, grads, momentum_buffer_list, hyper, found_inf):
     means the group has nothing to do: a first momentum step that GradScaler
     skips must not leave unwritten buffers behind (the next real step is the
     first). That reads found_inf on the host, once, only while some buffer
-    has yet to be created.
+    has yet to be created. ``state_dtype``: the group's option (the buffers'
+    dtype, ``_precision.stored_dtype``).
     """
     if _torch_only(hyper):  # torch's loop creates its buffers
         return _ops.Job(params, grads, [momentum_buffer_list], [], hyper)
@@ -243,8 +246,11 @@ def _job(params, grads, momentum_buffer_list, hyper, found_inf):
                 # zeros, not empty: the Numba kernel takes a fresh row's
                 # buffer as the gradient through fma(g, 1, b * -0.0), which
                 # is g exactly only for a finite, non-negative b
+                # in the dtype ``state_dtype`` keeps it in: a float32 buffer
+                # converted afterwards doubled the first step's peak memory
                 momentum_buffer_list[i] = torch.zeros_like(
-                    params[i], memory_format=torch.preserve_format)
+                    params[i], dtype=stored_dtype(params[i].dtype, state_dtype),
+                    memory_format=torch.preserve_format)
     return _ops.Job(params, grads, [momentum_buffer_list], row_flags, hyper)
 
 

@@ -93,15 +93,25 @@ class Side:
 
 
 def torchs_fresh_state(opt, p) -> dict:
-    """The state torch's own ``_init_group`` makes for a copy of ``p`` in its group."""
+    """The state torch's own ``_init_group`` makes for a copy of ``p`` in its
+    group, as ``opt`` keeps it: under ``state_dtype``, the record's state
+    keys converted (rounded to nearest) to the dtype that stores them."""
+    from fused_optim._precision import stored_dtype
+
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
     q = p.detach().clone().requires_grad_()
     q.grad = torch.zeros_like(q)
-    torchs = optim_db.get(type(opt).__name__).record.torch_cls([q])
+    record = optim_db.get(type(opt).__name__).record
+    torchs = record.torch_cls([q])
     torchs.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
     lists = len(inspect.signature(torchs._init_group).parameters) - 1  # those after group
     torchs._init_group(torchs.param_groups[0], *[[] for _ in range(lists)])
-    return torchs.state.get(q, {})
+    fresh = dict(torchs.state.get(q, {}))
+    want = stored_dtype(p.dtype, group.get("state_dtype"))
+    for k, v in fresh.items():
+        if k in record.state and torch.is_tensor(v) and v.is_floating_point():
+            fresh[k] = v.to(want)
+    return fresh
 
 
 def _assert_unwritten(before, after, opt=None, params=()):

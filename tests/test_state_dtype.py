@@ -31,6 +31,7 @@ import optim_db
 from fused_optim import _reuse_rule
 from fused_optim.kernels.reference import _precision as P
 from matrix import BACKENDS, build_kwargs, info_params, skip_unless_runnable
+from sides import torchs_fresh_state
 
 BF16 = dict(state_dtype=torch.bfloat16)
 #: two rows, so that the second's global indices start past the first's
@@ -300,6 +301,54 @@ def test_state_dict_for_torch_loads_into_torch_optim(info):
     for p, g in zip(ps, _grads(SHAPES, 1)[0]):
         p.grad = g
     ref.step()  # torch's own step runs on it
+
+
+class _Made(torch.overrides.TorchFunctionMode):
+    """Every tensor ``torch.zeros_like``/``full_like`` makes from one of
+    ``params`` or their grads, with its value as made."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.watch = {id(t) for p in params for t in (p, p.grad)}
+        self.made = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func is torch.zeros_like or func is torch.full_like) and id(args[0]) in self.watch:
+            self.made[id(out)] = out.clone()
+        return out
+
+
+@pytest.mark.parametrize("info", info_params())
+def test_fresh_state_is_made_in_bfloat16(info):
+    """A float32 param's fresh state is made in bfloat16 where torch makes
+    it (never a float32 copy converted at the first step, which doubled the
+    first step's peak memory): each state tensor is one torch's own code
+    made, holding torch's fresh value rounded to nearest (zeros, Adagrad's
+    initial_accumulator_value, Rprop's lr); step counters and scalar states
+    as torch makes them."""
+    params = _params(SHAPES)
+    for p, g in zip(params, _grads(SHAPES, 1)[0]):
+        p.grad = g
+    kwargs = build_kwargs(info.full_state_example)
+    with _Made(params) as made:  # (Adagrad makes its state in its constructor)
+        opt = info.cls(params, backend="torch", **kwargs, **BF16)
+        opt.step()
+    names = _state_names(info)
+    for p in params:
+        fresh = torchs_fresh_state(opt, p)
+        state = opt.state[p]
+        assert any(k in state for k in names), state
+        for k, t in state.items():
+            if k in names:
+                assert t.dtype == torch.bfloat16 and id(t) in made.made, k
+                # (SGD's buffer: torch's loop makes it from the grad at the
+                # step; here zeros, which the kernel writes whole)
+                expected = fresh[k] if k in fresh else torch.zeros_like(t)
+                assert torch.equal(made.made[id(t)], expected), k
+            elif k in fresh:  # the step counter, scalar states: placed as torch's
+                assert (t.dtype, t.device, t.shape) == (fresh[k].dtype, fresh[k].device,
+                                                        fresh[k].shape), k
 
 
 @pytest.mark.parametrize("info", info_params())

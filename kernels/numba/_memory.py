@@ -104,6 +104,9 @@ def _f32_to_u32(typingctx, x):
     return sig, codegen
 
 
+_U = np.uint32
+
+
 @njit(inline="always")
 def bf16_to_f32(h):
     return _u32_to_f32(np.uint32(np.uint16(h)) << np.uint32(16))
@@ -112,7 +115,10 @@ def bf16_to_f32(h):
 @njit(inline="always")
 def f32_to_bf16(x):
     u = _f32_to_u32(x)
-    r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    # every step cast back to uint32 (see the float16 conversions below): a
+    # kernel that reads the stored value back (ASGD averages the param as
+    # stored) otherwise kept the whole rounding in 64-bit vector lanes
+    r = _U(_U(_U(u + _U(0x7FFF)) + _U(_U(u >> _U(16)) & _U(1))) >> _U(16))
     # NaN -> the quiet NaN 0x7FC0 (rounding must not carry it into inf). The
     # test is x != x, one compare with no constants: testing the bits took two
     # more constants and an AND, and with the run-time switches of issue 24
@@ -129,7 +135,6 @@ def f32_to_bf16(x):
 # scale: 0.27 ms), on the AVX-512 EPYC dev VM, 2026-12-07. Same bits: all
 # 65,536 halves and ~3.1M float32 values (NaNs, edges, subnormals) checked
 # against the branchy form, and tests/test_memory_safety.py against torch.
-_U = np.uint32
 
 
 @njit(inline="always")

@@ -5,7 +5,8 @@ kernels' roundings: the L2 decay and ``param.add_(grad, alpha=-eta)`` are
 fused multiply-adds, ``param.mul_(1 - lambd * eta)`` rounds on its own; the
 average ``ax + (param - ax) * mu`` rounds after each operation and reads
 the param as stored, and is a copy where torch's ``mu.item() != 1`` fails
-(a per-row, per-step switch; capturable's torch always averages). Each
+(a per-row, per-step switch, selected after both are computed; capturable's
+torch always averages). Each
 row's step, ``eta`` and ``mu`` (its per-row scalar state, in STATE2 and
 STATE1) and its scalars come from ``kernels/steps.py``.
 """
@@ -39,14 +40,15 @@ def _asgd_element(j, p, g, ax, _s1, _s2, comp, sr, x, r):
     """ASGD on element ``j`` (``ax`` the average); ``r``: the row's ``-eta``,
     ``1 - lambd * eta`` and ``mu`` (``steps.asgd_scalars``)."""
     gj, pj = decayed_grad(g, p, j, x, x[HAS_WD], x[WD])
+    # loaded even where the param is copied, and before the param's store:
+    # under the switch, LLVM masked the load and the store of ax, and a bf16
+    # step took twice as long (issue 28)
+    aj = load(ax, j)
     # param.mul_(1 - lambd * eta); param.add_(grad, alpha=-eta)
     store_param(p, j, pj, fma(gj, r[0], pj * r[1]), comp, sr)
     pj = load(p, j)  # the param as stored, which torch averages
-    if x[AVERAGE] != 0 or r[2] != 1.0:
-        aj = load(ax, j)
-        store(ax, j, aj + (pj - aj) * r[2])  # ax.add_(param.sub(ax).mul_(mu))
-    else:
-        store(ax, j, pj)  # ax.copy_(param)
+    # ax.add_(param.sub(ax).mul_(mu)), or ax.copy_(param)
+    store(ax, j, aj + (pj - aj) * r[2] if x[AVERAGE] != 0 or r[2] != 1.0 else pj)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
