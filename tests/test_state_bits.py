@@ -158,6 +158,69 @@ def test_the_state_is_the_updates_values_encoded(backend):
     assert not torch.equal(st["exp_avg_sq"], B.quantize(g * g, 1)[0])  # not to nearest
 
 
+def test_numba_decodes_every_code_as_the_table():
+    """The Numba kernels decode by arithmetic (``_blockwise._value``), not by
+    the table: the same float32 for all 256 codes of both moments. (A
+    decode 1 ulp off would not show in the codes, which it re-encodes to the
+    same ones, and would hide in the params' tolerance.)"""
+    from numba import njit
+
+    from fused_optim.kernels.numba import _blockwise as NB
+
+    @njit
+    def table(col):
+        out = np.empty(256, dtype=np.float32)
+        for c in range(256):
+            out[c] = NB._value(np.uint32(c), col)
+        return out
+
+    for col in (0, 1):
+        want = B.DECODE[B.code_of(col)]
+        assert np.array_equal(table(col).view(np.uint32), want.view(np.uint32)), col
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_every_code_and_non_finite_blocks_as_the_reference(backend):
+    """Every code of both moments decoded and re-encoded by the kernel (a
+    block holding codes 0..255), and the blocks the Numba encode takes apart
+    from the rest: an infinity, a NaN, a minus infinity, an absmax so small that
+    YMAX / absmax overflows float32, an all-zero block. Codes bit for bit;
+    scales and params equal or both NaN."""
+    skip_unless_runnable(backend)
+    shape = (16, B.BLOCK)
+
+    def run(b):
+        params = [torch.linspace(-1, 1, shape[0] * shape[1]).view(shape).requires_grad_()]
+        torch.manual_seed(0)
+        opt = fused_optim.AdamW(params, lr=1e-2, backend=b, **Q)
+        params[0].grad = torch.ones(shape)
+        opt.step()
+        st = opt.state[params[0]]
+        with torch.no_grad():
+            for name in ("exp_avg", "exp_avg_sq"):
+                st[name][0] = torch.arange(256, dtype=torch.uint8)
+                st[name][4:6] = 0
+                st[name + "_absmax"][0] = 3.0
+                st[name + "_absmax"][4:6] = 0.0
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+        g[0] = 0.0
+        g[1, 3], g[2, 9], g[3, 0] = float("inf"), float("nan"), -float("inf")
+        g[4] = torch.linspace(-3e-38, 3e-38, B.BLOCK)  # exp_avg's absmax 3e-39
+        g[5] = 0.0
+        params[0].grad = g
+        opt.step()
+        return params, opt
+    pa, oa = run("torch")
+    pb, ob = run(backend)
+    for name in ("exp_avg", "exp_avg_sq"):
+        a, b = oa.state[pa[0]], ob.state[pb[0]]
+        assert torch.equal(a[name], b[name]), name
+        torch.testing.assert_close(a[name + "_absmax"], b[name + "_absmax"], rtol=0, atol=0,
+                                   equal_nan=True)
+    assert oa.state[pa[0]]["exp_avg_absmax"][1:4].isinf().tolist() == [True, False, True]
+    torch.testing.assert_close(pa[0], pb[0], rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", ["numba", "triton"])
 def test_parallel_path_equals_the_reference(backend):
     """Above SERIAL_BELOW (Numba's threads split the elements; a block belongs
