@@ -320,6 +320,43 @@ def walk_blocks(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has
         row += 1
 
 
+_CHUNKS: dict = {}
+
+
+def _chunk_function(span, element):
+    """The jitted walk of one chunk with ``span`` and ``element``, made once."""
+    fn = _CHUNKS.get((span, element))
+    if fn is None:
+        walker = walk_blocks if span is blocks else walk
+
+        @njit
+        def fn(table, lo, hi, itemsize, view_dtype, x, rows, has0, has1, has2, kahan, sr_keys,
+               state_keys):
+            walker(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1,
+                   has2, kahan, sr_keys, state_keys)
+
+        _CHUNKS[(span, element)] = fn
+    return fn
+
+
+def chunk(span, element, table, lo, hi, itemsize, view_dtype, x, rows, has0, has1, has2,
+          kahan, sr_keys, state_keys):  # pragma: no cover
+    """One thread's chunk ``[lo, hi)``: :func:`walk` (or :func:`walk_blocks`) as a call."""
+    raise NotImplementedError
+
+
+@overload(chunk, inline="always")
+def _chunk_impl(span, element, table, lo, hi, itemsize, view_dtype, x, rows, has0, has1, has2,
+                kahan, sr_keys, state_keys):
+    fn = _chunk_function(span.dispatcher, element.dispatcher)
+
+    def impl(span, element, table, lo, hi, itemsize, view_dtype, x, rows, has0, has1, has2,
+             kahan, sr_keys, state_keys):
+        fn(table, lo, hi, itemsize, view_dtype, x, rows, has0, has1, has2, kahan, sr_keys,
+           state_keys)
+    return impl
+
+
 @njit(inline="always")
 def parallel(prologue, element, nx, table, bounds, itemsize, view_dtype, h, xa, rows, has0,
              has1, has2, kahan, sr_keys, state_keys):
@@ -332,8 +369,8 @@ def parallel(prologue, element, nx, table, bounds, itemsize, view_dtype, h, xa, 
     x = to_fixed_tuple(xa, nx)
     prologue(table, h, rows)
     for c in prange(len(bounds) - 1):
-        walk(table, bounds[c], bounds[c + 1], itemsize, view_dtype, blocked, element, x,
-             rows, has0, has1, has2, kahan, sr_keys, state_keys)
+        chunk(blocked, element, table, bounds[c], bounds[c + 1], itemsize, view_dtype, x,
+              rows, has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 @njit(inline="always")
@@ -358,8 +395,8 @@ def parallel_blocks(prologue, element, nx, table, bounds, itemsize, view_dtype, 
     x = to_fixed_tuple(xa, nx)
     prologue(table, h, rows)
     for c in prange(len(bounds) - 1):
-        walk_blocks(table, bounds[c], bounds[c + 1], itemsize, view_dtype, blocks, element,
-                    x, rows, has0, has1, has2, kahan, sr_keys, state_keys)
+        chunk(blocks, element, table, bounds[c], bounds[c + 1], itemsize, view_dtype, x,
+              rows, has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 @njit(inline="always")
@@ -368,8 +405,8 @@ def serial_blocks(prologue, element, nx, table, bounds, itemsize, view_dtype, h,
     """:func:`serial` for 8-bit state (see :func:`parallel_blocks`)."""
     x = to_fixed_tuple(xa, nx)
     prologue(table, h, rows)
-    walk_blocks(table, bounds[0], bounds[-1], itemsize, view_dtype, blocks, element, x, rows,
-                has0, has1, has2, kahan, sr_keys, state_keys)
+    chunk(blocks, element, table, bounds[0], bounds[-1], itemsize, view_dtype, x, rows,
+          has0, has1, has2, kahan, sr_keys, state_keys)
 
 
 @njit(inline="always")
