@@ -13,6 +13,20 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+#: How every jitted helper of the kernels is compiled (``@njit(**HELPER)``,
+#: ``@overload(..., jit_options=HELPER)``): once per signature and process,
+#: then inlined by LLVM (the ``alwaysinline`` attribute), with the entry
+#: points' error model. Numba's own ``inline="always"`` re-derives and re-types
+#: the helper's IR at every call site instead: most of a kernel's compile time.
+#: Only what takes a function as an argument (the walk, the spans, the block)
+#: is inlined by numba, which resolves those calls statically (a jitted
+#: function passed to a compiled one is a run-time object that numba will not
+#: cache). Compile of the first step in a fresh process, empty cache: AdamW
+#: bfloat16 with Kahan and stochastic rounding 4.2 s -> 1.2 s, RMSprop with
+#: momentum, centered, Kahan 3.8 s -> 1.3 s; the same vector loops (the
+#: AdamW bf16 Kahan loop: 70 instructions either way).
+HELPER = {"forceinline": True, "error_model": "numpy"}
+
 
 @intrinsic
 def address(typingctx, addr):

@@ -28,7 +28,7 @@ import numpy as np
 from numba import carray, njit
 
 from . import columns as L
-from ._jit import address, light_loads
+from ._jit import HELPER, address, light_loads
 
 __all__ = ["advance", "adam_scalars", "adagrad_scalars", "adamax_scalars", "radam_scalars",
            "nadam_scalars", "advance_host_steps", "adam_host_steps", "adagrad_host_steps",
@@ -43,7 +43,7 @@ _BF16_MAX = 3.3895313892515355e38
 _F16_MAX = 65504.0
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _advance_row(table, row):
     """Advance row ``row``'s counter by one; returns the new step as float64."""
     if table[row, L.FLAGS] & L.FLAG_STEP_F64:
@@ -55,14 +55,14 @@ def _advance_row(table, row):
     return np.float64(s32[0])
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def advance(table):
     """Advance every row's step counter by one (RMSprop: the step is only counted)."""
     for row in range(table.shape[0]):
         _advance_row(table, row)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def adam_scalars(table, lr, beta1, beta2, out):
     """Advance every row's step; Adam's bias-corrected scalars per row.
 
@@ -80,7 +80,7 @@ def adam_scalars(table, lr, beta1, beta2, out):
             out[row, 2] = one / out[row, 1]
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _round_to(x, sig, emin, big):
     """``x`` rounded to nearest-even with ``sig`` significant bits.
 
@@ -99,7 +99,7 @@ def _round_to(x, sig, emin, big):
     return r
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _clr(lr, d, lr_round):
     """torch's ``lr / d`` for a float lr (float64) or a Tensor lr of dtype ``lr_round``."""
     if lr_round == LR_F64:
@@ -112,7 +112,7 @@ def _clr(lr, d, lr_round):
     return q
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def adagrad_scalars(table, lr, lr_decay, lr_round, out):
     """Advance every row's step; ``out[row, 0]`` = Adagrad's clr for that step.
 
@@ -124,7 +124,7 @@ def adagrad_scalars(table, lr, lr_decay, lr_round, out):
         out[row, 0] = _clr(lr, 1.0 + (step - 1.0) * lr_decay, lr_round)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def adamax_scalars(table, lr, beta1, lr_round, out):
     """Advance every row's step; ``out[row, 0]`` = Adamax's ``clr = lr / (1 - beta1**step)``.
 
@@ -135,7 +135,7 @@ def adamax_scalars(table, lr, beta1, lr_round, out):
         out[row, 0] = _clr(lr, 1.0 - beta1 ** step, lr_round)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def radam_scalars(table, beta1, beta2, out):
     """Advance every row's step; RAdam's per-row scalars, as torch's loop computes them.
 
@@ -158,7 +158,7 @@ def radam_scalars(table, beta1, beta2, out):
             out[row, 2] = -1.0
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def nadam_scalars(table, lr, beta1, beta2, momentum_decay, col, out):
     """Advance every row's step and ``mu_product``; NAdam's per-row scalars.
 
@@ -186,7 +186,7 @@ def nadam_scalars(table, lr, beta1, beta2, momentum_decay, col, out):
         out[row, 2] = (-lr * mu_next) / (1.0 - prod * mu_next)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _scalar_state(table, row, col):
     """Row ``row``'s per-row scalar state in column ``col``, as float64."""
     if table[row, L.FLAGS] & L.FLAG_SCALAR_F64:
@@ -194,7 +194,7 @@ def _scalar_state(table, row, col):
     return np.float64(carray(address(table[row, col]), (1,), np.float32)[0])
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _set_scalar_state(table, row, col, value):
     """Store ``value`` into row ``row``'s scalar state in column ``col`` (its dtype)."""
     if table[row, L.FLAGS] & L.FLAG_SCALAR_F64:
@@ -210,7 +210,7 @@ def _set_scalar_state(table, row, col, value):
 ETA_F64, ETA_AS_F32, ETA_TENSOR_F32 = 0, 1, 2
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _pow_f32(x, alpha):
     """torch's ``x ** alpha`` of a float32 tensor (ATen's special exponents:
     sqrt, rsqrt, reciprocal, square, cube; else std::pow in float32)."""
@@ -229,7 +229,7 @@ def _pow_f32(x, alpha):
     return x ** np.float32(alpha)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def asgd_scalars(table, lr, lambd, alpha, t0, eta_round, mu_f32, mu_col, eta_col, out):
     """Advance every row's step, ``eta`` and ``mu``; ASGD's per-row scalars.
 

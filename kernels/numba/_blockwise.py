@@ -48,7 +48,7 @@ from numba import carray, njit, types
 from numba.extending import overload
 
 from .. import columns as L
-from .._jit import address
+from .._jit import HELPER, address
 from ..reference._blockwise import BLOCK, DECODE, M, SIGNED, UNSIGNED, YMAX
 from ._memory import BLOCK as _RUN, PREFETCH_BYTES, _f32_to_u32, _u32_to_f32, fma, prefetch_block
 from ._precision import state_bits
@@ -86,7 +86,7 @@ def block_len(has0):  # pragma: no cover - the overload below
     raise NotImplementedError
 
 
-@overload(block_len, inline="always")
+@overload(block_len, jit_options=HELPER)
 def _block_len_impl(has0):
     if _is_codes(has0):
         return lambda has0: BLOCK
@@ -98,7 +98,7 @@ def buffers(has0):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(buffers, inline="always")
+@overload(buffers, jit_options=HELPER)
 def _buffers_impl(has0):
     if _is_codes(has0):
         return lambda has0: np.empty((3, BLOCK), dtype=np.float32)
@@ -116,7 +116,7 @@ def quantized(v, table, row, k, off, n, bufs, state_keys, base):  # pragma: no c
     raise NotImplementedError
 
 
-@overload(quantized, inline="always")
+@overload(quantized, jit_options=HELPER)
 def _quantized_impl(v, table, row, k, off, n, bufs, state_keys, base):
     if not _is_codes(v):
         return lambda v, table, row, k, off, n, bufs, state_keys, base: v
@@ -135,7 +135,7 @@ def _quantized_impl(v, table, row, k, off, n, bufs, state_keys, base):
     return impl_keys
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _value(c, col):
     """``DECODE[code_of(col)][c]`` (``c`` a uint32 code) by arithmetic, the
     same float32: the magnitude is exact, then divided by YMAX (correctly
@@ -160,7 +160,7 @@ def decoded(s, o, m, b, col):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(decoded, inline="always")
+@overload(decoded, jit_options=HELPER)
 def _decoded_impl(s, o, m, b, col):
     if isinstance(s, types.NoneType):
         return lambda s, o, m, b, col: None
@@ -176,7 +176,7 @@ def _decoded_impl(s, o, m, b, col):
     return impl
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _code(x, inv, col, s, j):
     """The code (int32) of ``x`` in a block whose ``inv`` is YMAX / absmax,
     for ``x`` finite, ``|x| <= absmax`` and ``inv`` finite: the reference's
@@ -206,7 +206,7 @@ def encoded(s, f, o, m, b, col):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(encoded, inline="always")
+@overload(encoded, jit_options=HELPER)
 def _encoded_impl(s, f, o, m, b, col):
     if isinstance(s, types.NoneType):
         return lambda s, f, o, m, b, col: None
@@ -251,7 +251,7 @@ def _rounded(t, s, j, col):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(_rounded, inline="always")
+@overload(_rounded, jit_options=HELPER)
 def _rounded_impl(t, s, j, col):
     if isinstance(s.types[4], types.NoneType):
         return lambda t, s, j, col: _I(np.rint(t))
@@ -269,7 +269,7 @@ def _part(a, o, m):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(_part, inline="always")
+@overload(_part, jit_options=HELPER)
 def _part_impl(a, o, m):
     if isinstance(a, types.NoneType):
         return lambda a, o, m: None
@@ -280,7 +280,7 @@ def _shifted(sr, o):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(_shifted, inline="always")
+@overload(_shifted, jit_options=HELPER)
 def _shifted_impl(sr, o):
     if isinstance(sr, types.NoneType):
         return lambda sr, o: None

@@ -37,7 +37,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .. import columns as L
-from .._jit import light_loads
+from .._jit import HELPER, light_loads
 from ._walk import no_rows, parallel
 
 __all__ = ["PATTERNS", "NUMEL", "START", "NCOLS", "make_table", "split", "pattern",
@@ -105,7 +105,7 @@ def split(numel: int, chunks: int | None = None) -> np.ndarray:
     return (np.arange(chunks + 1, dtype=np.int64) * numel) // chunks
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _xor_element(j, w0, src, w1, w2, w3, _comp, _sr, _x, _r):
     """XOR ``src[j]`` into ``w0[j]`` and each of ``w1..w3`` that is not None.
 
@@ -128,7 +128,7 @@ def _xor_into(w, j, x):  # pragma: no cover - the overload below
     raise NotImplementedError
 
 
-@overload(_xor_into, inline="always")
+@overload(_xor_into, jit_options=HELPER)
 def _xor_into_impl(w, j, x):
     if isinstance(w, types.NoneType):
         return lambda w, j, x: None

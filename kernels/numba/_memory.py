@@ -75,6 +75,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from .._jit import HELPER
+
 #: numpy view dtype per torch dtype name.
 VIEW_DTYPES = {
     "float64": np.float64,
@@ -107,12 +109,12 @@ def _f32_to_u32(typingctx, x):
 _U = np.uint32
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def bf16_to_f32(h):
     return _u32_to_f32(np.uint32(np.uint16(h)) << np.uint32(16))
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def f32_to_bf16(x):
     u = _f32_to_u32(x)
     # every step cast back to uint32 (see the float16 conversions below): a
@@ -137,7 +139,7 @@ def f32_to_bf16(x):
 # against the branchy form, and tests/test_memory_safety.py against torch.
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _f16_to_f32_soft(h):
     u = _U(np.uint16(h))
     sign = _U(_U(u & _U(0x8000)) << _U(16))
@@ -151,7 +153,7 @@ def _f16_to_f32_soft(h):
     return _u32_to_f32(_U(bits | sign))
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _f32_to_f16_soft(x):
     f = _f32_to_u32(x)
     sign = _U(_U(f >> _U(16)) & _U(0x8000))
@@ -296,7 +298,7 @@ def prefetch_block(a, start, n):  # pragma: no cover - replaced by the overload 
     raise NotImplementedError
 
 
-@overload(prefetch_block, inline="always")
+@overload(prefetch_block, jit_options=HELPER)
 def _prefetch_block_impl(a, start, n):
     if isinstance(a, types.NoneType):
         return lambda a, start, n: None
@@ -323,7 +325,7 @@ def store(a, i, v):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(load, inline="always")
+@overload(load, jit_options=HELPER)
 def _load_impl(a, i):
     if isinstance(a, types.NoneType):
         return lambda a, i: np.float32(0.0)
@@ -339,7 +341,7 @@ def _load_impl(a, i):
     return None
 
 
-@overload(store, inline="always")
+@overload(store, jit_options=HELPER)
 def _store_impl(a, i, v):
     if isinstance(a, types.NoneType):
         return lambda a, i, v: None
@@ -365,7 +367,7 @@ def rounded(a, v):  # pragma: no cover - replaced by the overload below
     raise NotImplementedError
 
 
-@overload(rounded, inline="always")
+@overload(rounded, jit_options=HELPER)
 def _rounded_impl(a, v):
     """``v`` rounded to nearest even to ``a``'s storage type, in the compute type:
     what :func:`store` then :func:`load` give, without the memory (a value

@@ -23,6 +23,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from .._jit import HELPER
+
 from ._memory import (_f32_to_u32, _u32_to_f32, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16,
                       load, store)
 
@@ -44,7 +46,7 @@ def mul32(typingctx, a, b):
     return sig, codegen
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def mix32(x):
     """Wellons' lowbias32 on a uint32."""
     x = np.uint32(x ^ (x >> np.uint32(16)))
@@ -54,7 +56,7 @@ def mix32(x):
     return np.uint32(x ^ (x >> np.uint32(16)))
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def bits(k0, k1, idx):
     """32 random bits (uint32) for global element index ``idx`` (int64)."""
     lo = np.uint32(idx & 0xFFFFFFFF)
@@ -62,7 +64,7 @@ def bits(k0, k1, idx):
     return mix32(np.uint32(mix32(np.uint32(lo ^ k0)) ^ np.uint32(k1 + mul32(hi, _GOLDEN))))
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def state_bits(key, lo, shift):
     """``reference._precision.state_bits``: the 16 random bits (uint32) of the
     element whose global index is ``lo`` mod 2**32 (uint32), for the state
@@ -71,7 +73,7 @@ def state_bits(key, lo, shift):
     return np.uint32(mix32(np.uint32(lo ^ key)) >> shift) & np.uint32(0xFFFF)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def sr_bf16(t, r):
     """float32 ``t`` stochastically rounded with bits ``r``: the bfloat16 bits
     (uint16). Non-finite ``t`` rounds to nearest."""
@@ -81,7 +83,7 @@ def sr_bf16(t, r):
     return up if finite else f32_to_bf16(t)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def sr_f16(t, r):
     """float32 ``t`` stochastically rounded with bits ``r``: the float16 bits
     (int16). Non-finite ``t`` rounds to nearest.
@@ -122,7 +124,7 @@ def widen(a, v):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(sr_round, inline="always")
+@overload(sr_round, jit_options=HELPER)
 def _sr_round_impl(a, t, r):
     """float32 ``t`` rounded stochastically to ``a``'s storage type (its bits)."""
     if a.dtype == types.uint16:
@@ -132,7 +134,7 @@ def _sr_round_impl(a, t, r):
     return None
 
 
-@overload(nearest, inline="always")
+@overload(nearest, jit_options=HELPER)
 def _nearest_impl(a, t):
     """float32 ``t`` rounded to nearest in ``a``'s storage type (its bits)."""
     if a.dtype == types.uint16:
@@ -142,7 +144,7 @@ def _nearest_impl(a, t):
     return None
 
 
-@overload(widen, inline="always")
+@overload(widen, jit_options=HELPER)
 def _widen_impl(a, v):
     """The float32 value of ``a``'s storage bits ``v``."""
     if a.dtype == types.uint16:
@@ -190,7 +192,7 @@ def _kahan_sr_store(p, j, old, new, comp, sr):
     store(comp, j, c if c - c == np.float32(0.0) else np.float32(0.0))
 
 
-@overload(store_param, inline="always")
+@overload(store_param, jit_options=HELPER)
 def _store_param_impl(p, j, old, new, comp, sr):
     """One implementation per option combination, chosen by the argument
     types (None or not) when the element is typed.
@@ -206,7 +208,7 @@ def _store_param_impl(p, j, old, new, comp, sr):
             (False, True): _kahan_store, (False, False): _kahan_sr_store}[off]
 
 
-@overload(store, inline="always")
+@overload(store, jit_options=HELPER)
 def _store_rounded_state(a, i, v):
     """``_memory.store`` into a bfloat16 state view with its stream, ``(view,
     key, base, shift)`` (``_walk.rounded``; ``base`` the view's element 0's

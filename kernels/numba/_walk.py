@@ -13,12 +13,12 @@ the per-row scalars differ. An optimizer's kernel file
    the optimizer's own start at ``FIRST``. Switches that only change values
    (weight decay on or off, nesterov, torch.lerp's side, ...) are scalars
    too, 1.0 or 0.0, tested at run time (see "What is compiled").
-2. ``_<name>_rows(table, h, rows)``, ``@njit(inline="always")``: the
+2. ``_<name>_rows(table, h, rows)``, ``@njit(**HELPER)``: the
    prologue, run once per launch before the walk. It advances step counters
    and fills ``rows[row, 0..2]``, the per-row scalars (bias corrections, a
    row flag), from ``h``, a tuple of float64 host hyperparameters.
 3. ``_<name>_element(j, p, g, s0, s1, s2, comp, sr, x, r)``,
-   ``@njit(inline="always")``: the update of element ``j``. ``p``/``g`` are
+   ``@njit(**HELPER)``: the update of element ``j``. ``p``/``g`` are
    the param and grad views, ``s0..s2`` the state views (table columns
    STATE0..2), None where the launcher says a state array is absent; ``r``
    is the row's ``(rows[row, 0], rows[row, 1], rows[row, 2])``. Load and
@@ -53,6 +53,15 @@ element needs besides the switches' scalars (LLVM reloaded them inside the
 loop: the bf16 store's NaN test became ``x != x``). Measured against the
 compile-time switches this replaced: the README's "Compile cost" section.
 
+How it is compiled (``kernels/_jit.HELPER``): the element, the prologue and
+every helper under them are jitted functions of their own, typed once per
+signature and inlined by LLVM. Only the functions that take another as an
+argument (:func:`walk`, the spans, the entry-point bodies) are inlined by
+numba. A parallel entry point's ``prange`` body is one call of the thread's
+chunk (:func:`chunk`, a jitted :func:`walk` made once per span and element),
+so numba's parfor passes see a call, not the whole walk; the 8-bit serial
+entry points call the same chunk, so the block walk compiles once for both.
+
 The state arrays and the param-store options reach the element as Nones
 when off, and their views when on, chosen by argument type (the
 ``optional_view`` and ``stream`` overloads): ``has0..2`` and ``kahan`` are
@@ -72,7 +81,7 @@ from numba.extending import overload
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .. import columns as L
-from .._jit import address
+from .._jit import HELPER, address
 from ._blockwise import block_len, blocks, buffers, quantized
 from ._memory import BLOCK, PREFETCH_BYTES, fma, load, prefetch_block
 
@@ -84,7 +93,7 @@ INV_SCALE, FIRST = 0, 1
 
 # ------------------------------------------------------------------- jitted
 
-@njit(inline="always")
+@njit(**HELPER)
 def view(table, row, col, off, n, itemsize, view_dtype):
     """Elements ``[off, off + n)`` of the tensor in column ``col`` of ``row``."""
     # view_dtype is an empty array of the view's dtype: numba types an array
@@ -104,7 +113,7 @@ def optional_view(table, row, col, off, n, present):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(optional_view, inline="always")
+@overload(optional_view, jit_options=HELPER)
 def _optional_view_impl(table, row, col, off, n, present):
     if isinstance(present, types.NoneType):
         return lambda table, row, col, off, n, present: None
@@ -124,7 +133,7 @@ def rounded(v, state_keys, base, col):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(rounded, inline="always")
+@overload(rounded, jit_options=HELPER)
 def _rounded_impl(v, state_keys, base, col):
     if (isinstance(v, types.NoneType) or isinstance(state_keys, types.NoneType)
             or v.dtype == types.uint8):  # (8-bit codes take the keys in _blockwise)
@@ -139,14 +148,14 @@ def stream(sr_keys, base):  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(stream, inline="always")
+@overload(stream, jit_options=HELPER)
 def _stream_impl(sr_keys, base):
     if isinstance(sr_keys, types.NoneType):
         return lambda sr_keys, base: None
     return lambda sr_keys, base: (sr_keys[0], sr_keys[1], base)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def grad(g, j, x):
     """Gradient element ``j`` as the update uses it: AMP-unscaled, maximize-negated.
 
@@ -156,7 +165,7 @@ def grad(g, j, x):
     return load(g, j) * x[INV_SCALE]
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def decayed_grad(g, p, j, x, has_wd, wd):
     """``(gj, pj)``: element ``j``'s gradient (:func:`grad`) and param.
 
@@ -324,7 +333,16 @@ _CHUNKS: dict = {}
 
 
 def _chunk_function(span, element):
-    """The jitted walk of one chunk with ``span`` and ``element``, made once."""
+    """The jitted walk of one chunk with ``span`` and ``element``, made once.
+
+    They are its globals, not its arguments: a jitted function passed to a
+    compiled one is a run-time object, and numba will not disk-cache an
+    entry point that passes one (it did not for ``span``/``element`` as
+    arguments here). Before, the walk was inlined into the ``prange`` body:
+    a fresh process's first parallel AdamW step compiled in 4.55 s, now 3.9
+    s (with the helpers of ``_jit.HELPER`` too: 1.8 s), the 8-bit one in
+    37-47 s, now 16 s.
+    """
     fn = _CHUNKS.get((span, element))
     if fn is None:
         walker = walk_blocks if span is blocks else walk
@@ -409,6 +427,6 @@ def serial_blocks(prologue, element, nx, table, bounds, itemsize, view_dtype, h,
           has0, has1, has2, kahan, sr_keys, state_keys)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def no_rows(table, h, rows):
     """The prologue of an optimizer without per-row scalars or steps."""

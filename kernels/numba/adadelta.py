@@ -10,7 +10,7 @@ fused multiply-add exactly where torch's CPU kernels use one (``addcmul``,
 import numpy as np
 from numba import njit
 
-from .._jit import light_loads
+from .._jit import HELPER, light_loads
 from ..steps import advance
 from ._memory import fma, load, store
 from ._precision import store_param
@@ -23,12 +23,12 @@ __all__ = ["adadelta"]
 (NEG_LR, RHO, ONE_MINUS_RHO, EPS, WD, HAS_WD, NX) = range(FIRST, FIRST + 7)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _adadelta_rows(table, h, rows):
     advance(table)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _adadelta_element(j, p, g, sq, ad, unused, comp, sr, x, r):
     """Adadelta on element ``j``: ``sq`` square_avg, ``ad`` acc_delta."""
     gj, pj = decayed_grad(g, p, j, x, x[HAS_WD], x[WD])

@@ -18,7 +18,7 @@ compute type (torch's ``value=`` cast): ``kernels/steps.py``.
 import numpy as np
 from numba import njit
 
-from .._jit import light_loads
+from .._jit import HELPER, light_loads
 from ..steps import LR_F64, adagrad_scalars
 from ._memory import fma, load, store
 from ._precision import store_param
@@ -31,12 +31,12 @@ __all__ = ["adagrad"]
 EPS, WD, HAS_WD, NX = range(FIRST, FIRST + 4)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _adagrad_rows(table, h, rows):
     adagrad_scalars(table, h[0], h[1], h[2], rows)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _adagrad_element(j, p, g, s, _s1, _s2, comp, sr, x, r):
     """Adagrad on element ``j`` (``s``: the ``sum`` state; ``r[0]``: the row's clr)."""
     gj, pj = decayed_grad(g, p, j, x, x[HAS_WD], x[WD])

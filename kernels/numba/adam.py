@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from .._jit import light_loads
+from .._jit import HELPER, light_loads
 from ..steps import adam_scalars
 from ._memory import fma, load, store
 from ._precision import store_param
@@ -28,7 +28,7 @@ LERP_W, LERP_FROM_GRAD, BETA2, ONE_MINUS_BETA2, EPS, WD, HAS_WD, DECAY, NX = ran
     FIRST, FIRST + 9)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _nanmax(a, b):
     if a != a:
         return a
@@ -37,7 +37,7 @@ def _nanmax(a, b):
     return a if a > b else b
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _div_by_row_constant(x, d, inv_d):
     """``x / d`` correctly rounded, for a divisor shared by a whole row.
 
@@ -61,12 +61,12 @@ def _div_by_row_constant(x, d, inv_d):
     return q if r != r else fma(r, inv_d, q)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _adam_rows(table, h, rows):
     adam_scalars(table, h[0], h[1], h[2], rows)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _adam_element(j, p, g, m, v, vmax, comp, sr, x, r):
     """Adam on element ``j``; ``vmax`` is None without amsgrad.
 

@@ -12,7 +12,7 @@ Each row's ``clr = lr / (1 - beta1**step)`` comes from ``kernels/steps.py``
 import numpy as np
 from numba import njit
 
-from .._jit import light_loads
+from .._jit import HELPER, light_loads
 from ..steps import LR_F64, adamax_scalars
 from ._memory import fma, load, rounded, store
 from ._precision import store_param
@@ -27,12 +27,12 @@ __all__ = ["adamax"]
 LERP_W, LERP_FROM_GRAD, BETA2, EPS, WD, HAS_WD, NX = range(FIRST, FIRST + 7)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _adamax_rows(table, h, rows):
     adamax_scalars(table, h[0], h[1], h[2], rows)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _adamax_element(j, p, g, m, u, _s2, comp, sr, x, r):
     """Adamax on element ``j`` (``m`` exp_avg, ``u`` exp_inf; ``r[0]`` the row's clr)."""
     gj, pj = decayed_grad(g, p, j, x, x[HAS_WD], x[WD])

@@ -14,7 +14,7 @@ STATE1) and its scalars come from ``kernels/steps.py``.
 from numba import njit
 
 from .. import columns as L
-from .._jit import light_loads
+from .._jit import HELPER, light_loads
 from ..steps import ETA_AS_F32, asgd_scalars
 from ._memory import fma, load, store
 from ._precision import store_param
@@ -30,12 +30,12 @@ __all__ = ["asgd"]
 MU, ETA = L.STATE1, L.STATE2
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _asgd_rows(table, h, rows):
     asgd_scalars(table, h[0], h[1], h[2], h[3], h[4], h[5], MU, ETA, rows)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _asgd_element(j, p, g, ax, _s1, _s2, comp, sr, x, r):
     """ASGD on element ``j`` (``ax`` the average); ``r``: the row's ``-eta``,
     ``1 - lambd * eta`` and ``mu`` (``steps.asgd_scalars``)."""

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit
 
 from .. import columns as L
-from .._jit import light_loads
+from .._jit import HELPER, light_loads
 from ..steps import nadam_scalars
 from ._memory import fma, load, store
 from ._precision import store_param
@@ -31,12 +31,12 @@ LERP_W, LERP_FROM_GRAD, BETA2, ONE_MINUS_BETA2, EPS, WD, HAS_WD, DECAY, NX = ran
 MU_PRODUCT = L.STATE2
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _nadam_rows(table, h, rows):
     nadam_scalars(table, h[0], h[1], h[2], h[3], MU_PRODUCT, rows)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _nadam_element(j, p, g, m, v, _s2, comp, sr, x, r):
     """NAdam on element ``j``; ``r``: the row's bias correction 2 and the
     values of the two addcdiv (``steps.nadam_scalars``)."""

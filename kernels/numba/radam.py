@@ -13,7 +13,7 @@ rounded, as torch's left-to-right chain.
 import numpy as np
 from numba import njit
 
-from .._jit import light_loads
+from .._jit import HELPER, light_loads
 from ..steps import radam_scalars
 from ._memory import fma, load, store
 from ._precision import store_param
@@ -31,12 +31,12 @@ LERP_W, LERP_FROM_GRAD, BETA2, ONE_MINUS_BETA2, EPS, LR, WD, HAS_WD, DECAY, ONE,
     FIRST, FIRST + 11)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _radam_rows(table, h, rows):
     radam_scalars(table, h[0], h[1], rows)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _radam_element(j, p, g, m, v, _s2, comp, sr, x, r):
     """RAdam on element ``j``; ``r``: the row's bias correction 1, sqrt of
     bias correction 2, and rectification term (negative: not rectified)."""

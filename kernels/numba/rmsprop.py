@@ -10,7 +10,7 @@ fused multiply-add exactly where torch's CPU kernels use one (``addcmul``,
 import numpy as np
 from numba import njit
 
-from .._jit import light_loads
+from .._jit import HELPER, light_loads
 from ..steps import advance
 from ._memory import fma, load, store
 from ._precision import store_param
@@ -26,12 +26,12 @@ __all__ = ["rmsprop"]
  NX) = range(FIRST, FIRST + 10)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _rmsprop_rows(table, h, rows):
     advance(table)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _rmsprop_element(j, p, g, sq, buf, gavg, comp, sr, x, r):
     """RMSprop on element ``j``: ``sq`` square_avg; ``buf`` None without
     momentum; ``gavg`` None unless centered."""

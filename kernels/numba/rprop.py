@@ -19,7 +19,7 @@ from below bfloat16's smallest subnormal). The step is only counted
 
 from numba import njit
 
-from .._jit import light_loads
+from .._jit import HELPER, light_loads
 from ..reference.rprop import as_stored
 from ..steps import advance
 from ._memory import fma, load, rounded, store
@@ -35,12 +35,12 @@ __all__ = ["rprop"]
 (ETAPLUS, ETAMINUS, SIZE_MIN, SIZE_MAX, ONE, ZERO, NX) = range(FIRST, FIRST + 7)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _rprop_rows(table, h, rows):
     advance(table)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _rprop_element(j, p, g, prev, size, unused, comp, sr, x, r):
     """Rprop on element ``j``: ``prev`` the last grad, ``size`` its step size."""
     gj = rounded(p, grad(g, j, x))  # unscale_ stores the grad: rounded to its type

@@ -20,7 +20,7 @@ A per-row select instead cost 1% of bf16 SGD momentum's time.
 from numba import njit
 
 from .. import columns as L
-from .._jit import light_loads
+from .._jit import HELPER, light_loads
 from ._memory import fma, load, store
 from ._precision import store_param
 from ._launch import run
@@ -32,7 +32,7 @@ __all__ = ["sgd"]
 NEG_LR, WD, HAS_WD, MOMENTUM, NESTEROV, NX = range(FIRST, FIRST + 6)
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _sgd_rows(table, h, rows):
     """``rows[row, :2]``: the buffer update's factors (``h``: 1 - dampening, momentum)."""
     for row in range(table.shape[0]):
@@ -44,7 +44,7 @@ def _sgd_rows(table, h, rows):
             rows[row, 1] = h[1]
 
 
-@njit(inline="always")
+@njit(**HELPER)
 def _sgd_element(j, p, g, b, _s1, _s2, comp, sr, x, r):
     """SGD on element ``j``; ``b`` (the momentum buffer) is None without momentum."""
     gj, pj = decayed_grad(g, p, j, x, x[HAS_WD], x[WD])
