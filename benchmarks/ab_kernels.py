@@ -9,6 +9,7 @@ against this tree's, alternating old and new launches on one batch per
 case, and prints the median of the paired new/old time ratios.
 
     python benchmarks/ab_kernels.py --old DIR [--lists resnet50] [--rounds 21]
+        [--precision plain kahan sr kahan+sr]
 
 Both trees' kernels update the same tensors in place (the values drift;
 the timing does not depend on them). Each case is warmed (compiled) first.
@@ -62,7 +63,14 @@ CASES = {
 _STEPPED = {"adam", "adagrad", "rmsprop"}
 
 
-def make_batch(shapes, dtype, nstates, stepped):
+#: ``--precision`` -> the param-store options passed to both sides' launchers
+#: (bfloat16/float16 only; Kahan's compensation buffer is a table column)
+PRECISIONS = {"plain": {}, "kahan": dict(kahan_sum=True),
+              "sr": dict(stochastic_round=(1, 0, 0)),
+              "kahan+sr": dict(kahan_sum=True, stochastic_round=(1, 0, 0))}
+
+
+def make_batch(shapes, dtype, nstates, stepped, comp=False):
     """A Batch over fresh tensors, and the tensors (kept alive by the caller)."""
     keep = []
     rows = len(shapes)
@@ -73,6 +81,10 @@ def make_batch(shapes, dtype, nstates, stepped):
         ts += [torch.rand(shape).to(dtype) for _ in range(nstates)]
         keep += ts
         cols = [L.PARAM, L.GRAD, L.STATE0, L.STATE1, L.STATE2][:len(ts)]
+        if comp:
+            ts.append(torch.zeros(shape, dtype=dtype))
+            keep.append(ts[-1])
+            cols.append(L.COMP)
         for col, t in zip(cols, ts):
             table[r, col] = t.data_ptr()
         if stepped:
@@ -92,6 +104,8 @@ def main(argv=None):
     ap.add_argument("--lists", nargs="+", default=["resnet50"])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--precision", nargs="+", default=["plain"], choices=list(PRECISIONS),
+                    help="param-store options (bfloat16/float16 dtypes only)")
     ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args(argv)
     sys.path.insert(0, args.old)
@@ -102,12 +116,15 @@ def main(argv=None):
         shapes = [s for s in shape_list(name).shapes]
         for dt in args.dtypes:
             dtype = getattr(torch, dt)
-            for case in args.cases:
+            for case, prec in ((c, q) for c in args.cases for q in args.precision):
+                if prec != "plain" and dtype not in (torch.bfloat16, torch.float16):
+                    continue
                 kernel, kw, nstates = CASES[case]
-                kw = dict(kw)
+                kw = dict(kw, **PRECISIONS[prec])
                 if kw.pop("grad_scale", False):
                     kw["grad_scale"] = torch.tensor(1024.0)
-                batch, keep = make_batch(shapes, dtype, nstates, kernel in _STEPPED)
+                batch, keep = make_batch(shapes, dtype, nstates, kernel in _STEPPED,
+                                         comp="kahan_sum" in kw)
                 fns = {side: getattr(importlib.import_module(f"{mod}.{kernel}"), kernel)
                        for side, mod in sides.items()}
                 for fn in fns.values():
@@ -120,7 +137,8 @@ def main(argv=None):
                         fns[side](batch, **kw)
                         times[side].append(time.perf_counter() - t)
                 ratio = statistics.median(n / o for n, o in zip(times["new"], times["old"]))
-                print(f"{name:<11} {dt:<9} {case:<27} "
+                label = case if prec == "plain" else f"{case}+{prec}"
+                print(f"{name:<11} {dt:<9} {label:<27} "
                       f"{statistics.median(times['old']) * 1e3:8.2f} "
                       f"{statistics.median(times['new']) * 1e3:8.2f} {ratio:8.3f}", flush=True)
                 del batch, keep
