@@ -9,6 +9,7 @@ stdout. tests/test_triton_compile.py runs a covering subset in
 ``make test``; ``make compile-check`` runs the whole matrix.
 
     python tests/_compile_matrix.py [--full] [--archs 80,90] [--dtypes float64] [--jobs 2]
+        [--also '[["adam", "float32", true, {...}, 80]]']
     python tests/_compile_matrix.py [--full] --count    # specializations per arch
 """
 
@@ -54,6 +55,8 @@ _STEPS_ARGS = {"table_ptr": "*i64", "hyper_ptr": "*fp64", "scal_ptr": "*fp64",
 #: values in the hyperparameter buffer: not specializations.
 _SGD_SWITCHES = ("TAIL_ALIGNED", "USE_MOMENTUM", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
 _ADAM_SWITCHES = ("TAIL_ALIGNED", "AMSGRAD", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
+_RMSPROP_SWITCHES = ("TAIL_ALIGNED", "CENTERED", "USE_MOMENTUM", "HAS_GRAD_SCALE",
+                     "HAS_FOUND_INF")
 #: an update kernel whose only switches are the tail hint and AMP's
 _PLAIN_SWITCHES = ("TAIL_ALIGNED", "HAS_GRAD_SCALE", "HAS_FOUND_INF")
 
@@ -94,7 +97,8 @@ class UpdateKernel:
 class StepsKernel:
     """An optimizer's step kernel (device-side counters and per-row scalars):
     compiled once per found_inf switch, as float64 (it reads no tensor of
-    the batch's dtype). ``sqrt``: its math has a square root; ``thin``:
+    the batch's dtype). ``sqrt``/``div``: its math has a square root / a
+    division; ``thin``:
     ``make test`` compiles it with found_inf only; ``log2``: it takes a
     float64 ``tl.log2`` (see :data:`_LOG2_SEED`)."""
 
@@ -102,6 +106,7 @@ class StepsKernel:
     fn: str
     ptrs: dict
     sqrt: bool = True
+    div: bool = True
     thin: bool = False
     log2: bool = False
 
@@ -121,6 +126,11 @@ UPDATE_KERNELS = {
     "adam": UpdateKernel("adam", "_adam_kernel", _ADAM_PTRS, _ADAM_SWITCHES,
                          reads=lambda sw: 4 + sw["AMSGRAD"],
                          writes=lambda sw: 3 + sw["AMSGRAD"]),
+    "adagrad": UpdateKernel("adagrad", "_adagrad_kernel", _ADAM_PTRS, _PLAIN_SWITCHES,
+                            reads=lambda sw: 3, writes=lambda sw: 2),
+    "rmsprop": UpdateKernel("rmsprop", "_rmsprop_kernel", _SGD_PTRS, _RMSPROP_SWITCHES,
+                            reads=lambda sw: 3 + sw["USE_MOMENTUM"] + sw["CENTERED"],
+                            writes=lambda sw: 2 + sw["USE_MOMENTUM"] + sw["CENTERED"]),
     "nadam": UpdateKernel("nadam", "_nadam_kernel", _ADAM_PTRS, _PLAIN_SWITCHES,
                           reads=lambda sw: 4, writes=lambda sw: 3, thin=True),
     "radam": UpdateKernel("radam", "_radam_kernel", _ADAM_PTRS, _PLAIN_SWITCHES,
@@ -131,6 +141,12 @@ UPDATE_KERNELS = {
     "asgd": UpdateKernel("asgd", "_asgd_kernel", _ADAM_PTRS, _PLAIN_SWITCHES,
                          reads=lambda sw: 3, writes=lambda sw: 2, sqrt=False,
                          divides=lambda sw: sw["HAS_GRAD_SCALE"], thin=True),
+    "adadelta": UpdateKernel("adadelta", "_adadelta_kernel", _SGD_PTRS, _PLAIN_SWITCHES,
+                             reads=lambda sw: 4, writes=lambda sw: 3, thin=True),
+    # sign-based: no division but GradScaler's 1 / scale
+    "rprop": UpdateKernel("rprop", "_rprop_kernel", _SGD_PTRS, _PLAIN_SWITCHES,
+                          reads=lambda sw: 4, writes=lambda sw: 3, sqrt=False,
+                          divides=lambda sw: sw["HAS_GRAD_SCALE"], thin=True),
 }
 
 #: The thin covering subset of a ``thin`` update kernel: each dtype once,
@@ -142,6 +158,11 @@ THIN = (("float64", True, True), ("float32", False, True), ("bfloat16", True, Fa
 #: The step kernels the matrix compiles (see :class:`StepsKernel`).
 STEPS_KERNELS = {
     "adam_steps": StepsKernel("adam", "_adam_steps_kernel", _STEPS_ARGS),
+    "adagrad_steps": StepsKernel("adagrad", "_adagrad_steps_kernel", _STEPS_ARGS, sqrt=False),
+    # the counter alone (RMSprop, Adadelta, Rprop): no float math
+    "count_steps": StepsKernel("_kernels", "count_steps_kernel",
+                               {"table_ptr": "*i64", "found_inf_ptr": "*fp32", "rows": "i32"},
+                               sqrt=False, div=False),
     "nadam_steps": StepsKernel("nadam", "_nadam_steps_kernel", _STEPS_ARGS, sqrt=False,
                                thin=True),
     "radam_steps": StepsKernel("radam", "_radam_steps_kernel", _STEPS_ARGS, thin=True),
@@ -330,7 +351,7 @@ def violations(r: dict) -> list:
     if inexact:
         bad.append(f"non-IEEE float math: {inexact}")
     if steps is not None:
-        if not r["ieee_div"] or (steps.sqrt and not r["ieee_sqrt"]):
+        if (steps.div and not r["ieee_div"]) or (steps.sqrt and not r["ieee_sqrt"]):
             bad.append("no div.rn or sqrt.rn")
         return bad
     entry = UPDATE_KERNELS[r["kernel"]]
@@ -361,6 +382,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--check", action="store_true",
                     help="print only violations; exit 1 if there are any")
+    ap.add_argument("--also", default="[]",
+                    help="JSON list of further [kernel, dtype, aligned, switches, arch] "
+                         "jobs to compile after the matrix")
     ap.add_argument("--count", action="store_true",
                     help="print the number of specializations per arch and kernel; "
                          "compile nothing")
@@ -376,6 +400,7 @@ def main(argv=None) -> int:
         print(f"{len(specs)} per arch ({', '.join(f'{k} {n}' for k, n in kernels.items())})")
         return 0
     jobs = [(*spec, cap) for spec in specs for cap in archs]
+    jobs += [tuple(job) for job in json.loads(args.also)]
     failed = 0
 
     def report(r):
