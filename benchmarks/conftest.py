@@ -28,6 +28,14 @@ Environment:
         ``pytest`` that collects this folder stays a smoke test.
     FUSED_OPTIM_BENCH_ROUNDS: timed rounds per benchmark (default per size).
     FUSED_OPTIM_BENCH_DTYPES: comma-separated dtypes (default fp32,bf16).
+    FUSED_OPTIM_BENCH_COMPILE_BACKEND: ``torch.compile``'s backend for the
+        compiled implementations (default ``inductor``). ``make test``'s
+        smoke run sets ``aot_eager``: every compiled case is still traced
+        whole by dynamo and AOT autograd, around fused_optim's step
+        operator, but Inductor's C++ code generation for each of them took
+        about 90 s of the smoke run's 155 s CPU from a cold cache
+        (2026-12-08); tests/test_compile.py and test_bench.py's
+        ``test_cli_compiled_baseline`` keep Inductor.
 
 pytest-benchmark times one implementation after another, not interleaved, so
 machine drift between benchmarks shows up in the ratios; for A/B decisions on
@@ -51,6 +59,7 @@ from fused_optim import bench  # noqa: E402
 SIZE_ENV = "FUSED_OPTIM_BENCH_SIZE"
 ROUNDS_ENV = "FUSED_OPTIM_BENCH_ROUNDS"
 DTYPES_ENV = "FUSED_OPTIM_BENCH_DTYPES"
+COMPILE_BACKEND_ENV = "FUSED_OPTIM_BENCH_COMPILE_BACKEND"
 
 #: (timed rounds, warm-up rounds) per size.
 ROUNDS = {"tiny": (3, 1), "quick": (10, 2), "default": (10, 2), "full": (20, 3)}
@@ -171,7 +180,8 @@ def bench_case(request):
     shapes, params, grads = _data(case)
     if case.impl == bench.COMPILED or case.impl in bench.COMPILED_BACKENDS:
         bench.fresh_compile_caches()
-    runner = bench.make_runner(case.impl, bench.OPTIMIZERS[case.optimizer], params, grads)
+    runner = bench.make_runner(case.impl, bench.OPTIMIZERS[case.optimizer], params, grads,
+                               compile_backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
     yield case, shapes, runner
     del runner
 

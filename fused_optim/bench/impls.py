@@ -122,13 +122,18 @@ def _leaves(params, grads):
     return out
 
 
-def make_runner(impl: str, spec: OptimizerSpec, params, grads) -> Runner:
+def make_runner(impl: str, spec: OptimizerSpec, params, grads, *,
+                compile_backend: str = "inductor") -> Runner:
     """An implementation stepping private copies of ``params`` and ``grads``.
 
     Args:
         impl: an id of ``IMPLS``.
         spec: optimizer setting.
         params, grads: the case's data (cloned, never modified).
+        compile_backend: ``torch.compile``'s backend for the compiled
+            implementations (the benchmark smoke run in CI passes
+            ``aot_eager``: the same traced step, without Inductor's code
+            generation; see benchmarks/conftest.py).
     """
     if impl == CEILING:
         return _ceiling_runner(spec, params, grads)
@@ -149,7 +154,7 @@ def make_runner(impl: str, spec: OptimizerSpec, params, grads) -> Runner:
     else:
         raise BenchError(f"unknown implementation {impl!r} (known: {', '.join(IMPLS)})")
     if impl == COMPILED or impl in COMPILED_BACKENDS:
-        return _compiled_runner(impl, opt, leaves)
+        return _compiled_runner(impl, opt, leaves, compile_backend)
     return Runner(impl, opt.step, (opt, leaves))
 
 
@@ -164,10 +169,10 @@ def fresh_compile_caches() -> None:
     torch._dynamo.reset()
 
 
-def _compiled_runner(impl: str, opt, keep) -> Runner:
+def _compiled_runner(impl: str, opt, keep, backend: str) -> Runner:
     # The pattern of torch's compiled-optimizer tutorial: the step inside a
     # compiled function, with the optimizer's own defaults.
-    @torch.compile
+    @torch.compile(backend=backend)
     def step():
         opt.step()
 
