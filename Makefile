@@ -89,15 +89,16 @@ fuzz: $(STAMP)
 	FUSED_OPTIM_FUZZ_RANDOM=1 $(PY) -m pytest tests/test_stateful.py -q -s -p no:cacheprovider
 
 # Every Triton specialization the launchers of tests/_compile_matrix.py's
-# kernels (SGD, Adam, NAdam, RAdam, Adamax, ASGD) can produce without
-# Kahan/SR (`python tests/_compile_matrix.py --full --count`: 394 per arch; 194 for
-# SGD and Adam alone, 2,114 before their arithmetic-only flags became
-# runtime values), compiled offline for sm_80 and sm_90 and checked: no
-# spills, IEEE math, 128-bit accesses where aligned. No GPU needed (on the
-# 2-core dev VM, one job, cold Triton cache, SGD and Adam alone: the
-# covering subset's 68 in 26 s, all 388 in 129 s). Adagrad, RMSprop and the
-# Kahan/SR builds have covering subsets in test_triton_compile.py and
-# test_precision_kernels.py.
+# kernels (all ten update kernels and their step kernels) can produce without
+# Kahan/SR or low-precision state (`python tests/_compile_matrix.py --full
+# --count`: 734 per arch; 394 before Adagrad's, RMSprop's, Adadelta's and
+# Rprop's joined it, 2,114 for SGD and Adam alone before their arithmetic-only
+# flags became runtime values), compiled offline for sm_80 and sm_90 and
+# checked: no spills, IEEE math, 128-bit accesses where aligned. No GPU needed
+# (on the 2-core dev VM, one job, cold Triton cache, SGD and Adam alone: the
+# covering subset's 68 in 26 s, all 388 in 129 s). The Kahan/SR, bf16-state
+# and 8-bit builds have covering subsets in test_precision_kernels.py,
+# test_state_dtype.py and test_state_bits.py.
 compile-check: $(STAMP)
 	$(PY) tests/_compile_matrix.py --full --check --archs 80,90
 
