@@ -98,7 +98,11 @@ fuzz: $(STAMP)
 # (on the 2-core dev VM, one job, cold Triton cache, SGD and Adam alone: the
 # covering subset's 68 in 26 s, all 388 in 129 s). The Kahan/SR, bf16-state
 # and 8-bit builds have covering subsets in test_precision_kernels.py,
-# test_state_dtype.py and test_state_bits.py.
+# test_state_dtype.py and test_state_bits.py. Its first run with the whole
+# RMSprop matrix (2026-12-08, 1,468 builds in 3 min 51 s, two jobs) found 4-16
+# bytes of stack and spills in five RMSprop builds for sm_90 (none in the
+# covering subset): benchmarks/results/compile-matrix-triton-3.9-2026-12-08.txt.
+# Not fixed yet: it fails until they are.
 compile-check: $(STAMP)
 	$(PY) tests/_compile_matrix.py --full --check --archs 80,90
 
