@@ -141,12 +141,14 @@ UPDATE_KERNELS = {
     "asgd": UpdateKernel("asgd", "_asgd_kernel", _ADAM_PTRS, _PLAIN_SWITCHES,
                          reads=lambda sw: 3, writes=lambda sw: 2, sqrt=False,
                          divides=lambda sw: sw["HAS_GRAD_SCALE"], thin=True),
+    # (not thin: their own tests compiled all on and all off per dtype and
+    # ALIGNED before they joined the matrix)
     "adadelta": UpdateKernel("adadelta", "_adadelta_kernel", _SGD_PTRS, _PLAIN_SWITCHES,
-                             reads=lambda sw: 4, writes=lambda sw: 3, thin=True),
+                             reads=lambda sw: 4, writes=lambda sw: 3),
     # sign-based: no division but GradScaler's 1 / scale
     "rprop": UpdateKernel("rprop", "_rprop_kernel", _SGD_PTRS, _PLAIN_SWITCHES,
                           reads=lambda sw: 4, writes=lambda sw: 3, sqrt=False,
-                          divides=lambda sw: sw["HAS_GRAD_SCALE"], thin=True),
+                          divides=lambda sw: sw["HAS_GRAD_SCALE"]),
 }
 
 #: The thin covering subset of a ``thin`` update kernel: each dtype once,

@@ -11,11 +11,11 @@ and Rprop's joined the matrix from tests of their own, one subprocess each;
 2,114 before the flags that change only the arithmetic became runtime
 values). A kernel joins both through one entry of
 ``_compile_matrix.UPDATE_KERNELS`` or ``STEPS_KERNELS``; the counts the tests
-expect are derived from those. The kernels added after the first five are
-``thin``: here, four specializations each (``_compile_matrix.THIN``: every
-dtype once, aligned and not, switches on and off) and their step kernel with
-found_inf, to keep CI's compile time; ``make compile-check`` compiles their
-full matrix.
+expect are derived from those. NAdam's, RAdam's, Adamax's and ASGD's kernels
+are ``thin``: here, four specializations each (``_compile_matrix.THIN``:
+every dtype once, aligned and not, switches on and off) and their step
+kernel with found_inf, to keep CI's compile time; ``make compile-check``
+compiles their full matrix.
 """
 
 import json
