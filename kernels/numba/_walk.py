@@ -347,7 +347,7 @@ def _chunk_function(span, element):
     if fn is None:
         walker = walk_blocks if span is blocks else walk
 
-        @njit
+        @njit(error_model="numpy")  # (the entry points')
         def fn(table, lo, hi, itemsize, view_dtype, x, rows, has0, has1, has2, kahan, sr_keys,
                state_keys):
             walker(table, lo, hi, itemsize, view_dtype, span, element, x, rows, has0, has1,
